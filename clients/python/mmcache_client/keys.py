@@ -1,0 +1,70 @@
+"""Content keys: what names an entry.
+
+An entry is addressed as ``{namespace}/{hash}``:
+
+- ``hash`` is the full xxh3-128 digest of the raw media bytes, 32 lowercase hex chars. Clients
+  compute it before uploading, so a hit costs no upload.
+- ``namespace`` names everything besides the bytes that changes the embedding (encoder weights,
+  projector, processor config, dtype, tenant salt), as readable text ``[A-Za-z0-9._-]{1,128}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import xxhash
+
+HASH_HEX_CHARS = 32
+_HASH_RE = re.compile(r"[0-9a-f]{32}")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def content_hash(data: bytes | bytearray | memoryview) -> str:
+    """Full xxh3-128 digest of ``data`` as 32 lowercase hex chars (never truncated)."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` unchanged, or raise ``ValueError`` saying what is wrong with it."""
+    if not isinstance(namespace, str):
+        raise ValueError(f"namespace must be a str, got {type(namespace).__name__}")
+    if not _NAMESPACE_RE.fullmatch(namespace) or namespace in (".", ".."):
+        raise ValueError(f"{namespace=!r} must match [A-Za-z0-9._-]{{1,128}} and not be '.' or '..'")
+    return namespace
+
+
+def validate_hash(hash_hex: str) -> str:
+    """Return ``hash_hex`` unchanged, or raise ``ValueError`` naming the problem."""
+    if not isinstance(hash_hex, str):
+        raise ValueError(f"hash must be a str, got {type(hash_hex).__name__}")
+    if not _HASH_RE.fullmatch(hash_hex):
+        raise ValueError(f"hash={hash_hex!r} must be 32 lowercase hex chars (full xxh3-128)")
+    return hash_hex
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """The address of one cache entry: ``namespace/hash``. Validated on construction."""
+
+    namespace: str
+    hash: str
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+        validate_hash(self.hash)
+
+    def to_string(self) -> str:
+        return f"{self.namespace}/{self.hash}"
+
+    @classmethod
+    def from_string(cls, text: str) -> "Key":
+        if not isinstance(text, str):
+            raise ValueError(f"key must be a str, got {type(text).__name__}")
+        namespace, sep, hash_hex = text.rpartition("/")
+        if not sep:
+            raise ValueError(f"key={text!r} must be 'namespace/hash'")
+        return cls(namespace, hash_hex)
+
+    def __str__(self) -> str:
+        return self.to_string()
