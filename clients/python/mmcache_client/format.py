@@ -195,8 +195,12 @@ def parse_entry(buf: Any, *, strict: bool = True) -> ParsedEntry:
     if 8 + header_len > total:
         raise TruncatedEntry(f"header of {header_len} bytes runs past the {total}-byte blob")
     try:
-        header = json.loads(bytes(mv[8 : 8 + header_len]), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # UTF-8 only, as safetensors requires (json.loads(bytes) would also take UTF-16/32).
+        text = bytes(mv[8 : 8 + header_len]).decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except BadHeader:
+        raise
+    except (ValueError, RecursionError) as e:  # also int literals past sys.get_int_max_str_digits
         raise BadHeader(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise BadHeader("header must be a JSON object")
@@ -353,12 +357,19 @@ class EntryPlan:
         return struct.pack("<Q", len(text) + pad) + text + b" " * pad
 
     def _layout(self) -> None:
+        # Never write a blob that parse_entry(strict=True) would reject.
+        for src in self.sources:
+            if not isinstance(src.name, str) or src.name == "__metadata__":
+                raise ValueError(f"tensor name {src.name!r} is not allowed")
+        _parse_metadata({**self.metadata, "checksum": "0" * 16}, strict=True)
         off = 0
         self.offsets = []
         for src in self.sources:
             self.offsets.append(off)
             off += src.nbytes
         self.data_start = len(self._header("0" * 16))
+        if self.data_start - 8 > MAX_HEADER_BYTES:
+            raise BadHeader(f"header of {self.data_start - 8} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
         self.total_bytes = self.data_start + off
 
     def write_into(self, dest: Any) -> str:

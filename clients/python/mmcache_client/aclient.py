@@ -1,0 +1,218 @@
+"""``AsyncCacheClient``: the asyncio twin of ``CacheClient`` (same methods, awaited)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+
+import aiohttp
+
+from mmcache_client.arena import SharedArena
+from mmcache_client.client import _key, _keys, parse_url, plan_put, raise_for_status
+from mmcache_client.keys import Key
+from mmcache_client.entry import AsyncEntry
+from mmcache_client.errors import BadRequest, CacheUnavailable, EntryTooLarge, raise_for_kind
+from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
+from mmcache_client.local import MAX_LINE_BYTES
+
+T = TypeVar("T")
+
+
+class _AsyncLocal:
+    """One Unix-socket session plus the arena mappings; requests serialized on a lock."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.arena: SharedArena | None = None
+        self._writable: SharedArena | None = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count()
+
+    async def connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_LINE_BYTES)
+        except OSError as e:
+            raise CacheUnavailable(f"cannot connect to unix://{self.path}: {e}") from e
+        hello = await self.call("hello")
+        self.arena = SharedArena(hello["arena_path"])
+
+    async def call(self, op: str, **fields: Any) -> dict:
+        data = json.dumps({"id": next(self._ids), "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+        async with self._lock:
+            try:
+                self._writer.write(data)
+                await self._writer.drain()
+                line = await self._reader.readline()
+            except OSError as e:
+                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
+        if not line:
+            raise CacheUnavailable(f"unix://{self.path} closed the connection")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise_for_kind(answer.get("kind", ""), answer["error"])
+        return answer
+
+    def writable_arena(self) -> SharedArena:
+        if self._writable is None:
+            self._writable = SharedArena(self.arena.path, writable=True)
+        return self._writable
+
+    async def close(self) -> None:
+        if hasattr(self, "_writer"):
+            self._writer.close()
+        for arena in (self.arena, self._writable):
+            if arena is not None:
+                arena.close()
+
+
+class AsyncCacheClient:
+    """``async with AsyncCacheClient(url) as c: ...``; see ``CacheClient`` for the semantics."""
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05):
+        self.url = url
+        self.scheme, self._target = parse_url(url)
+        self.retries, self.backoff_s = retries, backoff_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._local: _AsyncLocal | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return await fn()
+            except (CacheUnavailable, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
+                if attempt == self.retries:
+                    raise CacheUnavailable(f"{self.url}: {e}") from e
+                await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def _call(self, op: str, **fields: Any) -> dict:
+        async def once() -> dict:
+            if self._local is None:
+                local = _AsyncLocal(self._target)
+                await local.connect()
+                self._local = local
+            try:
+                return await self._local.call(op, **fields)
+            except CacheUnavailable:
+                await self._local.close()
+                self._local = None
+                raise
+        return await self._retry(once)
+
+    async def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)):
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+
+        async def once():
+            async with self._session.request(method, self._target + path, data=body, headers=headers) as resp:
+                return resp.status, dict(resp.headers), await resp.read()
+        status, hdrs, data = await self._retry(once)
+        if status not in ok and status != 404:
+            raise_for_status(status, data)
+        return status, hdrs, data
+
+    async def put(self, namespace: str, hash_hex: str, tensor: Any, metadata: Mapping[str, str] | None = None, *,
+                  extras: Mapping[str, Any] | None = None, encode_ms: float = 0.0, durable: bool = False) -> bool:
+        key = _key(namespace, hash_hex)
+        plan = plan_put(key, tensor, metadata, extras, encode_ms)
+        return await self._put_plan(key, plan, durable)
+
+    async def put_blob(self, namespace: str, hash_hex: str, blob, *, durable: bool = False) -> bool:
+        """Store a safetensors entry as is (e.g. a file from ``mmcache get``); missing metadata is
+        filled in, contradicting metadata raises ``BadRequest``."""
+        key = _key(namespace, hash_hex)
+        try:
+            plan = relayout(blob, key.namespace, key.hash)
+        except EntryFormatError as e:
+            raise BadRequest(f"{key}: {e}") from e
+        return await self._put_plan(key, plan, durable)
+
+    async def _put_plan(self, key: Key, plan: EntryPlan, durable: bool) -> bool:
+        if self.scheme != "unix":
+            q = "?durable=1" if durable else ""
+            status, _, _ = await self._request("PUT", f"/v1/entries/{key}{q}", plan.to_bytes(),
+                                               {"Content-Type": "application/vnd.safetensors"}, ok=(200, 201))
+            return status == 201
+        ans = await self._call("reserve", key=str(key), nbytes=plan.total_bytes,
+                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)))
+        if ans["status"] == "exists":
+            return False
+        if ans["status"] == "no_space":
+            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes do not fit the sidecar's arena now")
+        try:
+            plan.write_into(self._local.writable_arena().view(ans["offset"], plan.total_bytes))
+        except BaseException:
+            await self._call("abort", key=str(key))
+            raise
+        return (await self._call("seal", key=str(key), durable=durable))["created"]
+
+    async def get(self, namespace: str, hash_hex: str) -> AsyncEntry | None:
+        key = str(_key(namespace, hash_hex))
+        if self.scheme == "unix":
+            loc = (await self._call("lease", keys=[key]))["leases"][0]
+            if loc is None:
+                return None
+            offset, nbytes, tier = loc
+            conn = self._local
+            try:
+                view = read_entry(conn.arena.view(offset, nbytes), verify=False)
+            except EntryFormatError:
+                await conn.call("release", keys=[key])
+                raise
+            return AsyncEntry(key, tier, view, lambda: self._release(conn, key))
+        status, headers, data = await self._request("GET", f"/v1/entries/{key}")
+        if status == 404:
+            return None
+        return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), read_entry(data, verify=True))
+
+    async def _release(self, conn: _AsyncLocal, key: str) -> None:
+        if conn is self._local:
+            try:
+                await conn.call("release", keys=[key])
+            except CacheUnavailable:
+                pass
+
+    async def exists(self, namespace: str, hash_hex: str) -> bool:
+        key = str(_key(namespace, hash_hex))
+        if self.scheme == "unix":
+            return (await self._call("lookup", keys=[key]))["tiers"][key] is not None
+        return (await self._request("HEAD", f"/v1/entries/{key}"))[0] == 200
+
+    async def lookup(self, keys) -> dict[str, str | None]:
+        keys = _keys(keys)
+        if self.scheme == "unix":
+            return (await self._call("lookup", keys=keys))["tiers"]
+        _, _, data = await self._request("POST", "/v1/lookup", json.dumps({"keys": keys}),
+                                         {"Content-Type": "application/json"})
+        return json.loads(data)["tiers"]
+
+    async def delete(self, namespace: str, hash_hex: str) -> bool:
+        key = str(_key(namespace, hash_hex))
+        if self.scheme == "unix":
+            return (await self._call("delete", key=key))["deleted"]
+        return (await self._request("DELETE", f"/v1/entries/{key}", ok=(204,)))[0] == 204
+
+    async def stats(self) -> dict:
+        if self.scheme == "unix":
+            return (await self._call("stats"))["stats"]
+        return json.loads((await self._request("GET", "/v1/stats"))[2])
+
+    async def close(self) -> None:
+        if self._local is not None:
+            await self._local.close()
+            self._local = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> "AsyncCacheClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,90 @@
+"""The shared-memory arena file: bytes only, no accounting.
+
+The sidecar creates one arena file (under /dev/shm by default), maps it read-write and owns the
+allocator and index over it. Same-node clients map the same file read-only once and view sealed
+entries in place: a tensor read from the host tier is a view into this mapping, never a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+
+logger = logging.getLogger(__name__)
+
+
+class SharedArena:
+    """A file of ``capacity_bytes`` mapped shared. Lifecycle: create (owner) or open
+    (readers) → ``view`` as often as wanted → ``close``; the owner ``unlink``s on shutdown.
+
+    Readers map with ``PROT_READ``: a buggy client cannot corrupt entries others are reading.
+    """
+
+    def __init__(self, path: str, capacity_bytes: int | None = None, *, create: bool = False,
+                 writable: bool = False):
+        self.path = path
+        self.writable = create or writable
+        if create:
+            if capacity_bytes is None or capacity_bytes <= 0:
+                raise ValueError(f"{capacity_bytes=} must be > 0")
+            # O_EXCL: two sidecars must never share (and corrupt) one arena.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, capacity_bytes)
+                self._mmap = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                os.close(fd)
+                os.unlink(path)
+                raise
+        else:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+            try:
+                capacity_bytes = os.fstat(fd).st_size
+                if capacity_bytes <= 0:
+                    raise ValueError(f"arena {path!r} is empty")
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+                self._mmap = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED, prot)
+            except BaseException:
+                os.close(fd)
+                raise
+        os.close(fd)  # the mapping keeps the pages; the descriptor is not needed
+        self.capacity_bytes = capacity_bytes
+        self._view = memoryview(self._mmap)
+
+    @property
+    def base_address(self) -> int:
+        """Address of the mapping in this process (for pinning and zero-copy checks)."""
+        import ctypes
+
+        if self.writable:
+            return ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        # A read-only mmap refuses from_buffer; numpy gives the address without copying.
+        import numpy as np
+
+        return int(np.frombuffer(self._mmap, dtype=np.uint8, count=1).ctypes.data)
+
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """The bytes ``[offset, offset + nbytes)`` in place (read-only for readers)."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.capacity_bytes:
+            raise ValueError(f"{offset=} {nbytes=} lies outside the {self.capacity_bytes}-byte arena")
+        return self._view[offset : offset + nbytes]
+
+    def close(self) -> None:
+        """Unmap. Views still alive keep the mapping (mmap refuses to close under exports)."""
+        if self._view is None:
+            return
+        self._view.release()
+        self._view = None
+        try:
+            self._mmap.close()
+        except BufferError:
+            # NOTE: a live numpy/torch view still points into the mapping; unmapping now would
+            # turn it into a segfault. The mapping goes when the last view is collected.
+            logger.debug("arena %s still has live views; leaving it mapped", self.path)
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

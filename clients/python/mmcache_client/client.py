@@ -1,0 +1,246 @@
+"""``CacheClient``: the blocking SDK, over ``unix://PATH`` (zero-copy) or ``http(s)://HOST:PORT``.
+
+On the local path a put writes the entry straight into the sidecar's arena (reserve → fill in
+place → seal) and a get views it in place under a lease; over HTTP entries travel as bytes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import time
+import urllib.parse
+from typing import Any, Callable, Mapping, TypeVar
+
+from mmcache_client.entry import Entry
+from mmcache_client.errors import (AuthError, BadRequest, CacheUnavailable, EntryTooLarge, MMCacheError,
+                                   ServerError)
+from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
+from mmcache_client.keys import Key
+from mmcache_client.local import LocalConnection
+
+T = TypeVar("T")
+
+
+def _key(namespace: str, hash_hex: str) -> Key:
+    return Key(namespace, hash_hex)
+
+
+def _keys(keys) -> list[str]:
+    return [k.to_string() if isinstance(k, Key) else Key.from_string(k).to_string() for k in keys]
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``unix:///run/x.sock`` → (unix, path); ``http://h:p`` → (http, url). ValueError otherwise."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "unix" and parsed.path:
+        return "unix", parsed.path
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        return parsed.scheme, url.rstrip("/")
+    raise ValueError(f"url={url!r} must be unix:///path/to.sock or http(s)://host:port")
+
+
+def raise_for_status(status: int, body: bytes) -> None:
+    """Map an HTTP error status to the SDK's named exceptions."""
+    try:
+        message = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        message = body[:200].decode(errors="replace")
+    if status == 401:
+        raise AuthError(message or "unauthorized")
+    if status == 413:
+        raise EntryTooLarge(message)
+    if 400 <= status < 500:
+        raise BadRequest(f"HTTP {status}: {message}")
+    raise ServerError(f"HTTP {status}: {message}")
+
+
+def with_retries(fn: Callable[[], T], retries: int, backoff_s: float, what: str) -> T:
+    """Retry connection failures with exponential backoff and jitter, then CacheUnavailable."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (ConnectionError, socket.timeout, http.client.HTTPException, CacheUnavailable, OSError) as e:
+            if isinstance(e, MMCacheError) and not isinstance(e, CacheUnavailable):
+                raise
+            if attempt == retries:
+                raise CacheUnavailable(f"{what}: {e}") from e
+            time.sleep(backoff_s * (2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def plan_put(key: Key, tensor: Any, metadata: Mapping[str, str] | None, extras: Mapping[str, Any] | None,
+             encode_ms: float) -> EntryPlan:
+    return plan_entry(key.namespace, key.hash, {"embeddings": tensor, **(extras or {})}, metadata, encode_ms=encode_ms)
+
+
+class _Http:
+    """Keep-alive HTTP/1.1 over http.client; reconnects on a broken connection."""
+
+    def __init__(self, url: str, token: str | None, timeout: float):
+        parsed = urllib.parse.urlparse(url)
+        self._cls = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port, self._timeout = parsed.hostname, parsed.port, timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None):
+        if self._conn is None:
+            self._conn = self._cls(self._host, self._port, timeout=self._timeout)
+        try:
+            self._conn.request(method, path, body=body, headers={**self._headers, **(headers or {})})
+            resp = self._conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class CacheClient:
+    """Blocking client. ``CacheClient("unix:///run/mmcache.sock")`` or ``("http://127.0.0.1:8470")``.
+
+    ``get`` returns None on a miss, else an ``Entry`` to use in a ``with`` block.
+    """
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff_s: float = 0.05):
+        self.url = url
+        self.scheme, target = parse_url(url)
+        self.retries, self.backoff_s = retries, backoff_s
+        self._local: LocalConnection | None = None
+        self._http: _Http | None = None
+        if self.scheme == "unix":
+            self._path, self._timeout = target, timeout
+        else:
+            self._http = _Http(target, token, timeout)
+
+    # ------------------------------------------------------------ transports
+    def _call(self, op: str, **fields: Any) -> dict:
+        def once() -> dict:
+            if self._local is None:
+                self._local = LocalConnection(self._path, timeout=self._timeout)
+            try:
+                return self._local.call(op, **fields)
+            except CacheUnavailable:
+                self._local.close()
+                self._local = None
+                raise
+        return with_retries(once, self.retries, self.backoff_s, self.url)
+
+    def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)) -> tuple[int, dict, bytes]:
+        status, hdrs, data = with_retries(lambda: self._http.request(method, path, body, headers),
+                                          self.retries, self.backoff_s, self.url)
+        if status not in ok and status != 404:
+            raise_for_status(status, data)
+        return status, hdrs, data
+
+    # ------------------------------------------------------------ API
+    def put(self, namespace: str, hash_hex: str, tensor: Any, metadata: Mapping[str, str] | None = None, *,
+            extras: Mapping[str, Any] | None = None, encode_ms: float = 0.0, durable: bool = False) -> bool:
+        """Store ``tensor`` ([num_tokens, hidden], torch or numpy) as ``namespace/hash``.
+
+        Returns True if created, False if the key existed (the first put is kept).
+        """
+        key = _key(namespace, hash_hex)
+        plan = plan_put(key, tensor, metadata, extras, encode_ms)
+        return self._put_plan(key, plan, durable)
+
+    def put_blob(self, namespace: str, hash_hex: str, blob, *, durable: bool = False) -> bool:
+        """Store a safetensors entry as is (e.g. a file from ``mmcache get``); missing metadata is
+        filled in, contradicting metadata raises ``BadRequest``."""
+        key = _key(namespace, hash_hex)
+        try:
+            plan = relayout(blob, key.namespace, key.hash)
+        except EntryFormatError as e:
+            raise BadRequest(f"{key}: {e}") from e
+        return self._put_plan(key, plan, durable)
+
+    def _put_plan(self, key: Key, plan: EntryPlan, durable: bool) -> bool:
+        if self.scheme != "unix":
+            q = "?durable=1" if durable else ""
+            status, _, _ = self._request("PUT", f"/v1/entries/{key}{q}", plan.to_bytes(),
+                                         {"Content-Type": "application/vnd.safetensors"}, ok=(200, 201))
+            return status == 201
+        ans = self._call("reserve", key=str(key), nbytes=plan.total_bytes,
+                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)))
+        if ans["status"] == "exists":
+            return False
+        if ans["status"] == "no_space":
+            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes do not fit the sidecar's arena now")
+        try:
+            plan.write_into(self._local.writable_arena().view(ans["offset"], plan.total_bytes))
+        except BaseException:
+            self._call("abort", key=str(key))
+            raise
+        return self._call("seal", key=str(key), durable=durable)["created"]
+
+    def get(self, namespace: str, hash_hex: str) -> Entry | None:
+        key = str(_key(namespace, hash_hex))
+        if self.scheme == "unix":
+            loc = self._call("lease", keys=[key])["leases"][0]
+            if loc is None:
+                return None
+            offset, nbytes, tier = loc
+            conn = self._local
+            try:
+                view = read_entry(conn.arena.view(offset, nbytes), verify=False)
+            except EntryFormatError:
+                conn.call("release", keys=[key])
+                raise
+            return Entry(key, tier, view, lambda: self._release(conn, key))
+        status, headers, data = self._request("GET", f"/v1/entries/{key}")
+        if status == 404:
+            return None
+        return Entry(key, headers.get("X-MMCache-Tier", "remote"), read_entry(data, verify=True))
+
+    def _release(self, conn: LocalConnection, key: str) -> None:
+        if conn is self._local:  # a dead connection's leases are gone already
+            try:
+                conn.call("release", keys=[key])
+            except CacheUnavailable:
+                pass
+
+    def exists(self, namespace: str, hash_hex: str) -> bool:
+        key = str(_key(namespace, hash_hex))
+        if self.scheme == "unix":
+            return self._call("lookup", keys=[key])["tiers"][key] is not None
+        return self._request("HEAD", f"/v1/entries/{key}")[0] == 200
+
+    def lookup(self, keys) -> dict[str, str | None]:
+        """Key → tier holding it (``host``/``disk``) or None."""
+        keys = _keys(keys)
+        if self.scheme == "unix":
+            return self._call("lookup", keys=keys)["tiers"]
+        _, _, data = self._request("POST", "/v1/lookup", json.dumps({"keys": keys}), {"Content-Type": "application/json"})
+        return json.loads(data)["tiers"]
+
+    def delete(self, namespace: str, hash_hex: str) -> bool:
+        key = str(_key(namespace, hash_hex))
+        if self.scheme == "unix":
+            return self._call("delete", key=key)["deleted"]
+        return self._request("DELETE", f"/v1/entries/{key}", ok=(204,))[0] == 204
+
+    def stats(self) -> dict:
+        if self.scheme == "unix":
+            return self._call("stats")["stats"]
+        return json.loads(self._request("GET", "/v1/stats")[2])
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        if self._http is not None:
+            self._http.close()
+
+    def __enter__(self) -> "CacheClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""What ``get`` returns: a context-managed entry whose tensors view the bytes in place."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from mmcache_client.format import EntryView
+
+
+class Entry:
+    """One cache entry. On the local path its tensors view the shared arena and a lease keeps
+    the bytes in place until ``close()`` / the end of the ``with`` block; copy (``.clone()``)
+    what must outlive it. Over HTTP it owns its bytes and ``close`` is a no-op.
+    """
+
+    __slots__ = ("key", "tier", "_view", "_release", "closed")
+
+    def __init__(self, key: str, tier: str, view: EntryView, release: Callable[[], Any] | None = None):
+        self.key = key
+        self.tier = tier
+        self._view = view
+        self._release = release
+        self.closed = False
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._view.metadata
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the tensors held (``embeddings`` and extras like ``image_grid_thw``)."""
+        return self._view.names
+
+    @property
+    def nbytes(self) -> int:
+        return self._view.nbytes
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole safetensors blob in place."""
+        return memoryview(self._view.buffer)
+
+    @property
+    def array(self) -> np.ndarray:
+        """``embeddings`` as a numpy view (bf16 as raw uint16 bits)."""
+        return self._view.array()
+
+    @property
+    def tensor(self):
+        """``embeddings`` as a torch view (needs torch)."""
+        return self._view.tensor()
+
+    def get_array(self, name: str) -> np.ndarray:
+        return self._view.array(name)
+
+    def get_tensor(self, name: str):
+        return self._view.tensor(name)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._release is not None:
+                self._release()
+
+    def __enter__(self) -> "Entry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Entry({self.key!r}, tier={self.tier!r}, nbytes={self.nbytes})"
+
+
+class AsyncEntry(Entry):
+    """The async client's entry: ``async with``, and ``await entry.aclose()``."""
+
+    __slots__ = ()
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._release is not None:
+                await self._release()
+
+    async def __aenter__(self) -> "AsyncEntry":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

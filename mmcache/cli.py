@@ -1,0 +1,138 @@
+"""``mmcache``: run the sidecar and poke a running one.
+
+    mmcache serve --data-dir DIR --port 8470 --socket /tmp/mmcache.sock --host-capacity 4GiB
+    mmcache stats http://127.0.0.1:8470
+    mmcache put URL NS/HASH file.safetensors       (or a .npy array; --hash-of IMAGE computes HASH)
+    mmcache get URL NS/HASH -o out.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from mmcache.config import ServeConfig
+from mmcache_client.errors import MMCacheError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from mmcache.server import create_app
+
+    flags = {
+        "data_dir": args.data_dir, "host": args.host, "port": args.port, "socket": args.socket,
+        "host_capacity_bytes": args.host_capacity, "disk_capacity_bytes": args.disk_capacity,
+        "max_entry_size_bytes": args.max_entry_size, "token": args.token, "arena_path": args.arena,
+        "host_policy": args.host_policy, "disk_policy": args.disk_policy, "log_level": args.log_level,
+    }
+    config = ServeConfig.from_sources(flags, toml_path=args.config)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    print(f"mmcache serving http://{config.host}:{config.port}"
+          + (f" and unix://{config.socket}" if config.socket else ""), flush=True)
+    # run_app handles SIGINT and SIGTERM: in-flight requests finish, cleanup_ctx flushes disk.
+    web.run_app(app, host=config.host, port=config.port, print=None, shutdown_timeout=30)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from mmcache_client import CacheClient
+
+    return CacheClient(args.url, token=args.token or os.environ.get("MMCACHE_TOKEN"))
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        print(json.dumps(c.stats(), indent=2))
+    return 0
+
+
+def _put(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mmcache_client import Key, content_hash
+
+    if args.hash_of:
+        with open(args.hash_of, "rb") as f:
+            key = Key(args.key, content_hash(f.read()))
+    else:
+        key = Key.from_string(args.key)
+    with _client(args) as c:
+        if args.file.endswith(".npy"):
+            created = c.put(key.namespace, key.hash, np.load(args.file), durable=args.durable)
+        else:
+            with open(args.file, "rb") as f:
+                created = c.put_blob(key.namespace, key.hash, f.read(), durable=args.durable)
+    print(json.dumps({"key": key.to_string(), "created": created}))
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    from mmcache_client import Key
+
+    key = Key.from_string(args.key)
+    with _client(args) as c:
+        entry = c.get(key.namespace, key.hash)
+        if entry is None:
+            print(json.dumps({"error": f"no entry {key}"}), file=sys.stderr)
+            return 1
+        with entry:
+            if args.output:
+                with open(args.output, "wb") as out:
+                    out.write(entry.buffer)
+            else:
+                sys.stdout.buffer.write(entry.buffer)
+                sys.stdout.flush()
+            print(json.dumps({"key": str(key), "tier": entry.tier, "nbytes": entry.nbytes}), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmcache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the cache sidecar (HTTP API + local zero-copy socket)")
+    s.add_argument("--config", help="TOML file with ServeConfig fields")
+    s.add_argument("--data-dir")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int)
+    s.add_argument("--socket", help="Unix socket for same-node zero-copy clients")
+    s.add_argument("--host-capacity", help="shared-memory arena size, e.g. 4GiB")
+    s.add_argument("--disk-capacity", help="LMDB payload bytes, e.g. 100GiB")
+    s.add_argument("--max-entry-size", help="largest PUT body (default 256MiB)")
+    s.add_argument("--token", help="bearer token (or MMCACHE_TOKEN)")
+    s.add_argument("--arena", help="arena file path (default under /dev/shm)")
+    s.add_argument("--host-policy", choices=["lru", "gdsf"])
+    s.add_argument("--disk-policy", choices=["lru", "gdsf"])
+    s.add_argument("--log-level")
+    s.set_defaults(fn=_serve)
+
+    for name, fn, hlp in (("stats", _stats, "print a sidecar's stats"), ("put", _put, "store a file"),
+                          ("get", _get, "fetch an entry")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("url", help="unix:///path.sock or http://host:port")
+        if name != "stats":
+            p.add_argument("key", help="NAMESPACE/HASH (put --hash-of: just NAMESPACE)")
+        if name == "put":
+            p.add_argument("file", help=".safetensors entry (tensor 'embeddings') or .npy array")
+            p.add_argument("--hash-of", help="compute HASH as the content hash of this media file")
+            p.add_argument("--durable", action="store_true", help="answer once on disk")
+        if name == "get":
+            p.add_argument("-o", "--output", help="write the safetensors entry here (default stdout)")
+        p.add_argument("--token")
+        p.set_defaults(fn=fn)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError, MMCacheError) as e:
+        print(f"mmcache {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

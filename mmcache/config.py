@@ -1,0 +1,99 @@
+"""Sidecar configuration: one dataclass, filled from defaults < TOML file < environment < flags."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = None
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str | int) -> int:
+    """``4GiB`` → 4294967296, ``512MB`` → 512000000, ``1024`` → 1024. Raises ``ValueError``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _SIZE_RE.fullmatch(str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"size {text!r} must be a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``mmcache serve`` takes. Sizes are bytes."""
+
+    data_dir: str = "./mmcache-data"
+    """Directory for the LMDB environment (entries survive restarts here)."""
+    host: str = "127.0.0.1"
+    """HTTP bind address; loopback unless told otherwise."""
+    port: int = 8470
+    """HTTP port (0 picks a free one)."""
+    socket: str | None = None
+    """Unix socket of the local zero-copy protocol; None turns it off."""
+    host_capacity_bytes: int = 1 << 30
+    """Size of the shared-memory arena."""
+    disk_capacity_bytes: int = 16 << 30
+    """Payload bytes kept in LMDB before eviction."""
+    max_entry_size_bytes: int = 256 << 20
+    """Largest accepted PUT body; larger gets 413."""
+    token: str | None = None
+    """Bearer token every route but /healthz requires; None means no auth."""
+    arena_path: str | None = None
+    """Arena file; default a fresh file under /dev/shm."""
+    host_policy: str = "lru"
+    """Host-tier eviction policy (lru, gdsf)."""
+    disk_policy: str = "lru"
+    """Disk-tier eviction policy (lru, gdsf)."""
+    log_level: str = "info"
+    """Python logging level name."""
+
+    def __post_init__(self) -> None:
+        for name in ("host_capacity_bytes", "disk_capacity_bytes", "max_entry_size_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be within 0..65535")
+
+    @classmethod
+    def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                     toml_path: str | None = None) -> "ServeConfig":
+        """Merge a TOML file, ``MMCACHE_<FIELD>`` variables and flags (None = not given)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if toml_path:
+            if tomllib is None:
+                raise ValueError("a TOML config needs Python >= 3.11 (tomllib)")
+            with open(toml_path, "rb") as f:
+                values.update(tomllib.load(f))
+        for f in fields(cls):
+            if f"MMCACHE_{f.name.upper()}" in env:
+                values[f.name] = env[f"MMCACHE_{f.name.upper()}"]
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**_coerce(values))
+
+
+def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
+    known = {f.name: f for f in fields(ServeConfig)}
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        name = name.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+        if name.endswith("_bytes"):
+            value = parse_size(value)
+        elif name == "port":
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"port={value!r} must be an integer") from None
+        out[name] = value
+    return out

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the sidecar: per-app registry (no globals), tier gauges read at scrape."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+_GAUGES = {"entries": "Entries held", "bytes": "Payload bytes held", "capacity_bytes": "Capacity in bytes",
+           "leases": "Live reader leases", "pending_writes": "Writes queued for disk"}
+_COUNTERS = {"hits": "Lookups served by the tier", "misses": "Lookups the tier could not serve",
+             "evictions": "Entries evicted", "corrupt": "Entries dropped for failing validation",
+             "write_backs": "Entries written back to disk on host eviction"}
+
+
+class _TierCollector:
+    """Turns ``store.stats()`` into ``mmcache_tier_*`` series labelled by tier at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for name, doc in _GAUGES.items():
+            g = GaugeMetricFamily(f"mmcache_tier_{name}", doc, labels=["tier"])
+            for tier, values in stats.items():
+                if name in values:
+                    g.add_metric([tier], values[name])
+            yield g
+        for name, doc in _COUNTERS.items():
+            c = CounterMetricFamily(f"mmcache_tier_{name}", doc, labels=["tier"])
+            for tier, values in stats.items():
+                if name in values:
+                    c.add_metric([tier], values[name])
+            yield c
+
+
+class Metrics:
+    """One per app: the registry plus the request histogram the middleware records into."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        self.registry.register(_TierCollector(stats))
+        self.request_seconds = Histogram(
+            "mmcache_http_request_seconds", "HTTP request latency by route and status",
+            ["method", "route", "status"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )

@@ -1,0 +1,261 @@
+"""The sidecar's HTTP API (``mmcache serve``): see DESIGN.md "HTTP API of the sidecar".
+
+``create_app(config)`` builds the aiohttp application; the store, the local Unix-socket server
+and the disk writer live in ``cleanup_ctx``, so a graceful stop finishes in-flight requests,
+flushes disk writes, removes the socket and the arena file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import logging
+import os
+import time
+from typing import AsyncIterator
+
+import pyarrow as pa
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mmcache.config import ServeConfig
+from mmcache.local_server import start_local_server
+from mmcache.metrics import Metrics
+from mmcache.store import StoreConfig, TieredStore
+from mmcache_client.format import EntryFormatError, relayout
+from mmcache_client.keys import Key
+
+logger = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", ServeConfig)
+STORE = web.AppKey("store", TieredStore)
+METRICS = web.AppKey("metrics", Metrics)
+TIER_HEADER = "X-MMCache-Tier"
+_ENTRY_CONTENT_TYPE = "application/vnd.safetensors"
+_ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+_MAX_JSON_BYTES = 4 << 20
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Map domain errors to HTTP statuses with a JSON body; record latency."""
+    start = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as e:
+        if e.empty_body:
+            response = web.Response(status=e.status)
+        elif e.content_type == "application/json":
+            response = web.Response(status=e.status, text=e.text, content_type="application/json")
+        else:
+            response = _error(e.status, e.reason)
+        response.headers.update({k: v for k, v in e.headers.items() if k.lower() in ("www-authenticate", "allow")})
+    except (EntryFormatError, ValueError) as e:
+        response = _error(400, str(e))
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.path)
+        response = _error(500, "internal error; see the sidecar's log")
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    request.app[METRICS].request_seconds.labels(request.method, route, str(response.status)).observe(
+        time.perf_counter() - start)
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    token = request.app[CONFIG].token
+    if token and request.path != "/healthz":
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise web.HTTPUnauthorized(
+                text='{"error": "missing or wrong bearer token"}', content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+def _key(request: web.Request) -> Key:
+    return Key(request.match_info["ns"], request.match_info["hash"])
+
+
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """Stream the body into one buffer, refusing (413) as soon as it passes ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f'{{"error": "entry of {request.content_length} bytes exceeds the {limit}-byte limit"}}',
+                                            content_type="application/json")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 20):
+        if len(body) + len(chunk) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body) + len(chunk),
+                                                text=f'{{"error": "entry exceeds the {limit}-byte limit"}}',
+                                                content_type="application/json")
+        body += chunk
+    return body
+
+
+async def put_entry(request: web.Request) -> web.Response:
+    key = _key(request)
+    store = request.app[STORE]
+    body = await _read_body(request, request.app[CONFIG].max_entry_size_bytes)
+    if not body:
+        raise ValueError("empty body: PUT takes a safetensors entry with an 'embeddings' tensor")
+    plan = relayout(body, key.namespace, key.hash)
+    result = store.put_plan(key.to_string(), plan)
+    durable = request.query.get("durable", "0") not in ("0", "false", "")
+    if durable and result.durable is not None:
+        await asyncio.wrap_future(result.durable)
+    return web.json_response({"key": key.to_string(), "created": result.created, "tier": result.tier,
+                              "durable": durable}, status=201 if result.created else 200)
+
+
+async def _lease(store: TieredStore, key: str, owner):
+    if store.host.contains(key):
+        return store.lease(key, owner)
+    return await asyncio.to_thread(store.lease, key, owner)  # promotion copies from disk
+
+
+async def get_entry(request: web.Request) -> web.StreamResponse:
+    key = _key(request).to_string()
+    store = request.app[STORE]
+    owner = ("http", id(request))
+    lease = await _lease(store, key, owner)
+    if lease is None:
+        with store.get(key) as entry:  # the host tier could not take it: disk, in place
+            if entry is None:
+                raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
+            return web.Response(body=bytes(entry.buffer), content_type=_ENTRY_CONTENT_TYPE,
+                                headers={TIER_HEADER: "disk"})
+    try:
+        view = store.host.view(lease.location)
+        response = web.StreamResponse(headers={TIER_HEADER: lease.tier, "Content-Type": _ENTRY_CONTENT_TYPE})
+        response.content_length = view.nbytes
+        await response.prepare(request)
+        try:
+            await response.write(view)  # NOTE: the lease keeps the bytes in place until written
+            await response.write_eof()
+        except ConnectionResetError:
+            logger.debug("client left during GET %s", key)
+        return response
+    finally:
+        store.release(lease)
+
+
+async def head_entry(request: web.Request) -> web.Response:
+    tier = request.app[STORE].tier_of(_key(request))
+    if tier is None:
+        return web.Response(status=404)
+    return web.Response(status=200, headers={TIER_HEADER: tier})
+
+
+async def delete_entry(request: web.Request) -> web.Response:
+    key = _key(request)
+    if not request.app[STORE].delete(key):
+        raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
+    return web.Response(status=204)
+
+
+async def _json_keys(request: web.Request) -> list[str]:
+    if request.content_length is not None and request.content_length > _MAX_JSON_BYTES:
+        raise ValueError(f"request body exceeds {_MAX_JSON_BYTES} bytes")
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise ValueError('body must be JSON: {"keys": ["ns/hash", ...]}') from None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        raise ValueError('body must be {"keys": ["ns/hash", ...]}')
+    return [Key.from_string(k).to_string() for k in keys]
+
+
+async def lookup(request: web.Request) -> web.Response:
+    tiers = request.app[STORE].lookup(await _json_keys(request))
+    return web.json_response({"tiers": tiers, "found": sum(t is not None for t in tiers.values())})
+
+
+async def batch_get(request: web.Request) -> web.Response:
+    """One Arrow IPC stream: columns ``key``, ``tier``, ``entry`` (the safetensors blob)."""
+    store = request.app[STORE]
+    owner = ("http-batch", id(request))
+    rows: dict[str, list] = {"key": [], "tier": [], "entry": []}
+    try:
+        for key in dict.fromkeys(await _json_keys(request)):
+            lease = await _lease(store, key, owner)
+            if lease is not None:
+                rows["key"].append(key)
+                rows["tier"].append(lease.tier)
+                rows["entry"].append(store.host.view(lease.location))
+        table = pa.table({"key": pa.array(rows["key"], pa.string()), "tier": pa.array(rows["tier"], pa.string()),
+                          "entry": pa.array(rows["entry"], pa.large_binary())})
+    finally:
+        store.release_owner(owner)
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return web.Response(body=sink.getbuffer(), content_type=_ARROW_CONTENT_TYPE)
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STORE].stats())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _store_ctx(config: ServeConfig):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        store = TieredStore(StoreConfig(
+            data_dir=config.data_dir, host_capacity_bytes=config.host_capacity_bytes,
+            disk_capacity_bytes=config.disk_capacity_bytes, arena_path=config.arena_path,
+            host_policy=config.host_policy, disk_policy=config.disk_policy))
+        app[STORE] = store
+        local = await start_local_server(store, config.socket) if config.socket else None
+        logger.info("mmcache store up: arena %s, data dir %s, socket %s", store.arena_path, config.data_dir, config.socket)
+        try:
+            yield
+        finally:
+            if local is not None:
+                local.close()
+                await local.wait_closed()
+                _unlink(config.socket)
+            await asyncio.to_thread(store.close)  # flushes pending disk writes
+            logger.info("mmcache store closed")
+    return ctx
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def create_app(config: ServeConfig) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=config.max_entry_size_bytes)
+    app[CONFIG] = config
+    app[METRICS] = Metrics(lambda: app[STORE].stats())
+    app.cleanup_ctx.append(_store_ctx(config))
+    entry = "/v1/entries/{ns}/{hash}"
+    app.add_routes([
+        web.put(entry, put_entry),
+        web.get(entry, get_entry, allow_head=False),
+        web.head(entry, head_entry),
+        web.delete(entry, delete_entry),
+        web.post("/v1/lookup", lookup),
+        web.post("/v1/batch_get", batch_get),
+        web.get("/v1/stats", stats),
+        web.get("/metrics", metrics),
+        web.get("/healthz", healthz),
+    ])
+    return app
