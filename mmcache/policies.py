@@ -1,0 +1,248 @@
+"""Eviction policies: which cached entries to drop first when a tier runs out of bytes.
+
+A policy does accounting only. It tracks keys (hashable, opaque; in practice ``"ns/hash"``
+strings) and their byte sizes, never the data. The owning tier tells it what happened
+(``on_insert`` / ``on_access`` / ``on_remove``) and asks it what to drop (``choose_victims``);
+the tier does the actual deletion and then reports it back with ``on_remove``.
+"""
+
+from __future__ import annotations
+
+import abc
+import bisect
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from typing import ClassVar
+
+__all__ = ["EvictionPolicy", "LRUPolicy", "GDSFPolicy", "POLICIES", "make_policy"]
+
+
+def _always(key: Hashable) -> bool:
+    return True
+
+
+class EvictionPolicy(abc.ABC):
+    """Base class: tracks ``key -> size_bytes`` and ranks keys as eviction victims.
+
+    Lifecycle of a key: ``on_insert`` once (a second insert without ``on_remove`` in between is
+    a ``ValueError``), any number of ``on_access`` (hits), then ``on_remove`` once, whether it was
+    evicted or deleted. ``on_access`` / ``on_remove`` on an unknown key are ignored, so a tier may
+    report races (e.g. a delete of something already evicted) without checking first.
+
+    Units: ``size_bytes`` is an int >= 0; ``cost_ms`` is the time it took to compute the entry
+    (e.g. the encoder forward pass), a finite float >= 0. Policies that ignore cost still
+    validate it.
+
+    Invariants: ``len(p)`` equals the number of tracked keys, ``p.total_bytes`` their size sum,
+    and ``iter_victims`` / ``choose_victims`` never change either (nor the ranking).
+    Not thread-safe: the owning tier serialises calls.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._sizes: dict[Hashable, int] = {}
+        self._total_bytes = 0
+
+    # -- events from the tier ------------------------------------------------------------
+
+    def on_insert(self, key: Hashable, size_bytes: int, cost_ms: float = 0.0) -> None:
+        """Start tracking ``key``, newly cached with ``size_bytes`` that took ``cost_ms`` to make."""
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
+            raise ValueError(f"{size_bytes=} must be an int >= 0")
+        if isinstance(cost_ms, bool) or not isinstance(cost_ms, (int, float)):
+            raise ValueError(f"{cost_ms=} must be a finite number >= 0")
+        if not math.isfinite(cost_ms) or cost_ms < 0:
+            raise ValueError(f"{cost_ms=} must be a finite number >= 0")
+        if key in self._sizes:
+            raise ValueError(f"{key=} is already tracked; on_remove it before inserting again")
+        self._sizes[key] = size_bytes
+        self._total_bytes += size_bytes
+        self._insert(key, size_bytes, float(cost_ms))
+
+    def on_access(self, key: Hashable) -> None:
+        """Record a hit on ``key``; unknown keys are ignored."""
+        if key in self._sizes:
+            self._access(key)
+
+    def on_remove(self, key: Hashable, evicted: bool = True) -> None:
+        """Stop tracking ``key``: ``evicted=True`` if the policy's choice, False if deleted.
+
+        Unknown keys are ignored.
+        """
+        size_bytes = self._sizes.pop(key, None)
+        if size_bytes is None:
+            return
+        self._total_bytes -= size_bytes
+        self._remove(key, evicted)
+
+    # -- queries -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def iter_victims(self) -> Iterator[Hashable]:
+        """Yield every tracked key, best victim first. No side effects.
+
+        Lazy over live state: do not call ``on_*`` while iterating (``choose_victims`` is safe).
+        """
+
+    def choose_victims(
+        self, need_bytes: int, can_evict: Callable[[Hashable], bool] = _always
+    ) -> list[Hashable]:
+        """Keys to evict, in order, whose sizes sum to >= ``need_bytes``. No side effects.
+
+        Keys with ``can_evict(key) is False`` (e.g. leased to a reader) are skipped. If the
+        evictable keys cannot free ``need_bytes``, all of them are returned and the caller
+        decides (fail the insert, or evict anyway). ``need_bytes <= 0`` returns ``[]``.
+        """
+        if isinstance(need_bytes, bool) or not isinstance(need_bytes, int):
+            raise ValueError(f"{need_bytes=} must be an int")
+        victims: list[Hashable] = []
+        freed_bytes = 0
+        if need_bytes <= 0:
+            return victims
+        for key in self.iter_victims():
+            if not can_evict(key):
+                continue
+            victims.append(key)
+            freed_bytes += self._sizes[key]
+            if freed_bytes >= need_bytes:
+                break
+        return victims
+
+    def size_of(self, key: Hashable) -> int:
+        """Tracked ``size_bytes`` of ``key``; ``KeyError`` if unknown."""
+        return self._sizes[key]
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of ``size_bytes`` over tracked keys."""
+        return self._total_bytes
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    # -- hooks: called only for valid events, after the base bookkeeping -----------------
+
+    @abc.abstractmethod
+    def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None: ...
+
+    @abc.abstractmethod
+    def _access(self, key: Hashable) -> None: ...
+
+    @abc.abstractmethod
+    def _remove(self, key: Hashable, evicted: bool) -> None: ...
+
+
+class LRUPolicy(EvictionPolicy):
+    """Least recently used: victims in order of oldest insert-or-hit. Ignores size and cost.
+
+    All events are O(1); ``iter_victims`` walks an ``OrderedDict`` from its oldest end.
+    """
+
+    name: ClassVar[str] = "lru"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def iter_victims(self) -> Iterator[Hashable]:
+        return iter(self._order)
+
+    def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
+        self._order[key] = None
+
+    def _access(self, key: Hashable) -> None:
+        self._order.move_to_end(key)
+
+    def _remove(self, key: Hashable, evicted: bool) -> None:
+        del self._order[key]
+
+
+class GDSFPolicy(EvictionPolicy):
+    """GreedyDual-Size-Frequency: keep what is expensive to recompute per byte and often hit.
+
+    Priority ``H(k) = L + freq(k) * cost(k) / size(k)``, with ``cost`` in ms (floored at
+    ``MIN_COST_MS``), ``size`` in bytes (floored at 1) and ``freq`` the number of inserts-or-hits
+    (starts at 1). ``H`` is recomputed with the current ``L`` on each hit. Victims go lowest
+    ``H`` first; ties go to the older insert-or-hit.
+
+    ``L`` (``inflation``) ages entries: on each eviction it rises to the evicted entry's ``H``
+    and it never decreases, so newcomers start above entries that stopped being hit, and an
+    old high-priority entry becomes a victim once ``L`` has overtaken it.
+
+    Ranking is a list of ``(H, seq, key)`` kept sorted with ``bisect``: ``iter_victims`` is a
+    plain walk, events are O(log n) search plus an O(n) memmove, fine for the entry counts of
+    one tier.
+    """
+
+    name: ClassVar[str] = "gdsf"
+    # NOTE: a zero cost would give every zero-cost entry the same H = L regardless of size and
+    # hits; a tiny floor keeps size and frequency meaningful for them.
+    MIN_COST_MS: ClassVar[float] = 1e-3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inflation = 0.0
+        self._seq = 0
+        self._ranked: list[tuple[float, int, Hashable]] = []
+        self._entry: dict[Hashable, tuple[float, int, Hashable]] = {}
+        self._freq: dict[Hashable, int] = {}
+        self._value: dict[Hashable, float] = {}  # cost_ms / size_bytes, fixed at insert
+
+    @property
+    def inflation(self) -> float:
+        """The aging term ``L``: the highest ``H`` evicted so far (0.0 initially)."""
+        return self._inflation
+
+    def priority(self, key: Hashable) -> float:
+        """Current ``H`` of ``key``; ``KeyError`` if unknown."""
+        return self._entry[key][0]
+
+    def iter_victims(self) -> Iterator[Hashable]:
+        return (key for _, _, key in self._ranked)
+
+    def _rank(self, key: Hashable) -> None:
+        entry = (self._inflation + self._freq[key] * self._value[key], self._seq, key)
+        self._seq += 1
+        self._entry[key] = entry
+        # NOTE: search by the (H, seq) prefix; seq is unique, so keys (maybe not orderable)
+        # are never compared.
+        self._ranked.insert(bisect.bisect_left(self._ranked, entry[:2]), entry)
+
+    def _unrank(self, key: Hashable) -> tuple[float, int, Hashable]:
+        entry = self._entry.pop(key)
+        del self._ranked[bisect.bisect_left(self._ranked, entry[:2])]
+        return entry
+
+    def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
+        self._freq[key] = 1
+        self._value[key] = max(cost_ms, self.MIN_COST_MS) / max(size_bytes, 1)
+        self._rank(key)
+
+    def _access(self, key: Hashable) -> None:
+        self._unrank(key)
+        self._freq[key] += 1
+        self._rank(key)
+
+    def _remove(self, key: Hashable, evicted: bool) -> None:
+        priority = self._unrank(key)[0]
+        del self._freq[key], self._value[key]
+        if evicted:
+            # NOTE: max(), not assignment: with can_evict skipping leased keys the evicted
+            # entry need not be the minimum, and L must never decrease.
+            self._inflation = max(self._inflation, priority)
+
+
+POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "gdsf": GDSFPolicy}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    """A fresh policy by its ``name`` (one of ``POLICIES``)."""
+    cls = POLICIES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"{name=} must be one of {sorted(POLICIES)}")
+    return cls()
