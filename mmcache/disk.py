@@ -1,0 +1,426 @@
+"""The disk tier: entries in one LMDB environment, written behind by a single writer thread.
+
+Keys are ``"namespace/hash"`` strings (utf-8 in LMDB), values are entry blobs (``format.py``).
+The index (``key -> nbytes``) and the eviction policy live in memory and are rebuilt by a scan
+at open; LMDB holds the bytes. Reads are zero-copy views inside a read transaction and verify
+the checksum: a corrupt entry is a miss, logged, counted and deleted, never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import lmdb
+
+from mmcache.keys import Key
+from mmcache.policies import POLICIES, make_policy
+from mmcache_client.format import BadHeader, EntryFormatError, EntryView, parse_entry, read_entry
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+_SCRATCH_KEY = b"\x00mmcache-scratch"  # not a valid entry key
+
+
+@dataclass(frozen=True)
+class DiskTierConfig:
+    path: str
+    """Directory of the LMDB environment (created if missing)."""
+    capacity_bytes: int
+    """Payload bytes (sum of blob lengths) kept before eviction."""
+    policy: str = "lru"
+    """Eviction policy name, one of ``mmcache.policies.POLICIES``."""
+    map_size_bytes: int | None = None
+    """LMDB map size in bytes; None: ``max(2 * capacity + 1 GiB, 4 GiB)``. Never resized at runtime."""
+    max_readers: int = 2048
+    """Concurrent LMDB read transactions (reader slots), over all processes."""
+    batch_max_entries: int = 256
+    """Most operations committed in one write transaction."""
+    flush_interval_ms: float = 2.0
+    """Longest the writer waits, in ms, to gather more operations into a batch."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path={self.path!r} must be a non-empty str")
+        for name in ("capacity_bytes", "max_readers", "batch_max_entries", "map_size_bytes"):
+            value = getattr(self, name)
+            if name == "map_size_bytes" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be > 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} must be one of {sorted(POLICIES)}")
+        if not isinstance(self.flush_interval_ms, (int, float)) or not 0 <= self.flush_interval_ms < math.inf:
+            raise ValueError(f"{self.flush_interval_ms=} must be a finite number >= 0")
+
+    @property
+    def resolved_map_size_bytes(self) -> int:
+        # NOTE: the map is only address space on 64-bit; the slack covers page rounding, the
+        # freelist and pages pinned by long readers, so MapFullError stays a rare fallback.
+        if self.map_size_bytes is not None:
+            return self.map_size_bytes
+        return max(2 * self.capacity_bytes + GiB, 4 * GiB)
+
+
+@dataclass(eq=False)
+class _Op:
+    """One request to the writer. ``kind``: put | delete | corrupt | flush | stop."""
+
+    kind: str
+    future: Future
+    key: str = ""
+    blob: memoryview | None = None
+    cost_ms: float = 0.0
+    nbytes: int = 0
+
+
+def _check(key: str, buf: Any, *, verify: bool) -> EntryView:
+    """The entry in ``buf``, checked against its key; raises ``EntryFormatError``."""
+    entry = read_entry(buf, verify=verify) if verify else EntryView(buf, parse_entry(buf))
+    own = f"{entry.metadata['namespace']}/{entry.metadata['hash']}"
+    if own != key:
+        raise BadHeader(f"entry names {own!r}, stored under {key!r}")
+    return entry
+
+
+def _is_valid(key: str, buf: bytes | None) -> bool:
+    """False only for a record that is there and unreadable."""
+    try:
+        return buf is None or _check(key, buf, verify=True) is not None
+    except EntryFormatError:
+        return False
+
+
+class DiskTier:
+    """LMDB-backed tier; thread-safe; one per process (open it after fork, never share it).
+
+    Lifecycle: ``DiskTier(config)`` opens the environment, clears stale reader slots, rebuilds
+    the index (records that fail to parse are deleted), starts the writer thread; ``close()``
+    commits what is queued and closes. All write transactions run on the writer thread; callers
+    enqueue and get a ``Future``. The index holds committed entries only: a queued put is not
+    yet ``contains()``-ed nor viewable. Invariant: ``stats()["bytes"] <= capacity_bytes`` after
+    each commit (the scan at open may find more; the next commit trims).
+    """
+
+    def __init__(self, config: DiskTierConfig):
+        self.config = config
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self._policy = make_policy(config.policy)
+        self._index: dict[str, int] = {}  # key -> nbytes, committed entries only
+        self._bytes = 0
+        self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0)
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._env = lmdb.open(config.path, map_size=config.resolved_map_size_bytes, subdir=True,
+                              max_readers=config.max_readers, readahead=False, metasync=True,
+                              sync=True, max_dbs=0)
+        try:
+            stale = self._env.reader_check()
+            if stale:
+                logger.info("cleared %s stale LMDB reader slots in %s", stale, config.path)
+            bad = self._rebuild_index()
+        except BaseException:
+            self._env.close()  # NOTE: py-lmdb refuses a second open of a path still open here
+            raise
+        self._counts["corrupt"] = len(bad)
+        self._writer = threading.Thread(target=self._run, name="mmcache-disk-writer", daemon=True)
+        self._writer.start()
+        for key in bad:
+            self._submit(_Op("corrupt", Future(), key))
+        if self._bytes > config.capacity_bytes:
+            self._submit(_Op("flush", Future()))  # an empty batch trims to capacity
+
+    def _rebuild_index(self) -> list[str]:
+        found, bad = [], []
+        with self._env.begin(buffers=True) as txn:
+            for kb, buf in txn.cursor():
+                key = bytes(kb).decode("utf-8", "replace")
+                try:
+                    meta = _check(key, buf, verify=False).metadata
+                    found.append((float(meta["created_at"]), key, len(buf), float(meta["encode_ms"])))
+                except EntryFormatError as e:
+                    logger.warning("deleting unreadable disk entry %r: %s", key, e)
+                    bad.append(key)
+        for _, key, nbytes, cost_ms in sorted(found):
+            self._index[key] = nbytes
+            self._bytes += nbytes
+            self._policy.on_insert(key, nbytes, max(cost_ms, 0.0) if math.isfinite(cost_ms) else 0.0)
+        logger.info("disk tier %s: %s entries, %s bytes", self.config.path, len(found), self._bytes)
+        return bad
+
+    # ------------------------------------------------------------------ caller side
+
+    def _submit(self, op: _Op) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("DiskTier is closed")
+            if self._broken is not None:
+                op.future.set_exception(self._broken)
+                return op.future
+            if op.kind == "put":
+                self._counts["pending_writes"] += 1
+            self._queue.put(op)
+        return op.future
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("DiskTier is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError("DiskTier used across fork; open a new one in this process")
+
+    def put(self, key: str, blob: Any, cost_ms: float = 0.0) -> Future:
+        """Enqueue a write; the Future resolves True once committed (durable), False if the key
+        was already on disk (first put wins), or with an exception (ValueError: larger than the
+        capacity). ``blob`` is not copied: keep it valid and unchanged until the Future is done.
+        Cancelling the Future succeeds only while the write is still queued. A malformed key or
+        cost raises ValueError here.
+        """
+        self._check_usable()
+        Key.from_string(key)
+        if isinstance(cost_ms, bool) or not isinstance(cost_ms, (int, float)) or not 0 <= cost_ms < math.inf:
+            raise ValueError(f"{cost_ms=} must be a finite number >= 0")  # checked before commit
+        mv = memoryview(blob).cast("B")
+        op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes)
+        if op.nbytes > self.config.capacity_bytes:
+            op.future.set_exception(ValueError(
+                f"entry {key} of {op.nbytes} bytes exceeds capacity_bytes={self.config.capacity_bytes}"))
+            return op.future
+        return self._submit(op)
+
+    def contains(self, key: str) -> bool:
+        """True if ``key`` is committed on disk (queued puts are not contained yet)."""
+        with self._lock:
+            return key in self._index
+
+    @contextmanager
+    def view(self, key: str) -> Iterator[EntryView | None]:
+        """Yield a checksum-verified zero-copy ``EntryView``, or None on a miss.
+
+        The view (and every array/tensor made from it) is valid only inside the with-block:
+        it points into the LMDB map through a read transaction that the block holds open.
+        """
+        self._check_usable()
+        entry = error = None
+        with self._env.begin(buffers=True) as txn:
+            buf = txn.get(key.encode("utf-8")) if self.contains(key) else None
+            try:
+                entry = None if buf is None else _check(key, buf, verify=True)
+            except EntryFormatError as e:
+                error = e
+            with self._lock:
+                self._counts["hits" if entry is not None else "misses"] += 1
+                self._counts["corrupt"] += error is not None
+                if entry is not None:
+                    self._policy.on_access(key)
+            if error is not None:
+                logger.warning("corrupt disk entry %s, deleting it: %s", key, error)
+                self._submit(_Op("corrupt", Future(), key))
+            yield entry
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """A verified copy of the entry's blob, or None."""
+        with self.view(key) as entry:
+            return None if entry is None else bytes(entry.buffer)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key`` (after anything queued before); True if it was there."""
+        return self._submit(_Op("delete", Future(), key)).result()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything enqueued so far is committed (or failed); TimeoutError."""
+        with self._lock:
+            if self._closed:
+                return
+        self._submit(_Op("flush", Future())).result(timeout)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._index)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(entries=len(self._index), bytes=self._bytes,
+                        capacity_bytes=self.config.capacity_bytes, **self._counts)
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, close LMDB. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_Op("stop", Future()))
+        self._writer.join()
+        self._env.close()
+
+    def __enter__(self) -> "DiskTier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        ops: list[_Op] = []
+        try:
+            while True:
+                if not ops:
+                    ops = self._gather()
+                stopping = ops[-1].kind == "stop"
+                try:
+                    ops = self._commit(ops)
+                except Exception as e:
+                    logger.error("disk tier batch of %s ops failed: %r", len(ops), e, exc_info=True)
+                    self._resolve([(op, e) for op in ops])
+                    ops = []
+                if stopping and not ops:
+                    return
+        except BaseException as e:  # the writer is gone: no queued future may hang
+            logger.exception("disk tier writer died")
+            with self._lock:
+                self._broken = e
+            while True:
+                try:
+                    ops.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._resolve([(op, e) for op in ops if not op.future.done()])
+            raise
+
+    def _gather(self) -> list[_Op]:
+        ops: list[_Op] = []
+        deadline = None
+        while len(ops) < self.config.batch_max_entries:
+            if deadline is None:
+                op = self._queue.get()
+                deadline = time.monotonic() + self.config.flush_interval_ms / 1000
+            else:
+                try:
+                    op = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+            if not op.future.set_running_or_notify_cancel():
+                self._resolve([(op, None)])  # cancelled while queued: dropped
+                deadline = deadline if ops else None
+                continue
+            ops.append(op)
+            if op.kind in ("flush", "stop", "delete"):  # someone waits: commit now
+                break
+        return ops
+
+    def _commit(self, ops: list[_Op]) -> list[_Op]:
+        try:
+            return self._try_commit(ops)
+        except lmdb.MapFullError:
+            need = max(2 * sum(op.nbytes for op in ops), self.config.capacity_bytes // 8)
+            with self._lock:
+                victims = self._policy.choose_victims(need)
+            logger.warning("LMDB map full at %s bytes; evicting %s entries and retrying",
+                           self.config.resolved_map_size_bytes, len(victims))
+            with self._env.begin(write=True) as txn:
+                for key in victims:
+                    txn.delete(key.encode("utf-8"))
+            self._apply({key: True for key in victims}, {})
+            # NOTE: LMDB 0.9 reuses pages freed by commit T only from transaction T+2 on (T-1's
+            # snapshot must stay recoverable), so one no-op commit precedes the retry. The
+            # scratch key never outlives its transaction.
+            with self._env.begin(write=True) as txn:
+                txn.put(_SCRATCH_KEY, b"")
+                txn.delete(_SCRATCH_KEY)
+            return self._try_commit(ops)
+
+    def _try_commit(self, ops: list[_Op]) -> list[_Op]:
+        """Write a prefix of ``ops`` in one transaction; return the deferred rest."""
+        added: dict[str, _Op] = {}
+        removed: dict[str, bool] = {}  # committed key -> evicted (True) or deleted (False)
+        actions: list[tuple[str, str, memoryview | None]] = []
+        results: list[tuple[_Op, Any]] = []
+        deferred: list[_Op] = []
+        capacity = self.config.capacity_bytes
+        with self._lock:  # plan: only this thread changes the index, so the plan stays valid
+            present = lambda k: k in added or (k in self._index and k not in removed)  # noqa: E731
+            used = self._bytes
+            for i, op in enumerate(ops):
+                if op.kind == "put" and present(op.key):
+                    results.append((op, False))
+                    continue
+                if op.kind in ("put", "flush"):
+                    need = used + op.nbytes - capacity
+                    victims = self._policy.choose_victims(need, lambda k: k not in removed)
+                    freed = sum(self._index[k] for k in victims)
+                    if freed < need:  # only this batch's own puts could make room
+                        deferred = ops[i:]
+                        break
+                    for k in victims:
+                        removed[k] = True
+                        actions.append(("del", k, None))
+                    used -= freed
+                if op.kind == "put":
+                    added[op.key] = op
+                    used += op.nbytes
+                    actions.append(("put", op.key, op.blob))
+                    results.append((op, True))
+                elif op.kind == "delete":
+                    existed = present(op.key)
+                    if op.key in added:
+                        used -= added.pop(op.key).nbytes
+                    elif existed:
+                        removed[op.key] = False
+                        used -= self._index[op.key]
+                    actions.append(("del", op.key, None))
+                    results.append((op, existed))
+                elif op.kind == "corrupt":
+                    actions.append(("corrupt", op.key, None))
+                    results.append((op, None))
+                else:
+                    results.append((op, True))
+        if actions:
+            with self._env.begin(write=True) as txn:
+                for kind, key, blob in actions:
+                    kb = key.encode("utf-8")
+                    if kind == "put":
+                        # NOTE: the index alone decides presence (first put wins); a record it
+                        # does not know is an unreadable one queued for deletion at open.
+                        txn.put(kb, blob)
+                    elif kind == "del":
+                        txn.delete(kb)
+                    elif not _is_valid(key, txn.get(kb)):  # re-checked: a fresh put may be valid
+                        txn.delete(kb)
+                        if added.pop(key, None) is None and key in self._index:
+                            removed[key] = False
+        self._apply(removed, added)
+        self._resolve(results)
+        return deferred
+
+    def _apply(self, removed: dict[str, bool], added: dict[str, _Op]) -> None:
+        with self._lock:
+            for key, evicted in removed.items():
+                self._bytes -= self._index.pop(key)
+                self._policy.on_remove(key, evicted=evicted)
+                self._counts["evictions"] += evicted
+            for key, op in added.items():
+                self._index[key] = op.nbytes
+                self._bytes += op.nbytes
+                self._policy.on_insert(key, op.nbytes, op.cost_ms)
+
+    def _resolve(self, results: list[tuple[_Op, Any]]) -> None:
+        with self._lock:
+            self._counts["pending_writes"] -= sum(op.kind == "put" for op, _ in results)
+        for op, result in results:
+            if op.future.done():
+                continue
+            if isinstance(result, BaseException):
+                op.future.set_exception(result)
+            else:
+                op.future.set_result(result)
