@@ -32,10 +32,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
-    print(f"mmcache serving http://{config.host}:{config.port}"
-          + (f" and unix://{config.socket}" if config.socket else ""), flush=True)
-    # run_app handles SIGINT and SIGTERM: in-flight requests finish, cleanup_ctx flushes disk.
-    web.run_app(app, host=config.host, port=config.port, print=None, shutdown_timeout=30)
+    ready = f"mmcache ready: http://{config.host}:{config.port}" + (f" unix://{config.socket}" if config.socket else "")
+    # run_app prints once the sockets listen (scripts wait for this line), and handles SIGINT and
+    # SIGTERM: in-flight requests finish, then cleanup_ctx flushes disk and removes the socket.
+    web.run_app(app, host=config.host, port=config.port, print=lambda _msg: print(ready, flush=True),
+                shutdown_timeout=30)
     return 0
 
 

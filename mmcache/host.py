@@ -204,6 +204,11 @@ class HostTier:
                     self._free(key)
         return dropped
 
+    def leases_of(self, owner: Owner) -> int:
+        """How many leases ``owner`` holds."""
+        with self._lock:
+            return sum(e.lease_counts.get(owner, 0) for e in self._key_to_entry.values())
+
     def view(self, location: Location) -> memoryview:
         return self.arena.view(location.offset, location.nbytes)
 

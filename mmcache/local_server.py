@@ -78,7 +78,7 @@ class _Connection:
         if op == "release":
             return {"released": sum(store.host.release(k, self.owner) for k in _keys(msg))}
         if op == "reserve":
-            return self._reserve(msg)
+            return await self._reserve(msg)
         if op == "seal":
             res = self.reservations.pop(_key(msg), None)
             if res is None:
@@ -98,7 +98,7 @@ class _Connection:
             return {"stats": store.stats()}
         raise ProtocolError(f"unknown op {op!r}")
 
-    def _reserve(self, msg: dict) -> dict:
+    async def _reserve(self, msg: dict) -> dict:
         key, nbytes, encode_ms = _key(msg), msg.get("nbytes"), msg.get("encode_ms", 0.0)
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
             raise ProtocolError(f"nbytes={nbytes!r} must be a positive int")
@@ -107,7 +107,10 @@ class _Connection:
         if key in self.reservations:
             raise ProtocolError(f"{key} is already reserved on this connection")
         try:
-            res = self.store.reserve(key, nbytes, self.owner, float(encode_ms))
+            res = self.store.host.reserve(key, nbytes, self.owner, float(encode_ms)) \
+                if not self.store.disk.contains(key) else None
+            if res is None:  # full, or on disk: the store's slow path may wait for disk writes
+                res = await asyncio.to_thread(self.store.reserve, key, nbytes, self.owner, float(encode_ms))
         except EntryExists:
             return {"status": "exists"}
         if res is None:

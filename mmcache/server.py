@@ -105,10 +105,14 @@ async def put_entry(request: web.Request) -> web.Response:
     if not body:
         raise ValueError("empty body: PUT takes a safetensors entry with an 'embeddings' tensor")
     plan = relayout(body, key.namespace, key.hash)
-    result = store.put_plan(key.to_string(), plan)
+    # NOTE: off the loop: the copy into the arena (up to max_entry_size) and a possible wait
+    # for disk commits must not stall other requests.
+    result = await asyncio.to_thread(store.put_plan, key.to_string(), plan)
     durable = request.query.get("durable", "0") not in ("0", "false", "")
     if durable and result.durable is not None:
         await asyncio.wrap_future(result.durable)
+    elif durable and not store.disk.contains(key.to_string()):
+        await asyncio.to_thread(store.flush)  # the key existed: an earlier non-durable put may still be queued
     return web.json_response({"key": key.to_string(), "created": result.created, "tier": result.tier,
                               "durable": durable}, status=201 if result.created else 200)
 
@@ -119,17 +123,25 @@ async def _lease(store: TieredStore, key: str, owner):
     return await asyncio.to_thread(store.lease, key, owner)  # promotion copies from disk
 
 
+def _disk_bytes(store: TieredStore, key: str) -> bytes | None:
+    """A verified copy of an entry that only the disk tier holds (the host tier could not take it)."""
+    if not store.disk.contains(key):
+        return None
+    with store.disk.view(key) as entry:
+        return None if entry is None else bytes(entry.buffer)
+
+
 async def get_entry(request: web.Request) -> web.StreamResponse:
     key = _key(request).to_string()
     store = request.app[STORE]
     owner = ("http", id(request))
     lease = await _lease(store, key, owner)
     if lease is None:
-        with store.get(key) as entry:  # the host tier could not take it: disk, in place
-            if entry is None:
-                raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
-            return web.Response(body=bytes(entry.buffer), content_type=_ENTRY_CONTENT_TYPE,
-                                headers={TIER_HEADER: "disk"})
+        # A miss (counted once, by the lease), or on disk but too large for the host tier.
+        blob = _disk_bytes(store, key)
+        if blob is None:
+            raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
+        return web.Response(body=blob, content_type=_ENTRY_CONTENT_TYPE, headers={TIER_HEADER: "disk"})
     try:
         view = store.host.view(lease.location)
         response = web.StreamResponse(headers={TIER_HEADER: lease.tier, "Content-Type": _ENTRY_CONTENT_TYPE})
@@ -189,6 +201,10 @@ async def batch_get(request: web.Request) -> web.Response:
                 rows["key"].append(key)
                 rows["tier"].append(lease.tier)
                 rows["entry"].append(store.host.view(lease.location))
+            elif (blob := _disk_bytes(store, key)) is not None:  # too large for the host tier
+                rows["key"].append(key)
+                rows["tier"].append("disk")
+                rows["entry"].append(blob)
         table = pa.table({"key": pa.array(rows["key"], pa.string()), "tier": pa.array(rows["tier"], pa.string()),
                           "entry": pa.array(rows["entry"], pa.large_binary())})
     finally:

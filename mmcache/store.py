@@ -127,7 +127,7 @@ class TieredStore:
         cost_ms = float(plan.metadata.get("encode_ms", 0.0))
         owner = ("put", threading.get_ident())
         try:
-            res = self.host.reserve(key, plan.total_bytes, owner, cost_ms)
+            res = self._reserve_host(key, plan.total_bytes, owner, cost_ms)
         except EntryExists:
             return PutResult(False, "host")
         if res is None:  # host full of leased entries, or entry larger than the arena
@@ -148,7 +148,16 @@ class TieredStore:
         key = _key_str(key)
         if self.disk.contains(key):
             raise EntryExists(key)
-        return self.host.reserve(key, nbytes, owner, cost_ms)
+        return self._reserve_host(key, nbytes, owner, cost_ms)
+
+    def _reserve_host(self, key: str, nbytes: int, owner: Owner, cost_ms: float) -> Reservation | None:
+        res = self.host.reserve(key, nbytes, owner, cost_ms)
+        if res is None and self.host.leases_of(_DISK_WRITER):
+            # NOTE: entries not yet on disk pin their space until their batch commits; wait for
+            # that (milliseconds) rather than refusing a put under a burst of writes.
+            self.disk.flush()
+            res = self.host.reserve(key, nbytes, owner, cost_ms)
+        return res
 
     def seal(self, res: Reservation, *, durable: bool = False) -> PutResult:
         """Phase two: validate what the (untrusted) writer put in place, then make it visible.
@@ -201,7 +210,7 @@ class TieredStore:
                     return None
                 data = memoryview(entry.buffer).cast("B")
                 try:
-                    res = self.host.reserve(key, data.nbytes, owner, float(entry.metadata["encode_ms"]))
+                    res = self._reserve_host(key, data.nbytes, owner, float(entry.metadata["encode_ms"]))
                 except EntryExists:
                     return None
                 if res is None:

@@ -14,7 +14,7 @@ from mmcache_client.arena import SharedArena
 from mmcache_client.client import _key, _keys, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
 from mmcache_client.entry import AsyncEntry
-from mmcache_client.errors import BadRequest, CacheUnavailable, EntryTooLarge, raise_for_kind
+from mmcache_client.errors import BadRequest, CacheUnavailable, CorruptEntry, EntryTooLarge, raise_for_kind
 from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
 from mmcache_client.local import MAX_LINE_BYTES
 
@@ -30,6 +30,8 @@ class _AsyncLocal:
         self._writable: SharedArena | None = None
         self._lock = asyncio.Lock()
         self._ids = itertools.count()
+        self._pending: set[asyncio.Future] = set()
+        """Exchanges whose callers were cancelled, and their clean-ups (strong refs)."""
 
     async def connect(self) -> None:
         try:
@@ -41,6 +43,22 @@ class _AsyncLocal:
 
     async def call(self, op: str, **fields: Any) -> dict:
         data = json.dumps({"id": next(self._ids), "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+        # NOTE: the exchange runs in its own task, shielded: a caller cancelled mid-request (e.g.
+        # by asyncio.wait_for) must not leave its answer in the stream, where the next call would
+        # read it as its own (a get of one key answered with another key's entry).
+        task = asyncio.ensure_future(self._exchange(data))
+        try:
+            line = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._pending.add(task)
+            task.add_done_callback(lambda t: self._undo(t, op, fields))
+            raise
+        answer = json.loads(line)
+        if "error" in answer:
+            raise_for_kind(answer.get("kind", ""), answer["error"])
+        return answer
+
+    async def _exchange(self, data: bytes) -> bytes:
         async with self._lock:
             try:
                 self._writer.write(data)
@@ -50,10 +68,27 @@ class _AsyncLocal:
                 raise CacheUnavailable(f"unix://{self.path}: {e}") from e
         if not line:
             raise CacheUnavailable(f"unix://{self.path} closed the connection")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise_for_kind(answer.get("kind", ""), answer["error"])
-        return answer
+        return line
+
+    def _undo(self, task: asyncio.Future, op: str, fields: dict) -> None:
+        """Give back what a request whose caller was cancelled obtained (leases, a reservation)."""
+        self._pending.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return
+        try:
+            answer = json.loads(task.result())
+        except ValueError:
+            return
+        follow_up = None
+        if op == "lease" and answer.get("leases"):
+            keys = [k for k, loc in zip(fields["keys"], answer["leases"]) if loc is not None]
+            follow_up = self.call("release", keys=keys) if keys else None
+        elif op == "reserve" and answer.get("status") == "reserved":
+            follow_up = self.call("abort", key=fields["key"])
+        if follow_up is not None:
+            t = asyncio.ensure_future(follow_up)
+            self._pending.add(t)
+            t.add_done_callback(lambda t: (self._pending.discard(t), t.cancelled() or t.exception()))
 
     def writable_arena(self) -> SharedArena:
         if self._writable is None:
@@ -63,6 +98,10 @@ class _AsyncLocal:
     async def close(self) -> None:
         if hasattr(self, "_writer"):
             self._writer.close()
+            try:  # the socket closes (and the sidecar drops our leases) only once this returns
+                await self._writer.wait_closed()
+            except OSError:
+                pass
         for arena in (self.arena, self._writable):
             if arena is not None:
                 arena.close()
@@ -162,14 +201,18 @@ class AsyncCacheClient:
             conn = self._local
             try:
                 view = read_entry(conn.arena.view(offset, nbytes), verify=False)
-            except EntryFormatError:
+            except EntryFormatError as e:
                 await conn.call("release", keys=[key])
-                raise
+                raise CorruptEntry(f"{key}: {e}") from e
             return AsyncEntry(key, tier, view, lambda: self._release(conn, key))
         status, headers, data = await self._request("GET", f"/v1/entries/{key}")
         if status == 404:
             return None
-        return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), read_entry(data, verify=True))
+        try:
+            view = read_entry(data, verify=True)
+        except EntryFormatError as e:  # damaged on the way: never handed out
+            raise CorruptEntry(f"{key}: {e}") from e
+        return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
     async def _release(self, conn: _AsyncLocal, key: str) -> None:
         if conn is self._local:

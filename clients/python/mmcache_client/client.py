@@ -15,8 +15,8 @@ import urllib.parse
 from typing import Any, Callable, Mapping, TypeVar
 
 from mmcache_client.entry import Entry
-from mmcache_client.errors import (AuthError, BadRequest, CacheUnavailable, EntryTooLarge, MMCacheError,
-                                   ServerError)
+from mmcache_client.errors import (AuthError, BadRequest, CacheUnavailable, CorruptEntry, EntryTooLarge,
+                                   MMCacheError, ServerError)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
@@ -191,14 +191,18 @@ class CacheClient:
             conn = self._local
             try:
                 view = read_entry(conn.arena.view(offset, nbytes), verify=False)
-            except EntryFormatError:
+            except EntryFormatError as e:
                 conn.call("release", keys=[key])
-                raise
+                raise CorruptEntry(f"{key}: {e}") from e
             return Entry(key, tier, view, lambda: self._release(conn, key))
         status, headers, data = self._request("GET", f"/v1/entries/{key}")
         if status == 404:
             return None
-        return Entry(key, headers.get("X-MMCache-Tier", "remote"), read_entry(data, verify=True))
+        try:
+            view = read_entry(data, verify=True)
+        except EntryFormatError as e:  # damaged on the way: never handed out
+            raise CorruptEntry(f"{key}: {e}") from e
+        return Entry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
     def _release(self, conn: LocalConnection, key: str) -> None:
         if conn is self._local:  # a dead connection's leases are gone already

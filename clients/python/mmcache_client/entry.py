@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable
 
 import numpy as np
@@ -74,10 +75,25 @@ class Entry:
         return f"Entry({self.key!r}, tier={self.tier!r}, nbytes={self.nbytes})"
 
 
+_BACKGROUND: set[asyncio.Task] = set()
+"""Releases started by ``AsyncEntry.close`` (strong refs until they finish)."""
+
+
 class AsyncEntry(Entry):
     """The async client's entry: ``async with``, and ``await entry.aclose()``."""
 
     __slots__ = ()
+
+    def close(self) -> None:
+        """Release in the background (on the running loop); prefer ``await entry.aclose()``."""
+        if not self.closed:
+            self.closed = True
+            if self._release is not None:
+                # NOTE: the inherited close would create the release coroutine and drop it
+                # unawaited, pinning the entry until the client closes.
+                task = asyncio.get_running_loop().create_task(self._release())
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
 
     async def aclose(self) -> None:
         if not self.closed:

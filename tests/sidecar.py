@@ -1,0 +1,112 @@
+"""Test helpers: a sidecar in a thread of the test process, and one as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+from aiohttp import web
+
+from mmcache.config import ServeConfig
+from mmcache.server import STORE, create_app
+
+
+class ThreadedSidecar:
+    """``create_app`` served from a background thread; ``start`` returns once it listens."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.port: int | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as e:  # surfaced by start()
+            self._error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        self.app = create_app(self.config)
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port)
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    @property
+    def store(self):
+        return self.app[STORE]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ThreadedSidecar":
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn, *args):
+        """Run ``fn`` on the sidecar's event loop thread and return its result."""
+        async def wrapper():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(30)
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SidecarProcess:
+    """``mmcache serve`` as a subprocess; ``start`` returns when it prints its ready line."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.output: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "SidecarProcess":
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if line.startswith("mmcache ready"):
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
+        raise RuntimeError("sidecar exited before it was ready:\n" + "".join(self.output))
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
