@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import logging
 import os
 import secrets
@@ -25,6 +26,7 @@ from mmcache_client.keys import Key
 
 logger = logging.getLogger(__name__)
 
+_ARENA_RECORD = "arena.path"
 _DISK_WRITER = "mmcache.disk-writer"
 """Owner of the leases that keep not-yet-persisted host entries in place."""
 
@@ -81,6 +83,17 @@ class Lease:
     """Where the entry was found: ``host``, or ``disk`` when this read promoted it."""
 
 
+def _lock_data_dir(data_dir: str) -> int:
+    """One sidecar per data dir: an exclusive flock held for the store's lifetime."""
+    fd = os.open(os.path.join(data_dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"data dir {data_dir!r} is in use by another mmcache process") from None
+    return fd
+
+
 def _key_str(key: Key | str) -> str:
     return key if isinstance(key, str) else key.to_string()
 
@@ -91,6 +104,8 @@ class TieredStore:
     def __init__(self, config: StoreConfig):
         self.config = config
         os.makedirs(config.data_dir, exist_ok=True)
+        self._lock_fd = _lock_data_dir(config.data_dir)
+        self._remove_stale_arena()
         self.disk = DiskTier(
             DiskTierConfig(
                 path=os.path.join(config.data_dir, "lmdb"),
@@ -105,8 +120,22 @@ class TieredStore:
             policy=config.host_policy,
             on_evict=self._write_back,
         )
+        with open(os.path.join(self.config.data_dir, _ARENA_RECORD), "w") as f:
+            f.write(self.host.arena.path)
         self._promote_lock = threading.Lock()
         self.write_backs = 0
+
+    def _remove_stale_arena(self) -> None:
+        """An arena recorded in the data dir whose sidecar died (kill -9) is ours to remove."""
+        record = os.path.join(self.config.data_dir, _ARENA_RECORD)
+        try:
+            with open(record) as f:
+                stale = f.read().strip()
+        except FileNotFoundError:
+            return
+        if stale and os.path.exists(stale):
+            logger.warning("removing the arena %s left by a sidecar that did not stop cleanly", stale)
+            os.unlink(stale)
 
     @property
     def arena_path(self) -> str:
@@ -269,6 +298,14 @@ class TieredStore:
         return {"host": self.host.stats(), "disk": {**disk, "write_backs": self.write_backs}}
 
     def close(self) -> None:
-        """Flush disk writes, close LMDB, remove the arena file."""
+        """Flush disk writes, close LMDB, remove the arena file. Idempotent."""
+        if self._lock_fd < 0:
+            return
         self.disk.close()
         self.host.close()
+        try:
+            os.unlink(os.path.join(self.config.data_dir, _ARENA_RECORD))
+        except FileNotFoundError:
+            pass
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = -1
