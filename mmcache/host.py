@@ -133,7 +133,10 @@ class HostTier:
         offset = self.allocator.allocate(nbytes)
         while offset is None:
             victims = self.policy.choose_victims(nbytes, self._evictable)
-            if not victims:
+            reclaimable = self.allocator.free_bytes + sum(self._key_to_entry[k].nbytes for k in victims)
+            if not victims or reclaimable < nbytes:
+                # NOTE: never evict for a request that cannot fit anyway (larger than the arena,
+                # or everything else leased): that would empty the tier for nothing.
                 return None
             for key in victims:
                 self._evict(key)

@@ -261,6 +261,9 @@ class TieredStore:
         owner = ("get", threading.get_ident(), secrets.token_hex(4))
         lease = self.lease(key, owner)
         if lease is None:
+            if not self.disk.contains(_key_str(key)):
+                yield None
+                return
             with self.disk.view(_key_str(key)) as entry:  # host could not take it: read in place
                 yield entry
             return

@@ -72,6 +72,7 @@ class ThreadedSidecar:
         if self._stop is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(60)
+            self._loop.close()
 
 
 def free_port() -> int:

@@ -206,3 +206,11 @@ def test_both_policies_drive_the_store(make_store, policy):
     store.flush()
     assert store.stats()["host"]["evictions"] > 0
     assert store.stats()["host"]["bytes"] <= 64 << 10
+
+
+def test_a_request_that_cannot_fit_evicts_nothing(host):
+    keys = [fill(host, i) for i in range(6)]
+    assert host.reserve(key(99), 128 << 10, "w") is None  # larger than the arena
+    host.lease(keys[0], "r")
+    assert host.reserve(key(98), 60 << 10, "w") is None  # fits only if the leased one went
+    assert host.evictions == 0 and all(host.contains(k) for k in keys)
