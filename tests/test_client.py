@@ -483,3 +483,30 @@ async def test_async_cancelled_put_leaves_no_reservation(sidecar):
             if e is not None:
                 async with e:
                     assert torch.equal(e.tensor, torch.full((4, 8), float(ticks)))
+
+
+def test_a_timeout_keeps_the_session_and_its_leases(sidecar):
+    """A slow sidecar: the call times out, open entries stay pinned, the next call is in step."""
+    import threading
+
+    from mmcache_client import CacheTimeout
+
+    t = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    with CacheClient(url_of(sidecar, "unix"), timeout=0.3) as c:
+        c.put("ns", h(1), t)
+        c.put("ns", h(2), t * 2)
+        entry = c.get("ns", h(1))
+        unblock = threading.Event()
+        blocker = threading.Thread(target=sidecar.call, args=(unblock.wait, 30))
+        blocker.start()  # the sidecar's loop is now stuck
+        try:
+            with pytest.raises(CacheTimeout):
+                c.get("ns", h(2))
+        finally:
+            unblock.set()
+            blocker.join()
+        assert torch.equal(entry.tensor, t)  # still pinned: the session survived
+        with c.get("ns", h(2)) as e2:  # the late answer is skipped, this one is ours
+            assert torch.equal(e2.tensor, t * 2)
+        assert leases(sidecar) >= 1
+        entry.close()

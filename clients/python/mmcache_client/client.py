@@ -15,7 +15,7 @@ import urllib.parse
 from typing import Any, Callable, Mapping, TypeVar
 
 from mmcache_client.entry import Entry
-from mmcache_client.errors import (AuthError, BadRequest, CacheUnavailable, CorruptEntry, EntryTooLarge,
+from mmcache_client.errors import (AuthError, BadRequest, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
                                    MMCacheError, ServerError)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
 from mmcache_client.keys import Key
@@ -63,8 +63,8 @@ def with_retries(fn: Callable[[], T], retries: int, backoff_s: float, what: str)
         try:
             return fn()
         except (ConnectionError, socket.timeout, http.client.HTTPException, CacheUnavailable, OSError) as e:
-            if isinstance(e, MMCacheError) and not isinstance(e, CacheUnavailable):
-                raise
+            if isinstance(e, CacheTimeout) or (isinstance(e, MMCacheError) and not isinstance(e, CacheUnavailable)):
+                raise  # NOTE: a timed-out call may have happened; repeating it is not safe
             if attempt == retries:
                 raise CacheUnavailable(f"{what}: {e}") from e
             time.sleep(backoff_s * (2**attempt) * (0.5 + random.random()))
@@ -128,6 +128,8 @@ class CacheClient:
                 self._local = LocalConnection(self._path, timeout=self._timeout)
             try:
                 return self._local.call(op, **fields)
+            except CacheTimeout:
+                raise
             except CacheUnavailable:
                 self._local.close()
                 self._local = None

@@ -11,6 +11,10 @@ class CacheUnavailable(MMCacheError):
     """The sidecar could not be reached (after retries)."""
 
 
+class CacheTimeout(CacheUnavailable):
+    """The sidecar did not answer in time; the connection (and its leases) is kept."""
+
+
 class AuthError(MMCacheError):
     """The sidecar refused the bearer token (HTTP 401)."""
 

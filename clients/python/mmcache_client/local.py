@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from mmcache_client.arena import SharedArena
-from mmcache_client.errors import CacheUnavailable, raise_for_kind
+from mmcache_client.errors import CacheTimeout, CacheUnavailable, raise_for_kind
 
 MAX_LINE_BYTES = 16 << 20
 """Longest answer line accepted from the sidecar."""
@@ -32,7 +32,7 @@ class LocalConnection:
         except OSError as e:
             self._sock.close()
             raise CacheUnavailable(f"cannot connect to unix://{path}: {e}") from e
-        self._file = self._sock.makefile("rb")
+        self._buf = bytearray()
         self._lock = threading.Lock()
         self._ids = itertools.count()
         hello = self.call("hello")
@@ -41,21 +41,43 @@ class LocalConnection:
         self._writable: SharedArena | None = None
 
     def call(self, op: str, **fields: Any) -> dict:
-        """Send one control message and return the answer; errors raise named exceptions."""
+        """Send one control message and return the answer; errors raise named exceptions.
+
+        A timeout raises ``CacheUnavailable`` but keeps the session (and so every lease the
+        caller's open entries rely on); the late answer is skipped by id on the next call.
+        """
         msg_id = next(self._ids)
         data = json.dumps({"id": msg_id, "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
         with self._lock:
             try:
                 self._sock.sendall(data)
-                line = self._file.readline(MAX_LINE_BYTES)
+                while True:
+                    answer = json.loads(self._readline())
+                    if answer.get("id") == msg_id:
+                        break
+                    # NOTE: the answer to a call that timed out earlier. A lease it granted stays
+                    # pinned until this connection closes: safe, never a view of reused memory.
+            except socket.timeout as e:
+                raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self._sock.gettimeout()}s") from e
             except OSError as e:
                 raise CacheUnavailable(f"unix://{self.path}: {e}") from e
-        if not line:
-            raise CacheUnavailable(f"unix://{self.path} closed the connection")
-        answer = json.loads(line)
         if "error" in answer:
             raise_for_kind(answer.get("kind", ""), answer["error"])
         return answer
+
+    def _readline(self) -> bytes:
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buf[: end + 1])
+                del self._buf[: end + 1]
+                return line
+            if len(self._buf) > MAX_LINE_BYTES:
+                raise CacheUnavailable(f"unix://{self.path}: answer longer than {MAX_LINE_BYTES} bytes")
+            chunk = self._sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionResetError("the sidecar closed the connection")
+            self._buf += chunk
 
     def writable_arena(self) -> SharedArena:
         """A read-write mapping for in-place puts, made on first use."""
@@ -66,7 +88,6 @@ class LocalConnection:
     def close(self) -> None:
         """Close the session: the sidecar drops this connection's leases and reservations."""
         try:
-            self._file.close()
             self._sock.close()
         finally:
             self.arena.close()
