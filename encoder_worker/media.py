@@ -1,0 +1,275 @@
+"""Turn one IMAGE string (OpenAI's ``image_url.url``) into raw bytes and a decoded RGB image.
+
+Every input is untrusted: sizes are bounded before work is done (encoded length before base64
+decoding, Content-Length and a streaming count for http(s), ``fstat`` for files, header
+dimensions before pixels are loaded), and every failure is a ``MediaError`` naming the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import io
+import logging
+import os
+import stat
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import aiohttp
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 1 << 16
+_MAX_URL_CHARS_IN_MESSAGE = 100
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Bounds applied to every image a request names; shared, immutable, cheap to pass around."""
+
+    max_bytes: int = 20 << 20
+    """Largest encoded image accepted, in bytes (after base64 decoding, before pixel decoding)."""
+    max_pixels: int = 40_000_000
+    """Largest ``width * height`` accepted, in pixels: the decompression-bomb guard."""
+    fetch_timeout_s: float = 10.0
+    """Whole http(s) fetch, connect and body included, in seconds."""
+    allowed_dirs: tuple[str, ...] = ()
+    """Directories ``file://`` images may come from (resolved, symlinks followed); empty refuses
+    ``file://`` altogether."""
+    allow_http: bool = True
+    """Whether ``http://`` and ``https://`` images are fetched at all."""
+    formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+    """Pillow format names tried when decoding; others are refused (NOTE: some Pillow plugins,
+    EPS for one, shell out or have a history of parser bugs, so we do not try them all)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "fetch_timeout_s"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"{name}={value!r} must be > 0")
+        # NOTE: accept a list from config loaders but store a tuple so the object stays hashable.
+        object.__setattr__(self, "allowed_dirs", tuple(self.allowed_dirs))
+        object.__setattr__(self, "formats", tuple(self.formats))
+        if any(not isinstance(d, str) or not d for d in self.allowed_dirs):
+            raise ValueError(f"allowed_dirs={self.allowed_dirs!r} must be non-empty strings")
+        if not self.formats:
+            raise ValueError(f"formats={self.formats!r} must not be empty")
+
+
+class MediaError(ValueError):
+    """An image could not be fetched or decoded; the message says why.
+
+    ``index`` is the image's position in the request, ``None`` until a caller that knows it
+    sets it (``err.index = i``) before letting the error reach the HTTP layer.
+    """
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _describe(url: str) -> str:
+    """A short, credential-free form of ``url`` for messages (no query, userinfo or payload)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        return url.partition("?")[0][:_MAX_URL_CHARS_IN_MESSAGE]
+    if parts.scheme.lower() == "data":
+        return "data URI"
+    if not parts.scheme:
+        return url[:_MAX_URL_CHARS_IN_MESSAGE]
+    host = parts.hostname or ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    text = f"{parts.scheme}://{host}{port}{parts.path}"
+    if len(text) > _MAX_URL_CHARS_IN_MESSAGE:
+        text = text[:_MAX_URL_CHARS_IN_MESSAGE] + "..."
+    return text
+
+
+async def fetch_bytes(
+    url: str, limits: MediaLimits, session: aiohttp.ClientSession | None = None
+) -> bytes:
+    """The encoded image ``url`` names, at most ``limits.max_bytes`` long.
+
+    ``session`` is reused for http(s) when given (callers serving many requests should pass
+    one); otherwise a session lives for this call only.
+    """
+    if not isinstance(url, str):
+        raise MediaError(f"image URL must be a string, got {type(url).__name__}")
+    if not url:
+        raise MediaError("image URL is empty")
+    scheme = url.partition(":")[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return _decode_data_uri(url, limits)
+    if scheme in ("http", "https"):
+        if not limits.allow_http:
+            raise MediaError("http(s) image URLs are disabled on this worker")
+        return await _fetch_http(url, limits, session)
+    if scheme == "file":
+        path = _resolve_file_url(url, limits)
+        return await asyncio.to_thread(_read_file, path, url, limits)
+    raise MediaError(
+        f"unsupported image URL {_describe(url)!r}: expected a data:, http(s):// or file:// URL"
+    )
+
+
+def _decode_data_uri(url: str, limits: MediaLimits) -> bytes:
+    header, sep, payload = url[len("data:"):].partition(",")
+    if not sep:
+        raise MediaError("data URI has no ',' separating its header from its data")
+    if header.split(";")[-1].strip().lower() != "base64":
+        raise MediaError("data URI must be base64-encoded (';base64,' marker missing)")
+    # NOTE: valid strict base64 has no whitespace, so the decoded size follows from the encoded
+    # length; checking it first refuses a huge payload without allocating its decoded copy.
+    padding = 2 if payload.endswith("==") else 1 if payload.endswith("=") else 0
+    num_bytes = len(payload) // 4 * 3 - padding
+    if num_bytes > limits.max_bytes:
+        raise MediaError(f"data URI holds ~{num_bytes} bytes, over max_bytes={limits.max_bytes}")
+    try:
+        if sys.version_info >= (3, 11):
+            data = binascii.a2b_base64(payload, strict_mode=True)
+        else:  # pragma: no cover - strict_mode arrived in 3.11
+            import base64
+
+            data = base64.b64decode(payload, validate=True)
+    except ValueError as exc:  # binascii.Error, or non-ASCII characters
+        raise MediaError(f"data URI has invalid base64: {exc}") from exc
+    if len(data) > limits.max_bytes:
+        raise MediaError(f"data URI holds {len(data)} bytes, over max_bytes={limits.max_bytes}")
+    return data
+
+
+async def _fetch_http(
+    url: str, limits: MediaLimits, session: aiohttp.ClientSession | None
+) -> bytes:
+    if session is None:
+        async with aiohttp.ClientSession() as own_session:
+            return await _fetch_http(url, limits, own_session)
+    where = _describe(url)
+    timeout = aiohttp.ClientTimeout(total=limits.fetch_timeout_s)
+    start = time.perf_counter()
+    try:
+        async with session.get(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise MediaError(f"fetching {where} failed: HTTP {resp.status}")
+            if resp.content_length is not None and resp.content_length > limits.max_bytes:
+                raise MediaError(
+                    f"{where} has Content-Length {resp.content_length}, "
+                    f"over max_bytes={limits.max_bytes}"
+                )
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+                body += chunk
+                if len(body) > limits.max_bytes:
+                    raise MediaError(f"{where} sent more than max_bytes={limits.max_bytes}")
+    except MediaError:
+        raise
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct classes before 3.11
+        raise MediaError(f"fetching {where} timed out after {limits.fetch_timeout_s}s") from exc
+    except (aiohttp.InvalidURL, ValueError) as exc:
+        raise MediaError(f"{where!r} is not a valid http(s) URL") from exc
+    except aiohttp.ClientError as exc:
+        raise MediaError(f"fetching {where} failed: {exc or type(exc).__name__}") from exc
+    logger.debug("fetched %s: %d bytes in %.1f ms", where, len(body),
+                 (time.perf_counter() - start) * 1e3)
+    return bytes(body)
+
+
+def _resolve_file_url(url: str, limits: MediaLimits) -> str:
+    """The real path ``url`` names, checked to lie inside one of ``limits.allowed_dirs``."""
+    if not limits.allowed_dirs:
+        raise MediaError("file:// image URLs are disabled on this worker (no allowed_dirs)")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise MediaError(f"malformed file:// URL: {exc}") from exc
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError(f"file:// URL names a remote host {parts.netloc!r}")
+    path = urllib.parse.unquote(parts.path)
+    if not os.path.isabs(path) or "\x00" in path:
+        raise MediaError(f"file:// URL must name an absolute path, got {path!r}")
+    real = os.path.realpath(path)
+    for allowed in limits.allowed_dirs:
+        root = os.path.realpath(allowed)
+        if os.path.commonpath([real, root]) == root:
+            return real
+    raise MediaError(f"{path!r} is outside the allowed directories")
+
+
+def _read_file(real: str, url: str, limits: MediaLimits) -> bytes:
+    where = _describe(url)
+    # NOTE: O_NOFOLLOW refuses a final component swapped for a symlink after realpath();
+    # O_NONBLOCK keeps a FIFO from hanging open(); fstat() judges the file actually opened.
+    flags = os.O_RDONLY
+    for name in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC"):
+        flags |= getattr(os, name, 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError as exc:
+        raise MediaError(f"{where}: no such file") from exc
+    except OSError as exc:
+        raise MediaError(f"{where}: cannot open: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MediaError(f"{where}: not a regular file")
+        if st.st_size > limits.max_bytes:
+            raise MediaError(f"{where} is {st.st_size} bytes, over max_bytes={limits.max_bytes}")
+        f = os.fdopen(fd, "rb")  # owns fd from here on
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        data = f.read(limits.max_bytes + 1)  # the file may have grown since fstat()
+    if len(data) > limits.max_bytes:
+        raise MediaError(f"{where} grew past max_bytes={limits.max_bytes} while being read")
+    return data
+
+
+def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
+    """``data`` decoded into a fully loaded RGB image, refusing more than ``limits.max_pixels``.
+
+    Pillow's own global bomb guard (``Image.MAX_IMAGE_PIXELS``) is left as configured; it can
+    only tighten ``max_pixels``, never loosen it.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=limits.formats) as im:
+            width, height = im.size  # read from the header; no pixels decoded yet
+            if width * height > limits.max_pixels:
+                raise MediaError(
+                    f"image is {width}x{height} = {width * height} pixels, "
+                    f"over max_pixels={limits.max_pixels}"
+                )
+            im.load()  # decode now so truncated or corrupt data fails here, not later
+            return im.convert("RGB")
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise MediaError(f"image too large: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise MediaError(
+            f"not a decodable image: not in an accepted format ({', '.join(limits.formats)})"
+        ) from exc
+    except Exception as exc:
+        # NOTE: Pillow's plugins raise many types on hostile input (OSError, SyntaxError,
+        # struct.error, IndexError, ...); all mean the same thing to the caller.
+        raise MediaError(f"not a decodable image: {exc or type(exc).__name__}") from exc
+
+
+async def load_image(
+    url: str, limits: MediaLimits, session: aiohttp.ClientSession | None = None
+) -> tuple[bytes, Image.Image]:
+    """The raw bytes ``url`` names (for content hashing) and their decoded RGB image.
+
+    Decoding runs in a worker thread so that a large image does not stall the event loop.
+    """
+    data = await fetch_bytes(url, limits, session)
+    image = await asyncio.to_thread(decode_image, data, limits)
+    return data, image
