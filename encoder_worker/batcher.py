@@ -45,6 +45,8 @@ class SingleFlightBatcher:
         self._inflight: dict[Hashable, asyncio.Future] = {}
         self._queue: asyncio.Queue[tuple[Hashable, Any]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self.joins = 0
+        """Submits that joined an encode already in flight instead of starting one."""
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="encode-batcher")
@@ -69,7 +71,9 @@ class SingleFlightBatcher:
     async def submit(self, key: Hashable, item: Any) -> Any:
         """The result for ``key``; joins an in-flight computation of the same key if any."""
         fut = self._inflight.get(key)
-        if fut is None:
+        if fut is not None:
+            self.joins += 1
+        else:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[key] = fut
             self._queue.put_nowait((key, item))

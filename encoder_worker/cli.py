@@ -1,0 +1,56 @@
+"""``mmcache-encoder serve --model tiny-llava --cache unix:///tmp/mmcache.sock``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from encoder_worker.media import MediaLimits
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from encoder_worker.service import EncoderServeConfig, create_app
+
+    config = EncoderServeConfig(
+        cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, salt=args.salt,
+        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
+        media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ready = f"mmcache-encoder ready: http://{config.host}:{config.port}"
+    web.run_app(create_app(config), host=config.host, port=config.port,
+                print=lambda _msg: print(ready, flush=True), shutdown_timeout=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmcache-encoder", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="serve POST /v1/encode")
+    s.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face directory")
+    s.add_argument("--cache", required=True, help="the sidecar: unix:///path.sock or http://host:port")
+    s.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8471)
+    s.add_argument("--max-batch", type=int, default=8)
+    s.add_argument("--max-wait-ms", type=float, default=5.0)
+    s.add_argument("--allowed-dir", action="append", default=[], help="allow file:// under this dir (repeatable)")
+    s.add_argument("--no-http", action="store_true", help="refuse http(s):// image URLs")
+    s.add_argument("--salt", help="tenant salt mixed into the namespace")
+    s.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=_serve)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as e:
+        print(f"mmcache-encoder {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

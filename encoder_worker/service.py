@@ -1,0 +1,247 @@
+"""The encode service (``mmcache-encoder serve``): every image encoded once, cluster-wide.
+
+Per image: fetch → hash the raw bytes → look the key up in the cache → encode the misses
+(single-flight, dynamically batched, off the event loop) → put them in the cache → answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from encoder_worker.batcher import BatchStats, SingleFlightBatcher
+from encoder_worker.media import MediaError, MediaLimits, load_image
+from mmcache_client import AsyncCacheClient, content_hash
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderServeConfig:
+    """Everything ``mmcache-encoder serve`` takes."""
+
+    cache_url: str
+    """The sidecar: ``unix:///path.sock`` (zero-copy puts) or ``http://host:port``."""
+    model: str = "tiny-llava"
+    """``tiny-llava`` (built on first use into data_dir) or a local Hugging Face directory."""
+    data_dir: str = "./mmcache-data"
+    """Where built-in models are generated."""
+    host: str = "127.0.0.1"
+    port: int = 8471
+    max_batch: int = 8
+    """Most images per model forward."""
+    max_wait_ms: float = 5.0
+    """Longest a miss waits for others to batch with, in milliseconds."""
+    max_images_per_request: int = 64
+    cache_token: str | None = None
+    """Bearer token of the sidecar, if it has one."""
+    salt: str | None = None
+    """Tenant salt mixed into the namespace."""
+    media: MediaLimits = field(default_factory=MediaLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms={self.max_wait_ms} must be >= 0")
+        if self.max_images_per_request < 1:
+            raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.images = Counter("mmcache_encoder_images", "Images seen, by outcome", ["outcome"], registry=self.registry)
+        self.batch_size = Histogram("mmcache_encoder_batch_size", "Images per model forward",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.encode_seconds = Histogram("mmcache_encoder_batch_seconds", "Model forward time per batch",
+                                        registry=self.registry)
+        self.request_seconds = Histogram("mmcache_encoder_request_seconds", "POST /v1/encode latency",
+                                         registry=self.registry)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        self.batch_size.observe(stats.size)
+        self.encode_seconds.observe(stats.run_ms / 1000)
+
+
+class EncodeService:
+    """Model + cache client + batcher. Lifecycle: ``start()`` on the loop → ``encode`` → ``close()``."""
+
+    def __init__(self, encoder: Any, cache: AsyncCacheClient, config: EncoderServeConfig):
+        self.encoder = encoder
+        self.cache = cache
+        self.config = config
+        self.namespace: str = encoder.namespace
+        self.metrics = _Metrics()
+        self.counters = {"images": 0, "cache_hits": 0, "encoded": 0, "requests": 0, "batches": 0}
+        self.batcher = SingleFlightBatcher(self._encode_batch, max_batch=config.max_batch,
+                                           max_wait_ms=config.max_wait_ms, after=self._store,
+                                           on_batch=self._on_batch)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession()
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        if self._http is not None:
+            await self._http.close()
+        await self.cache.close()
+
+    def _encode_batch(self, images: list) -> list:
+        return self.encoder.encode(images)  # runs in a worker thread
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        self.counters["batches"] += 1
+        self.counters["encoded"] += stats.size
+        self.metrics.on_batch(stats)
+
+    async def _store(self, hash_hex: str, encoded: Any) -> None:
+        await self.cache.put(self.namespace, hash_hex, encoded.embeddings, extras=encoded.extras or None,
+                             encode_ms=encoded.encode_ms)
+
+    async def _num_tokens_if_cached(self, hash_hex: str) -> int | None:
+        entry = await self.cache.get(self.namespace, hash_hex)
+        if entry is None:  # evicted between lookup and get
+            return None
+        async with entry:
+            return int(entry.array.shape[0])
+
+    async def encode(self, urls: list[str]) -> dict:
+        """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image."""
+        loaded = await asyncio.gather(*(load_image(u, self.config.media, self._http) for u in urls),
+                                      return_exceptions=True)
+        for i, result in enumerate(loaded):
+            if isinstance(result, MediaError):
+                result.index = i
+                raise result
+            if isinstance(result, BaseException):
+                raise result
+        hashes = [content_hash(raw) for raw, _ in loaded]
+        unique = dict(zip(hashes, (img for _, img in loaded)))
+        tiers = await self.cache.lookup([f"{self.namespace}/{h}" for h in unique])
+        num_tokens: dict[str, int] = {}
+        cached: set[str] = set()
+        for h in unique:
+            if tiers.get(f"{self.namespace}/{h}") is not None:
+                n = await self._num_tokens_if_cached(h)
+                if n is not None:
+                    num_tokens[h] = n
+                    cached.add(h)
+        misses = [h for h in unique if h not in cached]
+        results = await asyncio.gather(*(self.batcher.submit(h, unique[h]) for h in misses))
+        for h, enc in zip(misses, results):
+            num_tokens[h] = int(enc.embeddings.shape[0])
+        self.counters["requests"] += 1
+        self.counters["images"] += len(urls)
+        hits = sum(h in cached for h in hashes)
+        self.counters["cache_hits"] += hits
+        self.metrics.images.labels("hit").inc(hits)
+        self.metrics.images.labels("miss").inc(len(urls) - hits)
+        return {"namespace": self.namespace,
+                "items": [{"hash": h, "num_tokens": num_tokens[h], "cached": h in cached} for h in hashes]}
+
+
+SERVICE = web.AppKey("service", EncodeService)
+CONFIG = web.AppKey("config", EncoderServeConfig)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.empty_body:
+            raise
+        return web.json_response({"error": e.reason if e.content_type != "application/json" else e.text},
+                                 status=e.status)
+    except MediaError as e:
+        where = f"image {e.index}: " if e.index is not None else ""
+        return web.json_response({"error": f"{where}{e}"}, status=400)
+    except ValueError as e:
+        return web.json_response({"error": str(e)}, status=400)
+    except Exception as e:
+        logger.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
+
+
+async def encode_handler(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    t0 = time.perf_counter()
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise ValueError('body must be JSON: {"images": ["data:image/png;base64,...", ...]}') from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list) or not images or not all(isinstance(u, str) for u in images):
+        raise ValueError('"images" must be a non-empty list of strings (data:, http(s)://, file:// URLs)')
+    if len(images) > service.config.max_images_per_request:
+        raise ValueError(f"{len(images)} images exceed max_images_per_request={service.config.max_images_per_request}")
+    answer = await service.encode(images)
+    service.metrics.request_seconds.observe(time.perf_counter() - t0)
+    return web.json_response(answer)
+
+
+async def models_handler(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response({"object": "list", "data": [{
+        "id": service.config.model, "object": "model", "namespace": service.namespace,
+        "model_type": getattr(service.encoder, "model_type", "unknown")}]})
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response({"namespace": service.namespace, **service.counters,
+                              "inflight": service.batcher.inflight})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[SERVICE].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _service_ctx(config: EncoderServeConfig, encoder: Any | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        enc = encoder
+        if enc is None:
+            from encoder_worker.encoder import Encoder
+            from encoder_worker.models import ensure_model
+
+            model_dir = await asyncio.to_thread(ensure_model, config.model, config.data_dir)
+            enc = await asyncio.to_thread(Encoder.load, model_dir, salt=config.salt)
+        service = EncodeService(enc, AsyncCacheClient(config.cache_url, token=config.cache_token), config)
+        await service.start()
+        app[SERVICE] = service
+        logger.info("encoder up: model %s, namespace %s, cache %s", config.model, service.namespace, config.cache_url)
+        try:
+            yield
+        finally:
+            await service.close()
+    return ctx
+
+
+def create_app(config: EncoderServeConfig, encoder: Any | None = None) -> web.Application:
+    """``encoder`` injects a ready model (tests, in-process stacks); else it is loaded here."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=256 << 20)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_service_ctx(config, encoder))
+    app.add_routes([
+        web.post("/v1/encode", encode_handler),
+        web.get("/v1/models", models_handler),
+        web.get("/v1/stats", stats_handler),
+        web.get("/metrics", metrics_handler),
+        web.get("/healthz", healthz),
+    ])
+    return app

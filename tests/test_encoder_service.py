@@ -1,0 +1,175 @@
+"""POST /v1/encode against a real sidecar, with a counting stand-in model (fast); the real
+tiny-llava path is covered in test_encoder_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+
+from encoder_worker.media import MediaLimits
+from encoder_worker.service import SERVICE, EncoderServeConfig, create_app
+from mmcache.config import ServeConfig
+from mmcache_client import CacheClient, content_hash
+from sidecar import ThreadedSidecar
+
+
+@dataclass
+class Encoded:
+    embeddings: torch.Tensor
+    extras: dict = field(default_factory=dict)
+    encode_ms: float = 1.0
+
+
+class CountingEncoder:
+    """Deterministic stand-in: tokens = width // 8, values from the pixels; records batches."""
+
+    namespace = "fake-encoder.v1"
+    model_type = "fake"
+
+    def __init__(self):
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def encode(self, images):
+        self.gate.wait(30)
+        self.batches.append(len(images))
+        out = []
+        for img in images:
+            px = torch.from_numpy(np.asarray(img, dtype=np.float32))
+            n = max(1, img.width // 8)
+            emb = px.mean(dim=(0, 1)).repeat(n, 4)[:, :8].contiguous()
+            out.append(Encoded(emb, {"image_grid_thw": torch.tensor([[1, img.height, img.width]])}))
+        return out
+
+
+def png_uri(seed: int, size=(64, 48)) -> str:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def raw_of(uri: str) -> bytes:
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+@pytest.fixture
+def sidecar(tmp_path):
+    sock_dir = tempfile.mkdtemp(prefix="mmc-", dir="/tmp")
+    cfg = ServeConfig(data_dir=str(tmp_path / "cache"), port=0, socket=os.path.join(sock_dir, "s.sock"),
+                      host_capacity_bytes=16 << 20, disk_capacity_bytes=64 << 20, arena_path=str(tmp_path / "arena"))
+    sc = ThreadedSidecar(cfg).start()
+    yield sc
+    sc.stop()
+
+
+@pytest.fixture
+async def encoder_client(sidecar, tmp_path):
+    model = CountingEncoder()
+    (tmp_path / "imgs").mkdir()
+    cfg = EncoderServeConfig(cache_url=f"unix://{sidecar.config.socket}", max_batch=8, max_wait_ms=50,
+                             media=MediaLimits(allowed_dirs=(str(tmp_path / "imgs"),), max_bytes=1 << 20))
+    client = TestClient(TestServer(create_app(cfg, encoder=model)))
+    await client.start_server()
+    client.model = model
+    client.imgs = tmp_path / "imgs"
+    yield client
+    await client.close()
+
+
+async def encode(client, images, status=200):
+    resp = await client.post("/v1/encode", json={"images": images})
+    body = await resp.json()
+    assert resp.status == status, body
+    return body
+
+
+async def test_second_request_for_an_image_is_a_cache_hit(encoder_client, sidecar):
+    uri = png_uri(1)
+    first = await encode(encoder_client, [uri])
+    second = await encode(encoder_client, [uri])
+    h = content_hash(raw_of(uri))
+    assert first["items"] == [{"hash": h, "num_tokens": 8, "cached": False}]
+    assert second["items"] == [{"hash": h, "num_tokens": 8, "cached": True}]
+    assert encoder_client.model.batches == [1]
+    with CacheClient(f"unix://{sidecar.config.socket}") as c, c.get(first["namespace"], h) as e:
+        expected = CountingEncoder().encode([Image.open(io.BytesIO(raw_of(uri))).convert("RGB")])[0]
+        assert torch.equal(e.tensor, expected.embeddings)
+        assert e.get_tensor("image_grid_thw").tolist() == [[1, 48, 64]]
+
+
+async def test_sixteen_concurrent_requests_for_one_new_image_encode_once(encoder_client):
+    encoder_client.model.gate.clear()  # hold the model until all 16 are in
+    uri = png_uri(2)
+    tasks = [asyncio.create_task(encode(encoder_client, [uri])) for _ in range(16)]
+    batcher = encoder_client.app[SERVICE].batcher
+    for _ in range(1000):  # until the other 15 joined the one encode (bounded; the gate holds it)
+        if batcher.joins == 15:
+            break
+        await asyncio.sleep(0.01)
+    encoder_client.model.gate.set()
+    answers = await asyncio.gather(*tasks)
+    assert encoder_client.model.batches == [1] and batcher.joins == 15
+    assert all(not a["items"][0]["cached"] for a in answers)
+
+
+async def test_concurrent_different_images_are_batched(encoder_client):
+    uris = [png_uri(10 + i) for i in range(6)]
+    answers = await asyncio.gather(*(encode(encoder_client, [u]) for u in uris))
+    assert all(not a["items"][0]["cached"] for a in answers)
+    assert max(encoder_client.model.batches) > 1
+
+
+async def test_one_request_with_repeats_and_mixed_sources(encoder_client):
+    uri = png_uri(3, size=(80, 40))
+    path = encoder_client.imgs / "a.png"
+    path.write_bytes(raw_of(uri))
+    body = await encode(encoder_client, [uri, f"file://{path}", png_uri(4)])
+    items = body["items"]
+    assert items[0]["hash"] == items[1]["hash"] and items[0]["num_tokens"] == 10
+    assert encoder_client.model.batches == [2]  # the repeat was encoded once
+
+
+@pytest.mark.parametrize("images, needle", [
+    (["data:image/png;base64,!!!"], "image 0"),
+    ([None], "images"),
+    ([], "images"),
+    ("not-a-list", "images"),
+    (["data:image/png;base64," + base64.b64encode(b"not an image").decode()], "image 0"),
+    (["file:///etc/passwd"], "image 0"),
+    (["ftp://x/y.png"], "image 0"),
+])
+async def test_bad_input_is_a_400_naming_the_image_and_the_worker_keeps_serving(encoder_client, images, needle):
+    body = await encode(encoder_client, images if isinstance(images, list) else images, status=400)
+    assert needle in body["error"]
+    good = await encode(encoder_client, [png_uri(5)])
+    assert good["items"][0]["num_tokens"] == 8
+
+
+async def test_bad_image_among_good_ones_names_its_index(encoder_client):
+    body = await encode(encoder_client, [png_uri(6), "data:image/png;base64,AAAA"], status=400)
+    assert body["error"].startswith("image 1:")
+
+
+async def test_models_stats_metrics_health(encoder_client):
+    await encode(encoder_client, [png_uri(7)])
+    await encode(encoder_client, [png_uri(7)])
+    models = await (await encoder_client.get("/v1/models")).json()
+    assert models["data"][0]["namespace"] == "fake-encoder.v1"
+    stats = await (await encoder_client.get("/v1/stats")).json()
+    assert stats["images"] == 2 and stats["cache_hits"] == 1 and stats["encoded"] == 1
+    text = await (await encoder_client.get("/metrics")).text()
+    assert 'mmcache_encoder_images_total{outcome="hit"} 1.0' in text
+    assert (await encoder_client.get("/healthz")).status == 200
