@@ -78,7 +78,8 @@ def test_get_in_another_process_views_the_arena_in_place(sidecar):
     assert r["base"] <= r["array_ptr"] and r["array_ptr"] + r["nbytes"] <= r["base"] + r["size"]
     assert r["tensor_ptr"] == r["array_ptr"]
     assert not r["writeable"]  # readers map the arena read-only
-    assert r["peak_traced"] < 64 << 10, "get copied payload bytes"
+    # Python-side bookkeeping allocates a few KiB; a copy would allocate the 4 MiB payload.
+    assert r["peak_traced"] < r["nbytes"] // 16, f"get allocated {r['peak_traced']} bytes: a payload copy?"
     assert r["first"] == 7.0 and r["sum"] == pytest.approx(float(data.sum(dtype=np.float64)))
 
 
