@@ -85,6 +85,9 @@ class HostTier:
         self.policy = make_policy(policy)
         self.on_evict = on_evict
         self._key_to_entry: dict[str, HostEntry] = {}
+        self._owner_to_keys: dict[Owner, set[str]] = {}
+        """Keys each owner leases or reserves, so dropping an owner costs O(its keys)."""
+        self.live_leases = 0
         self._lock = threading.RLock()
         self.hits = self.misses = self.evictions = 0
 
@@ -104,6 +107,7 @@ class HostTier:
             if offset is None:
                 return None
             self._key_to_entry[key] = HostEntry(offset, nbytes, cost_ms, writer=owner)
+            self._owner_to_keys.setdefault(owner, set()).add(key)
             return Reservation(key, offset, nbytes, owner)
 
     def buffer(self, reservation: Reservation) -> memoryview:
@@ -115,12 +119,15 @@ class HostTier:
         with self._lock:
             entry = self._reserved(reservation)
             entry.sealed, entry.writer = True, None
+            self._forget(reservation.owner, reservation.key, entry)
             self.policy.on_insert(reservation.key, entry.nbytes, entry.cost_ms)
 
     def abort(self, reservation: Reservation) -> None:
         """Drop a reservation that will not be sealed; its space is free again."""
         with self._lock:
-            self._reserved(reservation)
+            entry = self._reserved(reservation)
+            entry.writer = None
+            self._forget(reservation.owner, reservation.key, entry)
             self._free(reservation.key)
 
     def _reserved(self, reservation: Reservation) -> HostEntry:
@@ -172,6 +179,8 @@ class HostTier:
                 self.misses += count
                 return None
             entry.lease_counts[owner] = entry.lease_counts.get(owner, 0) + 1
+            self._owner_to_keys.setdefault(owner, set()).add(key)
+            self.live_leases += 1
             if count:
                 self.hits += 1
                 self.policy.on_access(key)
@@ -184,8 +193,10 @@ class HostTier:
             count = entry.lease_counts.get(owner, 0) if entry else 0
             if count == 0:
                 return False
+            self.live_leases -= 1
             if count == 1:
                 del entry.lease_counts[owner]
+                self._forget(owner, key, entry)
             else:
                 entry.lease_counts[owner] = count - 1
             if entry.doomed and not entry.lease_counts:
@@ -196,21 +207,36 @@ class HostTier:
         """Drop every lease and open reservation of ``owner`` (it disconnected or died)."""
         dropped = 0
         with self._lock:
-            for key, entry in list(self._key_to_entry.items()):
+            for key in self._owner_to_keys.pop(owner, ()):
+                entry = self._key_to_entry.get(key)
+                if entry is None:
+                    continue
                 if not entry.sealed and entry.writer == owner:
                     self._free(key)
                     dropped += 1
                     continue
                 count = entry.lease_counts.pop(owner, 0)
                 dropped += count
+                self.live_leases -= count
                 if count and entry.doomed and not entry.lease_counts:
                     self._free(key)
         return dropped
 
+    def _forget(self, owner: Owner, key: str, entry: HostEntry) -> None:
+        """``owner`` holds nothing more on ``key``: drop it from the owner index."""
+        if owner in entry.lease_counts or entry.writer == owner:
+            return
+        keys = self._owner_to_keys.get(owner)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._owner_to_keys[owner]
+
     def leases_of(self, owner: Owner) -> int:
         """How many leases ``owner`` holds."""
         with self._lock:
-            return sum(e.lease_counts.get(owner, 0) for e in self._key_to_entry.values())
+            return sum(self._key_to_entry[k].lease_counts.get(owner, 0)
+                       for k in self._owner_to_keys.get(owner, ()) if k in self._key_to_entry)
 
     def view(self, location: Location) -> memoryview:
         return self.arena.view(location.offset, location.nbytes)
@@ -249,7 +275,7 @@ class HostTier:
                 "hits": self.hits,
                 "misses": self.misses,
                 "evictions": self.evictions,
-                "leases": sum(e.leases for e in self._key_to_entry.values()),
+                "leases": self.live_leases,
                 "reservations": sum(1 for e in self._key_to_entry.values() if not e.sealed),
                 "fragmentation": round(self.allocator.fragmentation, 4),
             }

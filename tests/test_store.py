@@ -214,3 +214,22 @@ def test_a_request_that_cannot_fit_evicts_nothing(host):
     host.lease(keys[0], "r")
     assert host.reserve(key(98), 60 << 10, "w") is None  # fits only if the leased one went
     assert host.evictions == 0 and all(host.contains(k) for k in keys)
+
+
+def test_owner_index_tracks_leases_and_reservations(host):
+    k1, k2 = fill(host, 1), fill(host, 2)
+    host.lease(k1, "a")
+    host.lease(k1, "a")
+    host.lease(k2, "a")
+    host.lease(k2, "b")
+    res = host.reserve(key(3), 1000, "a")
+    assert host.leases_of("a") == 3 and host.stats()["leases"] == 4
+    host.release(k1, "a")
+    assert host.leases_of("a") == 2
+    assert host.release_owner("a") == 3  # one lease on k1, one on k2, the reservation
+    assert host.leases_of("a") == 0 and host.stats()["leases"] == 1
+    assert not host._owner_to_keys.get("a") and host.stats()["reservations"] == 0
+    with pytest.raises(ValueError):
+        host.seal(res)  # gone with its owner
+    host.release(k2, "b")
+    assert host._owner_to_keys == {} and host.stats()["leases"] == 0
