@@ -1,0 +1,217 @@
+"""Built-in tiny checkpoints, generated locally: no network, ever.
+
+``tiny-llava`` is a LLaVA-1.5-architecture checkpoint in the llava-hf layout (CLIP ViT at
+336 px / patch 14 → 576 image tokens, a 2-layer MLP projector, a small Llama) with seeded random
+weights; ``tiny-qwen2-vl`` is a Qwen2-VL checkpoint (variable token counts per image). Both come
+with a tokenizer trained here with the ``tokenizers`` library, a chat template and an image
+processor config, so ``from_pretrained(dir)`` of the model, tokenizer and processor all work.
+
+Same seed → bit-identical files. ``ensure_model`` builds a built-in model once into the data dir
+(built in a temp dir, then renamed: a crash never leaves a half-written model behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_VOCAB_SIZE = 512
+"""Target vocabulary size of the built-in BPE tokenizers (256 byte symbols + specials + merges)."""
+
+# NOTE: a fixed built-in text makes the trained tokenizer reproducible; its content only decides
+# which merges exist, not whether any text can be encoded (byte-level BPE covers every string).
+_CORPUS = """\
+USER: What is shown in this image? ASSISTANT: The image shows a small cat sitting on a red mat
+next to a window. USER: Describe the picture in detail. ASSISTANT: There is a dog, a tree and a
+blue car on the street. The sky is clear and the light is warm in the afternoon.
+Please describe what you see. What color is the object on the left? How many people are there?
+The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
+Images are encoded once and their tokens are cached for the language model to read.
+The encoder turns pixels into embeddings; the prefill worker splices them into the prompt and
+the decode worker writes the answer one token at a time. Hello, world! Thank you. Yes, no, maybe.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Colors: red green blue yellow black white orange.
+"""
+
+_LLAVA_CHAT_TEMPLATE = r"""
+{%- for message in messages -%}
+{{- message['role'].upper() + ': ' -}}
+{%- if message['content'] is string -%}{{- message['content'] -}}
+{%- else -%}{%- for part in message['content'] -%}
+{%- if part['type'] in ['image', 'image_url'] -%}{{- '<image>\n' -}}
+{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}
+{{- '\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}
+""".strip()
+
+_QWEN_CHAT_TEMPLATE = r"""
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\n' -}}
+{%- if message['content'] is string -%}{{- message['content'] -}}
+{%- else -%}{%- for part in message['content'] -%}
+{%- if part['type'] in ['image', 'image_url'] -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+""".strip()
+
+
+def _train_bpe(special_tokens: list[str], bos_token: str | None) -> Tokenizer:
+    """A byte-level BPE trained on ``_CORPUS``; special tokens first, so their ids are 0, 1, ..."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB_SIZE, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS], trainer=trainer)
+    if bos_token is not None:  # Llama-style: every encoded text starts with <s>
+        bos_id = tok.token_to_id(bos_token)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)])
+    return tok
+
+
+def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny LLaVA-1.5 checkpoint (model, tokenizer, processor) into ``out_dir``; return it."""
+    from transformers import CLIPImageProcessorPil
+
+    out = Path(out_dir)
+    tok = _train_bpe(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, chat_template=_LLAVA_CHAT_TEMPLATE)
+    ids = {t: tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
+    vision_config = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        image_size=336, patch_size=14, projection_dim=64, hidden_act="quick_gelu")
+    text_config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=ids["<image>"],
+        image_seq_length=576, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    _save_seeded(LlavaForConditionalGeneration, config, seed, out)
+
+    # NOTE: the PIL backend is named explicitly: it exists without torchvision, and saves as
+    # "CLIPImageProcessor", so loaders pick whichever backend their machine has.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True,
+        do_convert_rgb=True, resample=3, image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=_LLAVA_CHAT_TEMPLATE)
+    processor.save_pretrained(out)  # processor_config.json, tokenizer files, chat_template.jinja
+    image_processor.save_pretrained(out)  # preprocessor_config.json too, as llava-hf checkpoints have
+    return str(out)
+
+
+def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Write a tiny Qwen2-VL checkpoint (model, tokenizer, image processor) into ``out_dir``.
+
+    Images are resized to at most 28*28*64 pixels, so at most 64 image tokens each.
+    """
+    from transformers import Qwen2VLImageProcessorPil
+
+    out = Path(out_dir)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = _train_bpe(specials, bos_token=None)
+    ids = {t: tok.token_to_id(t) for t in specials}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+        chat_template=_QWEN_CHAT_TEMPLATE)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        # NOTE: mrope_section splits head_dim/2 = 16 rotary frequencies over (t, h, w).
+        text_config=dict(vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [4, 6, 6]}),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    _save_seeded(Qwen2VLForConditionalGeneration, config, seed, out)
+    # NOTE: no Qwen2VLProcessor: in transformers 5 it requires a video processor, which needs
+    # torchvision. The image processor and tokenizer are saved on their own.
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _save_seeded(model_class: type, config, seed: int, out: Path) -> None:
+    # NOTE: fork_rng keeps the caller's global RNG untouched by the seeding.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model.save_pretrained(out)
+
+
+BUILTIN_MODELS: dict[str, Callable[[str | os.PathLike, int], str]] = {
+    "tiny-llava": build_tiny_llava,
+    "tiny-qwen2-vl": build_tiny_qwen2_vl,
+}
+
+
+def ensure_model(name_or_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """A local model directory for ``name_or_dir``.
+
+    A built-in name is built into ``<data_dir>/models/<name>`` on first use and reused after; an
+    existing directory is returned as is. Built-in names win over same-named relative paths
+    (pass ``./tiny-llava`` for the directory).
+    """
+    name = os.fspath(name_or_dir)
+    builder = BUILTIN_MODELS.get(name)
+    if builder is None:
+        if Path(name).expanduser().is_dir():
+            return str(Path(name).expanduser())
+        raise ValueError(f"model={name!r} is neither an existing directory nor a built-in model "
+                         f"({', '.join(sorted(BUILTIN_MODELS))})")
+    target = Path(data_dir) / "models" / name
+    if target.is_dir():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        logger.info("building built-in model %s into %s", name, target)
+        builder(tmp, 0)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # NOTE: another process built it concurrently; both builds are identical, keep theirs.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
