@@ -200,7 +200,7 @@ async def models_handler(request: web.Request) -> web.Response:
 async def stats_handler(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     return web.json_response({"namespace": service.namespace, **service.counters,
-                              "inflight": service.batcher.inflight})
+                              "inflight": service.batcher.inflight, "single_flight_joins": service.batcher.joins})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -170,6 +170,7 @@ async def test_models_stats_metrics_health(encoder_client):
     assert models["data"][0]["namespace"] == "fake-encoder.v1"
     stats = await (await encoder_client.get("/v1/stats")).json()
     assert stats["images"] == 2 and stats["cache_hits"] == 1 and stats["encoded"] == 1
+    assert stats["single_flight_joins"] == 0 and stats["inflight"] == 0
     text = await (await encoder_client.get("/metrics")).text()
     assert 'mmcache_encoder_images_total{outcome="hit"} 1.0' in text
     assert (await encoder_client.get("/healthz")).status == 200
