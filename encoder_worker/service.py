@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from encoder_worker.batcher import BatchStats, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, load_image
-from mmcache_client import AsyncCacheClient, content_hash
+from mmcache_client import AsyncCacheClient, CacheUnavailable, content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except MediaError as e:
         where = f"image {e.index}: " if e.index is not None else ""
         return web.json_response({"error": f"{where}{e}"}, status=400)
+    except CacheUnavailable as e:
+        return web.json_response({"error": f"the cache is unavailable: {e}"}, status=503)
     except ValueError as e:
         return web.json_response({"error": str(e)}, status=400)
     except Exception as e:

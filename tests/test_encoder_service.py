@@ -174,3 +174,16 @@ async def test_models_stats_metrics_health(encoder_client):
     text = await (await encoder_client.get("/metrics")).text()
     assert 'mmcache_encoder_images_total{outcome="hit"} 1.0' in text
     assert (await encoder_client.get("/healthz")).status == 200
+
+
+async def test_cache_down_is_a_503_and_the_worker_keeps_serving(tmp_path):
+    cfg = EncoderServeConfig(cache_url=f"unix://{tmp_path}/nothing.sock")
+    client = TestClient(TestServer(create_app(cfg, encoder=CountingEncoder())))
+    await client.start_server()
+    try:
+        client.app[SERVICE].cache.retries = 0
+        body = await encode(client, [png_uri(1)], status=503)
+        assert "cache is unavailable" in body["error"]
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        await client.close()
