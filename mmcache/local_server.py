@@ -107,9 +107,8 @@ class _Connection:
         if key in self.reservations:
             raise ProtocolError(f"{key} is already reserved on this connection")
         try:
-            res = self.store.host.reserve(key, nbytes, self.owner, float(encode_ms)) \
-                if not self.store.disk.contains(key) else None
-            if res is None:  # full, or on disk: the store's slow path may wait for disk writes
+            res = self.store.reserve(key, nbytes, self.owner, float(encode_ms), wait_for_disk=False)
+            if res is None:  # the slow path waits for disk commits: off the event loop
                 res = await asyncio.to_thread(self.store.reserve, key, nbytes, self.owner, float(encode_ms))
         except EntryExists:
             return {"status": "exists"}

@@ -172,18 +172,23 @@ class TieredStore:
             raise
         return self._seal_and_persist(res, cost_ms, durable)
 
-    def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0) -> Reservation | None:
-        """Phase one of a client's in-place put. Raises ``EntryExists`` if the key is present."""
+    def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *,
+                wait_for_disk: bool = True) -> Reservation | None:
+        """Phase one of a client's in-place put. Raises ``EntryExists`` if the key is present.
+
+        None when the arena has no room; with ``wait_for_disk`` it first waits (milliseconds) for
+        pending disk writes, whose entries pin their space until committed.
+        """
         key = _key_str(key)
         if self.disk.contains(key):
             raise EntryExists(key)
-        return self._reserve_host(key, nbytes, owner, cost_ms)
+        return self._reserve_host(key, nbytes, owner, cost_ms, wait_for_disk)
 
-    def _reserve_host(self, key: str, nbytes: int, owner: Owner, cost_ms: float) -> Reservation | None:
+    def _reserve_host(self, key: str, nbytes: int, owner: Owner, cost_ms: float,
+                      wait_for_disk: bool = True) -> Reservation | None:
         res = self.host.reserve(key, nbytes, owner, cost_ms)
-        if res is None and self.host.leases_of(_DISK_WRITER):
-            # NOTE: entries not yet on disk pin their space until their batch commits; wait for
-            # that (milliseconds) rather than refusing a put under a burst of writes.
+        if res is None and wait_for_disk and self.host.leases_of(_DISK_WRITER):
+            # NOTE: wait for the batch to commit rather than refuse a put under a burst of writes.
             self.disk.flush()
             res = self.host.reserve(key, nbytes, owner, cost_ms)
         return res
