@@ -49,6 +49,16 @@ class DecodeBatch:
         self.states.append(state)
 
     @torch.inference_mode()
+    def remove(self, state: DecodeState) -> None:
+        """Drop ``state`` (an abandoned request) before the next step; its KV row is freed."""
+        row = next((r for r, s in enumerate(self.states) if s is state), None)
+        if row is None:
+            raise ValueError(f"{state!r} is not in this batch")
+        self._kv.remove(row)
+        self.states[row] = self.states[-1]
+        self.states.pop()
+
+    @torch.inference_mode()
     def step(self) -> list[DecodeState]:
         """Feed every state its last token, append the next one; return (and drop) the finished."""
         if not self.states:

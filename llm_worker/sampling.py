@@ -44,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed!r} must be an int in [0, 2**63)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))  # NOTE: OpenAI takes one string or a list
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop={self.stop!r} must be a string or a list of strings")
         object.__setattr__(self, "stop", tuple(self.stop))
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must be at most {MAX_STOP_STRINGS} non-empty strings")
