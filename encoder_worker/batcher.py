@@ -9,6 +9,7 @@ function runs in a worker thread so the event loop keeps serving while a model r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -54,10 +55,8 @@ class SingleFlightBatcher:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         for fut in self._inflight.values():
             if not fut.done():

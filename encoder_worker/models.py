@@ -132,6 +132,40 @@ def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
+def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden: int = 4096) -> str:
+    """Write a LLaVA-1.5-7B-shaped vision side with seeded random weights into ``out_dir``; return it.
+
+    The vision tower is CLIP ViT-L/14 at 336 px (hidden 1024, 24 layers, 16 heads, MLP 4096, 577
+    positions → 576 image tokens) and the projector is the 2-layer gelu MLP into ``text_hidden``,
+    as in llava-1.5-7b; saved in bf16 (~0.65 GB). For sizing and benchmarks: the encode cost and
+    the entry size are a real 7B LLaVA's, the embeddings are noise.
+    """
+    out = Path(build_tiny_llava(out_dir, seed))
+    # NOTE: tiny-llava's tokenizer, chat template and image processor are kept as written above; its
+    # model files are overwritten below. The text model is one layer with a single 64-wide attention
+    # head and a 256-wide MLP: the projector needs its hidden size, nothing needs its quality, and a
+    # full 7B Llama would add 13 GB to a checkpoint whose language model the encoder never reads.
+    tiny = LlavaConfig.from_pretrained(out)
+    vision_config = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text_config = LlamaConfig(
+        vocab_size=tiny.text_config.vocab_size, hidden_size=text_hidden, intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=tiny.text_config.bos_token_id, eos_token_id=tiny.text_config.eos_token_id,
+        pad_token_id=tiny.text_config.pad_token_id)
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=tiny.image_token_id,
+        image_seq_length=576, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    # NOTE: initialised in float32 (same values as a float32 build), then rounded once to bf16.
+    model.to(torch.bfloat16).save_pretrained(out)
+    return str(out)
+
+
 def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """Write a tiny Qwen2-VL checkpoint (model, tokenizer, image processor) into ``out_dir``.
 
@@ -180,6 +214,7 @@ def _save_seeded(model_class: type, config, seed: int, out: Path) -> None:
 BUILTIN_MODELS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-llava": build_tiny_llava,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
+    "llava-clip-l336-random": build_llava_clip_l336,
 }
 
 

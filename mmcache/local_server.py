@@ -154,7 +154,7 @@ async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, wr
             writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
             await writer.drain()
     except (ConnectionResetError, BrokenPipeError):
-        pass
+        logger.debug("connection %s reset", conn.owner)  # its leases go in finally
     finally:
         conn.close()
         writer.close()

@@ -8,6 +8,7 @@ flushes disk writes, removes the socket and the arena file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import io
 import logging
@@ -250,10 +251,8 @@ def _store_ctx(config: ServeConfig):
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def create_app(config: ServeConfig) -> web.Application:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import logging
 import os
@@ -311,9 +312,7 @@ class TieredStore:
             return
         self.disk.close()
         self.host.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.config.data_dir, _ARENA_RECORD))
-        except FileNotFoundError:
-            pass
         os.close(self._lock_fd)  # releases the flock
         self._lock_fd = -1

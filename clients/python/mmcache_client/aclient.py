@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -98,10 +99,8 @@ class _AsyncLocal:
     async def close(self) -> None:
         if hasattr(self, "_writer"):
             self._writer.close()
-            try:  # the socket closes (and the sidecar drops our leases) only once this returns
+            with contextlib.suppress(OSError):  # the socket closes (and the sidecar drops our leases) only once this returns
                 await self._writer.wait_closed()
-            except OSError:
-                pass
         for arena in (self.arena, self._writable):
             if arena is not None:
                 arena.close()
@@ -216,10 +215,8 @@ class AsyncCacheClient:
 
     async def _release(self, conn: _AsyncLocal, key: str) -> None:
         if conn is self._local:
-            try:
+            with contextlib.suppress(CacheUnavailable):
                 await conn.call("release", keys=[key])
-            except CacheUnavailable:
-                pass
 
     async def exists(self, namespace: str, hash_hex: str) -> bool:
         key = str(_key(namespace, hash_hex))

@@ -7,6 +7,7 @@ entries in place: a tensor read from the host tier is a view into this mapping, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -87,7 +88,5 @@ class SharedArena:
             logger.debug("arena %s still has live views; leaving it mapped", self.path)
 
     def unlink(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass

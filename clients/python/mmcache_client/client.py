@@ -6,6 +6,7 @@ place → seal) and a get views it in place under a lease; over HTTP entries tra
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
@@ -208,10 +209,8 @@ class CacheClient:
 
     def _release(self, conn: LocalConnection, key: str) -> None:
         if conn is self._local:  # a dead connection's leases are gone already
-            try:
+            with contextlib.suppress(CacheUnavailable):
                 conn.call("release", keys=[key])
-            except CacheUnavailable:
-                pass
 
     def exists(self, namespace: str, hash_hex: str) -> bool:
         key = str(_key(namespace, hash_hex))
