@@ -11,9 +11,8 @@ from encoder_worker.media import MediaLimits
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from encoder_worker.service import EncoderServeConfig, create_app
+    from mmcache.serving import run_app
 
     config = EncoderServeConfig(
         cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
@@ -21,9 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
         cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ready = f"mmcache-encoder ready: http://{config.host}:{config.port}"
-    web.run_app(create_app(config), host=config.host, port=config.port,
-                print=lambda _msg: print(ready, flush=True), shutdown_timeout=30)
+    run_app(create_app(config), "mmcache-encoder", config.host, config.port)
     return 0
 
 

@@ -12,6 +12,7 @@ Same seed → bit-identical files. ``ensure_model`` builds a built-in model once
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -236,17 +237,18 @@ def ensure_model(name_or_dir: str | os.PathLike, data_dir: str | os.PathLike) ->
     if target.is_dir():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
-        logger.info("building built-in model %s into %s", name, target)
-        builder(tmp, 0)
-        tmp.chmod(0o755)
+    # NOTE: the workers of one stack start together; one builds while the others wait on the
+    # lock and then find the directory (the rename keeps a killed build from leaving half a model).
+    with open(target.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return str(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
         try:
+            logger.info("building built-in model %s into %s", name, target)
+            builder(tmp, 0)
+            tmp.chmod(0o755)
             os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            # NOTE: another process built it concurrently; both builds are identical, keep theirs.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -201,7 +202,8 @@ async def models_handler(request: web.Request) -> web.Response:
 
 async def stats_handler(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return web.json_response({"namespace": service.namespace, **service.counters,
+    return web.json_response({"namespace": service.namespace, "model": service.config.model, "pid": os.getpid(),
+                              **service.counters,
                               "inflight": service.batcher.inflight, "single_flight_joins": service.batcher.joins})
 
 

@@ -1,4 +1,9 @@
-"""``mmcache-llm serve --role prefill|decode|both --model tiny-llava --cache unix:///tmp/mmcache.sock``"""
+"""``mmcache-llm``: the LLM workers and the router.
+
+    mmcache-llm serve --role prefill|decode|both --model tiny-llava --cache unix:///tmp/mmcache.sock
+    mmcache-llm router --encoder URL [--encoder URL] --prefill URL --decode URL --cache URL --port 8000
+    mmcache-llm router --generate URL --port 8000        (the aggregated baseline behind the same API)
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,8 @@ ROLES = ("prefill", "decode", "both")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from llm_worker.service import LLMServeConfig, create_app
+    from mmcache.serving import run_app
 
     config = LLMServeConfig(
         role=args.role, cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host,
@@ -23,10 +27,24 @@ def _serve(args: argparse.Namespace) -> int:
         cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ready = f"mmcache-llm ready: http://{config.host}:{config.port}"
     # NOTE: handler_cancellation: a client that leaves frees its decode-batch row at once.
-    web.run_app(create_app(config), host=config.host, port=config.port, handler_cancellation=True,
-                print=lambda _msg: print(ready, flush=True), shutdown_timeout=30)
+    run_app(create_app(config), "mmcache-llm", config.host, config.port, handler_cancellation=True)
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    from llm_worker.router import RouterConfig, create_app
+    from mmcache.serving import run_app
+
+    config = RouterConfig(
+        model=args.model, data_dir=args.data_dir, served_model_name=args.served_model_name,
+        encoders=tuple(args.encoder), prefill=tuple(args.prefill), decode=tuple(args.decode),
+        generate=tuple(args.generate), cache_url=args.cache,
+        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"), host=args.host, port=args.port,
+        default_max_tokens=args.default_max_tokens, timeout_s=args.timeout)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
+    run_app(create_app(config), "mmcache-llm router", config.host, config.port, handler_cancellation=True)
     return 0
 
 
@@ -50,6 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=_serve)
+    r = sub.add_parser("router", help="serve the OpenAI API in front of encoders, prefill and decode workers")
+    r.add_argument("--encoder", action="append", default=[], help="an encoder worker URL (repeatable)")
+    r.add_argument("--prefill", action="append", default=[], help="a prefill worker URL (repeatable)")
+    r.add_argument("--decode", action="append", default=[], help="a decode worker URL (repeatable)")
+    r.add_argument("--generate", action="append", default=[],
+                   help="a both (aggregated) worker URL (repeatable); instead of the three above")
+    r.add_argument("--cache", help="the sidecar, for GET /v1/stats")
+    r.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
+    r.add_argument("--model", default="tiny-llava", help="tiny-llava or a local directory (tokenizer, chat template)")
+    r.add_argument("--served-model-name", help="the model name clients use (default: the model's name)")
+    r.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--default-max-tokens", type=int, default=256, help="when a request gives no max_tokens")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds per call to a worker")
+    r.add_argument("--log-level", default="info")
+    r.set_defaults(fn=_router)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -42,20 +42,32 @@ def prompt_ids(tokenizer, messages: Sequence[Mapping[str, Any]], image_token_id:
     Raises ``ValueError`` for malformed messages, a count that does not match the image parts,
     or text that itself contains the image placeholder (it would take an image's place).
     """
+    return expand_image_tokens(template_ids(tokenizer, messages, image_token_id), image_token_id, num_image_tokens)
+
+
+def template_ids(tokenizer, messages: Sequence[Mapping[str, Any]], image_token_id: int) -> list[int]:
+    """Token ids of the chat template for ``messages``, one ``image_token_id`` per image part (what
+    the router sends to prefill, which expands each to the image's token count)."""
     template_messages, parts = _normalize(messages)
     text = _render(tokenizer, template_messages)
-    num_images = len(_image_parts(parts))
-    if len(num_image_tokens) != num_images:
-        raise ValueError(f"{len(num_image_tokens)} token counts given for {num_images} images")
-    if any(not isinstance(n, int) or n < 1 for n in num_image_tokens):
-        raise ValueError(f"{list(num_image_tokens)=} must be ints >= 1")
     # NOTE: as ProcessorMixin.apply_chat_template does: no second BOS when the template has one.
     bos = tokenizer.bos_token
     ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-    positions = [i for i, t in enumerate(ids) if t == image_token_id]
-    if len(positions) != num_images:
-        raise ValueError(f"the prompt holds {len(positions)} image placeholders for {num_images} images "
+    num_images, num_placeholders = len(_image_parts(parts)), ids.count(image_token_id)
+    if num_placeholders != num_images:
+        raise ValueError(f"the prompt holds {num_placeholders} image placeholders for {num_images} images "
                          "(does a text part contain the image token?)")
+    return ids
+
+
+def expand_image_tokens(ids: Sequence[int], image_token_id: int, num_image_tokens: Sequence[int]) -> list[int]:
+    """``ids`` with its ``i``-th ``image_token_id`` repeated ``num_image_tokens[i]`` times."""
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(num_image_tokens) != len(positions):
+        raise ValueError(f"{len(num_image_tokens)} image token counts given for {len(positions)} image placeholders "
+                         "in the prompt")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_image_tokens):
+        raise ValueError(f"{list(num_image_tokens)=} must be ints >= 1")
     out: list[int] = []
     start = 0
     for pos, count in zip(positions, num_image_tokens):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -36,7 +37,7 @@ from encoder_worker.models import ensure_model
 from llm_worker.decode_loop import DecodeJob, DecodeLoop, ShuttingDown
 from llm_worker.engine import LLMEngine
 from llm_worker.kv import kv_entry_fields, kv_namespace, read_prefill
-from llm_worker.prompt import image_urls
+from llm_worker.prompt import expand_image_tokens, image_urls
 from llm_worker.sampling import SamplingParams
 from mmcache_client import AsyncCacheClient, CacheUnavailable, CorruptEntry, EntryTooLarge, Key
 
@@ -187,10 +188,18 @@ class LLMService:
         self.counters["completion_tokens"] += num_tokens
         self.metrics.completion_tokens.inc(num_tokens)
 
-    async def prefill(self, request_id: str, messages: Any, images: list[Key], sampling: SamplingParams) -> dict:
-        num_parts = len(image_urls(messages))  # NOTE: validates the messages before any cache traffic
+    async def prefill(self, request_id: str, messages: Any, images: list[Key], sampling: SamplingParams,
+                      prompt_ids: list[int] | None = None) -> dict:
+        """``prompt_ids`` (the chat template's ids, one image token per image, as the router sends
+        them) or else ``messages`` (templated here)."""
+        if prompt_ids is not None:
+            num_parts = prompt_ids.count(self.engine.image_token_id)
+            what = "prompt_ids hold"
+        else:
+            num_parts = len(image_urls(messages))  # NOTE: validates the messages before any cache traffic
+            what = "the messages hold"
         if num_parts != len(images):
-            raise ValueError(f"the messages hold {num_parts} image parts but {len(images)} images were given")
+            raise ValueError(f"{what} {num_parts} image placeholders but {len(images)} images were given")
         kv = self.engine.kv_key(request_id)
         if await self.cache.exists(kv.namespace, kv.hash):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
@@ -203,7 +212,9 @@ class LLMService:
                     raise NotInCache(f"image {image} is not in the cache")
                 entries.push_async_callback(entry.aclose)
                 embeddings.append(entry.tensor)
-            ids = self.engine.prompt_ids(messages, [int(e.shape[0]) for e in embeddings])
+            counts = [int(e.shape[0]) for e in embeddings]
+            ids = self.engine.prompt_ids(messages, counts) if prompt_ids is None else \
+                expand_image_tokens(prompt_ids, self.engine.image_token_id, counts)
             result = await self.forward(self.engine.prefill, ids, embeddings, sampling, seed)
         if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result)):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
@@ -255,7 +266,7 @@ class LLMService:
 
     def stats(self) -> dict:
         out = {"role": self.config.role, "model": self.config.model, "namespace": self.engine.namespace,
-               **self.counters}
+               "pid": os.getpid(), **self.counters}
         if self.decode_loop is not None:
             loop = self.decode_loop
             out["decode"] = {"running": loop.num_running, "waiting": loop.num_waiting, "steps": loop.steps,
@@ -373,7 +384,11 @@ async def prefill_handler(request: web.Request) -> web.Response:
         raise ValueError(f"{len(images)} images exceed max_images_per_request={service.config.max_images_per_request}")
     keys = [_key(image, f"images[{i}]") for i, image in enumerate(images)]
     sampling = parse_sampling(doc.get("sampling"))
-    return web.json_response(await service.prefill(request_id, doc.get("messages"), keys, sampling))
+    ids = doc.get("prompt_ids")
+    if ids is not None and (not isinstance(ids, list) or not ids
+                            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+        raise ValueError('"prompt_ids" must be a non-empty list of token ids')
+    return web.json_response(await service.prefill(request_id, doc.get("messages"), keys, sampling, ids))
 
 
 async def decode_handler(request: web.Request) -> web.StreamResponse:

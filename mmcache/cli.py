@@ -19,9 +19,8 @@ from mmcache_client.errors import MMCacheError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from mmcache.server import create_app
+    from mmcache.serving import run_app
 
     flags = {
         "data_dir": args.data_dir, "host": args.host, "port": args.port, "socket": args.socket,
@@ -32,11 +31,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
-    ready = f"mmcache ready: http://{config.host}:{config.port}" + (f" unix://{config.socket}" if config.socket else "")
-    # run_app prints once the sockets listen (scripts wait for this line), and handles SIGINT and
-    # SIGTERM: in-flight requests finish, then cleanup_ctx flushes disk and removes the socket.
-    web.run_app(app, host=config.host, port=config.port, print=lambda _msg: print(ready, flush=True),
-                shutdown_timeout=30)
+    # run_app prints the ready line once the sockets listen (scripts wait for it), and handles
+    # SIGINT and SIGTERM: in-flight requests finish, then cleanup_ctx flushes disk and removes the socket.
+    run_app(app, "mmcache", config.host, config.port, extra=f"unix://{config.socket}" if config.socket else "")
     return 0
 
 

@@ -1,0 +1,270 @@
+"""Eviction policies alone: replay a Zipf trace of variable-size image embeddings against LRU,
+GDSF and Belady's offline reference, and print hit ratio and byte hit ratio, in one run.
+
+    python benchmarks/policy.py [--requests 200000] [--pool 10000] [--zipf 0.9]
+        [--capacities 0.01,0.05,0.1,0.2] [--seed 0] [--hidden 4096] [--json PATH]
+
+Trace (``make_trace``, seeded numpy): a pool of ``--pool`` distinct images; requests draw image
+``i`` (rank ``i + 1``) with probability proportional to ``1 / (i + 1) ** zipf``, independently
+(the independent reference model; no temporal locality beyond popularity). Each image's
+embedding has a token count fixed per image:
+- ``LLAVA_SHARE`` of the pool: LLaVA-1.5 images, always 576 tokens (CLIP ViT-L/14-336);
+- the rest: Qwen2-VL images, one token per 28x28 pixels after its ``smart_resize`` with
+  ``min_pixels = 256*28*28`` and ``max_pixels = 4096*28*28`` (so 256..4096 tokens), from a mix of
+  common resolutions (``RESOLUTIONS``: thumbnails to phone photos) with +-25% jitter per side.
+Popularity and size are independent. An entry holds ``tokens * hidden * 2`` bytes (fp16), and
+costs ``ENCODE_FIXED_MS + ENCODE_MS_PER_TOKEN * tokens`` to recompute: what the encoder reports
+as ``cost_ms`` on insert, which is what the cost-aware policy sees.
+
+Policies, driven as a tier drives them (``simulate``): a hit calls ``on_access``; a miss admits
+the entry if it fits the capacity at all, after evicting ``choose_victims(need_bytes)`` with
+``on_remove(evicted=True)`` for each victim. Offline references (``belady``), knowing the future:
+- belady:      Belady's MIN generalised to sizes: evict the entry whose next request is
+               furthest away (never-again first), the requested entry included, so it may
+               bypass the cache. Not optimal for variable sizes (that is NP-hard) and not an
+               upper bound, but the usual reference; for byte hit ratio its ranking is the
+               natural one (a cached byte earns one hit byte at its next use, whatever the size).
+- belady-size: the object-hit-ratio variant from the literature (e.g. Berger et al.,
+               SIGMETRICS'18): evict the largest ``size * (next request - now)``. Shown for
+               hit ratio only; gaps are measured against ``belady``.
+All requests count, the cold start included. Target (issue): GDSF closes at least half the gap
+in byte hit ratio between LRU and belady: ``(gdsf - lru) / (belady - lru) >= 0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from mmcache.policies import EvictionPolicy, make_policy
+
+HIDDEN = 4096
+FP16_BYTES = 2
+LLAVA_TOKENS = 576
+LLAVA_SHARE = 0.3
+QWEN_PIXELS_PER_TOKEN = 28 * 28  # 14-pixel patches, merged 2x2
+QWEN_MIN_TOKENS = 256
+QWEN_MAX_TOKENS = 4096
+# (width, height, weight): a guess at what users send a chat model, thumbnails to phone photos.
+RESOLUTIONS = (
+    (512, 512, 0.10),
+    (640, 480, 0.15),
+    (800, 600, 0.10),
+    (1024, 768, 0.15),
+    (1280, 720, 0.15),
+    (1080, 1920, 0.10),  # phone screenshot
+    (1920, 1080, 0.10),
+    (2048, 1536, 0.05),
+    (4032, 3024, 0.10),  # phone photo; capped at max_pixels
+)
+ENCODE_FIXED_MS = 5.0  # preprocessing and launch overhead per image
+ENCODE_MS_PER_TOKEN = 0.06  # ViT forward, taken as linear in tokens
+NEVER = 1 << 62  # next-use index of an entry requested no more
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A request trace over a pool of images; arrays are indexed by image id (0 = most popular)."""
+
+    keys: np.ndarray  # int64 [num_requests]: image id per request
+    num_tokens: np.ndarray  # int64 [pool]: embedding tokens per image
+    size_bytes: np.ndarray  # int64 [pool]: num_tokens * hidden * 2 (fp16)
+    cost_ms: np.ndarray  # float64 [pool]: encode time per image, ms
+    zipf_s: float
+    seed: int
+    hidden: int
+
+    @property
+    def pool_bytes(self) -> int:
+        """Total bytes of every image in the pool, requested or not."""
+        return int(self.size_bytes.sum())
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Counts from one replay; ratios are of requests and of requested bytes."""
+
+    policy: str
+    capacity_bytes: int
+    requests: int
+    hits: int
+    requested_bytes: int
+    hit_bytes: int
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def byte_hit_ratio(self) -> float:
+        return self.hit_bytes / self.requested_bytes if self.requested_bytes else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "hit_ratio": self.hit_ratio, "byte_hit_ratio": self.byte_hit_ratio}
+
+
+def qwen2vl_tokens(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """Tokens Qwen2-VL emits for images of these sizes (its ``smart_resize``, vectorised)."""
+    f = 28
+    min_pixels, max_pixels = QWEN_MIN_TOKENS * f * f, QWEN_MAX_TOKENS * f * f
+    w, h = width.astype(np.float64), height.astype(np.float64)
+    w_bar, h_bar = np.round(w / f) * f, np.round(h / f) * f
+    big, small = w_bar * h_bar > max_pixels, w_bar * h_bar < min_pixels
+    beta_down = np.sqrt(w * h / max_pixels)
+    beta_up = np.sqrt(min_pixels / (w * h))
+    w_bar = np.where(big, np.floor(w / beta_down / f) * f, np.where(small, np.ceil(w * beta_up / f) * f, w_bar))
+    h_bar = np.where(big, np.floor(h / beta_down / f) * f, np.where(small, np.ceil(h * beta_up / f) * f, h_bar))
+    return (w_bar * h_bar / QWEN_PIXELS_PER_TOKEN).astype(np.int64)
+
+
+def make_trace(num_requests: int = 200_000, pool: int = 10_000, zipf_s: float = 0.9, seed: int = 0,
+               hidden: int = HIDDEN) -> Trace:
+    """A seeded Zipf trace over ``pool`` images with the token mix described in the module doc."""
+    if num_requests < 1 or pool < 1 or hidden < 1:
+        raise ValueError(f"{num_requests=}, {pool=} and {hidden=} must be >= 1")
+    if not zipf_s >= 0:
+        raise ValueError(f"{zipf_s=} must be >= 0")
+    rng = np.random.default_rng(seed)
+    table = np.array(RESOLUTIONS)
+    pick = rng.choice(len(table), size=pool, p=table[:, 2] / table[:, 2].sum())
+    width = table[pick, 0] * rng.uniform(0.75, 1.25, pool)
+    height = table[pick, 1] * rng.uniform(0.75, 1.25, pool)
+    num_tokens = np.where(rng.random(pool) < LLAVA_SHARE, LLAVA_TOKENS, qwen2vl_tokens(width, height))
+    popularity = 1.0 / np.arange(1, pool + 1, dtype=np.float64) ** zipf_s
+    keys = rng.choice(pool, size=num_requests, p=popularity / popularity.sum())
+    return Trace(
+        keys=keys.astype(np.int64),
+        num_tokens=num_tokens.astype(np.int64),
+        size_bytes=num_tokens.astype(np.int64) * hidden * FP16_BYTES,
+        cost_ms=ENCODE_FIXED_MS + ENCODE_MS_PER_TOKEN * num_tokens,
+        zipf_s=zipf_s, seed=seed, hidden=hidden,
+    )
+
+
+def simulate(policy: str | EvictionPolicy, trace: Trace, capacity_bytes: int) -> SimResult:
+    """Replay ``trace`` through a fresh policy (by name) or a given empty one, as a tier would."""
+    if capacity_bytes < 0:
+        raise ValueError(f"{capacity_bytes=} must be >= 0")
+    p = make_policy(policy) if isinstance(policy, str) else policy
+    # NOTE: plain Python ints and floats: the policies reject numpy scalars, as a tier's are not.
+    sizes, costs = trace.size_bytes.tolist(), trace.cost_ms.tolist()
+    hits = hit_bytes = requested_bytes = 0
+    for key in trace.keys.tolist():
+        size_bytes = sizes[key]
+        requested_bytes += size_bytes
+        if key in p:
+            hits += 1
+            hit_bytes += size_bytes
+            p.on_access(key)
+            continue
+        if size_bytes > capacity_bytes:
+            continue  # never evict for an entry that cannot fit anyway
+        need_bytes = p.total_bytes + size_bytes - capacity_bytes
+        for victim in p.choose_victims(need_bytes):
+            p.on_remove(victim, evicted=True)
+        p.on_insert(key, size_bytes, costs[key])
+    return SimResult(p.name, capacity_bytes, len(trace.keys), hits, requested_bytes, hit_bytes)
+
+
+def next_uses(keys: np.ndarray) -> np.ndarray:
+    """For each request, the index of the next request for the same key, or ``NEVER``."""
+    out = np.full(len(keys), NEVER, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")  # requests grouped by key, in time order
+    same = keys[order[1:]] == keys[order[:-1]]
+    out[order[:-1][same]] = order[1:][same]
+    return out
+
+
+def belady(trace: Trace, capacity_bytes: int, *, bypass: bool = True) -> SimResult:
+    """Belady's MIN generalised to sizes: evict the entry requested furthest in the future.
+
+    With ``bypass`` the requested entry competes too, so an entry needed later than everything
+    cached is not admitted (the offline optimum may decline to cache). ``bypass=False`` is
+    classic demand paging: the requested entry is always admitted. Victims come off a max-heap
+    of next-use indices with lazy deletion: O(log n) per request.
+    """
+    if capacity_bytes < 0:
+        raise ValueError(f"{capacity_bytes=} must be >= 0")
+    keys, sizes = trace.keys.tolist(), trace.size_bytes.tolist()
+    nexts = next_uses(trace.keys).tolist()
+    key_to_next: dict[int, int] = {}  # cached key -> index of its next request
+    heap: list[tuple[int, int]] = []  # (-next index, key); stale once key_to_next disagrees
+    used_bytes = hits = hit_bytes = requested_bytes = 0
+
+    def admit(key: int, next_at: int) -> None:
+        key_to_next[key] = next_at
+        heapq.heappush(heap, (-next_at, key))
+
+    for now, key in enumerate(keys):
+        size_bytes = sizes[key]
+        requested_bytes += size_bytes
+        if key in key_to_next:
+            hits += 1
+            hit_bytes += size_bytes
+            admit(key, nexts[now])  # the old heap item goes stale
+            continue
+        if size_bytes > capacity_bytes:
+            continue
+        if bypass:
+            admit(key, nexts[now])
+            used_bytes += size_bytes
+        while used_bytes + (0 if bypass else size_bytes) > capacity_bytes:
+            neg_next, victim = heapq.heappop(heap)
+            if key_to_next.get(victim) == -neg_next:  # else stale: hit since, or evicted
+                del key_to_next[victim]
+                used_bytes -= sizes[victim]
+        if not bypass:
+            admit(key, nexts[now])
+            used_bytes += size_bytes
+    name = "belady" if bypass else "belady-demand"
+    return SimResult(name, capacity_bytes, len(keys), hits, requested_bytes, hit_bytes)
+
+
+def belady_size(trace: Trace, capacity_bytes: int) -> SimResult:
+    """The size-aware variant: evict the largest ``size_bytes * (next request - now)``.
+
+    The requested entry competes (bypass), never-again entries go first (largest first). The
+    score depends on ``now``, so it is recomputed over the cached entries at each eviction.
+    """
+    if capacity_bytes < 0:
+        raise ValueError(f"{capacity_bytes=} must be >= 0")
+    keys, sizes = trace.keys.tolist(), trace.size_bytes.tolist()
+    nexts = next_uses(trace.keys).tolist()
+    # NOTE: float64 scores: NEVER * size_bytes would overflow int64, and the order is all we need.
+    next_at = np.zeros(len(trace.size_bytes), dtype=np.float64)
+    size_f = trace.size_bytes.astype(np.float64)
+    cached = np.zeros(len(trace.size_bytes), dtype=np.int64)  # cached keys in [0, num_cached)
+    key_to_slot: dict[int, int] = {}
+    num_cached = used_bytes = hits = hit_bytes = requested_bytes = 0
+    for now, key in enumerate(keys):
+        size_bytes = sizes[key]
+        requested_bytes += size_bytes
+        next_at[key] = nexts[now]
+        if key in key_to_slot:
+            hits += 1
+            hit_bytes += size_bytes
+            continue
+        if size_bytes > capacity_bytes:
+            continue
+        key_to_slot[key], cached[num_cached] = num_cached, key
+        num_cached += 1
+        used_bytes += size_bytes
+        while used_bytes > capacity_bytes:
+            live = cached[:num_cached]
+            slot = int(np.argmax((next_at[live] - now) * size_f[live]))
+            victim = int(live[slot])
+            num_cached -= 1
+            last = int(cached[num_cached])
+            cached[slot], key_to_slot[last] = last, slot  # swap-remove
+            del key_to_slot[victim]
+            used_bytes -= sizes[victim]
+    return SimResult("belady-size", capacity_bytes, len(keys), hits, requested_bytes, hit_bytes)

@@ -1,0 +1,576 @@
+"""The router (``mmcache-llm router``): the stack's OpenAI-compatible front door.
+
+``POST /v1/chat/completions`` in EPD mode: the chat template is applied here (one image token
+per image part, checked before any image is fetched); the request's images are split into
+contiguous runs over the least-busy encoders and encoded in parallel; prefill gets the template
+ids and the image keys, reads the embeddings from the cache and hands the KV to decode through
+it; decode's tokens stream back as OpenAI chunks. In aggregated mode (``--generate``) the request
+goes whole to a ``both`` worker. ``GET /v1/models``, ``GET /v1/stats`` (the whole stack in one
+answer), ``GET /metrics``, ``GET /healthz``.
+
+Failures: a worker that cannot be reached (refused, reset, died mid-answer) is skipped for
+``retry_down_s`` and the step is retried on another worker of its role; encoding and a prefill
+whose KV never reached decode are idempotent. Once tokens have been sent, a failure ends the
+stream with an error event. Every error names its stage (see ``openai_api.APIError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llm_worker import openai_api as api
+from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
+from llm_worker.prompt import image_urls, template_ids
+from mmcache_client import AsyncCacheClient
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_INDEX = re.compile(r"^image (\d+): ")
+_LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything ``mmcache-llm router`` takes. EPD mode needs encoders, prefill and decode
+    workers; aggregated mode needs ``generate`` (``both`` workers) and nothing else."""
+
+    model: str = "tiny-llava"
+    """``tiny-llava`` or a local directory: the tokenizer and chat template come from it."""
+    data_dir: str = "./mmcache-data"
+    served_model_name: str | None = None
+    """The ``model`` clients name; default: ``model``'s last path component."""
+    encoders: tuple[str, ...] = ()
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    generate: tuple[str, ...] = ()
+    cache_url: str | None = None
+    """The sidecar, for ``/v1/stats``."""
+    cache_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_max_tokens: int = 256
+    max_images_per_request: int = 64
+    timeout_s: float = 600.0
+    """Per call to a worker (an encode of many large images on a CPU takes long)."""
+    retry_down_s: float = 5.0
+    """How long a worker that could not be reached is passed over (it is still tried when no
+    other worker of its role is left)."""
+
+    def __post_init__(self) -> None:
+        if self.generate and (self.encoders or self.prefill or self.decode):
+            raise ValueError("give either --generate (aggregated) or --encoder/--prefill/--decode (EPD), not both")
+        if not self.generate and not (self.encoders and self.prefill and self.decode):
+            raise ValueError("EPD needs at least one --encoder, --prefill and --decode URL (or --generate URLs)")
+        if self.timeout_s <= 0 or self.retry_down_s < 0 or self.default_max_tokens < 1:
+            raise ValueError("timeout_s and default_max_tokens must be > 0, retry_down_s >= 0")
+
+    @property
+    def mode(self) -> str:
+        return "aggregated" if self.generate else "epd"
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
+
+
+class Unreachable(Exception):
+    """A worker could not be reached or dropped the connection before answering."""
+
+
+class Backend:
+    """One worker: its URL, requests in flight, and whether it recently failed."""
+
+    def __init__(self, role: str, url: str):
+        self.role, self.url = role, url.rstrip("/")
+        self.inflight = 0
+        self.requests = 0
+        self.failures = 0
+        self.down_until = 0.0
+        self.last_error: str | None = None
+
+    def up(self, now: float) -> bool:
+        return now >= self.down_until
+
+    def info(self) -> dict:
+        return {"url": self.url, "inflight": self.inflight, "requests": self.requests, "failures": self.failures,
+                "last_error": self.last_error}
+
+
+class Pool:
+    """The workers of one role; picks the least busy ones that have not just failed."""
+
+    def __init__(self, role: str, urls: Sequence[str], retry_down_s: float):
+        self.role = role
+        self.backends = [Backend(role, u) for u in urls]
+        self.retry_down_s = retry_down_s
+        self._turn = 0
+
+    def __len__(self) -> int:
+        return len(self.backends)
+
+    def pick(self, k: int = 1, exclude: Sequence[Backend] = ()) -> list[Backend]:
+        """Up to ``k`` distinct workers not in ``exclude``: those up first, fewest in flight first,
+        ties in turn (round robin)."""
+        now = time.monotonic()
+        n = len(self.backends)
+        order = [self.backends[(self._turn + i) % n] for i in range(n)]
+        self._turn = (self._turn + 1) % max(n, 1)
+        candidates = [b for b in order if b not in exclude]
+        candidates.sort(key=lambda b: (not b.up(now), b.inflight))
+        return candidates[:k]
+
+    def failed(self, backend: Backend, error: str) -> None:
+        backend.failures += 1
+        backend.last_error = error
+        backend.down_until = time.monotonic() + self.retry_down_s
+        logger.warning("%s worker %s unreachable (%s); passing it over for %.0f s", self.role, backend.url, error,
+                       self.retry_down_s)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmcache_router_requests", "Chat completion requests by status",
+                                ["status"], registry=self.registry)
+        self.stage_errors = Counter("mmcache_router_stage_errors", "Errors by stage", ["stage"],
+                                    registry=self.registry)
+        self.retries = Counter("mmcache_router_retries", "Calls retried on another worker", ["stage"],
+                               registry=self.registry)
+        self.active = Gauge("mmcache_router_active_requests", "Requests in progress", registry=self.registry)
+        self.stage_seconds = Histogram("mmcache_router_stage_seconds", "Time per stage", ["stage"],
+                                       buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("mmcache_router_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("mmcache_router_request_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+
+class TokenStream:
+    """A worker's SSE answer (``{"text", "token_id"}`` per token, then ``{"finish_reason", ...}``
+    or ``{"error"}``, then ``[DONE]``) read event by event; ``close`` drops the connection, which
+    makes the worker abandon the request."""
+
+    def __init__(self, response: aiohttp.ClientResponse, backend: Backend, stage: str):
+        self.response, self.backend, self.stage = response, backend, stage
+
+    async def next(self) -> dict:
+        """The next event; ``APIError`` for an error event or a broken stream."""
+        try:
+            async for raw in self.response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise APIError(500, str(event["error"]), self.stage)
+                return event
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            raise APIError(502, f"the {self.stage} worker {self.backend.url} broke off: {e!r}", self.stage) from e
+        raise APIError(502, f"the {self.stage} worker {self.backend.url} ended the stream without finishing",
+                       self.stage)
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def _worker_error(status: int, doc: Any, stage: str, backend: Backend) -> APIError:
+    message = doc.get("error") if isinstance(doc, dict) else None
+    message = str(message) if message else f"HTTP {status} from {backend.url}"
+    # NOTE: a worker's 400/413 is the client's input; its other 4xx (wrong role, missing KV)
+    # are the stack's own fault: 502 for the client.
+    return APIError(status if status in (400, 413, 503, 504) else 502 if status < 500 else status, message, stage)
+
+
+class Router:
+    def __init__(self, config: RouterConfig, tokenizer: Any, image_token_id: int):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        down = config.retry_down_s
+        self.pools = {role: Pool(role, urls, down) for role, urls in
+                      (("encode", config.encoders), ("prefill", config.prefill), ("decode", config.decode),
+                       ("generate", config.generate)) if urls}
+        self.metrics = _Metrics()
+        self.counters = {"requests": 0, "errors": 0, "active": 0, "retries": 0, "images": 0,
+                         "prompt_tokens": 0, "completion_tokens": 0}
+        self.http: aiohttp.ClientSession | None = None
+        self.cache: AsyncCacheClient | None = None
+
+    async def start(self) -> None:
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                                                        sock_read=self.config.timeout_s))
+        if self.config.cache_url:
+            self.cache = AsyncCacheClient(self.config.cache_url, token=self.config.cache_token, retries=0)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self.cache is not None:
+            await self.cache.close()
+
+    # -- calls to workers -------------------------------------------------------------------
+
+    async def _post(self, backend: Backend, path: str, body: dict) -> tuple[int, Any]:
+        """``(status, JSON answer)``; ``Unreachable`` when there is no answer."""
+        backend.inflight += 1
+        backend.requests += 1
+        try:
+            async with self.http.post(backend.url + path, json=body) as resp:
+                try:
+                    return resp.status, await resp.json(content_type=None)
+                except ValueError:
+                    return resp.status, {"error": (await resp.text())[:500]}
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise Unreachable(repr(e)) from e
+        finally:
+            backend.inflight -= 1
+
+    async def _call(self, stage: str, path: str, body: dict, first: Backend | None = None) -> tuple[Backend, Any]:
+        """POST JSON to a worker of ``stage``: ``(the worker, its JSON answer)``."""
+        async def attempt(backend: Backend) -> tuple[Backend, Any]:
+            status, doc = await self._post(backend, path, body)
+            if status != 200:
+                raise _worker_error(status, doc, stage, backend)
+            return backend, doc
+        return await self._on_some_worker(stage, attempt, first)
+
+    async def _open_stream(self, stage: str, path: str, body: dict) -> TokenStream:
+        """A token stream from a worker of ``stage``."""
+        async def attempt(backend: Backend) -> TokenStream:
+            backend.requests += 1
+            try:
+                resp = await self.http.post(backend.url + path, json=body)
+            except aiohttp.ClientConnectionError as e:
+                raise Unreachable(repr(e)) from e
+            if resp.status == 200:
+                return TokenStream(resp, backend, stage)
+            try:
+                doc = await resp.json(content_type=None)
+            except (ValueError, aiohttp.ClientError):
+                doc = None
+            finally:
+                resp.close()
+            raise _worker_error(resp.status, doc, stage, backend)
+        return await self._on_some_worker(stage, attempt)
+
+    async def _on_some_worker(self, stage: str, attempt, first: Backend | None = None):
+        """``attempt(worker)`` on ``first`` or the least busy worker of ``stage``, then on the next
+        one while they cannot be reached or fail with a 5xx. A 4xx (the input) is final. When
+        none is left: the last 5xx, else 503 naming the unreachable workers."""
+        pool, tried, backend, last = self.pools[stage], [], first, None
+        while True:
+            if backend is None:
+                picked = pool.pick(1, exclude=tried)
+                if not picked:
+                    raise last or APIError(503, "no worker could be reached: " + "; ".join(
+                        f"{b.url}: {b.last_error}" for b in tried), stage)
+                backend = picked[0]
+            try:
+                return await attempt(backend)
+            except Unreachable as e:
+                pool.failed(backend, str(e))
+            except APIError as e:
+                if e.status < 500:
+                    raise
+                backend.last_error, last = e.message, e
+            tried.append(backend)
+            backend = None
+            self._retried(stage)
+
+    def _retried(self, stage: str) -> None:
+        self.counters["retries"] += 1
+        self.metrics.retries.labels(stage).inc()
+
+    # -- the pipeline -----------------------------------------------------------------------
+
+    async def encode(self, urls: list[str]) -> list[dict]:
+        """``{"namespace", "hash", "num_tokens", "cached"}`` per URL, in order: contiguous runs
+        on as many encoders as there are images (least busy first), in parallel."""
+        if not urls:
+            return []
+        backends = self.pools["encode"].pick(len(urls))
+        bounds = [round(i * len(urls) / len(backends)) for i in range(len(backends) + 1)]
+        runs = [(b, bounds[i], bounds[i + 1]) for i, b in enumerate(backends)]
+        results = await asyncio.gather(*(self._encode_run(urls[s:e], s, b) for b, s, e in runs),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [{"namespace": doc["namespace"], **item} for doc in results for item in doc["items"]]
+
+    async def _encode_run(self, urls: list[str], offset: int, backend: Backend) -> dict:
+        try:
+            _, doc = await self._call("encode", "/v1/encode", {"images": urls}, first=backend)
+        except APIError as e:  # NOTE: the encoder numbers the images of its run; renumber for the request
+            e.message = _IMAGE_INDEX.sub(lambda m: f"image {int(m.group(1)) + offset}: ", e.message)
+            raise
+        if not isinstance(doc, dict) or len(doc.get("items", ())) != len(urls):
+            raise APIError(502, f"encoder answered {str(doc)[:200]!r} for {len(urls)} images", "encode")
+        return doc
+
+    async def open(self, req: ChatRequest, cid: str) -> TokenStream:
+        """Encode, prefill and start decode (or hand the request to a ``both`` worker)."""
+        try:
+            ids = template_ids(self.tokenizer, req.messages, self.image_token_id)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        urls = image_urls(req.messages)
+        if len(urls) > self.config.max_images_per_request:
+            raise APIError(400, f"{len(urls)} images exceed max_images_per_request="
+                                f"{self.config.max_images_per_request}", param="messages")
+        self.counters["images"] += len(urls)
+        if self.config.mode == "aggregated":
+            body = {"messages": req.messages, "sampling": req.sampling, "stream": True}
+            return await self._open_stream("generate", "/v1/generate", body)
+        with self._timed("encode"):
+            items = await self.encode(urls)
+        with self._timed("prefill"):
+            prefilled = await self._prefill(cid, ids, items, req.sampling, urls)
+        body = {"request_id": prefilled["request_id"], "kv": prefilled["kv"], "stream": True,
+                "sampling": {**req.sampling, "seed": prefilled["seed"]}}
+        return await self._open_stream("decode", "/v1/decode", body)
+
+    async def _prefill(self, cid: str, ids: list[int], items: list[dict], sampling: dict, urls: list[str]) -> dict:
+        body = {"request_id": cid, "prompt_ids": ids, "sampling": sampling,
+                "images": [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]}
+        try:
+            return (await self._call("prefill", "/v1/prefill", body))[1]
+        except APIError as e:
+            if e.status != 502 or "not in the cache" not in e.message:
+                raise
+        # NOTE: an image was evicted between encode and prefill: encode again (puts it back), once.
+        logger.info("%s: an image left the cache before prefill; encoding again", cid)
+        self._retried("prefill")
+        items = await self.encode(urls)
+        body["images"] = [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]
+        return (await self._call("prefill", "/v1/prefill", body))[1]
+
+    def _timed(self, stage: str):
+        return self.metrics.stage_seconds.labels(stage).time()
+
+    # -- stats ------------------------------------------------------------------------------
+
+    async def stats(self) -> dict:
+        """The router's counters, the cache's stats and every worker's health and counters."""
+        async def probe(backend: Backend) -> dict:
+            out = backend.info()
+            try:
+                async with self.http.get(backend.url + "/v1/stats", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    out.update(healthy=r.status == 200, stats=await r.json(content_type=None))
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+                out.update(healthy=False, error=repr(e))
+            return out
+
+        async def cache_stats() -> dict:
+            if self.cache is None:
+                return {"url": None}
+            try:
+                return {"url": self.config.cache_url, "healthy": True,
+                        "stats": await asyncio.wait_for(self.cache.stats(), 5)}
+            except Exception as e:  # NOTE: whatever the cache's trouble, the answer goes on
+                return {"url": self.config.cache_url, "healthy": False, "error": repr(e)}
+
+        roles = list(self.pools)
+        answers = await asyncio.gather(cache_stats(), *(asyncio.gather(*map(probe, self.pools[r].backends))
+                                                        for r in roles))
+        out: dict[str, Any] = {"mode": self.config.mode, "model": self.config.model_id,
+                               "router": dict(self.counters), "cache": answers[0]}
+        for role, workers in zip(roles, answers[1:]):
+            out[{"encode": "encoders"}.get(role, role)] = list(workers)
+        encoders = [w.get("stats", {}) for w in out.get("encoders", [])]
+        out["totals"] = {"images_encoded": sum(s.get("encoded", 0) for s in encoders),
+                         "encoder_cache_hits": sum(s.get("cache_hits", 0) for s in encoders),
+                         "images": sum(s.get("images", 0) for s in encoders)}
+        return out
+
+
+ROUTER = web.AppKey("router", Router)
+CONFIG = web.AppKey("config", RouterConfig)
+
+
+def _error_response(e: APIError) -> web.Response:
+    return web.json_response(e.body(), status=e.status)
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    t0 = time.perf_counter()
+    router.counters["requests"] += 1
+    router.counters["active"] += 1
+    router.metrics.active.inc()
+    try:
+        response = await _chat(request, router, t0)
+    except APIError as e:
+        router.counters["errors"] += 1
+        router.metrics.stage_errors.labels(e.stage).inc()
+        response = _error_response(e)
+    finally:
+        router.counters["active"] -= 1
+        router.metrics.active.dec()
+    router.metrics.requests.labels(str(response.status)).inc()
+    return response
+
+
+async def _chat(request: web.Request, router: Router, t0: float) -> web.StreamResponse:
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise APIError(400, "the body must be a JSON object") from None
+    req = parse_chat_request(doc, router.config.default_max_tokens)
+    if req.model != router.config.model_id:
+        raise APIError(404, f"The model `{req.model}` does not exist (this server serves "
+                            f"`{router.config.model_id}`).", param="model")
+    cid = completion_id()
+    stream = await router.open(req, cid)
+    try:
+        first = await stream.next()
+        router.metrics.ttft.observe(time.perf_counter() - t0)
+        if req.stream:
+            return await _relay(request, router, req, cid, stream, first, t0)
+        events = [first]
+        while "finish_reason" not in events[-1]:
+            events.append(await stream.next())
+    finally:
+        stream.close()
+    final, tokens = events[-1], events[:-1]
+    router.counters["prompt_tokens"] += final["prompt_tokens"]
+    router.counters["completion_tokens"] += len(tokens)
+    router.metrics.e2e.observe(time.perf_counter() - t0)
+    token_ids = [e["token_id"] for e in tokens]
+    body = api.completion(cid, req.model, "".join(e["text"] for e in tokens), final["finish_reason"],
+                          final["prompt_tokens"], token_ids)
+    if not req.return_token_ids:
+        body["choices"][0].pop("token_ids")
+    return web.json_response(body)
+
+
+async def _relay(request: web.Request, router: Router, req: ChatRequest, cid: str, stream: TokenStream,
+                 event: dict, t0: float) -> web.StreamResponse:
+    """Worker events → OpenAI chunks; an error after the first byte ends the stream with an
+    ``{"error": ...}`` event (as vLLM does) before ``[DONE]``."""
+    created = int(time.time())
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    await response.write(_sse(api.chunk(cid, req.model, created, {"role": "assistant", "content": ""})))
+    num_tokens = 0
+    try:
+        while "finish_reason" not in event:
+            num_tokens += 1
+            ids = [event["token_id"]] if req.return_token_ids else None
+            await response.write(_sse(api.chunk(cid, req.model, created, {"content": event["text"]}, token_ids=ids)))
+            event = await stream.next()
+        await response.write(_sse(api.chunk(cid, req.model, created, {}, event["finish_reason"])))
+        if req.include_usage:
+            await response.write(_sse(api.usage_chunk(cid, req.model, created, event["prompt_tokens"], num_tokens)))
+        router.counters["prompt_tokens"] += event["prompt_tokens"]
+        router.metrics.e2e.observe(time.perf_counter() - t0)
+    except APIError as e:
+        router.counters["errors"] += 1
+        router.metrics.stage_errors.labels(e.stage).inc()
+        await response.write(_sse(e.body()))
+    router.counters["completion_tokens"] += num_tokens
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def models_handler(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    return web.json_response({"object": "list", "data": [
+        {"id": config.model_id, "object": "model", "created": 0, "owned_by": "mmcache", "mode": config.mode}]})
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[ROUTER].stats())
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(request.app[ROUTER].metrics.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "mode": request.app[CONFIG].mode})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Routing errors (404, 405) and bugs as OpenAI error JSON too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.empty_body or e.status < 400:
+            raise
+        return _error_response(APIError(e.status, e.reason))
+    except APIError as e:
+        return _error_response(e)
+    except Exception as e:
+        logger.exception("%s %s failed", request.method, request.path)
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+
+def load_tokenizer(model_dir: str) -> tuple[Any, int]:
+    """The checkpoint's tokenizer (with its chat template) and image token id."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_dir)
+    image_token_id = getattr(config, "image_token_index", None)
+    if image_token_id is None:
+        image_token_id = getattr(config, "image_token_id", None)
+    if image_token_id is None:
+        raise ValueError(f"{model_dir}: the model config names no image token")
+    return AutoTokenizer.from_pretrained(model_dir), int(image_token_id)
+
+
+def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        tok, image_token = tokenizer, image_token_id
+        if tok is None:
+            from encoder_worker.models import ensure_model
+
+            model_dir = await asyncio.to_thread(ensure_model, config.model, config.data_dir)
+            tok, image_token = await asyncio.to_thread(load_tokenizer, model_dir)
+        router = Router(config, tok, image_token)
+        await router.start()
+        app[ROUTER] = router
+        logger.info("router up (%s): model %s; %s", config.mode, config.model_id,
+                    "; ".join(f"{role}: {', '.join(b.url for b in pool.backends)}"
+                              for role, pool in router.pools.items()))
+        try:
+            yield
+        finally:
+            await router.close()
+    return ctx
+
+
+def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_id: int | None = None) -> web.Application:
+    """``tokenizer`` / ``image_token_id`` inject a loaded tokenizer (tests); else it is loaded here."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=256 << 20)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_router_ctx(config, tokenizer, image_token_id))
+    app.add_routes([
+        web.post("/v1/chat/completions", chat_completions),
+        web.get("/v1/models", models_handler),
+        web.get("/v1/stats", stats_handler),
+        web.get("/metrics", metrics_handler),
+        web.get("/healthz", healthz),
+    ])
+    return app
