@@ -91,7 +91,8 @@ class WorkloadSpec:
         object.__setattr__(self, "image_sizes", tuple((int(w), int(h)) for w, h in self.image_sizes))
         _check(self.rate > 0, f"{self.rate=} must be > 0 (math.inf allowed)")
         _check(self.num_requests >= 1, f"{self.num_requests=} must be >= 1")
-        _check(0 <= self.images_min <= self.images_max, f"{self.images_min=} must be in [0, {self.images_max=}]")
+        _check(0 <= self.images_min <= self.images_max,
+               f"{self.images_min=} must be in [0, {self.images_max=}]")
         _check(self.images_min <= self.images_mean <= self.images_max,
                f"{self.images_mean=} must be in [{self.images_min}, {self.images_max}]")
         _check(0.0 <= self.reuse <= 1.0, f"{self.reuse=} must be in [0, 1]")
@@ -106,7 +107,8 @@ class WorkloadSpec:
         _check(len(self.image_sizes) > 0, f"{self.image_sizes=} must not be empty")
         for width, height in self.image_sizes:
             _check(width >= 8 and height >= 8, f"image size {(width, height)} must be >= 8x8")
-        _check(self.image_format in IMAGE_FORMATS, f"{self.image_format=} must be one of {sorted(IMAGE_FORMATS)}")
+        _check(self.image_format in IMAGE_FORMATS,
+               f"{self.image_format=} must be one of {sorted(IMAGE_FORMATS)}")
         _check(1 <= self.jpeg_quality <= 95, f"{self.jpeg_quality=} must be in [1, 95]")
         _check(self.seed >= 0, f"{self.seed=} must be >= 0")
 
@@ -127,7 +129,9 @@ class RequestSpec:
     """Identity of each image's content; equal ids mean byte-identical images."""
     max_tokens: int
 
-    def to_openai_messages(self, workload: Workload, image_urls: Mapping[int, str] | None = None) -> list[dict]:
+    def to_openai_messages(
+        self, workload: Workload, image_urls: Mapping[int, str] | None = None
+    ) -> list[dict]:
         """One user message: the text part, then one image_url part per image, in order. URLs come
         from image_urls (e.g. file:// URLs from Workload.write_images) or else are data URIs."""
         parts: list[dict] = [{"type": "text", "text": self.prompt}]
@@ -146,7 +150,8 @@ class Workload:
     requests: list[RequestSpec]
     image_size_by_id: dict[int, tuple[int, int]]
     cache_capacity_bytes: int = 256 << 20
-    _id_to_bytes: OrderedDict[int, bytes] = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+    _id_to_bytes: OrderedDict[int, bytes] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False)
     _cached_bytes: int = field(default=0, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -248,7 +253,8 @@ class _ImagePicker:
     def __init__(self, spec: WorkloadSpec, rng: np.random.Generator) -> None:
         self._spec = spec
         self._rng = rng
-        self._cumulative_weights = np.cumsum(np.arange(1, spec.pool_size + 1, dtype=np.float64) ** -spec.zipf_s)
+        ranks = np.arange(1, spec.pool_size + 1, dtype=np.float64)
+        self._cumulative_weights = np.cumsum(ranks**-spec.zipf_s)
         self.image_size_by_id: dict[int, tuple[int, int]] = {}
 
     def pick(self, num_images: int) -> tuple[int, ...]:
@@ -299,9 +305,10 @@ def generate(spec: WorkloadSpec) -> Workload:
         np.arange(spec.images_min, spec.images_max + 1), size=n,
         p=truncated_power_law(spec.images_min, spec.images_max, spec.images_mean),
     )
-    prompt_words = np.maximum(1, np.rint(_lognormal(prompt_rng, spec.prompt_words_mean, spec.prompt_words_sigma, n)))
-    max_tokens = np.clip(np.rint(_lognormal(output_rng, spec.output_tokens_mean, spec.output_tokens_sigma, n)),
-                         spec.output_tokens_min, spec.output_tokens_max)
+    prompt_words = _lognormal(prompt_rng, spec.prompt_words_mean, spec.prompt_words_sigma, n)
+    prompt_words = np.maximum(1, np.rint(prompt_words))
+    max_tokens = _lognormal(output_rng, spec.output_tokens_mean, spec.output_tokens_sigma, n)
+    max_tokens = np.clip(np.rint(max_tokens), spec.output_tokens_min, spec.output_tokens_max)
     picker = _ImagePicker(spec, image_rng)
     requests = [
         RequestSpec(

@@ -474,8 +474,12 @@ async def _relay(request: web.Request, router: Router, req: ChatRequest, cid: st
     try:
         while "finish_reason" not in event:
             num_tokens += 1
-            ids = [event["token_id"]] if req.return_token_ids else None
-            await response.write(_sse(api.chunk(cid, req.model, created, {"content": event["text"]}, token_ids=ids)))
+            # NOTE: a token that ends inside a UTF-8 sequence has no text yet; its chunk is skipped
+            # unless the client wants the ids.
+            if event["text"] or req.return_token_ids:
+                ids = [event["token_id"]] if req.return_token_ids else None
+                await response.write(_sse(api.chunk(cid, req.model, created, {"content": event["text"]},
+                                                    token_ids=ids)))
             event = await stream.next()
         await response.write(_sse(api.chunk(cid, req.model, created, {}, event["finish_reason"])))
         if req.include_usage:

@@ -1,5 +1,6 @@
 """``mmcache``: run the sidecar and poke a running one.
 
+    mmcache up [--port 8000] [--encoders 2] [--aggregated]   the whole stack, OpenAI API on --port
     mmcache serve --data-dir DIR --port 8470 --socket /tmp/mmcache.sock --host-capacity 4GiB
     mmcache stats http://127.0.0.1:8470
     mmcache put URL NS/HASH file.safetensors       (or a .npy array; --hash-of IMAGE computes HASH)
@@ -89,6 +90,17 @@ def _get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from mmcache.stack import StackConfig, run
+
+    config = StackConfig(model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
+                         encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
+                         host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
+                         allowed_dirs=tuple(args.allowed_dir), max_batch=args.max_batch,
+                         startup_timeout_s=args.startup_timeout, log_level=args.log_level)
+    return run(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmcache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -108,6 +120,25 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--disk-policy", choices=["lru", "gdsf"])
     s.add_argument("--log-level")
     s.set_defaults(fn=_serve)
+
+    u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)")
+    u.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face LLaVA directory")
+    u.add_argument("--data-dir", default="./mmcache-data", help="models, the cache's disk tier, its socket")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8000, help="the router's port (the OpenAI API)")
+    u.add_argument("--encoders", type=int, default=2, help="encoder workers (a request's images are split over them)")
+    u.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    u.add_argument("--decode", type=int, default=1, help="decode workers (with --aggregated: both workers)")
+    u.add_argument("--aggregated", action="store_true",
+                   help="the baseline instead: encode + prefill + decode in one worker, no cache")
+    u.add_argument("--host-capacity", default="2GiB", help="the cache's shared-memory arena")
+    u.add_argument("--device", help="cpu, cuda, cuda:N for the workers (default: cuda when a GPU is visible)")
+    u.add_argument("--dtype", help="bfloat16, float16, float32 for the workers")
+    u.add_argument("--allowed-dir", action="append", default=[], help="allow file:// images under DIR (repeatable)")
+    u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
+    u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
+    u.add_argument("--log-level", default="warning", help="the children's log level")
+    u.set_defaults(fn=_up)
 
     for name, fn, hlp in (("stats", _stats, "print a sidecar's stats"), ("put", _put, "store a file"),
                           ("get", _get, "fetch an entry")):
