@@ -1,0 +1,224 @@
+"""The whole stack as a user runs it: ``mmcache up`` (EPD, two encoders) and ``mmcache up
+--aggregated``, driven through the official ``openai`` client: chat with one and three images,
+streaming and not; greedy EPD == aggregated == ``generate``; cache hits; images spread over the
+encoders; an encoder killed mid-run; clean shutdown."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import os
+import signal
+import tempfile
+
+import huggingface_hub.constants
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from encoder_worker.models import ensure_model
+from sidecar import free_port
+from stack_proc import UpProcess
+
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """tiny-llava, built once and shared by the stacks (``--model DIR``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
+
+
+def _up(model_dir: str, *flags: str) -> UpProcess:
+    data_dir = tempfile.mkdtemp(prefix="mmc-up-", dir="/tmp")  # NOTE: short, for the sidecar's AF_UNIX socket
+    return UpProcess("--model", model_dir, "--data-dir", data_dir, "--port", str(free_port()),
+                     "--host-capacity", "256MiB", "--log-level", "warning", *flags,
+                     env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def epd(model_dir):
+    with _up(model_dir, "--encoders", "2") as up:
+        yield up
+    assert up.proc.returncode == 0, "\n".join(up.output[-30:])
+
+
+@pytest.fixture(scope="module")
+def aggregated(model_dir):
+    with _up(model_dir, "--aggregated") as up:
+        yield up
+    assert up.proc.returncode == 0, "\n".join(up.output[-30:])
+
+
+def client(up: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def image(seed: int, size=(240, 320)) -> tuple[str, Image.Image]:
+    """(data: URI of a PNG, the decoded image)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return ("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),
+            Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+def messages(uris: list[str], question: str = "Describe the images.") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": question},
+                                          *({"type": "image_url", "image_url": {"url": u}} for u in uris)]}]
+
+
+def chat(up: UpProcess, uris: list[str], **kwargs):
+    return client(up).chat.completions.create(model="tiny-llava", messages=messages(uris), max_tokens=MAX_TOKENS,
+                                              temperature=0, **kwargs)
+
+
+def token_ids(completion) -> list[int]:
+    return completion.choices[0].to_dict()["token_ids"]
+
+
+def test_models(epd, aggregated):
+    for up in (epd, aggregated):
+        assert [m.id for m in client(up).models.list().data] == ["tiny-llava"]
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_chat_streaming_and_not(epd, num_images):
+    uris = [image(100 + num_images * 10 + i)[0] for i in range(num_images)]
+    full = chat(epd, uris)
+    choice = full.choices[0]
+    assert full.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.finish_reason in ("length", "stop") and isinstance(choice.message.content, str)
+    assert full.usage.completion_tokens <= MAX_TOKENS
+    assert full.usage.prompt_tokens > 576 * num_images
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+
+    chunks = list(chat(epd, uris, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == choice.message.content and finish == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def _generate_reference(model_dir: str, uris_and_images: list[tuple[str, Image.Image]]) -> list[int]:
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    hf = [{"role": "user", "content": [{"type": "text", "text": "Describe the images."},
+                                       *({"type": "image"} for _ in uris_and_images)]}]
+    text = processor.apply_chat_template(hf, add_generation_prompt=True)
+    inputs = processor(text=text, images=[im for _, im in uris_and_images], return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_greedy_epd_equals_aggregated_equals_generate(epd, aggregated, model_dir, num_images):
+    pairs = [image(200 + num_images * 10 + i) for i in range(num_images)]
+    uris = [u for u, _ in pairs]
+    extra = {"extra_body": {"return_token_ids": True}}
+    disagg, agg = chat(epd, uris, **extra), chat(aggregated, uris, **extra)
+    want = _generate_reference(model_dir, pairs)
+    assert token_ids(disagg) == token_ids(agg) == want
+    assert disagg.choices[0].message.content == agg.choices[0].message.content
+    assert disagg.usage.model_dump() == agg.usage.model_dump()
+    streamed = [i for c in chat(epd, uris, stream=True, **extra) if c.choices
+                for i in c.choices[0].to_dict().get("token_ids", [])]
+    assert streamed == want
+
+
+def test_a_second_request_for_the_same_image_encodes_nothing(epd):
+    uri = image(300)[0]
+    chat(epd, [uri])
+    before = epd.stats()["totals"]
+    chat(epd, [uri])
+    after = epd.stats()["totals"]
+    assert after["images_encoded"] == before["images_encoded"]
+    assert after["encoder_cache_hits"] == before["encoder_cache_hits"] + 1
+    assert epd.stats()["cache"]["stats"]["host"]["hits"] > 0
+
+
+def test_three_images_are_spread_over_two_encoders(epd):
+    def per_encoder() -> list[int]:
+        return [e["stats"]["encoded"] for e in epd.stats()["encoders"]]
+    before = per_encoder()
+    chat(epd, [image(400 + i)[0] for i in range(3)])
+    delta = [a - b for a, b in zip(per_encoder(), before)]
+    assert sorted(delta) == [1, 2], delta
+
+
+def test_stats_gather_the_stack(epd):
+    stats = epd.stats()
+    assert stats["mode"] == "epd" and stats["cache"]["healthy"]
+    assert len(stats["encoders"]) == 2 and len(stats["prefill"]) == 1 and len(stats["decode"]) == 1
+    for worker in stats["encoders"] + stats["prefill"] + stats["decode"]:
+        assert worker["healthy"] and worker["url"].startswith("http://127.0.0.1:") and worker["stats"]["pid"] > 0
+    assert stats["router"]["requests"] >= 1 and stats["decode"][0]["stats"]["completion_tokens"] > 0
+
+
+def test_bad_input_names_its_stage_and_the_stack_keeps_serving(epd):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(epd, [image(500)[0], "data:image/png;base64,bm90IGFuIGltYWdl"])
+    assert err.value.status_code == 400 and "encode: image 1:" in err.value.message
+    assert err.value.body["stage"] == "encode"
+    with pytest.raises(openai.NotFoundError):
+        client(epd).chat.completions.create(model="gpt-4o", messages=messages([]))
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client(epd).chat.completions.create(model="tiny-llava", messages=messages([]), n=2)
+    assert chat(epd, [image(501)[0]]).choices[0].finish_reason in ("length", "stop")
+
+
+def test_aggregated_stats_and_errors(aggregated):
+    stats = aggregated.stats()
+    assert stats["mode"] == "aggregated" and len(stats["generate"]) == 1 and stats["generate"][0]["healthy"]
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(aggregated, ["data:image/png;base64,bm90IGFuIGltYWdl"])
+    assert err.value.body["stage"] == "generate" and "image 0" in err.value.message
+
+
+def test_an_encoder_killed_mid_run(model_dir):
+    """Requests in flight when an encoder dies are retried on the other one (or fail naming the
+    encode stage); the stack keeps serving and its stats show the dead encoder."""
+    with _up(model_dir, "--encoders", "2") as up:
+        victim = up.stats()["encoders"][0]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(chat, up, [image(600 + 3 * i + j)[0] for j in range(3)]) for i in range(6)]
+            os.kill(victim["stats"]["pid"], signal.SIGKILL)
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result().choices[0].finish_reason)
+                except openai.APIError as e:
+                    assert "encode" in str(e), e
+                    outcomes.append("error")
+        assert outcomes.count("error") < len(outcomes)
+        for i in range(3):  # later requests all succeed: the dead encoder is passed over
+            assert chat(up, [image(700 + 3 * i + j)[0] for j in range(3)]).choices[0].finish_reason != "error"
+        stats = up.stats()
+        dead = next(e for e in stats["encoders"] if e["url"] == victim["url"])
+        assert not dead["healthy"] and stats["router"]["retries"] >= 1
+        assert up.proc.poll() is None
+        assert any("encoder-0" in line and "exited" in line for line in up.output)
+    assert up.proc.returncode == 0
+
+
+def test_up_stops_everything_on_sigterm(model_dir):
+    up = _up(model_dir, "--encoders", "1").start()
+    pids = [w["stats"]["pid"] for role in ("encoders", "prefill", "decode") for w in up.stats()[role]]
+    socket_path = up.stats()["cache"]["url"].removeprefix("unix://")
+    assert up.stop() == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not os.path.exists(socket_path)
+
+
+def test_up_fails_clearly_when_a_worker_cannot_start(tmp_path):
+    up = _up(str(tmp_path / "no-such-model"), "--encoders", "1")
+    with pytest.raises(RuntimeError, match="exited with 1") as err:
+        up.start()
+    assert "no-such-model" in str(err.value)
