@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from llm_worker.sampling import SamplingParams
+
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 429: "rate_limit_error"}
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias")
@@ -81,6 +83,10 @@ def parse_chat_request(doc: Any, default_max_tokens: int) -> ChatRequest:
             raise APIError(400, f'"stop" must be a string or a list of at most {_MAX_STOP} non-empty strings',
                            param="stop")
         sampling["stop"] = stops
+    try:  # NOTE: checked here, before any image is fetched; the workers check again
+        SamplingParams(**sampling)
+    except (TypeError, ValueError) as e:
+        raise APIError(400, str(e)) from None
     return ChatRequest(model, [_with_file_urls(m) for m in messages], sampling, stream, include_usage,
                        _flag(doc, "return_token_ids"))
 

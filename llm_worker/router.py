@@ -235,7 +235,7 @@ class Router:
                 except ValueError:
                     return resp.status, {"error": (await resp.text())[:500]}
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise Unreachable(repr(e)) from e
+            raise Unreachable(f"{type(e).__name__}: {e}") from e
         finally:
             backend.inflight -= 1
 
@@ -255,7 +255,7 @@ class Router:
             try:
                 resp = await self.http.post(backend.url + path, json=body)
             except aiohttp.ClientConnectionError as e:
-                raise Unreachable(repr(e)) from e
+                raise Unreachable(f"{type(e).__name__}: {e}") from e
             if resp.status == 200:
                 return TokenStream(resp, backend, stage)
             try:
