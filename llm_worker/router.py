@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from llm_worker import openai_api as api
+from llm_worker.backends import Backend, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.prompt import image_urls, template_ids
 from mmcache_client import AsyncCacheClient
@@ -84,60 +85,6 @@ class RouterConfig:
         return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
 
 
-class Unreachable(Exception):
-    """A worker could not be reached or dropped the connection before answering."""
-
-
-class Backend:
-    """One worker: its URL, requests in flight, and whether it recently failed."""
-
-    def __init__(self, role: str, url: str):
-        self.role, self.url = role, url.rstrip("/")
-        self.inflight = 0
-        self.requests = 0
-        self.failures = 0
-        self.down_until = 0.0
-        self.last_error: str | None = None
-
-    def up(self, now: float) -> bool:
-        return now >= self.down_until
-
-    def info(self) -> dict:
-        return {"url": self.url, "inflight": self.inflight, "requests": self.requests, "failures": self.failures,
-                "last_error": self.last_error}
-
-
-class Pool:
-    """The workers of one role; picks the least busy ones that have not just failed."""
-
-    def __init__(self, role: str, urls: Sequence[str], retry_down_s: float):
-        self.role = role
-        self.backends = [Backend(role, u) for u in urls]
-        self.retry_down_s = retry_down_s
-        self._turn = 0
-
-    def __len__(self) -> int:
-        return len(self.backends)
-
-    def pick(self, k: int = 1, exclude: Sequence[Backend] = ()) -> list[Backend]:
-        """Up to ``k`` distinct workers not in ``exclude``: those up first, fewest in flight first,
-        ties in turn (round robin)."""
-        now = time.monotonic()
-        n = len(self.backends)
-        order = [self.backends[(self._turn + i) % n] for i in range(n)]
-        self._turn = (self._turn + 1) % max(n, 1)
-        candidates = [b for b in order if b not in exclude]
-        candidates.sort(key=lambda b: (not b.up(now), b.inflight))
-        return candidates[:k]
-
-    def failed(self, backend: Backend, error: str) -> None:
-        backend.failures += 1
-        backend.last_error = error
-        backend.down_until = time.monotonic() + self.retry_down_s
-        logger.warning("%s worker %s unreachable (%s); passing it over for %.0f s", self.role, backend.url, error,
-                       self.retry_down_s)
-
-
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -154,45 +101,6 @@ class _Metrics:
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("mmcache_router_request_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-
-
-class TokenStream:
-    """A worker's SSE answer (``{"text", "token_id"}`` per token, then ``{"finish_reason", ...}``
-    or ``{"error"}``, then ``[DONE]``) read event by event; ``close`` drops the connection, which
-    makes the worker abandon the request."""
-
-    def __init__(self, response: aiohttp.ClientResponse, backend: Backend, stage: str):
-        self.response, self.backend, self.stage = response, backend, stage
-
-    async def next(self) -> dict:
-        """The next event; ``APIError`` for an error event or a broken stream."""
-        try:
-            async for raw in self.response.content:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    raise APIError(500, str(event["error"]), self.stage)
-                return event
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-            raise APIError(502, f"the {self.stage} worker {self.backend.url} broke off: {e!r}", self.stage) from e
-        raise APIError(502, f"the {self.stage} worker {self.backend.url} ended the stream without finishing",
-                       self.stage)
-
-    def close(self) -> None:
-        self.response.close()
-
-
-def _worker_error(status: int, doc: Any, stage: str, backend: Backend) -> APIError:
-    message = doc.get("error") if isinstance(doc, dict) else None
-    message = str(message) if message else f"HTTP {status} from {backend.url}"
-    # NOTE: a worker's 400/413 is the client's input; its other 4xx (wrong role, missing KV)
-    # are the stack's own fault: 502 for the client.
-    return APIError(status if status in (400, 413, 503, 504) else 502 if status < 500 else status, message, stage)
 
 
 class Router:
@@ -244,7 +152,7 @@ class Router:
         async def attempt(backend: Backend) -> tuple[Backend, Any]:
             status, doc = await self._post(backend, path, body)
             if status != 200:
-                raise _worker_error(status, doc, stage, backend)
+                raise worker_error(status, doc, stage, backend)
             return backend, doc
         return await self._on_some_worker(stage, attempt, first)
 
@@ -264,7 +172,7 @@ class Router:
                 doc = None
             finally:
                 resp.close()
-            raise _worker_error(resp.status, doc, stage, backend)
+            raise worker_error(resp.status, doc, stage, backend)
         return await self._on_some_worker(stage, attempt)
 
     async def _on_some_worker(self, stage: str, attempt, first: Backend | None = None):

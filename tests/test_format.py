@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import mmap
@@ -38,8 +37,6 @@ from mmcache_client.format import (
     read_entry,
     relayout,
     verify_checksum,
-    view_array,
-    view_tensor,
 )
 from mmcache_client.keys import content_hash
 
