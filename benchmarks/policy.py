@@ -268,3 +268,140 @@ def belady_size(trace: Trace, capacity_bytes: int) -> SimResult:
             del key_to_slot[victim]
             used_bytes -= sizes[victim]
     return SimResult("belady-size", capacity_bytes, len(keys), hits, requested_bytes, hit_bytes)
+
+
+def static_popularity(trace: Trace, capacity_bytes: int) -> SimResult:
+    """An oracle of popularity, not of the future: pin the most probable images that fit.
+
+    Images are taken in order of true request probability (image id = Zipf rank), skipping any
+    that no longer fit; each is loaded at its first request (a miss) and never evicted. Under
+    the independent reference model this is about the best any policy that learns popularity,
+    rather than seeing the future, can reach: a ceiling for LRU and GDSF, not for Belady.
+    """
+    sizes = trace.size_bytes.tolist()
+    pinned = np.zeros(len(sizes), dtype=bool)
+    used_bytes = 0
+    for key, size_bytes in enumerate(sizes):
+        if used_bytes + size_bytes <= capacity_bytes:
+            pinned[key] = True
+            used_bytes += size_bytes
+    requested = trace.size_bytes[trace.keys]
+    first = np.zeros(len(trace.keys), dtype=bool)
+    first[np.unique(trace.keys, return_index=True)[1]] = True
+    hit = pinned[trace.keys] & ~first
+    return SimResult("static-popularity", capacity_bytes, len(trace.keys), int(hit.sum()),
+                     int(requested.sum()), int(requested[hit].sum()))
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+TARGET_GAP_CLOSED = 0.5
+
+
+def gap_closed(result: SimResult, lru: SimResult, best: SimResult) -> float:
+    """Share of the byte-hit-ratio gap from ``lru`` to ``best`` that ``result`` closes (NaN if none)."""
+    gap = best.byte_hit_ratio - lru.byte_hit_ratio
+    return (result.byte_hit_ratio - lru.byte_hit_ratio) / gap if gap > 0 else math.nan
+
+
+def run_capacity(trace: Trace, capacity_bytes: int) -> list[SimResult]:
+    """Every policy and reference at one capacity, in table order."""
+    return [
+        simulate("lru", trace, capacity_bytes),
+        simulate("gdsf", trace, capacity_bytes),
+        static_popularity(trace, capacity_bytes),
+        belady(trace, capacity_bytes),
+        belady_size(trace, capacity_bytes),
+    ]
+
+
+def machine() -> str:
+    """One line on where this ran: OS, CPU model, cores, Python."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def describe_trace(trace: Trace) -> str:
+    tokens = trace.num_tokens
+    llava = int((tokens == LLAVA_TOKENS).sum())
+    p5, p50, p95 = np.percentile(tokens, [5, 50, 95])
+    return (
+        f"trace: {len(trace.keys):,} requests over a pool of {len(tokens):,} images, Zipf s={trace.zipf_s}, "
+        f"seed {trace.seed}; {len(np.unique(trace.keys)):,} distinct requested\n"
+        f"  tokens per image: {llava:,} LLaVA-1.5 at {LLAVA_TOKENS}, the rest Qwen2-VL "
+        f"{QWEN_MIN_TOKENS}..{QWEN_MAX_TOKENS}; all: min {tokens.min()}, p5 {p5:.0f}, median {p50:.0f}, "
+        f"p95 {p95:.0f}, max {tokens.max()}, mean {tokens.mean():.0f}\n"
+        f"  entry bytes = tokens * {trace.hidden} * 2 (fp16); pool {trace.pool_bytes / 2**30:.1f} GiB; "
+        f"cost_ms = {ENCODE_FIXED_MS:g} + {ENCODE_MS_PER_TOKEN:g} * tokens"
+    )
+
+
+def print_table(fraction: float, rows: list[SimResult]) -> float:
+    """Print one capacity's table; return gdsf's gap closed."""
+    lru, best = rows[0], next(r for r in rows if r.policy == "belady")
+    capacity_bytes = rows[0].capacity_bytes
+    print(f"\ncapacity {fraction:g} of pool = {capacity_bytes / 2**30:.2f} GiB")
+    print(f"  {'policy':<18} {'hit ratio':>9} {'byte hit ratio':>14} {'gap closed':>10}")
+    for r in rows:
+        closed = gap_closed(r, lru, best)
+        closed_text = "n/a" if math.isnan(closed) else f"{closed:.2f}"
+        print(f"  {r.policy:<18} {r.hit_ratio:>9.4f} {r.byte_hit_ratio:>14.4f} {closed_text:>10}")
+    return gap_closed(rows[1], lru, best)
+
+
+def parse_fractions(text: str) -> list[float]:
+    fractions = [float(part) for part in text.split(",") if part.strip()]
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"{text=} must be a comma-separated list of fractions in (0, 1]")
+    return fractions
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200_000, help="trace length")
+    ap.add_argument("--pool", type=int, default=10_000, help="distinct images")
+    ap.add_argument("--zipf", type=float, default=0.9, help="Zipf exponent s of image popularity")
+    ap.add_argument("--capacities", type=parse_fractions, default=[0.01, 0.05, 0.1, 0.2],
+                    help="cache capacities as fractions of the pool's total bytes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help="LLM hidden size (embedding width)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    started = time.perf_counter()
+    trace = make_trace(args.requests, args.pool, args.zipf, args.seed, args.hidden)
+    print(f"machine: {machine()}")
+    print(describe_trace(trace))
+    print("gap closed = (policy - lru) / (belady - lru) in byte hit ratio. belady: MIN, evicts the furthest\n"
+          "  next use, may bypass; belady-size: evicts the largest size * next-use distance;\n"
+          "  static-popularity: pins the truly most popular images (a ceiling for online policies)")
+    tables, verdicts = [], []
+    for fraction in args.capacities:
+        rows = run_capacity(trace, int(trace.pool_bytes * fraction))
+        closed = print_table(fraction, rows)
+        verdicts.append((fraction, closed))
+        tables.append({"capacity_fraction": fraction, "gdsf_gap_closed": closed,
+                       "results": [r.to_dict() for r in rows]})
+    passed = all(c >= TARGET_GAP_CLOSED for _, c in verdicts)
+    per_capacity = ", ".join(f"{f:g}: {c:.2f}" for f, c in verdicts)
+    print(f"\ntarget: gdsf closes >= {TARGET_GAP_CLOSED} of the lru-to-belady gap in byte hit ratio "
+          f"at every capacity; gap closed {per_capacity} -> {'PASS' if passed else 'MISS'}")
+    elapsed_s = time.perf_counter() - started
+    print(f"ran in {elapsed_s:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "trace": {"requests": args.requests, "pool": args.pool,
+                       "zipf_s": args.zipf, "seed": args.seed, "hidden": args.hidden,
+                       "pool_bytes": trace.pool_bytes},
+                       "capacities": tables, "target_gap_closed": TARGET_GAP_CLOSED, "passed": passed,
+                       "elapsed_s": elapsed_s}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

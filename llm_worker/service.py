@@ -194,12 +194,12 @@ class LLMService:
         them) or else ``messages`` (templated here)."""
         if prompt_ids is not None:
             num_parts = prompt_ids.count(self.engine.image_token_id)
-            what = "prompt_ids hold"
+            what = "prompt_ids hold {} image tokens"
         else:
             num_parts = len(image_urls(messages))  # NOTE: validates the messages before any cache traffic
-            what = "the messages hold"
+            what = "the messages hold {} image parts"
         if num_parts != len(images):
-            raise ValueError(f"{what} {num_parts} image placeholders but {len(images)} images were given")
+            raise ValueError(what.format(num_parts) + f" but {len(images)} images were given")
         kv = self.engine.kv_key(request_id)
         if await self.cache.exists(kv.namespace, kv.hash):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
