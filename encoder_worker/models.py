@@ -133,7 +133,18 @@ def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
-def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden: int = 4096) -> str:
+def build_llava_clip_l336_small(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """CLIP ViT-L/14-336 (random, bf16) in front of a small Llama (~0.13B: hidden 1024, 12 layers,
+    GQA 16/4 heads, MLP 2816): the EPD benchmark's ``realistic`` profile, where an image costs
+    about what the prompt's prefill costs, as in the small LLaVA-style models (a 0.3-0.4B vision
+    tower before a 0.5B language model)."""
+    return build_llava_clip_l336(out_dir, seed, text_hidden=1024, text_layers=12, text_heads=16, text_kv_heads=4,
+                                 text_intermediate=2816, text_positions=8192)
+
+
+def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden: int = 4096, text_layers: int = 1,
+                          text_heads: int = 1, text_kv_heads: int = 1, text_intermediate: int = 256,
+                          text_positions: int = 4096) -> str:
     """Write a LLaVA-1.5-7B-shaped vision side with seeded random weights into ``out_dir``; return it.
 
     The vision tower is CLIP ViT-L/14 at 336 px (hidden 1024, 24 layers, 16 heads, MLP 4096, 577
@@ -151,8 +162,9 @@ def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
         image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
     text_config = LlamaConfig(
-        vocab_size=tiny.text_config.vocab_size, hidden_size=text_hidden, intermediate_size=256, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=4096,
+        vocab_size=tiny.text_config.vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
+        head_dim=text_hidden // text_heads if text_heads > 1 else 64, max_position_embeddings=text_positions,
         bos_token_id=tiny.text_config.bos_token_id, eos_token_id=tiny.text_config.eos_token_id,
         pad_token_id=tiny.text_config.pad_token_id)
     config = LlavaConfig(
@@ -216,6 +228,7 @@ BUILTIN_MODELS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-llava": build_tiny_llava,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
     "llava-clip-l336-random": build_llava_clip_l336,
+    "llava-clip-l336-small": build_llava_clip_l336_small,
 }
 
 

@@ -29,17 +29,32 @@ from typing import Any, AsyncIterator
 import aiohttp
 import torch
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from mmcache_client import (
+    AsyncCacheClient,
+    CacheUnavailable,
+    CorruptEntry,
+    EntryTooLarge,
+    Key,
+    content_hash,
+)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from encoder_worker.encoder import Encoder
 from encoder_worker.media import MediaError, MediaLimits, load_image
 from encoder_worker.models import ensure_model
 from llm_worker.decode_loop import DecodeJob, DecodeLoop, ShuttingDown
+from llm_worker.embedding_lru import EmbeddingLRU
 from llm_worker.engine import LLMEngine
 from llm_worker.kv import kv_entry_fields, kv_namespace, read_prefill
 from llm_worker.prompt import expand_image_tokens, image_urls
 from llm_worker.sampling import SamplingParams
-from mmcache_client import AsyncCacheClient, CacheUnavailable, CorruptEntry, EntryTooLarge, Key
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +87,8 @@ class LLMServeConfig:
     """Bearer token of the sidecar, if it has one."""
     media: MediaLimits = field(default_factory=MediaLimits)
     """Limits on the images a ``both`` worker fetches itself."""
+    encoder_cache_bytes: int = 0
+    """``both`` only: an in-process LRU of image embeddings this large (0: none, encode every image)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -149,6 +166,10 @@ class LLMService:
         self.decode_loop = None if config.role == "prefill" else \
             DecodeLoop(engine, self.forward, config.max_batch, on_step=self._on_step)
         self._http: aiohttp.ClientSession | None = None
+        self.embedding_cache = EmbeddingLRU(config.encoder_cache_bytes) \
+            if config.role == "both" and config.encoder_cache_bytes else None
+        if self.embedding_cache is not None:
+            self.counters.update(images=0, encoded=0)
 
     async def start(self) -> None:
         if self.config.role == "both":
@@ -253,22 +274,38 @@ class LLMService:
             if isinstance(result, BaseException):
                 raise result
         images = [image for _, image in loaded]
+        hashes = [content_hash(raw) for raw, _ in loaded] if self.embedding_cache is not None else None
         ids = self.engine.prompt_ids(messages, [self.encoder.num_image_tokens(im) for im in images])
         seed = sampling.resolved_seed()
 
         def encode_and_prefill():
-            embeddings = [e.embeddings for e in self.encoder.encode(images)]
-            return self.engine.prefill(ids, embeddings, sampling, seed)
+            return self.engine.prefill(ids, self._encode(images, hashes), sampling, seed)
         result = await self.forward(encode_and_prefill)
         self._count_prompt(len(ids), result.prefill_ms)
         state = self.engine.start(f"gen-{uuid.uuid4().hex}", result, sampling, seed)
         return await self.decode_loop.submit(state)
+
+    def _encode(self, images: list, hashes: list[str] | None) -> list[torch.Tensor]:
+        """Embeddings of ``images`` (on the forward thread); with an in-process cache, only its
+        misses are encoded, in one batch."""
+        if hashes is None:
+            return [e.embeddings for e in self.encoder.encode(images)]
+        out = [self.embedding_cache.get(h) for h in hashes]
+        misses = [i for i, e in enumerate(out) if e is None]
+        self.counters["images"] += len(images)
+        self.counters["encoded"] += len(misses)
+        for i, encoded in zip(misses, self.encoder.encode([images[i] for i in misses]) if misses else ()):
+            out[i] = encoded.embeddings
+            self.embedding_cache.put(hashes[i], encoded.embeddings)
+        return out
 
     def stats(self) -> dict:
         out = {"role": self.config.role, "model": self.config.model, "namespace": self.engine.namespace,
                "pid": os.getpid(), **self.counters}
         if self.decode_loop is not None:
             loop = self.decode_loop
+            if self.embedding_cache is not None:
+                out["embedding_cache"] = self.embedding_cache.stats()
             out["decode"] = {"running": loop.num_running, "waiting": loop.num_waiting, "steps": loop.steps,
                              "batched_tokens": loop.batched_tokens, "max_batch_size": loop.max_batch_size}
         return out

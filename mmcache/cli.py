@@ -97,6 +97,7 @@ def _up(args: argparse.Namespace) -> int:
                          encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
                          allowed_dirs=tuple(args.allowed_dir), max_batch=args.max_batch,
+                         encoder_cache=args.encoder_cache, threads=args.threads,
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level)
     return run(config)
 
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--dtype", help="bfloat16, float16, float32 for the workers")
     u.add_argument("--allowed-dir", action="append", default=[], help="allow file:// images under DIR (repeatable)")
     u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
+    u.add_argument("--encoder-cache", help="with --aggregated: an in-process LRU of embeddings this large, e.g. 2GiB")
+    u.add_argument("--threads", type=int, help="torch threads per worker process (default: torch's)")
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)

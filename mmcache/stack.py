@@ -53,6 +53,10 @@ class StackConfig:
     dtype: str | None = None
     allowed_dirs: tuple[str, ...] = ()
     max_batch: int = 64
+    encoder_cache: str | None = None
+    """With ``aggregated``: the ``both`` workers' in-process embedding LRU (e.g. ``2GiB``)."""
+    threads: int | None = None
+    """Torch threads per worker (``OMP_NUM_THREADS``); None: torch's default."""
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -61,6 +65,10 @@ class StackConfig:
         for name in ("encoders", "prefill", "decode"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
+        if self.encoder_cache and not self.aggregated:
+            raise ValueError("--encoder-cache is for --aggregated (EPD workers share the sidecar)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("--threads must be >= 1")
 
 
 class StackError(RuntimeError):
@@ -124,7 +132,8 @@ class Stack:
         self.events: queue.Queue = queue.Queue()
         self.url: str | None = None
         self.socket_path = _socket_path(config.data_dir)
-        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **config.extra_env}
+        threads = {"OMP_NUM_THREADS": str(config.threads)} if config.threads else {}
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads, **config.extra_env}
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -144,6 +153,8 @@ class Stack:
         args = ["serve", "--role", role, *self._worker_args(), "--max-batch", str(c.max_batch)]
         if role != "both":
             args += ["--cache", f"unix://{self.socket_path}"]
+        elif c.encoder_cache:
+            args += ["--encoder-cache", c.encoder_cache]
         for flag, value in (("--device", c.device), ("--dtype", c.dtype)):
             if value:
                 args += [flag, value]

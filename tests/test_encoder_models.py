@@ -277,7 +277,7 @@ def test_ensure_model_builds_once(tmp_path: Path, llava_dir: str) -> None:
     mtime_ns = weights.stat().st_mtime_ns
     assert ensure_model("tiny-llava", tmp_path) == model_dir
     assert weights.stat().st_mtime_ns == mtime_ns
-    assert os.listdir(tmp_path / "models") == ["tiny-llava"]  # no temp dirs left behind
+    assert sorted(os.listdir(tmp_path / "models")) == [".tiny-llava.lock", "tiny-llava"]  # no temp dirs left behind
     assert ensure_model(llava_dir, tmp_path) == llava_dir
     with pytest.raises(ValueError, match="tiny-llava"):
         ensure_model("llava-hf/llava-1.5-7b-hf", tmp_path)

@@ -17,11 +17,11 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+from sidecar import free_port
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from encoder_worker.models import ensure_model
-from sidecar import free_port
-from stack_proc import UpProcess
+from mmcache.stack_process import StackProcess
 
 MAX_TOKENS = 10
 
@@ -34,9 +34,9 @@ def model_dir(tmp_path_factory) -> str:
         return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
 
 
-def _up(model_dir: str, *flags: str) -> UpProcess:
+def _up(model_dir: str, *flags: str) -> StackProcess:
     data_dir = tempfile.mkdtemp(prefix="mmc-up-", dir="/tmp")  # NOTE: short, for the sidecar's AF_UNIX socket
-    return UpProcess("--model", model_dir, "--data-dir", data_dir, "--port", str(free_port()),
+    return StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", str(free_port()),
                      "--host-capacity", "256MiB", "--log-level", "warning", *flags,
                      env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
 
@@ -55,7 +55,7 @@ def aggregated(model_dir):
     assert up.proc.returncode == 0, "\n".join(up.output[-30:])
 
 
-def client(up: UpProcess) -> openai.OpenAI:
+def client(up: StackProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
@@ -72,7 +72,7 @@ def messages(uris: list[str], question: str = "Describe the images.") -> list[di
                                           *({"type": "image_url", "image_url": {"url": u}} for u in uris)]}]
 
 
-def chat(up: UpProcess, uris: list[str], **kwargs):
+def chat(up: StackProcess, uris: list[str], **kwargs):
     return client(up).chat.completions.create(model="tiny-llava", messages=messages(uris), max_tokens=MAX_TOKENS,
                                               temperature=0, **kwargs)
 

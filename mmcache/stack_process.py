@@ -1,4 +1,5 @@
-"""Test helper: ``mmcache up`` as a real subprocess, started and stopped like a user does."""
+"""``mmcache up`` as a subprocess of a script (tests, benchmarks), started and stopped the way a
+user or a service manager does: ``with StackProcess("--port", "8000") as up: ... up.url``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 import urllib.request
 
 
-class UpProcess:
+class StackProcess:
     """``python -m mmcache.cli up ARGS``; ``start`` returns once it printed ``mmcache up: URL``."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None):
@@ -23,7 +24,7 @@ class UpProcess:
         self.output: list[str] = []
         self._lines: queue.Queue = queue.Queue()
 
-    def start(self, timeout: float = 300) -> "UpProcess":
+    def start(self, timeout: float = 300) -> "StackProcess":
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env, start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -45,6 +46,21 @@ class UpProcess:
             self._lines.put(line)
         self._lines.put(None)
 
+    def pid_tree(self) -> dict[int, str]:
+        """pid -> a short name (``router``, ``encoder_worker serve``, ...) of each child process."""
+        out = {}
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            for pid in map(int, f.read().split()):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        argv = c.read().decode().split("\0")
+                except OSError:
+                    continue  # NOTE: exited meanwhile
+                module = argv[argv.index("-m") + 1] if "-m" in argv else argv[0]
+                role = argv[argv.index("--role") + 1] if "--role" in argv else argv[argv.index("-m") + 2]
+                out[pid] = f"{module.split('.')[0]} {role}"
+        return out
+
     def stats(self) -> dict:
         with urllib.request.urlopen(self.url + "/v1/stats", timeout=30) as r:
             return json.load(r)
@@ -60,7 +76,7 @@ class UpProcess:
             self.proc.wait()
             raise
 
-    def __enter__(self) -> "UpProcess":
+    def __enter__(self) -> "StackProcess":
         return self.start()
 
     def __exit__(self, *exc) -> None:

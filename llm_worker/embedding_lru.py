@@ -1,0 +1,51 @@
+"""The aggregated baseline's in-process encoder cache: image embeddings by content hash in an
+LRU bounded in bytes, inside the one worker that encodes, prefills and decodes — what vLLM keeps
+in its engine (its encoder cache), so the EPD benchmark can separate what the cache buys from what
+disaggregation buys. Not shared between processes, not persistent; used from one thread."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+
+class EmbeddingLRU:
+    def __init__(self, capacity_bytes: int):
+        if capacity_bytes < 0:
+            raise ValueError(f"{capacity_bytes=} must be >= 0")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        tensor = self._entries.get(key)
+        if tensor is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return tensor
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Keep ``tensor`` (not copied: the caller hands it over); one larger than the whole
+        capacity is not kept."""
+        nbytes = tensor.numel() * tensor.element_size()
+        if key in self._entries or nbytes > self.capacity_bytes:
+            return
+        if tensor.untyped_storage().nbytes() > nbytes:
+            tensor = tensor.clone()  # NOTE: a view of a batch's output would pin the whole batch
+        while self.bytes + nbytes > self.capacity_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+            self.evictions += 1
+        self._entries[key] = tensor
+        self.bytes += nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict:
+        return {"capacity_bytes": self.capacity_bytes, "bytes": self.bytes, "entries": len(self),
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
