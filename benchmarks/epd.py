@@ -1,0 +1,370 @@
+"""EPD against aggregated serving, measured the way the EPD paper does (Singh et al., 2025):
+TTFT, time per output token, end-to-end latency, throughput, SLO attainment, cache hit ratio and
+peak memory per worker process, for each request rate.
+
+    python benchmarks/epd.py --profile tiny                  # seconds; CI runs it as a smoke test
+    python benchmarks/epd.py --profile realistic             # CLIP-L/336 + a 0.13B Llama; tens of minutes on a CPU
+        [--rates 0.05,0.1] [--requests 16] [--reuse 0.5] [--systems epd,aggregated,aggregated-lru]
+        [--ttft-slo S] [--tpot-slo S] [--out results/DIR] [--seed 0]
+
+Systems, each started with ``mmcache up`` and driven through its OpenAI API (streaming, one
+client task per request at its Poisson arrival time):
+- ``epd``: sidecar + encoders + prefill + decode + router;
+- ``aggregated``: one ``both`` worker (encode + prefill + decode in one process), no cache;
+- ``aggregated-lru``: the same with an in-process LRU encoder cache of the EPD cache's capacity
+  (vLLM's engine-internal encoder cache), so the table separates what the cache buys from what
+  disaggregation buys.
+Each rate gets its own seeded workload with its own images (cold caches), after a warm-up request.
+
+Writes ``requests.parquet`` (one row per request), ``summary.json``, ``ttft_cdf.png``,
+``throughput_vs_rate.png`` and ``slo_vs_rate.png`` into ``--out``, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import Workload, WorkloadSpec, generate  # noqa: E402
+
+from mmcache.stack_process import StackProcess  # noqa: E402
+
+SYSTEMS = {"epd": (), "aggregated": ("--aggregated",), "aggregated-lru": ("--aggregated",)}
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str
+    rates: tuple[float, ...]
+    requests: int
+    output_mean: float
+    output_max: int
+    images_max: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+    cache_capacity: str
+    dtype: str | None = None
+    encoders: int = 2
+    threads_epd: int | None = 1
+    """Torch threads per EPD worker: 4 processes share the cores instead of each taking all."""
+    threads_aggregated: int | None = None
+    """The one aggregated worker takes every core (torch's default)."""
+
+
+PROFILES = {
+    "tiny": Profile(model="tiny-llava", rates=(2.0, 4.0, 8.0), requests=24, output_mean=16, output_max=32,
+                    images_max=6, ttft_slo_s=0.5, tpot_slo_s=0.05, cache_capacity="512MiB"),
+    "realistic": Profile(model="llava-clip-l336-small", rates=(0.05, 0.1), requests=16, output_mean=24,
+                         output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB"),
+}
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here (a GPU, or a CPU with AVX512-BF16/AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")  # NOTE: AVX2/AVX512 emulate bf16
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+# -- driving one stack ---------------------------------------------------------------------
+
+
+async def _one_request(client, model: str, messages: list, max_tokens: int, delay: float, t0: float) -> dict:
+    await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
+    sent = time.perf_counter()
+    first = end = None
+    tokens = prompt_tokens = 0
+    error = None
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"return_token_ids": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].to_dict().get("token_ids"):
+                first = first or time.perf_counter()
+            if chunk.usage is not None:
+                tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+        end = time.perf_counter()
+    except Exception as e:  # NOTE: a failed request is data (it misses the SLO), not a crash
+        error = f"{type(e).__name__}: {e}"[:300]
+    ok = error is None and first is not None
+    return {"sent_s": sent - t0, "ttft_s": first - sent if ok else None, "e2e_s": end - sent if ok else None,
+            "tpot_s": (end - first) / (tokens - 1) if ok and tokens > 1 else None,
+            "completion_tokens": tokens, "prompt_tokens": prompt_tokens, "error": error}
+
+
+async def drive(url: str, model: str, workload: Workload) -> list[dict]:
+    """Every request of ``workload`` at its arrival time; per-request records."""
+    import openai
+
+    payloads = [r.to_openai_messages(workload) for r in workload.requests]  # NOTE: images rendered before t0
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
+        t0 = time.perf_counter()
+        rows = await asyncio.gather(*(_one_request(client, model, m, r.max_tokens, r.arrival_s, t0)
+                                      for r, m in zip(workload.requests, payloads)))
+    for r, row in zip(workload.requests, rows):
+        row.update(index=r.index, arrival_s=r.arrival_s, images=len(r.image_ids), max_tokens=r.max_tokens)
+    return rows
+
+
+def cache_counters(system: str, stats: dict) -> tuple[int, int]:
+    """(image references, cache hits) so far, from the router's /v1/stats."""
+    if system == "epd":
+        return stats["totals"]["images"], stats["totals"]["encoder_cache_hits"]
+    worker = stats["generate"][0].get("stats", {})
+    cache = worker.get("embedding_cache")
+    return (cache["hits"] + cache["misses"], cache["hits"]) if cache else (0, 0)
+
+
+def peak_memory_mib(up: StackProcess) -> dict[str, float]:
+    """Peak resident memory (VmHWM) of each process of the stack, MiB. The sidecar's includes the
+    arena pages it touched (shared memory); a reader's includes the arena pages it read."""
+    out = {}
+    for pid, name in sorted(up.pid_tree().items()):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+        except (OSError, StopIteration):
+            continue
+        key, n = name, 1
+        while key in out:
+            n += 1
+            key = f"{name} #{n}"
+        out[key] = round(hwm / 1024, 1)
+    return out
+
+
+def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
+               workdir: Path) -> tuple[list[dict], dict]:
+    """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "startup_s"})."""
+    flags = [*SYSTEMS[system], "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
+             "--port", str(_free_port()), "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
+    if system == "epd":
+        flags += ["--encoders", str(profile.encoders)]
+    if system == "aggregated-lru":
+        flags += ["--encoder-cache", profile.cache_capacity]
+    threads = profile.threads_epd if system == "epd" else profile.threads_aggregated
+    if threads:
+        flags += ["--threads", str(threads)]
+    if dtype:
+        flags += ["--dtype", dtype]
+    t0 = time.perf_counter()
+    rows = []
+    with StackProcess(*flags) as up:
+        startup_s = time.perf_counter() - t0
+        model = Path(model_dir).name
+        warmup = generate(replace(specs[0], num_requests=1, seed=specs[0].seed + 999_999, rate=float("inf")))
+        asyncio.run(drive(up.url, model, warmup))
+        for spec in specs:
+            workload = generate(spec)
+            before = cache_counters(system, up.stats())
+            t = time.perf_counter()
+            got = asyncio.run(drive(up.url, model, workload))
+            wall = time.perf_counter() - t
+            after = cache_counters(system, up.stats())
+            refs, hits = after[0] - before[0], after[1] - before[1]
+            for row in got:
+                row.update(system=system, rate=spec.rate, run_wall_s=wall, hit_ratio=hits / refs if refs else 0.0,
+                           repeat_share=workload.repeat_share())
+            rows += got
+            print(f"  {system:15s} rate {spec.rate:g}/s: {sum(r['error'] is None for r in got)}/{len(got)} ok "
+                  f"in {wall:.1f} s, hit ratio {hits}/{refs}", flush=True)
+        memory = peak_memory_mib(up)
+    return rows, {"memory_mib": memory, "startup_s": round(startup_s, 1)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- summarising -----------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], ttft_slo: float, tpot_slo: float) -> dict:
+    ok = [r for r in rows if r["error"] is None]
+    ttft = [r["ttft_s"] for r in ok]
+    tpot = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
+    if ok:
+        span = max(r["sent_s"] + r["e2e_s"] for r in ok) - min(r["sent_s"] for r in rows)
+    else:
+        span = float("nan")
+    met = sum(r["ttft_s"] <= ttft_slo and (r["tpot_s"] is None or r["tpot_s"] <= tpot_slo) for r in ok)
+    return {
+        "requests": len(rows), "errors": len(rows) - len(ok),
+        "ttft_median_s": _q(ttft, 0.5), "ttft_p90_s": _q(ttft, 0.9),
+        "tpot_median_s": _q(tpot, 0.5), "e2e_median_s": _q([r["e2e_s"] for r in ok], 0.5),
+        "throughput_rps": len(ok) / span if ok else 0.0,
+        "tokens_per_s": sum(r["completion_tokens"] for r in ok) / span if ok else 0.0,
+        "slo_attainment": met / len(rows) if rows else 0.0,
+        "hit_ratio": rows[0]["hit_ratio"] if rows else 0.0,
+    }
+
+
+def _q(values: list[float], q: float) -> float:
+    return float(np.quantile(values, q)) if values else float("nan")
+
+
+_TABLE_ROWS = (("median TTFT s", "ttft_median_s", "{:.3f}"), ("p90 TTFT s", "ttft_p90_s", "{:.3f}"),
+               ("median TPOT s", "tpot_median_s", "{:.4f}"), ("median e2e s", "e2e_median_s", "{:.3f}"),
+               ("throughput req/s", "throughput_rps", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
+               ("SLO attainment", "slo_attainment", "{:.0%}"), ("cache hit ratio", "hit_ratio", "{:.0%}"),
+               ("errors", "errors", "{:d}"))
+
+
+def print_table(summary: dict, systems: list[str]) -> None:
+    """Per rate, metrics by system side by side, with each baseline's ratio to EPD."""
+    for rate, by_system in summary.items():
+        base = [s for s in systems if s != "epd"] if "epd" in systems else []
+        head = ["metric", *systems, *(f"{s}/epd" for s in base)]
+        print(f"\nrate {rate} req/s")
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for label, key, fmt in _TABLE_ROWS:
+            cells = [fmt.format(by_system[s][key]) for s in systems]
+            ratios = [_ratio(by_system[s][key], by_system["epd"][key]) for s in base]
+            print("| " + " | ".join([label, *cells, *ratios]) + " |")
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, float) and b and np.isfinite(a) and np.isfinite(b) else "-"
+
+
+def plot(rows: list[dict], summary: dict, systems: list[str], out: Path, ttft_slo: float) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rates = sorted({r["rate"] for r in rows})
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 3.6), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for system in systems:
+            ttft = np.sort([r["ttft_s"] for r in rows if r["system"] == system and r["rate"] == rate
+                            and r["ttft_s"] is not None])
+            ax.step(ttft, np.arange(1, len(ttft) + 1) / max(len(ttft), 1), where="post", label=system)
+        ax.axvline(ttft_slo, color="grey", linestyle=":", label="TTFT SLO")
+        ax.set(title=f"{rate:g} req/s", xlabel="TTFT (s)", ylabel="fraction of requests", xscale="log")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft_cdf.png", dpi=120)
+    written.append("ttft_cdf.png")
+    for name, key, label in (("throughput_vs_rate.png", "throughput_rps", "completed requests/s"),
+                             ("slo_vs_rate.png", "slo_attainment", "SLO attainment")):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for system in systems:
+            ax.plot(rates, [summary[str(r)][system][key] for r in rates], marker="o", label=system)
+        if key == "throughput_rps":
+            ax.plot(rates, rates, color="grey", linestyle=":", label="offered load")
+        ax.set(xlabel="request rate (req/s)", ylabel=label)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        written.append(name)
+    plt.close("all")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
+    p.add_argument("--rates", help="comma-separated request rates (req/s); default: the profile's")
+    p.add_argument("--requests", type=int, help="requests per rate; default: the profile's")
+    p.add_argument("--reuse", type=float, default=0.5, help="share of image references that repeat one")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--ttft-slo", type=float, help="seconds; default: the profile's")
+    p.add_argument("--tpot-slo", type=float, help="seconds; default: the profile's")
+    p.add_argument("--dtype", help="default: bfloat16 where it runs natively (GPU, AVX512-BF16/AMX), else float32")
+    p.add_argument("--models-dir", default="./mmcache-data", help="where the built-in models are generated")
+    p.add_argument("--out", help="results folder (default results/epd-PROFILE-TIMESTAMP)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    profile = PROFILES[args.profile]
+    rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile.rates
+    num_requests = args.requests or profile.requests
+    ttft_slo, tpot_slo = args.ttft_slo or profile.ttft_slo_s, args.tpot_slo or profile.tpot_slo_s
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        p.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    dtype = args.dtype
+    dtype_note = ""
+    if dtype is None and args.profile == "realistic":
+        dtype = "bfloat16" if native_bf16() else "float32"
+        if dtype == "float32":
+            dtype_note = (" (bf16 is emulated on this CPU, 6-7x slower than float32 for the same work; the "
+                          "encode-to-prefill cost ratio is about the same in both, so float32 keeps the run short)")
+    out = Path(args.out or f"results/epd-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from encoder_worker.models import ensure_model
+
+    model_dir = ensure_model(profile.model, args.models_dir)
+    specs = [WorkloadSpec(rate=rate, num_requests=num_requests, reuse=args.reuse, images_max=profile.images_max,
+                          output_tokens_mean=profile.output_mean, output_tokens_max=profile.output_max,
+                          output_tokens_min=4, seed=args.seed + 1000 * i) for i, rate in enumerate(rates)]
+    print(f"machine: {machine()}")
+    print(f"profile {args.profile}: model {profile.model} ({model_dir}), dtype {dtype or 'default'}{dtype_note}")
+    print(f"workload: {num_requests} requests per rate, rates {', '.join(f'{r:g}' for r in rates)} req/s (Poisson), "
+          f"reuse {args.reuse:.0%} (Zipf), 1-{profile.images_max} images/request (mean 2), output mean "
+          f"{profile.output_mean:g} tokens; SLO: TTFT <= {ttft_slo:g} s and TPOT <= {tpot_slo:g} s")
+    rows, extras = [], {}
+    with tempfile.TemporaryDirectory(prefix="mmc-epd-", dir="/tmp") as workdir:
+        for system in systems:
+            got, extras[system] = run_system(system, profile, model_dir, specs, dtype, Path(workdir))
+            rows += got
+
+    summary = {str(rate): {s: summarise([r for r in rows if r["system"] == s and r["rate"] == rate],
+                                        ttft_slo, tpot_slo) for s in systems} for rate in rates}
+    print_table(summary, systems)
+    print("\npeak memory per process (VmHWM, MiB):")
+    for system in systems:
+        print(f"  {system}: " + ", ".join(f"{k} {v:g}" for k, v in extras[system]["memory_mib"].items()))
+    _write(out, rows, summary, extras, vars(args) | {"dtype": dtype, "model_dir": model_dir,
+                                                      "profile_settings": asdict(profile), "machine": machine()})
+    written = plot(rows, summary, systems, out, ttft_slo)
+    print(f"\nwrote {out}/requests.parquet, summary.json, {', '.join(written)}")
+    return 0
+
+
+def _write(out: Path, rows: list[dict], summary: dict, extras: dict, settings: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), out / "requests.parquet")
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "summary": summary, "systems": extras},
+                                                 indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
