@@ -57,7 +57,7 @@ class Profile:
     cache_capacity: str
     dtype: str | None = None
     encoders: int = 2
-    threads_epd: int | None = 1
+    threads_epd: int | None = None
     """Torch threads per EPD worker: 4 processes share the cores instead of each taking all."""
     threads_aggregated: int | None = None
     """The one aggregated worker takes every core (torch's default)."""
