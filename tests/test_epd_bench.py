@@ -1,0 +1,43 @@
+"""Smoke test of the EPD benchmark's tiny profile: three real stacks (EPD, aggregated, aggregated
+with an in-process LRU) driven through the OpenAI API, and everything it promises to write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_profile_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "epd.py"), "--profile", "tiny", "--requests", "5",
+         "--rates", "4", "--reuse", "0.6", "--models-dir", str(tmp_path / "models"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "machine:" in proc.stdout and "| median TTFT s |" in proc.stdout
+    assert "aggregated/epd" in proc.stdout and "peak memory per process" in proc.stdout
+
+    rows = pq.read_table(out / "requests.parquet").to_pylist()
+    assert sorted({r["system"] for r in rows}) == ["aggregated", "aggregated-lru", "epd"]
+    assert len(rows) == 15 and all(r["error"] is None for r in rows), [r["error"] for r in rows]
+    for r in rows:
+        assert 0 < r["ttft_s"] <= r["e2e_s"] and 1 <= r["completion_tokens"] <= r["max_tokens"]
+        assert r["prompt_tokens"] > 576 * r["images"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    by_system = summary["summary"]["4.0"]
+    # NOTE: the same seeded workload for each system: the two caches see the same repeats, the
+    # cacheless baseline none.
+    assert by_system["aggregated"]["hit_ratio"] == 0
+    assert by_system["epd"]["hit_ratio"] == by_system["aggregated-lru"]["hit_ratio"] > 0
+    assert all(s["errors"] == 0 and s["throughput_rps"] > 0 for s in by_system.values())
+    memory = summary["systems"]["epd"]["memory_mib"]
+    assert any(name.startswith("encoder_worker") for name in memory) and all(v > 0 for v in memory.values())
+    for png in ("ttft_cdf.png", "throughput_vs_rate.png", "slo_vs_rate.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
