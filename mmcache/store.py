@@ -50,6 +50,10 @@ class StoreConfig:
     """Eviction policy of the disk tier."""
     disk_flush_interval_ms: float = 2.0
     """Longest wait of the disk writer to gather a batch, in milliseconds."""
+    host_only_namespaces: tuple[str, ...] = ("kv.",)
+    """Namespace prefixes whose entries live in the host tier only: never written to disk,
+    dropped on eviction. The default covers the per-request KV hand-off entries of
+    ``llm_worker`` (deleted once decode has them; writing each to LMDB would only cost a copy)."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes"):
@@ -215,8 +219,13 @@ class TieredStore:
     def abort(self, res: Reservation) -> None:
         self.host.abort(res)
 
+    def _host_only(self, key: str) -> bool:
+        return key.startswith(self.config.host_only_namespaces)
+
     def _seal_and_persist(self, res: Reservation, cost_ms: float, durable: bool) -> PutResult:
         self.host.seal(res)
+        if self._host_only(res.key):
+            return PutResult(True, "host", None)
         loc = self.host.lease(res.key, _DISK_WRITER, count=False)
         fut = self.disk.put(res.key, self.host.view(loc), cost_ms)
         fut.add_done_callback(lambda _f, key=res.key: self.host.release(key, _DISK_WRITER))
@@ -225,7 +234,7 @@ class TieredStore:
         return PutResult(True, "host", fut)
 
     def _write_back(self, key: str, data: memoryview, cost_ms: float) -> None:
-        if not self.disk.contains(key):
+        if not self._host_only(key) and not self.disk.contains(key):
             self.write_backs += 1
             self.disk.put(key, bytes(data), cost_ms)  # the arena bytes are freed right after
 

@@ -233,3 +233,26 @@ def test_owner_index_tracks_leases_and_reservations(host):
         host.seal(res)  # gone with its owner
     host.release(k2, "b")
     assert host._owner_to_keys == {} and host.stats()["leases"] == 0
+
+
+def test_host_only_namespaces_never_reach_disk(tmp_path):
+    """KV hand-off entries (``kv.*``) live in the arena only: no write-behind, no write-back."""
+    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "data"), host_capacity_bytes=64 << 10,
+                                    arena_path=str(tmp_path / "arena")))
+    try:
+        kv_keys = [f"kv.model/{content_hash(f'kv{i}'.encode())}" for i in range(12)]
+        for i, k in enumerate(kv_keys):
+            emb = np.full((64, 32), i, dtype=np.float32)  # 8 KiB: the 64 KiB arena holds a few
+            result = store.put(k, {"embeddings": emb}, encode_ms=1.0, durable=True)
+            assert result.created and result.tier == "host" and result.durable is None
+        store.put(key(0), {"embeddings": np.zeros((4, 4), np.float32)}, durable=True)
+        store.flush(30)
+        stats = store.stats()
+        assert stats["host"]["evictions"] > 0 and stats["disk"]["write_backs"] == 0
+        assert stats["disk"]["entries"] == 1  # only the ordinary entry
+        assert store.lookup([kv_keys[0]]) == {kv_keys[0]: None}  # evicted, and gone: no disk copy
+        assert store.lookup([kv_keys[-1]]) == {kv_keys[-1]: "host"}
+        with store.get(kv_keys[-1]) as entry:
+            assert float(entry.array()[0, 0]) == 11.0
+    finally:
+        store.close()
