@@ -93,8 +93,12 @@ class Child:
     def __init__(self, name: str, role: str, argv: list[str], events: queue.Queue, env: dict[str, str]):
         self.name, self.role, self.argv = name, role, argv
         self.url: str | None = None
+        # NOTE: a session of its own: Ctrl-C in the terminal reaches `mmcache up` only, which stops
+        # the children in order (a second signal in the middle of a child's shutdown could cut
+        # the sidecar's final flush short).
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, preexec_fn=_die_with_parent, bufsize=1, text=True)
+                                     env=env, preexec_fn=_die_with_parent, start_new_session=True, bufsize=1,
+                                     text=True)
         self.tail: list[str] = []
         self._events = events
         threading.Thread(target=self._pump, name=f"pump-{name}", daemon=True).start()

@@ -65,10 +65,14 @@ class StackProcess:
         with urllib.request.urlopen(self.url + "/v1/stats", timeout=30) as r:
             return json.load(r)
 
-    def stop(self, timeout: float = 90) -> int:
-        """SIGTERM, as a service manager does; the exit status."""
+    def stop(self, timeout: float = 90, sig: int = signal.SIGTERM, group: bool = False) -> int:
+        """``sig`` (SIGTERM, as a service manager does) to the process, or with ``group`` to its
+        process group (as Ctrl-C in a terminal does); the exit status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

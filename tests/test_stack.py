@@ -206,11 +206,16 @@ def test_an_encoder_killed_mid_run(model_dir):
     assert up.proc.returncode == 0
 
 
-def test_up_stops_everything_on_sigterm(model_dir):
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_up_stops_everything(model_dir, how):
     up = _up(model_dir, "--encoders", "1").start()
     pids = [w["stats"]["pid"] for role in ("encoders", "prefill", "decode") for w in up.stats()[role]]
     socket_path = up.stats()["cache"]["url"].removeprefix("unix://")
-    assert up.stop() == 0
+    if how == "SIGTERM":
+        assert up.stop() == 0
+    else:  # NOTE: the terminal signals the whole foreground process group
+        assert up.stop(sig=signal.SIGINT, group=True) == 0
+        assert not any("Traceback" in line for line in up.output), "\n".join(up.output[-30:])
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
