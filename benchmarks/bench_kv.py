@@ -54,7 +54,7 @@ def start_sidecar(workdir: str, capacity: str) -> tuple[subprocess.Popen, str, s
                              "--log-level", "warning"],
                             stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        match = re.match(r"mmcache ready: (http://\S+)", line)
+        match = re.match(r"mmcache ready: (?P<url>http://\S+)", line)
         if match:
             return proc, match["url"], f"unix://{sock}"
     raise RuntimeError(f"the sidecar exited with {proc.wait()}")
