@@ -14,7 +14,9 @@ client task per request at its Poisson arrival time):
 - ``aggregated-lru``: the same with an in-process LRU encoder cache of the EPD cache's capacity
   (vLLM's engine-internal encoder cache), so the table separates what the cache buys from what
   disaggregation buys.
-Each rate gets its own seeded workload with its own images (cold caches), after a warm-up request.
+Each rate gets its own seeded workload with its own images, and each (rate, system) a fresh stack
+(cold caches) warmed up by one request; per rate the systems take turns, in an order that rotates
+with the rate, so that drift in the machine's speed is spread over them.
 
 Writes ``requests.parquet`` (one row per request), ``summary.json``, ``ttft_cdf.png``,
 ``throughput_vs_rate.png`` and ``slo_vs_rate.png`` into ``--out``, and prints the table.
@@ -27,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import socket
 import sys
 import tempfile
@@ -61,6 +64,8 @@ class Profile:
     """Torch threads per EPD worker: 4 processes share the cores instead of each taking all."""
     threads_aggregated: int | None = None
     """The one aggregated worker takes every core (torch's default)."""
+    nice_epd: tuple[tuple[str, int], ...] = ()
+    """``mmcache up --nice ROLE=N`` for the EPD stack: stage priorities where stages share cores."""
 
 
 PROFILES = {
@@ -162,12 +167,13 @@ def peak_memory_mib(up: StackProcess) -> dict[str, float]:
 
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
-               workdir: Path) -> tuple[list[dict], dict]:
+               workdir: Path, extra_flags: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "startup_s"})."""
     flags = [*SYSTEMS[system], "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
              "--port", str(_free_port()), "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
     if system == "epd":
         flags += ["--encoders", str(profile.encoders)]
+        flags += [a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}")]
     if system == "aggregated-lru":
         flags += ["--encoder-cache", profile.cache_capacity]
     threads = profile.threads_epd if system == "epd" else profile.threads_aggregated
@@ -175,6 +181,7 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
         flags += ["--threads", str(threads)]
     if dtype:
         flags += ["--dtype", dtype]
+    flags += list(extra_flags)
     t0 = time.perf_counter()
     rows = []
     with StackProcess(*flags) as up:
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default="./mmcache-data", help="where the built-in models are generated")
     p.add_argument("--out", help="results folder (default results/epd-PROFILE-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epd-flags", default="", help="more `mmcache up` flags for the EPD stack, e.g. '--nice decode=5'")
     args = p.parse_args(argv)
 
     profile = PROFILES[args.profile]
@@ -338,11 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {num_requests} requests per rate, rates {', '.join(f'{r:g}' for r in rates)} req/s (Poisson), "
           f"reuse {args.reuse:.0%} (Zipf), 1-{profile.images_max} images/request (mean 2), output mean "
           f"{profile.output_mean:g} tokens; SLO: TTFT <= {ttft_slo:g} s and TPOT <= {tpot_slo:g} s")
-    rows, extras = [], {}
+    rows, extras = [], {s: {"memory_mib": {}, "startup_s": []} for s in systems}
     with tempfile.TemporaryDirectory(prefix="mmc-epd-", dir="/tmp") as workdir:
-        for system in systems:
-            got, extras[system] = run_system(system, profile, model_dir, specs, dtype, Path(workdir))
-            rows += got
+        for i, spec in enumerate(specs):
+            # NOTE: a fresh stack per (rate, system), the systems taking turns per rate in an order
+            # that rotates with the rate: this shared machine's speed drifts by tens of percent
+            # over minutes, and running each system's rates back to back would bill the drift to it.
+            for system in systems[i % len(systems):] + systems[:i % len(systems)]:
+                extra = tuple(shlex.split(args.epd_flags)) if system == "epd" else ()
+                got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra)
+                rows += got
+                extras[system]["startup_s"].append(info["startup_s"])
+                peak = extras[system]["memory_mib"]
+                for name, mib in info["memory_mib"].items():
+                    peak[name] = max(peak.get(name, 0.0), mib)
 
     summary = {str(rate): {s: summarise([r for r in rows if r["system"] == s and r["rate"] == rate],
                                         ttft_slo, tpot_slo) for s in systems} for rate in rates}

@@ -90,6 +90,17 @@ def _get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _role_niceness(text: str) -> tuple[str, int]:
+    role, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        role = role.strip()
+        return {"sidecar": "cache", "both": "generate"}.get(role, role), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROLE=N (e.g. decode=10)") from None
+
+
 def _up(args: argparse.Namespace) -> int:
     from mmcache.stack import StackConfig, run
 
@@ -97,7 +108,7 @@ def _up(args: argparse.Namespace) -> int:
                          encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
                          allowed_dirs=tuple(args.allowed_dir), max_batch=args.max_batch,
-                         encoder_cache=args.encoder_cache, threads=args.threads,
+                         encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level)
     return run(config)
 
@@ -139,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
     u.add_argument("--encoder-cache", help="with --aggregated: an in-process LRU of embeddings this large, e.g. 2GiB")
     u.add_argument("--threads", type=int, help="torch threads per worker process (default: torch's)")
+    u.add_argument("--nice", type=_role_niceness, action="append", default=[], metavar="ROLE=N",
+                   help="run ROLE's processes (encoder, prefill, decode, sidecar, router, both) at niceness N "
+                        "(repeatable), e.g. --nice encoder=5 --nice decode=10 when the stages share CPU cores")
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)

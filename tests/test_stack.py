@@ -227,3 +227,39 @@ def test_up_fails_clearly_when_a_worker_cannot_start(tmp_path):
     with pytest.raises(RuntimeError, match="exited with 1") as err:
         up.start()
     assert "no-such-model" in str(err.value)
+
+
+def _niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+
+
+def test_stage_priorities_and_sleeping_openmp_threads(model_dir):
+    """``--nice ROLE=N`` runs that stage's processes at that CPU priority; EPD workers, which share
+    the cores, get ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it; the aggregated worker spins."""
+    with _up(model_dir, "--encoders", "1", "--nice", "decode=7", "--nice", "encoder=3") as up:
+        stats = up.stats()
+        pids = {role: stats[role][0]["stats"]["pid"] for role in ("encoders", "prefill", "decode")}
+        assert {role: _niceness(pid) - os.nice(0) for role, pid in pids.items()} == \
+            {"encoders": 3, "prefill": 0, "decode": 7}
+        assert all(_environ(pid).get("OMP_WAIT_POLICY") == "PASSIVE" for pid in pids.values())
+        assert chat(up, [image(900)[0]]).choices[0].finish_reason in ("stop", "length")
+    with _up(model_dir, "--aggregated") as up:
+        pid = up.stats()["generate"][0]["stats"]["pid"]
+        assert "OMP_WAIT_POLICY" not in _environ(pid) and _niceness(pid) == os.nice(0)
+
+
+@pytest.mark.parametrize("flag, message", [("decode=20", "niceness must be 0..19"), ("gpu=1", "unknown role"),
+                                           ("decode", "is not ROLE=N")])
+def test_bad_nice_is_a_clear_error(tmp_path, flag, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mmcache.cli", "up", "--data-dir", str(tmp_path), "--nice", flag],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
