@@ -4,7 +4,7 @@ peak memory per worker process, for each request rate.
 
     python benchmarks/epd.py --profile tiny                  # seconds; CI runs it as a smoke test
     python benchmarks/epd.py --profile realistic             # CLIP-L/336 + a 0.13B Llama; tens of minutes on a CPU
-        [--rates 0.05,0.1] [--requests 16] [--reuse 0.5] [--systems epd,aggregated,aggregated-lru]
+        [--rates 0.08,0.12] [--requests 16] [--reuse 0.5] [--systems epd,aggregated,aggregated-lru]
         [--ttft-slo S] [--tpot-slo S] [--out results/DIR] [--seed 0]
 
 Systems, each started with ``mmcache up`` and driven through its OpenAI API (streaming, one
@@ -71,8 +71,14 @@ class Profile:
 PROFILES = {
     "tiny": Profile(model="tiny-llava", rates=(2.0, 4.0, 8.0), requests=24, output_mean=16, output_max=32,
                     images_max=6, ttft_slo_s=0.5, tpot_slo_s=0.05, cache_capacity="512MiB"),
-    "realistic": Profile(model="llava-clip-l336-small", rates=(0.05, 0.1), requests=16, output_mean=24,
-                         output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB"),
+    # NOTE: on one CPU every stage shares the same cores, so the EPD stack is sized for that: one
+    # encoder (a second one only time-slices the cores with the first, and each image then takes
+    # twice as long), and stage priorities that run the stage nearest the first token first
+    # (prefill, then encode, then decode), as the aggregated worker's single queue does by
+    # putting each prefill before the next decode step. ``--epd-flags`` overrides both.
+    "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=16, output_mean=24,
+                         output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
+                         encoders=1, nice_epd=(("encoder", 5), ("decode", 10))),
 }
 
 
@@ -346,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {num_requests} requests per rate, rates {', '.join(f'{r:g}' for r in rates)} req/s (Poisson), "
           f"reuse {args.reuse:.0%} (Zipf), 1-{profile.images_max} images/request (mean 2), output mean "
           f"{profile.output_mean:g} tokens; SLO: TTFT <= {ttft_slo:g} s and TPOT <= {tpot_slo:g} s")
+    epd_flags = ["--encoders", str(profile.encoders), *(f"--nice {r}={n}" for r, n in profile.nice_epd), args.epd_flags]
+    print(f"stacks: epd = mmcache up {' '.join(f for f in epd_flags if f)} (sidecar, encoders, prefill, decode, "
+          f"router); aggregated = mmcache up --aggregated; aggregated-lru = mmcache up --aggregated --encoder-cache "
+          f"{profile.cache_capacity}")
     rows, extras = [], {s: {"memory_mib": {}, "startup_s": []} for s in systems}
     with tempfile.TemporaryDirectory(prefix="mmc-epd-", dir="/tmp") as workdir:
         for i, spec in enumerate(specs):
