@@ -16,6 +16,7 @@ import os
 import sys
 
 from mmcache.config import ServeConfig
+from mmcache.policies import POLICIES
 from mmcache_client.errors import MMCacheError
 
 
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-entry-size", help="largest PUT body (default 256MiB)")
     s.add_argument("--token", help="bearer token (or MMCACHE_TOKEN)")
     s.add_argument("--arena", help="arena file path (default under /dev/shm)")
-    s.add_argument("--host-policy", choices=["lru", "gdsf"])
-    s.add_argument("--disk-policy", choices=["lru", "gdsf"])
+    s.add_argument("--host-policy", choices=sorted(POLICIES))
+    s.add_argument("--disk-policy", choices=sorted(POLICIES))
     s.add_argument("--log-level")
     s.set_defaults(fn=_serve)
 

@@ -50,9 +50,9 @@ class ServeConfig:
     arena_path: str | None = None
     """Arena file; default a fresh file under /dev/shm."""
     host_policy: str = "lru"
-    """Host-tier eviction policy (lru, gdsf)."""
+    """Host-tier eviction policy (lru, gdsf, cost-lfu)."""
     disk_policy: str = "lru"
-    """Disk-tier eviction policy (lru, gdsf)."""
+    """Disk-tier eviction policy (lru, gdsf, cost-lfu)."""
     log_level: str = "info"
     """Python logging level name."""
 

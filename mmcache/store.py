@@ -45,7 +45,7 @@ class StoreConfig:
     arena_path: str | None = None
     """Arena file; default ``/dev/shm/mmcache-<pid>-<random>.arena``."""
     host_policy: str = "lru"
-    """Eviction policy of the host tier: ``lru`` or ``gdsf``."""
+    """Eviction policy of the host tier: ``lru``, ``gdsf`` or ``cost-lfu``."""
     disk_policy: str = "lru"
     """Eviction policy of the disk tier."""
     disk_flush_interval_ms: float = 2.0

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mmcache.disk import DiskTier, DiskTierConfig
+from mmcache.policies import POLICIES
 from mmcache_client.format import encode_entry, read_entry
 
 NS = "test-ns"
@@ -175,7 +176,7 @@ def test_close_is_idempotent_and_commits_the_queue(tmp_path):
 # ------------------------------------------------------------------ reopen
 
 
-@pytest.mark.parametrize("policy", ["lru", "gdsf"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_reopen_rebuilds_the_index(tmp_path, policy):
     blobs = {key_of(i): blob_of(i, encode_ms=float(i)) for i in range(20)}
     with open_tier(tmp_path / "db", policy=policy) as t:
@@ -253,7 +254,7 @@ def test_map_full_fails_the_future_not_hangs(tmp_path):
         assert t.put(key_of(2), blob_of(2)).result(timeout=5) is True  # still usable
 
 
-@pytest.mark.parametrize("policy", ["lru", "gdsf"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_keeps_bytes_under_capacity(tmp_path, policy):
     size = len(blob_of(0))
     with open_tier(tmp_path / "db", capacity_bytes=5 * size, policy=policy) as t:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mmcache.policies import POLICIES, EvictionPolicy, GDSFPolicy, LRUPolicy, make_policy
+from mmcache.policies import POLICIES, CostLFUPolicy, EvictionPolicy, GDSFPolicy, LRUPolicy, make_policy
 
 
 @pytest.fixture(params=sorted(POLICIES))
@@ -225,6 +225,96 @@ def test_gdsf_aging_makes_stale_high_priority_entry_evictable():
     assert policy.inflation > 40.0
 
 
+# -- cost-lfu --------------------------------------------------------------------------------
+
+
+def test_cost_lfu_prefers_cheap_large_rare_victims():
+    policy = CostLFUPolicy()
+    policy.on_insert("dear", 100, 100.0)
+    policy.on_insert("cheap", 100, 1.0)
+    policy.on_insert("large", 100_000, 100.0)
+    policy.on_insert("frequent", 100, 10.0)
+    policy.on_insert("rare", 100, 10.0)
+    for _ in range(3):
+        policy.on_access("frequent")
+    assert list(policy.iter_victims()) == ["large", "cheap", "rare", "frequent", "dear"]
+
+
+def _evict_one(policy: EvictionPolicy, key: str) -> str:
+    """Insert ``key`` into a full policy and evict the best victim other than ``key``."""
+    policy.on_insert(key, 100, 1.0)  # the size and cost of fill()'s keys
+    victim = next(k for k in policy.iter_victims() if k != key)
+    policy.on_remove(victim, evicted=True)
+    return victim
+
+
+def test_cost_lfu_keeps_a_frequent_key_through_a_scan_that_lru_evicts():
+    for cls, survives in ((CostLFUPolicy, True), (LRUPolicy, False)):
+        policy = cls()
+        fill(policy, 8)
+        for _ in range(5):
+            policy.on_access("ns/0")
+        victims = [_evict_one(policy, f"scan/{i}") for i in range(50)]
+        assert ("ns/0" not in victims) == survives, cls.name
+
+
+def test_cost_lfu_ages_a_key_that_stopped_being_requested():
+    policy = CostLFUPolicy()
+    fill(policy, 4)
+    for _ in range(20):
+        policy.on_access("ns/0")
+    victims = []
+    for i in range(2000):  # new keys, each requested twice, long after ns/0's last hit
+        key = f"new/{i}"
+        victims.append(_evict_one(policy, key))
+        policy.on_access(key)
+        if victims[-1] == "ns/0":
+            break
+    assert victims[-1] == "ns/0", "a stale key was never aged out"
+    assert len(victims) > 50  # ... but it was protected for a while (about log2(20) half-lives)
+
+
+def test_cost_lfu_resumes_an_evicted_keys_history_and_forgets_a_deleted_one():
+    policy = CostLFUPolicy()
+    policy.on_insert("popular", 100, 10.0)
+    for _ in range(5):
+        policy.on_access("popular")
+    policy.on_remove("popular", evicted=True)
+    policy.on_insert("fresh", 100, 10.0)
+    policy.on_insert("popular", 100, 10.0)
+    assert list(policy.iter_victims()) == ["fresh", "popular"]
+    assert policy.priority("popular") > 5 * policy.priority("fresh")
+    policy.on_remove("popular", evicted=False)
+    policy.on_insert("popular", 100, 10.0)
+    assert list(policy.iter_victims()) == ["fresh", "popular"]  # newer touch only
+    assert policy.priority("popular") == pytest.approx(policy.priority("fresh"), rel=0.1)
+
+
+def test_cost_lfu_ghost_history_is_bounded():
+    policy = CostLFUPolicy()
+    fill(policy, 4)
+    for i in range(200):
+        _evict_one(policy, f"k/{i}")
+    assert len(policy._ghost_crf) == CostLFUPolicy.GHOST_PER_KEY * 5  # 5: the peak, with the newcomer
+
+
+def test_cost_lfu_rescaling_keeps_the_ranking():
+    rng = random.Random(7)
+    plain, rescaled = CostLFUPolicy(), CostLFUPolicy()
+    rescaled.RESCALE_EXPONENT = 0.5  # every 32 events with the minimum half-life of 64
+    entries = [(f"k/{i}", rng.randint(1, 1000), rng.uniform(0.0, 100.0)) for i in range(30)]
+    for policy in (plain, rescaled):
+        for key, size_bytes, cost_ms in entries:
+            policy.on_insert(key, size_bytes, cost_ms)
+    for _ in range(500):
+        key = f"k/{rng.randrange(30)}"
+        for policy in (plain, rescaled):
+            policy.on_access(key)
+    assert list(rescaled.iter_victims()) == list(plain.iter_victims())
+    assert rescaled._log2_weight < 0.5 < plain._log2_weight
+    assert max(rescaled.priority(k) for k in rescaled._crf) < max(plain.priority(k) for k in plain._crf)
+
+
 # -- simulation: cost saved on a skewed trace --------------------------------------------------
 
 
@@ -252,9 +342,10 @@ def _saved_cost_ms(policy: EvictionPolicy, trace, capacity_bytes: int) -> float:
     return saved_ms
 
 
+@pytest.mark.parametrize("cls", [GDSFPolicy, CostLFUPolicy])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gdsf_saves_more_encode_cost_than_lru_on_skewed_trace(seed):
+def test_cost_aware_saves_more_encode_cost_than_lru_on_skewed_trace(seed, cls):
     trace = _trace(seed, 8000)
     lru_ms = _saved_cost_ms(LRUPolicy(), trace, capacity_bytes=1_000_000)
-    gdsf_ms = _saved_cost_ms(GDSFPolicy(), trace, capacity_bytes=1_000_000)
+    gdsf_ms = _saved_cost_ms(cls(), trace, capacity_bytes=1_000_000)
     assert gdsf_ms > 1.5 * lru_ms, (lru_ms, gdsf_ms)

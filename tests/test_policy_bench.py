@@ -230,15 +230,19 @@ def test_cli_prints_tables_and_verdict_and_writes_json(tmp_path):
     out = proc.stdout
     assert out.startswith("machine: ") and "3,000 requests over a pool of 300 images" in out
     assert out.count("hit ratio byte hit ratio gap closed") == 2
-    for name in ("lru", "gdsf", "static-popularity", "belady", "belady-size"):
+    for name in ("lru", "gdsf", "cost-lfu", "static-popularity", "belady", "belady-size"):
         assert f"\n  {name} " in out
-    assert "target: gdsf closes >= 0.5" in out and ("-> PASS" in out or "-> MISS" in out)
+    for name in ("gdsf", "cost-lfu"):
+        assert f"target: {name} closes >= 0.5" in out
+    assert out.count("-> PASS") + out.count("-> MISS") == 2
     report = json.loads(out_path.read_text())
     assert [c["capacity_fraction"] for c in report["capacities"]] == [0.05, 0.2]
     rows = report["capacities"][0]["results"]
-    assert [r["policy"] for r in rows] == ["lru", "gdsf", "static-popularity", "belady", "belady-size"]
+    assert [r["policy"] for r in rows] == ["lru", "gdsf", "cost-lfu", "static-popularity", "belady", "belady-size"]
     assert rows[0]["hit_ratio"] == pytest.approx(rows[0]["hits"] / 3000)
-    assert report["passed"] == ("-> PASS" in out)
+    for name in ("gdsf", "cost-lfu"):
+        assert report["passed"][name] == (f"target: {name}" in out and out.split(f"target: {name}")[1]
+                                          .split("\n")[0].endswith("PASS"))
 
 
 def test_cli_rejects_bad_capacities():
