@@ -162,6 +162,42 @@ class LRUPolicy(EvictionPolicy):
         del self._order[key]
 
 
+class _Ranking:
+    """Keys ordered by ``(priority, seq)``, lowest first; ``seq`` (a counter) breaks ties in
+    favour of the older put. A sorted list kept with ``bisect``: iteration is a plain walk, a put
+    or pop is an O(log n) search plus an O(n) memmove, fine for the entry counts of one tier."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._ranked: list[tuple[float, int, Hashable]] = []
+        self._entry: dict[Hashable, tuple[float, int, Hashable]] = {}
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return (key for _, _, key in self._ranked)
+
+    def priority(self, key: Hashable) -> float:
+        return self._entry[key][0]
+
+    def put(self, key: Hashable, priority: float) -> None:
+        entry = (priority, self._seq, key)
+        self._seq += 1
+        self._entry[key] = entry
+        # NOTE: search by the (priority, seq) prefix; seq is unique, so keys (maybe not
+        # orderable) are never compared.
+        self._ranked.insert(bisect.bisect_left(self._ranked, entry[:2]), entry)
+
+    def pop(self, key: Hashable) -> float:
+        """Remove ``key``; its priority."""
+        entry = self._entry.pop(key)
+        del self._ranked[bisect.bisect_left(self._ranked, entry[:2])]
+        return entry[0]
+
+    def scale(self, factor: float) -> None:
+        """Multiply every priority by ``factor`` > 0: the order stays as it is."""
+        self._ranked = [(priority * factor, seq, key) for priority, seq, key in self._ranked]
+        self._entry = {entry[2]: entry for entry in self._ranked}
+
+
 class GDSFPolicy(EvictionPolicy):
     """GreedyDual-Size-Frequency: keep what is expensive to recompute per byte and often hit.
 
@@ -178,9 +214,7 @@ class GDSFPolicy(EvictionPolicy):
     and it never decreases, so newcomers start above entries that stopped being hit, and an
     old high-priority entry becomes a victim once ``L`` has overtaken it.
 
-    Ranking is a list of ``(H, seq, key)`` kept sorted with ``bisect``: ``iter_victims`` is a
-    plain walk, events are O(log n) search plus an O(n) memmove, fine for the entry counts of
-    one tier.
+    Ranking: a ``_Ranking`` by ``H``.
 
     NOTE: the ghost list is a departure from the published GDSF, whose frequency is in-cache
     only. Forgetting a popular key's count each time it is evicted makes it re-enter as a
@@ -199,9 +233,7 @@ class GDSFPolicy(EvictionPolicy):
     def __init__(self) -> None:
         super().__init__()
         self._inflation = 0.0
-        self._seq = 0
-        self._ranked: list[tuple[float, int, Hashable]] = []
-        self._entry: dict[Hashable, tuple[float, int, Hashable]] = {}
+        self._ranking = _Ranking()
         self._freq: dict[Hashable, int] = {}
         self._value: dict[Hashable, float] = {}  # cost_ms / size_bytes, fixed at insert
         self._ghost_freq: OrderedDict[Hashable, int] = OrderedDict()  # evicted key -> freq, oldest first
@@ -214,23 +246,13 @@ class GDSFPolicy(EvictionPolicy):
 
     def priority(self, key: Hashable) -> float:
         """Current ``H`` of ``key``; ``KeyError`` if unknown."""
-        return self._entry[key][0]
+        return self._ranking.priority(key)
 
     def iter_victims(self) -> Iterator[Hashable]:
-        return (key for _, _, key in self._ranked)
+        return iter(self._ranking)
 
     def _rank(self, key: Hashable) -> None:
-        entry = (self._inflation + self._freq[key] * self._value[key], self._seq, key)
-        self._seq += 1
-        self._entry[key] = entry
-        # NOTE: search by the (H, seq) prefix; seq is unique, so keys (maybe not orderable)
-        # are never compared.
-        self._ranked.insert(bisect.bisect_left(self._ranked, entry[:2]), entry)
-
-    def _unrank(self, key: Hashable) -> tuple[float, int, Hashable]:
-        entry = self._entry.pop(key)
-        del self._ranked[bisect.bisect_left(self._ranked, entry[:2])]
-        return entry
+        self._ranking.put(key, self._inflation + self._freq[key] * self._value[key])
 
     def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
         self._freq[key] = self._ghost_freq.pop(key, 0) + 1
@@ -239,12 +261,12 @@ class GDSFPolicy(EvictionPolicy):
         self._rank(key)
 
     def _access(self, key: Hashable) -> None:
-        self._unrank(key)
+        self._ranking.pop(key)
         self._freq[key] += 1
         self._rank(key)
 
     def _remove(self, key: Hashable, evicted: bool) -> None:
-        priority = self._unrank(key)[0]
+        priority = self._ranking.pop(key)
         freq = self._freq.pop(key)
         del self._value[key]
         if evicted:
@@ -293,9 +315,7 @@ class CostLFUPolicy(EvictionPolicy):
     def __init__(self) -> None:
         super().__init__()
         self._log2_weight = 0.0  # log2 of the weight a request counts with now
-        self._seq = 0
-        self._ranked: list[tuple[float, int, Hashable]] = []
-        self._entry: dict[Hashable, tuple[float, int, Hashable]] = {}
+        self._ranking = _Ranking()
         self._crf: dict[Hashable, float] = {}
         self._value: dict[Hashable, float] = {}  # cost_ms / size_bytes, fixed at insert
         self._ghost_crf: OrderedDict[Hashable, float] = OrderedDict()  # evicted key -> crf, oldest first
@@ -308,20 +328,13 @@ class CostLFUPolicy(EvictionPolicy):
 
     def priority(self, key: Hashable) -> float:
         """Current ``H`` of ``key`` (in the current weight's units); ``KeyError`` if unknown."""
-        return self._entry[key][0]
+        return self._ranking.priority(key)
 
     def iter_victims(self) -> Iterator[Hashable]:
-        return (key for _, _, key in self._ranked)
+        return iter(self._ranking)
 
     def _rank(self, key: Hashable) -> None:
-        entry = (self._crf[key] * self._value[key], self._seq, key)
-        self._seq += 1
-        self._entry[key] = entry
-        self._ranked.insert(bisect.bisect_left(self._ranked, entry[:2]), entry)
-
-    def _unrank(self, key: Hashable) -> None:
-        entry = self._entry.pop(key)
-        del self._ranked[bisect.bisect_left(self._ranked, entry[:2])]
+        self._ranking.put(key, self._crf[key] * self._value[key])
 
     def _tick(self) -> float:
         """The weight of a request now; advances time by one event."""
@@ -337,9 +350,7 @@ class CostLFUPolicy(EvictionPolicy):
             self._crf[key] *= scale
         for key in self._ghost_crf:
             self._ghost_crf[key] *= scale
-        # NOTE: one factor for all: the order is unchanged, only the stored H values shrink.
-        self._ranked = [(h * scale, seq, key) for h, seq, key in self._ranked]
-        self._entry = {entry[2]: entry for entry in self._ranked}
+        self._ranking.scale(scale)
 
     def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
         self._max_tracked = max(self._max_tracked, len(self))
@@ -348,12 +359,12 @@ class CostLFUPolicy(EvictionPolicy):
         self._rank(key)
 
     def _access(self, key: Hashable) -> None:
-        self._unrank(key)
+        self._ranking.pop(key)
         self._crf[key] += self._tick()
         self._rank(key)
 
     def _remove(self, key: Hashable, evicted: bool) -> None:
-        self._unrank(key)
+        self._ranking.pop(key)
         crf = self._crf.pop(key)
         del self._value[key]
         if evicted:

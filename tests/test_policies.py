@@ -164,8 +164,9 @@ def test_lru_ignores_size_and_cost():
 # -- GDSF ------------------------------------------------------------------------------------
 
 
-def test_gdsf_prefers_cheap_large_rare_victims():
-    policy = GDSFPolicy()
+@pytest.mark.parametrize("cls", [GDSFPolicy, CostLFUPolicy])
+def test_cost_aware_prefers_cheap_large_rare_victims(cls):
+    policy = cls()
     policy.on_insert("dear", 100, 100.0)
     policy.on_insert("cheap", 100, 1.0)
     policy.on_insert("large", 100_000, 100.0)
@@ -226,18 +227,6 @@ def test_gdsf_aging_makes_stale_high_priority_entry_evictable():
 
 
 # -- cost-lfu --------------------------------------------------------------------------------
-
-
-def test_cost_lfu_prefers_cheap_large_rare_victims():
-    policy = CostLFUPolicy()
-    policy.on_insert("dear", 100, 100.0)
-    policy.on_insert("cheap", 100, 1.0)
-    policy.on_insert("large", 100_000, 100.0)
-    policy.on_insert("frequent", 100, 10.0)
-    policy.on_insert("rare", 100, 10.0)
-    for _ in range(3):
-        policy.on_access("frequent")
-    assert list(policy.iter_victims()) == ["large", "cheap", "rare", "frequent", "dear"]
 
 
 def _evict_one(policy: EvictionPolicy, key: str) -> str:
