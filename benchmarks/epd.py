@@ -71,7 +71,7 @@ class Profile:
 PROFILES = {
     "tiny": Profile(model="tiny-llava", rates=(2.0, 4.0, 8.0), requests=24, output_mean=16, output_max=32,
                     images_max=6, ttft_slo_s=0.5, tpot_slo_s=0.05, cache_capacity="512MiB"),
-    # NOTE: on one CPU every stage shares the same cores, so the EPD stack is sized for that: one
+    # NOTE: on a CPU (no GPU visible) every stage shares the same cores, so the EPD stack is sized for that: one
     # encoder (a second one only time-slices the cores with the first, and each image then takes
     # twice as long), and stage priorities that run the stage nearest the first token first
     # (prefill, then encode, then decode), as the aggregated worker's single queue does by
@@ -89,6 +89,12 @@ def native_bf16() -> bool:
     if torch.cuda.is_available():
         return True
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")  # NOTE: AVX2/AVX512 emulate bf16
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()  # NOTE: counts devices without creating a CUDA context
 
 
 def machine() -> str:
@@ -324,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     profile = PROFILES[args.profile]
+    if profile.nice_epd and _gpu_count() > 0:
+        # NOTE: the CPU sizing above is for stages that share the cores; on a GPU node the
+        # workers' forwards run on the GPU, so the default EPD shape (two encoders) applies.
+        profile = replace(profile, encoders=2, nice_epd=())
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile.rates
     num_requests = args.requests or profile.requests
     ttft_slo, tpot_slo = args.ttft_slo or profile.ttft_slo_s, args.tpot_slo or profile.tpot_slo_s
