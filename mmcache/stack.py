@@ -76,7 +76,8 @@ class StackConfig:
             raise ValueError("--threads must be >= 1")
         for role, niceness in self.nice:
             if role not in ROLES:
-                raise ValueError(f"--nice {role}={niceness}: unknown role; roles: {', '.join(ROLES)}")
+                raise ValueError(f"--nice {role}={niceness}: unknown role; roles: encoder, prefill, decode, "
+                                 "sidecar (or cache), router, both (or generate)")
             if not 0 <= niceness <= 19:
                 raise ValueError(f"--nice {role}={niceness}: niceness must be 0..19 (raising priority needs root)")
 
