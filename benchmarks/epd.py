@@ -178,14 +178,18 @@ def peak_memory_mib(up: StackProcess) -> dict[str, float]:
     return out
 
 
+def epd_shape_flags(profile: Profile) -> list[str]:
+    """The profile's ``mmcache up`` flags for the EPD stack's shape: encoders and stage priorities."""
+    return ["--encoders", str(profile.encoders), *(a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}"))]
+
+
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
                workdir: Path, extra_flags: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "startup_s"})."""
     flags = [*SYSTEMS[system], "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
              "--port", str(_free_port()), "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
     if system == "epd":
-        flags += ["--encoders", str(profile.encoders)]
-        flags += [a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}")]
+        flags += epd_shape_flags(profile)
     if system == "aggregated-lru":
         flags += ["--encoder-cache", profile.cache_capacity]
     threads = profile.threads_epd if system == "epd" else profile.threads_aggregated
@@ -329,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epd-flags", default="", help="more `mmcache up` flags for the EPD stack, e.g. '--nice decode=5'")
     args = p.parse_args(argv)
 
+    try:
+        epd_extra = tuple(shlex.split(args.epd_flags))
+    except ValueError as e:
+        p.error(f"--epd-flags {args.epd_flags!r}: {e}")
     profile = PROFILES[args.profile]
     if profile.nice_epd and _gpu_count() > 0:
         # NOTE: the CPU sizing above is for stages that share the cores; on a GPU node the
@@ -362,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {num_requests} requests per rate, rates {', '.join(f'{r:g}' for r in rates)} req/s (Poisson), "
           f"reuse {args.reuse:.0%} (Zipf), 1-{profile.images_max} images/request (mean 2), output mean "
           f"{profile.output_mean:g} tokens; SLO: TTFT <= {ttft_slo:g} s and TPOT <= {tpot_slo:g} s")
-    epd_flags = ["--encoders", str(profile.encoders), *(f"--nice {r}={n}" for r, n in profile.nice_epd), args.epd_flags]
-    print(f"stacks: epd = mmcache up {' '.join(f for f in epd_flags if f)} (sidecar, encoders, prefill, decode, "
+    print(f"stacks: epd = mmcache up {shlex.join([*epd_shape_flags(profile), *epd_extra])} (sidecar, encoders, prefill, decode, "
           f"router); aggregated = mmcache up --aggregated; aggregated-lru = mmcache up --aggregated --encoder-cache "
           f"{profile.cache_capacity}")
     rows, extras = [], {s: {"memory_mib": {}, "startup_s": []} for s in systems}
@@ -373,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             # that rotates with the rate: this shared machine's speed drifts by tens of percent
             # over minutes, and running each system's rates back to back would bill the drift to it.
             for system in systems[i % len(systems):] + systems[:i % len(systems)]:
-                extra = tuple(shlex.split(args.epd_flags)) if system == "epd" else ()
+                extra = epd_extra if system == "epd" else ()
                 got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra)
                 rows += got
                 extras[system]["startup_s"].append(info["startup_s"])

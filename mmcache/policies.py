@@ -198,7 +198,74 @@ class _Ranking:
         self._entry = {entry[2]: entry for entry in self._ranked}
 
 
-class GDSFPolicy(EvictionPolicy):
+class _CountingPolicy(EvictionPolicy):
+    """What GDSF and cost-lfu share: ``H(k)`` from a per-key request count and the key's value
+    ``cost / size`` (``cost`` in ms floored at ``MIN_COST_MS``, ``size`` in bytes floored at 1),
+    ranked lowest first with ties to the older touch; and the counts of the most recently evicted
+    keys remembered (``GHOST_PER_KEY`` times the most keys ever tracked) and resumed when a key
+    is inserted again. A deleted key (``evicted=False``) is forgotten.
+
+    Subclasses say how a request changes a count (``_counted``) and what ``H`` is (``_priority``).
+    """
+
+    # NOTE: a zero cost would give every zero-cost entry the same H regardless of size and
+    # hits; a tiny floor keeps size and frequency meaningful for them.
+    MIN_COST_MS: ClassVar[float] = 1e-3
+    GHOST_PER_KEY: ClassVar[int] = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ranking = _Ranking()
+        self._count: dict[Hashable, float] = {}
+        self._value: dict[Hashable, float] = {}  # cost_ms / size_bytes, fixed at insert
+        self._ghost: OrderedDict[Hashable, float] = OrderedDict()  # evicted key -> count, oldest first
+        self._max_tracked = 0
+
+    def priority(self, key: Hashable) -> float:
+        """Current ``H`` of ``key``; ``KeyError`` if unknown."""
+        return self._ranking.priority(key)
+
+    def iter_victims(self) -> Iterator[Hashable]:
+        return iter(self._ranking)
+
+    @abc.abstractmethod
+    def _counted(self, count: float) -> float:
+        """The count after one more request (an insert starts from the remembered count or 0)."""
+
+    @abc.abstractmethod
+    def _priority(self, count: float, value: float) -> float: ...
+
+    def _evicted(self, priority: float) -> None:
+        """Hook: an entry of this priority was evicted."""
+
+    def _rank(self, key: Hashable) -> None:
+        self._ranking.put(key, self._priority(self._count[key], self._value[key]))
+
+    def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
+        self._max_tracked = max(self._max_tracked, len(self))
+        self._count[key] = self._counted(self._ghost.pop(key, 0))
+        self._value[key] = max(cost_ms, self.MIN_COST_MS) / max(size_bytes, 1)
+        self._rank(key)
+
+    def _access(self, key: Hashable) -> None:
+        self._ranking.pop(key)
+        self._count[key] = self._counted(self._count[key])
+        self._rank(key)
+
+    def _remove(self, key: Hashable, evicted: bool) -> None:
+        priority = self._ranking.pop(key)
+        count = self._count.pop(key)
+        del self._value[key]
+        if evicted:
+            self._evicted(priority)
+            self._ghost[key] = count
+            # NOTE: bounded by the peak, not the current, key count: a burst of evictions to
+            # make room for one large entry must not wipe the list.
+            while len(self._ghost) > self.GHOST_PER_KEY * self._max_tracked:
+                self._ghost.popitem(last=False)
+
+
+class GDSFPolicy(_CountingPolicy):
     """GreedyDual-Size-Frequency: keep what is expensive to recompute per byte and often hit.
 
     Priority ``H(k) = L + freq(k) * cost(k) / size(k)``, with ``cost`` in ms (floored at
@@ -226,61 +293,29 @@ class GDSFPolicy(EvictionPolicy):
     """
 
     name: ClassVar[str] = "gdsf"
-    # NOTE: a zero cost would give every zero-cost entry the same H = L regardless of size and
-    # hits; a tiny floor keeps size and frequency meaningful for them.
-    MIN_COST_MS: ClassVar[float] = 1e-3
 
     def __init__(self) -> None:
         super().__init__()
         self._inflation = 0.0
-        self._ranking = _Ranking()
-        self._freq: dict[Hashable, int] = {}
-        self._value: dict[Hashable, float] = {}  # cost_ms / size_bytes, fixed at insert
-        self._ghost_freq: OrderedDict[Hashable, int] = OrderedDict()  # evicted key -> freq, oldest first
-        self._max_tracked = 0
 
     @property
     def inflation(self) -> float:
         """The aging term ``L``: the highest ``H`` evicted so far (0.0 initially)."""
         return self._inflation
 
-    def priority(self, key: Hashable) -> float:
-        """Current ``H`` of ``key``; ``KeyError`` if unknown."""
-        return self._ranking.priority(key)
+    def _counted(self, count: float) -> float:
+        return count + 1
 
-    def iter_victims(self) -> Iterator[Hashable]:
-        return iter(self._ranking)
+    def _priority(self, count: float, value: float) -> float:
+        return self._inflation + count * value
 
-    def _rank(self, key: Hashable) -> None:
-        self._ranking.put(key, self._inflation + self._freq[key] * self._value[key])
-
-    def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
-        self._freq[key] = self._ghost_freq.pop(key, 0) + 1
-        self._max_tracked = max(self._max_tracked, len(self))
-        self._value[key] = max(cost_ms, self.MIN_COST_MS) / max(size_bytes, 1)
-        self._rank(key)
-
-    def _access(self, key: Hashable) -> None:
-        self._ranking.pop(key)
-        self._freq[key] += 1
-        self._rank(key)
-
-    def _remove(self, key: Hashable, evicted: bool) -> None:
-        priority = self._ranking.pop(key)
-        freq = self._freq.pop(key)
-        del self._value[key]
-        if evicted:
-            # NOTE: max(), not assignment: with can_evict skipping leased keys the evicted
-            # entry need not be the minimum, and L must never decrease.
-            self._inflation = max(self._inflation, priority)
-            self._ghost_freq[key] = freq
-            # NOTE: bounded by the peak, not the current, key count: a burst of evictions to
-            # make room for one large entry must not wipe the list.
-            while len(self._ghost_freq) > self._max_tracked:
-                self._ghost_freq.popitem(last=False)
+    def _evicted(self, priority: float) -> None:
+        # NOTE: max(), not assignment: with can_evict skipping leased keys the evicted entry
+        # need not be the minimum, and L must never decrease.
+        self._inflation = max(self._inflation, priority)
 
 
-class CostLFUPolicy(EvictionPolicy):
+class CostLFUPolicy(_CountingPolicy):
     """Cost-aware, decayed frequency: keep what is expensive per byte and requested often lately.
 
     Priority ``H(k) = crf(k) * cost(k) / size(k)``: ``cost`` and ``size`` as in GDSF, and ``crf``
@@ -310,67 +345,34 @@ class CostLFUPolicy(EvictionPolicy):
     MIN_HALF_LIFE: ClassVar[float] = 64.0
     GHOST_PER_KEY: ClassVar[int] = 8
     RESCALE_EXPONENT: ClassVar[float] = 256.0
-    MIN_COST_MS: ClassVar[float] = GDSFPolicy.MIN_COST_MS
 
     def __init__(self) -> None:
         super().__init__()
         self._log2_weight = 0.0  # log2 of the weight a request counts with now
-        self._ranking = _Ranking()
-        self._crf: dict[Hashable, float] = {}
-        self._value: dict[Hashable, float] = {}  # cost_ms / size_bytes, fixed at insert
-        self._ghost_crf: OrderedDict[Hashable, float] = OrderedDict()  # evicted key -> crf, oldest first
-        self._max_tracked = 0
 
     @property
     def half_life(self) -> float:
         """Events (inserts + hits) after which a request counts half as much."""
         return max(self.HALF_LIFE_PER_KEY * self._max_tracked, self.MIN_HALF_LIFE)
 
-    def priority(self, key: Hashable) -> float:
-        """Current ``H`` of ``key`` (in the current weight's units); ``KeyError`` if unknown."""
-        return self._ranking.priority(key)
-
-    def iter_victims(self) -> Iterator[Hashable]:
-        return iter(self._ranking)
-
-    def _rank(self, key: Hashable) -> None:
-        self._ranking.put(key, self._crf[key] * self._value[key])
-
-    def _tick(self) -> float:
-        """The weight of a request now; advances time by one event."""
+    def _counted(self, count: float) -> float:
+        """``count`` plus the weight of a request now; advances time by one event."""
         self._log2_weight += 1.0 / self.half_life
         if self._log2_weight >= self.RESCALE_EXPONENT:
+            count *= 2.0 ** -self._log2_weight  # NOTE: the caller's copy, outside the stores rescaled below
             self._rescale()
-        return 2.0 ** self._log2_weight
+        return count + 2.0 ** self._log2_weight
+
+    def _priority(self, count: float, value: float) -> float:
+        return count * value
 
     def _rescale(self) -> None:
         scale = 2.0 ** -self._log2_weight
         self._log2_weight = 0.0
-        for key in self._crf:
-            self._crf[key] *= scale
-        for key in self._ghost_crf:
-            self._ghost_crf[key] *= scale
+        for store in (self._count, self._ghost):
+            for key in store:
+                store[key] *= scale
         self._ranking.scale(scale)
-
-    def _insert(self, key: Hashable, size_bytes: int, cost_ms: float) -> None:
-        self._max_tracked = max(self._max_tracked, len(self))
-        self._crf[key] = self._ghost_crf.pop(key, 0.0) + self._tick()
-        self._value[key] = max(cost_ms, self.MIN_COST_MS) / max(size_bytes, 1)
-        self._rank(key)
-
-    def _access(self, key: Hashable) -> None:
-        self._ranking.pop(key)
-        self._crf[key] += self._tick()
-        self._rank(key)
-
-    def _remove(self, key: Hashable, evicted: bool) -> None:
-        self._ranking.pop(key)
-        crf = self._crf.pop(key)
-        del self._value[key]
-        if evicted:
-            self._ghost_crf[key] = crf
-            while len(self._ghost_crf) > self.GHOST_PER_KEY * self._max_tracked:
-                self._ghost_crf.popitem(last=False)
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "gdsf": GDSFPolicy, "cost-lfu": CostLFUPolicy}

@@ -284,7 +284,7 @@ def test_cost_lfu_ghost_history_is_bounded():
     fill(policy, 4)
     for i in range(200):
         _evict_one(policy, f"k/{i}")
-    assert len(policy._ghost_crf) == CostLFUPolicy.GHOST_PER_KEY * 5  # 5: the peak, with the newcomer
+    assert len(policy._ghost) == CostLFUPolicy.GHOST_PER_KEY * 5  # 5: the peak, with the newcomer
 
 
 def test_cost_lfu_rescaling_keeps_the_ranking():
@@ -301,7 +301,7 @@ def test_cost_lfu_rescaling_keeps_the_ranking():
             policy.on_access(key)
     assert list(rescaled.iter_victims()) == list(plain.iter_victims())
     assert rescaled._log2_weight < 0.5 < plain._log2_weight
-    assert max(rescaled.priority(k) for k in rescaled._crf) < max(plain.priority(k) for k in plain._crf)
+    assert max(rescaled.priority(k) for k in rescaled._count) < max(plain.priority(k) for k in plain._count)
 
 
 # -- simulation: cost saved on a skewed trace --------------------------------------------------
