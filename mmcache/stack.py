@@ -99,7 +99,22 @@ def _child_setup(niceness: int):
             pass
         if niceness:
             os.nice(niceness)
+        _autogroup_nice(os.nice(0))
     return setup
+
+
+def _autogroup_nice(niceness: int) -> None:
+    """Give this process's autogroup its niceness. With the kernel's autogroups on (the default
+    on desktop and most server distributions), each session is one scheduling group, and a
+    process's nice value ranks it only against the processes of its own session: a child in a
+    session of its own would compete with its siblings at full weight whatever its nice value."""
+    if niceness <= 0:
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(niceness))
+    except OSError:  # NOTE: no autogroups (not built in, or off): the plain nice value already acts
+        pass
 
 
 class Child:

@@ -239,6 +239,15 @@ def _environ(pid: int) -> dict[str, str]:
         return dict(item.decode().split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
 
 
+def _autogroup_nice(pid: int) -> int | None:
+    """The nice value of the process's autogroup (``/autogroup-42 nice 7``); None without autogroups."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split()[-1])
+    except OSError:
+        return None
+
+
 def test_stage_priorities_and_sleeping_openmp_threads(model_dir):
     """``--nice ROLE=N`` runs that stage's processes at that CPU priority; EPD workers, which share
     the cores, get ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it; the aggregated worker spins."""
@@ -247,6 +256,9 @@ def test_stage_priorities_and_sleeping_openmp_threads(model_dir):
         pids = {role: stats[role][0]["stats"]["pid"] for role in ("encoders", "prefill", "decode")}
         assert {role: _niceness(pid) - os.nice(0) for role, pid in pids.items()} == \
             {"encoders": 3, "prefill": 0, "decode": 7}
+        if _autogroup_nice(pids["decode"]) is not None:  # NOTE: a session each: the nice value must reach the group
+            assert {role: _autogroup_nice(pid) for role, pid in pids.items()} == \
+                {role: max(0, _niceness(pid)) for role, pid in pids.items()}
         assert all(_environ(pid).get("OMP_WAIT_POLICY") == "PASSIVE" for pid in pids.values())
         assert chat(up, [image(900)[0]]).choices[0].finish_reason in ("stop", "length")
     with _up(model_dir, "--aggregated") as up:
