@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = EncoderServeConfig(
         cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, salt=args.salt,
-        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
+        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"), compute_gate=args.compute_gate,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_app(create_app(config), "mmcache-encoder", config.host, config.port)
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-http", action="store_true", help="refuse http(s):// image URLs")
     s.add_argument("--salt", help="tenant salt mixed into the namespace")
     s.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
+    s.add_argument("--compute-gate", metavar="PATH",
+                   help="the sidecar's compute gate socket: take turns at the cores with the other stages")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=_serve)
     args = parser.parse_args(argv)

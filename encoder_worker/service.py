@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from encoder_worker.batcher import BatchStats, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, load_image
+from mmcache.compute_gate import GateClient
 from mmcache_client import AsyncCacheClient, CacheUnavailable, content_hash
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class EncoderServeConfig:
     salt: str | None = None
     """Tenant salt mixed into the namespace."""
     media: MediaLimits = field(default_factory=MediaLimits)
+    compute_gate: str | None = None
+    """The sidecar's compute gate (a Unix socket), where stages share the cores: each image's
+    forward then waits its turn, and prefills go between two images of a batch."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -86,6 +90,7 @@ class EncodeService:
                                            max_wait_ms=config.max_wait_ms, after=self._store,
                                            on_batch=self._on_batch)
         self._http: aiohttp.ClientSession | None = None
+        self.gate = GateClient(config.compute_gate, "encode") if config.compute_gate else None
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession()
@@ -93,12 +98,22 @@ class EncodeService:
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self.gate is not None:
+            self.gate.close()
         if self._http is not None:
             await self._http.close()
         await self.cache.close()
 
     def _encode_batch(self, images: list) -> list:
-        return self.encoder.encode(images)  # runs in a worker thread
+        """Runs in a worker thread. Gated: one image per turn, so that a prefill waits for one
+        image's forward at most, not a whole batch's (sharing cores, a batch is no faster)."""
+        if self.gate is None:
+            return self.encoder.encode(images)
+        out = []
+        for image in images:
+            with self.gate.turn():
+                out += self.encoder.encode([image])
+        return out
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.counters["batches"] += 1
@@ -202,8 +217,9 @@ async def models_handler(request: web.Request) -> web.Response:
 
 async def stats_handler(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    gate = {"compute_gate": service.gate.stats()} if service.gate is not None else {}
     return web.json_response({"namespace": service.namespace, "model": service.config.model, "pid": os.getpid(),
-                              **service.counters,
+                              **service.counters, **gate,
                               "inflight": service.batcher.inflight, "single_flight_joins": service.batcher.joins})
 
 

@@ -27,7 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
         cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http),
-        encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0)
+        encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
+        compute_gate=args.compute_gate)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves frees its decode-batch row at once.
     run_app(create_app(config), "mmcache-llm", config.host, config.port, handler_cancellation=True)
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-http", action="store_true", help="role both: refuse http(s):// image URLs")
     s.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
     s.add_argument("--encoder-cache", help="role both: an in-process LRU of image embeddings this large, e.g. 2GiB")
+    s.add_argument("--compute-gate", metavar="PATH",
+                   help="prefill, decode: the sidecar's compute gate socket: take turns at the cores with the other stages")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=_serve)
     r = sub.add_parser("router", help="serve the OpenAI API in front of encoders, prefill and decode workers")

@@ -26,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     flags = {
         "data_dir": args.data_dir, "host": args.host, "port": args.port, "socket": args.socket,
+        "compute_gate": args.compute_gate,
         "host_capacity_bytes": args.host_capacity, "disk_capacity_bytes": args.disk_capacity,
         "max_entry_size_bytes": args.max_entry_size, "token": args.token, "arena_path": args.arena,
         "host_policy": args.host_policy, "disk_policy": args.disk_policy, "log_level": args.log_level,
@@ -110,6 +111,7 @@ def _up(args: argparse.Namespace) -> int:
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
                          allowed_dirs=tuple(args.allowed_dir), max_batch=args.max_batch,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
+                         shared_cores=args.shared_cores,
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level)
     return run(config)
 
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int)
     s.add_argument("--socket", help="Unix socket for same-node zero-copy clients")
+    s.add_argument("--compute-gate", metavar="PATH",
+                   help="serve the compute gate on this Unix socket: workers sharing the cores take turns")
     s.add_argument("--host-capacity", help="shared-memory arena size, e.g. 4GiB")
     s.add_argument("--disk-capacity", help="LMDB payload bytes, e.g. 100GiB")
     s.add_argument("--max-entry-size", help="largest PUT body (default 256MiB)")
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--nice", type=_role_niceness, action="append", default=[], metavar="ROLE=N",
                    help="run ROLE's processes (encoder, prefill, decode, sidecar, router, both) at niceness N "
                         "(repeatable), e.g. --nice encoder=5 --nice decode=10 when the stages share CPU cores")
+    u.add_argument("--shared-cores", action="store_true",
+                   help="the EPD stages share this machine's cores (a CPU, or one GPU): they take turns at them, "
+                        "one forward at a time at full width, prefill first, then encode, then decode")
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)

@@ -39,6 +39,9 @@ class ServeConfig:
     """HTTP port (0 picks a free one)."""
     socket: str | None = None
     """Unix socket of the local zero-copy protocol; None turns it off."""
+    compute_gate: str | None = None
+    """Unix socket of the compute gate (``mmcache.compute_gate``) for workers that share this
+    machine's cores; None: no gate."""
     host_capacity_bytes: int = 1 << 30
     """Size of the shared-memory arena."""
     disk_capacity_bytes: int = 16 << 30

@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mmcache.config import ServeConfig
+from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.local_server import start_local_server
 from mmcache.metrics import Metrics
 from mmcache.store import StoreConfig, TieredStore
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", ServeConfig)
 STORE = web.AppKey("store", TieredStore)
 METRICS = web.AppKey("metrics", Metrics)
+GATE = web.AppKey("gate", ComputeGate)
 TIER_HEADER = "X-MMCache-Tier"
 _ENTRY_CONTENT_TYPE = "application/vnd.safetensors"
 _ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
@@ -217,7 +219,10 @@ async def batch_get(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STORE].stats())
+    doc = request.app[STORE].stats()
+    if GATE in request.app:
+        doc["compute_gate"] = request.app[GATE].stats()
+    return web.json_response(doc)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -237,10 +242,17 @@ def _store_ctx(config: ServeConfig):
             host_policy=config.host_policy, disk_policy=config.disk_policy))
         app[STORE] = store
         local = await start_local_server(store, config.socket) if config.socket else None
+        gate = None
+        if config.compute_gate:
+            app[GATE] = ComputeGate()
+            gate = await start_gate_server(app[GATE], config.compute_gate)
         logger.info("mmcache store up: arena %s, data dir %s, socket %s", store.arena_path, config.data_dir, config.socket)
         try:
             yield
         finally:
+            if gate is not None:
+                gate.close()
+                _unlink(config.compute_gate)
             if local is not None:
                 local.close()
                 await local.wait_closed()

@@ -62,6 +62,9 @@ class StackConfig:
     """(role, niceness) pairs: the role's processes run at that CPU priority (0 normal, up to 19
     lowest); roles ``cache``, ``encoder``, ``prefill``, ``decode``, ``generate``, ``router``. For
     stages that share CPU cores: the stage nearest the first token first."""
+    shared_cores: bool = False
+    """EPD stages on the same cores take turns at them (the sidecar's compute gate): one forward
+    at a time at full width, prefill first, then encode, then decode."""
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -72,6 +75,8 @@ class StackConfig:
                 raise ValueError(f"--{name} must be >= 1")
         if self.encoder_cache and not self.aggregated:
             raise ValueError("--encoder-cache is for --aggregated (EPD workers share the sidecar)")
+        if self.shared_cores and self.aggregated:
+            raise ValueError("--shared-cores is for the EPD stack (an aggregated worker runs one forward at a time)")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
         for role, niceness in self.nice:
@@ -167,6 +172,7 @@ class Stack:
         self.events: queue.Queue = queue.Queue()
         self.url: str | None = None
         self.socket_path = _socket_path(config.data_dir)
+        self.gate_path = _socket_path(config.data_dir, "compute-gate.sock") if config.shared_cores else None
         threads = {"OMP_NUM_THREADS": str(config.threads)} if config.threads else {}
         # NOTE: EPD runs several torch processes on the same cores. OpenMP threads that spin while
         # waiting (libgomp's default) burn the cores another worker needs: two encoders at once
@@ -195,13 +201,16 @@ class Stack:
         c = self.config
         args = ["serve", "--role", role, *self._worker_args(), "--max-batch", str(c.max_batch)]
         if role != "both":
-            args += ["--cache", f"unix://{self.socket_path}"]
+            args += ["--cache", f"unix://{self.socket_path}", *self._gate_args()]
         elif c.encoder_cache:
             args += ["--encoder-cache", c.encoder_cache]
         for flag, value in (("--device", c.device), ("--dtype", c.dtype)):
             if value:
                 args += [flag, value]
         return args
+
+    def _gate_args(self) -> list[str]:
+        return ["--compute-gate", self.gate_path] if self.gate_path else []
 
     def _allowed(self) -> list[str]:
         return [a for d in self.config.allowed_dirs for a in ("--allowed-dir", d)]
@@ -220,11 +229,11 @@ class Stack:
         else:
             sidecar = self._spawn("sidecar", "cache", "mmcache.cli", "serve", "--data-dir", c.data_dir,
                                   "--host", c.host, "--port", "0", "--socket", self.socket_path,
-                                  "--host-capacity", c.host_capacity, "--log-level", c.log_level)
+                                  "--host-capacity", c.host_capacity, "--log-level", c.log_level, *self._gate_args())
             self._wait_ready([sidecar], deadline)
             cache = f"unix://{self.socket_path}"
             workers = [self._spawn(f"encoder-{i}", "encoder", "encoder_worker.cli", "serve", *self._worker_args(),
-                                   "--cache", cache, *self._allowed()) for i in range(c.encoders)]
+                                   "--cache", cache, *self._gate_args(), *self._allowed()) for i in range(c.encoders)]
             workers += [self._spawn(f"prefill-{i}", "prefill", "llm_worker.cli", *self._llm_args("prefill"))
                         for i in range(c.prefill)]
             workers += [self._spawn(f"decode-{i}", "decode", "llm_worker.cli", *self._llm_args("decode"))
@@ -291,13 +300,13 @@ def _check_health(child: Child) -> None:
     raise StackError(f"{child.name} printed its ready line but {child.url}/healthz answered {status}")
 
 
-def _socket_path(data_dir: str) -> str:
-    """The sidecar's Unix socket: in the data dir, or in /tmp when that path is too long for AF_UNIX."""
-    path = os.path.join(os.path.abspath(data_dir), "mmcache.sock")
+def _socket_path(data_dir: str, name: str = "mmcache.sock") -> str:
+    """A sidecar's Unix socket: in the data dir, or in /tmp when that path is too long for AF_UNIX."""
+    path = os.path.join(os.path.abspath(data_dir), name)
     if len(path) <= _MAX_SOCKET_PATH:
         return path
     digest = hashlib.sha1(path.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"mmcache-{digest}.sock")
+    return os.path.join(tempfile.gettempdir(), f"mmcache-{digest}-{name}")
 
 
 def run(config: StackConfig) -> int:

@@ -266,6 +266,31 @@ def test_stage_priorities_and_sleeping_openmp_threads(model_dir):
         assert "OMP_WAIT_POLICY" not in _environ(pid) and _niceness(pid) == os.nice(0)
 
 
+def test_shared_cores_stages_take_turns_at_the_sidecars_gate(model_dir, epd):
+    """``--shared-cores``: every encode, prefill and decode forward runs with a turn from the
+    sidecar's compute gate (none ungated), and requests are answered as without it."""
+    uris = [image(901)[0], image(902)[0]]
+    with _up(model_dir, "--encoders", "1", "--shared-cores") as up:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # NOTE: two at once: their forwards queue at the gate
+            gated = list(pool.map(lambda n: chat(up, uris[:n]).choices[0].message.content, (1, 2)))
+        assert gated == [chat(epd, uris[:n]).choices[0].message.content for n in (1, 2)]
+        stats = up.stats()
+        gates = {role: stats[role][0]["stats"]["compute_gate"] for role in ("encoders", "prefill", "decode")}
+        assert {role: g["stage"] for role, g in gates.items()} == \
+            {"encoders": "encode", "prefill": "prefill", "decode": "decode"}
+        assert all(g["turns"] >= 1 and g["ungated"] == 0 for g in gates.values()), gates
+        assert len({g["path"] for g in gates.values()}) == 1
+
+
+def test_shared_cores_is_for_the_epd_stack(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mmcache.cli", "up", "--data-dir", str(tmp_path), "--aggregated",
+                           "--shared-cores"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--shared-cores is for the EPD stack" in proc.stderr
+
+
 @pytest.mark.parametrize("flag, message", [("decode=20", "niceness must be 0..19"), ("gpu=1", "unknown role"),
                                            ("decode", "is not ROLE=N")])
 def test_bad_nice_is_a_clear_error(tmp_path, flag, message):
