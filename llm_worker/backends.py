@@ -103,6 +103,45 @@ class TokenStream:
         self.response.close()
 
 
+class FirstTokenFirst:
+    """The prefill's first token event at once, then the decode worker's stream (``opening``,
+    its first event, the same token, dropped): ``next`` and ``close`` as ``TokenStream``."""
+
+    def __init__(self, first: dict, opening: asyncio.Future):
+        self._first: dict | None = first
+        self._token_id = first["token_id"]
+        self._opening = opening
+        self._stream: TokenStream | None = None
+
+    async def next(self) -> dict:
+        if self._first is not None:
+            event, self._first = self._first, None
+            return event
+        if self._stream is None:
+            self._stream = await self._opening
+            echo = await self._stream.next()
+            if echo.get("token_id") != self._token_id:
+                raise APIError(502, f"the decode worker {self._stream.backend.url} began with {echo!r}, not the "
+                                    f"prefill's token {self._token_id}", "decode")
+        return await self._stream.next()
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        elif self._opening.done():
+            if not self._opening.cancelled() and self._opening.exception() is None:
+                self._opening.result().close()
+        else:
+            self._opening.cancel()
+            self._opening.add_done_callback(_close_opened)
+
+
+def _close_opened(opening: asyncio.Future) -> None:
+    """A stream that opened as it was cancelled: drop it (the decode worker then abandons it)."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 def worker_error(status: int, doc: Any, stage: str, backend: Backend) -> APIError:
     message = doc.get("error") if isinstance(doc, dict) else None
     message = str(message) if message else f"HTTP {status} from {backend.url}"

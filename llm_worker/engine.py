@@ -191,6 +191,13 @@ class LLMEngine:
             state.kv = None
         return state
 
+    def first_output(self, first_token: int, sampling: SamplingParams) -> DecodeState:
+        """The output after the prefill's token alone, without its KV: what a decode worker
+        streams first (``readable_text()``, ``finish_reason``), known as soon as prefill ends."""
+        state = DecodeState("first-token", sampling, self.tokenizer, self.eos_token_ids, None)
+        state.append(first_token)
+        return state
+
     def new_batch(self) -> DecodeBatch:
         """An empty batch for step-by-step (continuous) decoding on this engine."""
         kv = BatchKV(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)

@@ -30,7 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from llm_worker import openai_api as api
-from llm_worker.backends import Backend, Pool, TokenStream, Unreachable, worker_error
+from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.prompt import image_urls, template_ids
 from mmcache_client import AsyncCacheClient
@@ -250,7 +250,12 @@ class Router:
             prefilled = await self._prefill(cid, ids, items, req.sampling, urls)
         body = {"request_id": prefilled["request_id"], "kv": prefilled["kv"], "stream": True,
                 "sampling": {**req.sampling, "seed": prefilled["seed"]}}
-        return await self._open_stream("decode", "/v1/decode", body)
+        if not isinstance(prefilled.get("first_text"), str) or prefilled.get("first_finish_reason") is not None:
+            return await self._open_stream("decode", "/v1/decode", body)  # NOTE: decode ends it (and frees the KV)
+        # NOTE: the first token is the prefill's: it goes to the client now, while the decode
+        # worker loads the KV (a decode that shares busy cores may take a while to answer).
+        first = {"text": prefilled["first_text"], "token_id": prefilled["first_token"]}
+        return FirstTokenFirst(first, asyncio.ensure_future(self._open_stream("decode", "/v1/decode", body)))
 
     async def _prefill(self, cid: str, ids: list[int], items: list[dict], sampling: dict, urls: list[str]) -> dict:
         body = {"request_id": cid, "prompt_ids": ids, "sampling": sampling,

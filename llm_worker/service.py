@@ -255,8 +255,10 @@ class LLMService:
         if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result)):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
         self._count_prompt(len(ids), result.prefill_ms)
+        first = self.engine.first_output(result.first_token, sampling)
         return {"request_id": request_id, "kv": {"namespace": kv.namespace, "hash": kv.hash},
-                "first_token": result.first_token, "prompt_tokens": len(ids),
+                "first_token": result.first_token, "first_text": first.readable_text(),
+                "first_finish_reason": first.finish_reason, "prompt_tokens": len(ids),
                 "prefill_ms": round(result.prefill_ms, 3), "seed": seed}
 
     async def decode(self, request_id: str, kv: Key, sampling: SamplingParams) -> DecodeJob:

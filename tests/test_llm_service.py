@@ -190,6 +190,7 @@ async def test_text_only_request_and_a_request_finished_by_prefill(stack, sideca
     assert full == await post(stack.both, "/v1/generate", {"messages": messages, "sampling": GREEDY})
     pre, one = await epd(stack, "one-token", messages, {"max_tokens": 1, "temperature": 0})
     assert one["token_ids"] == full["token_ids"][:1] and one["finish_reason"] == "length"
+    assert pre["first_finish_reason"] == "length" and pre["first_text"] == one["text"]
     assert not kv_exists(sidecar, pre["kv"])
 
 
@@ -211,6 +212,9 @@ async def test_streamed_deltas_add_up_to_the_text(stack, sidecar, images):
         *tokens, final = events[:-1]
         assert "".join(e["text"] for e in tokens) == reference["text"]
         assert [e["token_id"] for e in tokens] == reference["token_ids"]
+        # NOTE: what the router streams before decode answers is what decode streams first
+        assert (pre["first_token"], pre["first_text"], pre["first_finish_reason"]) == \
+            (tokens[0]["token_id"], tokens[0]["text"], final["finish_reason"] if len(tokens) == 1 else None)
         assert final["finish_reason"] == reference["finish_reason"]
         assert final["completion_tokens"] == len(reference["token_ids"])
         assert not kv_exists(sidecar, pre["kv"])

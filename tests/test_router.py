@@ -4,6 +4,7 @@ behind the router is in ``test_stack.py``.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import huggingface_hub.constants
@@ -38,6 +39,11 @@ class Script:
         """Answer this many prefills with 409 'not in the cache'."""
         self.decode_tokens = 3
         self.decode_error: str | None = None
+        self.first_text: str | None = None
+        """The prefill's first-token text (a real prefill worker's answer has it); None: left out."""
+        self.first_token = 10
+        self.decode_held: asyncio.Event | None = None
+        """Set: decode answers only once it is set."""
 
 
 def fake_encoder(script: Script, name: str) -> web.Application:
@@ -65,8 +71,11 @@ def fake_prefill(script: Script) -> web.Application:
         if script.prefill_missing:
             script.prefill_missing -= 1
             return web.json_response({"error": f"image {NS}/00 is not in the cache"}, status=409)
-        return web.json_response({"request_id": body["request_id"], "kv": {"namespace": "kv.x", "hash": "0" * 32},
-                                  "first_token": 5, "prompt_tokens": 600, "seed": 42})
+        answer = {"request_id": body["request_id"], "kv": {"namespace": "kv.x", "hash": "0" * 32},
+                  "first_token": 5, "prompt_tokens": 600, "seed": 42}
+        if script.first_text is not None:
+            answer.update(first_token=script.first_token, first_text=script.first_text, first_finish_reason=None)
+        return web.json_response(answer)
     app = web.Application()
     app.router.add_post("/v1/prefill", prefill)
     return app
@@ -76,6 +85,8 @@ def fake_decode(script: Script) -> web.Application:
     async def decode(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         assert body["stream"] is True and body["sampling"]["seed"] == 42
+        if script.decode_held is not None:
+            await script.decode_held.wait()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(script.decode_tokens):
@@ -223,6 +234,37 @@ async def test_stream_chunks_and_usage(router):
     assert chunks[5]["choices"] == [] and chunks[5]["usage"] == {"prompt_tokens": 600, "completion_tokens": 3,
                                                                 "total_tokens": 603}
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["object"] == "chat.completion.chunk"
+
+
+@module_loop
+async def test_the_prefills_first_token_streams_before_decode_answers(router):
+    client, script, _ = router
+    script.first_text, script.decode_held = "t0 ", asyncio.Event()
+    resp = await client.post("/v1/chat/completions", json=body(uris(1, "f"), stream=True))
+    lines = resp.content.__aiter__()
+    chunks = []
+    while len(chunks) < 2:  # the role chunk, then the first token, with decode still held
+        line = await asyncio.wait_for(lines.__anext__(), 10)
+        if line.startswith(b"data: {"):
+            chunks.append(json.loads(line[len(b"data: "):]))
+    assert chunks[1]["choices"][0]["delta"]["content"] == "t0 " and not script.decode_held.is_set()
+    script.decode_held.set()
+    chunks += [json.loads(line[len(b"data: "):]) async for line in lines if line.startswith(b"data: {")]
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[1:4]] == ["t0 ", "t1 ", "t2 "]
+    assert chunks[4]["choices"][0]["finish_reason"] == "length" and len(chunks) == 5
+    resp = await client.post("/v1/chat/completions", json=body(uris(1, "f")))  # not streamed: the same text
+    assert (await resp.json())["choices"][0]["message"]["content"] == "t0 t1 t2 "
+
+
+@module_loop
+async def test_a_decode_that_begins_with_another_token_is_an_error(router):
+    client, script, _ = router
+    script.first_text, script.first_token = "x ", 99
+    resp = await client.post("/v1/chat/completions", json=body([], stream=True))
+    events = [line.decode().strip()[len("data: "):] async for line in resp.content if line.startswith(b"data: ")]
+    assert json.loads(events[1])["choices"][0]["delta"]["content"] == "x "
+    error = json.loads(events[-2])["error"]
+    assert error["stage"] == "decode" and "not the prefill's token 99" in error["message"]
 
 
 @module_loop
