@@ -78,7 +78,7 @@ PROFILES = {
     # putting each prefill before the next decode step. ``--epd-flags`` overrides both.
     "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=16, output_mean=24,
                          output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
-                         encoders=1, nice_epd=(("encoder", 5), ("decode", 10))),
+                         encoders=1, nice_epd=(("encoder", 10), ("decode", 15))),
 }
 
 
