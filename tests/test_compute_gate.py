@@ -245,3 +245,28 @@ def test_a_gate_that_dies_mid_run_is_survived(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_sidecar_serves_the_gate_and_reports_it(tmp_path):
+    """``mmcache serve --compute-gate PATH``: turns over the socket, counted in ``/v1/stats``; the
+    socket is gone once the sidecar stops."""
+    import json
+    import os
+    import urllib.request
+
+    from sidecar import SidecarProcess
+
+    path = str(tmp_path / "gate.sock")
+    proc = SidecarProcess("--data-dir", str(tmp_path / "data"), "--host-capacity", "16MiB",
+                          "--compute-gate", path).start()
+    try:
+        client = GateClient(path, "prefill")
+        with client.turn():
+            pass
+        client.close()
+        with urllib.request.urlopen(proc.url + "/v1/stats", timeout=10) as resp:
+            gate = json.load(resp)["compute_gate"]
+        assert gate["slots"] == 1 and gate["stages"]["prefill"]["turns"] == 1 and gate["holding"] == 0
+    finally:
+        assert proc.stop() == 0
+    assert not os.path.exists(path)
