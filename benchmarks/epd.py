@@ -66,6 +66,8 @@ class Profile:
     """The one aggregated worker takes every core (torch's default)."""
     nice_epd: tuple[tuple[str, int], ...] = ()
     """``mmcache up --nice ROLE=N`` for the EPD stack: stage priorities where stages share cores."""
+    encoder_batch: int | None = None
+    """``mmcache up --encoder-batch N`` for the EPD stack; None: the encoders' default."""
 
 
 PROFILES = {
@@ -75,10 +77,13 @@ PROFILES = {
     # encoder (a second one only time-slices the cores with the first, and each image then takes
     # twice as long), and stage priorities that run the stage nearest the first token first
     # (prefill, then encode, then decode), as the aggregated worker's single queue does by
-    # putting each prefill before the next decode step. ``--epd-flags`` overrides both.
+    # putting each prefill before the next decode step; and one image per encoder forward (a
+    # batch is no faster on a CPU, and each of its requests would wait for the last image: a
+    # burst of 8 requests had a median TTFT of 52 s with batches of up to 8, 30 s without).
+    # ``--epd-flags`` overrides them.
     "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=16, output_mean=24,
                          output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
-                         encoders=1, nice_epd=(("encoder", 10), ("decode", 15))),
+                         encoders=1, nice_epd=(("encoder", 10), ("decode", 15)), encoder_batch=1),
 }
 
 
@@ -152,9 +157,13 @@ async def drive(url: str, model: str, workload: Workload) -> list[dict]:
 
 
 def cache_counters(system: str, stats: dict) -> tuple[int, int]:
-    """(image references, cache hits) so far, from the router's /v1/stats."""
+    """(image references, cache hits) so far, from the router's /v1/stats. A hit is a reference
+    that did not need an encode of its own: for EPD, a cache hit or a wait on the encode of the
+    same image already in flight for another request (single flight), which the aggregated
+    worker's one queue, running requests in turn, meets as a cache hit instead."""
     if system == "epd":
-        return stats["totals"]["images"], stats["totals"]["encoder_cache_hits"]
+        totals = stats["totals"]
+        return totals["images"], totals["images"] - totals["images_encoded"]
     worker = stats["generate"][0].get("stats", {})
     cache = worker.get("embedding_cache")
     return (cache["hits"] + cache["misses"], cache["hits"]) if cache else (0, 0)
@@ -180,7 +189,9 @@ def peak_memory_mib(up: StackProcess) -> dict[str, float]:
 
 def epd_shape_flags(profile: Profile) -> list[str]:
     """The profile's ``mmcache up`` flags for the EPD stack's shape: encoders and stage priorities."""
-    return ["--encoders", str(profile.encoders), *(a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}"))]
+    batch = ["--encoder-batch", str(profile.encoder_batch)] if profile.encoder_batch else []
+    return ["--encoders", str(profile.encoders), *(a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}")),
+            *batch]
 
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
@@ -330,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default="./mmcache-data", help="where the built-in models are generated")
     p.add_argument("--out", help="results folder (default results/epd-PROFILE-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epd-flags", default="", help="more `mmcache up` flags for the EPD stack, e.g. '--nice decode=5'")
+    p.add_argument("--epd-flags", default="", help="more `mmcache up` flags for the EPD stack, e.g. --epd-flags='--nice decode=5' "
+                                                     "(with '=': the value starts with --)")
     args = p.parse_args(argv)
 
     try:
@@ -341,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if profile.nice_epd and _gpu_count() > 0:
         # NOTE: the CPU sizing above is for stages that share the cores; on a GPU node the
         # workers' forwards run on the GPU, so the default EPD shape (two encoders) applies.
-        profile = replace(profile, encoders=2, nice_epd=())
+        profile = replace(profile, encoders=2, nice_epd=(), encoder_batch=None)
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile.rates
     num_requests = args.requests or profile.requests
     ttft_slo, tpot_slo = args.ttft_slo or profile.ttft_slo_s, args.tpot_slo or profile.tpot_slo_s

@@ -307,6 +307,7 @@ class Router:
         encoders = [w.get("stats", {}) for w in out.get("encoders", [])]
         out["totals"] = {"images_encoded": sum(s.get("encoded", 0) for s in encoders),
                          "encoder_cache_hits": sum(s.get("cache_hits", 0) for s in encoders),
+                         "encoder_joins": sum(s.get("single_flight_joins", 0) for s in encoders),
                          "images": sum(s.get("images", 0) for s in encoders)}
         return out
 

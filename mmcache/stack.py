@@ -54,6 +54,10 @@ class StackConfig:
     dtype: str | None = None
     allowed_dirs: tuple[str, ...] = ()
     max_batch: int = 64
+    encoder_batch: int | None = None
+    """Most images per encoder forward (the encoders' ``--max-batch``); None: theirs (8). Where
+    the encoders run on a CPU, 1: a batch is no faster there than its images one by one, and
+    every image of a batch (every request in it) waits for the last."""
     encoder_cache: str | None = None
     """With ``aggregated``: the ``both`` workers' in-process embedding LRU (e.g. ``2GiB``)."""
     threads: int | None = None
@@ -77,6 +81,8 @@ class StackConfig:
             raise ValueError("--encoder-cache is for --aggregated (EPD workers share the sidecar)")
         if self.shared_cores and self.aggregated:
             raise ValueError("--shared-cores is for the EPD stack (an aggregated worker runs one forward at a time)")
+        if self.encoder_batch is not None and self.encoder_batch < 1:
+            raise ValueError("--encoder-batch must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
         for role, niceness in self.nice:
@@ -209,6 +215,9 @@ class Stack:
                 args += [flag, value]
         return args
 
+    def _encoder_batch(self) -> list[str]:
+        return ["--max-batch", str(self.config.encoder_batch)] if self.config.encoder_batch else []
+
     def _gate_args(self) -> list[str]:
         return ["--compute-gate", self.gate_path] if self.gate_path else []
 
@@ -233,7 +242,8 @@ class Stack:
             self._wait_ready([sidecar], deadline)
             cache = f"unix://{self.socket_path}"
             workers = [self._spawn(f"encoder-{i}", "encoder", "encoder_worker.cli", "serve", *self._worker_args(),
-                                   "--cache", cache, *self._gate_args(), *self._allowed()) for i in range(c.encoders)]
+                                   "--cache", cache, *self._gate_args(), *self._encoder_batch(), *self._allowed())
+                       for i in range(c.encoders)]
             workers += [self._spawn(f"prefill-{i}", "prefill", "llm_worker.cli", *self._llm_args("prefill"))
                         for i in range(c.prefill)]
             workers += [self._spawn(f"decode-{i}", "decode", "llm_worker.cli", *self._llm_args("decode"))
