@@ -99,6 +99,11 @@ async def test_a_cancelled_waiter_leaves_the_queue():
     assert order == ["decode"] and gate.holding == 0 and gate.stats()["waiting"] == 0
 
 
+async def test_a_gate_socket_that_cannot_be_made_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="cannot serve the compute gate on .*no-such-dir"):
+        await start_gate_server(ComputeGate(), str(tmp_path / "no-such-dir" / "gate.sock"))
+
+
 def test_bad_gate_settings_are_clear_errors():
     with pytest.raises(ValueError, match="slots"):
         ComputeGate(slots=0)
