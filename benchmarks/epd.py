@@ -68,6 +68,8 @@ class Profile:
     """``mmcache up --nice ROLE=N`` for the EPD stack: stage priorities where stages share cores."""
     encoder_batch: int | None = None
     """``mmcache up --encoder-batch N`` for the EPD stack; None: the encoders' default."""
+    encoder_schedule: str | None = None
+    """``mmcache up --encoder-schedule`` for the EPD stack; None: the encoders' default (fcfs)."""
 
 
 PROFILES = {
@@ -79,11 +81,14 @@ PROFILES = {
     # (prefill, then encode, then decode), as the aggregated worker's single queue does by
     # putting each prefill before the next decode step; and one image per encoder forward (a
     # batch is no faster on a CPU, and each of its requests would wait for the last image: a
-    # burst of 8 requests had a median TTFT of 52 s with batches of up to 8, 30 s without).
+    # burst of 8 requests had a median TTFT of 52 s with batches of up to 8, 30 s without); decode
+    # at the lowest priority (at nice 15 it still took a quarter of the cores from an encode at
+    # 10), and the encoder's queue shortest request first (one image left before five).
     # ``--epd-flags`` overrides them.
     "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=16, output_mean=24,
                          output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
-                         encoders=1, nice_epd=(("encoder", 10), ("decode", 15)), encoder_batch=1),
+                         encoders=1, nice_epd=(("encoder", 10), ("decode", 19)), encoder_batch=1,
+                         encoder_schedule="sjf"),
 }
 
 
@@ -190,8 +195,9 @@ def peak_memory_mib(up: StackProcess) -> dict[str, float]:
 def epd_shape_flags(profile: Profile) -> list[str]:
     """The profile's ``mmcache up`` flags for the EPD stack's shape: encoders and stage priorities."""
     batch = ["--encoder-batch", str(profile.encoder_batch)] if profile.encoder_batch else []
+    schedule = ["--encoder-schedule", profile.encoder_schedule] if profile.encoder_schedule else []
     return ["--encoders", str(profile.encoders), *(a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}")),
-            *batch]
+            *batch, *schedule]
 
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,

@@ -4,15 +4,24 @@
 the same key share one computation (single-flight), and items submitted close together run as
 one batch (up to ``max_batch`` items, waiting at most ``max_wait_ms`` for company). The batch
 function runs in a worker thread so the event loop keeps serving while a model runs.
+
+Which queued items go next is the ``schedule``:
+- ``fcfs``: in the order they were submitted.
+- ``sjf``: shortest job first. Items are submitted on behalf of a ``Job`` (the misses of one
+  encode request); the next item is from the job with the fewest items still to finish (ties:
+  the older job), so a request that waits for one image is not queued behind another's five.
+  An item queued longer than ``max_queue_delay_ms`` goes first, oldest first, so that a large
+  job is delayed, never starved.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable, Sequence
 
 logger = logging.getLogger(__name__)
@@ -21,6 +30,36 @@ BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Blocking: items → results, same order and length."""
 AfterFn = Callable[[Hashable, Any], Awaitable[None]]
 """Async hook run once per computed result before waiters see it (e.g. a cache put)."""
+SCHEDULES = ("fcfs", "sjf")
+
+_job_seq = itertools.count()
+
+
+class Job:
+    """The items one request waits for: ``sjf`` ranks a queued item by its jobs' ``remaining``."""
+
+    __slots__ = ("remaining", "seq")
+
+    def __init__(self, num_items: int) -> None:
+        if num_items < 1:
+            raise ValueError(f"{num_items=} must be >= 1")
+        self.remaining = num_items
+        """Items of this job not yet finished (queued or running)."""
+        self.seq = next(_job_seq)
+        """Arrival order: an older job wins a tie."""
+
+    def rank(self) -> tuple[int, int]:
+        return self.remaining, self.seq
+
+
+@dataclass
+class _Pending:
+    item: Any
+    jobs: list[Job]
+    since: float = field(default_factory=time.monotonic)
+
+    def rank(self) -> tuple[int, int]:
+        return min(job.rank() for job in self.jobs)
 
 
 @dataclass(frozen=True)
@@ -33,21 +72,32 @@ class SingleFlightBatcher:
     """Lifecycle: ``start()`` on the running loop → ``submit`` from any task → ``close()``."""
 
     def __init__(self, batch_fn: BatchFn, *, max_batch: int = 8, max_wait_ms: float = 5.0,
-                 after: AfterFn | None = None, on_batch: Callable[[BatchStats], None] | None = None):
+                 after: AfterFn | None = None, on_batch: Callable[[BatchStats], None] | None = None,
+                 schedule: str = "fcfs", max_queue_delay_ms: float = 10_000.0):
         if max_batch < 1:
             raise ValueError(f"{max_batch=} must be >= 1")
         if max_wait_ms < 0:
             raise ValueError(f"{max_wait_ms=} must be >= 0")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{schedule=} must be one of {SCHEDULES}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"{max_queue_delay_ms=} must be >= 0")
         self.batch_fn = batch_fn
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
         self.after = after
         self.on_batch = on_batch
+        self.schedule = schedule
+        self.max_queue_delay_ms = max_queue_delay_ms
         self._inflight: dict[Hashable, asyncio.Future] = {}
-        self._queue: asyncio.Queue[tuple[Hashable, Any]] = asyncio.Queue()
+        self._jobs: dict[Hashable, list[Job]] = {}  # in-flight key -> the jobs waiting for it
+        self._pending: dict[Hashable, _Pending] = {}  # queued, not yet running; submit order
+        self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.joins = 0
         """Submits that joined an encode already in flight instead of starting one."""
+        self.overtakes = 0
+        """Items ``sjf`` ran before an item queued earlier."""
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="encode-batcher")
@@ -62,36 +112,61 @@ class SingleFlightBatcher:
             if not fut.done():
                 fut.set_exception(RuntimeError("encoder is shutting down"))
         self._inflight.clear()
+        self._jobs.clear()
+        self._pending.clear()
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
 
-    async def submit(self, key: Hashable, item: Any) -> Any:
-        """The result for ``key``; joins an in-flight computation of the same key if any."""
+    @property
+    def queued(self) -> int:
+        """Items waiting for the model (in flight, not yet running)."""
+        return len(self._pending)
+
+    async def submit(self, key: Hashable, item: Any, job: Job | None = None) -> Any:
+        """The result for ``key``; joins an in-flight computation of the same key if any.
+        ``job``: the request this item is one of (``sjf`` ranks by it); None: a job of one."""
+        job = job or Job(1)
         fut = self._inflight.get(key)
         if fut is not None:
             self.joins += 1
+            self._jobs[key].append(job)  # NOTE: the same list as the queued item's, if still queued
         else:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[key] = fut
-            self._queue.put_nowait((key, item))
+            self._jobs[key] = [job]
+            self._pending[key] = _Pending(item, self._jobs[key])
+            self._wakeup.set()
         # NOTE: shield: one waiter giving up (client disconnect) must not cancel the shared work.
         return await asyncio.shield(fut)
 
-    async def _next_batch(self) -> list[tuple[Hashable, Any]]:
-        batch = [await self._queue.get()]
-        deadline = time.monotonic() + self.max_wait_ms / 1000
-        while len(batch) < self.max_batch:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                while len(batch) < self.max_batch and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                break
+    def _pop(self) -> tuple[Hashable, Any]:
+        """The next queued item by the schedule; the queue must not be empty."""
+        head = next(iter(self._pending))
+        key = head
+        if self.schedule == "sjf" and len(self._pending) > 1 and \
+                (time.monotonic() - self._pending[head].since) * 1000 < self.max_queue_delay_ms:
+            key = min(self._pending, key=lambda k: self._pending[k].rank())  # NOTE: first of equals: submit order
+            self.overtakes += key != head
+        return key, self._pending.pop(key).item
+
+    async def _wait_pending(self, timeout: float | None) -> bool:
+        """Whether something is queued, waiting up to ``timeout`` seconds (None: forever) for it."""
+        while not self._pending:
+            self._wakeup.clear()
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
             except asyncio.TimeoutError:
-                break
+                return False
+        return True
+
+    async def _next_batch(self) -> list[tuple[Hashable, Any]]:
+        await self._wait_pending(None)
+        batch = [self._pop()]
+        deadline = time.monotonic() + self.max_wait_ms / 1000
+        while len(batch) < self.max_batch and await self._wait_pending(max(0.0, deadline - time.monotonic())):
+            batch.append(self._pop())
         return batch
 
     async def _run(self) -> None:
@@ -121,6 +196,8 @@ class SingleFlightBatcher:
                     self._finish(key, result=result)
 
     def _finish(self, key: Hashable, *, result: Any = None, error: BaseException | None = None) -> None:
+        for job in self._jobs.pop(key, ()):
+            job.remaining -= 1
         fut = self._inflight.pop(key, None)
         if fut is None or fut.done():
             return

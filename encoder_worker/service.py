@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from encoder_worker.batcher import BatchStats, SingleFlightBatcher
+from encoder_worker.batcher import SCHEDULES, BatchStats, Job, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, load_image
 from mmcache.compute_gate import GateClient
 from mmcache_client import AsyncCacheClient, CacheUnavailable, content_hash
@@ -50,6 +50,11 @@ class EncoderServeConfig:
     compute_gate: str | None = None
     """The sidecar's compute gate (a Unix socket), where stages share the cores: each image's
     forward then waits its turn, and prefills go between two images of a batch."""
+    schedule: str = "fcfs"
+    """Which queued misses run next: ``fcfs`` (arrival order) or ``sjf`` (those of the request
+    with the fewest images left to encode first; see ``encoder_worker.batcher``)."""
+    max_queue_delay_ms: float = 10_000.0
+    """Under ``sjf``, a miss queued longer than this runs first (no request starves)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -58,6 +63,10 @@ class EncoderServeConfig:
             raise ValueError(f"max_wait_ms={self.max_wait_ms} must be >= 0")
         if self.max_images_per_request < 1:
             raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
 
 
 class _Metrics:
@@ -88,7 +97,8 @@ class EncodeService:
         self.counters = {"images": 0, "cache_hits": 0, "encoded": 0, "requests": 0, "batches": 0}
         self.batcher = SingleFlightBatcher(self._encode_batch, max_batch=config.max_batch,
                                            max_wait_ms=config.max_wait_ms, after=self._store,
-                                           on_batch=self._on_batch)
+                                           on_batch=self._on_batch, schedule=config.schedule,
+                                           max_queue_delay_ms=config.max_queue_delay_ms)
         self._http: aiohttp.ClientSession | None = None
         self.gate = GateClient(config.compute_gate, "encode") if config.compute_gate else None
 
@@ -153,7 +163,8 @@ class EncodeService:
                     num_tokens[h] = n
                     cached.add(h)
         misses = [h for h in unique if h not in cached]
-        results = await asyncio.gather(*(self.batcher.submit(h, unique[h]) for h in misses))
+        job = Job(len(misses)) if misses else None
+        results = await asyncio.gather(*(self.batcher.submit(h, unique[h], job) for h in misses))
         for h, enc in zip(misses, results):
             num_tokens[h] = int(enc.embeddings.shape[0])
         self.counters["requests"] += 1
@@ -220,7 +231,9 @@ async def stats_handler(request: web.Request) -> web.Response:
     gate = {"compute_gate": service.gate.stats()} if service.gate is not None else {}
     return web.json_response({"namespace": service.namespace, "model": service.config.model, "pid": os.getpid(),
                               **service.counters, **gate,
-                              "inflight": service.batcher.inflight, "single_flight_joins": service.batcher.joins})
+                              "inflight": service.batcher.inflight, "queued": service.batcher.queued,
+                              "single_flight_joins": service.batcher.joins, "schedule": service.batcher.schedule,
+                              "schedule_overtakes": service.batcher.overtakes})
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

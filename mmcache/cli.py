@@ -110,7 +110,7 @@ def _up(args: argparse.Namespace) -> int:
                          encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
                          allowed_dirs=tuple(args.allowed_dir), max_batch=args.max_batch,
-                         encoder_batch=args.encoder_batch,
+                         encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          shared_cores=args.shared_cores,
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level)
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
     u.add_argument("--encoder-batch", type=int, help="most images per encoder forward (default 8; 1 on a CPU "
                                                     "keeps each request from waiting for the others in its batch)")
+    u.add_argument("--encoder-schedule", choices=("fcfs", "sjf"),
+                   help="which queued images the encoders run first: arrival order (default), or those of the "
+                        "request with the fewest images left, so that a one-image request does not wait behind five")
     u.add_argument("--encoder-cache", help="with --aggregated: an in-process LRU of embeddings this large, e.g. 2GiB")
     u.add_argument("--threads", type=int, help="torch threads per worker process (default: torch's)")
     u.add_argument("--nice", type=_role_niceness, action="append", default=[], metavar="ROLE=N",

@@ -58,6 +58,9 @@ class StackConfig:
     """Most images per encoder forward (the encoders' ``--max-batch``); None: theirs (8). Where
     the encoders run on a CPU, 1: a batch is no faster there than its images one by one, and
     every image of a batch (every request in it) waits for the last."""
+    encoder_schedule: str | None = None
+    """The encoders' ``--schedule``: ``fcfs`` (theirs) or ``sjf`` (the misses of the request with
+    the fewest images left first)."""
     encoder_cache: str | None = None
     """With ``aggregated``: the ``both`` workers' in-process embedding LRU (e.g. ``2GiB``)."""
     threads: int | None = None
@@ -83,6 +86,10 @@ class StackConfig:
             raise ValueError("--shared-cores is for the EPD stack (an aggregated worker runs one forward at a time)")
         if self.encoder_batch is not None and self.encoder_batch < 1:
             raise ValueError("--encoder-batch must be >= 1")
+        if self.encoder_schedule not in (None, "fcfs", "sjf"):
+            raise ValueError(f"--encoder-schedule {self.encoder_schedule}: must be fcfs or sjf")
+        if self.aggregated and (self.encoder_schedule or self.encoder_batch):
+            raise ValueError("--encoder-schedule and --encoder-batch are for the EPD stack's encoders")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
         for role, niceness in self.nice:
@@ -216,7 +223,9 @@ class Stack:
         return args
 
     def _encoder_batch(self) -> list[str]:
-        return ["--max-batch", str(self.config.encoder_batch)] if self.config.encoder_batch else []
+        c = self.config
+        return [*(["--max-batch", str(c.encoder_batch)] if c.encoder_batch else []),
+                *(["--schedule", c.encoder_schedule] if c.encoder_schedule else [])]
 
     def _gate_args(self) -> list[str]:
         return ["--compute-gate", self.gate_path] if self.gate_path else []

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from encoder_worker.batcher import SingleFlightBatcher
+from encoder_worker.batcher import Job, SingleFlightBatcher
 
 
 class FakeModel:
@@ -96,3 +96,87 @@ def test_bad_settings():
         SingleFlightBatcher(FakeModel(), max_batch=0)
     with pytest.raises(ValueError):
         SingleFlightBatcher(FakeModel(), max_wait_ms=-1)
+
+
+async def _when(cond, timeout=10.0):
+    """Wait (polling the loop) until ``cond()``; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def _run_two_requests(b, model):
+    """Request A (4 images) starts its first image; then request B (1 image) arrives. The
+    order the model ran them in."""
+    model.gate.clear()
+    job_a = Job(4)
+    tasks = [asyncio.create_task(b.submit(k, k, job_a)) for k in ("a0", "a1", "a2", "a3")]
+    await _when(lambda: b.queued == 3)  # a0 is in the model
+    job_b = Job(1)
+    tasks.append(asyncio.create_task(b.submit("b0", "b0", job_b)))
+    await _when(lambda: b.queued == 4)
+    model.gate.set()
+    await asyncio.gather(*tasks)
+    return [c[0] for c in model.calls]
+
+
+async def test_fcfs_runs_images_in_arrival_order(make):
+    model = FakeModel()
+    b = make(model, max_batch=1, max_wait_ms=0)
+    assert await _run_two_requests(b, model) == ["a0", "a1", "a2", "a3", "b0"]
+    assert b.overtakes == 0
+
+
+async def test_sjf_runs_the_request_with_fewest_images_left_first(make):
+    model = FakeModel()
+    b = make(model, max_batch=1, max_wait_ms=0, schedule="sjf")
+    assert await _run_two_requests(b, model) == ["a0", "b0", "a1", "a2", "a3"]
+    assert b.overtakes == 1 and b.inflight == 0 and b.queued == 0
+
+
+async def test_sjf_ranks_a_shared_image_by_its_shortest_request(make):
+    """C (1 image) waits for a3, already queued for A: a3 goes first; then A (2 left) before
+    B (2 left), the older request winning the tie; then B in its own order."""
+    model = FakeModel()
+    b = make(model, max_batch=1, max_wait_ms=0, schedule="sjf")
+    model.gate.clear()
+    job_a = Job(4)
+    tasks = [asyncio.create_task(b.submit(k, k, job_a)) for k in ("a0", "a1", "a2", "a3")]
+    await _when(lambda: b.queued == 3)
+    job_b = Job(2)
+    tasks += [asyncio.create_task(b.submit(k, k, job_b)) for k in ("b0", "b1")]
+    tasks.append(asyncio.create_task(b.submit("a3", "a3", Job(1))))
+    await _when(lambda: b.queued == 5 and b.joins == 1)
+    model.gate.set()
+    await asyncio.gather(*tasks)
+    assert [c[0] for c in model.calls] == ["a0", "a3", "a1", "a2", "b0", "b1"]
+
+
+async def test_sjf_runs_an_item_queued_past_the_delay_bound_first(make):
+    model = FakeModel()
+    b = make(model, max_batch=1, max_wait_ms=0, schedule="sjf", max_queue_delay_ms=0)
+    assert await _run_two_requests(b, model) == ["a0", "a1", "a2", "a3", "b0"]
+
+
+async def test_sjf_batches_take_the_shortest_requests(make):
+    model = FakeModel()
+    b = make(model, max_batch=2, max_wait_ms=0, schedule="sjf")
+    model.gate.clear()
+    job_a = Job(4)
+    tasks = [asyncio.create_task(b.submit(k, k, job_a)) for k in ("a0", "a1", "a2", "a3")]
+    await _when(lambda: b.queued == 2)  # [a0, a1] is in the model
+    tasks += [asyncio.create_task(b.submit(k, k, Job(1))) for k in ("b0", "c0")]
+    await _when(lambda: b.queued == 4)
+    model.gate.set()
+    assert await asyncio.gather(*tasks) == [f"emb({k})" for k in ("a0", "a1", "a2", "a3", "b0", "c0")]
+    assert model.calls == [["a0", "a1"], ["b0", "c0"], ["a2", "a3"]]
+
+
+def test_bad_schedules():
+    with pytest.raises(ValueError, match="schedule"):
+        SingleFlightBatcher(FakeModel(), schedule="lifo")
+    with pytest.raises(ValueError, match="max_queue_delay_ms"):
+        SingleFlightBatcher(FakeModel(), schedule="sjf", max_queue_delay_ms=-1)
+    with pytest.raises(ValueError, match="num_items"):
+        Job(0)

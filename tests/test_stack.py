@@ -251,11 +251,13 @@ def _autogroup_nice(pid: int) -> int | None:
 def test_stage_priorities_and_sleeping_openmp_threads(model_dir):
     """``--nice ROLE=N`` runs that stage's processes at that CPU priority; EPD workers, which share
     the cores, get ``OMP_WAIT_POLICY=PASSIVE`` unless the caller set it; the aggregated worker spins."""
-    with _up(model_dir, "--encoders", "1", "--nice", "decode=7", "--nice", "encoder=3", "--encoder-batch", "1") as up:
+    with _up(model_dir, "--encoders", "1", "--nice", "decode=7", "--nice", "encoder=3", "--encoder-batch", "1",
+             "--encoder-schedule", "sjf") as up:
         stats = up.stats()
         pids = {role: stats[role][0]["stats"]["pid"] for role in ("encoders", "prefill", "decode")}
         with open(f"/proc/{pids['encoders']}/cmdline", "rb") as f:
             assert b"\0--max-batch\x001\0" in f.read()  # --encoder-batch reaches the encoders
+        assert stats["encoders"][0]["stats"]["schedule"] == "sjf"  # and --encoder-schedule
         assert {role: _niceness(pid) - os.nice(0) for role, pid in pids.items()} == \
             {"encoders": 3, "prefill": 0, "decode": 7}
         if _autogroup_nice(pids["decode"]) is not None:  # NOTE: a session each: the nice value must reach the group
@@ -285,7 +287,10 @@ def test_shared_cores_stages_take_turns_at_the_sidecars_gate(model_dir, epd):
 
 
 @pytest.mark.parametrize("flags, message", [(["--aggregated", "--shared-cores"], "--shared-cores is for the EPD stack"),
-                                            (["--encoder-batch", "0"], "--encoder-batch must be >= 1")])
+                                            (["--encoder-batch", "0"], "--encoder-batch must be >= 1"),
+                                            (["--aggregated", "--encoder-schedule", "sjf"],
+                                             "--encoder-schedule and --encoder-batch are for the EPD stack"),
+                                            (["--encoder-schedule", "lifo"], "invalid choice: 'lifo'")])
 def test_bad_stack_shapes_are_clear_errors(tmp_path, flags, message):
     import subprocess
     import sys
