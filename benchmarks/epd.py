@@ -303,6 +303,7 @@ def plot(rows: list[dict], summary: dict, systems: list[str], out: Path, ttft_sl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     written = []
     rates = sorted({r["rate"] for r in rows})
@@ -314,6 +315,10 @@ def plot(rows: list[dict], summary: dict, systems: list[str], out: Path, ttft_sl
             ax.step(ttft, np.arange(1, len(ttft) + 1) / max(len(ttft), 1), where="post", label=system)
         ax.axvline(ttft_slo, color="grey", linestyle=":", label="TTFT SLO")
         ax.set(title=f"{rate:g} req/s", xlabel="TTFT (s)", ylabel="fraction of requests", xscale="log")
+        # NOTE: plain numbers on the log axis; matplotlib's minor labels (2x10^0, 3x10^0, ...) overlap
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda x, _: f"{x:g}" if f"{x:.2g}"[0] in "25" else ""))
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(out / "ttft_cdf.png", dpi=120)
