@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     if profile.nice_epd and _gpu_count() > 0:
         # NOTE: the CPU sizing above is for stages that share the cores; on a GPU node the
-        # workers' forwards run on the GPU, so the default EPD shape (two encoders) applies.
+        # workers' forwards run on the GPU, so the default EPD shape (two encoders, batches)
+        # applies; the shortest-request-first queue is no CPU matter and stays.
         profile = replace(profile, encoders=2, nice_epd=(), encoder_batch=None)
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile.rates
     num_requests = args.requests or profile.requests

@@ -55,11 +55,7 @@ class Job:
 @dataclass
 class _Pending:
     item: Any
-    jobs: list[Job]
     since: float = field(default_factory=time.monotonic)
-
-    def rank(self) -> tuple[int, int]:
-        return min(job.rank() for job in self.jobs)
 
 
 @dataclass(frozen=True)
@@ -131,12 +127,12 @@ class SingleFlightBatcher:
         fut = self._inflight.get(key)
         if fut is not None:
             self.joins += 1
-            self._jobs[key].append(job)  # NOTE: the same list as the queued item's, if still queued
+            self._jobs[key].append(job)
         else:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[key] = fut
             self._jobs[key] = [job]
-            self._pending[key] = _Pending(item, self._jobs[key])
+            self._pending[key] = _Pending(item)
             self._wakeup.set()
         # NOTE: shield: one waiter giving up (client disconnect) must not cancel the shared work.
         return await asyncio.shield(fut)
@@ -147,7 +143,8 @@ class SingleFlightBatcher:
         key = head
         if self.schedule == "sjf" and len(self._pending) > 1 and \
                 (time.monotonic() - self._pending[head].since) * 1000 < self.max_queue_delay_ms:
-            key = min(self._pending, key=lambda k: self._pending[k].rank())  # NOTE: first of equals: submit order
+            # NOTE: an item shared by several requests ranks by its shortest; first of equals: submit order
+            key = min(self._pending, key=lambda k: min(job.rank() for job in self._jobs[k]))
             self.overtakes += key != head
         return key, self._pending.pop(key).item
 

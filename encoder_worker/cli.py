@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from encoder_worker.batcher import SCHEDULES
 from encoder_worker.media import MediaLimits
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8471)
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-wait-ms", type=float, default=5.0)
-    s.add_argument("--schedule", choices=("fcfs", "sjf"), default="fcfs",
+    s.add_argument("--schedule", choices=SCHEDULES, default="fcfs",
                    help="which queued misses run first: arrival order, or the request with the fewest images left")
     s.add_argument("--max-queue-delay-ms", type=float, default=10_000.0,
                    help="under --schedule sjf, a miss queued longer than this runs first")

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from encoder_worker.batcher import SCHEDULES
 from mmcache.config import ServeConfig
 from mmcache.policies import POLICIES
 from mmcache_client.errors import MMCacheError
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
     u.add_argument("--encoder-batch", type=int, help="most images per encoder forward (default 8; 1 on a CPU "
                                                     "keeps each request from waiting for the others in its batch)")
-    u.add_argument("--encoder-schedule", choices=("fcfs", "sjf"),
+    u.add_argument("--encoder-schedule", choices=SCHEDULES,
                    help="which queued images the encoders run first: arrival order (default), or those of the "
                         "request with the fewest images left, so that a one-image request does not wait behind five")
     u.add_argument("--encoder-cache", help="with --aggregated: an in-process LRU of embeddings this large, e.g. 2GiB")

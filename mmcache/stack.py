@@ -30,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from encoder_worker.batcher import SCHEDULES
+
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")
 EPD_SPIN_COUNT = 10_000
 """libgomp's GOMP_SPINCOUNT for EPD workers, which share the cores (see ``Stack.__init__``)."""
@@ -88,8 +90,8 @@ class StackConfig:
             raise ValueError("--shared-cores is for the EPD stack (an aggregated worker runs one forward at a time)")
         if self.encoder_batch is not None and self.encoder_batch < 1:
             raise ValueError("--encoder-batch must be >= 1")
-        if self.encoder_schedule not in (None, "fcfs", "sjf"):
-            raise ValueError(f"--encoder-schedule {self.encoder_schedule}: must be fcfs or sjf")
+        if self.encoder_schedule is not None and self.encoder_schedule not in SCHEDULES:
+            raise ValueError(f"--encoder-schedule {self.encoder_schedule}: must be one of {', '.join(SCHEDULES)}")
         if self.aggregated and (self.encoder_schedule or self.encoder_batch):
             raise ValueError("--encoder-schedule and --encoder-batch are for the EPD stack's encoders")
         if self.threads is not None and self.threads < 1:
@@ -228,7 +230,7 @@ class Stack:
                 args += [flag, value]
         return args
 
-    def _encoder_batch(self) -> list[str]:
+    def _encoder_args(self) -> list[str]:
         c = self.config
         return [*(["--max-batch", str(c.encoder_batch)] if c.encoder_batch else []),
                 *(["--schedule", c.encoder_schedule] if c.encoder_schedule else [])]
@@ -257,7 +259,7 @@ class Stack:
             self._wait_ready([sidecar], deadline)
             cache = f"unix://{self.socket_path}"
             workers = [self._spawn(f"encoder-{i}", "encoder", "encoder_worker.cli", "serve", *self._worker_args(),
-                                   "--cache", cache, *self._gate_args(), *self._encoder_batch(), *self._allowed())
+                                   "--cache", cache, *self._gate_args(), *self._encoder_args(), *self._allowed())
                        for i in range(c.encoders)]
             workers += [self._spawn(f"prefill-{i}", "prefill", "llm_worker.cli", *self._llm_args("prefill"))
                         for i in range(c.prefill)]
