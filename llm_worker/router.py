@@ -244,10 +244,16 @@ class Router:
         if self.config.mode == "aggregated":
             body = {"messages": req.messages, "sampling": req.sampling, "stream": True}
             return await self._open_stream("generate", "/v1/generate", body)
+        t0 = time.perf_counter()
         with self._timed("encode"):
             items = await self.encode(urls)
+        t1 = time.perf_counter()
         with self._timed("prefill"):
             prefilled = await self._prefill(cid, ids, items, req.sampling, urls)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: %d images (%d cached) encoded in %.3f s; prefill of %s tokens %.3f s (forward %s ms)",
+                         cid, len(items), sum(bool(it.get("cached")) for it in items), t1 - t0,
+                         prefilled.get("prompt_tokens"), time.perf_counter() - t1, prefilled.get("prefill_ms"))
         body = {"request_id": prefilled["request_id"], "kv": prefilled["kv"], "stream": True,
                 "sampling": {**req.sampling, "seed": prefilled["seed"]}}
         if not isinstance(prefilled.get("first_text"), str) or prefilled.get("first_finish_reason") is not None:
