@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
+# NOTE: benchmarks/ is a folder of scripts; they share hostinfo.py from it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import describe
+from mmcache_client import CacheClient, content_hash
+
 from mmcache.config import ServeConfig, parse_size
 from mmcache.store import StoreConfig, TieredStore
-from mmcache_client import CacheClient, content_hash
 
 NS = "bench"
 HIDDEN = 4096
@@ -47,17 +51,6 @@ def median_us(fn, repeats: int, setup=None) -> float:
         fn()
         times.append(time.perf_counter_ns() - t0)
     return statistics.median(times) / 1e3
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, Python {platform.python_version()}"
 
 
 def start_sidecar(tmp: str, host_bytes: int):
@@ -102,7 +95,7 @@ def main() -> int:
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     arena_bytes = max(sizes) * 6
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"median of {args.repeats} repeats; fp16 embeddings, hidden {HIDDEN}; arena {arena_bytes >> 20} MiB in /dev/shm\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,13 +34,13 @@ import http.client
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # NOTE: built-in models only; never reach the hub
 
@@ -50,6 +50,10 @@ from aiohttp import web
 from PIL import Image
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
+
+# NOTE: benchmarks/ is a folder of scripts; they share hostinfo.py from it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import describe
 
 from encoder_worker.encoder import Encoder
 from encoder_worker.models import ensure_model
@@ -75,18 +79,6 @@ PLANS = {
 QUICK = {"tiny-llava": Plan(torch.float32, (1, 4, 16), 3, 10),
          "llava-clip-l336-random": Plan(torch.bfloat16, (1, 2), 1, 2)}
 IMAGE_SIZE = (512, 384)
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, "
-            f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def png_bytes(seed: int) -> bytes:
@@ -298,7 +290,7 @@ def main() -> int:
         ap.error(f"unknown dtypes {bad}; e.g. float32, bfloat16, float16")
     hf_logging.disable_progress_bar()
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(torch=True)}")
     print(f"load average before the run: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     whole_run = ForeignLoad()
     reference = {dtype: linear_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}

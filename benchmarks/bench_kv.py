@@ -17,34 +17,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from llm_worker.kv import KVCache, PrefillResult, kv_entry_fields, kv_key, read_prefill
+# NOTE: benchmarks/ is a folder of scripts; they share hostinfo.py from it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import describe
 from mmcache_client import AsyncCacheClient
+
+from llm_worker.kv import KVCache, PrefillResult, kv_entry_fields, kv_key, read_prefill
 
 SHAPES = (  # name, layers, kv heads, head dim, dtype
     ("llava-clip-l336-small fp32", 12, 4, 64, torch.float32),
     ("Qwen2-VL-7B fp16 (GQA 4)", 28, 4, 128, torch.float16),
     ("LLaVA-1.5-7B fp16", 32, 32, 128, torch.float16),
 )
-
-
-def machine() -> str:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def start_sidecar(workdir: str, capacity: str) -> tuple[subprocess.Popen, str, str]:
@@ -105,7 +99,7 @@ async def run(args: argparse.Namespace) -> None:
         proc, http_url, unix_url = start_sidecar(workdir, args.capacity)
         try:
             async with AsyncCacheClient(unix_url) as unix, AsyncCacheClient(http_url) as http:
-                print(f"machine: {machine()}; {args.tokens} prompt tokens; median of {args.repeats}")
+                print(f"machine: {describe(torch=True)}; {args.tokens} prompt tokens; median of {args.repeats}")
                 print("| KV of | MiB | memcpy ms | put ms | take ms | put+take / memcpy | http put+get ms |")
                 print("|---|---|---|---|---|---|---|")
                 for name, layers, heads, head_dim, dtype in SHAPES:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shlex
 import socket
 import sys
@@ -40,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workload import Workload, WorkloadSpec, generate  # noqa: E402
+from hostinfo import describe
+from workload import Workload, WorkloadSpec, generate
 
-from mmcache.stack_process import StackProcess  # noqa: E402
+from mmcache.stack_process import StackProcess
 
 SYSTEMS = {"epd": (), "aggregated": ("--aggregated",), "aggregated-lru": ("--aggregated",)}
 
@@ -106,19 +105,6 @@ def _gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()  # NOTE: counts devices without creating a CUDA context
-
-
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 # -- driving one stack ---------------------------------------------------------------------
@@ -390,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [WorkloadSpec(rate=rate, num_requests=num_requests, reuse=args.reuse, images_max=profile.images_max,
                           output_tokens_mean=profile.output_mean, output_tokens_max=profile.output_max,
                           output_tokens_min=4, seed=args.seed + 1000 * i) for i, rate in enumerate(rates)]
-    print(f"machine: {machine()}")
+    print(f"machine: {describe(torch=True)}")
     print(f"profile {args.profile}: model {profile.model} ({model_dir}), dtype {dtype or 'default'}{dtype_note}")
     print(f"workload: {num_requests} requests per rate, rates {', '.join(f'{r:g}' for r in rates)} req/s (Poisson), "
           f"reuse {args.reuse:.0%} (Zipf), 1-{profile.images_max} images/request (mean 2), output mean "
@@ -420,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     for system in systems:
         print(f"  {system}: " + ", ".join(f"{k} {v:g}" for k, v in extras[system]["memory_mib"].items()))
     _write(out, rows, summary, extras, vars(args) | {"dtype": dtype, "model_dir": model_dir,
-                                                      "profile_settings": asdict(profile), "machine": machine()})
+                                                      "profile_settings": asdict(profile), "machine": describe(torch=True)})
     written = plot(rows, summary, systems, out, ttft_slo)
     print(f"\nwrote {out}/requests.parquet, summary.json, {', '.join(written)}")
     return 0

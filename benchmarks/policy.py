@@ -38,13 +38,16 @@ import argparse
 import heapq
 import json
 import math
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+
+# NOTE: benchmarks/ is a folder of scripts; they share hostinfo.py from it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hostinfo import describe
 
 from mmcache.policies import EvictionPolicy, make_policy
 
@@ -318,17 +321,6 @@ def run_capacity(trace: Trace, capacity_bytes: int) -> list[SimResult]:
     ]
 
 
-def machine() -> str:
-    """One line on where this ran: OS, CPU model, cores, Python."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def describe_trace(trace: Trace) -> str:
     tokens = trace.num_tokens
     llava = int((tokens == LLAVA_TOKENS).sum())
@@ -378,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     trace = make_trace(args.requests, args.pool, args.zipf, args.seed, args.hidden)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(describe_trace(trace))
     print("gap closed = (policy - lru) / (belady - lru) in byte hit ratio. belady: MIN, evicts the furthest\n"
           "  next use, may bypass; belady-size: evicts the largest size * next-use distance;\n"
@@ -401,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ran in {elapsed_s:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "trace": {"requests": args.requests, "pool": args.pool,
+            json.dump({"machine": describe(), "trace": {"requests": args.requests, "pool": args.pool,
                        "zipf_s": args.zipf, "seed": args.seed, "hidden": args.hidden,
                        "pool_bytes": trace.pool_bytes},
                        "capacities": tables, "target_gap_closed": TARGET_GAP_CLOSED, "passed": passed,

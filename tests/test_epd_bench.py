@@ -4,6 +4,7 @@ with an in-process LRU) driven through the OpenAI API, and everything it promise
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ def test_tiny_profile_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine:" in proc.stdout and "| median TTFT s |" in proc.stdout
+    assert f"{os.cpu_count()} cores" in proc.stdout and "torch " in proc.stdout
     assert "aggregated/epd" in proc.stdout and "peak memory per process" in proc.stdout
 
     rows = pq.read_table(out / "requests.parquet").to_pylist()

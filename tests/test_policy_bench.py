@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import random
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def test_cli_prints_tables_and_verdict_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("machine: ") and "3,000 requests over a pool of 300 images" in out
+    assert f"{os.cpu_count()} cores" in out.splitlines()[0]
     assert out.count("hit ratio byte hit ratio gap closed") == 2
     for name in ("lru", "gdsf", "cost-lfu", "static-popularity", "belady", "belady-size"):
         assert f"\n  {name} " in out
