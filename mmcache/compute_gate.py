@@ -172,12 +172,12 @@ async def _wait_for_turn(gate: ComputeGate, stage: str, reader: asyncio.StreamRe
 
 
 async def start_gate_server(gate: ComputeGate, path: str) -> asyncio.AbstractServer:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # NOTE: a stale socket of an earlier run
     try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # NOTE: a stale socket of an earlier run
         return await asyncio.start_unix_server(lambda r, w: _serve_connection(gate, r, w), path, limit=MAX_LINE * 4)
     except OSError as e:
-        raise OSError(e.errno, f"cannot serve the compute gate on {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot serve the compute gate on {path}: {e.strerror or e}") from None
 
 
 class GateClient:

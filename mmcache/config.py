@@ -27,6 +27,10 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+MAX_UNIX_PATH_BYTES = 107
+"""Linux's ``sun_path`` holds 108 bytes, NUL included."""
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``mmcache serve`` takes. Sizes are bytes."""
@@ -65,6 +69,11 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be within 0..65535")
+        for name in ("socket", "compute_gate"):
+            path = getattr(self, name)
+            if path is not None and len(os.fsencode(path)) > MAX_UNIX_PATH_BYTES:
+                raise ValueError(f"{name}={path!r} is {len(os.fsencode(path))} bytes; a Unix socket path must be at "
+                                 f"most {MAX_UNIX_PATH_BYTES} (use a shorter directory)")
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None,

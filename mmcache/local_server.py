@@ -162,11 +162,17 @@ async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, wr
 
 async def start_local_server(store: TieredStore, path: str) -> asyncio.AbstractServer:
     """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600."""
-    if os.path.exists(path):
-        os.unlink(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    server = await asyncio.start_unix_server(
-        lambda r, w: _serve_connection(store, r, w), path=path, limit=MAX_MESSAGE_BYTES
-    )
-    os.chmod(path, 0o600)
+    try:
+        if os.path.lexists(path):
+            os.unlink(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        server = await asyncio.start_unix_server(
+            lambda r, w: _serve_connection(store, r, w), path=path, limit=MAX_MESSAGE_BYTES
+        )
+        os.chmod(path, 0o600)
+    except OSError as e:
+        why = e.strerror or str(e)
+        if e.filename and e.filename != path:  # NOTE: makedirs' EEXIST names a file where a directory must be
+            why = f"{e.filename} is not a directory" if os.path.exists(e.filename) else f"{why}: {e.filename}"
+        raise OSError(e.errno, f"cannot listen on the Unix socket {path}: {why}") from None
     return server

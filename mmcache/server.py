@@ -241,11 +241,18 @@ def _store_ctx(config: ServeConfig):
             disk_capacity_bytes=config.disk_capacity_bytes, arena_path=config.arena_path,
             host_policy=config.host_policy, disk_policy=config.disk_policy))
         app[STORE] = store
-        local = await start_local_server(store, config.socket) if config.socket else None
-        gate = None
-        if config.compute_gate:
-            app[GATE] = ComputeGate()
-            gate = await start_gate_server(app[GATE], config.compute_gate)
+        local = gate = None
+        try:
+            local = await start_local_server(store, config.socket) if config.socket else None
+            if config.compute_gate:
+                app[GATE] = ComputeGate()
+                gate = await start_gate_server(app[GATE], config.compute_gate)
+        except BaseException:  # NOTE: the arena is shared memory: a failed start must not leave it behind
+            if local is not None:
+                local.close()
+                _unlink(config.socket)
+            await asyncio.to_thread(store.close)
+            raise
         logger.info("mmcache store up: arena %s, data dir %s, socket %s", store.arena_path, config.data_dir, config.socket)
         try:
             yield
