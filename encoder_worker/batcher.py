@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable, Sequence
 
@@ -67,6 +68,9 @@ class BatchStats:
 class SingleFlightBatcher:
     """Lifecycle: ``start()`` on the running loop → ``submit`` from any task → ``close()``."""
 
+    FINISHED_MEMORY = 4096
+    """Keys ``finished_since`` remembers: far more than finish during one cache lookup."""
+
     def __init__(self, batch_fn: BatchFn, *, max_batch: int = 8, max_wait_ms: float = 5.0,
                  after: AfterFn | None = None, on_batch: Callable[[BatchStats], None] | None = None,
                  schedule: str = "fcfs", max_queue_delay_ms: float = 10_000.0):
@@ -90,6 +94,8 @@ class SingleFlightBatcher:
         self._pending: dict[Hashable, _Pending] = {}  # queued, not yet running; submit order
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._finished: OrderedDict[Hashable, int] = OrderedDict()  # key -> when it last succeeded, newest last
+        self._num_finished = 0
         self.joins = 0
         """Submits that joined an encode already in flight instead of starting one."""
         self.overtakes = 0
@@ -120,9 +126,20 @@ class SingleFlightBatcher:
         """Items waiting for the model (in flight, not yet running)."""
         return len(self._pending)
 
-    async def submit(self, key: Hashable, item: Any, job: Job | None = None) -> Any:
-        """The result for ``key``; joins an in-flight computation of the same key if any.
-        ``job``: the request this item is one of (``sjf`` ranks by it); None: a job of one."""
+    def mark(self) -> int:
+        """A point in time for ``finished_since``: take it before looking a key up elsewhere."""
+        return self._num_finished
+
+    def finished_since(self, key: Hashable, mark: int) -> bool:
+        """Whether a computation of ``key`` succeeded (``after`` included) since ``mark``.
+
+        The race it closes: a request looks ``key`` up in the cache, another request's computation
+        of it ends (its ``after`` stores it) while that answer is on its way, and the first request,
+        reading a miss, would compute it again. Remembers the last ``FINISHED_MEMORY`` keys."""
+        return self._finished.get(key, -1) >= mark
+
+    def enqueue(self, key: Hashable, item: Any, job: Job | None = None) -> asyncio.Future:
+        """``submit`` without waiting: registered (or joined) before this returns."""
         job = job or Job(1)
         fut = self._inflight.get(key)
         if fut is not None:
@@ -134,8 +151,13 @@ class SingleFlightBatcher:
             self._jobs[key] = [job]
             self._pending[key] = _Pending(item)
             self._wakeup.set()
+        return fut
+
+    async def submit(self, key: Hashable, item: Any, job: Job | None = None) -> Any:
+        """The result for ``key``; joins an in-flight computation of the same key if any.
+        ``job``: the request this item is one of (``sjf`` ranks by it); None: a job of one."""
         # NOTE: shield: one waiter giving up (client disconnect) must not cancel the shared work.
-        return await asyncio.shield(fut)
+        return await asyncio.shield(self.enqueue(key, item, job))
 
     def _pop(self) -> tuple[Hashable, Any]:
         """The next queued item by the schedule; the queue must not be empty."""
@@ -196,6 +218,12 @@ class SingleFlightBatcher:
         for job in self._jobs.pop(key, ()):
             job.remaining -= 1
         fut = self._inflight.pop(key, None)
+        if error is None:
+            self._finished[key] = self._num_finished
+            self._finished.move_to_end(key)
+            self._num_finished += 1
+            if len(self._finished) > self.FINISHED_MEMORY:
+                self._finished.popitem(last=False)
         if fut is None or fut.done():
             return
         if error is not None:

@@ -153,18 +153,26 @@ class EncodeService:
                 raise result
         hashes = [content_hash(raw) for raw, _ in loaded]
         unique = dict(zip(hashes, (img for _, img in loaded)))
-        tiers = await self.cache.lookup([f"{self.namespace}/{h}" for h in unique])
         num_tokens: dict[str, int] = {}
         cached: set[str] = set()
-        for h in unique:
-            if tiers.get(f"{self.namespace}/{h}") is not None:
-                n = await self._num_tokens_if_cached(h)
-                if n is not None:
-                    num_tokens[h] = n
-                    cached.add(h)
+        # NOTE: a miss whose encode for another request ended (and was stored) while this lookup
+        # was out is looked up again, so an image is not encoded twice; no await from the last
+        # check to enqueue, so one ending after it is joined or found in the cache.
+        candidates = list(unique)
+        while candidates:
+            mark = self.batcher.mark()
+            tiers = await self.cache.lookup([f"{self.namespace}/{h}" for h in candidates])
+            for h in candidates:
+                if tiers.get(f"{self.namespace}/{h}") is not None:
+                    n = await self._num_tokens_if_cached(h)
+                    if n is not None:
+                        num_tokens[h] = n
+                        cached.add(h)
+            candidates = [h for h in candidates if h not in cached and self.batcher.finished_since(h, mark)]
         misses = [h for h in unique if h not in cached]
         job = Job(len(misses)) if misses else None
-        results = await asyncio.gather(*(self.batcher.submit(h, unique[h], job) for h in misses))
+        futures = [asyncio.shield(self.batcher.enqueue(h, unique[h], job)) for h in misses]
+        results = await asyncio.gather(*futures)
         for h, enc in zip(misses, results):
             num_tokens[h] = int(enc.embeddings.shape[0])
         self.counters["requests"] += 1

@@ -91,6 +91,24 @@ async def test_after_hook_runs_before_waiters_see_the_result(make):
     assert seen == [("k", "emb(1)")]
 
 
+async def test_finished_since_tells_a_key_that_succeeded_after_the_mark(make, monkeypatch):
+    model = FakeModel(fail_on={"bad"})
+    b = make(model, max_batch=1, max_wait_ms=0)
+    before = b.mark()
+    assert not b.finished_since("k", before)
+    await b.submit("k", "k")
+    after = b.mark()
+    assert b.finished_since("k", before) and not b.finished_since("k", after)
+    with pytest.raises(RuntimeError):
+        await b.submit("bad", "bad")
+    assert not b.finished_since("bad", before)  # a failure stored nothing
+    monkeypatch.setattr(SingleFlightBatcher, "FINISHED_MEMORY", 2)
+    for key in ("x", "y", "z"):
+        await b.submit(key, key)
+    assert not b.finished_since("k", before) and b.finished_since("z", after)  # the oldest are forgotten
+    assert len(b._finished) == 2
+
+
 def test_bad_settings():
     with pytest.raises(ValueError):
         SingleFlightBatcher(FakeModel(), max_batch=0)

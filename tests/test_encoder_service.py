@@ -125,6 +125,30 @@ async def test_sixteen_concurrent_requests_for_one_new_image_encode_once(encoder
     assert all(not a["items"][0]["cached"] for a in answers)
 
 
+async def test_an_image_stored_while_a_lookup_was_out_is_not_encoded_again(encoder_client):
+    """B looks the image up while A encodes it; A stores it and leaves the batcher before B reads
+    its (stale) miss. B must find A's entry, not encode the image a second time."""
+    service = encoder_client.app[SERVICE]
+    model, uri = encoder_client.model, png_uri(7)
+    model.gate.clear()  # A's encode waits here
+    a = asyncio.ensure_future(encode(encoder_client, [uri]))
+    while service.batcher.inflight == 0:
+        await asyncio.sleep(0.01)
+    real_lookup = service.cache.lookup
+
+    async def stale_lookup(keys):
+        answer = await real_lookup(keys)  # a miss: A has not stored it yet
+        service.cache.lookup = real_lookup
+        model.gate.set()
+        await a  # A's encode ended, was stored, and A answered
+        return answer
+
+    service.cache.lookup = stale_lookup
+    b = await encode(encoder_client, [uri])
+    assert (await a)["items"][0]["cached"] is False
+    assert b["items"][0]["cached"] is True and model.batches == [1]
+
+
 async def test_concurrent_different_images_are_batched(encoder_client):
     uris = [png_uri(10 + i) for i in range(6)]
     answers = await asyncio.gather(*(encode(encoder_client, [u]) for u in uris))
