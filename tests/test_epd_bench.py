@@ -18,7 +18,10 @@ def test_tiny_profile_end_to_end(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "epd.py"), "--profile", "tiny", "--requests", "5",
-         "--rates", "4", "--reuse", "0.6", "--models-dir", str(tmp_path / "models"), "--out", str(out)],
+         "--rates", "4", "--reuse", "0.6", "--models-dir", str(tmp_path / "models"), "--out", str(out),
+         # NOTE: one encoder, so that its single flight sees every request, as the aggregated worker's
+         # one queue does; two encoders each encode a new image that concurrent requests send to both.
+         "--epd-flags=--encoders 1"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "machine:" in proc.stdout and "| median TTFT s |" in proc.stdout
