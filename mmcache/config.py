@@ -71,9 +71,10 @@ class ServeConfig:
             raise ValueError(f"port={self.port} must be within 0..65535")
         for name in ("socket", "compute_gate"):
             path = getattr(self, name)
-            if path is not None and len(os.fsencode(path)) > MAX_UNIX_PATH_BYTES:
-                raise ValueError(f"{name}={path!r} is {len(os.fsencode(path))} bytes; a Unix socket path must be at "
-                                 f"most {MAX_UNIX_PATH_BYTES} (use a shorter directory)")
+            size = len(os.fsencode(path)) if path is not None else 0
+            if size > MAX_UNIX_PATH_BYTES:
+                raise ValueError(f"{name}={path!r} is {size} bytes; a Unix socket path must be at most "
+                                 f"{MAX_UNIX_PATH_BYTES} (use a shorter directory)")
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
