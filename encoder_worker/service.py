@@ -48,8 +48,8 @@ class EncoderServeConfig:
     """Tenant salt mixed into the namespace."""
     media: MediaLimits = field(default_factory=MediaLimits)
     compute_gate: str | None = None
-    """The sidecar's compute gate (a Unix socket), where stages share the cores: each image's
-    forward then waits its turn, and prefills go between two images of a batch."""
+    """The sidecar's compute gate (a Unix socket), where stages share the cores: each batch's
+    forward then waits its turn, and prefills go between two of its transformer layers."""
     schedule: str = "fcfs"
     """Which queued misses run next: ``fcfs`` (arrival order) or ``sjf`` (those of the request
     with the fewest images left to encode first; see ``encoder_worker.batcher``)."""
@@ -115,15 +115,14 @@ class EncodeService:
         await self.cache.close()
 
     def _encode_batch(self, images: list) -> list:
-        """Runs in a worker thread. Gated: one image per turn, so that a prefill waits for one
-        image's forward at most, not a whole batch's (sharing cores, a batch is no faster)."""
+        """Runs in a worker thread. Gated: the batch's forward holds a turn and yields it between
+        transformer layers, so that a prefill waits for one layer at most (a fraction of a
+        second on a CPU), not for a whole image, and the encode goes on at once when nobody
+        waits."""
         if self.gate is None:
             return self.encoder.encode(images)
-        out = []
-        for image in images:
-            with self.gate.turn():
-                out += self.encoder.encode([image])
-        return out
+        with self.gate.turn():
+            return self.encoder.encode(images, between_layers=self.gate.yield_turn)
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.counters["batches"] += 1

@@ -13,11 +13,18 @@ an aggregated engine, while the order is EPD's own:
 - except that a waiter past its stage's wait budget (``max_wait_s``; decode's by default, so
   tokens keep flowing during a burst of encodes) goes first, oldest first.
 
-Turns are not preempted: a waiter waits for the forward in progress to end.
+Turns are not preempted, but a long forward can be cut into turns: the holder of a turn may
+``yield`` it at a safe point (the encoder does between its transformer layers), which gives the
+turn back and queues for the next one in one step, so that a waiter the order puts first (a
+prefill) runs next, and the yielder goes on at once when nobody is waiting. A waiter waits for
+the turn in progress to end: at most one encoder layer (a fraction of a second on a CPU), not a
+whole image.
 
 Protocol, over a Unix socket, one line each way, one turn at a time per connection::
 
     client: want STAGE      server: go         (once granted)
+    client: yield           server: go         (holding: the turn is given back, and granted
+                                                again in its turn)
     client: done                               (the turn is given back)
 
 A connection that closes gives back its turn, or its place in the queue. ``GateClient`` is the
@@ -74,27 +81,47 @@ class ComputeGate:
         self.holding = 0
         self.counters = {s: {"turns": 0, "wait_s": 0.0, "max_wait_s": 0.0, "held_s": 0.0} for s in STAGES}
 
-    async def acquire(self, stage: str) -> float:
+    async def acquire(self, stage: str, yielding: float | None = None) -> float:
         """Until granted a turn for ``stage``; the time granted (pass it to ``release``). Cancelled
-        while waiting: the place in the queue is gone."""
+        while waiting: the place in the queue is gone. ``yielding``: as for ``join``."""
+        waiter = self.join(stage, yielding)
+        try:
+            return await asyncio.shield(waiter.granted)
+        except asyncio.CancelledError:
+            self.leave(waiter)
+            raise
+
+    def join(self, stage: str, yielding: float | None = None) -> _Waiter:
+        """Queue for a turn for ``stage`` now (``waiter.granted`` resolves to the time granted).
+        ``yielding``: the time the caller's own ``stage`` turn was granted; that turn is given
+        back as the caller joins the queue, in one step, so the order alone says who goes next
+        (a plain release would grant the freed turn before the caller is queued)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
         waiter = _Waiter(stage, self._clock(), next(self._seq), asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
+        if yielding is not None:
+            self._give_back(stage, yielding)
         self._grant()
-        try:
-            return await waiter.granted
-        except asyncio.CancelledError:
-            if waiter.granted.done() and not waiter.granted.cancelled():
-                self.release(stage, waiter.granted.result())  # NOTE: granted as it was cancelled
-            elif waiter in self._waiting:
+        return waiter
+
+    def leave(self, waiter: _Waiter) -> None:
+        """Give up ``waiter``'s place in the queue, or its turn if it was granted meanwhile."""
+        if waiter.granted.done():
+            if not waiter.granted.cancelled():
+                self.release(waiter.stage, waiter.granted.result())
+        else:
+            waiter.granted.cancel()
+            if waiter in self._waiting:
                 self._waiting.remove(waiter)
-            raise
 
     def release(self, stage: str, granted_at: float) -> None:
+        self._give_back(stage, granted_at)
+        self._grant()
+
+    def _give_back(self, stage: str, granted_at: float) -> None:
         self.holding -= 1
         self.counters[stage]["held_s"] += self._clock() - granted_at
-        self._grant()
 
     def _next(self) -> _Waiter:
         now = self._clock()
@@ -134,12 +161,20 @@ async def _serve_connection(gate: ComputeGate, reader: asyncio.StreamReader, wri
                     return
                 writer.write(b"go\n")
                 await writer.drain()
+            elif held is not None and words == ["yield"]:
+                stage, granted_at = held
+                held = None  # NOTE: given back by the acquire below, whatever happens next
+                held = await _wait_for_turn(gate, stage, reader, yielding=granted_at)
+                if held is None:
+                    return
+                writer.write(b"go\n")
+                await writer.drain()
             elif held is not None and words == ["done"]:
                 gate.release(*held)
                 held = None
             else:
                 state = f"holding a {held[0]} turn" if held else "no turn held"
-                expected = "done" if held else "want " + "|".join(STAGES)
+                expected = "yield|done" if held else "want " + "|".join(STAGES)
                 raise ValueError(f"bad gate message {line[:MAX_LINE]!r} ({state}); expected {expected}")
     except (ValueError, ConnectionError) as e:
         logger.warning("compute gate: dropping a client: %s", e)
@@ -149,23 +184,25 @@ async def _serve_connection(gate: ComputeGate, reader: asyncio.StreamReader, wri
         writer.close()
 
 
-async def _wait_for_turn(gate: ComputeGate, stage: str, reader: asyncio.StreamReader) -> tuple[str, float] | None:
+async def _wait_for_turn(gate: ComputeGate, stage: str, reader: asyncio.StreamReader,
+                         yielding: float | None = None) -> tuple[str, float] | None:
     """(stage, granted at), or None when the client hung up while it waited. A client that waits
-    sends nothing, so a read that ends first means the connection closed (or a broken client)."""
-    acquire = asyncio.ensure_future(gate.acquire(stage))
+    sends nothing, so a read that ends first means the connection closed (or a broken client).
+    ``yielding``: the client's turn, granted then, is given back as it queues (``acquire``)."""
+    waiter = gate.join(stage, yielding)  # NOTE: at once, not in a task that may never start
     hangup = asyncio.ensure_future(reader.read(1))
-    await asyncio.wait((acquire, hangup), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait((waiter.granted, hangup), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        hangup.cancel()
+        gate.leave(waiter)
+        raise
     if not hangup.done():
         hangup.cancel()  # NOTE: nothing was read: the stream is as it was, once the read has ended
         with contextlib.suppress(asyncio.CancelledError):
             await hangup
-        return stage, acquire.result()
-    if acquire.done():
-        gate.release(stage, acquire.result())
-    else:
-        acquire.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await acquire
+        return stage, waiter.granted.result()
+    gate.leave(waiter)
     if hangup.result():
         raise ValueError(f"a client sent {hangup.result()!r} while waiting for its {stage} turn")
     return None
@@ -181,7 +218,8 @@ async def start_gate_server(gate: ComputeGate, path: str) -> asyncio.AbstractSer
 
 
 class GateClient:
-    """A worker's side: ``with client.turn(): forward()``, from any one thread at a time."""
+    """A worker's side: ``with client.turn(): forward()``, from any one thread at a time; a long
+    forward calls ``yield_turn()`` at its safe points."""
 
     def __init__(self, path: str, stage: str):
         if stage not in STAGES:
@@ -190,7 +228,8 @@ class GateClient:
         self._sock: socket.socket | None = None
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self.turns = self.ungated = 0
+        self._holding: socket.socket | None = None  # the connection of the turn held, if any
+        self.turns = self.ungated = self.yields = 0
 
     def _connect(self) -> socket.socket | None:
         if self._sock is None and time.monotonic() >= self._down_until:
@@ -211,9 +250,9 @@ class GateClient:
         self._down_until = time.monotonic() + RECONNECT_AFTER_S
         logger.warning("compute gate %s; running ungated for %.0f s", why, RECONNECT_AFTER_S)
 
-    def _want(self, sock: socket.socket) -> bool:
+    def _ask(self, sock: socket.socket, line: bytes) -> bool:
         try:
-            sock.sendall(f"want {self.stage}\n".encode())
+            sock.sendall(line)
             answer = sock.recv(MAX_LINE)
         except OSError as e:
             self._gone(f"failed: {e}")
@@ -227,23 +266,38 @@ class GateClient:
     def turn(self) -> Iterator[None]:
         with self._lock:
             sock = self._connect()
-            granted = sock is not None and self._want(sock)
+            granted = sock is not None and self._ask(sock, f"want {self.stage}\n".encode())
             if granted:
                 self.turns += 1
+                self._holding = sock
             else:
                 self.ungated += 1
             try:
                 yield
             finally:
+                self._holding = None
                 if granted and self._sock is sock:
                     try:
                         sock.sendall(b"done\n")
                     except OSError as e:
                         self._gone(f"failed: {e}")
 
+    def yield_turn(self) -> None:
+        """Inside ``turn()``, on its thread, at a point where the work may pause: let whoever the
+        gate's order puts first (a prefill, an overdue decode) run, and go on once it is this
+        worker's turn again; at once when nobody else is waiting. A round trip on the socket
+        (tens of microseconds). Ungated (no gate, or it is gone): returns at once."""
+        sock = self._holding
+        if sock is None:
+            return
+        self.yields += 1
+        if not self._ask(sock, b"yield\n"):
+            self._holding = None  # NOTE: _ask dropped the connection; the rest of the turn runs ungated
+
     def stats(self) -> dict:
         """Forwards run with a turn, and without one (the gate was unreachable)."""
-        return {"path": self.path, "stage": self.stage, "turns": self.turns, "ungated": self.ungated}
+        return {"path": self.path, "stage": self.stage, "turns": self.turns, "ungated": self.ungated,
+                "yields": self.yields}
 
     def close(self) -> None:
         """Hang up; a thread waiting for a turn wakes and runs ungated. Safe from any thread."""

@@ -196,9 +196,10 @@ class Stack:
         # sleep at once (OMP_WAIT_POLICY=PASSIVE) pay a wake-up at every parallel region. Per
         # image (2-core EPYC, CLIP-L/336, batch 1): alone 3.3 s spinning, 3.6 s at 10k spins,
         # 4.0 s sleeping (3.5-4.9); two encoders at once 9.0, 6.4 and 5.9 s. 10k spins keep most
-        # of both. A single aggregated worker keeps the default. The caller's setting wins.
+        # of both. A single aggregated worker keeps the default, and so do workers that take
+        # turns at the cores (shared_cores): their forwards do not overlap. The caller's setting wins.
         caller = {*os.environ, *config.extra_env}
-        short_spins = {} if config.aggregated or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & caller else \
+        short_spins = {} if config.aggregated or config.shared_cores or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & caller else \
             {"GOMP_SPINCOUNT": str(EPD_SPIN_COUNT)}
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads, **config.extra_env}
         self._worker_env = {**short_spins, **self._env}

@@ -99,6 +99,33 @@ async def test_a_cancelled_waiter_leaves_the_queue():
     assert order == ["decode"] and gate.holding == 0 and gate.stats()["waiting"] == 0
 
 
+async def test_a_yield_lets_the_waiter_the_order_puts_first_go_and_queues_the_yielder():
+    gate = ComputeGate(max_wait_s={})
+    held = await gate.acquire("encode")
+    order: list[str] = []
+    tasks = await _queue(gate, ["decode", "prefill"], order)
+    again = asyncio.create_task(gate.acquire("encode", yielding=held))
+    regranted = await again  # after the prefill, before the older decode: the order decides
+    assert order == ["prefill"] and gate.holding == 1
+    gate.release("encode", regranted)
+    await asyncio.gather(*tasks)
+    assert order == ["prefill", "decode"] and gate.holding == 0
+    assert gate.stats()["stages"]["encode"]["turns"] == 2
+
+
+async def test_a_yield_with_nobody_waiting_is_granted_at_once_and_a_release_frees_the_turn():
+    gate = ComputeGate(max_wait_s={})
+    held = await gate.acquire("encode")
+    order: list[str] = []
+    regranted = await asyncio.wait_for(gate.acquire("encode", yielding=held), 1)
+    assert gate.holding == 1 and gate.stats()["waiting"] == 0
+    tasks = await _queue(gate, ["decode"], order)
+    assert order == []  # the yielder still holds the one turn
+    gate.release("encode", regranted)
+    await asyncio.gather(*tasks)
+    assert order == ["decode"] and gate.holding == 0
+
+
 async def test_a_gate_socket_that_cannot_be_made_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="cannot serve the compute gate on .*no-such-dir"):
         await start_gate_server(ComputeGate(), str(tmp_path / "no-such-dir" / "gate.sock"))
@@ -208,7 +235,66 @@ def test_a_client_that_hangs_up_gives_back_its_turn_and_its_place(server):
     assert client.turns == 1 and server.stats()["stages"]["prefill"]["turns"] == 0
 
 
-@pytest.mark.parametrize("message", [b"want gpu\n", b"done\n", b"hello\n"])
+def test_a_long_forward_yields_between_layers_to_a_prefill_and_goes_on(server):
+    encoder, prefill = GateClient(server.path, "encode"), GateClient(server.path, "prefill")
+    events: list[str] = []
+    prefill_done = threading.Event()
+
+    def run_prefill() -> None:
+        with prefill.turn():
+            events.append("prefill")
+        prefill_done.set()
+
+    with encoder.turn():
+        events.append("layer 0")
+        encoder.yield_turn()  # nobody waits: goes on at once
+        events.append("layer 1")
+        thread = threading.Thread(target=run_prefill)
+        thread.start()
+        server.wait_for(lambda s: s["waiting"] == 1)
+        assert events == ["layer 0", "layer 1"]  # the prefill waits for the layer in progress
+        encoder.yield_turn()  # the prefill runs here
+        assert prefill_done.is_set()
+        events.append("layer 2")
+    thread.join(10)
+    assert events == ["layer 0", "layer 1", "prefill", "layer 2"]
+    assert encoder.turns == 1 and encoder.yields == 2 and prefill.turns == 1
+    server.wait_for(lambda s: s["holding"] == 0)
+    assert server.stats()["stages"]["encode"]["turns"] == 3
+
+
+def test_yield_outside_a_turn_or_ungated_returns_at_once(tmp_path, server):
+    client = GateClient(server.path, "encode")
+    client.yield_turn()
+    ungated = GateClient(str(tmp_path / "nobody.sock"), "encode")
+    with ungated.turn():
+        ungated.yield_turn()
+    assert client.yields == 0 and ungated.yields == 0 and ungated.ungated == 1
+
+
+def test_a_client_that_hangs_up_after_a_yield_gives_back_its_turn(server):
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(server.path)
+    holder.sendall(b"want encode\n")
+    assert holder.recv(16) == b"go\n"
+    waiter = GateClient(server.path, "decode")
+    ran = threading.Event()
+
+    def run() -> None:
+        with waiter.turn():
+            ran.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    server.wait_for(lambda s: s["waiting"] == 1)
+    holder.sendall(b"yield\n")  # encode ranks before decode: granted again, and then gone
+    holder.close()
+    thread.join(10)
+    assert ran.is_set() and waiter.turns == 1
+    server.wait_for(lambda s: s["holding"] == 0 and s["waiting"] == 0)
+
+
+@pytest.mark.parametrize("message", [b"want gpu\n", b"done\n", b"yield\n", b"hello\n"])
 def test_a_bad_message_drops_that_client_and_the_gate_serves_on(server, message):
     bad = socket.socket(socket.AF_UNIX)
     bad.connect(server.path)

@@ -275,7 +275,8 @@ def test_stage_priorities_and_sleeping_openmp_threads(model_dir):
 
 def test_shared_cores_stages_take_turns_at_the_sidecars_gate(model_dir, epd):
     """``--shared-cores``: every encode, prefill and decode forward runs with a turn from the
-    sidecar's compute gate (none ungated), and requests are answered as without it."""
+    sidecar's compute gate (none ungated), the encoder yielding it between layers; requests are
+    answered as without it; and the workers keep libgomp's spinning (their forwards do not overlap)."""
     uris = [image(901)[0], image(902)[0]]
     with _up(model_dir, "--encoders", "1", "--shared-cores") as up:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # NOTE: two at once: their forwards queue at the gate
@@ -286,7 +287,11 @@ def test_shared_cores_stages_take_turns_at_the_sidecars_gate(model_dir, epd):
         assert {role: g["stage"] for role, g in gates.items()} == \
             {"encoders": "encode", "prefill": "prefill", "decode": "decode"}
         assert all(g["turns"] >= 1 and g["ungated"] == 0 for g in gates.values()), gates
+        assert gates["encoders"]["yields"] >= 1 and gates["prefill"]["yields"] == 0
         assert len({g["path"] for g in gates.values()}) == 1
+        if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+            pids = [stats[role][0]["stats"]["pid"] for role in ("encoders", "prefill", "decode")]
+            assert all("GOMP_SPINCOUNT" not in _environ(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("flags, message", [(["--aggregated", "--shared-cores"], "--shared-cores is for the EPD stack"),
