@@ -11,7 +11,7 @@ import torch
 
 from llm_worker.sampling import sample
 from llm_worker.sequence import DecodeState
-from llm_worker.slab import BatchKV
+from llm_worker.slab import BatchKV, cache_kwarg
 
 
 class DecodeBatch:
@@ -24,6 +24,7 @@ class DecodeBatch:
 
     def __init__(self, model: torch.nn.Module, kv: BatchKV) -> None:
         self._model = model
+        self._cache_kwarg = cache_kwarg(model)
         self._kv = kv
         self.states: list[DecodeState] = []
         """Row ``r`` of the KV belongs to ``states[r]``."""
@@ -69,7 +70,7 @@ class DecodeBatch:
         input_ids = torch.tensor([[s.token_ids[-1]] for s in self.states], device=device)
         position_ids = torch.tensor([[n] for n in kv.lens], device=device)
         out = self._model(input_ids=input_ids, attention_mask=kv.attention_mask(), position_ids=position_ids,
-                          past_key_values=kv.cache(), use_cache=True)
+                          use_cache=True, **{self._cache_kwarg: kv.cache()})
         kv.advance()
         tokens = sample(out.logits[:, -1], [s.sampling for s in self.states], [s.seed for s in self.states],
                         [len(s.token_ids) for s in self.states])

@@ -30,7 +30,7 @@ from llm_worker.kv import KVCache, PrefillResult, kv_key
 from llm_worker.prompt import prompt_ids
 from llm_worker.sampling import SamplingParams, sample
 from llm_worker.sequence import DecodeState
-from llm_worker.slab import BatchKV, slab_cache
+from llm_worker.slab import BatchKV, cache_kwarg, slab_cache
 from mmcache_client.keys import Key, validate_namespace
 
 logger = logging.getLogger(__name__)
@@ -163,8 +163,8 @@ class LLMEngine:
         values = torch.empty(shape, dtype=dtype, device=device)
         # NOTE: the forward writes each layer's K/V straight into one stacked buffer, which is
         # the hand-off entry's layout: no gathering copy afterwards.
-        out = self.model(inputs_embeds=inputs_embeds, past_key_values=slab_cache(list(keys), list(values), 0),
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(self.model): slab_cache(list(keys), list(values), 0)})
         logits = out.logits[0, -1].float()
         seed = seed if seed is not None else sampling.resolved_seed()
         first_token = sample(logits[None], [sampling], [seed], [0])[0]

@@ -13,6 +13,8 @@ it would alone.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -49,6 +51,12 @@ class SlabLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model``'s forward takes a cache by: ``cache`` from transformers 5.24, where
+    ``past_key_values`` still works but warns on every forward; else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def slab_cache(keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> Cache:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 
 import huggingface_hub.constants
 import numpy as np
@@ -154,6 +155,18 @@ def test_batched_decode_equals_each_alone(engine, embeddings):
     assert sorted(s.request_id for s in finished) == ["r0", "r1", "r2", "r3"]
     assert [s.token_ids for s in states] == alone
     assert [len(t) for t in alone] == [9, 14, 5, 11]
+
+
+def test_prefill_and_decode_raise_no_deprecation_warnings(engine, embeddings):
+    """The cache goes in under the name this transformers takes (``cache`` from 5.24, where
+    ``past_key_values`` warns on every forward), so a worker's log is not one warning per token."""
+    ids = engine.prompt_ids(conversation(1), [576])
+    sampling = SamplingParams(max_tokens=3, temperature=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = run_alone(engine, ids, embeddings[:1], sampling)
+    assert len(state.token_ids) == 3
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 @torch.inference_mode()
