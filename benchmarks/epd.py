@@ -84,17 +84,17 @@ PROFILES = {
     # batch is no faster on a CPU, and each of its requests would wait for the last image: a
     # burst of 8 requests had a median TTFT of 52 s with batches of up to 8, 30 s without); decode
     # at the lowest priority (at nice 15 it still took a quarter of the cores from an encode at
-    # 10), and the encoder's queue shortest request first (one image left before five); and the
-    # stages taking turns at the cores (``--shared-cores``, the sidecar's compute gate; the encoder
-    # yields its turn between layers), so that a prefill runs alone at full width instead of
-    # time-slicing with an encode: on seed 0 at 0.08 req/s the median TTFT went from 10.7 s
-    # (priorities alone) to 8.9 s, p90 from 26.0 to 20.5 s, for a median TPOT of 0.21 s instead
-    # of 0.10 (decode also takes turns). ``--epd-flags`` overrides them. 32 requests per rate: with 16 the median moved by 10-20% between
+    # 10), and the encoder's queue shortest request first (one image left before five). Not
+    # ``--shared-cores`` (turns at the sidecar's compute gate, the encoder yielding between layers):
+    # in full runs of both seeds (benchmarks/results/epd-realistic-2core-cpu-shared-cores*) its
+    # median TTFT against aggregated-lru's was 1.01 / 1.99 / 0.95 / 1.16x, against 1.01 / 1.27 /
+    # 1.86 / 1.28x with priorities, and its median TPOT 0.15-0.91 s instead of 0.10-0.20 s: a
+    # decode step waits behind whole prefills. ``--epd-flags`` overrides them. 32 requests per rate: with 16 the median moved by 10-20% between
     # runs of the same workload (the same isolated 2-image request took 10.6-13.9 s on this machine).
     "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=32, output_mean=24,
                          output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
                          encoders=1, nice_epd=(("encoder", 10), ("decode", 19)), encoder_batch=1,
-                         encoder_schedule="sjf", shared_cores=True),
+                         encoder_schedule="sjf"),
 }
 
 
