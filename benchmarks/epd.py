@@ -89,8 +89,9 @@ PROFILES = {
     # in full runs of both seeds (benchmarks/results/epd-realistic-2core-cpu-shared-cores*) its
     # median TTFT against aggregated-lru's was 1.01 / 1.99 / 0.95 / 1.16x, against 1.01 / 1.27 /
     # 1.86 / 1.28x with priorities, and its median TPOT 0.15-0.91 s instead of 0.10-0.20 s: a
-    # decode step waits behind whole prefills. ``--epd-flags`` overrides them. 32 requests per rate: with 16 the median moved by 10-20% between
-    # runs of the same workload (the same isolated 2-image request took 10.6-13.9 s on this machine).
+    # decode step waits behind whole prefills. ``--epd-flags`` overrides them. 32 requests per
+    # rate: with 16 the median moved by 10-20% between runs of the same workload (the same
+    # isolated 2-image request took 10.6-13.9 s on this machine).
     "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=32, output_mean=24,
                          output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
                          encoders=1, nice_epd=(("encoder", 10), ("decode", 19)), encoder_batch=1,

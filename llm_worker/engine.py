@@ -53,6 +53,7 @@ class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, config, namespace: str,
                  eos_token_ids: Sequence[int]) -> None:
         self.model = model
+        self._cache_kwarg = cache_kwarg(model)
         self.tokenizer = tokenizer
         self.config = config
         """The checkpoint's (LLaVA) config; ``config.text_config`` is the language model's."""
@@ -164,7 +165,7 @@ class LLMEngine:
         # NOTE: the forward writes each layer's K/V straight into one stacked buffer, which is
         # the hand-off entry's layout: no gathering copy afterwards.
         out = self.model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1,
-                         **{cache_kwarg(self.model): slab_cache(list(keys), list(values), 0)})
+                         **{self._cache_kwarg: slab_cache(list(keys), list(values), 0)})
         logits = out.logits[0, -1].float()
         seed = seed if seed is not None else sampling.resolved_seed()
         first_token = sample(logits[None], [sampling], [seed], [0])[0]
