@@ -48,14 +48,11 @@ class EncodedImage:
 
 class _VisionModule(nn.Module):
     """What ``Encoder`` needs from an architecture: ``checkpoint_key`` (checkpoint name → own
-    parameter name, or None to skip), ``num_image_tokens``, ``encode_batch`` and ``blocks``."""
+    parameter name, or None to skip), ``num_image_tokens``, ``encode_batch`` and ``blocks`` (the
+    transformer layers in order, where a forward may pause between two of them)."""
 
     model_type: str
     hidden_size: int
-
-    def blocks(self) -> nn.ModuleList:
-        """The transformer layers, in order: where a forward may pause between two of them."""
-        raise NotImplementedError
 
     @property
     def dtype(self) -> torch.dtype:

@@ -188,7 +188,7 @@ async def _wait_for_turn(gate: ComputeGate, stage: str, reader: asyncio.StreamRe
                          yielding: float | None = None) -> tuple[str, float] | None:
     """(stage, granted at), or None when the client hung up while it waited. A client that waits
     sends nothing, so a read that ends first means the connection closed (or a broken client).
-    ``yielding``: the client's turn, granted then, is given back as it queues (``acquire``)."""
+    ``yielding``: the client's turn, granted then, is given back as it queues (``join``)."""
     waiter = gate.join(stage, yielding)  # NOTE: at once, not in a task that may never start
     hangup = asyncio.ensure_future(reader.read(1))
     try:
@@ -295,7 +295,7 @@ class GateClient:
             self._holding = None  # NOTE: _ask dropped the connection; the rest of the turn runs ungated
 
     def stats(self) -> dict:
-        """Forwards run with a turn, and without one (the gate was unreachable)."""
+        """Forwards run with a turn, without one (the gate was unreachable), and turns yielded."""
         return {"path": self.path, "stage": self.stage, "turns": self.turns, "ungated": self.ungated,
                 "yields": self.yields}
 

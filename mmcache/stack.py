@@ -199,8 +199,8 @@ class Stack:
         # of both. A single aggregated worker keeps the default, and so do workers that take
         # turns at the cores (shared_cores): their forwards do not overlap. The caller's setting wins.
         caller = {*os.environ, *config.extra_env}
-        short_spins = {} if config.aggregated or config.shared_cores or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & caller else \
-            {"GOMP_SPINCOUNT": str(EPD_SPIN_COUNT)}
+        keeps_default = config.aggregated or config.shared_cores or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & caller
+        short_spins = {} if keeps_default else {"GOMP_SPINCOUNT": str(EPD_SPIN_COUNT)}
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads, **config.extra_env}
         self._worker_env = {**short_spins, **self._env}
         self._nice = dict(config.nice)
