@@ -1,13 +1,17 @@
 """Eviction policies alone: replay a Zipf trace of variable-size image embeddings against LRU,
 GDSF and Belady's offline reference, and print hit ratio and byte hit ratio, in one run.
 
-    python benchmarks/policy.py [--requests 200000] [--pool 10000] [--zipf 0.9]
+    python benchmarks/policy.py [--requests 200000] [--pool 10000] [--zipf 0.9] [--reuse 0.5]
         [--capacities 0.01,0.05,0.1,0.2] [--seed 0] [--hidden 4096] [--json PATH]
 
-Trace (``make_trace``, seeded numpy): a pool of ``--pool`` distinct images; requests draw image
-``i`` (rank ``i + 1``) with probability proportional to ``1 / (i + 1) ** zipf``, independently
-(the independent reference model; no temporal locality beyond popularity). Each image's
-embedding has a token count fixed per image:
+Trace (``make_trace``, seeded numpy): a pool of ``--pool`` distinct images. A request draws from
+the pool with probability ``--reuse``, else it is for an image never seen before and never
+requested again (ids from ``pool`` up: a new upload); a pool draw takes image ``i`` (rank
+``i + 1``) with probability proportional to ``1 / (i + 1) ** zipf``, independently (the
+independent reference model; no temporal locality beyond popularity). The default, 0.5, is the
+issue's "reused images 50%" (the share of requests that repeat an earlier image comes out a
+little lower, as each pool image's first request is new too; the table header prints it);
+``--reuse 1`` is a pure Zipf trace. Each image's embedding has a token count fixed per image:
 - ``LLAVA_SHARE`` of the pool: LLaVA-1.5 images, always 576 tokens (CLIP ViT-L/14-336);
 - the rest: Qwen2-VL images, one token per 28x28 pixels after its ``smart_resize`` with
   ``min_pixels = 256*28*28`` and ``max_pixels = 4096*28*28`` (so 256..4096 tokens), from a mix of
@@ -27,9 +31,11 @@ the entry if it fits the capacity at all, after evicting ``choose_victims(need_b
 - belady-size: the object-hit-ratio variant from the literature (e.g. Berger et al.,
                SIGMETRICS'18): evict the largest ``size * (next request - now)``. Shown for
                hit ratio only; gaps are measured against ``belady``.
-All requests count, the cold start included. Target (issue): GDSF closes at least half the gap
-in byte hit ratio between LRU and belady: ``(gdsf - lru) / (belady - lru) >= 0.5``; printed for both
-cost-aware policies, ``gdsf`` and ``cost-lfu`` (decayed frequency instead of GDSF's inflation).
+All requests count, the cold start included; capacities are fractions of the Zipf pool's bytes.
+Target (issue, with reused images 50%): the cost-aware policy closes at least half the gap in byte
+hit ratio between LRU and belady, ``(policy - lru) / (belady - lru) >= 0.5``, at every capacity;
+printed for both cost-aware policies, ``gdsf`` and ``cost-lfu`` (decayed frequency instead of
+GDSF's inflation).
 """
 
 from __future__ import annotations
@@ -86,11 +92,22 @@ class Trace:
     zipf_s: float
     seed: int
     hidden: int
+    pool: int = -1  # images 0..pool-1 form the Zipf pool, the rest are one-off; -1: every image
+    reuse: float = 1.0  # share of requests drawn from the pool
+
+    @property
+    def pool_size(self) -> int:
+        return len(self.size_bytes) if self.pool < 0 else self.pool
 
     @property
     def pool_bytes(self) -> int:
-        """Total bytes of every image in the pool, requested or not."""
-        return int(self.size_bytes.sum())
+        """Total bytes of every image in the Zipf pool, requested or not (one-off images not counted)."""
+        return int(self.size_bytes[: self.pool_size].sum())
+
+    @property
+    def repeat_share(self) -> float:
+        """Share of requests for an image requested before."""
+        return 1.0 - len(np.unique(self.keys)) / len(self.keys) if len(self.keys) else 0.0
 
 
 @dataclass(frozen=True)
@@ -130,27 +147,39 @@ def qwen2vl_tokens(width: np.ndarray, height: np.ndarray) -> np.ndarray:
     return (w_bar * h_bar / QWEN_PIXELS_PER_TOKEN).astype(np.int64)
 
 
+def image_tokens(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Embedding tokens of ``count`` images drawn from the LLaVA / Qwen2-VL mix in the module doc."""
+    table = np.array(RESOLUTIONS)
+    pick = rng.choice(len(table), size=count, p=table[:, 2] / table[:, 2].sum())
+    width = table[pick, 0] * rng.uniform(0.75, 1.25, count)
+    height = table[pick, 1] * rng.uniform(0.75, 1.25, count)
+    return np.where(rng.random(count) < LLAVA_SHARE, LLAVA_TOKENS, qwen2vl_tokens(width, height))
+
+
 def make_trace(num_requests: int = 200_000, pool: int = 10_000, zipf_s: float = 0.9, seed: int = 0,
-               hidden: int = HIDDEN) -> Trace:
-    """A seeded Zipf trace over ``pool`` images with the token mix described in the module doc."""
+               hidden: int = HIDDEN, reuse: float = 0.5) -> Trace:
+    """A seeded trace: Zipf draws over ``pool`` images (share ``reuse``) and one-off images."""
     if num_requests < 1 or pool < 1 or hidden < 1:
         raise ValueError(f"{num_requests=}, {pool=} and {hidden=} must be >= 1")
     if not zipf_s >= 0:
         raise ValueError(f"{zipf_s=} must be >= 0")
+    if not 0.0 < reuse <= 1.0:
+        raise ValueError(f"{reuse=} must be in (0, 1]")
     rng = np.random.default_rng(seed)
-    table = np.array(RESOLUTIONS)
-    pick = rng.choice(len(table), size=pool, p=table[:, 2] / table[:, 2].sum())
-    width = table[pick, 0] * rng.uniform(0.75, 1.25, pool)
-    height = table[pick, 1] * rng.uniform(0.75, 1.25, pool)
-    num_tokens = np.where(rng.random(pool) < LLAVA_SHARE, LLAVA_TOKENS, qwen2vl_tokens(width, height))
+    num_tokens = image_tokens(rng, pool)
     popularity = 1.0 / np.arange(1, pool + 1, dtype=np.float64) ** zipf_s
     keys = rng.choice(pool, size=num_requests, p=popularity / popularity.sum())
+    # NOTE: separate streams for the one-off images, so that reuse=1 is the pure Zipf trace of
+    # earlier results, seed for seed.
+    one_off = np.random.default_rng([seed, 1]).random(num_requests) >= reuse
+    keys[one_off] = pool + np.arange(int(one_off.sum()))
+    num_tokens = np.concatenate([num_tokens, image_tokens(np.random.default_rng([seed, 2]), int(one_off.sum()))])
     return Trace(
         keys=keys.astype(np.int64),
         num_tokens=num_tokens.astype(np.int64),
         size_bytes=num_tokens.astype(np.int64) * hidden * FP16_BYTES,
         cost_ms=ENCODE_FIXED_MS + ENCODE_MS_PER_TOKEN * num_tokens,
-        zipf_s=zipf_s, seed=seed, hidden=hidden,
+        zipf_s=zipf_s, seed=seed, hidden=hidden, pool=pool, reuse=reuse,
     )
 
 
@@ -277,7 +306,7 @@ def belady_size(trace: Trace, capacity_bytes: int) -> SimResult:
 def static_popularity(trace: Trace, capacity_bytes: int) -> SimResult:
     """An oracle of popularity, not of the future: pin the most probable images that fit.
 
-    Images are taken in order of true request probability (image id = Zipf rank), skipping any
+    Pool images are taken in order of true request probability (id = Zipf rank), skipping any
     that no longer fit; each is loaded at its first request (a miss) and never evicted. Under
     the independent reference model this is about the best any policy that learns popularity,
     rather than seeing the future, can reach: a ceiling for LRU and GDSF, not for Belady.
@@ -285,7 +314,7 @@ def static_popularity(trace: Trace, capacity_bytes: int) -> SimResult:
     sizes = trace.size_bytes.tolist()
     pinned = np.zeros(len(sizes), dtype=bool)
     used_bytes = 0
-    for key, size_bytes in enumerate(sizes):
+    for key, size_bytes in enumerate(sizes[: trace.pool_size]):  # one-off images are never pinned
         if used_bytes + size_bytes <= capacity_bytes:
             pinned[key] = True
             used_bytes += size_bytes
@@ -325,9 +354,11 @@ def describe_trace(trace: Trace) -> str:
     tokens = trace.num_tokens
     llava = int((tokens == LLAVA_TOKENS).sum())
     p5, p50, p95 = np.percentile(tokens, [5, 50, 95])
+    one_off = len(tokens) - trace.pool_size
     return (
-        f"trace: {len(trace.keys):,} requests over a pool of {len(tokens):,} images, Zipf s={trace.zipf_s}, "
-        f"seed {trace.seed}; {len(np.unique(trace.keys)):,} distinct requested\n"
+        f"trace: {len(trace.keys):,} requests over a pool of {trace.pool_size:,} images, Zipf s={trace.zipf_s}, "
+        f"seed {trace.seed}; reuse {trace.reuse:g}: {one_off:,} requests for one-off images; "
+        f"{len(np.unique(trace.keys)):,} distinct requested, {trace.repeat_share:.1%} of requests repeats\n"
         f"  tokens per image: {llava:,} LLaVA-1.5 at {LLAVA_TOKENS}, the rest Qwen2-VL "
         f"{QWEN_MIN_TOKENS}..{QWEN_MAX_TOKENS}; all: min {tokens.min()}, p5 {p5:.0f}, median {p50:.0f}, "
         f"p95 {p95:.0f}, max {tokens.max()}, mean {tokens.mean():.0f}\n"
@@ -361,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=200_000, help="trace length")
     ap.add_argument("--pool", type=int, default=10_000, help="distinct images")
     ap.add_argument("--zipf", type=float, default=0.9, help="Zipf exponent s of image popularity")
+    ap.add_argument("--reuse", type=float, default=0.5,
+                    help="share of requests drawn from the Zipf pool; the rest are one-off images (1: pure Zipf)")
     ap.add_argument("--capacities", type=parse_fractions, default=[0.01, 0.05, 0.1, 0.2],
                     help="cache capacities as fractions of the pool's total bytes")
     ap.add_argument("--seed", type=int, default=0)
@@ -369,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
-    trace = make_trace(args.requests, args.pool, args.zipf, args.seed, args.hidden)
+    trace = make_trace(args.requests, args.pool, args.zipf, args.seed, args.hidden, args.reuse)
     print(f"machine: {describe()}")
     print(describe_trace(trace))
     print("gap closed = (policy - lru) / (belady - lru) in byte hit ratio. belady: MIN, evicts the furthest\n"
@@ -394,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": describe(), "trace": {"requests": args.requests, "pool": args.pool,
-                       "zipf_s": args.zipf, "seed": args.seed, "hidden": args.hidden,
+                       "zipf_s": args.zipf, "reuse": args.reuse,
+                       "repeat_share": trace.repeat_share, "seed": args.seed, "hidden": args.hidden,
                        "pool_bytes": trace.pool_bytes},
                        "capacities": tables, "target_gap_closed": TARGET_GAP_CLOSED, "passed": passed,
                        "elapsed_s": elapsed_s}, f, indent=2)

@@ -104,7 +104,7 @@ def test_belady_size_equals_belady_for_unit_sizes():
 
 
 def small_zipf_trace(**kwargs) -> "pb.Trace":
-    return pb.make_trace(num_requests=6000, pool=300, **{"zipf_s": 0.9, "seed": 3, **kwargs})
+    return pb.make_trace(**{"num_requests": 6000, "pool": 300, "zipf_s": 0.9, "seed": 3, "reuse": 1.0, **kwargs})
 
 
 @pytest.mark.parametrize("capacity", [10, 40, 120])
@@ -204,6 +204,39 @@ def test_make_trace_is_seeded_and_realistic():
     assert counts[:10].sum() > 5 * counts[-10:].sum()  # Zipf: the head dominates the tail
 
 
+def test_make_trace_mixes_one_off_images_at_the_reuse_share():
+    pure, mixed = small_zipf_trace(), small_zipf_trace(reuse=0.5)
+    assert pure.pool_size == mixed.pool_size == 300 and pure.pool_bytes == mixed.pool_bytes
+    one_off = mixed.keys >= 300
+    assert 0.45 < one_off.mean() < 0.55  # Bernoulli(0.5) over 6000 requests
+    assert np.bincount(mixed.keys[one_off]).max() == 1  # each one-off image is requested once
+    assert len(mixed.num_tokens) == 300 + one_off.sum()
+    assert np.array_equal(mixed.num_tokens[:300], pure.num_tokens)  # the pool's images are the same
+    assert np.array_equal(mixed.keys[~one_off], pure.keys[~one_off])  # and so are its draws
+    assert mixed.repeat_share < 0.5 < pure.repeat_share
+    tokens = mixed.num_tokens[300:]
+    assert tokens.min() >= pb.QWEN_MIN_TOKENS and (tokens == pb.LLAVA_TOKENS).any() and tokens.max() > 3000
+
+
+def test_static_popularity_never_pins_one_off_images():
+    trace = small_zipf_trace(reuse=0.5)
+    full = pb.static_popularity(trace, trace.pool_bytes * 10)  # room for every image, one-offs too
+    hit_keys = set(np.flatnonzero(np.bincount(trace.keys) > 1).tolist())
+    assert all(key < 300 for key in hit_keys)
+    assert full.hits == len(trace.keys) - len(np.unique(trace.keys))  # every repeat hits, nothing else
+
+
+def test_cost_lfu_closes_more_of_the_gap_with_one_off_images():
+    """One-off uploads pollute LRU and leave a count-based policy almost untouched."""
+    gaps = {}
+    for reuse in (1.0, 0.5):
+        trace = small_zipf_trace(reuse=reuse, num_requests=20_000)
+        capacity = int(trace.pool_bytes * 0.1)
+        lru, lfu = pb.simulate("lru", trace, capacity), pb.simulate("cost-lfu", trace, capacity)
+        gaps[reuse] = pb.gap_closed(lfu, lru, pb.belady(trace, capacity))
+    assert gaps[0.5] > gaps[1.0] and gaps[0.5] > 0.5
+
+
 def test_qwen2vl_tokens_follow_smart_resize():
     width, height = np.array([1024, 640, 4032, 200]), np.array([768, 480, 3024, 100])
     # 37x27 and 23x17 28-pixel cells; a 12 MP photo scaled under 4096 cells; a thumbnail scaled up
@@ -215,6 +248,9 @@ def test_make_trace_rejects_bad_parameters():
         pb.make_trace(num_requests=10, pool=0)
     with pytest.raises(ValueError, match="zipf_s"):
         pb.make_trace(num_requests=10, pool=10, zipf_s=-1.0)
+    for reuse in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="reuse"):
+            pb.make_trace(num_requests=10, pool=10, reuse=reuse)
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -230,6 +266,7 @@ def test_cli_prints_tables_and_verdict_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith("machine: ") and "3,000 requests over a pool of 300 images" in out
+    assert "reuse 0.5: " in out and "% of requests repeats" in out  # the issue's 50% by default
     assert f"{os.cpu_count()} cores" in out.splitlines()[0]
     assert out.count("hit ratio byte hit ratio gap closed") == 2
     for name in ("lru", "gdsf", "cost-lfu", "static-popularity", "belady", "belady-size"):
@@ -239,6 +276,7 @@ def test_cli_prints_tables_and_verdict_and_writes_json(tmp_path):
     assert out.count("-> PASS") + out.count("-> MISS") == 2
     report = json.loads(out_path.read_text())
     assert [c["capacity_fraction"] for c in report["capacities"]] == [0.05, 0.2]
+    assert report["trace"]["reuse"] == 0.5 and 0.3 < report["trace"]["repeat_share"] < 0.5
     rows = report["capacities"][0]["results"]
     assert [r["policy"] for r in rows] == ["lru", "gdsf", "cost-lfu", "static-popularity", "belady", "belady-size"]
     assert rows[0]["hit_ratio"] == pytest.approx(rows[0]["hits"] / 3000)
