@@ -20,6 +20,14 @@ with the rate, so that drift in the machine's speed is spread over them.
 
 Writes ``requests.parquet`` (one row per request), ``summary.json``, ``ttft_cdf.png``,
 ``throughput_vs_rate.png`` and ``slo_vs_rate.png`` into ``--out``, and prints the table.
+
+    python benchmarks/epd.py --combine DIR [DIR ...] [--out results/DIR]
+
+runs nothing: it pools the requests of earlier results folders (the same systems and rates, e.g.
+other seeds: independent replications) and prints and plots the table over all of them. A
+32-request median on a shared machine moves by tens of percent from run to run; the pooled one
+is steadier. Throughput is completed requests over the runs' summed spans, the hit ratio is
+weighted by image references, and the SLOs are the first folder's.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ import argparse
 import asyncio
 import json
 import shlex
-import socket
 import sys
 import tempfile
 import time
@@ -198,7 +205,7 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
                workdir: Path, extra_flags: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "startup_s"})."""
     flags = [*SYSTEMS[system], "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
-             "--port", str(_free_port()), "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
+             "--port", "0", "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
     if system == "epd":
         flags += epd_shape_flags(profile)
     if system == "aggregated-lru":
@@ -234,23 +241,22 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
     return rows, {"memory_mib": memory, "startup_s": round(startup_s, 1)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # -- summarising -----------------------------------------------------------------------------
 
 
 def summarise(rows: list[dict], ttft_slo: float, tpot_slo: float) -> dict:
+    """One (system, rate)'s metrics over ``rows``, which may pool several runs (``run`` column)."""
     ok = [r for r in rows if r["error"] is None]
     ttft = [r["ttft_s"] for r in ok]
     tpot = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
-    if ok:
-        span = max(r["sent_s"] + r["e2e_s"] for r in ok) - min(r["sent_s"] for r in rows)
-    else:
-        span = float("nan")
+    runs: dict[int, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r.get("run", 0), []).append(r)
+    spans = [max(r["sent_s"] + r["e2e_s"] for r in g if r["error"] is None) - min(r["sent_s"] for r in g)
+             for g in runs.values() if any(r["error"] is None for r in g)]
+    span = sum(spans) if spans else float("nan")
+    refs = [sum(r["images"] for r in g) for g in runs.values()]
+    hit_ratio = (sum(g[0]["hit_ratio"] * n for g, n in zip(runs.values(), refs)) / sum(refs)) if sum(refs) else 0.0
     met = sum(r["ttft_s"] <= ttft_slo and (r["tpot_s"] is None or r["tpot_s"] <= tpot_slo) for r in ok)
     return {
         "requests": len(rows), "errors": len(rows) - len(ok),
@@ -259,7 +265,7 @@ def summarise(rows: list[dict], ttft_slo: float, tpot_slo: float) -> dict:
         "throughput_rps": len(ok) / span if ok else 0.0,
         "tokens_per_s": sum(r["completion_tokens"] for r in ok) / span if ok else 0.0,
         "slo_attainment": met / len(rows) if rows else 0.0,
-        "hit_ratio": rows[0]["hit_ratio"] if rows else 0.0,
+        "hit_ratio": hit_ratio,
     }
 
 
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models-dir", default="./mmcache-data", help="where the built-in models are generated")
     p.add_argument("--out", help="results folder (default results/epd-PROFILE-TIMESTAMP)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--combine", nargs="+", metavar="DIR", help="run nothing: pool these results folders' requests")
     p.add_argument("--epd-flags", default="", help="more `mmcache up` flags for the EPD stack, e.g. --epd-flags='--nice decode=5' "
                                                      "(with '=': the value starts with --)")
     args = p.parse_args(argv)
@@ -354,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         epd_extra = tuple(shlex.split(args.epd_flags))
     except ValueError as e:
         p.error(f"--epd-flags {args.epd_flags!r}: {e}")
+    if args.combine:
+        return combine([Path(d) for d in args.combine], args.out)
     profile = PROFILES[args.profile]
     if profile.nice_epd and _gpu_count() > 0:
         # NOTE: the CPU sizing above is for stages that share the cores; on a GPU node the
@@ -414,6 +423,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {system}: " + ", ".join(f"{k} {v:g}" for k, v in extras[system]["memory_mib"].items()))
     _write(out, rows, summary, extras, vars(args) | {"dtype": dtype, "model_dir": model_dir,
                                                       "profile_settings": asdict(profile), "machine": describe(torch=True)})
+    written = plot(rows, summary, systems, out, ttft_slo)
+    print(f"\nwrote {out}/requests.parquet, summary.json, {', '.join(written)}")
+    return 0
+
+
+def combine(dirs: list[Path], out_dir: str | None) -> int:
+    """Pool the requests of earlier results folders into one table and one set of plots."""
+    import pyarrow.parquet as pq
+
+    rows, settings = [], []
+    for run, d in enumerate(dirs):
+        try:
+            got = pq.read_table(d / "requests.parquet").to_pylist()
+            settings.append(json.loads((d / "summary.json").read_text())["settings"])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--combine {d}: not a results folder of this benchmark ({e})") from None
+        rows += [{**r, "run": run} for r in got]
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    rates = sorted({r["rate"] for r in rows})
+    first = settings[0]
+    ttft_slo = first.get("ttft_slo") or first["profile_settings"]["ttft_slo_s"]
+    tpot_slo = first.get("tpot_slo") or first["profile_settings"]["tpot_slo_s"]
+    print(f"combined: {len(dirs)} runs, {len(rows)} requests; SLO: TTFT <= {ttft_slo:g} s and TPOT <= {tpot_slo:g} s")
+    for d, s in zip(dirs, settings):
+        print(f"  {d}: seed {s.get('seed')}, {s.get('machine')}")
+    summary = {str(rate): {s: summarise([r for r in rows if r["system"] == s and r["rate"] == rate],
+                                        ttft_slo, tpot_slo) for s in systems} for rate in rates}
+    for rate, by_system in summary.items():
+        for s, m in by_system.items():
+            print(f"  {s:15s} rate {rate}/s: {m['requests'] - m['errors']}/{m['requests']} ok")
+    print_table(summary, systems)
+    out = Path(out_dir or f"results/epd-combined-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out, rows, summary, {}, {"combined": [str(d) for d in dirs], "runs": settings})
     written = plot(rows, summary, systems, out, ttft_slo)
     print(f"\nwrote {out}/requests.parquet, summary.json, {', '.join(written)}")
     return 0

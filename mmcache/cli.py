@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face LLaVA directory")
     u.add_argument("--data-dir", default="./mmcache-data", help="models, the cache's disk tier, its socket")
     u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=8000, help="the router's port (the OpenAI API)")
+    u.add_argument("--port", type=int, default=8000, help="the router's port (the OpenAI API); 0: a free one, "
+                   "printed in the ready line")
     u.add_argument("--encoders", type=int, default=2, help="encoder workers (a request's images are split over them)")
     u.add_argument("--prefill", type=int, default=1, help="prefill workers")
     u.add_argument("--decode", type=int, default=1, help="decode workers (with --aggregated: both workers)")

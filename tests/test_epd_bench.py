@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +48,38 @@ def test_tiny_profile_end_to_end(tmp_path):
     assert any(name.startswith("encoder_worker") for name in memory) and all(v > 0 for v in memory.values())
     for png in ("ttft_cdf.png", "throughput_vs_rate.png", "slo_vs_rate.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH = ROOT / "benchmarks" / "epd.py"
+
+
+def test_combine_pools_earlier_runs(tmp_path):
+    """``--combine`` over the two checked-in realistic runs (seeds 0 and 1): the pooled medians are
+    those of all 64 requests per (system, rate), the throughput sums the runs' spans."""
+    dirs = [RESULTS / "epd-realistic-2core-cpu", RESULTS / "epd-realistic-2core-cpu-seed1"]
+    proc = subprocess.run([sys.executable, str(BENCH), "--combine", *map(str, dirs), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "combined: 2 runs, 384 requests" in proc.stdout and "| median TTFT s |" in proc.stdout
+    runs = [pq.read_table(d / "requests.parquet").to_pylist() for d in dirs]
+    summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    for rate in ("0.08", "0.12"):
+        for system in ("epd", "aggregated", "aggregated-lru"):
+            mine = [[r for r in run if r["system"] == system and str(r["rate"]) == rate] for run in runs]
+            got = summary[rate][system]
+            assert got["requests"] == 64
+            assert got["ttft_median_s"] == pytest.approx(float(np.median([r["ttft_s"] for m in mine for r in m])))
+            spans = [max(r["sent_s"] + r["e2e_s"] for r in m) - min(r["sent_s"] for r in m) for m in mine]
+            assert got["throughput_rps"] == pytest.approx(64 / sum(spans))
+            refs = [sum(r["images"] for r in m) for m in mine]
+            assert got["hit_ratio"] == pytest.approx(sum(m[0]["hit_ratio"] * n for m, n in zip(mine, refs)) / sum(refs))
+    assert len(pq.read_table(tmp_path / "requests.parquet")) == 384
+    for name in ("ttft_cdf.png", "throughput_vs_rate.png", "slo_vs_rate.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_combine_rejects_a_folder_that_is_not_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH), "--combine", str(tmp_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "not a results folder" in proc.stderr

@@ -17,7 +17,6 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from sidecar import free_port
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from encoder_worker.models import ensure_model
@@ -37,7 +36,9 @@ def model_dir(tmp_path_factory) -> str:
 
 def _up(model_dir: str, *flags: str) -> StackProcess:
     data_dir = tempfile.mkdtemp(prefix="mmc-up-", dir="/tmp")  # NOTE: short, for the sidecar's AF_UNIX socket
-    return StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", str(free_port()),
+    # NOTE: port 0: the router binds a free port and reports it in its ready line; a port picked
+    # here beforehand can be taken by one of the stack's own connections before the router binds it.
+    return StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", "0",
                      "--host-capacity", "256MiB", "--log-level", "warning", *flags,
                      env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
 
@@ -80,6 +81,12 @@ def chat(up: StackProcess, uris: list[str], **kwargs):
 
 def token_ids(completion) -> list[int]:
     return completion.choices[0].to_dict()["token_ids"]
+
+
+def test_port_0_binds_a_free_port_and_reports_it(epd, aggregated):
+    ports = {int(up.url.rsplit(":", 1)[1]) for up in (epd, aggregated)}
+    assert len(ports) == 2 and 0 not in ports
+    assert any(line.startswith(f"mmcache up: {epd.url}/v1 ") for line in epd.output)
 
 
 def test_models(epd, aggregated):
