@@ -432,19 +432,22 @@ def combine(dirs: list[Path], out_dir: str | None) -> int:
     """Pool the requests of earlier results folders into one table and one set of plots."""
     import pyarrow.parquet as pq
 
-    rows, settings = [], []
+    rows, settings, slos = [], [], []
     for run, d in enumerate(dirs):
         try:
             got = pq.read_table(d / "requests.parquet").to_pylist()
             settings.append(json.loads((d / "summary.json").read_text())["settings"])
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"--combine {d}: not a results folder of this benchmark ({e})") from None
+            if "combined" in settings[-1]:
+                raise SystemExit(f"--combine {d}: already a combination; pass the folders it pools instead")
+            profile = settings[-1]["profile_settings"]
+            slos.append((settings[-1].get("ttft_slo") or profile["ttft_slo_s"],
+                         settings[-1].get("tpot_slo") or profile["tpot_slo_s"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--combine {d}: not a results folder of this benchmark ({e!r})") from None
         rows += [{**r, "run": run} for r in got]
     systems = list(dict.fromkeys(r["system"] for r in rows))
     rates = sorted({r["rate"] for r in rows})
-    first = settings[0]
-    ttft_slo = first.get("ttft_slo") or first["profile_settings"]["ttft_slo_s"]
-    tpot_slo = first.get("tpot_slo") or first["profile_settings"]["tpot_slo_s"]
+    ttft_slo, tpot_slo = slos[0]
     print(f"combined: {len(dirs)} runs, {len(rows)} requests; SLO: TTFT <= {ttft_slo:g} s and TPOT <= {tpot_slo:g} s")
     for d, s in zip(dirs, settings):
         print(f"  {d}: seed {s.get('seed')}, {s.get('machine')}")

@@ -83,3 +83,7 @@ def test_combine_rejects_a_folder_that_is_not_results(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), "--combine", str(tmp_path), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not a results folder" in proc.stderr
+    combined = RESULTS / "epd-realistic-2core-cpu-combined"
+    proc = subprocess.run([sys.executable, str(BENCH), "--combine", str(combined), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "already a combination" in proc.stderr
