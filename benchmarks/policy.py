@@ -402,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
-    trace = make_trace(args.requests, args.pool, args.zipf, args.seed, args.hidden, args.reuse)
+    try:
+        trace = make_trace(args.requests, args.pool, args.zipf, args.seed, args.hidden, args.reuse)
+    except ValueError as e:
+        ap.error(str(e))
     print(f"machine: {describe()}")
     print(describe_trace(trace))
     print("gap closed = (policy - lru) / (belady - lru) in byte hit ratio. belady: MIN, evicts the furthest\n"

@@ -289,3 +289,8 @@ def test_cli_rejects_bad_capacities():
     proc = subprocess.run([sys.executable, str(BENCH_PATH), "--capacities", "0,2"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "fractions" in proc.stderr
+
+
+def test_cli_rejects_bad_reuse():
+    proc = subprocess.run([sys.executable, str(BENCH_PATH), "--reuse", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "reuse" in proc.stderr and "Traceback" not in proc.stderr
