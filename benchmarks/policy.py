@@ -92,12 +92,12 @@ class Trace:
     zipf_s: float
     seed: int
     hidden: int
-    pool: int = -1  # images 0..pool-1 form the Zipf pool, the rest are one-off; -1: every image
+    pool: int | None = None  # images 0..pool-1 form the Zipf pool, the rest are one-off; None: all
     reuse: float = 1.0  # share of requests drawn from the pool
 
     @property
     def pool_size(self) -> int:
-        return len(self.size_bytes) if self.pool < 0 else self.pool
+        return len(self.size_bytes) if self.pool is None else self.pool
 
     @property
     def pool_bytes(self) -> int:
@@ -105,9 +105,14 @@ class Trace:
         return int(self.size_bytes[: self.pool_size].sum())
 
     @property
+    def distinct(self) -> int:
+        """Images requested at least once."""
+        return len(np.unique(self.keys))
+
+    @property
     def repeat_share(self) -> float:
         """Share of requests for an image requested before."""
-        return 1.0 - len(np.unique(self.keys)) / len(self.keys) if len(self.keys) else 0.0
+        return 1.0 - self.distinct / len(self.keys) if len(self.keys) else 0.0
 
 
 @dataclass(frozen=True)
@@ -354,11 +359,11 @@ def describe_trace(trace: Trace) -> str:
     tokens = trace.num_tokens
     llava = int((tokens == LLAVA_TOKENS).sum())
     p5, p50, p95 = np.percentile(tokens, [5, 50, 95])
-    one_off = len(tokens) - trace.pool_size
+    one_off, distinct = len(tokens) - trace.pool_size, trace.distinct
     return (
         f"trace: {len(trace.keys):,} requests over a pool of {trace.pool_size:,} images, Zipf s={trace.zipf_s}, "
         f"seed {trace.seed}; reuse {trace.reuse:g}: {one_off:,} requests for one-off images; "
-        f"{len(np.unique(trace.keys)):,} distinct requested, {trace.repeat_share:.1%} of requests repeats\n"
+        f"{distinct:,} distinct requested, {1 - distinct / len(trace.keys):.1%} of requests repeats\n"
         f"  tokens per image: {llava:,} LLaVA-1.5 at {LLAVA_TOKENS}, the rest Qwen2-VL "
         f"{QWEN_MIN_TOKENS}..{QWEN_MAX_TOKENS}; all: min {tokens.min()}, p5 {p5:.0f}, median {p50:.0f}, "
         f"p95 {p95:.0f}, max {tokens.max()}, mean {tokens.mean():.0f}\n"
