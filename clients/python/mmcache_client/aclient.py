@@ -15,7 +15,7 @@ from mmcache_client.arena import SharedArena
 from mmcache_client.client import _key, _keys, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
 from mmcache_client.entry import AsyncEntry
-from mmcache_client.errors import BadRequest, CacheUnavailable, CorruptEntry, EntryTooLarge, raise_for_kind
+from mmcache_client.errors import BadRequest, CacheFull, CacheUnavailable, CorruptEntry, EntryTooLarge, raise_for_kind
 from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
 from mmcache_client.local import MAX_LINE_BYTES
 
@@ -152,16 +152,17 @@ class AsyncCacheClient:
                 return resp.status, dict(resp.headers), await resp.read()
         status, hdrs, data = await self._retry(once)
         if status not in ok and status != 404:
-            raise_for_status(status, data)
+            raise_for_status(status, data, hdrs)
         return status, hdrs, data
 
     async def put(self, namespace: str, hash_hex: str, tensor: Any, metadata: Mapping[str, str] | None = None, *,
-                  extras: Mapping[str, Any] | None = None, encode_ms: float = 0.0, durable: bool = False) -> bool:
+                  extras: Mapping[str, Any] | None = None, encode_ms: float = 0.0, durable: bool = False,
+                  persist: bool = True) -> bool:
         key = _key(namespace, hash_hex)
         plan = plan_put(key, tensor, metadata, extras, encode_ms)
-        return await self._put_plan(key, plan, durable)
+        return await self._put_plan(key, plan, durable, persist)
 
-    async def put_blob(self, namespace: str, hash_hex: str, blob, *, durable: bool = False) -> bool:
+    async def put_blob(self, namespace: str, hash_hex: str, blob, *, durable: bool = False, persist: bool = True) -> bool:
         """Store a safetensors entry as is (e.g. a file from ``mmcache get``); missing metadata is
         filled in, contradicting metadata raises ``BadRequest``."""
         key = _key(namespace, hash_hex)
@@ -169,20 +170,25 @@ class AsyncCacheClient:
             plan = relayout(blob, key.namespace, key.hash)
         except EntryFormatError as e:
             raise BadRequest(f"{key}: {e}") from e
-        return await self._put_plan(key, plan, durable)
+        return await self._put_plan(key, plan, durable, persist)
 
-    async def _put_plan(self, key: Key, plan: EntryPlan, durable: bool) -> bool:
+    async def _put_plan(self, key: Key, plan: EntryPlan, durable: bool, persist: bool = True) -> bool:
+        if durable and not persist:
+            raise ValueError("durable=True needs persist=True: a host-only entry never reaches disk")
         if self.scheme != "unix":
-            q = "?durable=1" if durable else ""
+            q = "?durable=1" if durable else ("?persist=0" if not persist else "")
             status, _, _ = await self._request("PUT", f"/v1/entries/{key}{q}", plan.to_bytes(),
                                                {"Content-Type": "application/vnd.safetensors"}, ok=(200, 201))
             return status == 201
         ans = await self._call("reserve", key=str(key), nbytes=plan.total_bytes,
-                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)))
+                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)), persist=persist)
         if ans["status"] == "exists":
             return False
+        if ans["status"] == "too_large":
+            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes exceed the sidecar's arena of {ans.get('capacity_bytes')} bytes")
         if ans["status"] == "no_space":
-            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes do not fit the sidecar's arena now")
+            raise CacheFull(f"{key}: no room for {plan.total_bytes} bytes now (everything else is leased or being written)",
+                            float(ans.get("retry_after_s", 1.0)))
         try:
             plan.write_into(self._local.writable_arena().view(ans["offset"], plan.total_bytes))
         except BaseException:

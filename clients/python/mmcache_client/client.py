@@ -16,7 +16,7 @@ import urllib.parse
 from typing import Any, Callable, Mapping, TypeVar
 
 from mmcache_client.entry import Entry
-from mmcache_client.errors import (AuthError, BadRequest, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
+from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
                                    MMCacheError, ServerError)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
 from mmcache_client.keys import Key
@@ -43,8 +43,12 @@ def parse_url(url: str) -> tuple[str, str]:
     raise ValueError(f"url={url!r} must be unix:///path/to.sock or http(s)://host:port")
 
 
-def raise_for_status(status: int, body: bytes) -> None:
-    """Map an HTTP error status to the SDK's named exceptions."""
+def raise_for_status(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+    """Map an HTTP error status to the SDK's named exceptions (503: ``CacheFull``)."""
+    try:
+        retry_after_s = float((headers or {}).get("Retry-After", 1))
+    except ValueError:
+        retry_after_s = 1.0
     try:
         message = json.loads(body).get("error", "")
     except (ValueError, AttributeError):
@@ -53,6 +57,8 @@ def raise_for_status(status: int, body: bytes) -> None:
         raise AuthError(message or "unauthorized")
     if status == 413:
         raise EntryTooLarge(message)
+    if status == 503:
+        raise CacheFull(message or "the sidecar has no room now", retry_after_s)
     if 400 <= status < 500:
         raise BadRequest(f"HTTP {status}: {message}")
     raise ServerError(f"HTTP {status}: {message}")
@@ -141,21 +147,22 @@ class CacheClient:
         status, hdrs, data = with_retries(lambda: self._http.request(method, path, body, headers),
                                           self.retries, self.backoff_s, self.url)
         if status not in ok and status != 404:
-            raise_for_status(status, data)
+            raise_for_status(status, data, hdrs)
         return status, hdrs, data
 
     # ------------------------------------------------------------ API
     def put(self, namespace: str, hash_hex: str, tensor: Any, metadata: Mapping[str, str] | None = None, *,
-            extras: Mapping[str, Any] | None = None, encode_ms: float = 0.0, durable: bool = False) -> bool:
+            extras: Mapping[str, Any] | None = None, encode_ms: float = 0.0, durable: bool = False,
+            persist: bool = True) -> bool:
         """Store ``tensor`` ([num_tokens, hidden], torch or numpy) as ``namespace/hash``.
 
         Returns True if created, False if the key existed (the first put is kept).
         """
         key = _key(namespace, hash_hex)
         plan = plan_put(key, tensor, metadata, extras, encode_ms)
-        return self._put_plan(key, plan, durable)
+        return self._put_plan(key, plan, durable, persist)
 
-    def put_blob(self, namespace: str, hash_hex: str, blob, *, durable: bool = False) -> bool:
+    def put_blob(self, namespace: str, hash_hex: str, blob, *, durable: bool = False, persist: bool = True) -> bool:
         """Store a safetensors entry as is (e.g. a file from ``mmcache get``); missing metadata is
         filled in, contradicting metadata raises ``BadRequest``."""
         key = _key(namespace, hash_hex)
@@ -163,20 +170,25 @@ class CacheClient:
             plan = relayout(blob, key.namespace, key.hash)
         except EntryFormatError as e:
             raise BadRequest(f"{key}: {e}") from e
-        return self._put_plan(key, plan, durable)
+        return self._put_plan(key, plan, durable, persist)
 
-    def _put_plan(self, key: Key, plan: EntryPlan, durable: bool) -> bool:
+    def _put_plan(self, key: Key, plan: EntryPlan, durable: bool, persist: bool = True) -> bool:
+        if durable and not persist:
+            raise ValueError("durable=True needs persist=True: a host-only entry never reaches disk")
         if self.scheme != "unix":
-            q = "?durable=1" if durable else ""
+            q = "?durable=1" if durable else ("?persist=0" if not persist else "")
             status, _, _ = self._request("PUT", f"/v1/entries/{key}{q}", plan.to_bytes(),
                                          {"Content-Type": "application/vnd.safetensors"}, ok=(200, 201))
             return status == 201
         ans = self._call("reserve", key=str(key), nbytes=plan.total_bytes,
-                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)))
+                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)), persist=persist)
         if ans["status"] == "exists":
             return False
+        if ans["status"] == "too_large":
+            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes exceed the sidecar's arena of {ans.get('capacity_bytes')} bytes")
         if ans["status"] == "no_space":
-            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes do not fit the sidecar's arena now")
+            raise CacheFull(f"{key}: no room for {plan.total_bytes} bytes now (everything else is leased or being written)",
+                            float(ans.get("retry_after_s", 1.0)))
         try:
             plan.write_into(self._local.writable_arena().view(ans["offset"], plan.total_bytes))
         except BaseException:

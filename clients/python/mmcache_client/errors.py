@@ -27,6 +27,22 @@ class EntryTooLarge(BadRequest):
     """The entry exceeds the sidecar's ``--max-entry-size`` (HTTP 413) or its arena."""
 
 
+class CacheFull(MMCacheError):
+    """No room now: every byte the entry would need is leased or being written (HTTP 503).
+
+    Not the caller's fault and not permanent: retry after ``retry_after_s`` seconds. Entries over
+    the size limit raise ``EntryTooLarge`` instead.
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LeaseLost(CacheUnavailable):
+    """An entry's lease ended with its connection (the sidecar went away): its views are void."""
+
+
 class CorruptEntry(MMCacheError):
     """An entry failed validation (format or checksum) on its way to the caller."""
 
@@ -39,6 +55,7 @@ _KIND_TO_ERROR = {
     "ChecksumMismatch": CorruptEntry,
     "InternalError": ServerError,
     "EntryTooLarge": EntryTooLarge,
+    "CacheFull": CacheFull,
 }
 
 
