@@ -86,6 +86,8 @@ class Lease:
     location: Location
     tier: str
     """Where the entry was found: ``host``, or ``disk`` when this read promoted it."""
+    view: memoryview | None = None
+    """The entry's bytes in place, valid until ``TieredStore.release(lease)``."""
 
 
 def _lock_data_dir(data_dir: str) -> int:
@@ -244,11 +246,11 @@ class TieredStore:
         key = _key_str(key)
         loc = self.host.lease(key, owner)
         if loc is not None:
-            return Lease(key, owner, loc, "host")
+            return Lease(key, owner, loc, "host", self.host.view(loc))
         with self._promote_lock:
             loc = self.host.lease(key, owner, count=False)  # promoted by a racing reader?
             if loc is not None:
-                return Lease(key, owner, loc, "host")
+                return Lease(key, owner, loc, "host", self.host.view(loc))
             with self.disk.view(key) as entry:
                 if entry is None:
                     return None
@@ -262,7 +264,7 @@ class TieredStore:
                 self.host.buffer(res)[:] = data
                 self.host.seal(res)
             loc = self.host.lease(key, owner, count=False)
-            return Lease(key, owner, loc, "disk")
+            return Lease(key, owner, loc, "disk", self.host.view(loc))
 
     def release(self, lease: Lease) -> None:
         self.host.release(lease.key, lease.owner)
