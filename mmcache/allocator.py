@@ -95,6 +95,34 @@ class ArenaAllocator:
         self._used_bytes += size
         return start
 
+    def allocate_at(self, offset: int, nbytes: int) -> bool:
+        """Claim exactly ``[offset, offset + nbytes)`` (rounded up) if it lies in one free block;
+        False (changing nothing) otherwise. Address-aware eviction uses it to take the window it
+        freed."""
+        size = self._round_up(nbytes)
+        if offset % self.alignment:
+            return False
+        starts = self._free_starts()
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0:
+            return False
+        start = starts[i]
+        block_size = self._free_by_start[start]
+        if offset + size > start + block_size:
+            return False
+        self._remove_free(start)
+        if offset > start:
+            self._add_free(start, offset - start)
+        if start + block_size > offset + size:
+            self._add_free(offset + size, start + block_size - offset - size)
+        self._allocated[offset] = size
+        self._used_bytes += size
+        return True
+
+    def _free_starts(self) -> list[int]:
+        # NOTE: only on the eviction path (a failed allocate); O(n log n) is fine there.
+        return sorted(self._free_by_start)
+
     def free(self, offset: int) -> int:
         """Give back the block at ``offset``; returns its (rounded) size.
 

@@ -22,7 +22,9 @@ from typing import Any, Iterator
 import lmdb
 
 from mmcache.keys import Key
+from mmcache.leases import LeaseTable, Owner
 from mmcache.policies import POLICIES, make_policy
+from mmcache.tier import PutStatus, Tier, TierLease
 from mmcache_client.format import BadHeader, EntryFormatError, EntryView, parse_entry, read_entry
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def _is_valid(key: str, buf: bytes | None) -> bool:
         return False
 
 
-class DiskTier:
+class DiskTier(Tier):
     """LMDB-backed tier; thread-safe; one per process (open it after fork, never share it).
 
     Lifecycle: ``DiskTier(config)`` opens the environment, clears stale reader slots, rebuilds
@@ -109,7 +111,13 @@ class DiskTier:
     enqueue and get a ``Future``. The index holds committed entries only: a queued put is not
     yet ``contains()``-ed nor viewable. Invariant: ``stats()["bytes"] <= capacity_bytes`` after
     each commit (the scan at open may find more; the next commit trims).
+
+    A lease (``lease``) holds a read transaction and pins its key against eviction, so a reader
+    served from disk in place (the host tier had no room) never sees its entry vanish. A delete
+    hides the key at once and commits behind, like a put.
     """
+
+    name = "disk"
 
     def __init__(self, config: DiskTierConfig):
         self.config = config
@@ -119,7 +127,10 @@ class DiskTier:
         self._policy = make_policy(config.policy)
         self._index: dict[str, int] = {}  # key -> nbytes, committed entries only
         self._bytes = 0
-        self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0)
+        self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0)
+        self.leases = LeaseTable()
+        self._pending_puts: dict[str, int] = {}
+        """Keys with a queued put (not yet committed), so a delete knows they exist."""
         self._closed = False
         self._broken: BaseException | None = None
         self._env = lmdb.open(config.path, map_size=config.resolved_map_size_bytes, subdir=True,
@@ -170,6 +181,7 @@ class DiskTier:
                 return op.future
             if op.kind == "put":
                 self._counts["pending_writes"] += 1
+                self._pending_puts[op.key] = self._pending_puts.get(op.key, 0) + 1
             self._queue.put(op)
         return op.future
 
@@ -180,9 +192,9 @@ class DiskTier:
             raise RuntimeError("DiskTier used across fork; open a new one in this process")
 
     def put(self, key: str, blob: Any, cost_ms: float = 0.0) -> Future:
-        """Enqueue a write; the Future resolves True once committed (durable), False if the key
-        was already on disk (first put wins), or with an exception (ValueError: larger than the
-        capacity). ``blob`` is not copied: keep it valid and unchanged until the Future is done.
+        """Enqueue a write; the Future resolves ``PutStatus.CREATED`` once committed (durable),
+        ``EXISTS`` if the key was already on disk (first put wins), ``NO_SPACE`` when every entry
+        it would evict is leased, ``TOO_LARGE`` (at once) when it exceeds the capacity. ``blob`` is not copied: keep it valid and unchanged until the Future is done.
         Cancelling the Future succeeds only while the write is still queued. A malformed key or
         cost raises ValueError here.
         """
@@ -193,8 +205,9 @@ class DiskTier:
         mv = memoryview(blob).cast("B")
         op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes)
         if op.nbytes > self.config.capacity_bytes:
-            op.future.set_exception(ValueError(
-                f"entry {key} of {op.nbytes} bytes exceeds capacity_bytes={self.config.capacity_bytes}"))
+            with self._lock:
+                self._counts["too_large"] += 1
+            op.future.set_result(PutStatus.TOO_LARGE)
             return op.future
         return self._submit(op)
 
@@ -204,29 +217,90 @@ class DiskTier:
             return key in self._index
 
     @contextmanager
-    def view(self, key: str) -> Iterator[EntryView | None]:
+    def view(self, key: str, *, count: bool = True) -> Iterator[EntryView | None]:
         """Yield a checksum-verified zero-copy ``EntryView``, or None on a miss.
 
         The view (and every array/tensor made from it) is valid only inside the with-block:
         it points into the LMDB map through a read transaction that the block holds open.
+        ``count=False``: the cache's own read (promotion), not a client's: no hit or miss.
         """
         self._check_usable()
-        entry = error = None
         with self._env.begin(buffers=True) as txn:
-            buf = txn.get(key.encode("utf-8")) if self.contains(key) else None
-            try:
-                entry = None if buf is None else _check(key, buf, verify=True)
-            except EntryFormatError as e:
-                error = e
-            with self._lock:
+            yield self._read(txn, key, count)
+
+    def _read(self, txn: lmdb.Transaction, key: str, count: bool) -> EntryView | None:
+        entry = error = None
+        buf = txn.get(key.encode("utf-8")) if self.contains(key) else None
+        try:
+            entry = None if buf is None else _check(key, buf, verify=True)
+        except EntryFormatError as e:
+            error = e
+        with self._lock:
+            if count:
                 self._counts["hits" if entry is not None else "misses"] += 1
-                self._counts["corrupt"] += error is not None
                 if entry is not None:
                     self._policy.on_access(key)
-            if error is not None:
-                logger.warning("corrupt disk entry %s, deleting it: %s", key, error)
-                self._submit(_Op("corrupt", Future(), key))
-            yield entry
+            self._counts["corrupt"] += error is not None
+        if error is not None:
+            logger.warning("corrupt disk entry %s, deleting it: %s", key, error)
+            self.hide(key)
+            self._submit(_Op("corrupt", Future(), key))
+        return entry
+
+    def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
+        """A verified entry in place under a read transaction, pinned against eviction until
+        ``release``; None on a miss (a corrupt record is a miss, and deleted)."""
+        self._check_usable()
+        if not self.contains(key):
+            if count:
+                with self._lock:
+                    self._counts["misses"] += 1
+            return None
+        txn = self._env.begin(buffers=True)
+        try:
+            with self._lock:  # NOTE: pinned before the read, so eviction cannot race the check
+                self.leases.acquire(key, owner)
+            entry = self._read(txn, key, count)
+        except BaseException:
+            self._unpin(key, owner)
+            txn.abort()
+            raise
+        if entry is None:
+            self._unpin(key, owner)
+            txn.abort()
+            return None
+        return TierLease(self.name, key, owner, entry.nbytes, memoryview(entry.buffer).cast("B"), handle=(txn, entry))
+
+    def _unpin(self, key: str, owner: Owner) -> None:
+        with self._lock:
+            self.leases.release(key, owner)
+
+    def release(self, lease: TierLease) -> bool:
+        txn, _ = lease.handle
+        txn.abort()  # NOTE: py-lmdb opens with MDB_NOTLS: a read txn may end on any thread
+        with self._lock:
+            return self.leases.release(lease.key, lease.owner)
+
+    def release_owner(self, owner: Owner) -> int:
+        """Unpin an owner's keys; its read transactions end with the ``release`` of each lease."""
+        with self._lock:
+            return sum(self.leases.release_owner(owner).values())
+
+    def touch(self, key: str) -> None:
+        """A client hit ``key`` in a tier above: the disk policy counts it, so LRU on disk does
+        not evict exactly the hottest entries (the ones always served from host)."""
+        with self._lock:
+            self._policy.on_access(key)
+
+    def hide(self, key: str) -> bool:
+        """Drop ``key`` from the index now (invisible to readers); the record goes at the next
+        commit. True if it was committed or queued."""
+        with self._lock:
+            nbytes = self._index.pop(key, None)
+            if nbytes is not None:
+                self._bytes -= nbytes
+                self._policy.on_remove(key, evicted=False)
+            return nbytes is not None or self._pending_puts.pop(key, None) is not None
 
     def get_bytes(self, key: str) -> bytes | None:
         """A verified copy of the entry's blob, or None."""
@@ -234,8 +308,12 @@ class DiskTier:
             return None if entry is None else bytes(entry.buffer)
 
     def delete(self, key: str) -> bool:
-        """Remove ``key`` (after anything queued before); True if it was there."""
-        return self._submit(_Op("delete", Future(), key)).result()
+        """Remove ``key`` without waiting for the writer: invisible at once, the record goes in
+        the next commit (after anything queued before). True if it was there or queued."""
+        self._check_usable()
+        existed = self.hide(key)
+        self._submit(_Op("delete", Future(), key))
+        return existed
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until everything enqueued so far is committed (or failed); TimeoutError."""
@@ -250,8 +328,8 @@ class DiskTier:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return dict(entries=len(self._index), bytes=self._bytes,
-                        capacity_bytes=self.config.capacity_bytes, **self._counts)
+            return dict(entries=len(self._index), bytes=self._bytes, capacity_bytes=self.config.capacity_bytes,
+                        leases=self.leases.total, **self._counts)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, close LMDB. Idempotent."""
@@ -282,6 +360,8 @@ class DiskTier:
                     ops = self._commit(ops)
                 except Exception as e:
                     logger.error("disk tier batch of %s ops failed: %r", len(ops), e, exc_info=True)
+                    with self._lock:
+                        self._counts["write_errors"] += sum(op.kind == "put" for op in ops)
                     self._resolve([(op, e) for op in ops])
                     ops = []
                 if stopping and not ops:
@@ -325,7 +405,7 @@ class DiskTier:
         except lmdb.MapFullError:
             need = max(2 * sum(op.nbytes for op in ops), self.config.capacity_bytes // 8)
             with self._lock:
-                victims = self._policy.choose_victims(need)
+                victims = self._policy.choose_victims(need, lambda k: not self.leases.is_leased(k))
             logger.warning("LMDB map full at %s bytes; evicting %s entries and retrying",
                            self.config.resolved_map_size_bytes, len(victims))
             with self._env.begin(write=True) as txn:
@@ -353,15 +433,19 @@ class DiskTier:
             used = self._bytes
             for i, op in enumerate(ops):
                 if op.kind == "put" and present(op.key):
-                    results.append((op, False))
+                    results.append((op, PutStatus.EXISTS))
                     continue
                 if op.kind in ("put", "flush"):
                     need = used + op.nbytes - capacity
-                    victims = self._policy.choose_victims(need, lambda k: k not in removed)
+                    victims = self._policy.choose_victims(
+                        need, lambda k: k not in removed and not self.leases.is_leased(k))
                     freed = sum(self._index[k] for k in victims)
-                    if freed < need:  # only this batch's own puts could make room
+                    if freed < need and added:  # this batch's own puts, once committed, can make room
                         deferred = ops[i:]
                         break
+                    if freed < need and op.kind == "put":  # the rest is leased: no room now
+                        results.append((op, PutStatus.NO_SPACE))
+                        continue
                     for k in victims:
                         removed[k] = True
                         actions.append(("del", k, None))
@@ -370,7 +454,7 @@ class DiskTier:
                     added[op.key] = op
                     used += op.nbytes
                     actions.append(("put", op.key, op.blob))
-                    results.append((op, True))
+                    results.append((op, PutStatus.CREATED))
                 elif op.kind == "delete":
                     existed = present(op.key)
                     if op.key in added:
@@ -406,7 +490,10 @@ class DiskTier:
     def _apply(self, removed: dict[str, bool], added: dict[str, _Op]) -> None:
         with self._lock:
             for key, evicted in removed.items():
-                self._bytes -= self._index.pop(key)
+                nbytes = self._index.pop(key, None)  # NOTE: None: hidden by a delete meanwhile
+                if nbytes is None:
+                    continue
+                self._bytes -= nbytes
                 self._policy.on_remove(key, evicted=evicted)
                 self._counts["evictions"] += evicted
             for key, op in added.items():
@@ -416,7 +503,15 @@ class DiskTier:
 
     def _resolve(self, results: list[tuple[_Op, Any]]) -> None:
         with self._lock:
-            self._counts["pending_writes"] -= sum(op.kind == "put" for op, _ in results)
+            for op, _ in results:
+                if op.kind != "put":
+                    continue
+                self._counts["pending_writes"] -= 1
+                left = self._pending_puts.get(op.key, 0) - 1
+                if left > 0:
+                    self._pending_puts[op.key] = left
+                else:
+                    self._pending_puts.pop(op.key, None)
         for op, result in results:
             if op.future.done():
                 continue

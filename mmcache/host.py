@@ -1,25 +1,36 @@
 """The host tier: accounting (index, allocator, leases, policy) over one shared-memory arena.
 
 Lifecycle of an entry: ``reserve`` (space allocated, invisible) → the writer fills the bytes in
-place → ``seal`` (visible, evictable) → ``lease``/``release`` by readers → evicted or deleted.
+place → ``seal`` (visible) → ``lease``/``release`` by readers → evicted or deleted.
 
-Invariants:
-- Only sealed entries are visible to ``lease``/``contains``.
+Invariants (docs/architecture.md, "Host tier"):
+- Only sealed entries are visible to ``lease``/``contains``; a seal that fails leaves nothing.
 - An entry with a live lease is never evicted and its bytes are never reused; a ``delete`` of a
   leased entry hides it at once and frees its space when the last lease goes.
+- Eviction makes *contiguous* room: it frees the one address window (free blocks plus evictable
+  entries) that fits the request and whose worst victim the policy ranks best, and evicts
+  nothing outside it. When no window exists (everything leased) the answer is ``NO_SPACE``
+  and nothing is evicted.
+- An entry that must persist is not evicted before its lower tier holds it (``clean``); the
+  store writes it back first (``on_dirty``), outside this tier's lock.
 - Every reservation and lease belongs to an owner (a connection); ``release_owner`` drops all of
-  them, so a client that dies leaks nothing (Plasma's rule).
+  them. A reservation whose writer may still be writing (its connection closed while the process
+  lives) is quarantined: its space is not reused until ``free_quarantine``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from mmcache.allocator import ArenaAllocator
+from mmcache.leases import LeaseTable
 from mmcache.policies import make_policy
+from mmcache.tier import PutStatus, Tier, TierLease, done
 from mmcache_client.arena import SharedArena
 
 logger = logging.getLogger(__name__)
@@ -37,15 +48,16 @@ class HostEntry:
     nbytes: int
     """Exact entry length (the allocation may be rounded up)."""
     cost_ms: float
+    persist: bool = True
+    """False: host-only (e.g. a KV hand-off), dropped on eviction, never written below."""
+    clean: bool = False
+    """Evictable without write-back whatever the tiers below hold: host-only, no tier below, or
+    its write-down failed (counted by the store; it must not pin host space for good)."""
     sealed: bool = False
     doomed: bool = False
     """Deleted while leased: invisible, freed at the last release."""
-    lease_counts: dict[Owner, int] = field(default_factory=dict)
     writer: Owner | None = None
-
-    @property
-    def leases(self) -> int:
-        return sum(self.lease_counts.values())
+    writing_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,71 +76,94 @@ class Reservation:
     owner: Owner
 
 
-EvictHook = Callable[[str, memoryview, float], None]
-"""Called with (key, bytes in place, cost_ms) just before an entry's space is freed by eviction."""
+_QUARANTINED = object()
+"""Marks an allocated block held by a quarantined reservation in the eviction scan."""
+
+DirtyHook = Callable[[str], None]
+"""Called (outside the lock) with a key the tier wants to evict but a lower tier lacks."""
+EvictHook = Callable[[str, int], None]
+"""Called with (key, nbytes) after an entry was evicted (for counters and events)."""
 
 
-class HostTier:
+class HostTier(Tier):
     """Entries in a shared arena, addressed by key strings ``ns/hash``. Thread-safe."""
 
-    def __init__(
-        self,
-        arena_path: str,
-        capacity_bytes: int,
-        *,
-        policy: str = "lru",
-        alignment: int = 256,
-        on_evict: EvictHook | None = None,
-    ):
+    name = "host"
+
+    def __init__(self, arena_path: str, capacity_bytes: int, *, policy: str = "lru", alignment: int = 256,
+                 on_dirty: DirtyHook | None = None, persisted: Callable[[str], bool] | None = None,
+                 on_evict: EvictHook | None = None):
         self.allocator = ArenaAllocator(capacity_bytes, alignment)
         self.arena = SharedArena(arena_path, capacity_bytes, create=True)
         self.policy = make_policy(policy)
-        self.on_evict = on_evict
+        self.on_dirty, self.on_evict = on_dirty, on_evict
+        self._persisted = persisted or (lambda key: True)
+        self.leases = LeaseTable()
         self._key_to_entry: dict[str, HostEntry] = {}
-        self._owner_to_keys: dict[Owner, set[str]] = {}
-        """Keys each owner leases or reserves, so dropping an owner costs O(its keys)."""
-        self.live_leases = 0
+        self._offset_to_key: dict[int, str | None] = {}
+        """Every allocated block: its key, or None for a quarantined reservation."""
+        self._writer_keys: dict[Owner, set[str]] = {}
+        self._quarantine: dict[Hashable, list[int]] = {}
         self._lock = threading.RLock()
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = self.evicted_bytes = 0
+        self.no_space = 0
 
     # ------------------------------------------------------------ writing
-    def reserve(self, key: str, nbytes: int, owner: Owner, cost_ms: float = 0.0) -> Reservation | None:
-        """Allocate ``nbytes`` for ``key``, evicting unleased entries if needed.
+    def reserve(self, key: str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *,
+                persist: bool = True) -> Reservation | PutStatus:
+        """Allocate ``nbytes`` for ``key``, evicting only what makes contiguous room.
 
-        Returns None when the space cannot be found (everything else leased, or larger than the
-        arena). Raises ``EntryExists`` when the key is sealed or reserved already.
+        Answers ``PutStatus.TOO_LARGE`` (never fits) or ``NO_SPACE`` (no room now); raises
+        ``EntryExists`` when the key is sealed or reserved already.
         """
         if nbytes <= 0:
             raise ValueError(f"{nbytes=} must be > 0")
+        dirty: list[str] = []
         with self._lock:
             if key in self._key_to_entry:
                 raise EntryExists(key)
-            offset = self._allocate(nbytes)
-            if offset is None:
-                return None
-            self._key_to_entry[key] = HostEntry(offset, nbytes, cost_ms, writer=owner)
-            self._owner_to_keys.setdefault(owner, set()).add(key)
+            offset = self._allocate(nbytes, dirty)
+            if isinstance(offset, int):
+                # NOTE: with no tier below (no on_dirty hook) there is nothing to write back to.
+                clean = not persist or self.on_dirty is None
+                self._key_to_entry[key] = HostEntry(offset, nbytes, cost_ms, persist, clean=clean, writer=owner)
+                self._offset_to_key[offset] = key
+                self._writer_keys.setdefault(owner, set()).add(key)
+        self._write_back(dirty)
+        if isinstance(offset, int):
             return Reservation(key, offset, nbytes, owner)
+        if offset is None:
+            self.no_space += 1
+            return PutStatus.NO_SPACE
+        return offset
 
     def buffer(self, reservation: Reservation) -> memoryview:
         """The reserved bytes, writable, for the writer to fill in place."""
         return self.arena.view(reservation.offset, reservation.nbytes)
 
-    def seal(self, reservation: Reservation) -> None:
-        """Make a filled reservation visible."""
+    def seal(self, reservation: Reservation, cost_ms: float | None = None) -> None:
+        """Make a filled reservation visible. A cost the policy refuses (NaN, negative) raises
+        ValueError and frees the reservation: no error path leaves a sealed entry behind."""
         with self._lock:
             entry = self._reserved(reservation)
+            if cost_ms is not None:
+                entry.cost_ms = cost_ms
+            try:
+                self.policy.on_insert(reservation.key, entry.nbytes, entry.cost_ms)
+            except ValueError:
+                self._drop_reservation(reservation, entry)
+                raise
             entry.sealed, entry.writer = True, None
-            self._forget(reservation.owner, reservation.key, entry)
-            self.policy.on_insert(reservation.key, entry.nbytes, entry.cost_ms)
+            self._forget_writer(reservation.owner, reservation.key)
 
     def abort(self, reservation: Reservation) -> None:
         """Drop a reservation that will not be sealed; its space is free again."""
         with self._lock:
-            entry = self._reserved(reservation)
-            entry.writer = None
-            self._forget(reservation.owner, reservation.key, entry)
-            self._free(reservation.key)
+            self._drop_reservation(reservation, self._reserved(reservation))
+
+    def _drop_reservation(self, reservation: Reservation, entry: HostEntry) -> None:
+        self._forget_writer(reservation.owner, reservation.key)
+        self._free(reservation.key)
 
     def _reserved(self, reservation: Reservation) -> HostEntry:
         entry = self._key_to_entry.get(reservation.key)
@@ -136,107 +171,199 @@ class HostTier:
             raise ValueError(f"no open reservation for {reservation.key!r} at offset {reservation.offset}")
         return entry
 
-    def _allocate(self, nbytes: int) -> int | None:
-        offset = self.allocator.allocate(nbytes)
-        while offset is None:
-            victims = self.policy.choose_victims(nbytes, self._evictable)
-            reclaimable = self.allocator.free_bytes + sum(self._key_to_entry[k].nbytes for k in victims)
-            if not victims or reclaimable < nbytes:
-                # NOTE: never evict for a request that cannot fit anyway (larger than the arena,
-                # or everything else leased): that would empty the tier for nothing.
-                return None
-            for key in victims:
-                self._evict(key)
-            offset = self.allocator.allocate(nbytes)
-        return offset
+    def _forget_writer(self, owner: Owner, key: str) -> None:
+        keys = self._writer_keys.get(owner)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._writer_keys[owner]
 
-    def _evictable(self, key: str) -> bool:
+    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0, *, persist: bool = True) -> Future:
+        """Copy ``blob`` in as a sealed entry (promotion from a lower tier; tests)."""
+        data = memoryview(blob).cast("B")
+        try:
+            res = self.reserve(key, data.nbytes, ("put", threading.get_ident()), cost_ms, persist=persist)
+        except EntryExists:
+            return done(PutStatus.EXISTS)
+        if isinstance(res, PutStatus):
+            return done(res)
+        try:
+            self.buffer(res)[:] = data
+        except BaseException:
+            self.abort(res)
+            raise
+        self.seal(res)
+        return done(PutStatus.CREATED)
+
+    # ------------------------------------------------------------ eviction
+    def _allocate(self, nbytes: int, dirty: list[str]) -> int | PutStatus | None:
+        if nbytes > self.allocator.capacity_bytes:
+            return PutStatus.TOO_LARGE
+        offset = self.allocator.allocate(nbytes)
+        if offset is not None:
+            return offset
+        window = self._best_window(self.allocator._round_up(nbytes), dirty)
+        if window is None:
+            return None
+        start, victims = window
+        for key in victims:
+            self._evict(key)
+        if not self.allocator.allocate_at(start, nbytes):
+            raise AssertionError(f"evicted window at {start} does not hold {nbytes} bytes")
+        return start
+
+    def _best_window(self, size: int, dirty: list[str]) -> tuple[int, list[str]] | None:
+        """The address window of free blocks and evictable entries that holds ``size`` bytes
+        and whose worst victim the policy ranks best (fewest evicted bytes on a tie)."""
+        rank = {key: i for i, key in enumerate(self.policy.iter_victims())}
+        segments = [(start, length, None) for start, length in self.allocator.free_blocks()]
+        for offset, key in self._offset_to_key.items():
+            segments.append((offset, self.allocator.size_of(offset), _QUARANTINED if key is None else key))
+        segments.sort()
+        best: tuple[tuple[int, int], int, list[str]] | None = None
+        window: deque[tuple[int, int, str | None]] = deque()
+        ranks: deque[tuple[int, int]] = deque()  # (position, rank), ranks increasing: max at front
+        total = evicted = 0
+        for pos, (start, length, key) in enumerate(segments):
+            if window and window[-1][0] + window[-1][1] != start:
+                raise AssertionError("arena segments do not tile")
+            r = self._victim_rank(key, rank, dirty)
+            if r is None:  # a pinned block ends every window through it
+                window.clear()
+                ranks.clear()
+                total = evicted = 0
+                continue
+            window.append((start, length, key))
+            total += length
+            evicted += length if key is not None else 0
+            while ranks and ranks[-1][1] <= r:
+                ranks.pop()
+            ranks.append((pos, r))
+            while total - window[0][1] >= size:  # shrink from the left while it still fits
+                s0, l0, k0 = window.popleft()
+                total -= l0
+                evicted -= l0 if k0 is not None else 0
+                while ranks and ranks[0][0] < pos - len(window) + 1:
+                    ranks.popleft()
+            if total >= size:
+                cost = (ranks[0][1] if ranks else -1, evicted)
+                if best is None or cost < best[0]:
+                    best = (cost, window[0][0], [k for _, _, k in window if k is not None])
+        if dirty:
+            logger.debug("host tier: %d entries await write-back before they can be evicted", len(dirty))
+        return None if best is None else (best[1], best[2])
+
+    def _victim_rank(self, key: str | object | None, rank: dict[str, int], dirty: list[str]) -> int | None:
+        """-1 for free space, the policy rank of an evictable entry, None for a pinned block."""
+        if key is None:
+            return -1
+        if key is _QUARANTINED:
+            return None
         entry = self._key_to_entry.get(key)
-        return entry is not None and entry.sealed and not entry.lease_counts
+        if entry is None or not entry.sealed or entry.doomed or self.leases.is_leased(key):
+            return None
+        if not entry.clean and not self._persisted(key):
+            if not entry.writing_back and len(dirty) < 64:
+                entry.writing_back = True
+                dirty.append(key)
+            return None
+        return rank.get(key)
+
+    def _write_back(self, keys: list[str]) -> None:
+        for key in keys:
+            if self.on_dirty is None:
+                self.mark_clean(key)
+            else:
+                self.on_dirty(key)
+
+    def written_down(self, key: str, ok: bool) -> None:
+        """The store's write-down of ``key`` ended; a failed one makes it evictable all the same."""
+        with self._lock:
+            entry = self._key_to_entry.get(key)
+            if entry is not None:
+                entry.writing_back = False
+                entry.clean |= not ok
+
+    def mark_clean(self, key: str) -> None:
+        """Evictable without write-back from now on."""
+        self.written_down(key, ok=False)
 
     def _evict(self, key: str) -> None:
         entry = self._key_to_entry[key]
-        if self.on_evict is not None:
-            # NOTE: write-back runs under the lock so the bytes cannot be reused while copied.
-            self.on_evict(key, self.arena.view(entry.offset, entry.nbytes), entry.cost_ms)
         self.evictions += 1
+        self.evicted_bytes += entry.nbytes
         self.policy.on_remove(key, evicted=True)
         self._free(key)
+        if self.on_evict is not None:
+            self.on_evict(key, entry.nbytes)
 
     def _free(self, key: str) -> None:
         entry = self._key_to_entry.pop(key)
+        del self._offset_to_key[entry.offset]
         self.allocator.free(entry.offset)
 
     # ------------------------------------------------------------ reading
-    def lease(self, key: str, owner: Owner, *, count: bool = True) -> Location | None:
-        """Pin a sealed entry for ``owner`` and say where it lies; None on a miss.
-
-        ``count=False`` pins without touching hit/miss counters or recency (internal pins).
-        """
+    def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
+        """Pin a sealed entry for ``owner``; None on a miss. ``count=False``: the cache's own
+        read (no hit/miss, no recency)."""
         with self._lock:
             entry = self._key_to_entry.get(key)
             if entry is None or not entry.sealed or entry.doomed:
                 self.misses += count
                 return None
-            entry.lease_counts[owner] = entry.lease_counts.get(owner, 0) + 1
-            self._owner_to_keys.setdefault(owner, set()).add(key)
-            self.live_leases += 1
+            self.leases.acquire(key, owner)
             if count:
                 self.hits += 1
                 self.policy.on_access(key)
-            return Location(entry.offset, entry.nbytes)
+            offset, nbytes = entry.offset, entry.nbytes
+        return TierLease(self.name, key, owner, nbytes, self.arena.view(offset, nbytes), offset)
 
-    def release(self, key: str, owner: Owner) -> bool:
+    def release(self, lease: TierLease) -> bool:
+        return self.release_key(lease.key, lease.owner)
+
+    def release_key(self, key: str, owner: Owner) -> bool:
         """Drop one lease of ``owner`` on ``key``; False if it held none."""
         with self._lock:
-            entry = self._key_to_entry.get(key)
-            count = entry.lease_counts.get(owner, 0) if entry else 0
-            if count == 0:
+            if not self.leases.release(key, owner):
                 return False
-            self.live_leases -= 1
-            if count == 1:
-                del entry.lease_counts[owner]
-                self._forget(owner, key, entry)
-            else:
-                entry.lease_counts[owner] = count - 1
-            if entry.doomed and not entry.lease_counts:
+            entry = self._key_to_entry.get(key)
+            if entry is not None and entry.doomed and not self.leases.is_leased(key):
                 self._free(key)
             return True
 
-    def release_owner(self, owner: Owner) -> int:
-        """Drop every lease and open reservation of ``owner`` (it disconnected or died)."""
-        dropped = 0
+    def release_owner(self, owner: Owner, *, quarantine: Hashable | None = None) -> int:
+        """Drop every lease and open reservation of ``owner``. With ``quarantine`` (a token),
+        its open reservations keep their space until ``free_quarantine(token)``: their writer
+        may still be writing."""
         with self._lock:
-            for key in self._owner_to_keys.pop(owner, ()):
+            dropped = self.leases.release_owner(owner)
+            for key in dropped:
                 entry = self._key_to_entry.get(key)
-                if entry is None:
-                    continue
-                if not entry.sealed and entry.writer == owner:
+                if entry is not None and entry.doomed and not self.leases.is_leased(key):
                     self._free(key)
-                    dropped += 1
-                    continue
-                count = entry.lease_counts.pop(owner, 0)
-                dropped += count
-                self.live_leases -= count
-                if count and entry.doomed and not entry.lease_counts:
-                    self._free(key)
-        return dropped
+            reservations = self._writer_keys.pop(owner, set())
+            for key in reservations:
+                entry = self._key_to_entry.pop(key)
+                if quarantine is None:
+                    del self._offset_to_key[entry.offset]
+                    self.allocator.free(entry.offset)
+                else:
+                    self._offset_to_key[entry.offset] = None
+                    self._quarantine.setdefault(quarantine, []).append(entry.offset)
+            return sum(dropped.values()) + len(reservations)
 
-    def _forget(self, owner: Owner, key: str, entry: HostEntry) -> None:
-        """``owner`` holds nothing more on ``key``: drop it from the owner index."""
-        if owner in entry.lease_counts or entry.writer == owner:
-            return
-        keys = self._owner_to_keys.get(owner)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._owner_to_keys[owner]
+    def free_quarantine(self, token: Hashable) -> int:
+        """The writer behind ``token`` is gone: reuse its quarantined space; returns bytes freed."""
+        with self._lock:
+            freed = 0
+            for offset in self._quarantine.pop(token, ()):
+                del self._offset_to_key[offset]
+                freed += self.allocator.free(offset)
+            return freed
 
     def leases_of(self, owner: Owner) -> int:
-        """How many leases ``owner`` holds."""
         with self._lock:
-            return sum(self._key_to_entry[k].lease_counts.get(owner, 0)
-                       for k in self._owner_to_keys.get(owner, ()) if k in self._key_to_entry)
+            return self.leases.leases_of(owner)
 
     def view(self, location: Location) -> memoryview:
         return self.arena.view(location.offset, location.nbytes)
@@ -246,6 +373,11 @@ class HostTier:
         with self._lock:
             entry = self._key_to_entry.get(key)
             return entry is not None and entry.sealed and not entry.doomed
+
+    def persists(self, key: str) -> bool:
+        with self._lock:
+            entry = self._key_to_entry.get(key)
+            return entry is not None and entry.persist
 
     def cost_ms(self, key: str) -> float:
         with self._lock:
@@ -258,7 +390,7 @@ class HostTier:
             if entry is None or not entry.sealed or entry.doomed:
                 return False
             self.policy.on_remove(key, evicted=False)
-            if entry.lease_counts:
+            if self.leases.is_leased(key):
                 entry.doomed = True
             else:
                 self._free(key)
@@ -275,8 +407,12 @@ class HostTier:
                 "hits": self.hits,
                 "misses": self.misses,
                 "evictions": self.evictions,
-                "leases": self.live_leases,
+                "evicted_bytes": self.evicted_bytes,
+                "no_space": self.no_space,
+                "leases": self.leases.total,
                 "reservations": sum(1 for e in self._key_to_entry.values() if not e.sealed),
+                "quarantined_bytes": sum(self.allocator.size_of(o) for offsets in self._quarantine.values()
+                                         for o in offsets),
                 "fragmentation": round(self.allocator.fragmentation, 4),
             }
 

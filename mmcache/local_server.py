@@ -3,16 +3,22 @@
 Framing: one JSON object per line. A request is ``{"id": N, "op": NAME, ...}``; the answer is
 ``{"id": N, ...}`` or ``{"id": N, "error": MESSAGE, "kind": NAME}``. Ops:
 
-- ``hello`` → ``arena_path``, ``arena_bytes``, ``format``
+- ``hello`` → ``arena_path``, ``arena_bytes``, ``lmdb_path``, ``format``, ``pid``
 - ``lookup {keys}`` → ``tiers`` (key → tier or null)
-- ``lease {keys}`` → ``leases``: per key ``[offset, nbytes, tier]`` or null; each is a lease
+- ``lease {keys}`` → ``leases``: per key ``[offset, nbytes, tier]`` or null; each is a lease.
+  ``offset`` -1: host had no room, the entry is read in place from LMDB (``lmdb_path``) by key,
+  pinned on disk until released.
 - ``release {keys}`` → ``released`` (count)
-- ``reserve {key, nbytes, encode_ms}`` → ``offset`` (``status`` ``exists`` / ``no_space`` instead)
+- ``reserve {key, nbytes, encode_ms, persist}`` → ``offset`` (``status`` ``exists`` /
+  ``no_space`` (+ ``retry_after_s``) / ``too_large`` (+ ``capacity_bytes``) instead)
 - ``seal {key, durable}`` → ``created``, ``tier``; ``abort {key}``
 - ``delete {key}`` → ``deleted``; ``stats`` → the store's stats
 
 Leases and reservations belong to the connection: when it closes (or the client dies) every one
-of them is dropped, so nothing leaks and nothing stays pinned.
+of them is dropped, so nothing leaks and nothing stays pinned. A reservation open when its
+connection closes while the client process still lives is quarantined until that process exits
+(a pidfd says when): its writer may still be filling it, and the space must not be given to the
+next writer under its pen. Checksums, promotion copies and disk waits run off the event loop.
 """
 
 from __future__ import annotations
@@ -22,10 +28,15 @@ import itertools
 import json
 import logging
 import os
+import select
+import socket
+import struct
 from typing import Any
 
 from mmcache.host import EntryExists, Reservation
-from mmcache.store import TieredStore
+from mmcache.store import RETRY_AFTER_S, Lease, TieredStore
+from mmcache.tier import PutStatus
+from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import FORMAT_VERSION, EntryFormatError
 from mmcache_client.keys import Key
 
@@ -50,40 +61,52 @@ def _key(msg: dict) -> str:
     return Key.from_string(msg.get("key")).to_string()
 
 
+def _peer_pidfd(sock: socket.socket | None) -> int | None:
+    """A pidfd of the process at the other end (SO_PEERCRED), or None where Linux has none."""
+    if sock is None or not hasattr(os, "pidfd_open") or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return os.pidfd_open(pid) if pid > 0 else None
+    except OSError:
+        return None
+
+
+def _exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
 class _Connection:
-    """One client's session: its reservations live here, its leases in the host tier."""
+    """One client's session: its reservations and leases (the store pins them per owner)."""
 
     _ids = itertools.count()
 
-    def __init__(self, store: TieredStore):
+    def __init__(self, store: TieredStore, pidfd: int | None):
         self.store = store
         self.owner = ("local", next(self._ids))
+        self.pidfd = pidfd
         self.reservations: dict[str, Reservation] = {}
+        self.leases: dict[str, list[Lease]] = {}
 
     async def handle(self, msg: dict) -> dict:
         op = msg.get("op")
         store = self.store
         if op == "hello":
             return {"arena_path": store.arena_path, "arena_bytes": store.host.arena.capacity_bytes,
-                    "format": FORMAT_VERSION, "pid": os.getpid()}
+                    "lmdb_path": store.disk.config.path, "format": FORMAT_VERSION, "pid": os.getpid()}
         if op == "lookup":
             return {"tiers": store.lookup(_keys(msg))}
         if op == "lease":
-            out = []
-            for key in _keys(msg):
-                lease = store.lease(key, self.owner) if store.host.contains(key) else \
-                    await asyncio.to_thread(store.lease, key, self.owner)  # promotion copies
-                out.append(None if lease is None else [lease.location.offset, lease.location.nbytes, lease.tier])
-            return {"leases": out}
+            return {"leases": [await self._lease(key) for key in _keys(msg)]}
         if op == "release":
-            return {"released": sum(store.host.release(k, self.owner) for k in _keys(msg))}
+            return {"released": sum(self._release(k) for k in _keys(msg))}
         if op == "reserve":
             return await self._reserve(msg)
         if op == "seal":
             res = self.reservations.pop(_key(msg), None)
             if res is None:
                 raise ProtocolError(f"no open reservation for {msg.get('key')!r} on this connection")
-            result = store.seal(res)
+            result = await asyncio.to_thread(store.seal, res)  # NOTE: a checksum pass over the entry
             if msg.get("durable") and result.durable is not None:
                 await asyncio.wrap_future(result.durable)
             return {"created": result.created, "tier": result.tier}
@@ -93,41 +116,98 @@ class _Connection:
                 store.abort(res)
             return {"aborted": res is not None}
         if op == "delete":
-            return {"deleted": store.delete(_key(msg))}
+            return {"deleted": await asyncio.to_thread(store.delete, _key(msg))}
         if op == "stats":
             return {"stats": store.stats()}
         raise ProtocolError(f"unknown op {op!r}")
 
+    async def _lease(self, key: str) -> list | None:
+        store = self.store
+        # NOTE: a host hit is a dict lookup; anything else may verify and copy: off the loop.
+        lease = store.lease(key, self.owner) if store.host.contains(key) else \
+            await asyncio.to_thread(store.lease, key, self.owner)
+        if lease is None:
+            return None
+        self.leases.setdefault(key, []).append(lease)
+        return [lease.offset, lease.nbytes, lease.tier]
+
+    def _release(self, key: str) -> bool:
+        leases = self.leases.get(key)
+        if not leases:
+            return False
+        lease = leases.pop()
+        if not leases:
+            del self.leases[key]
+        self.store.release(lease)
+        return True
+
     async def _reserve(self, msg: dict) -> dict:
         key, nbytes, encode_ms = _key(msg), msg.get("nbytes"), msg.get("encode_ms", 0.0)
+        persist = msg.get("persist", True)
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
             raise ProtocolError(f"nbytes={nbytes!r} must be a positive int")
-        if not isinstance(encode_ms, (int, float)) or encode_ms < 0:
-            raise ProtocolError(f"encode_ms={encode_ms!r} must be a number >= 0")
+        if isinstance(encode_ms, bool) or not isinstance(encode_ms, (int, float)) or not 0 <= encode_ms < float("inf"):
+            raise ProtocolError(f"encode_ms={encode_ms!r} must be a finite number >= 0")
+        if not isinstance(persist, bool):
+            raise ProtocolError(f"persist={persist!r} must be true or false")
         if key in self.reservations:
             raise ProtocolError(f"{key} is already reserved on this connection")
         try:
-            res = self.store.reserve(key, nbytes, self.owner, float(encode_ms), wait_for_disk=False)
-            if res is None:  # the slow path waits for disk commits: off the event loop
-                res = await asyncio.to_thread(self.store.reserve, key, nbytes, self.owner, float(encode_ms))
+            res = self.store.reserve(key, nbytes, self.owner, float(encode_ms), persist=persist, wait_for_disk=False)
+            if res is PutStatus.NO_SPACE:  # the slow path waits for disk commits: off the event loop
+                res = await asyncio.to_thread(self.store.reserve, key, nbytes, self.owner, float(encode_ms),
+                                              persist=persist)
         except EntryExists:
             return {"status": "exists"}
-        if res is None:
-            return {"status": "no_space"}
+        if res is PutStatus.NO_SPACE:
+            return {"status": "no_space", "retry_after_s": RETRY_AFTER_S}
+        if res is PutStatus.TOO_LARGE:
+            return {"status": "too_large", "capacity_bytes": self.store.host.allocator.capacity_bytes}
         self.reservations[key] = res
         return {"status": "reserved", "offset": res.offset}
 
     def close(self) -> None:
-        for res in self.reservations.values():
-            self.store.abort(res)
+        for leases in self.leases.values():
+            for lease in leases:
+                self.store.release(lease)
+        self.leases.clear()
+        quarantine = None
+        if self.reservations and self.pidfd is not None and not _exited(self.pidfd):
+            quarantine = self.owner  # the writer lives: its pen may still be on the page
         self.reservations.clear()
-        dropped = self.store.release_owner(self.owner)
+        dropped = self.store.release_owner(self.owner, quarantine=quarantine)
         if dropped:
             logger.info("connection %s closed holding %s leases/reservations; dropped", self.owner, dropped)
+        if quarantine is None:
+            self._close_pidfd()
+            return
+        logger.warning("connection %s closed mid-put while its process lives: its reservations stay "
+                       "quarantined until it exits", self.owner)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.pidfd, self._writer_exited, loop)
+
+    def _writer_exited(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.pidfd)
+        freed = self.store.host.free_quarantine(self.owner)
+        logger.info("connection %s: its process exited; %s quarantined bytes are free again", self.owner, freed)
+        self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _error_answer(e: BaseException) -> dict:
+    if isinstance(e, CacheFull):
+        return {"error": str(e), "kind": "CacheFull"}
+    if isinstance(e, EntryTooLarge):
+        return {"error": str(e), "kind": "EntryTooLarge"}
+    return {"error": str(e), "kind": type(e).__name__}
 
 
 async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    conn = _Connection(store)
+    conn = _Connection(store, _peer_pidfd(writer.get_extra_info("socket")))
     try:
         while True:
             try:
@@ -145,8 +225,8 @@ async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, wr
                     raise ProtocolError("a message must be a JSON object")
                 msg_id = msg.get("id")
                 answer = await conn.handle(msg)
-            except (ProtocolError, EntryFormatError, ValueError, json.JSONDecodeError) as e:
-                answer = {"error": str(e), "kind": type(e).__name__}
+            except (ProtocolError, EntryFormatError, ValueError, json.JSONDecodeError, CacheFull, EntryTooLarge) as e:
+                answer = _error_answer(e)
             except Exception as e:  # a bug in the sidecar: answer, log loudly, keep serving
                 logger.exception("local op failed: %.200s", line)
                 answer = {"error": f"internal error: {e}", "kind": "InternalError"}
@@ -161,14 +241,18 @@ async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, wr
 
 
 async def start_local_server(store: TieredStore, path: str) -> asyncio.AbstractServer:
-    """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600."""
+    """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600 from birth."""
     try:
         if os.path.lexists(path):
             os.unlink(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        server = await asyncio.start_unix_server(
-            lambda r, w: _serve_connection(store, r, w), path=path, limit=MAX_MESSAGE_BYTES
-        )
+        old_umask = os.umask(0o177)  # NOTE: bind creates the socket file: never world-accessible
+        try:
+            server = await asyncio.start_unix_server(
+                lambda r, w: _serve_connection(store, r, w), path=path, limit=MAX_MESSAGE_BYTES, backlog=1024
+            )
+        finally:
+            os.umask(old_umask)
         os.chmod(path, 0o600)
     except OSError as e:
         why = e.strerror or str(e)

@@ -1,10 +1,18 @@
-"""The tiered store: host (shared arena) over disk (LMDB), the cache the sidecar serves.
+"""The tiered store: a list of tiers, fastest first, behind one interface; the cache the sidecar serves.
 
-- ``get``/``lease`` search host → disk; a disk hit is verified and promoted into the host tier.
-- Puts land in the host tier (visible once sealed) and reach disk write-behind in batches; the
-  host entry stays leased by the disk writer until the batch commits, so it cannot be evicted
-  before it is persisted. ``durable=True`` waits for that commit.
-- Eviction from host writes the entry back to disk when disk lacks it.
+The store knows tiers only through ``mmcache.tier.Tier``; the one it treats specially is the
+*read tier* (host: the shared arena same-node readers map), where puts land and reads promote to.
+Every tier below it is a *lower* tier (disk today; a remote store plugs in the same way).
+
+- ``lease``: host → each lower tier in turn. A lower hit is verified (by the tier), promoted into
+  host and leased there; when host has no room it is served in place from the lower tier (an LMDB
+  view under a read transaction), never reported as a miss.
+- Puts land in host (visible once sealed) and are written through to the lower tiers behind, the
+  host entry pinned until they hold it (``clean``), so it is never evicted unpersisted. A put
+  that host cannot take lands in the lower tier and is acknowledged once readable there. An entry
+  with ``persist=False`` (a KV hand-off) stays in host only.
+- Eviction from host never copies under the host lock: an entry that is not clean is written
+  back first (``_write_back``, off the lock) and becomes evictable when the lower tier holds it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import secrets
 import threading
@@ -21,15 +30,20 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from mmcache.disk import DiskTier, DiskTierConfig
-from mmcache.host import EntryExists, HostTier, Location, Owner, Reservation
+from mmcache.host import EntryExists, HostTier, Owner, Reservation
+from mmcache.tier import PutStatus, Tier, TierLease
+from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
 from mmcache_client.keys import Key
 
 logger = logging.getLogger(__name__)
 
 _ARENA_RECORD = "arena.path"
-_DISK_WRITER = "mmcache.disk-writer"
-"""Owner of the leases that keep not-yet-persisted host entries in place."""
+_ARENA_PREFIX = "mmcache-"
+_WRITER = "mmcache.write-through"
+"""Owner of the host leases that keep entries in place until the lower tiers hold them."""
+RETRY_AFTER_S = 1
+"""What a put that found no room is told to wait (HTTP ``Retry-After``), in seconds."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +64,6 @@ class StoreConfig:
     """Eviction policy of the disk tier."""
     disk_flush_interval_ms: float = 2.0
     """Longest wait of the disk writer to gather a batch, in milliseconds."""
-    host_only_namespaces: tuple[str, ...] = ("kv.",)
-    """Namespace prefixes whose entries live in the host tier only: never written to disk,
-    dropped on eviction. The default covers the per-request KV hand-off entries of
-    ``llm_worker`` (deleted once decode has them; writing each to LMDB would only cost a copy)."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes"):
@@ -63,9 +73,15 @@ class StoreConfig:
     def resolved_arena_path(self) -> str:
         if self.arena_path:
             return self.arena_path
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else os.path.join(self.data_dir, "shm")
-        os.makedirs(shm, exist_ok=True)
-        return os.path.join(shm, f"mmcache-{os.getpid()}-{secrets.token_hex(4)}.arena")
+        return os.path.join(_arena_dir(self.data_dir), f"{_ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.arena")
+
+
+def _arena_dir(data_dir: str) -> str:
+    if os.path.isdir("/dev/shm"):
+        return "/dev/shm"
+    shm = os.path.join(data_dir, "shm")
+    os.makedirs(shm, mode=0o700, exist_ok=True)
+    return shm
 
 
 @dataclass(frozen=True)
@@ -74,20 +90,35 @@ class PutResult:
     """False when the key existed (the first put is kept)."""
     tier: str
     durable: concurrent.futures.Future | None = None
-    """Resolves once the entry is on disk (None when it already was)."""
+    """Resolves once the entry is on disk (None when it already was, or never will be)."""
 
 
 @dataclass(frozen=True)
 class Lease:
-    """A reader's pin on a host entry; give it back with ``TieredStore.release``."""
+    """A reader's pin on an entry; give it back with ``TieredStore.release``."""
 
     key: str
     owner: Owner
-    location: Location
     tier: str
-    """Where the entry was found: ``host``, or ``disk`` when this read promoted it."""
-    view: memoryview | None = None
+    """Where the entry was found: ``host``; ``disk`` when this read promoted it or (``served_from``
+    ``disk``) when host had no room and it is read in place from LMDB."""
+    view: memoryview
     """The entry's bytes in place, valid until ``TieredStore.release(lease)``."""
+    tier_lease: TierLease
+
+    @property
+    def served_from(self) -> str:
+        """The tier whose memory ``view`` points into."""
+        return self.tier_lease.tier
+
+    @property
+    def offset(self) -> int:
+        """Offset of the blob in the host arena, or -1 when it is served from a lower tier."""
+        return self.tier_lease.offset
+
+    @property
+    def nbytes(self) -> int:
+        return self.tier_lease.nbytes
 
 
 def _lock_data_dir(data_dir: str) -> int:
@@ -105,105 +136,155 @@ def _key_str(key: Key | str) -> str:
     return key if isinstance(key, str) else key.to_string()
 
 
+def _cost(metadata: Mapping[str, str]) -> float:
+    cost_ms = float(metadata.get("encode_ms", 0.0))
+    if not math.isfinite(cost_ms) or cost_ms < 0:
+        raise ValueError(f"encode_ms={metadata.get('encode_ms')!r} must be a finite number >= 0")
+    return cost_ms
+
+
 class TieredStore:
-    """Host and disk tiers behind one interface. Thread-safe; one per sidecar process."""
+    """Host over the lower tiers behind one interface. Thread-safe; one per sidecar process."""
 
     def __init__(self, config: StoreConfig):
         self.config = config
-        os.makedirs(config.data_dir, exist_ok=True)
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self._lock_fd = _lock_data_dir(config.data_dir)
-        self._remove_stale_arena()
-        self.disk = DiskTier(
-            DiskTierConfig(
-                path=os.path.join(config.data_dir, "lmdb"),
-                capacity_bytes=config.disk_capacity_bytes,
-                policy=config.disk_policy,
-                flush_interval_ms=config.disk_flush_interval_ms,
-            )
-        )
-        self.host = HostTier(
-            config.resolved_arena_path(),
-            config.host_capacity_bytes,
-            policy=config.host_policy,
-            on_evict=self._write_back,
-        )
+        try:
+            self._remove_stale_arena()
+            self.disk = DiskTier(DiskTierConfig(
+                path=os.path.join(config.data_dir, "lmdb"), capacity_bytes=config.disk_capacity_bytes,
+                policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms))
+            try:
+                self.host = HostTier(config.resolved_arena_path(), config.host_capacity_bytes,
+                                     policy=config.host_policy, on_dirty=self._write_back,
+                                     persisted=self._persisted)
+            except BaseException:
+                self.disk.close()
+                raise
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.lower: list[Tier] = [self.disk]
+        """Tiers below host, in the order reads search them."""
+        self.tiers: list[Tier] = [self.host, *self.lower]
         with open(os.path.join(self.config.data_dir, _ARENA_RECORD), "w") as f:
             f.write(self.host.arena.path)
-        self._promote_lock = threading.Lock()
-        self.write_backs = 0
+        self._counts_lock = threading.Lock()
+        self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)
+
+    def _persisted(self, key: str) -> bool:
+        return all(t.contains(key) for t in self.lower)
 
     def _remove_stale_arena(self) -> None:
-        """An arena recorded in the data dir whose sidecar died (kill -9) is ours to remove."""
+        """An arena recorded in the data dir whose sidecar died (kill -9) is ours to remove, if it
+        is one of ours: an ``mmcache-*.arena`` file under the arena directory, owned by this user."""
         record = os.path.join(self.config.data_dir, _ARENA_RECORD)
         try:
             with open(record) as f:
                 stale = f.read().strip()
         except FileNotFoundError:
             return
-        if stale and os.path.exists(stale):
-            logger.warning("removing the arena %s left by a sidecar that did not stop cleanly", stale)
-            os.unlink(stale)
+        if not stale or not os.path.lexists(stale):
+            return
+        expected_dirs = {os.path.realpath(_arena_dir(self.config.data_dir))}
+        if self.config.arena_path:
+            expected_dirs.add(os.path.realpath(os.path.dirname(os.path.abspath(self.config.arena_path))))
+        st = os.lstat(stale)
+        ours = (os.path.realpath(os.path.dirname(stale)) in expected_dirs and os.path.basename(stale).endswith(".arena")
+                and not os.path.islink(stale) and st.st_uid == os.getuid())
+        if not ours:
+            logger.warning("not removing %s recorded as a stale arena: not an arena file of this user", stale)
+            return
+        logger.warning("removing the arena %s left by a sidecar that did not stop cleanly", stale)
+        os.unlink(stale)
 
     @property
     def arena_path(self) -> str:
         return self.host.arena.path
 
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += n
+
     # ------------------------------------------------------------ writes
     def put(self, key: Key | str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
-            *, encode_ms: float = 0.0, durable: bool = False) -> PutResult:
+            *, encode_ms: float = 0.0, durable: bool = False, persist: bool = True) -> PutResult:
         """Store tensors (``embeddings`` required) under ``key``; the tensors are copied once."""
         k = Key.from_string(key) if isinstance(key, str) else key
         plan = plan_entry(k.namespace, k.hash, tensors, metadata, encode_ms=encode_ms)
-        return self.put_plan(k.to_string(), plan, durable=durable)
+        return self.put_plan(k.to_string(), plan, durable=durable, persist=persist)
 
-    def put_plan(self, key: str, plan: EntryPlan, *, durable: bool = False) -> PutResult:
-        """Write a laid-out entry into the host tier in place, then to disk (write-behind)."""
-        if self.contains(key):
-            return PutResult(False, self.tier_of(key) or "host")
-        cost_ms = float(plan.metadata.get("encode_ms", 0.0))
+    def put_plan(self, key: str, plan: EntryPlan, *, durable: bool = False, persist: bool = True) -> PutResult:
+        """Write a laid-out entry into host in place (or, with no room there, into disk), then
+        through to the lower tiers. Raises ``CacheFull`` (no room now), ``EntryTooLarge``."""
+        if durable and not persist:
+            raise ValueError("durable=1 needs persist: a host-only entry never reaches disk")
+        cost_ms = _cost(plan.metadata)
+        existing = self.tier_of(key)
+        if existing is not None:
+            return PutResult(False, existing)
         owner = ("put", threading.get_ident())
         try:
-            res = self._reserve_host(key, plan.total_bytes, owner, cost_ms)
+            res = self.reserve(key, plan.total_bytes, owner, cost_ms, persist=persist)
         except EntryExists:
-            return PutResult(False, "host")
-        if res is None:  # host full of leased entries, or entry larger than the arena
-            blob = plan.to_bytes()
-            fut = self.disk.put(key, blob, cost_ms)
-            if durable:
-                fut.result()
-            return PutResult(True, "disk", fut)
+            return PutResult(False, self.tier_of(key) or "host")
+        if isinstance(res, PutStatus):
+            return self._put_below(key, plan, cost_ms, persist, res)
         try:
             plan.write_into(self.host.buffer(res))
+            self.host.seal(res, cost_ms)
         except BaseException:
-            self.host.abort(res)
+            with contextlib.suppress(ValueError):  # seal frees a reservation it refuses itself
+                self.host.abort(res)
             raise
-        return self._seal_and_persist(res, cost_ms, durable)
+        return self._write_through(key, cost_ms, durable)
 
-    def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *,
-                wait_for_disk: bool = True) -> Reservation | None:
-        """Phase one of a client's in-place put. Raises ``EntryExists`` if the key is present.
+    def _check_persistable(self, key: str, nbytes: int, persist: bool) -> None:
+        if persist and nbytes > self.disk.config.capacity_bytes:
+            raise EntryTooLarge(f"entry {key} of {nbytes} bytes exceeds the disk tier's {self.disk.config.capacity_bytes} "
+                                f"bytes and could never be persisted; put it with persist=0 to keep it in host only")
 
-        None when the arena has no room; with ``wait_for_disk`` it first waits (milliseconds) for
-        pending disk writes, whose entries pin their space until committed.
-        """
+    def _put_below(self, key: str, plan: EntryPlan, cost_ms: float, persist: bool, why: PutStatus) -> PutResult:
+        """Host cannot take the entry: land it on disk and answer once it is readable there."""
+        if not persist:
+            if why is PutStatus.TOO_LARGE:
+                raise EntryTooLarge(f"host-only entry {key} of {plan.total_bytes} bytes exceeds the "
+                                    f"{self.host.allocator.capacity_bytes}-byte arena")
+            raise CacheFull(f"no room for {plan.total_bytes} bytes of host-only entry {key}: everything else "
+                            f"is leased or being written", RETRY_AFTER_S)
+        fut = self.disk.put(key, plan.to_bytes(), cost_ms)
+        status = fut.result()  # NOTE: a 201 means every reader sees it: wait for the commit
+        if status is PutStatus.EXISTS:
+            return PutResult(False, "disk")
+        if status is not PutStatus.CREATED:
+            raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host or disk now", RETRY_AFTER_S)
+        return PutResult(True, "disk", None)
+
+    def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *, persist: bool = True,
+                wait_for_disk: bool = True) -> Reservation | PutStatus:
+        """Phase one of an in-place put: a ``Reservation``, or ``PutStatus.NO_SPACE`` /
+        ``TOO_LARGE``. Raises ``EntryExists`` if a tier holds the key. With ``wait_for_disk`` a
+        full host first waits (milliseconds) for pending write-throughs, whose entries pin space."""
         key = _key_str(key)
-        if self.disk.contains(key):
+        self._check_persistable(key, nbytes, persist)
+        if any(t.contains(key) for t in self.lower):
             raise EntryExists(key)
-        return self._reserve_host(key, nbytes, owner, cost_ms, wait_for_disk)
-
-    def _reserve_host(self, key: str, nbytes: int, owner: Owner, cost_ms: float,
-                      wait_for_disk: bool = True) -> Reservation | None:
-        res = self.host.reserve(key, nbytes, owner, cost_ms)
-        if res is None and wait_for_disk and self.host.leases_of(_DISK_WRITER):
+        res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
+        if res is PutStatus.NO_SPACE and wait_for_disk and self._writes_pending():
             # NOTE: wait for the batch to commit rather than refuse a put under a burst of writes.
-            self.disk.flush()
-            res = self.host.reserve(key, nbytes, owner, cost_ms)
+            self.flush()
+            res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
         return res
+
+    def _writes_pending(self) -> bool:
+        return self.host.leases_of(_WRITER) > 0
 
     def seal(self, res: Reservation, *, durable: bool = False) -> PutResult:
         """Phase two: validate what the (untrusted) writer put in place, then make it visible.
 
-        A blob that fails validation is dropped (its space freed) and the error re-raised.
+        A blob that fails validation is dropped (its space freed) and the error re-raised: no
+        error path leaves a sealed entry. Runs a checksum pass: call it off the event loop.
         """
         try:
             view = self.host.buffer(res)
@@ -212,91 +293,135 @@ class TieredStore:
             k = Key.from_string(res.key)
             if (parsed.metadata["namespace"], parsed.metadata["hash"]) != (k.namespace, k.hash):
                 raise ValueError(f"entry metadata names {parsed.metadata['namespace']}/{parsed.metadata['hash']}, key is {res.key}")
-            cost_ms = float(parsed.metadata["encode_ms"])
+            cost_ms = _cost(parsed.metadata)
+            self.host.seal(res, cost_ms)
         except BaseException:
-            self.host.abort(res)
+            with contextlib.suppress(ValueError):
+                self.host.abort(res)
             raise
-        return self._seal_and_persist(res, cost_ms, durable)
+        return self._write_through(res.key, cost_ms, durable)
 
     def abort(self, res: Reservation) -> None:
         self.host.abort(res)
 
-    def _host_only(self, key: str) -> bool:
-        return key.startswith(self.config.host_only_namespaces)
-
-    def _seal_and_persist(self, res: Reservation, cost_ms: float, durable: bool) -> PutResult:
-        self.host.seal(res)
-        if self._host_only(res.key):
+    def _write_through(self, key: str, cost_ms: float, durable: bool) -> PutResult:
+        if not self.host.persists(key):
             return PutResult(True, "host", None)
-        loc = self.host.lease(res.key, _DISK_WRITER, count=False)
-        fut = self.disk.put(res.key, self.host.view(loc), cost_ms)
-        fut.add_done_callback(lambda _f, key=res.key: self.host.release(key, _DISK_WRITER))
-        if durable:
+        fut = self._copy_down(key, cost_ms)
+        if durable and fut is not None:
             fut.result()
         return PutResult(True, "host", fut)
 
-    def _write_back(self, key: str, data: memoryview, cost_ms: float) -> None:
-        if not self._host_only(key) and not self.disk.contains(key):
-            self.write_backs += 1
-            self.disk.put(key, bytes(data), cost_ms)  # the arena bytes are freed right after
+    def _copy_down(self, key: str, cost_ms: float | None = None) -> concurrent.futures.Future | None:
+        """Write host's ``key`` to the lower tiers from the arena in place (the disk writer copies
+        it into LMDB); the entry stays leased, so unevictable, until they hold it."""
+        lease = self.host.lease(key, _WRITER, count=False)
+        if lease is None:
+            return None
+        cost_ms = self.host.cost_ms(key) if cost_ms is None else cost_ms
+        futures = [t.put(key, lease.view, cost_ms) for t in self.lower]
+        all_done: concurrent.futures.Future = concurrent.futures.Future()
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        failures = []
+
+        def one_done(f: concurrent.futures.Future) -> None:
+            failed = f.exception() is not None or f.result() not in (PutStatus.CREATED, PutStatus.EXISTS)
+            if failed:
+                self._count("persist_errors")
+                logger.warning("writing %s below host failed: %s", key, f.exception() or f.result())
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+                failures.append(failed)
+            if last:
+                # NOTE: a failed write-down still makes the entry evictable (counted in
+                # persist_errors), or an entry that cannot be persisted would pin host space for good.
+                self.host.written_down(key, ok=not any(failures))
+                self.host.release(lease)
+                if not all_done.done():
+                    all_done.set_result(True)
+
+        for f in futures:
+            f.add_done_callback(one_done)
+        return all_done
+
+    def _write_back(self, key: str) -> None:
+        """Host wants to evict ``key`` but a lower tier lacks it (e.g. evicted there): copy it
+        down first. Called outside the host lock."""
+        if self._persisted(key):
+            self.host.written_down(key, ok=True)
+            return
+        self._count("write_backs")
+        if self._copy_down(key) is None:  # deleted meanwhile
+            self.host.written_down(key, ok=True)
 
     # ------------------------------------------------------------ reads
     def lease(self, key: Key | str, owner: Owner) -> Lease | None:
-        """Pin ``key`` in the host tier for ``owner`` (promoting it from disk); None on a miss."""
+        """Pin ``key`` for ``owner`` (promoting it into host where there is room); None on a miss.
+        May copy (promotion) and verify a checksum: call it off the event loop unless
+        ``host.contains(key)``."""
         key = _key_str(key)
-        loc = self.host.lease(key, owner)
-        if loc is not None:
-            return Lease(key, owner, loc, "host", self.host.view(loc))
-        with self._promote_lock:
-            loc = self.host.lease(key, owner, count=False)  # promoted by a racing reader?
-            if loc is not None:
-                return Lease(key, owner, loc, "host", self.host.view(loc))
-            with self.disk.view(key) as entry:
-                if entry is None:
-                    return None
-                data = memoryview(entry.buffer).cast("B")
-                try:
-                    res = self._reserve_host(key, data.nbytes, owner, float(entry.metadata["encode_ms"]))
-                except EntryExists:
-                    return None
-                if res is None:
-                    return None
-                self.host.buffer(res)[:] = data
-                self.host.seal(res)
-            loc = self.host.lease(key, owner, count=False)
-            return Lease(key, owner, loc, "disk", self.host.view(loc))
+        tl = self.host.lease(key, owner)
+        if tl is not None:
+            for t in self.lower:
+                t.touch(key)
+            return Lease(key, owner, "host", tl.view, tl)
+        for tier in self.lower:
+            below = tier.lease(key, owner)
+            if below is None:
+                continue
+            promoted = self._promote(key, below, owner)
+            if promoted is not None:
+                tier.release(below)
+                return promoted
+            self._count("served_in_place")
+            return Lease(key, owner, tier.name, below.view, below)
+        return None
+
+    def _promote(self, key: str, below: TierLease, owner: Owner) -> Lease | None:
+        try:
+            cost_ms = float(read_entry(below.view, verify=False).metadata["encode_ms"])
+            res = self.host.reserve(key, below.nbytes, ("promote", threading.get_ident()), cost_ms)
+        except (EntryExists, ValueError):
+            return None  # a racing reader promotes it; this one reads in place
+        if isinstance(res, PutStatus):
+            return None
+        try:
+            self.host.buffer(res)[:] = below.view
+            self.host.seal(res, cost_ms)
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                self.host.abort(res)
+            raise
+        self._count("promotions")
+        tl = self.host.lease(key, owner, count=False)
+        return None if tl is None else Lease(key, owner, below.tier, tl.view, tl)
 
     def release(self, lease: Lease) -> None:
-        self.host.release(lease.key, lease.owner)
+        tier = self.host if lease.served_from == "host" else next(t for t in self.lower if t.name == lease.served_from)
+        tier.release(lease.tier_lease)
 
-    def release_owner(self, owner: Owner) -> int:
-        return self.host.release_owner(owner)
+    def release_owner(self, owner: Owner, *, quarantine: Any = None) -> int:
+        return self.host.release_owner(owner, quarantine=quarantine) + sum(t.release_owner(owner) for t in self.lower)
 
     @contextmanager
     def get(self, key: Key | str) -> Iterator[EntryView | None]:
         """In-process read: an ``EntryView`` over the arena (or the LMDB map), or None."""
-        owner = ("get", threading.get_ident(), secrets.token_hex(4))
-        lease = self.lease(key, owner)
+        lease = self.lease(key, ("get", threading.get_ident(), secrets.token_hex(4)))
         if lease is None:
-            if not self.disk.contains(_key_str(key)):
-                yield None
-                return
-            with self.disk.view(_key_str(key)) as entry:  # host could not take it: read in place
-                yield entry
+            yield None
             return
         try:
-            yield read_entry(self.host.view(lease.location), verify=False)
+            yield read_entry(lease.view, verify=False)
         finally:
             self.release(lease)
 
     # ------------------------------------------------------------ queries
     def tier_of(self, key: Key | str) -> str | None:
         key = _key_str(key)
-        if self.host.contains(key):
-            return "host"
-        if self.disk.contains(key):
-            return "disk"
-        return None
+        return next((t.name for t in self.tiers if t.contains(key)), None)
 
     def contains(self, key: Key | str) -> bool:
         return self.tier_of(key) is not None
@@ -305,23 +430,28 @@ class TieredStore:
         return {k: self.tier_of(k) for k in keys}
 
     def delete(self, key: Key | str) -> bool:
+        """Remove from every tier; never waits for a disk commit."""
         key = _key_str(key)
-        in_host = self.host.delete(key)
-        in_disk = self.disk.delete(key)
-        return in_host or in_disk
+        found = [t.delete(key) for t in self.tiers]
+        return any(found)
 
     def flush(self, timeout: float | None = None) -> None:
-        self.disk.flush(timeout)
+        for t in self.lower:
+            t.flush(timeout)
 
     def stats(self) -> dict:
-        disk = self.disk.stats()
-        return {"host": self.host.stats(), "disk": {**disk, "write_backs": self.write_backs}}
+        doc = {t.name: t.stats() for t in self.tiers}
+        with self._counts_lock:
+            doc["disk"].update(write_backs=self.counts["write_backs"], persist_errors=self.counts["persist_errors"])
+            doc["host"].update(promotions=self.counts["promotions"], served_in_place=self.counts["served_in_place"])
+        return doc
 
     def close(self) -> None:
         """Flush disk writes, close LMDB, remove the arena file. Idempotent."""
         if self._lock_fd < 0:
             return
-        self.disk.close()
+        for t in self.lower:
+            t.close()
         self.host.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.config.data_dir, _ARENA_RECORD))

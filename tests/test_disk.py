@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmcache.tier import PutStatus
 from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.policies import POLICIES
 from mmcache_client.format import encode_entry, read_entry
@@ -80,7 +81,7 @@ def test_default_map_size_is_large_up_front(tmp_path):
 def test_put_then_view_round_trips(tier):
     blob = blob_of(1)
     assert not tier.contains(key_of(1))
-    assert tier.put(key_of(1), blob, cost_ms=3.0).result(timeout=5) is True
+    assert tier.put(key_of(1), blob, cost_ms=3.0).result(timeout=5) is PutStatus.CREATED
     assert tier.contains(key_of(1))
     with tier.view(key_of(1)) as entry:
         assert entry is not None
@@ -96,15 +97,15 @@ def test_second_put_keeps_the_first(tier):
     first = blob_of(1, encode_ms=1.0)
     second = blob_of(1, encode_ms=2.0)
     assert first != second
-    assert tier.put(key_of(1), first).result(timeout=5) is True
-    assert tier.put(key_of(1), second).result(timeout=5) is False
+    assert tier.put(key_of(1), first).result(timeout=5) is PutStatus.CREATED
+    assert tier.put(key_of(1), second).result(timeout=5) is PutStatus.EXISTS
     assert tier.get_bytes(key_of(1)) == first
 
 
 def test_duplicate_puts_in_one_batch_first_wins(tier):
     first, second = blob_of(1, encode_ms=1.0), blob_of(1, encode_ms=2.0)
     futures = [tier.put(key_of(1), first), tier.put(key_of(1), second)]
-    assert [f.result(timeout=5) for f in futures] == [True, False]
+    assert [f.result(timeout=5) for f in futures] == [PutStatus.CREATED, PutStatus.EXISTS]
     assert tier.get_bytes(key_of(1)) == first
 
 
@@ -117,7 +118,7 @@ def test_miss_is_none(tier):
 
 def test_put_accepts_a_memoryview_without_copy(tier):
     shared = bytearray(blob_of(2))
-    assert tier.put(key_of(2), memoryview(shared)).result(timeout=5) is True
+    assert tier.put(key_of(2), memoryview(shared)).result(timeout=5) is PutStatus.CREATED
     assert tier.get_bytes(key_of(2)) == bytes(shared)
 
 
@@ -143,7 +144,7 @@ def test_delete(tier):
     assert not tier.contains(key_of(1))
     assert tier.delete(key_of(1)) is False
     assert tier.stats()["bytes"] == 0
-    assert tier.put(key_of(1), blob_of(1)).result(timeout=5) is True  # can be put again
+    assert tier.put(key_of(1), blob_of(1)).result(timeout=5) is PutStatus.CREATED  # can be put again
 
 
 def test_view_stays_valid_while_the_entry_is_deleted(tier):
@@ -234,15 +235,15 @@ def test_batch_larger_than_capacity_is_split(tmp_path):
 
 def test_oversize_entry_is_rejected(tier):
     big = blob_of(1, num_tokens=1024, hidden=512)  # 2 MiB > 1 MiB capacity
-    with pytest.raises(ValueError, match="exceeds capacity"):
-        tier.put(key_of(1), big).result(timeout=5)
+    assert tier.put(key_of(1), big).result(timeout=5) is PutStatus.TOO_LARGE
+    assert tier.stats()["too_large"] == 1
     assert not tier.contains(key_of(1)) and tier.stats()["pending_writes"] == 0
 
 
 def test_map_full_evicts_and_retries(tmp_path):
     with open_tier(tmp_path / "db", capacity_bytes=64 << 20, map_size_bytes=1 << 20) as t:
         for i in range(40):  # ~64 KiB each: the 1 MiB map fills long before the capacity
-            assert t.put(key_of(i), blob_of(i, num_tokens=64, hidden=256)).result(timeout=5) is True
+            assert t.put(key_of(i), blob_of(i, num_tokens=64, hidden=256)).result(timeout=5) is PutStatus.CREATED
         s = t.stats()
         assert s["evictions"] > 0 and key_of(39) in t.keys()
 
@@ -251,7 +252,7 @@ def test_map_full_fails_the_future_not_hangs(tmp_path):
     with open_tier(tmp_path / "db", capacity_bytes=64 << 20, map_size_bytes=1 << 20) as t:
         with pytest.raises(lmdb.MapFullError):
             t.put(key_of(1), blob_of(1, num_tokens=1024, hidden=512)).result(timeout=5)
-        assert t.put(key_of(2), blob_of(2)).result(timeout=5) is True  # still usable
+        assert t.put(key_of(2), blob_of(2)).result(timeout=5) is PutStatus.CREATED  # still usable
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -273,7 +274,7 @@ def test_failed_batch_fails_its_futures(tier, monkeypatch):
         tier.put(key_of(1), blob_of(1)).result(timeout=5)
     assert tier.stats()["pending_writes"] == 0 and not tier.contains(key_of(1))
     monkeypatch.undo()
-    assert tier.put(key_of(1), blob_of(1)).result(timeout=5) is True
+    assert tier.put(key_of(1), blob_of(1)).result(timeout=5) is PutStatus.CREATED
 
 
 # ------------------------------------------------------------------ corruption
@@ -376,6 +377,7 @@ def test_readers_while_the_writer_commits_and_evicts(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, torch
     from mmcache.disk import DiskTier, DiskTierConfig
+    from mmcache.tier import PutStatus
     from mmcache_client.format import encode_entry
     tier = DiskTier(DiskTierConfig(path=sys.argv[1], capacity_bytes=1 << 30, batch_max_entries=16))
     i = 0
@@ -387,7 +389,7 @@ CHILD = textwrap.dedent("""
             batch.append((f"crash/{h}", blob, tier.put(f"crash/{h}", blob)))
             i += 1
         for key, blob, fut in batch:
-            assert fut.result() is True
+            assert fut.result() is PutStatus.CREATED
             sys.stdout.write(key + "\\n")
             sys.stdout.flush()
 """)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmcache.host import EntryExists, HostTier
+from mmcache.tier import PutStatus
 from mmcache.store import StoreConfig, TieredStore
 from mmcache_client import Key, content_hash
 from mmcache_client.format import plan_entry, read_entry
@@ -35,7 +36,7 @@ def host(tmp_path):
 def fill(host: HostTier, i: int, owner="w", num_tokens=64) -> str:
     plan = blob_plan(i, num_tokens)
     res = host.reserve(key(i), plan.total_bytes, owner, 1.0)
-    assert res is not None
+    assert not isinstance(res, PutStatus)
     plan.write_into(host.buffer(res))
     host.seal(res)
     return key(i)
@@ -53,7 +54,7 @@ def test_unsealed_entries_are_invisible(host):
     host.seal(res)
     loc = host.lease(key(1), "r")
     assert read_entry(host.view(loc)).array()[0, 0] == 1
-    host.release(key(1), "r")
+    host.release_key(key(1), "r")
     with pytest.raises(EntryExists):
         host.reserve(key(1), 100, "other")
 
@@ -62,10 +63,10 @@ def test_eviction_skips_leased_entries_and_reports_no_space(host):
     keys = [fill(host, i) for i in range(7)]  # ~8.5 KiB each in 64 KiB
     for k in keys:
         assert host.lease(k, "reader") is not None
-    assert host.reserve(key(100), 40 << 10, "w") is None  # all leased: an answer, not an error
+    assert host.reserve(key(100), 40 << 10, "w") is PutStatus.NO_SPACE  # all leased: an answer, not an error
     host.release_owner("reader")
     res = host.reserve(key(100), 40 << 10, "w")
-    assert res is not None and host.evictions >= 4
+    assert not isinstance(res, PutStatus) and host.evictions >= 4
     assert all(host.contains(k) for k in keys[host.evictions:])  # LRU: oldest went first
 
 
@@ -77,7 +78,7 @@ def test_delete_while_leased_frees_space_at_last_release(host):
     assert host.delete(k) and not host.contains(k)
     assert host.lease(k, "c") is None
     assert host.allocator.used_bytes == used  # bytes still pinned by a and b
-    host.release(k, "a")
+    host.release_key(k, "a")
     assert host.allocator.used_bytes == used
     host.release_owner("b")
     assert host.allocator.used_bytes == 0
@@ -132,7 +133,7 @@ def test_put_get_and_second_put_keeps_the_first(make_store):
         assert e is None
 
 
-def test_eviction_writes_back_and_a_disk_hit_is_promoted(make_store):
+def test_eviction_writes_back_what_disk_dropped(make_store):
     store = make_store(disk_bytes=20 << 10)  # disk holds only ~2 entries: it evicts too
     for i in range(12):
         store.put_plan(key(i), blob_plan(i))
@@ -140,14 +141,24 @@ def test_eviction_writes_back_and_a_disk_hit_is_promoted(make_store):
     s = store.stats()
     assert s["host"]["evictions"] > 0 and s["disk"]["evictions"] > 0
     assert s["disk"]["write_backs"] > 0  # host evictions of entries disk had dropped
-    present = [i for i in range(12) if store.contains(key(i))]
-    on_disk_only = [i for i in present if store.tier_of(key(i)) == "disk"]
+    assert s["disk"]["persist_errors"] == 0
+
+
+def test_host_evicts_clean_entries_and_a_disk_hit_is_promoted(make_store):
+    store = make_store()  # disk holds everything: host evictions need no write-back
+    for i in range(12):
+        store.put_plan(key(i), blob_plan(i))
+    store.flush()
+    s = store.stats()
+    assert s["host"]["evictions"] > 0 and s["disk"]["write_backs"] == 0
+    on_disk_only = [i for i in range(12) if store.tier_of(key(i)) == "disk"]
     assert on_disk_only, s
     i = on_disk_only[0]
     lease = store.lease(key(i), "reader")
-    assert lease.tier == "disk" and store.tier_of(key(i)) == "host"
-    assert read_entry(store.host.view(lease.location)).array()[0, 0] == i
+    assert lease.tier == "disk" and lease.served_from == "host" and store.tier_of(key(i)) == "host"
+    assert read_entry(lease.view).array()[0, 0] == i
     store.release(lease)
+    assert store.stats()["disk"]["hits"] == 1 and store.stats()["host"]["hits"] == 0  # one client read
 
 
 def test_durable_puts_survive_a_restart(make_store, tmp_path):
@@ -210,9 +221,9 @@ def test_both_policies_drive_the_store(make_store, policy):
 
 def test_a_request_that_cannot_fit_evicts_nothing(host):
     keys = [fill(host, i) for i in range(6)]
-    assert host.reserve(key(99), 128 << 10, "w") is None  # larger than the arena
+    assert host.reserve(key(99), 128 << 10, "w") is PutStatus.TOO_LARGE  # larger than the arena
     host.lease(keys[0], "r")
-    assert host.reserve(key(98), 60 << 10, "w") is None  # fits only if the leased one went
+    assert host.reserve(key(98), 60 << 10, "w") is PutStatus.NO_SPACE  # fits only if the leased one went
     assert host.evictions == 0 and all(host.contains(k) for k in keys)
 
 
@@ -224,26 +235,26 @@ def test_owner_index_tracks_leases_and_reservations(host):
     host.lease(k2, "b")
     res = host.reserve(key(3), 1000, "a")
     assert host.leases_of("a") == 3 and host.stats()["leases"] == 4
-    host.release(k1, "a")
+    host.release_key(k1, "a")
     assert host.leases_of("a") == 2
     assert host.release_owner("a") == 3  # one lease on k1, one on k2, the reservation
     assert host.leases_of("a") == 0 and host.stats()["leases"] == 1
-    assert not host._owner_to_keys.get("a") and host.stats()["reservations"] == 0
+    assert not host.leases.keys_of("a") and host.stats()["reservations"] == 0
     with pytest.raises(ValueError):
         host.seal(res)  # gone with its owner
-    host.release(k2, "b")
-    assert host._owner_to_keys == {} and host.stats()["leases"] == 0
+    host.release_key(k2, "b")
+    assert host.leases.total == 0 and host.stats()["leases"] == 0
 
 
-def test_host_only_namespaces_never_reach_disk(tmp_path):
-    """KV hand-off entries (``kv.*``) live in the arena only: no write-behind, no write-back."""
+def test_host_only_entries_never_reach_disk(tmp_path):
+    """``persist=False`` entries (the KV hand-off) live in the arena only: no write-through, no write-back."""
     store = TieredStore(StoreConfig(data_dir=str(tmp_path / "data"), host_capacity_bytes=64 << 10,
                                     arena_path=str(tmp_path / "arena")))
     try:
         kv_keys = [f"kv.model/{content_hash(f'kv{i}'.encode())}" for i in range(12)]
         for i, k in enumerate(kv_keys):
             emb = np.full((64, 32), i, dtype=np.float32)  # 8 KiB: the 64 KiB arena holds a few
-            result = store.put(k, {"embeddings": emb}, encode_ms=1.0, durable=True)
+            result = store.put(k, {"embeddings": emb}, encode_ms=1.0, persist=False)
             assert result.created and result.tier == "host" and result.durable is None
         store.put(key(0), {"embeddings": np.zeros((4, 4), np.float32)}, durable=True)
         store.flush(30)

@@ -15,6 +15,20 @@ import os
 logger = logging.getLogger(__name__)
 
 
+class ArenaTooLarge(OSError):
+    """The arena does not fit the filesystem (tmpfs) behind it."""
+
+
+def _check_room(path: str, capacity_bytes: int) -> None:
+    st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    free_bytes, total_bytes = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if capacity_bytes > free_bytes:
+        raise ArenaTooLarge(
+            f"an arena of {capacity_bytes} bytes does not fit {os.path.dirname(os.path.abspath(path))}: "
+            f"{free_bytes} of its {total_bytes} bytes are free; lower --host-capacity or enlarge the "
+            f"filesystem (e.g. docker run --shm-size)")
+
+
 class SharedArena:
     """A file of ``capacity_bytes`` mapped shared. Lifecycle: create (owner) or open
     (readers) → ``view`` as often as wanted → ``close``; the owner ``unlink``s on shutdown.
@@ -30,9 +44,17 @@ class SharedArena:
             if capacity_bytes is None or capacity_bytes <= 0:
                 raise ValueError(f"{capacity_bytes=} must be > 0")
             # O_EXCL: two sidecars must never share (and corrupt) one arena.
+            _check_room(path, capacity_bytes)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, capacity_bytes)
+                # NOTE: reserve the pages now: on a tmpfs smaller than the arena (Docker's /dev/shm
+                # is 64 MiB) a later write would otherwise die of SIGBUS, silently.
+                try:
+                    os.posix_fallocate(fd, 0, capacity_bytes)
+                except OSError as e:
+                    raise ArenaTooLarge(f"cannot reserve an arena of {capacity_bytes} bytes at {path}: {e.strerror}; "
+                                        f"give the arena less (--host-capacity) or its filesystem more room") from None
                 # NOTE: MAP_POPULATE faults every page in now; otherwise each first write to a
                 # 4 KiB page costs a fault, which doubled the cost of small puts.
                 flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
