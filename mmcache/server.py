@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import io
 import logging
+import math
 import os
 import time
 from typing import AsyncIterator
@@ -25,6 +26,7 @@ from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.local_server import start_local_server
 from mmcache.metrics import Metrics
 from mmcache.store import StoreConfig, TieredStore
+from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryFormatError, relayout
 from mmcache_client.keys import Key
 
@@ -58,6 +60,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         else:
             response = _error(e.status, e.reason)
         response.headers.update({k: v for k, v in e.headers.items() if k.lower() in ("www-authenticate", "allow")})
+    except CacheFull as e:
+        response = _error(503, str(e))
+        response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+    except EntryTooLarge as e:
+        response = _error(413, str(e))
     except (EntryFormatError, ValueError) as e:
         response = _error(400, str(e))
     except Exception:
@@ -101,23 +108,35 @@ async def _read_body(request: web.Request, limit: int) -> bytearray:
     return body
 
 
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no", ""):
+        return False
+    raise ValueError(f"query parameter {name}={value!r} must be 1 or 0")
+
+
 async def put_entry(request: web.Request) -> web.Response:
     key = _key(request)
     store = request.app[STORE]
     body = await _read_body(request, request.app[CONFIG].max_entry_size_bytes)
     if not body:
         raise ValueError("empty body: PUT takes a safetensors entry with an 'embeddings' tensor")
-    plan = relayout(body, key.namespace, key.hash)
-    # NOTE: off the loop: the copy into the arena (up to max_entry_size) and a possible wait
-    # for disk commits must not stall other requests.
-    result = await asyncio.to_thread(store.put_plan, key.to_string(), plan)
-    durable = request.query.get("durable", "0") not in ("0", "false", "")
+    durable = _flag(request, "durable", False)
+    persist = _flag(request, "persist", True)
+    # NOTE: off the loop: parsing, the copy into the arena (up to max_entry_size) and a possible
+    # wait for disk commits must not stall other requests.
+    plan = await asyncio.to_thread(relayout, body, key.namespace, key.hash)
+    result = await asyncio.to_thread(store.put_plan, key.to_string(), plan, durable=False, persist=persist)
     if durable and result.durable is not None:
         await asyncio.wrap_future(result.durable)
     elif durable and not store.disk.contains(key.to_string()):
         await asyncio.to_thread(store.flush)  # the key existed: an earlier non-durable put may still be queued
     return web.json_response({"key": key.to_string(), "created": result.created, "tier": result.tier,
-                              "durable": durable}, status=201 if result.created else 200)
+                              "durable": durable, "persist": persist}, status=201 if result.created else 200)
 
 
 async def _lease(store: TieredStore, key: str, owner):
@@ -126,27 +145,15 @@ async def _lease(store: TieredStore, key: str, owner):
     return await asyncio.to_thread(store.lease, key, owner)  # promotion copies from disk
 
 
-def _disk_bytes(store: TieredStore, key: str) -> bytes | None:
-    """A verified copy of an entry that only the disk tier holds (the host tier could not take it)."""
-    if not store.disk.contains(key):
-        return None
-    with store.disk.view(key) as entry:
-        return None if entry is None else bytes(entry.buffer)
-
-
 async def get_entry(request: web.Request) -> web.StreamResponse:
     key = _key(request).to_string()
     store = request.app[STORE]
     owner = ("http", id(request))
     lease = await _lease(store, key, owner)
     if lease is None:
-        # A miss (counted once, by the lease), or on disk but too large for the host tier.
-        blob = _disk_bytes(store, key)
-        if blob is None:
-            raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
-        return web.Response(body=blob, content_type=_ENTRY_CONTENT_TYPE, headers={TIER_HEADER: "disk"})
+        raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
     try:
-        view = store.host.view(lease.location)
+        view = lease.view
         response = web.StreamResponse(headers={TIER_HEADER: lease.tier, "Content-Type": _ENTRY_CONTENT_TYPE})
         response.content_length = view.nbytes
         await response.prepare(request)
@@ -169,7 +176,7 @@ async def head_entry(request: web.Request) -> web.Response:
 
 async def delete_entry(request: web.Request) -> web.Response:
     key = _key(request)
-    if not request.app[STORE].delete(key):
+    if not await asyncio.to_thread(request.app[STORE].delete, key):
         raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
     return web.Response(status=204)
 
@@ -197,21 +204,20 @@ async def batch_get(request: web.Request) -> web.Response:
     store = request.app[STORE]
     owner = ("http-batch", id(request))
     rows: dict[str, list] = {"key": [], "tier": [], "entry": []}
+    leases = []
     try:
         for key in dict.fromkeys(await _json_keys(request)):
             lease = await _lease(store, key, owner)
             if lease is not None:
+                leases.append(lease)
                 rows["key"].append(key)
                 rows["tier"].append(lease.tier)
-                rows["entry"].append(store.host.view(lease.location))
-            elif (blob := _disk_bytes(store, key)) is not None:  # too large for the host tier
-                rows["key"].append(key)
-                rows["tier"].append("disk")
-                rows["entry"].append(blob)
+                rows["entry"].append(lease.view)
         table = pa.table({"key": pa.array(rows["key"], pa.string()), "tier": pa.array(rows["tier"], pa.string()),
                           "entry": pa.array(rows["entry"], pa.large_binary())})
     finally:
-        store.release_owner(owner)
+        for lease in leases:
+            store.release(lease)
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
