@@ -2,6 +2,10 @@
 off the event loop; requests join and leave between steps, so concurrent requests share each
 batched forward.
 
+Bounded: at most ``max_batch`` requests step together and ``max_waiting`` more wait to join;
+``submit`` refuses the next one with ``QueueFull`` (503 + Retry-After) instead of queueing it.
+A request whose KV cannot be allocated as it joins fails alone (``KVAllocationError``).
+
 Per request: ``submit`` a started ``DecodeState`` (its prompt KV may view a cache entry) → before
 the next step its KV is copied into the batch and ``release`` runs (the entry may close, the KV
 entry may go) → one ``TokenEvent`` per generated token, the last one with a ``finish_reason``.
@@ -18,11 +22,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_worker.sequence import DecodeState
+from llm_worker.slab import KVAllocationError
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 1.0
+"""What a refused request is told to wait: about the time a few requests take to finish."""
+
+
 class ShuttingDown(RuntimeError):
     """The loop is closing (or died): no new requests, and those left end with this error."""
+
+
+class QueueFull(RuntimeError):
+    """``max_waiting`` requests already wait to join: not started, retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 RunForward = Callable[..., Awaitable[Any]]
@@ -113,13 +130,17 @@ class DecodeLoop:
     """
 
     def __init__(self, engine: Any, run_forward: RunForward, max_batch: int,
-                 on_step: Callable[[int, float], None] | None = None) -> None:
+                 on_step: Callable[[int, float], None] | None = None, max_waiting: int = 256) -> None:
         if max_batch < 1:
             raise ValueError(f"{max_batch=} must be >= 1")
+        if max_waiting < 0:
+            raise ValueError(f"{max_waiting=} must be >= 0")
         self._engine = engine
         self._run_forward = run_forward
         self.max_batch = max_batch
         """Most requests per step; more wait in arrival order."""
+        self.max_waiting = max_waiting
+        """Most requests waiting to join; ``submit`` refuses more (``QueueFull``)."""
         self._on_step = on_step
         self._batch = engine.new_batch()
         self._waiting: deque[DecodeJob] = deque()
@@ -144,6 +165,14 @@ class DecodeLoop:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    def check_room(self) -> None:
+        """Raise ``QueueFull`` unless one more request may wait to join (call before leasing its KV)."""
+        if self._closing:
+            raise ShuttingDown("the worker is shutting down")
+        if len(self._waiting) >= self.max_waiting:
+            raise QueueFull(f"the decode worker is full: {self.num_running} requests decoding and "
+                            f"{len(self._waiting)} waiting to join (max_waiting={self.max_waiting}); retry later")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="decode-loop")
@@ -173,8 +202,12 @@ class DecodeLoop:
 
     async def submit(self, state: DecodeState, release: Callable[[], Awaitable[None]] | None = None) -> DecodeJob:
         """Queue ``state`` (from ``LLMEngine.start``) to join the batch; ``release`` runs once its KV
-        is copied in (or it is dropped). A state that has already finished never joins."""
-        if self._closing:
+        is copied in (or it is dropped). A state that has already finished never joins.
+
+        Raises ``QueueFull`` or ``ShuttingDown`` before anything runs (``release`` included)."""
+        if not state.finished:
+            self.check_room()
+        elif self._closing:
             raise ShuttingDown("the worker is shutting down")
         job = DecodeJob(self, state, release)
         job._publish()  # NOTE: the prefill's token goes out before the request waits for a step
@@ -249,6 +282,9 @@ class DecodeLoop:
             try:
                 self._batch.add(job.state)
             except ValueError as e:  # NOTE: a KV that does not fit this model fails its request alone
+                failed.append((job, e))
+            except KVAllocationError as e:  # NOTE: so does one whose reservation finds no memory
+                logger.warning("request %s cannot join the decode batch: %s", job.state.request_id, e)
                 failed.append((job, e))
         size = len(self._batch)
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from transformers.modeling_utils import local_torch_dtype
 from encoder_worker.namespace import weights_digest
 from llm_worker.batch import DecodeBatch
 from llm_worker.kv import KVCache, PrefillResult, kv_key
-from llm_worker.prompt import prompt_ids
+from llm_worker.prompt import check_max_tokens, prompt_ids
 from llm_worker.sampling import SamplingParams, sample
 from llm_worker.sequence import DecodeState
 from llm_worker.slab import BatchKV, cache_kwarg, slab_cache
@@ -118,6 +118,15 @@ class LLMEngine:
     def image_token_id(self) -> int:
         return self.config.image_token_index
 
+    @property
+    def max_model_len(self) -> int | None:
+        """Positions the language model takes (prompt and output together); None: unbounded."""
+        return getattr(self.config.text_config, "max_position_embeddings", None)
+
+    def check_max_tokens(self, num_prompt_tokens: int, sampling: SamplingParams) -> None:
+        """``ValueError`` unless ``sampling.max_tokens`` more tokens fit after the prompt."""
+        check_max_tokens(sampling.max_tokens, num_prompt_tokens, self.max_model_len)
+
     def prompt_ids(self, messages, num_image_tokens: Sequence[int]) -> list[int]:
         """Token ids for OpenAI-style ``messages``; see ``llm_worker.prompt.prompt_ids``."""
         return prompt_ids(self.tokenizer, messages, self.image_token_id, num_image_tokens)
@@ -139,7 +148,7 @@ class LLMEngine:
         vocab_size = self.model.get_input_embeddings().num_embeddings
         if not input_ids or not all(0 <= int(t) < vocab_size for t in input_ids):
             raise ValueError(f"input_ids must be a non-empty list of ids in [0, {vocab_size})")
-        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        max_positions = self.max_model_len
         if max_positions is not None and len(input_ids) > max_positions:
             raise ValueError(f"{len(input_ids)} prompt tokens exceed the model's {max_positions} positions")
         t0 = time.perf_counter()
@@ -177,13 +186,15 @@ class LLMEngine:
         """A decode state continuing ``prefill`` (its first token appended: it may be finished already).
 
         Pass the ``sampling`` and ``seed`` that the prefill used. ``prefill.kv`` may view cache
-        memory until the state joins a batch.
+        memory until the state joins a batch. ``ValueError`` when ``sampling.max_tokens`` would run
+        past the model's positions (a batch reserves room for all of them).
         """
         if prefill.model_namespace != self.namespace:
             raise ValueError(f"KV made by model {prefill.model_namespace!r}, this engine is {self.namespace!r}")
         if prefill.kv.dtype != self.dtype:
             raise ValueError(f"KV dtype {prefill.kv.dtype} differs from the engine's {self.dtype}")
         sampling = sampling or SamplingParams()
+        self.check_max_tokens(prefill.num_prompt_tokens, sampling)
         if seed is not None:
             sampling = dataclasses.replace(sampling, seed=seed)
         state = DecodeState(request_id, sampling, self.tokenizer, self.eos_token_ids, prefill.kv)

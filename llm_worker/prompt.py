@@ -60,6 +60,15 @@ def template_ids(tokenizer, messages: Sequence[Mapping[str, Any]], image_token_i
     return ids
 
 
+def check_max_tokens(max_tokens: int, num_prompt_tokens: int, max_model_len: int | None,
+                     param: str = "max_tokens") -> None:
+    """Raise ``ValueError`` (a 400) unless the prompt and ``max_tokens`` fit the model's positions:
+    ``num_prompt_tokens + max_tokens <= max_model_len``, vLLM's rule. ``param`` names the request field."""
+    if max_model_len is not None and num_prompt_tokens + max_tokens > max_model_len:
+        raise ValueError(f"{param}={max_tokens} exceeds the model's context of {max_model_len} minus the "
+                         f"prompt's {num_prompt_tokens} tokens (at most {max(max_model_len - num_prompt_tokens, 0)})")
+
+
 def expand_image_tokens(ids: Sequence[int], image_token_id: int, num_image_tokens: Sequence[int]) -> list[int]:
     """``ids`` with its ``i``-th ``image_token_id`` repeated ``num_image_tokens[i]`` times."""
     positions = [i for i, t in enumerate(ids) if t == image_token_id]

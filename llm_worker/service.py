@@ -8,10 +8,13 @@ internal API, JSON in and out, errors as ``{"error": ...}``.
 - ``both``: ``POST /v1/generate`` — the aggregated baseline, no cache: images fetched and encoded
   in process, prefill and decode in one worker.
 
-Statuses: 400 bad input (the message names it), 404 a route of another role, 409 an entry the
-request names is not in the cache (re-encode / re-prefill, then retry) or a request id already
-has a KV entry, 503 the cache is unreachable or full or the worker is shutting down, 500 a bug
-(a failed decode step fails the requests in that step; the worker goes on).
+Statuses: 400 bad input (the message names it; ``max_tokens`` past the model's context
+included), 404 a route of another role, 409 an entry the request names is not in the cache
+(re-encode / re-prefill, then retry) or a request id already has a KV entry, 413 the prompt's KV
+entry exceeds the cache's size limit, 503 the cache is unreachable, the cache is full
+(``CacheFull``), the decode queue is full (``max_waiting``), a request's KV found no memory as it
+joined the batch, or the worker is shutting down: with ``Retry-After`` where waiting helps; 500
+a bug (a failed decode step fails the requests in that step; the worker goes on).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +36,7 @@ from aiohttp import web
 from mmcache.compute_gate import GateClient
 from mmcache_client import (
     AsyncCacheClient,
+    CacheFull,
     CacheUnavailable,
     CorruptEntry,
     EntryTooLarge,
@@ -50,12 +55,13 @@ from prometheus_client import (
 from encoder_worker.encoder import Encoder
 from encoder_worker.media import MediaError, MediaLimits, load_image
 from encoder_worker.models import ensure_model
-from llm_worker.decode_loop import DecodeJob, DecodeLoop, ShuttingDown
+from llm_worker.decode_loop import RETRY_AFTER_S, DecodeJob, DecodeLoop, QueueFull, ShuttingDown
 from llm_worker.embedding_lru import EmbeddingLRU
 from llm_worker.engine import LLMEngine
 from llm_worker.kv import kv_entry_fields, kv_namespace, read_prefill
 from llm_worker.prompt import expand_image_tokens, image_urls
 from llm_worker.sampling import SamplingParams
+from llm_worker.slab import KVAllocationError
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +89,9 @@ class LLMServeConfig:
     """Weights and KV dtype (``bfloat16``, ...); None: float32 on the CPU, the checkpoint's on a GPU."""
     max_batch: int = 64
     """Most requests in one decode step; more wait to join."""
+    max_waiting: int = 256
+    """Decode and both: most requests waiting to join the decode batch; more are refused with 503
+    and ``Retry-After`` (never queued without bound)."""
     max_images_per_request: int = 64
     cache_token: str | None = None
     """Bearer token of the sidecar, if it has one."""
@@ -101,6 +110,8 @@ class LLMServeConfig:
             raise ValueError(f"role={self.role!r} needs cache_url (the sidecar's unix:// or http:// URL)")
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting={self.max_waiting} must be >= 0")
         if self.max_images_per_request < 1:
             raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
         if self.compute_gate and self.role == "both":
@@ -170,7 +181,7 @@ class LLMService:
         self.counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "active": 0}
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-forward")
         self.decode_loop = None if config.role == "prefill" else \
-            DecodeLoop(engine, self.forward, config.max_batch, on_step=self._on_step)
+            DecodeLoop(engine, self.forward, config.max_batch, on_step=self._on_step, max_waiting=config.max_waiting)
         self._http: aiohttp.ClientSession | None = None
         self.embedding_cache = EmbeddingLRU(config.encoder_cache_bytes) \
             if config.role == "both" and config.encoder_cache_bytes else None
@@ -251,8 +262,10 @@ class LLMService:
             counts = [int(e.shape[0]) for e in embeddings]
             ids = self.engine.prompt_ids(messages, counts) if prompt_ids is None else \
                 expand_image_tokens(prompt_ids, self.engine.image_token_id, counts)
+            self.engine.check_max_tokens(len(ids), sampling)  # NOTE: decode would refuse it: spare the forward
             result = await self.forward(self.engine.prefill, ids, embeddings, sampling, seed)
-        if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result)):
+        # NOTE: persist=False: a hand-off lives for one request; it never goes to disk (host only).
+        if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result), persist=False):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
         self._count_prompt(len(ids), result.prefill_ms)
         first = self.engine.first_output(result.first_token, sampling)
@@ -265,21 +278,25 @@ class LLMService:
         own = kv_namespace(self.engine.namespace)
         if kv.namespace != own:
             raise ValueError(f"kv namespace {kv.namespace!r} is not this model's ({own!r})")
+        # NOTE: refused before the KV is read, and the KV is left in the cache: a retry (here or on
+        # another decode worker) finds it; if none comes, an unleased entry is evictable.
+        self.decode_loop.check_room()
         entry = await self.cache.get(kv.namespace, kv.hash)
         if entry is None:
             raise NotInCache(f"KV {kv} is not in the cache")
-        try:
-            state = self.engine.start(request_id, read_prefill(entry), sampling)
-        except BaseException:
-            await entry.aclose()
-            raise
 
         async def release() -> None:  # NOTE: the KV is per request: gone once in the batch
             await entry.aclose()
             await self.cache.delete(kv.namespace, kv.hash)
-        return await self.decode_loop.submit(state, release)
+        try:
+            state = self.engine.start(request_id, read_prefill(entry), sampling)
+            return await self.decode_loop.submit(state, release)
+        except BaseException:  # NOTE: submit refuses before release runs; closing twice is a no-op
+            await entry.aclose()
+            raise
 
     async def generate(self, messages: Any, sampling: SamplingParams) -> DecodeJob:
+        self.decode_loop.check_room()  # NOTE: before any image is fetched or encoded
         urls = image_urls(messages)
         if len(urls) > self.config.max_images_per_request:
             raise ValueError(f"{len(urls)} images exceed max_images_per_request={self.config.max_images_per_request}")
@@ -293,6 +310,7 @@ class LLMService:
         images = [image for _, image in loaded]
         hashes = [content_hash(raw) for raw, _ in loaded] if self.embedding_cache is not None else None
         ids = self.engine.prompt_ids(messages, [self.encoder.num_image_tokens(im) for im in images])
+        self.engine.check_max_tokens(len(ids), sampling)
         seed = sampling.resolved_seed()
 
         def encode_and_prefill():
@@ -334,8 +352,9 @@ SERVICE = web.AppKey("service", LLMService)
 CONFIG = web.AppKey("config", LLMServeConfig)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def _error_response(request: web.Request, e: Exception) -> web.Response:
@@ -347,8 +366,14 @@ def _error_response(request: web.Request, e: Exception) -> web.Response:
         return _error(409, f"a cache entry is corrupt (re-create it): {e}")
     if isinstance(e, WrongRole):
         return _error(404, str(e))
-    if isinstance(e, EntryTooLarge):  # NOTE: before ValueError: the cache is full, not the input bad
-        return _error(503, f"the cache has no room for the KV entry: {e}")
+    if isinstance(e, CacheFull):
+        return _error(503, f"the cache is full (every byte leased): {e}", e.retry_after_s)
+    if isinstance(e, EntryTooLarge):  # NOTE: before ValueError: never fits, whatever the load
+        return _error(413, f"the prompt's KV entry exceeds the cache's entry size limit: {e}")
+    if isinstance(e, QueueFull):
+        return _error(503, str(e), e.retry_after_s)
+    if isinstance(e, KVAllocationError):
+        return _error(503, f"the decode worker has no memory for this request's KV now: {e}", RETRY_AFTER_S)
     if isinstance(e, CacheUnavailable):
         return _error(503, f"the cache is unavailable: {e}")
     if isinstance(e, ShuttingDown):
@@ -501,7 +526,10 @@ async def _stream(request: web.Request, service: LLMService, job: DecodeJob) -> 
             raise
         except Exception as e:  # NOTE: the status line is gone: the error becomes the stream's last event
             service.counters["errors"] += 1
-            last = {"error": json.loads(_error_response(request, e).text)["error"]}
+            answer = _error_response(request, e)
+            last = {"error": json.loads(answer.text)["error"], "status": answer.status}
+            if "Retry-After" in answer.headers:
+                last["retry_after_s"] = int(answer.headers["Retry-After"])
         await response.write(_sse(last))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

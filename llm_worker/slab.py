@@ -9,6 +9,10 @@ Batched decode left-pads: row ``r`` holds its ``lens[r]`` positions in columns
 are masked out of attention (they hold zeros or another request's finite K/V: never NaN, which
 masking could not cancel), and RoPE gets each row's own positions, so a batched row computes what
 it would alone.
+
+Memory: a joining row reserves the columns its request may still generate, so a batch grows only
+when a request joins (``add``), and an allocation that fails there raises ``KVAllocationError``
+with the batch untouched: that request fails, the others go on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llm_worker.kv import KVCache
+
+
+class KVAllocationError(MemoryError):
+    """The slabs could not grow for a joining request (no memory for its reservation); the batch is
+    as it was before the ``add``."""
 
 
 class SlabLayer(DynamicLayer):
@@ -100,7 +109,9 @@ class BatchKV:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def add(self, kv: KVCache, reserve_tokens: int) -> int:
-        """Copy ``kv`` in as a new last row with room for ``reserve_tokens`` more; its row index."""
+        """Copy ``kv`` in as a new last row with room for ``reserve_tokens`` more; its row index.
+
+        Raises ``KVAllocationError`` (nothing changed) when the grown slabs cannot be allocated."""
         shape = (self.num_layers, self.num_kv_heads, kv.num_tokens, self.head_dim)
         if tuple(kv.keys.shape) != shape:
             raise ValueError(f"KV of shape {tuple(kv.keys.shape)} does not fit this model's {shape}")
@@ -161,13 +172,18 @@ class BatchKV:
         self.lens = [n + 1 for n in self.lens]
 
     def _reallocate(self, rows: int, columns: int, shift: int) -> None:
+        """New slabs ``[rows, heads, columns, head_dim]`` with the rows held moved ``shift`` columns
+        right. All-or-nothing: the old slabs stay in place until every new one exists."""
         shape = (rows, self.num_kv_heads, columns, self.head_dim)
         old_rows = self.num_rows
         keys, values = [], []
         for old_k, old_v in zip(self.keys or [None] * self.num_layers, self.values or [None] * self.num_layers):
-            # NOTE: zeros, not empty: padding must hold finite numbers (see the module docstring).
-            new_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            new_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            try:
+                new_k, new_v = self._allocate(shape), self._allocate(shape)
+            except (RuntimeError, MemoryError) as e:  # NOTE: torch.OutOfMemoryError is a RuntimeError
+                nbytes = 2 * self.num_layers * rows * self.num_kv_heads * columns * self.head_dim * self.dtype.itemsize
+                raise KVAllocationError(f"no memory for KV slabs of {rows} rows x {columns} positions "
+                                        f"({nbytes} bytes): {e}") from e
             if old_rows:
                 new_k[:old_rows, :, shift:shift + self.length] = old_k[:old_rows, :, :self.length]
                 new_v[:old_rows, :, shift:shift + self.length] = old_v[:old_rows, :, :self.length]
@@ -175,3 +191,7 @@ class BatchKV:
             values.append(new_v)
         self.keys, self.values = keys, values
         self.length += shift
+
+    def _allocate(self, shape: tuple[int, ...]) -> torch.Tensor:
+        # NOTE: zeros, not empty: padding must hold finite numbers (see the module docstring).
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
