@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -91,8 +92,10 @@ class TokenStream:
                 if data == "[DONE]":
                     break
                 event = json.loads(data)
-                if "error" in event:
-                    raise APIError(500, str(event["error"]), self.stage)
+                if "error" in event:  # NOTE: the worker's status for it (a 503 stays a 503), else 500
+                    status = event.get("status")
+                    raise APIError(status if isinstance(status, int) and 400 <= status < 600 else 500,
+                                   str(event["error"]), self.stage, retry_after_s=_retry_after(event.get("retry_after_s")))
                 return event
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             raise APIError(502, f"the {self.stage} worker {self.backend.url} broke off: {e!r}", self.stage) from e
@@ -142,9 +145,21 @@ def _close_opened(opening: asyncio.Future) -> None:
         opening.result().close()
 
 
-def worker_error(status: int, doc: Any, stage: str, backend: Backend) -> APIError:
+def worker_error(status: int, doc: Any, stage: str, backend: Backend,
+                 headers: Mapping[str, str] | None = None) -> APIError:
     message = doc.get("error") if isinstance(doc, dict) else None
     message = str(message) if message else f"HTTP {status} from {backend.url}"
     # NOTE: a worker's 400/413 is the client's input; its other 4xx (wrong role, missing KV)
-    # are the stack's own fault: 502 for the client.
-    return APIError(status if status in (400, 413, 503, 504) else 502 if status < 500 else status, message, stage)
+    # are the stack's own fault: 502 for the client. A 503 (a full queue or cache) keeps its
+    # Retry-After.
+    retry_after_s = _retry_after((headers or {}).get("Retry-After")) if status == 503 else None
+    return APIError(status if status in (400, 413, 503, 504) else 502 if status < 500 else status, message, stage,
+                    retry_after_s=retry_after_s)
+
+
+def _retry_after(value: Any) -> float | None:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = LLMServeConfig(
         role=args.role, cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host,
-        port=args.port, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+        port=args.port, device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_waiting=args.max_waiting,
         cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http),
         encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
@@ -44,7 +44,7 @@ def _router(args: argparse.Namespace) -> int:
         encoders=tuple(args.encoder), prefill=tuple(args.prefill), decode=tuple(args.decode),
         generate=tuple(args.generate), cache_url=args.cache,
         cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"), host=args.host, port=args.port,
-        default_max_tokens=args.default_max_tokens, timeout_s=args.timeout)
+        default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
     run_app(create_app(config), "mmcache-llm router", config.host, config.port, handler_cancellation=True)
@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8472)
     s.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when a GPU is visible)")
     s.add_argument("--dtype", help="bfloat16, float16, float32 (default: float32 on the CPU, the checkpoint's on GPU)")
-    s.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
+    s.add_argument("--max-batch", type=int, default=64, help="most requests per decode step (default: 64)")
+    s.add_argument("--max-waiting", type=int, default=256,
+                   help="decode, both: most requests waiting to join the decode batch; more get 503 with "
+                        "Retry-After (default: 256)")
     s.add_argument("--allowed-dir", action="append", default=[],
                    help="role both: allow file:// images under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="role both: refuse http(s):// image URLs")
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--default-max-tokens", type=int, default=256, help="when a request gives no max_tokens")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per call to a worker")
+    r.add_argument("--max-inflight", type=int, default=256,
+                   help="most chat requests in progress; more get 503 with Retry-After (default: 256)")
     r.add_argument("--log-level", default="info")
     r.set_defaults(fn=_router)
     args = parser.parse_args(argv)

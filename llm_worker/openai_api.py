@@ -9,6 +9,7 @@ that failed. Extensions, as in vLLM: ``return_token_ids`` puts the generated ids
 
 from __future__ import annotations
 
+import math
 import time
 import urllib.parse
 import uuid
@@ -24,11 +25,19 @@ _MAX_STOP = 4
 
 
 class APIError(Exception):
-    """An error answered as OpenAI's error JSON with ``status``; ``stage`` names where it arose."""
+    """An error answered as OpenAI's error JSON with ``status``; ``stage`` names where it arose;
+    ``retry_after_s`` (a 503 from a full queue or cache) becomes the ``Retry-After`` header."""
 
-    def __init__(self, status: int, message: str, stage: str = "router", param: str | None = None):
+    def __init__(self, status: int, message: str, stage: str = "router", param: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.status, self.message, self.stage, self.param = status, message, stage, param
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
     def body(self) -> dict:
         kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
@@ -44,6 +53,9 @@ class ChatRequest:
     messages: list[dict]
     sampling: dict
     """For the workers: ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop`` (given ones only)."""
+    max_tokens_param: str | None = None
+    """``max_tokens`` or ``max_completion_tokens``: the field the client capped the output with;
+    None: it gave none and ``sampling["max_tokens"]`` is the server's default."""
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
@@ -71,7 +83,8 @@ def parse_chat_request(doc: Any, default_max_tokens: int) -> ChatRequest:
     if options is not None and (not isinstance(options, dict) or not stream):
         raise APIError(400, '"stream_options" must be an object and needs "stream": true', param="stream_options")
     include_usage = _flag(options or {}, "include_usage")
-    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
+    param = next((p for p in ("max_completion_tokens", "max_tokens") if doc.get(p) is not None), None)
+    max_tokens = doc[param] if param else None
     sampling: dict[str, Any] = {"max_tokens": default_max_tokens if max_tokens is None else max_tokens}
     for name in ("temperature", "top_p", "seed"):
         if doc.get(name) is not None:
@@ -86,8 +99,8 @@ def parse_chat_request(doc: Any, default_max_tokens: int) -> ChatRequest:
     try:  # NOTE: checked here, before any image is fetched; the workers check again
         SamplingParams(**sampling)
     except (TypeError, ValueError) as e:
-        raise APIError(400, str(e)) from None
-    return ChatRequest(model, [_with_file_urls(m) for m in messages], sampling, stream, include_usage,
+        raise APIError(400, str(e).replace("max_tokens=", f"{param}=") if param else str(e)) from None
+    return ChatRequest(model, [_with_file_urls(m) for m in messages], sampling, param, stream, include_usage,
                        _flag(doc, "return_token_ids"))
 
 

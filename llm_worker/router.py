@@ -8,6 +8,12 @@ it; decode's tokens stream back as OpenAI chunks. In aggregated mode (``--genera
 goes whole to a ``both`` worker. ``GET /v1/models``, ``GET /v1/stats`` (the whole stack in one
 answer), ``GET /metrics``, ``GET /healthz``.
 
+Bounds: at most ``max_inflight`` requests at once (more get 503 + ``Retry-After``); a
+``max_tokens`` (or ``max_completion_tokens``) past the model's context minus the prompt is a 400,
+checked against the template's ids before any image is fetched and against the exact prompt
+(image tokens counted) once the encoders have answered; no ``max_tokens`` means the default,
+cut to what fits. A worker's 503 reaches the client as a 503 with its ``Retry-After``.
+
 Failures: a worker that cannot be reached (refused, reset, died mid-answer) is skipped for
 ``retry_down_s`` and the step is retried on another worker of its role; encoding and a prefill
 whose KV never reached decode are idempotent. Once tokens have been sent, a failure ends the
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -32,13 +39,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from llm_worker import openai_api as api
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
-from llm_worker.prompt import image_urls, template_ids
+from llm_worker.prompt import check_max_tokens, image_urls, template_ids
 from mmcache_client import AsyncCacheClient
 
 logger = logging.getLogger(__name__)
 
 _IMAGE_INDEX = re.compile(r"^image (\d+): ")
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+_RETRY_AFTER_S = 1.0
+"""What a client refused by ``max_inflight`` is told to wait."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class RouterConfig:
     retry_down_s: float = 5.0
     """How long a worker that could not be reached is passed over (it is still tried when no
     other worker of its role is left)."""
+    max_inflight: int = 256
+    """Most chat requests in progress at once; more are refused with 503 + ``Retry-After``."""
 
     def __post_init__(self) -> None:
         if self.generate and (self.encoders or self.prefill or self.decode):
@@ -75,6 +86,8 @@ class RouterConfig:
             raise ValueError("EPD needs at least one --encoder, --prefill and --decode URL (or --generate URLs)")
         if self.timeout_s <= 0 or self.retry_down_s < 0 or self.default_max_tokens < 1:
             raise ValueError("timeout_s and default_max_tokens must be > 0, retry_down_s >= 0")
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
 
     @property
     def mode(self) -> str:
@@ -104,10 +117,12 @@ class _Metrics:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, tokenizer: Any, image_token_id: int):
+    def __init__(self, config: RouterConfig, tokenizer: Any, image_token_id: int, max_model_len: int | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
+        self.max_model_len = max_model_len
+        """The model's positions (prompt and output); None: not checked here (the workers do)."""
         down = config.retry_down_s
         self.pools = {role: Pool(role, urls, down) for role, urls in
                       (("encode", config.encoders), ("prefill", config.prefill), ("decode", config.decode),
@@ -132,16 +147,16 @@ class Router:
 
     # -- calls to workers -------------------------------------------------------------------
 
-    async def _post(self, backend: Backend, path: str, body: dict) -> tuple[int, Any]:
-        """``(status, JSON answer)``; ``Unreachable`` when there is no answer."""
+    async def _post(self, backend: Backend, path: str, body: dict) -> tuple[int, Any, Any]:
+        """``(status, JSON answer, headers)``; ``Unreachable`` when there is no answer."""
         backend.inflight += 1
         backend.requests += 1
         try:
             async with self.http.post(backend.url + path, json=body) as resp:
                 try:
-                    return resp.status, await resp.json(content_type=None)
+                    return resp.status, await resp.json(content_type=None), resp.headers
                 except ValueError:
-                    return resp.status, {"error": (await resp.text())[:500]}
+                    return resp.status, {"error": (await resp.text())[:500]}, resp.headers
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise Unreachable(f"{type(e).__name__}: {e}") from e
         finally:
@@ -150,9 +165,9 @@ class Router:
     async def _call(self, stage: str, path: str, body: dict, first: Backend | None = None) -> tuple[Backend, Any]:
         """POST JSON to a worker of ``stage``: ``(the worker, its JSON answer)``."""
         async def attempt(backend: Backend) -> tuple[Backend, Any]:
-            status, doc = await self._post(backend, path, body)
+            status, doc, headers = await self._post(backend, path, body)
             if status != 200:
-                raise worker_error(status, doc, stage, backend)
+                raise worker_error(status, doc, stage, backend, headers)
             return backend, doc
         return await self._on_some_worker(stage, attempt, first)
 
@@ -172,7 +187,7 @@ class Router:
                 doc = None
             finally:
                 resp.close()
-            raise worker_error(resp.status, doc, stage, backend)
+            raise worker_error(resp.status, doc, stage, backend, resp.headers)
         return await self._on_some_worker(stage, attempt)
 
     async def _on_some_worker(self, stage: str, attempt, first: Backend | None = None):
@@ -240,22 +255,25 @@ class Router:
         if len(urls) > self.config.max_images_per_request:
             raise APIError(400, f"{len(urls)} images exceed max_images_per_request="
                                 f"{self.config.max_images_per_request}", param="messages")
+        # NOTE: every image takes at least its placeholder's position: a bound before any fetch.
+        sampling = self._fit_max_tokens(req, len(ids))
         self.counters["images"] += len(urls)
         if self.config.mode == "aggregated":
-            body = {"messages": req.messages, "sampling": req.sampling, "stream": True}
+            body = {"messages": req.messages, "sampling": sampling, "stream": True}
             return await self._open_stream("generate", "/v1/generate", body)
         t0 = time.perf_counter()
         with self._timed("encode"):
             items = await self.encode(urls)
         t1 = time.perf_counter()
+        sampling = self._fit_max_tokens(req, len(ids) - len(items) + sum(_num_tokens(it) for it in items))
         with self._timed("prefill"):
-            prefilled = await self._prefill(cid, ids, items, req.sampling, urls)
+            prefilled = await self._prefill(cid, ids, items, sampling, urls)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: %d images (%d cached) encoded in %.3f s; prefill of %s tokens %.3f s (forward %s ms)",
                          cid, len(items), sum(bool(it.get("cached")) for it in items), t1 - t0,
                          prefilled.get("prompt_tokens"), time.perf_counter() - t1, prefilled.get("prefill_ms"))
         body = {"request_id": prefilled["request_id"], "kv": prefilled["kv"], "stream": True,
-                "sampling": {**req.sampling, "seed": prefilled["seed"]}}
+                "sampling": {**sampling, "seed": prefilled["seed"]}}
         if not isinstance(prefilled.get("first_text"), str) or prefilled.get("first_finish_reason") is not None:
             return await self._open_stream("decode", "/v1/decode", body)  # NOTE: decode ends it (and frees the KV)
         # NOTE: the first token is the prefill's: it goes to the client now, while the decode
@@ -277,6 +295,23 @@ class Router:
         items = await self.encode(urls)
         body["images"] = [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]
         return (await self._call("prefill", "/v1/prefill", body))[1]
+
+    def _fit_max_tokens(self, req: ChatRequest, num_prompt_tokens: int) -> dict:
+        """``req.sampling`` once its ``max_tokens`` fits after ``num_prompt_tokens``: a 400 for
+        one the client gave, the default cut to the room left (vLLM's default is all of it)."""
+        sampling, limit = req.sampling, self.max_model_len
+        if limit is None:
+            return sampling
+        if req.max_tokens_param is None:
+            if num_prompt_tokens >= limit:
+                raise APIError(400, f"the prompt's {num_prompt_tokens} tokens fill the model's context of "
+                                    f"{limit}: no room for output", param="messages")
+            return {**sampling, "max_tokens": min(sampling["max_tokens"], limit - num_prompt_tokens)}
+        try:
+            check_max_tokens(sampling["max_tokens"], num_prompt_tokens, limit, req.max_tokens_param)
+        except ValueError as e:
+            raise APIError(400, str(e), param=req.max_tokens_param) from None
+        return sampling
 
     def _timed(self, stage: str):
         return self.metrics.stage_seconds.labels(stage).time()
@@ -310,6 +345,9 @@ class Router:
                                "router": dict(self.counters), "cache": answers[0]}
         for role, workers in zip(roles, answers[1:]):
             out[{"encode": "encoders"}.get(role, role)] = list(workers)
+        processes = _stack_processes(self.config.data_dir)
+        if processes is not None:
+            out["processes"] = processes
         encoders = [w.get("stats", {}) for w in out.get("encoders", [])]
         out["totals"] = {"images_encoded": sum(s.get("encoded", 0) for s in encoders),
                          "encoder_cache_hits": sum(s.get("cache_hits", 0) for s in encoders),
@@ -318,12 +356,30 @@ class Router:
         return out
 
 
+def _stack_processes(data_dir: str) -> list | None:
+    """Under ``mmcache up``: its processes (state, restarts, last exit), from the status file it
+    keeps in the data dir; None for a router that ``mmcache up`` did not start."""
+    try:
+        with open(os.path.join(data_dir, "stack-status.json")) as f:  # NOTE: mmcache.stack.STATUS_FILE
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc.get("processes") if doc.get("pid") == os.getppid() else None
+
+
+def _num_tokens(item: dict) -> int:
+    """An encoded image's token count; at least 1 (its placeholder) when the encoder names none:
+    prefill checks the exact prompt again."""
+    n = item.get("num_tokens")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+
+
 ROUTER = web.AppKey("router", Router)
 CONFIG = web.AppKey("config", RouterConfig)
 
 
 def _error_response(e: APIError) -> web.Response:
-    return web.json_response(e.body(), status=e.status)
+    return web.json_response(e.body(), status=e.status, headers=e.headers())
 
 
 def _sse(payload: Any) -> bytes:
@@ -334,6 +390,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
     t0 = time.perf_counter()
     router.counters["requests"] += 1
+    if router.counters["active"] >= router.config.max_inflight:  # NOTE: refused before the body is read
+        router.counters["errors"] += 1
+        router.metrics.stage_errors.labels("router").inc()
+        router.metrics.requests.labels("503").inc()
+        return _error_response(APIError(503, f"the router has {router.counters['active']} requests in flight "
+                                             f"(max_inflight={router.config.max_inflight}); retry later",
+                                        retry_after_s=_RETRY_AFTER_S))
     router.counters["active"] += 1
     router.metrics.active.inc()
     try:
@@ -451,8 +514,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
 
-def load_tokenizer(model_dir: str) -> tuple[Any, int]:
-    """The checkpoint's tokenizer (with its chat template) and image token id."""
+def load_tokenizer(model_dir: str) -> tuple[Any, int, int | None]:
+    """The checkpoint's tokenizer (with its chat template), image token id and context length
+    (the language model's ``max_position_embeddings``; None when its config has none)."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -461,18 +525,20 @@ def load_tokenizer(model_dir: str) -> tuple[Any, int]:
         image_token_id = getattr(config, "image_token_id", None)
     if image_token_id is None:
         raise ValueError(f"{model_dir}: the model config names no image token")
-    return AutoTokenizer.from_pretrained(model_dir), int(image_token_id)
+    text_config = getattr(config, "text_config", config)
+    max_model_len = getattr(text_config, "max_position_embeddings", None)
+    return AutoTokenizer.from_pretrained(model_dir), int(image_token_id), max_model_len
 
 
-def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int | None):
+def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int | None, max_model_len: int | None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        tok, image_token = tokenizer, image_token_id
+        tok, image_token, context = tokenizer, image_token_id, max_model_len
         if tok is None:
             from encoder_worker.models import ensure_model
 
             model_dir = await asyncio.to_thread(ensure_model, config.model, config.data_dir)
-            tok, image_token = await asyncio.to_thread(load_tokenizer, model_dir)
-        router = Router(config, tok, image_token)
+            tok, image_token, context = await asyncio.to_thread(load_tokenizer, model_dir)
+        router = Router(config, tok, image_token, context)
         await router.start()
         app[ROUTER] = router
         logger.info("router up (%s): model %s; %s", config.mode, config.model_id,
@@ -485,11 +551,14 @@ def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int
     return ctx
 
 
-def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_id: int | None = None) -> web.Application:
-    """``tokenizer`` / ``image_token_id`` inject a loaded tokenizer (tests); else it is loaded here."""
+def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_id: int | None = None,
+               max_model_len: int | None = None) -> web.Application:
+    """``tokenizer`` / ``image_token_id`` / ``max_model_len`` inject what ``load_tokenizer`` gives
+    (tests); else it is loaded here. An injected tokenizer without ``max_model_len`` leaves the
+    context check to the workers."""
     app = web.Application(middlewares=[error_middleware], client_max_size=256 << 20)
     app[CONFIG] = config
-    app.cleanup_ctx.append(_router_ctx(config, tokenizer, image_token_id))
+    app.cleanup_ctx.append(_router_ctx(config, tokenizer, image_token_id, max_model_len))
     app.add_routes([
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", models_handler),
