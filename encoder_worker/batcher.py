@@ -12,6 +12,11 @@ Which queued items go next is the ``schedule``:
   the older job), so a request that waits for one image is not queued behind another's five.
   An item queued longer than ``max_queue_delay_ms`` goes first, oldest first, so that a large
   job is delayed, never starved.
+
+The queue is bounded: ``enqueue_many`` takes a request's new items all or none, and refuses them
+(``QueueFull``) when they would take the queue past ``max_queued`` items. A request that joins
+items already in flight adds nothing; one larger than ``max_queued`` is taken on an empty queue
+(so the queue never holds more than ``max_queued`` or one request's items).
 """
 
 from __future__ import annotations
@@ -32,6 +37,16 @@ BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 AfterFn = Callable[[Hashable, Any], Awaitable[None]]
 """Async hook run once per computed result before waiters see it (e.g. a cache put)."""
 SCHEDULES = ("fcfs", "sjf")
+RETRY_AFTER_S = 1.0
+"""What a refused request is told to wait: about one batch's time."""
+
+
+class QueueFull(RuntimeError):
+    """The queue cannot take a request's items now: nothing was queued; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 _job_seq = itertools.count()
 
@@ -73,7 +88,7 @@ class SingleFlightBatcher:
 
     def __init__(self, batch_fn: BatchFn, *, max_batch: int = 8, max_wait_ms: float = 5.0,
                  after: AfterFn | None = None, on_batch: Callable[[BatchStats], None] | None = None,
-                 schedule: str = "fcfs", max_queue_delay_ms: float = 10_000.0):
+                 schedule: str = "fcfs", max_queue_delay_ms: float = 10_000.0, max_queued: int = 1024):
         if max_batch < 1:
             raise ValueError(f"{max_batch=} must be >= 1")
         if max_wait_ms < 0:
@@ -82,6 +97,8 @@ class SingleFlightBatcher:
             raise ValueError(f"{schedule=} must be one of {SCHEDULES}")
         if max_queue_delay_ms < 0:
             raise ValueError(f"{max_queue_delay_ms=} must be >= 0")
+        if max_queued < 1:
+            raise ValueError(f"{max_queued=} must be >= 1")
         self.batch_fn = batch_fn
         self.max_batch = max_batch
         self.max_wait_ms = max_wait_ms
@@ -89,6 +106,10 @@ class SingleFlightBatcher:
         self.on_batch = on_batch
         self.schedule = schedule
         self.max_queue_delay_ms = max_queue_delay_ms
+        self.max_queued = max_queued
+        """Most items waiting for the model (running ones not counted); see the module docstring."""
+        self.refused = 0
+        """Items refused because the queue was full."""
         self._inflight: dict[Hashable, asyncio.Future] = {}
         self._jobs: dict[Hashable, list[Job]] = {}  # in-flight key -> the jobs waiting for it
         self._pending: dict[Hashable, _Pending] = {}  # queued, not yet running; submit order
@@ -139,19 +160,35 @@ class SingleFlightBatcher:
         return self._finished.get(key, -1) >= mark
 
     def enqueue(self, key: Hashable, item: Any, job: Job | None = None) -> asyncio.Future:
-        """``submit`` without waiting: registered (or joined) before this returns."""
-        job = job or Job(1)
-        fut = self._inflight.get(key)
-        if fut is not None:
-            self.joins += 1
-            self._jobs[key].append(job)
-        else:
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[key] = fut
-            self._jobs[key] = [job]
-            self._pending[key] = _Pending(item)
-            self._wakeup.set()
-        return fut
+        """``submit`` without waiting: registered (or joined) before this returns; ``QueueFull``
+        when the queue has no room for it."""
+        return self.enqueue_many([(key, item)], job)[0]
+
+    def enqueue_many(self, items: Sequence[tuple[Hashable, Any]], job: Job | None = None) -> list[asyncio.Future]:
+        """``enqueue`` each ``(key, item)`` for one ``job``, all or none: ``QueueFull`` (nothing
+        queued) when the new keys would take the queue past ``max_queued``."""
+        if not items:
+            return []
+        new = {key for key, _ in items if key not in self._inflight}
+        if new and self._pending and len(self._pending) + len(new) > self.max_queued:
+            self.refused += len(new)
+            raise QueueFull(f"the encode queue is full: {len(self._pending)} images wait for the model, "
+                            f"{len(new)} more would pass max_queued={self.max_queued}; retry later")
+        job = job or Job(len(items))
+        futures = []
+        for key, item in items:
+            fut = self._inflight.get(key)
+            if fut is not None:
+                self.joins += 1
+                self._jobs[key].append(job)
+            else:
+                fut = asyncio.get_running_loop().create_future()
+                self._inflight[key] = fut
+                self._jobs[key] = [job]
+                self._pending[key] = _Pending(item)
+                self._wakeup.set()
+            futures.append(fut)
+        return futures
 
     async def submit(self, key: Hashable, item: Any, job: Job | None = None) -> Any:
         """The result for ``key``; joins an in-flight computation of the same key if any.

@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
         cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, salt=args.salt,
         cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"), compute_gate=args.compute_gate,
-        schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms,
+        schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms, max_queued_images=args.max_queued_images,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_app(create_app(config), "mmcache-encoder", config.host, config.port)
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="which queued misses run first: arrival order, or the request with the fewest images left")
     s.add_argument("--max-queue-delay-ms", type=float, default=10_000.0,
                    help="under --schedule sjf, a miss queued longer than this runs first")
+    s.add_argument("--max-queued-images", type=int, default=1024,
+                   help="most images waiting for the model; a request whose new images would pass it gets 503 "
+                        "with Retry-After (default: 1024)")
     s.add_argument("--allowed-dir", action="append", default=[], help="allow file:// under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="refuse http(s):// image URLs")
     s.add_argument("--salt", help="tenant salt mixed into the namespace")

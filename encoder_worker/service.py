@@ -2,12 +2,17 @@
 
 Per image: fetch → hash the raw bytes → look the key up in the cache → encode the misses
 (single-flight, dynamically batched, off the event loop) → put them in the cache → answer.
+
+Statuses: 400 a bad image or body (the message names the image), 503 with ``Retry-After`` the
+encode queue is full (``max_queued_images``) or the cache is full (``CacheFull``: every byte
+leased), 503 the cache is unreachable, 500 a bug.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,10 +22,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from encoder_worker.batcher import SCHEDULES, BatchStats, Job, SingleFlightBatcher
+from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, load_image
 from mmcache.compute_gate import GateClient
-from mmcache_client import AsyncCacheClient, CacheUnavailable, content_hash
+from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,9 @@ class EncoderServeConfig:
     with the fewest images left to encode first; see ``encoder_worker.batcher``)."""
     max_queue_delay_ms: float = 10_000.0
     """Under ``sjf``, a miss queued longer than this runs first (no request starves)."""
+    max_queued_images: int = 1024
+    """Most misses waiting for the model; a request whose new misses would pass it is refused
+    with 503 + ``Retry-After`` (see ``encoder_worker.batcher``)."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -67,6 +75,8 @@ class EncoderServeConfig:
             raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
+        if self.max_queued_images < 1:
+            raise ValueError(f"max_queued_images={self.max_queued_images} must be >= 1")
 
 
 class _Metrics:
@@ -98,7 +108,8 @@ class EncodeService:
         self.batcher = SingleFlightBatcher(self._encode_batch, max_batch=config.max_batch,
                                            max_wait_ms=config.max_wait_ms, after=self._store,
                                            on_batch=self._on_batch, schedule=config.schedule,
-                                           max_queue_delay_ms=config.max_queue_delay_ms)
+                                           max_queue_delay_ms=config.max_queue_delay_ms,
+                                           max_queued=config.max_queued_images)
         self._http: aiohttp.ClientSession | None = None
         self.gate = GateClient(config.compute_gate, "encode") if config.compute_gate else None
 
@@ -170,7 +181,7 @@ class EncodeService:
             candidates = [h for h in candidates if h not in cached and self.batcher.finished_since(h, mark)]
         misses = [h for h in unique if h not in cached]
         job = Job(len(misses)) if misses else None
-        futures = [asyncio.shield(self.batcher.enqueue(h, unique[h], job)) for h in misses]
+        futures = [asyncio.shield(f) for f in self.batcher.enqueue_many([(h, unique[h]) for h in misses], job)]
         results = await asyncio.gather(*futures)
         for h, enc in zip(misses, results):
             num_tokens[h] = int(enc.embeddings.shape[0])
@@ -200,6 +211,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except MediaError as e:
         where = f"image {e.index}: " if e.index is not None else ""
         return web.json_response({"error": f"{where}{e}"}, status=400)
+    except QueueFull as e:
+        return _retry_later(str(e), e.retry_after_s)
+    except CacheFull as e:  # NOTE: a put of an encoded image found every byte leased
+        return _retry_later(f"the cache is full (every byte leased): {e}", e.retry_after_s)
     except CacheUnavailable as e:
         return web.json_response({"error": f"the cache is unavailable: {e}"}, status=503)
     except ValueError as e:
@@ -207,6 +222,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception as e:
         logger.exception("%s %s failed", request.method, request.path)
         return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
+
+
+def _retry_later(message: str, retry_after_s: float) -> web.Response:
+    return web.json_response({"error": message}, status=503,
+                             headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 async def encode_handler(request: web.Request) -> web.Response:
@@ -240,6 +260,7 @@ async def stats_handler(request: web.Request) -> web.Response:
                               **service.counters, **gate,
                               "inflight": service.batcher.inflight, "queued": service.batcher.queued,
                               "single_flight_joins": service.batcher.joins, "schedule": service.batcher.schedule,
+                              "max_queued": service.batcher.max_queued, "refused": service.batcher.refused,
                               "schedule_overtakes": service.batcher.overtakes})
 
 
