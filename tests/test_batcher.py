@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from encoder_worker.batcher import Job, SingleFlightBatcher
+from encoder_worker.batcher import Job, QueueFull, SingleFlightBatcher
 
 
 class FakeModel:
@@ -114,6 +114,33 @@ def test_bad_settings():
         SingleFlightBatcher(FakeModel(), max_batch=0)
     with pytest.raises(ValueError):
         SingleFlightBatcher(FakeModel(), max_wait_ms=-1)
+    with pytest.raises(ValueError, match="max_queued=0"):
+        SingleFlightBatcher(FakeModel(), max_queued=0)
+
+
+async def test_the_queue_is_bounded_and_refuses_a_request_whole(make):
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_batch=1, max_wait_ms=0, max_queued=2)
+    running = b.enqueue("k0", "k0")
+    await _when(lambda: b.queued == 0 and b.inflight == 1)  # k0 is in the model: not queued
+    queued = b.enqueue_many([("k1", "k1"), ("k2", "k2")], Job(2))
+    assert b.queued == 2
+    with pytest.raises(QueueFull, match="2 images wait for the model, 1 more would pass max_queued=2") as e:
+        b.enqueue("k3", "k3")
+    assert e.value.retry_after_s > 0
+    with pytest.raises(QueueFull):  # NOTE: all or none: k1 is not joined either
+        b.enqueue_many([("k1", "k1"), ("k3", "k3")], Job(2))
+    assert b.joins == 0 and b.queued == 2 and b.refused == 2
+    joined = b.enqueue_many([("k1", "k1"), ("k0", "k0")], Job(2))  # NOTE: nothing new: no room needed
+    assert b.joins == 2 and b.queued == 2
+    model.gate.set()
+    assert await asyncio.gather(running, *queued, *joined) == ["emb(k0)", "emb(k1)", "emb(k2)", "emb(k1)", "emb(k0)"]
+    assert [c[0] for c in model.calls] == ["k0", "k1", "k2"]
+    # NOTE: a request larger than the whole queue is taken when the queue is empty
+    big = b.enqueue_many([(f"b{i}", i) for i in range(3)], Job(3))
+    assert b.inflight == 3
+    assert await asyncio.gather(*big) == ["emb(0)", "emb(1)", "emb(2)"]
 
 
 async def _when(cond, timeout=10.0):

@@ -20,7 +20,7 @@ from PIL import Image
 from encoder_worker.media import MediaLimits
 from encoder_worker.service import SERVICE, EncoderServeConfig, create_app
 from mmcache.config import ServeConfig
-from mmcache_client import CacheClient, content_hash
+from mmcache_client import CacheClient, CacheFull, content_hash
 from sidecar import ThreadedSidecar
 
 
@@ -41,8 +41,11 @@ class CountingEncoder:
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
+        """Set when a batch reaches the model (before the gate)."""
 
     def encode(self, images):
+        self.entered.set()
         self.gate.wait(30)
         self.batches.append(len(images))
         out = []
@@ -211,3 +214,55 @@ async def test_cache_down_is_a_503_and_the_worker_keeps_serving(tmp_path):
         assert (await client.get("/healthz")).status == 200
     finally:
         await client.close()
+
+
+async def test_a_full_encode_queue_is_a_503_with_retry_after(sidecar):
+    model = CountingEncoder()
+    cfg = EncoderServeConfig(cache_url=f"unix://{sidecar.config.socket}", max_batch=1, max_wait_ms=0,
+                             max_queued_images=1)
+    async with TestClient(TestServer(create_app(cfg, encoder=model))) as client:
+        batcher = client.app[SERVICE].batcher
+        model.gate.clear()
+        running = asyncio.ensure_future(encode(client, [png_uri(20)]))
+        await asyncio.to_thread(model.entered.wait, 10)  # NOTE: in the model, no longer queued
+        queued_uri = png_uri(21)
+        queued = asyncio.ensure_future(encode(client, [queued_uri]))
+        await _until(lambda: batcher.queued == 1)
+        resp = await client.post("/v1/encode", json={"images": [png_uri(22)]})
+        body = await resp.json()
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        assert "the encode queue is full" in body["error"] and "max_queued=1" in body["error"]
+        joined = asyncio.ensure_future(encode(client, [queued_uri]))  # NOTE: in flight already: no room needed
+        await _until(lambda: batcher.joins == 1)
+        model.gate.set()
+        answers = await asyncio.gather(running, queued, joined)
+        assert [a["items"][0]["cached"] for a in answers] == [False, False, False] and model.batches == [1, 1]
+        assert (await encode(client, [png_uri(22)]))["items"][0]["cached"] is False  # the refused one, retried
+        stats = await (await client.get("/v1/stats")).json()
+        assert stats["refused"] == 1 and stats["max_queued"] == 1 and stats["queued"] == 0
+
+
+async def test_a_full_cache_is_a_503_with_retry_after(encoder_client, sidecar):
+    service = encoder_client.app[SERVICE]
+    real_put = service.cache.put
+
+    async def full(namespace, hash_hex, *args, **kwargs):
+        raise CacheFull(f"{namespace}/{hash_hex}: no room for 1024 bytes now (injected)", retry_after_s=2.5)
+    service.cache.put = full
+    uri = png_uri(30)
+    try:
+        resp = await encoder_client.post("/v1/encode", json={"images": [uri, png_uri(31)]})
+        body = await resp.json()
+        assert resp.status == 503 and resp.headers["Retry-After"] == "3"
+        assert body["error"].startswith("the cache is full (every byte leased): ") and "(injected)" in body["error"]
+    finally:
+        service.cache.put = real_put
+    assert (await encode(encoder_client, [uri]))["items"][0]["cached"] is False  # nothing was stored
+    assert (await encode(encoder_client, [uri]))["items"][0]["cached"] is True
+
+
+async def _until(cond, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)

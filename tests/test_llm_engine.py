@@ -22,7 +22,7 @@ from llm_worker.kv import KV_FORMAT, KVCache, kv_entry_fields, kv_key, plan_kv_e
 from llm_worker.prompt import image_urls, prompt_ids
 from llm_worker.sampling import SamplingParams
 from llm_worker.sequence import FINISH_LENGTH, FINISH_STOP, DecodeState
-from llm_worker.slab import BatchKV
+from llm_worker.slab import BatchKV, KVAllocationError
 from mmcache.config import ServeConfig
 from mmcache_client import CacheClient
 from mmcache_client.format import read_entry
@@ -216,6 +216,75 @@ def test_batch_kv_layout_survives_joins_growth_and_removal():
     step()
     check()
     assert kv.attention_mask() is not None and kv.num_rows == 2
+
+
+@torch.inference_mode()
+def test_a_failed_allocation_leaves_the_batch_kv_as_it_was(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    kv = BatchKV(num_layers=2, num_kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+
+    def prompt(num_tokens: int) -> KVCache:
+        return KVCache(torch.randn(2, 1, num_tokens, 2, generator=g), torch.randn(2, 1, num_tokens, 2, generator=g))
+    first, second = prompt(3), prompt(5)
+    kv.add(first, reserve_tokens=4)
+    kv.add(second, reserve_tokens=4)
+    before = ([k.clone() for k in kv.keys], [v.clone() for v in kv.values], list(kv.lens), kv.length,
+              kv.row_capacity, kv.column_capacity)
+    allocate = BatchKV._allocate
+    large = []
+
+    def short_of_memory(self, shape):
+        if shape[2] > 40:
+            large.append(shape)
+            if len(large) == 3:  # NOTE: the first layer's slabs were made: the second layer's fail
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory (injected)")
+        return allocate(self, shape)
+    monkeypatch.setattr(BatchKV, "_allocate", short_of_memory)
+    # NOTE: the third row needs more rows, a shift and 100 more positions
+    with pytest.raises(KVAllocationError, match=r"no memory for KV slabs of 4 rows x 108 positions \(13824 bytes\)"):
+        kv.add(prompt(8), reserve_tokens=100)
+    after = (kv.keys, kv.values, kv.lens, kv.length, kv.row_capacity, kv.column_capacity)
+    assert all(torch.equal(a, b) for a, b in zip(before[0] + before[1], after[0] + after[1]))
+    assert before[2:] == after[2:]
+    kv.add(prompt(8), reserve_tokens=4)  # NOTE: one that fits still joins, and the rows kept their KV
+    assert kv.lens == [3, 5, 8]
+    for row, p in enumerate((first, second)):
+        assert torch.equal(kv.keys[1][row, :, kv.length - p.num_tokens:kv.length], p.keys[1])
+
+
+def test_a_request_whose_kv_finds_no_memory_fails_alone(engine, embeddings, monkeypatch):
+    prompts = [(engine.prompt_ids(conversation(n, q), [576] * n), embeddings[:n]) for n, q in [(1, "Hi"), (0, "Why?")]]
+    params = [SamplingParams(max_tokens=m, temperature=0) for m in (9, 14)]
+    alone = [run_alone(engine, ids, embs, p).token_ids for (ids, embs), p in zip(prompts, params)]
+    states = [engine.start(f"r{i}", engine.prefill(ids, embs, p), p)
+              for i, ((ids, embs), p) in enumerate(zip(prompts, params))]
+    greedy_long = SamplingParams(max_tokens=3000, temperature=0)
+    doomed_ids = engine.prompt_ids(conversation(0, "Tell me a long story"), [])
+    doomed = engine.start("doomed", engine.prefill(doomed_ids, [], greedy_long), greedy_long)
+    allocate = BatchKV._allocate
+    monkeypatch.setattr(BatchKV, "_allocate", lambda self, shape: (_ for _ in ()).throw(
+        RuntimeError("out of memory (injected)")) if shape[2] > 2500 else allocate(self, shape))
+    batch = engine.new_batch()
+    batch.add(states[0])
+    batch.step()
+    with pytest.raises(KVAllocationError, match="out of memory"):
+        batch.add(doomed)
+    assert doomed.kv is not None and len(batch) == 1  # NOTE: it never joined; its KV is still its own
+    batch.add(states[1])
+    while batch:
+        batch.step()
+    assert [s.token_ids for s in states] == alone
+
+
+def test_max_tokens_must_fit_the_context(engine):
+    ids = engine.prompt_ids(conversation(0, "Hi"), [])
+    assert engine.max_model_len == 4096
+    fits = SamplingParams(max_tokens=4096 - len(ids), temperature=0)
+    engine.check_max_tokens(len(ids), fits)
+    too_many = SamplingParams(max_tokens=4097 - len(ids), temperature=0)
+    with pytest.raises(ValueError, match=f"max_tokens={4097 - len(ids)} exceeds the model's context of 4096 minus "
+                                         f"the prompt's {len(ids)} tokens \\(at most {4096 - len(ids)}\\)"):
+        engine.start("r", engine.prefill(ids, [], too_many), too_many)
 
 
 # ---------------------------------------------------------------- KV hand-off

@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.models import ensure_model
+from llm_worker.prompt import template_ids
 from llm_worker.router import Pool, RouterConfig, create_app, load_tokenizer
 from sidecar import free_port
 
@@ -44,6 +45,13 @@ class Script:
         self.first_token = 10
         self.decode_held: asyncio.Event | None = None
         """Set: decode answers only once it is set."""
+        self.decode_entered = asyncio.Event()
+        """Set once a decode request has arrived."""
+        self.decode_error_status: int | None = None
+        """The worker's status in the stream's error event (a real decode worker sends it)."""
+        self.error_headers: dict[str, str] = {}
+        """Headers of the encoders' and prefill's error answers (e.g. Retry-After)."""
+        self.prefill_error: tuple[int, str] | None = None
 
 
 def fake_encoder(script: Script, name: str) -> web.Application:
@@ -52,7 +60,8 @@ def fake_encoder(script: Script, name: str) -> web.Application:
         script.encoded.setdefault(name, []).append(images)
         if name in script.encode_error:
             status, message = script.encode_error[name]
-            return web.json_response({"error": message.format(last=len(images) - 1)}, status=status)
+            return web.json_response({"error": message.format(last=len(images) - 1)}, status=status,
+                                     headers=script.error_headers)
         return web.json_response({"namespace": NS, "items": [
             {"hash": f"{abs(hash(u)) % (1 << 64):032x}", "num_tokens": 576, "cached": False} for u in images]})
     app = web.Application()
@@ -71,6 +80,9 @@ def fake_prefill(script: Script) -> web.Application:
         if script.prefill_missing:
             script.prefill_missing -= 1
             return web.json_response({"error": f"image {NS}/00 is not in the cache"}, status=409)
+        if script.prefill_error is not None:
+            status, message = script.prefill_error
+            return web.json_response({"error": message}, status=status, headers=script.error_headers)
         answer = {"request_id": body["request_id"], "kv": {"namespace": "kv.x", "hash": "0" * 32},
                   "first_token": 5, "prompt_tokens": 600, "seed": 42}
         if script.first_text is not None:
@@ -85,13 +97,15 @@ def fake_decode(script: Script) -> web.Application:
     async def decode(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         assert body["stream"] is True and body["sampling"]["seed"] == 42
+        script.decode_entered.set()
         if script.decode_held is not None:
             await script.decode_held.wait()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(script.decode_tokens):
             await response.write(f'data: {json.dumps({"text": f"t{i} ", "token_id": 10 + i})}\n\n'.encode())
-        last = {"error": script.decode_error} if script.decode_error else \
+        last = {"error": script.decode_error, "status": script.decode_error_status, "retry_after_s": 3} \
+            if script.decode_error else \
             {"finish_reason": "length", "completion_tokens": script.decode_tokens, "prompt_tokens": 600}
         await response.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
         return response
@@ -307,6 +321,89 @@ async def test_unknown_routes_answer_openai_errors(router):
     assert models["data"][0]["id"] == "tiny-llava" and models["object"] == "list"
 
 
+# ---------------------------------------------------------------- bounds
+
+
+@module_loop
+async def test_max_tokens_past_the_context_is_a_400_among_normal_requests(router, tokenizer):
+    client, script, _ = router
+    tok, image_token_id, context = tokenizer
+    ids = template_ids(tok, body(uris(1, "m"))["messages"], image_token_id)
+    huge, exact = body(uris(1, "m"), max_tokens=10**8), body(uris(1, "m"), max_completion_tokens=context - len(ids))
+    exact.pop("max_tokens")
+    answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=doc) for doc in (
+        body(uris(2, "a")), huge, body([]), exact, body(uris(1, "b")))))
+    docs = [await resp.json() for resp in answers]
+    assert [resp.status for resp in answers] == [200, 400, 200, 400, 200], docs
+    assert all(docs[i]["choices"][0]["message"]["content"] == "t0 t1 t2 " for i in (0, 2, 4))
+    # NOTE: the first is refused on the template before any fetch (the image counted as one token),
+    # the second once the encoder has said the image takes 576
+    assert docs[1]["error"]["message"] == (f"max_tokens=100000000 exceeds the model's context of {context} minus "
+                                           f"the prompt's {len(ids)} tokens (at most {context - len(ids)})")
+    assert docs[1]["error"]["param"] == "max_tokens" and docs[1]["error"]["stage"] == "router"
+    m = len(ids) - 1 + 576
+    assert docs[3]["error"]["message"] == (f"max_completion_tokens={context - len(ids)} exceeds the model's context "
+                                           f"of {context} minus the prompt's {m} tokens (at most {context - m})")
+    sent = [u for runs in script.encoded.values() for run in runs for u in run]
+    assert sent.count(uris(1, "m")[0]) == 1  # 'exact' was encoded, 'huge' reached no encoder
+    assert len(script.prefills) == 3 and all(p["sampling"]["max_tokens"] == 3 for p in script.prefills)
+
+
+@module_loop
+async def test_a_default_max_tokens_is_cut_to_the_room_left(router, tokenizer):
+    client, script, _ = router
+    tok, image_token_id, context = tokenizer
+    doc = body(uris(7, "d"))
+    doc.pop("max_tokens")
+    prompt = len(template_ids(tok, doc["messages"], image_token_id)) - 7 + 7 * 576
+    assert (await client.post("/v1/chat/completions", json=doc)).status == 200
+    assert script.prefills[-1]["sampling"]["max_tokens"] == context - prompt < 256
+    doc["messages"][0]["content"] = doc["messages"][0]["content"][:2]
+    assert (await client.post("/v1/chat/completions", json=doc)).status == 200
+    assert script.prefills[-1]["sampling"]["max_tokens"] == 256  # the default: it fits
+
+
+@module_loop
+async def test_the_router_refuses_past_max_inflight_with_a_503(workers, tokenizer):
+    script, urls = workers
+    script.__init__()
+    config = RouterConfig(encoders=(urls["enc-a"],), prefill=(urls["prefill"],), decode=(urls["decode"],),
+                          max_inflight=1)
+    async with TestClient(TestServer(create_app(config, *tokenizer))) as client:
+        script.decode_held = asyncio.Event()
+        held = asyncio.ensure_future(client.post("/v1/chat/completions", json=body(uris(1, "i"))))
+        await asyncio.wait_for(script.decode_entered.wait(), 10)  # NOTE: the first request is in flight
+        resp = await client.post("/v1/chat/completions", json=body([]))
+        doc = await resp.json()
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        assert doc["error"]["code"] == 503 and doc["error"]["type"] == "server_error"
+        assert "max_inflight=1" in doc["error"]["message"] and len(script.prefills) == 1
+        script.decode_held.set()
+        assert (await held).status == 200
+        assert (await client.post("/v1/chat/completions", json=body([]))).status == 200
+        stats = (await (await client.get("/v1/stats")).json())["router"]
+        assert stats["active"] == 0 and stats["errors"] == 1
+
+
+@module_loop
+@pytest.mark.parametrize("stage", ["encode", "prefill", "decode"])
+async def test_a_workers_503_reaches_the_client_with_its_retry_after(router, stage):
+    client, script, _ = router
+    script.error_headers = {"Retry-After": "3"}
+    message = "the cache is full (every byte leased): no room now"
+    if stage == "encode":
+        script.encode_error.update({"enc-a": (503, message), "enc-b": (503, message)})
+    elif stage == "prefill":
+        script.prefill_error = (503, message)
+    else:
+        script.decode_error, script.decode_error_status = message, 503
+    resp = await client.post("/v1/chat/completions", json=body(uris(1, "c")))
+    doc = await resp.json()
+    assert resp.status == 503 and resp.headers["Retry-After"] == "3", doc
+    assert doc["error"]["stage"] == stage and doc["error"]["message"] == f"{stage}: {message}"
+    assert doc["error"]["code"] == 503 and doc["error"]["type"] == "server_error"
+
+
 def test_pool_prefers_idle_and_up_workers():
     pool = Pool("encode", ["http://a", "http://b", "http://c"], retry_down_s=60)
     a, b, c = pool.backends
@@ -322,4 +419,6 @@ def test_router_config_checks():
         RouterConfig(encoders=("http://e",))
     with pytest.raises(ValueError, match="either"):
         RouterConfig(generate=("http://g",), decode=("http://d",))
+    with pytest.raises(ValueError, match="max_inflight=0"):
+        RouterConfig(generate=("http://g",), max_inflight=0)
     assert RouterConfig(generate=("http://g",), model="/models/llava-1.5-7b-hf/").model_id == "llava-1.5-7b-hf"
