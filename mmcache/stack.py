@@ -6,8 +6,16 @@ baseline behind the same API. Each child is started with ``--port 0`` and report
 bound in its ready line (``mmcache.serving``); the stack waits for those lines and for each
 ``/healthz``, with no sleeps, then prints ``mmcache up: URL``. Children's output is forwarded
 prefixed with their names. Ctrl-C / SIGTERM stops the router, then the workers, then the sidecar
-(so it flushes to disk). A worker that dies is reported and the router routes around it; the
-router or the sidecar dying stops the stack.
+(so it flushes to disk).
+
+Once up, the stack supervises (``mmcache.supervisor``): a process that dies — a worker, the
+router or the sidecar — is logged with its exit status or signal and started again on the port
+it first bound, after an exponential backoff; meanwhile the router passes a dead worker over
+(or answers 503 naming it). A sidecar that died leaves its shared-memory arena behind: it is
+removed at once (see ``remove_dead_arena``); the restarted sidecar keeps the data dir (disk
+entries survive) and the socket path, where the workers' SDK clients reconnect on their own.
+Restarts and last exits show in the router's ``GET /v1/stats`` under ``processes`` (from the
+status file ``<data_dir>/stack-status.json``).
 
 The workers are started as ``python -m encoder_worker.cli`` / ``python -m llm_worker.cli``:
 ``mmcache`` does not import them.
@@ -15,29 +23,30 @@ The workers are started as ``python -m encoder_worker.cli`` / ``python -m llm_wo
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-import queue
 import re
 import signal
-import subprocess
+import stat
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from encoder_worker.batcher import SCHEDULES
+from mmcache.supervisor import Backoff, Child, Supervisor
 
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")
 EPD_SPIN_COUNT = 10_000
 """libgomp's GOMP_SPINCOUNT for EPD workers, which share the cores (see ``Stack.__init__``)."""
-_READY = re.compile(r"^(?P<name>[\w -]+) ready: (?P<url>http://\S+)")
-_PR_SET_PDEATHSIG = 1
+STATUS_FILE = "stack-status.json"
+"""In the data dir: the stack's processes, their restarts and last exits (read by the router)."""
+ARENA_RECORD = "arena.path"
+"""In the data dir: the sidecar's arena file (``mmcache.store._ARENA_RECORD``)."""
 _MAX_SOCKET_PATH = 100
+_STOP_ORDER = ((("router",), 15), (("encoder", "prefill", "decode", "generate"), 30), (("cache",), 30))
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class StackConfig:
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
+    backoff: Backoff = Backoff()
+    """How long a child that died waits before it is started again."""
 
     def __post_init__(self) -> None:
         for name in ("encoders", "prefill", "decode"):
@@ -112,81 +123,13 @@ class _Stop(Exception):
     """SIGINT/SIGTERM arrived."""
 
 
-def _child_setup(niceness: int):
-    def setup() -> None:
-        # NOTE: a SIGKILLed `mmcache up` cannot stop its children; the kernel sends them SIGTERM.
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
-        if niceness:
-            os.nice(niceness)
-        _autogroup_nice(os.nice(0))
-    return setup
-
-
-def _autogroup_nice(niceness: int) -> None:
-    """Give this process's autogroup its niceness. With the kernel's autogroups on (the default
-    on desktop and most server distributions), each session is one scheduling group, and a
-    process's nice value ranks it only against the processes of its own session: a child in a
-    session of its own would compete with its siblings at full weight whatever its nice value."""
-    if niceness <= 0:
-        return
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(niceness))
-    except OSError:  # NOTE: no autogroups (not built in, or off): the plain nice value already acts
-        pass
-
-
-class Child:
-    """One process of the stack; a thread forwards its output and reports its ready line and exit."""
-
-    def __init__(self, name: str, role: str, argv: list[str], events: queue.Queue, env: dict[str, str],
-                 niceness: int = 0):
-        self.name, self.role, self.argv = name, role, argv
-        self.url: str | None = None
-        # NOTE: a session of its own: Ctrl-C in the terminal reaches `mmcache up` only, which stops
-        # the children in order (a second signal in the middle of a child's shutdown could cut
-        # the sidecar's final flush short).
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, preexec_fn=_child_setup(niceness), start_new_session=True, bufsize=1,
-                                     text=True)
-        self.tail: list[str] = []
-        self._events = events
-        threading.Thread(target=self._pump, name=f"pump-{name}", daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.tail = (self.tail + [line])[-40:]
-            match = _READY.match(line)
-            if match and self.url is None:
-                self.url = match["url"]
-                self._events.put(("ready", self))
-            sys.stderr.write(f"[{self.name}] {line}\n")
-        self._events.put(("exit", self, self.proc.wait()))
-
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float) -> None:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            sys.stderr.write(f"mmcache up: {self.name} did not stop in {timeout:.0f} s; killing it\n")
-            self.proc.kill()
-            self.proc.wait()
-
-
 class Stack:
     """Start with ``start()`` (returns once the router answers), stop with ``stop()``."""
 
     def __init__(self, config: StackConfig):
         self.config = config
-        self.children: list[Child] = []
-        self.events: queue.Queue = queue.Queue()
+        self.supervisor = Supervisor(config.backoff, os.path.join(config.data_dir, STATUS_FILE))
+        self.children = self.supervisor.children
         self.url: str | None = None
         self.socket_path = _socket_path(config.data_dir)
         self.gate_path = _socket_path(config.data_dir, "compute-gate.sock") if config.shared_cores else None
@@ -209,9 +152,14 @@ class Stack:
 
     def _spawn(self, name: str, role: str, module: str, *args: str) -> Child:
         env = self._worker_env if role in ("encoder", "prefill", "decode") else self._env
-        child = Child(name, role, [sys.executable, "-m", module, *args], self.events, env, self._nice.get(role, 0))
-        self.children.append(child)
-        return child
+        on_exit = self._sidecar_exited if role == "cache" else None
+        return self.supervisor.spawn(name, role, [sys.executable, "-m", module, *args], env, self._nice.get(role, 0),
+                                     on_exit)
+
+    def _sidecar_exited(self, pid: int, returncode: int) -> None:
+        removed = remove_dead_arena(self.config.data_dir, pid)
+        if removed:
+            sys.stderr.write(f"mmcache up: removed the arena {removed} of the sidecar that died\n")
 
     def _worker_args(self) -> list[str]:
         c = self.config
@@ -278,14 +226,15 @@ class Stack:
         """Until each of ``children`` printed its ready line and answers ``/healthz``."""
         waiting = {id(c) for c in children if c.url is None}
         while waiting:
-            try:
-                event = self.events.get(timeout=max(deadline - time.monotonic(), 0.001))
-            except queue.Empty:
+            event = self.supervisor.next_event(max(deadline - time.monotonic(), 0.001))
+            if event is None:
                 names = [c.name for c in children if id(c) in waiting]
-                raise StackError(f"{', '.join(names)} not ready after {self.config.startup_timeout_s:.0f} s") from None
+                raise StackError(f"{', '.join(names)} not ready after {self.config.startup_timeout_s:.0f} s")
+            if event[0] == "stop":
+                raise _Stop()
             kind, child = event[0], event[1]
             if kind == "exit":
-                raise StackError(f"{child.name} exited with status {event[2]} while starting:\n  "
+                raise StackError(f"{child.name} exited with status {event[3]} while starting:\n  "
                                  + "\n  ".join(child.tail[-15:]))
             waiting.discard(id(child))
         for child in children:
@@ -294,27 +243,18 @@ class Stack:
     # -- running and stopping -----------------------------------------------------------------
 
     def supervise(self) -> int:
-        """Until SIGINT/SIGTERM (→ 0) or the router / sidecar exits (→ 1); a worker that exits is
-        reported and the rest go on."""
-        while True:
-            kind, child, *rest = self.events.get()
-            if kind != "exit":
-                continue
-            if child.role in ("router", "cache"):
-                sys.stderr.write(f"mmcache up: {child.name} exited with status {rest[0]}; stopping the stack\n")
-                return 1
-            sys.stderr.write(f"mmcache up: {child.name} ({child.url}) exited with status {rest[0]}; "
-                             "the router passes it over\n")
+        """Until SIGINT/SIGTERM (``request_stop``; → 0), restarting each child that exits."""
+        self.supervisor.supervise()
+        return 0
+
+    def request_stop(self) -> None:
+        """Safe in a signal handler: ``start`` raises ``_Stop``, ``supervise`` returns."""
+        self.supervisor.request_stop()
 
     def stop(self) -> None:
-        """Router first (no new work), then the workers, then the sidecar (flushes to disk)."""
-        for roles, timeout in ((("router",), 15), (("encoder", "prefill", "decode", "generate"), 30),
-                               (("cache",), 30)):
-            group = [c for c in self.children if c.role in roles]
-            for child in group:
-                child.terminate()
-            for child in group:
-                child.wait(timeout)
+        """Router first (no new work), then the workers, then the sidecar (flushes to disk); no
+        restarts from here on."""
+        self.supervisor.stop(_STOP_ORDER)
 
 
 def _check_health(child: Child) -> None:
@@ -337,13 +277,41 @@ def _socket_path(data_dir: str, name: str = "mmcache.sock") -> str:
     return os.path.join(tempfile.gettempdir(), f"mmcache-{digest}-{name}")
 
 
+def remove_dead_arena(data_dir: str, pid: int) -> str | None:
+    """The arena file that the sidecar ``pid``, now dead, recorded in ``data_dir``, removed; its
+    path, or None when there is none to remove. Removed only when it is surely that sidecar's:
+    under /dev/shm or ``data_dir``, a regular file (no link followed) owned by this user, named
+    as the sidecar names the arenas it creates (``mmcache-<pid>-<hex>.arena``). Anything else
+    stays where it is (the next sidecar's own check of the record decides)."""
+    try:
+        with open(os.path.join(data_dir, ARENA_RECORD)) as f:
+            path = f.read().strip()
+    except FileNotFoundError:
+        return None  # NOTE: it stopped cleanly (the store removes both) or never made one
+    parent = os.path.realpath(os.path.dirname(path))
+    roots = {os.path.realpath("/dev/shm"), os.path.realpath(data_dir)}
+    if not any(parent == r or parent.startswith(r + os.sep) for r in roots) or \
+            not re.fullmatch(rf"mmcache-{pid}-[0-9a-f]+\.arena", os.path.basename(path)):
+        return None
+    path = os.path.join(parent, os.path.basename(path))
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return path
+
+
 def run(config: StackConfig) -> int:
     """``mmcache up``: start, print the URL, supervise, stop; the exit status."""
+    stack = Stack(config)
+
     def on_signal(signum, frame):
-        raise _Stop()
+        stack.request_stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack(config)
     status = 0
     try:
         url = stack.start()
