@@ -14,6 +14,9 @@ Entry layout (the ordinary mmcache safetensors format, so every tier and the wir
 
 Keys: ``kv.<model namespace>/<xxh3-128 of the request id>`` (``kv_key``). Reading is zero-copy:
 ``read_prefill`` returns views over the entry's buffer, valid while the entry is open.
+
+Host-only: a hand-off lives for one request, so it is put with ``persist=False`` (in
+``kv_entry_fields``) and never written to disk; the ``kv.`` prefix names it, nothing more.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def kv_key(model_namespace: str, request_id: str) -> Key:
 
 def kv_entry_fields(result: PrefillResult) -> dict[str, Any]:
     """Keyword arguments for ``CacheClient.put`` / ``AsyncCacheClient.put`` after the key:
-    ``client.put(key.namespace, key.hash, **kv_entry_fields(result))``."""
+    ``client.put(key.namespace, key.hash, **kv_entry_fields(result))`` (host-only: ``persist=False``)."""
     metadata = {
         "kv_format": KV_FORMAT,
         "model_namespace": result.model_namespace,
@@ -105,7 +108,7 @@ def kv_entry_fields(result: PrefillResult) -> dict[str, Any]:
     # only for a caller's strided KV, which the entry writer could not copy from in one go.
     extras = {"k": result.kv.keys.contiguous(), "v": result.kv.values.contiguous()}
     return {"tensor": result.logits.detach().float().reshape(1, -1), "metadata": metadata, "extras": extras,
-            "encode_ms": result.prefill_ms}
+            "encode_ms": result.prefill_ms, "persist": False}
 
 
 def plan_kv_entry(key: Key, result: PrefillResult) -> EntryPlan:

@@ -264,8 +264,8 @@ class LLMService:
                 expand_image_tokens(prompt_ids, self.engine.image_token_id, counts)
             self.engine.check_max_tokens(len(ids), sampling)  # NOTE: decode would refuse it: spare the forward
             result = await self.forward(self.engine.prefill, ids, embeddings, sampling, seed)
-        # NOTE: persist=False: a hand-off lives for one request; it never goes to disk (host only).
-        if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result), persist=False):
+        # NOTE: host-only (kv_entry_fields says persist=False): a hand-off never goes to disk.
+        if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result)):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
         self._count_prompt(len(ids), result.prefill_ms)
         first = self.engine.first_output(result.first_token, sampling)

@@ -311,6 +311,7 @@ def test_kv_handoff_through_the_cache_is_zero_copy(model_dir, engine, embeddings
 
     key = engine.kv_key("req-42")
     assert key == kv_key(engine.namespace, "req-42") and key.namespace == f"kv.{engine.namespace}"
+    assert kv_entry_fields(prefill)["persist"] is False  # NOTE: a hand-off is host-only
     with CacheClient(sidecar.unix_url) as client:
         assert client.put(key.namespace, key.hash, **kv_entry_fields(prefill))
 
