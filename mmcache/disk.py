@@ -129,6 +129,9 @@ class DiskTier(Tier):
         self._bytes = 0
         self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0)
         self.leases = LeaseTable()
+        self._tombstones: set[str] = set()
+        """Keys deleted while a put of theirs was queued: that put must not index them when it
+        commits ahead of the delete."""
         self._pending_puts: dict[str, int] = {}
         """Keys with a queued put (not yet committed), so a delete knows they exist."""
         self._closed = False
@@ -300,7 +303,10 @@ class DiskTier(Tier):
             if nbytes is not None:
                 self._bytes -= nbytes
                 self._policy.on_remove(key, evicted=False)
-            return nbytes is not None or self._pending_puts.pop(key, None) is not None
+            pending = self._pending_puts.pop(key, None) is not None
+            if pending:
+                self._tombstones.add(key)
+            return nbytes is not None or pending
 
     def get_bytes(self, key: str) -> bytes | None:
         """A verified copy of the entry's blob, or None."""
@@ -456,6 +462,7 @@ class DiskTier(Tier):
                     actions.append(("put", op.key, op.blob))
                     results.append((op, PutStatus.CREATED))
                 elif op.kind == "delete":
+                    self._tombstones.discard(op.key)
                     existed = present(op.key)
                     if op.key in added:
                         used -= added.pop(op.key).nbytes
@@ -497,6 +504,8 @@ class DiskTier(Tier):
                 self._policy.on_remove(key, evicted=evicted)
                 self._counts["evictions"] += evicted
             for key, op in added.items():
+                if key in self._tombstones:
+                    continue
                 self._index[key] = op.nbytes
                 self._bytes += op.nbytes
                 self._policy.on_insert(key, op.nbytes, op.cost_ms)

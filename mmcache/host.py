@@ -54,8 +54,6 @@ class HostEntry:
     """Evictable without write-back whatever the tiers below hold: host-only, no tier below, or
     its write-down failed (counted by the store; it must not pin host space for good)."""
     sealed: bool = False
-    doomed: bool = False
-    """Deleted while leased: invisible, freed at the last release."""
     writer: Owner | None = None
     writing_back: bool = False
 
@@ -101,7 +99,12 @@ class HostTier(Tier):
         self.leases = LeaseTable()
         self._key_to_entry: dict[str, HostEntry] = {}
         self._offset_to_key: dict[int, str | None] = {}
-        """Every allocated block: its key, or None for a quarantined reservation."""
+        """Every allocated block: its key, or None for a pinned block no key names (a quarantined
+        reservation, an entry deleted while leased)."""
+        self._doomed: dict[int, HostEntry] = {}
+        self._doomed_keys: dict[int, str] = {}
+        """Entries deleted while leased, by offset: invisible (the key may be put again at once),
+        freed at their last release. Leases are keyed by ``(key, offset)`` for this reason."""
         self._writer_keys: dict[Owner, set[str]] = {}
         self._quarantine: dict[Hashable, list[int]] = {}
         self._lock = threading.RLock()
@@ -260,7 +263,7 @@ class HostTier(Tier):
         if key is _QUARANTINED:
             return None
         entry = self._key_to_entry.get(key)
-        if entry is None or not entry.sealed or entry.doomed or self.leases.is_leased(key):
+        if entry is None or not entry.sealed or self.leases.is_leased((key, entry.offset)):
             return None
         if not entry.clean and not self._persisted(key):
             if not entry.writing_back and len(dirty) < 64:
@@ -308,10 +311,10 @@ class HostTier(Tier):
         read (no hit/miss, no recency)."""
         with self._lock:
             entry = self._key_to_entry.get(key)
-            if entry is None or not entry.sealed or entry.doomed:
+            if entry is None or not entry.sealed:
                 self.misses += count
                 return None
-            self.leases.acquire(key, owner)
+            self.leases.acquire((key, entry.offset), owner)
             if count:
                 self.hits += 1
                 self.policy.on_access(key)
@@ -319,17 +322,29 @@ class HostTier(Tier):
         return TierLease(self.name, key, owner, nbytes, self.arena.view(offset, nbytes), offset)
 
     def release(self, lease: TierLease) -> bool:
-        return self.release_key(lease.key, lease.owner)
+        with self._lock:
+            return self._release(lease.key, lease.offset, lease.owner)
 
     def release_key(self, key: str, owner: Owner) -> bool:
-        """Drop one lease of ``owner`` on ``key``; False if it held none."""
+        """Drop one lease of ``owner`` on ``key`` (the live entry's, else a deleted one's)."""
         with self._lock:
-            if not self.leases.release(key, owner):
-                return False
             entry = self._key_to_entry.get(key)
-            if entry is not None and entry.doomed and not self.leases.is_leased(key):
-                self._free(key)
-            return True
+            if entry is not None and self._release(key, entry.offset, owner):
+                return True
+            return any(self._release(key, off, owner) for off, k in list(self._doomed_keys.items()) if k == key)
+
+    def _release(self, key: str, offset: int, owner: Owner) -> bool:
+        if not self.leases.release((key, offset), owner):
+            return False
+        if offset in self._doomed and not self.leases.is_leased((key, offset)):
+            self._free_doomed(offset)
+        return True
+
+    def _free_doomed(self, offset: int) -> None:
+        del self._doomed[offset]
+        del self._doomed_keys[offset]
+        del self._offset_to_key[offset]
+        self.allocator.free(offset)
 
     def release_owner(self, owner: Owner, *, quarantine: Hashable | None = None) -> int:
         """Drop every lease and open reservation of ``owner``. With ``quarantine`` (a token),
@@ -337,10 +352,9 @@ class HostTier(Tier):
         may still be writing."""
         with self._lock:
             dropped = self.leases.release_owner(owner)
-            for key in dropped:
-                entry = self._key_to_entry.get(key)
-                if entry is not None and entry.doomed and not self.leases.is_leased(key):
-                    self._free(key)
+            for key, offset in dropped:
+                if offset in self._doomed and not self.leases.is_leased((key, offset)):
+                    self._free_doomed(offset)
             reservations = self._writer_keys.pop(owner, set())
             for key in reservations:
                 entry = self._key_to_entry.pop(key)
@@ -372,7 +386,7 @@ class HostTier(Tier):
     def contains(self, key: str) -> bool:
         with self._lock:
             entry = self._key_to_entry.get(key)
-            return entry is not None and entry.sealed and not entry.doomed
+            return entry is not None and entry.sealed
 
     def persists(self, key: str) -> bool:
         with self._lock:
@@ -387,18 +401,20 @@ class HostTier(Tier):
         """Remove a sealed entry; if leased it vanishes now and its space frees at last release."""
         with self._lock:
             entry = self._key_to_entry.get(key)
-            if entry is None or not entry.sealed or entry.doomed:
+            if entry is None or not entry.sealed:
                 return False
             self.policy.on_remove(key, evicted=False)
-            if self.leases.is_leased(key):
-                entry.doomed = True
+            if self.leases.is_leased((key, entry.offset)):
+                del self._key_to_entry[key]
+                self._doomed[entry.offset], self._doomed_keys[entry.offset] = entry, key
+                self._offset_to_key[entry.offset] = None
             else:
                 self._free(key)
             return True
 
     def stats(self) -> dict:
         with self._lock:
-            visible = [e for e in self._key_to_entry.values() if e.sealed and not e.doomed]
+            visible = [e for e in self._key_to_entry.values() if e.sealed]
             return {
                 "entries": len(visible),
                 "bytes": sum(e.nbytes for e in visible),

@@ -285,7 +285,7 @@ def _scribble(sc: ThreadedSidecar, key: str, index: int) -> None:
         view = sc.store.host.view(loc)
         view[index] ^= 0xFF
     finally:
-        sc.store.host.release(key, "test-scribbler")
+        sc.store.host.release(loc)
 
 
 def test_corrupt_entries_raise_corrupt_entry(sidecar):

@@ -146,9 +146,12 @@ def test_barrier_between_lookup_and_read_gives_miss_or_valid_entry(sidecar, acti
     filler = _payload(10_000, num_tokens=2048, hidden=64)  # 512 KiB; 16 of them fill the arena
     with CacheClient(sidecar.socket_url) as reader, CacheClient(sidecar.socket_url) as writer:
         outcomes = []
+        # NOTE: the entry is as large as a filler: eviction frees only what a put needs, so a
+        # small entry between fillers would rightly outlive older fillers.
+        tokens = 2048 if action == "evict" else 256
         for it in range(12):
             i = 100 + it
-            writer.put(NS, _key(i), _payload(i, 256), durable=True)
+            writer.put(NS, _key(i), _payload(i, tokens), durable=True)
             barrier = threading.Barrier(2, timeout=60)
 
             def interfere():
@@ -172,7 +175,7 @@ def test_barrier_between_lookup_and_read_gives_miss_or_valid_entry(sidecar, acti
                 continue
             with e:
                 assert (e.array[:, 0] == i).all()
-                assert np.array_equal(e.array, _payload(i, 256))
+                assert np.array_equal(e.array, _payload(i, tokens))
                 outcomes.append(e.tier)
         if action == "delete":
             assert set(outcomes) == {"miss"}
@@ -216,9 +219,9 @@ def test_writer_killed_between_reserve_and_seal_leaks_nothing(sidecar):
     p.join(60)
     assert ready.is_set() and p.exitcode == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while host.stats()["reservations"] and time.monotonic() < deadline:
-        time.sleep(0.01)  # the sidecar notices the closed socket on its own loop
-    assert host.stats()["reservations"] == 0
+    while (host.stats()["reservations"] or host.allocator.used_bytes != used_before) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the sidecar notices the closed socket (and the writer's exit: pidfd) on its loop
+    assert host.stats()["reservations"] == 0 and host.stats()["quarantined_bytes"] == 0
     assert host.allocator.used_bytes == used_before
     assert not sidecar.store.contains(key)
     with CacheClient(sidecar.socket_url) as c:  # and the key can be written properly after
