@@ -238,15 +238,19 @@ def test_leases_follow_entries(sidecar):
         assert leases(sidecar) == 0
 
 
-def test_closing_the_client_drops_its_leases(sidecar):
+def test_closing_the_client_keeps_open_entries_until_they_close(sidecar):
+    """A view is valid exactly as long as its lease: closing the client does not pull the
+    connection from under an open entry; the last entry to close closes it."""
     c = CacheClient(sidecar.unix_url)
     c.put(NS, h("c"), torch.ones(2, 8), durable=True)
     entry = c.get(NS, h("c"))
     view = entry.tensor
     assert leases(sidecar) == 1
     c.close()  # the entry is still open
+    assert leases(sidecar) == 1 and torch.equal(entry.tensor, torch.ones(2, 8))
+    entry.close()
     assert wait_until(lambda: leases(sidecar) == 0)
-    entry.close()  # after the connection is gone: a no-op, no error
+    entry.close()  # idempotent
     del view
     assert leases(sidecar) == 0
     # a leased entry cannot be evicted; once released it can be deleted
@@ -412,14 +416,15 @@ async def test_async_entry_sync_close_releases(sidecar):
         assert await _async_leases_become(sidecar, 0)
 
 
-async def test_async_closing_the_client_drops_its_leases(sidecar):
+async def test_async_closing_the_client_keeps_open_entries_until_they_close(sidecar):
     c = AsyncCacheClient(sidecar.unix_url)
     await c.put(NS, h("ac"), torch.ones(2, 8), durable=True)
     e = await c.get(NS, h("ac"))
     assert leases(sidecar) == 1
     await c.close()
-    assert wait_until(lambda: leases(sidecar) == 0)
+    assert leases(sidecar) == 1 and torch.equal(e.tensor, torch.ones(2, 8))
     await e.aclose()
+    assert wait_until(lambda: leases(sidecar) == 0)
 
 
 async def test_async_entry_too_large_over_http(sidecar):

@@ -15,7 +15,8 @@ from mmcache_client.arena import SharedArena
 from mmcache_client.client import _key, _keys, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
 from mmcache_client.entry import AsyncEntry
-from mmcache_client.errors import BadRequest, CacheFull, CacheUnavailable, CorruptEntry, EntryTooLarge, raise_for_kind
+from mmcache_client.session import SessionState, open_lease
+from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge, raise_for_kind
 from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
 from mmcache_client.local import MAX_LINE_BYTES
 
@@ -25,8 +26,12 @@ T = TypeVar("T")
 class _AsyncLocal:
     """One Unix-socket session plus the arena mappings; requests serialized on a lock."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, timeout: float | None = 30.0):
         self.path = path
+        self.timeout = timeout
+        """Longest wait for one answer, in seconds (``CacheTimeout`` past it; the session stays)."""
+        self.state = SessionState()
+        self.lmdb_path: str | None = None
         self.arena: SharedArena | None = None
         self._writable: SharedArena | None = None
         self._lock = asyncio.Lock()
@@ -40,6 +45,7 @@ class _AsyncLocal:
         except OSError as e:
             raise CacheUnavailable(f"cannot connect to unix://{self.path}: {e}") from e
         hello = await self.call("hello")
+        self.lmdb_path = hello.get("lmdb_path")
         self.arena = SharedArena(hello["arena_path"])
 
     async def call(self, op: str, **fields: Any) -> dict:
@@ -49,10 +55,13 @@ class _AsyncLocal:
         # read it as its own (a get of one key answered with another key's entry).
         task = asyncio.ensure_future(self._exchange(data))
         try:
-            line = await asyncio.shield(task)
-        except asyncio.CancelledError:
+            line = await asyncio.wait_for(asyncio.shield(task), self.timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as e:
+            # NOTE: the exchange goes on; whatever its late answer grants is given back (_undo).
             self._pending.add(task)
             task.add_done_callback(lambda t: self._undo(t, op, fields))
+            if isinstance(e, asyncio.TimeoutError):
+                raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self.timeout}s") from None
             raise
         answer = json.loads(line)
         if "error" in answer:
@@ -65,9 +74,11 @@ class _AsyncLocal:
                 self._writer.write(data)
                 await self._writer.drain()
                 line = await self._reader.readline()
-            except OSError as e:
+            except (OSError, ValueError) as e:
+                self.state.lost = True
                 raise CacheUnavailable(f"unix://{self.path}: {e}") from e
         if not line:
+            self.state.lost = True
             raise CacheUnavailable(f"unix://{self.path} closed the connection")
         return line
 
@@ -104,6 +115,7 @@ class _AsyncLocal:
         for arena in (self.arena, self._writable):
             if arena is not None:
                 arena.close()
+        self.state.close()
 
 
 class AsyncCacheClient:
@@ -115,6 +127,7 @@ class AsyncCacheClient:
         self.scheme, self._target = parse_url(url)
         self.retries, self.backoff_s = retries, backoff_s
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._unix_timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local: _AsyncLocal | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -124,6 +137,8 @@ class AsyncCacheClient:
             try:
                 return await fn()
             except (CacheUnavailable, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
+                if isinstance(e, CacheTimeout):
+                    raise  # NOTE: a timed-out call may have happened; repeating it is not safe
                 if attempt == self.retries:
                     raise CacheUnavailable(f"{self.url}: {e}") from e
                 await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
@@ -132,14 +147,15 @@ class AsyncCacheClient:
     async def _call(self, op: str, **fields: Any) -> dict:
         async def once() -> dict:
             if self._local is None:
-                local = _AsyncLocal(self._target)
+                local = _AsyncLocal(self._target, self._unix_timeout)
                 await local.connect()
                 self._local = local
             try:
                 return await self._local.call(op, **fields)
+            except CacheTimeout:
+                raise
             except CacheUnavailable:
-                await self._local.close()
-                self._local = None
+                await self._detach()
                 raise
         return await self._retry(once)
 
@@ -202,14 +218,7 @@ class AsyncCacheClient:
             loc = (await self._call("lease", keys=[key]))["leases"][0]
             if loc is None:
                 return None
-            offset, nbytes, tier = loc
-            conn = self._local
-            try:
-                view = read_entry(conn.arena.view(offset, nbytes), verify=False)
-            except EntryFormatError as e:
-                await conn.call("release", keys=[key])
-                raise CorruptEntry(f"{key}: {e}") from e
-            return AsyncEntry(key, tier, view, lambda: self._release(conn, key))
+            return await self._entry(self._local, key, loc)
         status, headers, data = await self._request("GET", f"/v1/entries/{key}")
         if status == 404:
             return None
@@ -219,10 +228,33 @@ class AsyncCacheClient:
             raise CorruptEntry(f"{key}: {e}") from e
         return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
-    async def _release(self, conn: _AsyncLocal, key: str) -> None:
-        if conn is self._local:
-            with contextlib.suppress(CacheUnavailable):
+    async def _detach(self) -> None:
+        """Stop using the current connection; close it only once no open entry relies on it."""
+        conn, self._local = self._local, None
+        if conn is not None and conn.state.detach():
+            await conn.close()
+
+    async def _entry(self, conn: _AsyncLocal, key: str, loc: list) -> AsyncEntry:
+        try:
+            view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
+        except BaseException:
+            with contextlib.suppress(MMCacheError):
                 await conn.call("release", keys=[key])
+            raise
+        conn.state.ref()
+        return AsyncEntry(key, loc[2], view, lambda: self._release(conn, key, end_local),
+                          conn.state if end_local is None else None)
+
+    async def _release(self, conn: _AsyncLocal, key: str, end_local) -> None:
+        if end_local is not None:
+            end_local()
+        try:
+            if not conn.state.lost:
+                with contextlib.suppress(CacheUnavailable):
+                    await conn.call("release", keys=[key])
+        finally:
+            if conn.state.unref():
+                await conn.close()
 
     async def exists(self, namespace: str, hash_hex: str) -> bool:
         key = str(_key(namespace, hash_hex))
@@ -250,9 +282,8 @@ class AsyncCacheClient:
         return json.loads((await self._request("GET", "/v1/stats"))[2])
 
     async def close(self) -> None:
-        if self._local is not None:
-            await self._local.close()
-            self._local = None
+        """Close the client. A connection that open entries still rely on closes with the last."""
+        await self._detach()
         if self._session is not None:
             await self._session.close()
             self._session = None

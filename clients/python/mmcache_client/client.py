@@ -21,6 +21,7 @@ from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CacheTimeou
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
+from mmcache_client.session import open_lease
 
 T = TypeVar("T")
 
@@ -138,10 +139,15 @@ class CacheClient:
             except CacheTimeout:
                 raise
             except CacheUnavailable:
-                self._local.close()
-                self._local = None
+                self._detach()
                 raise
         return with_retries(once, self.retries, self.backoff_s, self.url)
+
+    def _detach(self) -> None:
+        """Stop using the current connection; close it only once no open entry relies on it."""
+        conn, self._local = self._local, None
+        if conn is not None and conn.state.detach():
+            conn.close()
 
     def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)) -> tuple[int, dict, bytes]:
         status, hdrs, data = with_retries(lambda: self._http.request(method, path, body, headers),
@@ -202,14 +208,7 @@ class CacheClient:
             loc = self._call("lease", keys=[key])["leases"][0]
             if loc is None:
                 return None
-            offset, nbytes, tier = loc
-            conn = self._local
-            try:
-                view = read_entry(conn.arena.view(offset, nbytes), verify=False)
-            except EntryFormatError as e:
-                conn.call("release", keys=[key])
-                raise CorruptEntry(f"{key}: {e}") from e
-            return Entry(key, tier, view, lambda: self._release(conn, key))
+            return self._entry(self._local, key, loc)
         status, headers, data = self._request("GET", f"/v1/entries/{key}")
         if status == 404:
             return None
@@ -219,10 +218,28 @@ class CacheClient:
             raise CorruptEntry(f"{key}: {e}") from e
         return Entry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
-    def _release(self, conn: LocalConnection, key: str) -> None:
-        if conn is self._local:  # a dead connection's leases are gone already
-            with contextlib.suppress(CacheUnavailable):
+    def _entry(self, conn: LocalConnection, key: str, loc: list) -> Entry:
+        """An ``Entry`` over a lease answer; it holds a reference on ``conn`` until closed."""
+        try:
+            view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
+        except BaseException:
+            with contextlib.suppress(MMCacheError):
                 conn.call("release", keys=[key])
+            raise
+        conn.state.ref()
+        return Entry(key, loc[2], view, lambda: self._release(conn, key, end_local),
+                     conn.state if end_local is None else None)
+
+    def _release(self, conn: LocalConnection, key: str, end_local) -> None:
+        if end_local is not None:
+            end_local()
+        try:
+            if not conn.state.lost:  # a lost connection's leases went with it
+                with contextlib.suppress(CacheUnavailable):
+                    conn.call("release", keys=[key])
+        finally:
+            if conn.state.unref():
+                conn.close()
 
     def exists(self, namespace: str, hash_hex: str) -> bool:
         key = str(_key(namespace, hash_hex))
@@ -250,9 +267,8 @@ class CacheClient:
         return json.loads(self._request("GET", "/v1/stats")[2])
 
     def close(self) -> None:
-        if self._local is not None:
-            self._local.close()
-            self._local = None
+        """Close the client. A connection that open entries still rely on closes with the last."""
+        self._detach()
         if self._http is not None:
             self._http.close()
 

@@ -16,23 +16,31 @@ class Entry:
     what must outlive it. Over HTTP it owns its bytes and ``close`` is a no-op.
     """
 
-    __slots__ = ("key", "tier", "_view", "_release", "closed")
+    __slots__ = ("key", "tier", "_view", "_release", "closed", "_session")
 
-    def __init__(self, key: str, tier: str, view: EntryView, release: Callable[[], Any] | None = None):
+    def __init__(self, key: str, tier: str, view: EntryView, release: Callable[[], Any] | None = None,
+                 session: Any = None):
         self.key = key
         self.tier = tier
         self._view = view
         self._release = release
+        self._session = session
+        """The local connection's ``SessionState`` for arena views: access fails loudly once lost."""
         self.closed = False
+
+    def _live(self) -> EntryView:
+        if self._session is not None:
+            self._session.check(self.key)
+        return self._view
 
     @property
     def metadata(self) -> dict[str, str]:
-        return self._view.metadata
+        return self._live().metadata
 
     @property
     def names(self) -> list[str]:
         """Names of the tensors held (``embeddings`` and extras like ``image_grid_thw``)."""
-        return self._view.names
+        return self._live().names
 
     @property
     def nbytes(self) -> int:
@@ -41,23 +49,23 @@ class Entry:
     @property
     def buffer(self) -> memoryview:
         """The whole safetensors blob in place."""
-        return memoryview(self._view.buffer)
+        return memoryview(self._live().buffer)
 
     @property
     def array(self) -> np.ndarray:
         """``embeddings`` as a numpy view (bf16 as raw uint16 bits)."""
-        return self._view.array()
+        return self._live().array()
 
     @property
     def tensor(self):
         """``embeddings`` as a torch view (needs torch)."""
-        return self._view.tensor()
+        return self._live().tensor()
 
     def get_array(self, name: str) -> np.ndarray:
-        return self._view.array(name)
+        return self._live().array(name)
 
     def get_tensor(self, name: str):
-        return self._view.tensor(name)
+        return self._live().tensor(name)
 
     def close(self) -> None:
         if not self.closed:

@@ -15,6 +15,7 @@ from typing import Any
 
 from mmcache_client.arena import SharedArena
 from mmcache_client.errors import CacheTimeout, CacheUnavailable, raise_for_kind
+from mmcache_client.session import SessionState
 
 MAX_LINE_BYTES = 16 << 20
 """Longest answer line accepted from the sidecar."""
@@ -35,7 +36,11 @@ class LocalConnection:
         self._buf = bytearray()
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self.state = SessionState()
+        self._in_flight: dict[int, tuple[str, dict]] = {}
+        """Calls whose caller gave up (timeout): what their late answers granted is given back."""
         hello = self.call("hello")
+        self.lmdb_path: str | None = hello.get("lmdb_path")
         self.arena_path: str = hello["arena_path"]
         self.arena = SharedArena(self.arena_path)
         self._writable: SharedArena | None = None
@@ -43,27 +48,45 @@ class LocalConnection:
     def call(self, op: str, **fields: Any) -> dict:
         """Send one control message and return the answer; errors raise named exceptions.
 
-        A timeout raises ``CacheUnavailable`` but keeps the session (and so every lease the
-        caller's open entries rely on); the late answer is skipped by id on the next call.
+        A timeout raises ``CacheTimeout`` but keeps the session (and so every lease the caller's
+        open entries rely on); the late answer is skipped by id on the next call, and the leases
+        or reservation it granted are given back then, not pinned for the connection's life.
         """
-        msg_id = next(self._ids)
-        data = json.dumps({"id": msg_id, "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
         with self._lock:
-            try:
-                self._sock.sendall(data)
-                while True:
-                    answer = json.loads(self._readline())
-                    if answer.get("id") == msg_id:
-                        break
-                    # NOTE: the answer to a call that timed out earlier. A lease it granted stays
-                    # pinned until this connection closes: safe, never a view of reused memory.
-            except socket.timeout as e:
-                raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self._sock.gettimeout()}s") from e
-            except OSError as e:
-                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
+            answer = self._exchange(op, fields)
         if "error" in answer:
             raise_for_kind(answer.get("kind", ""), answer["error"])
         return answer
+
+    def _exchange(self, op: str, fields: dict) -> dict:
+        msg_id = next(self._ids)
+        data = json.dumps({"id": msg_id, "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+        self._in_flight[msg_id] = (op, fields)
+        try:
+            self._sock.sendall(data)
+            while True:
+                answer = json.loads(self._readline())
+                late = self._in_flight.pop(answer.get("id"), None)
+                if answer.get("id") == msg_id:
+                    break
+                if late is not None:
+                    self._give_back(*late, answer)
+        except socket.timeout as e:
+            raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self._sock.gettimeout()}s") from e
+        except (OSError, ValueError) as e:
+            self._in_flight.pop(msg_id, None)
+            self.state.lost = True  # NOTE: the stream is gone or out of step: the sidecar's leases with it
+            raise CacheUnavailable(f"unix://{self.path}: {e}") from e
+        return answer
+
+    def _give_back(self, op: str, fields: dict, answer: dict) -> None:
+        """A call whose caller timed out was answered after all: undo what it obtained."""
+        if op == "lease" and answer.get("leases"):
+            keys = [k for k, loc in zip(fields["keys"], answer["leases"]) if loc is not None]
+            if keys:
+                self._sock.sendall(json.dumps({"id": next(self._ids), "op": "release", "keys": keys}).encode() + b"\n")
+        elif op == "reserve" and answer.get("status") == "reserved":
+            self._sock.sendall(json.dumps({"id": next(self._ids), "op": "abort", "key": fields["key"]}).encode() + b"\n")
 
     def _readline(self) -> bytes:
         while True:
@@ -89,6 +112,7 @@ class LocalConnection:
         """Close the session: the sidecar drops this connection's leases and reservations."""
         try:
             self._sock.close()
+            self.state.close()
         finally:
             self.arena.close()
             if self._writable is not None:
