@@ -14,13 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
+from mmcache.leases import LeaseTable
 from mmcache.policies import POLICIES, make_policy
+from mmcache.tier import PutStatus, Tier, TierLease, done
+from mmcache_client.format import EntryFormatError, read_entry
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +74,19 @@ class DeviceEntry:
     cost_ms: float
     doomed: bool = False
     """Deleted while leased: invisible, dropped at the last release."""
-    lease_counts: dict[Owner, int] = field(default_factory=dict)
 
 
-class DeviceTier:
+class DeviceTier(Tier):
     """Entries on one GPU, keyed by ``ns/hash`` strings. Thread-safe; lives as long as its process.
 
-    In-process readers use ``get`` (the stored tensors themselves: read, never write). Readers in
-    other processes of the node use ``export_ipc`` / ``import_ipc`` and then ``release(key, owner)``
-    (or ``release_owner`` when they disconnect); until then the entry is never evicted.
+    In-process readers use ``get`` (the stored tensors themselves: read, never write) or ``lease``
+    (a ``TierLease`` whose ``handle`` is the dict of device tensors). Readers in other processes of
+    the node use ``export_ipc`` / ``import_ipc`` and then ``release_key(key, owner)`` (or
+    ``release_owner`` when they disconnect); until then the entry is never evicted.
+    ``DeviceTier.fake(config)`` runs the same accounting on the CPU (the contract tests).
     """
+
+    name = "device"
 
     def __init__(self, config: DeviceTierConfig, *, on_evict: EvictHook | None = None):
         if not cuda_available():
@@ -91,17 +98,40 @@ class DeviceTier:
             raise ValueError(f"{config.device=} is not one of the {torch.cuda.device_count()} visible GPUs")
         self._setup(config, device, on_evict)
 
+    @classmethod
+    def fake(cls, config: DeviceTierConfig, *, on_evict: EvictHook | None = None) -> "DeviceTier":
+        """A device tier whose "device" is the CPU: the accounting and interface, no CUDA."""
+        tier = cls.__new__(cls)
+        tier._setup(config, torch.device("cpu"), on_evict)
+        return tier
+
     def _setup(self, config: DeviceTierConfig, device: torch.device, on_evict: EvictHook | None) -> None:
         # NOTE: state only, apart from the GPU checks, so tests can run the accounting on "cpu".
         self.config, self.device, self.on_evict = config, device, on_evict
         self.policy = make_policy(config.policy)
         self._key_to_entry: dict[str, DeviceEntry] = {}
+        self.leases = LeaseTable()
         self._used_bytes = 0
         self._lock = threading.RLock()
         self.hits = self.misses = self.evictions = 0
 
     # ------------------------------------------------------------ writing
-    def put(self, key: str, tensors: dict[str, torch.Tensor], cost_ms: float = 0.0) -> bool:
+    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0) -> Future:
+        """The Tier interface: copy an entry blob's tensors onto the device."""
+        try:
+            view = read_entry(blob, verify=False)
+        except EntryFormatError as e:
+            raise ValueError(f"{key}: {e}") from e
+        with self._lock:
+            if key in self._key_to_entry:
+                return done(PutStatus.EXISTS)
+        nbytes = sum(view.array(n).nbytes for n in view.names)
+        if nbytes > self.config.capacity_bytes:
+            return done(PutStatus.TOO_LARGE)
+        tensors = {n: torch.from_numpy(view.array(n)) for n in view.names}
+        return done(PutStatus.CREATED if self.put_tensors(key, tensors, cost_ms) else PutStatus.NO_SPACE)
+
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], cost_ms: float = 0.0) -> bool:
         """Copy ``tensors`` (dense, any device) onto the device as entry ``key``; True if stored.
 
         False when ``key`` exists (entries are immutable), when the entry exceeds the capacity,
@@ -164,7 +194,7 @@ class DeviceTier:
 
     def _evictable(self, key: str) -> bool:
         entry = self._key_to_entry.get(key)
-        return entry is not None and not entry.lease_counts
+        return entry is not None and not self.leases.is_leased(key)
 
     def _drop(self, key: str) -> None:
         self._used_bytes -= self._key_to_entry.pop(key).nbytes
@@ -176,39 +206,45 @@ class DeviceTier:
             entry = self._hit(key)
             return None if entry is None else dict(entry.tensors)
 
-    def lease(self, key: str, owner: Owner) -> bool:
-        """Pin ``key`` for ``owner`` (counted, no hit counted); False if absent."""
+    def lease_key(self, key: str, owner: Owner) -> bool:
+        """Pin ``key`` for ``owner`` (no hit counted); False if absent."""
         with self._lock:
             entry = self._visible(key)
             if entry is not None:
-                entry.lease_counts[owner] = entry.lease_counts.get(owner, 0) + 1
+                self.leases.acquire(key, owner)
             return entry is not None
 
-    def release(self, key: str, owner: Owner) -> bool:
+    def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
+        """The Tier interface: pin ``key``; the lease's ``handle`` is its device tensors."""
+        with self._lock:
+            entry = self._hit(key) if count else self._visible(key)
+            if entry is None:
+                return None
+            self.leases.acquire(key, owner)
+            return TierLease(self.name, key, owner, entry.nbytes, handle=dict(entry.tensors))
+
+    def release(self, lease: TierLease) -> bool:
+        return self.release_key(lease.key, lease.owner)
+
+    def release_key(self, key: str, owner: Owner) -> bool:
         """Drop one lease of ``owner`` on ``key``; False if it held none."""
         with self._lock:
-            entry = self._key_to_entry.get(key)
-            count = entry.lease_counts.get(owner, 0) if entry else 0
-            if count == 0:
+            if not self.leases.release(key, owner):
                 return False
-            if count == 1:
-                del entry.lease_counts[owner]
-            else:
-                entry.lease_counts[owner] = count - 1
-            if entry.doomed and not entry.lease_counts:
+            entry = self._key_to_entry.get(key)
+            if entry is not None and entry.doomed and not self.leases.is_leased(key):
                 self._drop(key)
             return True
 
     def release_owner(self, owner: Owner) -> int:
         """Drop every lease of ``owner`` (it disconnected or died); returns how many."""
-        dropped = 0
         with self._lock:
-            for key, entry in list(self._key_to_entry.items()):
-                count = entry.lease_counts.pop(owner, 0)
-                dropped += count
-                if count and entry.doomed and not entry.lease_counts:
+            dropped = self.leases.release_owner(owner)
+            for key in dropped:
+                entry = self._key_to_entry.get(key)
+                if entry is not None and entry.doomed and not self.leases.is_leased(key):
                     self._drop(key)
-        return dropped
+        return sum(dropped.values())
 
     def export_ipc(self, key: str, owner: Owner) -> dict | None:
         """Lease ``key`` for ``owner`` and return a handle for ``import_ipc``; None on a miss.
@@ -228,7 +264,7 @@ class DeviceTier:
             if entry is None:
                 return None
             handles = {name: reduce_tensor(t) for name, t in entry.tensors.items()}
-            entry.lease_counts[owner] = entry.lease_counts.get(owner, 0) + 1
+            self.leases.acquire(key, owner)
             return {"key": key, "tensors": handles}
 
     def _visible(self, key: str) -> DeviceEntry | None:
@@ -256,7 +292,7 @@ class DeviceTier:
             if entry is None:
                 return False
             self.policy.on_remove(key, evicted=False)
-            if entry.lease_counts:
+            if self.leases.is_leased(key):
                 entry.doomed = True
             else:
                 self._drop(key)
@@ -273,7 +309,7 @@ class DeviceTier:
                 "hits": self.hits,
                 "misses": self.misses,
                 "evictions": self.evictions,
-                "leases": sum(sum(e.lease_counts.values()) for e in self._key_to_entry.values()),
+                "leases": self.leases.total,
             }
 
     def close(self) -> None:
@@ -283,6 +319,7 @@ class DeviceTier:
             if leases:
                 logger.warning("device tier closed with %d live leases", leases)
             self._key_to_entry.clear()
+            self.leases = LeaseTable()
             self._used_bytes = 0
             self.policy = make_policy(self.config.policy)
 

@@ -155,43 +155,43 @@ def gpu_tier():
 
 def test_put_get_round_trip(tier):
     src = {"emb": torch.randn(4, 8), "ids": torch.arange(6, dtype=torch.int64)}
-    assert tier.put("ns/a", src, cost_ms=3.0)
+    assert tier.put_tensors("ns/a", src, cost_ms=3.0)
     got = tier.get("ns/a")
     assert set(got) == {"emb", "ids"}
     assert all(t.device == tier.device for t in got.values())
     assert torch.equal(got["emb"].cpu(), src["emb"]) and torch.equal(got["ids"].cpu(), src["ids"])
     assert tier.get("ns/missing") is None
     assert tier.contains("ns/a") and not tier.contains("ns/missing")
-    assert tier.put("ns/a", src) is False  # immutable
+    assert tier.put_tensors("ns/a", src) is False  # immutable
     stats = tier.stats()
     assert (stats["entries"], stats["bytes"], stats["hits"], stats["misses"]) == (1, 4 * 8 * 4 + 6 * 8, 1, 1)
 
 
 def test_put_rejects_bad_input(tier):
     with pytest.raises(ValueError, match="cost_ms="):
-        tier.put("ns/a", entry(), cost_ms=float("nan"))
+        tier.put_tensors("ns/a", entry(), cost_ms=float("nan"))
     with pytest.raises(ValueError, match="dense tensor"):
-        tier.put("ns/a", {})
+        tier.put_tensors("ns/a", {})
     assert tier.stats()["entries"] == 0
 
 
 def test_put_larger_than_capacity_is_refused(tier):
-    assert tier.put("ns/big", {"emb": torch.zeros(4 * 256)}) is False
+    assert tier.put_tensors("ns/big", {"emb": torch.zeros(4 * 256)}) is False
     assert tier.stats()["entries"] == 0
 
 
 def test_lru_eviction_skips_leased_entries(tier):
     for name in "abc":
-        assert tier.put(f"ns/{name}", entry())
-    assert tier.lease("ns/a", owner="reader")  # oldest, but leased
-    assert tier.put("ns/d", entry())
+        assert tier.put_tensors(f"ns/{name}", entry())
+    assert tier.lease_key("ns/a", owner="reader")  # oldest, but leased
+    assert tier.put_tensors("ns/d", entry())
     assert tier.contains("ns/a") and not tier.contains("ns/b")
     assert tier.stats()["evictions"] == 1
-    assert tier.lease("ns/c", "reader") and tier.lease("ns/d", "reader")
-    assert tier.put("ns/e", entry()) is False  # everything left is leased: nothing evicted
+    assert tier.lease_key("ns/c", "reader") and tier.lease_key("ns/d", "reader")
+    assert tier.put_tensors("ns/e", entry()) is False  # everything left is leased: nothing evicted
     assert tier.stats()["evictions"] == 1 and tier.stats()["entries"] == 3
     assert tier.release_owner("reader") == 3
-    assert tier.put("ns/e", entry())
+    assert tier.put_tensors("ns/e", entry())
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -199,10 +199,10 @@ def test_every_policy_keeps_leased_and_capacity(backend, policy):
     tier = make_tier(backend, policy=policy)
     evicted = []
     tier.on_evict = lambda key, tensors, cost_ms: evicted.append((key, tensors["emb"].device == tier.device))
-    tier.put("ns/keep", entry(), cost_ms=0.0)
-    tier.lease("ns/keep", "reader")
+    tier.put_tensors("ns/keep", entry(), cost_ms=0.0)
+    tier.lease_key("ns/keep", "reader")
     for i in range(10):
-        assert tier.put(f"ns/{i}", entry(i), cost_ms=float(i))
+        assert tier.put_tensors(f"ns/{i}", entry(i), cost_ms=float(i))
         assert tier.stats()["used_bytes"] <= 3 * ENTRY_BYTES
     assert tier.contains("ns/keep") and tier.stats()["evictions"] == len(evicted) == 8
     assert "ns/keep" not in {key for key, _ in evicted} and all(on_device for _, on_device in evicted)
@@ -210,23 +210,23 @@ def test_every_policy_keeps_leased_and_capacity(backend, policy):
 
 
 def test_delete_while_leased_frees_at_last_release(tier):
-    tier.put("ns/a", entry(1.0))
+    tier.put_tensors("ns/a", entry(1.0))
     held = tier.get("ns/a")["emb"]
-    assert tier.lease("ns/a", "r1") and tier.lease("ns/a", "r2")
+    assert tier.lease_key("ns/a", "r1") and tier.lease_key("ns/a", "r2")
     assert tier.delete("ns/a")
     assert not tier.contains("ns/a") and tier.get("ns/a") is None and tier.delete("ns/a") is False
-    assert tier.lease("ns/a", "r3") is False
+    assert tier.lease_key("ns/a", "r3") is False
     stats = tier.stats()
     assert (stats["entries"], stats["bytes"], stats["used_bytes"], stats["leases"]) == (0, 0, ENTRY_BYTES, 2)
     assert torch.equal(held.cpu(), entry(1.0)["emb"])  # still readable by its holder
-    assert tier.release("ns/a", "r1") and tier.stats()["used_bytes"] == ENTRY_BYTES
-    assert tier.release("ns/a", "r2") and tier.stats()["used_bytes"] == 0
-    assert tier.release("ns/a", "r2") is False
-    assert tier.put("ns/a", entry(2.0))  # the key is free again
+    assert tier.release_key("ns/a", "r1") and tier.stats()["used_bytes"] == ENTRY_BYTES
+    assert tier.release_key("ns/a", "r2") and tier.stats()["used_bytes"] == 0
+    assert tier.release_key("ns/a", "r2") is False
+    assert tier.put_tensors("ns/a", entry(2.0))  # the key is free again
 
 
 def test_export_ipc_leases_and_counts(backend, tier):
-    tier.put("ns/a", entry(1.0))
+    tier.put_tensors("ns/a", entry(1.0))
     assert tier.export_ipc("ns/missing", "reader") is None
     handle = tier.export_ipc("ns/a", "reader")
     assert handle["key"] == "ns/a" and set(handle["tensors"]) == {"emb"}
@@ -238,9 +238,9 @@ def test_export_ipc_leases_and_counts(backend, tier):
     stats = tier.stats()
     assert (stats["hits"], stats["misses"], stats["leases"]) == (1, 1, 1)
     for name in "bcd":  # pressure: "ns/a" is the LRU victim but leased
-        assert tier.put(f"ns/{name}", entry())
+        assert tier.put_tensors(f"ns/{name}", entry())
     assert tier.contains("ns/a") and not tier.contains("ns/b")
-    assert tier.release("ns/a", "reader") and tier.stats()["leases"] == 0
+    assert tier.release_key("ns/a", "reader") and tier.stats()["leases"] == 0
 
 
 # -- GPU only --------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_put_from_pinned_and_device_sources_copies(gpu_tier):
     tier = gpu_tier
     pinned = torch.randn(256).pin_memory()
     on_device = torch.randn(256, device=tier.device)
-    assert tier.put("ns/pinned", {"emb": pinned}) and tier.put("ns/dev", {"emb": on_device})
+    assert tier.put_tensors("ns/pinned", {"emb": pinned}) and tier.put_tensors("ns/dev", {"emb": on_device})
     pinned_before, device_before = pinned.clone(), on_device.clone()
     pinned.zero_()  # put has returned: the copy is complete, so reusing the source is safe
     on_device.zero_()
@@ -279,7 +279,7 @@ def _ipc_reader(handle_bytes: bytes, expected: list[float], conn) -> None:
 def test_export_ipc_is_zero_copy_across_processes(gpu_tier):
     tier = gpu_tier
     src = torch.randn(256)
-    tier.put("ns/a", {"emb": src})
+    tier.put_tensors("ns/a", {"emb": src})
     assert tier.export_ipc("ns/missing", "reader") is None
     handle = tier.export_ipc("ns/a", "reader")
     assert handle["key"] == "ns/a" and tier.stats()["leases"] == 1
@@ -296,7 +296,7 @@ def test_export_ipc_is_zero_copy_across_processes(gpu_tier):
     assert detail is True and proc.exitcode == 0
     got = tier.get("ns/a")["emb"].cpu()
     assert torch.all(got[:4] == 42.0) and torch.equal(got[4:], src[4:])  # the reader's write is ours
-    assert tier.release("ns/a", "reader") and tier.stats()["leases"] == 0
+    assert tier.release_key("ns/a", "reader") and tier.stats()["leases"] == 0
 
 
 @pytest.mark.gpu
@@ -311,7 +311,7 @@ def test_pin_host_buffer_mmap(gpu_tier):
     on_device = host.to(tier.device, non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(on_device.cpu(), host)
-    assert tier.put("ns/arena", {"emb": host[:ENTRY_BYTES].view(torch.float32)})  # non_blocking path
+    assert tier.put_tensors("ns/arena", {"emb": host[:ENTRY_BYTES].view(torch.float32)})  # non_blocking path
     assert torch.equal(tier.get("ns/arena")["emb"].cpu().view(torch.uint8), host[:ENTRY_BYTES])
     del host
     assert unpin_host_buffer(buf) is True
