@@ -25,6 +25,7 @@ from mmcache.keys import Key
 from mmcache.leases import LeaseTable, Owner
 from mmcache.policies import POLICIES, make_policy
 from mmcache.tier import PutStatus, Tier, TierLease
+from mmcache_client.session import share_env
 from mmcache_client.format import BadHeader, EntryFormatError, EntryView, parse_entry, read_entry
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class DiskTier(Tier):
             self._env.close()  # NOTE: py-lmdb refuses a second open of a path still open here
             raise
         self._counts["corrupt"] = len(bad)
+        share_env(config.path, self._env)
         self._writer = threading.Thread(target=self._run, name="mmcache-disk-writer", daemon=True)
         self._writer.start()
         for key in bad:
@@ -345,6 +347,7 @@ class DiskTier(Tier):
             self._closed = True
             self._queue.put(_Op("stop", Future()))
         self._writer.join()
+        share_env(self.config.path, None)
         self._env.close()
 
     def __enter__(self) -> "DiskTier":

@@ -85,8 +85,8 @@ class SidecarProcess:
     """``mmcache serve`` as a subprocess; ``start`` returns when it prints its ready line."""
 
     def __init__(self, *args: str, env: dict | None = None):
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", str(self.port), *args]
+        self.port: int | None = None  # NOTE: --port 0: the sidecar binds a free port and says which
+        cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         self.output: list[str] = []
@@ -99,6 +99,7 @@ class SidecarProcess:
         for line in self.proc.stdout:
             self.output.append(line)
             if line.startswith("mmcache ready"):
+                self.port = int(line.split()[2].rsplit(":", 1)[1])
                 threading.Thread(target=self._drain, daemon=True).start()
                 return self
         raise RuntimeError("sidecar exited before it was ready:\n" + "".join(self.output))

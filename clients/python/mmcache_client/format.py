@@ -169,8 +169,10 @@ def _parse_metadata(meta: Any, strict: bool) -> dict[str, str]:
     try:
         validate_namespace(meta["namespace"])
         validate_hash(meta["hash"])
-        float(meta["encode_ms"])
+        encode_ms = float(meta["encode_ms"])
         float(meta["created_at"])
+        if not math.isfinite(encode_ms) or encode_ms < 0:
+            raise ValueError(f"encode_ms={meta['encode_ms']!r} must be a finite number >= 0")
     except ValueError as e:
         raise MissingMetadata(f"__metadata__ is malformed: {e}") from None
     if len(meta["checksum"]) != 16 or any(c not in "0123456789abcdef" for c in meta["checksum"]):
@@ -212,8 +214,9 @@ def parse_entry(buf: Any, *, strict: bool = True) -> ParsedEntry:
     emb = tensors.get("embeddings")
     if emb is None:
         raise BadHeader("entry has no 'embeddings' tensor")
-    if len(emb.shape) != 2 or emb.dtype not in EMBEDDING_DTYPES:
-        raise BadHeader(f"embeddings must be 2-D {'/'.join(EMBEDDING_DTYPES)}, got {emb.dtype} {list(emb.shape)}")
+    if len(emb.shape) != 2 or emb.dtype not in EMBEDDING_DTYPES or emb.shape[0] == 0:
+        raise BadHeader(f"embeddings must be 2-D {'/'.join(EMBEDDING_DTYPES)} with num_tokens >= 1, "
+                        f"got {emb.dtype} {list(emb.shape)}")
     # The tensors must tile the data section exactly, as safetensors requires.
     end = data_start
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
@@ -453,6 +456,8 @@ def plan_entry(
     """
     validate_namespace(namespace)
     validate_hash(hash_hex)
+    if isinstance(encode_ms, bool) or not isinstance(encode_ms, (int, float)) or not 0 <= encode_ms < math.inf:
+        raise ValueError(f"{encode_ms=} must be a finite number >= 0")
     if "embeddings" not in tensors:
         raise ValueError("an entry needs an 'embeddings' tensor")
     if len(tensors) > MAX_TENSORS:
@@ -509,9 +514,11 @@ def relayout(buf: Any, namespace: str, hash_hex: str, metadata: Mapping[str, str
     for k in ("encode_ms", "created_at"):
         if k in meta:
             try:
-                float(meta[k])
+                value = float(meta[k])
             except ValueError:
                 raise BadHeader(f"metadata {k}={meta[k]!r} must be a number") from None
+            if not math.isfinite(value) or value < 0:
+                raise BadHeader(f"metadata {k}={meta[k]!r} must be a finite number >= 0")
     meta.update(metadata or {})
     meta.pop("checksum", None)
     infos = sorted(parsed.tensors.values(), key=lambda t: t.start)

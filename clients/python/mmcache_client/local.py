@@ -75,9 +75,20 @@ class LocalConnection:
             raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self._sock.gettimeout()}s") from e
         except (OSError, ValueError) as e:
             self._in_flight.pop(msg_id, None)
-            self.state.lost = True  # NOTE: the stream is gone or out of step: the sidecar's leases with it
+            # NOTE: a stream out of step is unusable but its leases hold while the socket lives;
+            # a socket the sidecar closed took them with it: views over it must fail loudly.
+            self.state.lost = self.state.lost or isinstance(e, (BrokenPipeError, ConnectionResetError)) \
+                or self._socket_dead()
             raise CacheUnavailable(f"unix://{self.path}: {e}") from e
         return answer
+
+    def _socket_dead(self) -> bool:
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _give_back(self, op: str, fields: dict, answer: dict) -> None:
         """A call whose caller timed out was answered after all: undo what it obtained."""

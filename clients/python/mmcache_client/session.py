@@ -17,6 +17,19 @@ from mmcache_client.errors import CorruptEntry, LeaseLost
 from mmcache_client.format import EntryFormatError, EntryView, read_entry
 
 
+_OPEN_ENVS: dict[str, object] = {}
+"""LMDB environments this process already has open (a sidecar in-process, as in tests): py-lmdb
+refuses a second open of one path in a process, so readers borrow the open one."""
+
+
+def share_env(path: str, env: object | None) -> None:
+    """Called by the sidecar's disk tier on open (env) and close (None)."""
+    if env is None:
+        _OPEN_ENVS.pop(os.path.realpath(path), None)
+    else:
+        _OPEN_ENVS[os.path.realpath(path)] = env
+
+
 class SessionState:
     """Counts a connection's open entries; says when it may close and whether it is lost."""
 
@@ -46,6 +59,9 @@ class SessionState:
     def lmdb_env(self, path: str):
         """The sidecar's LMDB environment, opened read-only on first use (entries the host tier
         had no room for are read from it in place)."""
+        shared = _OPEN_ENVS.get(os.path.realpath(path))
+        if shared is not None:
+            return shared
         if self._lmdb is None:
             import lmdb  # NOTE: only for disk-served reads; the SDK needs it nowhere else
 
