@@ -8,10 +8,17 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _GAUGES = {"entries": "Entries held", "bytes": "Payload bytes held", "capacity_bytes": "Capacity in bytes",
-           "leases": "Live reader leases", "pending_writes": "Writes queued for disk"}
+           "used_bytes": "Bytes allocated (entries, reservations, quarantine)",
+           "leases": "Live reader leases", "pending_writes": "Writes queued for disk",
+           "quarantined_bytes": "Reservations kept from reuse while their writer process lives"}
 _COUNTERS = {"hits": "Lookups served by the tier", "misses": "Lookups the tier could not serve",
              "evictions": "Entries evicted", "corrupt": "Entries dropped for failing validation",
-             "write_backs": "Entries written back to disk on host eviction"}
+             "write_backs": "Entries written back to disk on host eviction",
+             "evicted_bytes": "Bytes evicted", "no_space": "Puts answered no-space (503)",
+             "persist_errors": "Entries whose write to disk failed (kept in host, not persisted)",
+             "write_errors": "Disk puts failed by an LMDB error", "too_large": "Puts over the tier's capacity",
+             "promotions": "Entries copied up from disk on a read",
+             "served_in_place": "Reads served from disk in place (no room in host)"}
 
 
 class _TierCollector:
