@@ -15,6 +15,11 @@ Rows, for each entry size (fp16 embeddings of hidden 4096, as a 7B LLaVA's proje
                    copies it into the arena, and the client views it there (the design's choice
                    over clients opening LMDB themselves: one verified copy, then zero-copy hits)
 Targets (issue #2): zero-copy get flat in size (64 MiB within 2x of 64 KiB); put >= 50% of memcpy.
+
+Then (``benchmarks/pressure.py``) fragmentation under a churn of mixed sizes, old allocator
+against new, and ``/healthz`` latency during a put/delete burst with the sidecar in its own
+process; ``--before REF`` runs that burst against the code at git REF too (e.g. the commit
+before the core rework), side by side. ``--only core|frag|healthz`` picks one section.
 """
 
 from __future__ import annotations
@@ -92,7 +97,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64KiB,1MiB,4MiB,16MiB,64MiB")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--only", choices=["core", "frag", "healthz"], default=None)
+    ap.add_argument("--before", default=None, help="git ref whose sidecar the /healthz burst also runs (default: none)")
     args = ap.parse_args()
+    if args.only in ("frag", "healthz"):
+        print(f"machine: {describe()}")
+        return pressure_sections(args)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     arena_bytes = max(sizes) * 6
     print(f"machine: {describe()}")
@@ -111,6 +121,20 @@ def main() -> int:
             stop_sidecar()
             store.close()
     print_table(rows)
+    if args.only is None:
+        pressure_sections(args)
+    return 0
+
+
+def pressure_sections(args) -> int:
+    import pressure
+
+    if args.only in (None, "frag"):
+        print()
+        print("\n".join(pressure.fragmentation()))
+    if args.only in (None, "healthz"):
+        print()
+        print("\n".join(pressure.healthz_lines(args.before)))
     return 0
 
 
