@@ -21,8 +21,10 @@ import xxhash
 
 from mmcache_client.keys import validate_namespace
 
-NAMESPACE_FORMAT = "mmcache-namespace-v1"
-"""Mixed into every digest; bump it when what goes into a namespace changes."""
+NAMESPACE_FORMAT = "mmcache-namespace-v2"
+"""Mixed into every digest; bump it when what goes into a namespace, or the key scheme under it,
+changes. v2: keys are BLAKE3-256 (v1's were xxh3-128), so no entry of the old scheme is ever
+read under a new namespace."""
 
 # NOTE: bookkeeping that never reaches a tensor. The dtype is dropped too because the effective
 # dtype is passed in explicitly (the config's is only a loading default).

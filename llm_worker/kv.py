@@ -12,7 +12,7 @@ Entry layout (the ordinary mmcache safetensors format, so every tier and the wir
   that made it), ``num_tokens``, ``num_layers``, ``dtype``, ``first_token``; ``encode_ms`` is the
   prefill's wall time (what recomputing the entry costs, for cost-aware eviction).
 
-Keys: ``kv.<model namespace>/<xxh3-128 of the request id>`` (``kv_key``). Reading is zero-copy:
+Keys: ``kv.<model namespace>/<BLAKE3-256 of the request id>`` (``kv_key``). Reading is zero-copy:
 ``read_prefill`` returns views over the entry's buffer, valid while the entry is open.
 
 Host-only: a hand-off lives for one request, so it is put with ``persist=False`` (in
@@ -87,7 +87,7 @@ def kv_namespace(model_namespace: str) -> str:
 
 
 def kv_key(model_namespace: str, request_id: str) -> Key:
-    """Where a request's KV lives: ``kv.<model namespace>/<xxh3-128 of the request id>``."""
+    """Where a request's KV lives: ``kv.<model namespace>/<BLAKE3-256 of the request id>``."""
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"{request_id=!r} must be a non-empty str")
     return Key(kv_namespace(model_namespace), content_hash(request_id.encode()))

@@ -23,12 +23,12 @@ NS = "test-ns"
 
 
 def key_of(i: int) -> str:
-    return f"{NS}/{i:032x}"
+    return f"{NS}/{i:064x}"
 
 
 def blob_of(i: int, num_tokens: int = 4, hidden: int = 8, encode_ms: float = 1.0) -> bytes:
     emb = torch.arange(num_tokens * hidden, dtype=torch.float32).reshape(num_tokens, hidden) + i
-    return encode_entry(NS, f"{i:032x}", {"embeddings": emb}, encode_ms=encode_ms)
+    return encode_entry(NS, f"{i:064x}", {"embeddings": emb}, encode_ms=encode_ms)
 
 
 def open_tier(path, **kw) -> DiskTier:
@@ -87,7 +87,7 @@ def test_put_then_view_round_trips(tier):
         assert entry is not None
         assert bytes(entry.buffer) == blob
         assert torch.equal(entry.tensor(), read_entry(blob).tensor())
-        assert entry.metadata["hash"] == f"{1:032x}"
+        assert entry.metadata["hash"] == f"{1:064x}"
     assert tier.get_bytes(key_of(1)) == blob
     s = tier.stats()
     assert (s["entries"], s["bytes"], s["hits"], s["misses"], s["pending_writes"]) == (1, len(blob), 2, 0, 0)
@@ -384,7 +384,7 @@ CHILD = textwrap.dedent("""
     while True:
         batch = []
         for _ in range(16):
-            h = f"{i:032x}"
+            h = f"{i:064x}"
             blob = encode_entry("crash", h, {"embeddings": torch.full((64, 256), float(i))})
             batch.append((f"crash/{h}", blob, tier.put(f"crash/{h}", blob)))
             i += 1

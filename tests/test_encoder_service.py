@@ -11,6 +11,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -111,6 +112,20 @@ async def test_second_request_for_an_image_is_a_cache_hit(encoder_client, sideca
         expected = CountingEncoder().encode([Image.open(io.BytesIO(raw_of(uri))).convert("RGB")])[0]
         assert torch.equal(e.tensor, expected.embeddings)
         assert e.get_tensor("image_grid_thw").tolist() == [[1, 48, 64]]
+
+
+async def test_the_returned_hash_is_the_blake3_of_the_raw_bytes(encoder_client, sidecar):
+    """As a client computes it before uploading (``content_hash``): BLAKE3-256 of the bytes as
+    sent, the file's or the data: URI's decoded payload, not of the decoded pixels."""
+    uri = png_uri(11)
+    path = encoder_client.imgs / "img.png"
+    path.write_bytes(raw_of(png_uri(12)))
+    doc = await encode(encoder_client, [uri, f"file://{path}"])
+    want = [blake3.blake3(raw_of(uri)).hexdigest(), blake3.blake3(path.read_bytes()).hexdigest()]
+    assert [it["hash"] for it in doc["items"]] == want
+    assert all(len(h) == 64 for h in want)
+    with CacheClient(f"unix://{sidecar.config.socket}") as c:
+        assert all(c.exists(doc["namespace"], h) for h in want)
 
 
 async def test_sixteen_concurrent_requests_for_one_new_image_encode_once(encoder_client):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import blake3
 import pytest
 import xxhash
 
@@ -16,12 +17,28 @@ H = content_hash(b"some image bytes")
 # -- content_hash ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"", b"x", b"some image bytes", bytes(range(256)) * 1000])
-def test_content_hash_is_full_xxh3_128_lowercase_hex(data):
+# NOTE: from BLAKE3's official test_vectors.json (input: bytes i % 251) and its README ("abc"):
+# known answers, not the library checked against itself. 1024 bytes is one full chunk.
+BLAKE3_VECTORS = [
+    (b"", "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"),
+    (bytes([0]), "2d3adedff11b61f14c886e35afa036736dcd87a74d27b5c1510225d0f592e213"),
+    (b"abc", "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"),
+    (bytes(i % 251 for i in range(1024)), "42214739f095a406f3fc83deb889744ac00df831c10daa55189b5d121c855af7"),
+]
+
+
+@pytest.mark.parametrize("data, want", BLAKE3_VECTORS, ids=["empty", "one-byte", "abc", "1024"])
+def test_content_hash_is_blake3_256_known_vectors(data, want):
+    assert content_hash(data) == want
+    assert content_hash(memoryview(data)) == want
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b"some image bytes", bytes(range(256)) * 1000, bytes(3 << 20)])
+def test_content_hash_is_full_blake3_256_lowercase_hex(data):
     h = content_hash(data)
-    assert h == xxhash.xxh3_128_hexdigest(data)
-    assert len(h) == HASH_HEX_CHARS == 32
-    assert re.fullmatch(r"[0-9a-f]{32}", h)
+    assert h == blake3.blake3(data).hexdigest()
+    assert len(h) == HASH_HEX_CHARS == 64
+    assert re.fullmatch(r"[0-9a-f]{64}", h)
     assert validate_hash(h) == h
 
 
@@ -70,20 +87,27 @@ def test_non_str_namespace_and_hash(bad):
     [
         H.upper(),
         H[:-1] + "A",
-        H[:31],
+        H[:63],
         H + "0",
         "",
-        "g" * 32,
-        H[:31] + " ",
-        " " + H[:31],
+        "g" * 64,
+        H[:63] + " ",
+        " " + H[:63],
         H + "\n",
-        "0x" + H[:30],
-        xxhash.xxh3_64_hexdigest(b"x"),  # a truncated digest is not a key
+        "0x" + H[:62],
+        H[:32],  # a truncated digest is not a key
+        xxhash.xxh3_128_hexdigest(b"x"),  # nor is the old scheme's xxh3-128 key
+        xxhash.xxh3_64_hexdigest(b"x"),
     ],
 )
 def test_invalid_hashes(h):
-    with pytest.raises(ValueError, match="32 lowercase hex"):
+    with pytest.raises(ValueError, match="must be 64 lowercase hex chars"):
         validate_hash(h)
+
+
+def test_a_key_of_another_width_is_refused_naming_the_width():
+    with pytest.raises(ValueError, match=r"\(32 chars\) must be 64 lowercase hex chars \(the full BLAKE3-256"):
+        validate_hash(xxhash.xxh3_128_hexdigest(b"old key"))
 
 
 # -- Key ------------------------------------------------------------------------------------
@@ -101,10 +125,11 @@ def test_key_round_trips():
 @pytest.mark.parametrize(
     "text, match",
     [
-        (f"ns/{H.upper()}", "32 lowercase hex"),
-        (f"ns/{H[:31]}", "32 lowercase hex"),
-        (f"ns/{H}0", "32 lowercase hex"),
-        (f"ns/{'z' * 32}", "32 lowercase hex"),
+        (f"ns/{H.upper()}", "64 lowercase hex"),
+        (f"ns/{H[:63]}", "64 lowercase hex"),
+        (f"ns/{H[:32]}", "64 lowercase hex"),
+        (f"ns/{H}0", "64 lowercase hex"),
+        (f"ns/{'z' * 64}", "64 lowercase hex"),
         (H, "namespace/hash"),
         ("", "namespace/hash"),
         (f"/{H}", "namespace"),
@@ -125,7 +150,7 @@ def test_key_from_string_rejects_non_str():
         Key.from_string(b"ns/" + H.encode())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("ns, h", [("", H), ("a/b", H), ("a b", H), ("x" * 129, H), ("..", H), ("ns", H.upper()), ("ns", H[:31]), (None, H), ("ns", None)])
+@pytest.mark.parametrize("ns, h", [("", H), ("a/b", H), ("a b", H), ("x" * 129, H), ("..", H), ("ns", H.upper()), ("ns", H[:63]), ("ns", H[:32]), (None, H), ("ns", None)])
 def test_key_constructor_validates(ns, h):
     with pytest.raises(ValueError):
         Key(ns, h)

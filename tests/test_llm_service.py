@@ -372,9 +372,9 @@ async def test_bad_input_is_a_4xx_naming_the_problem(stack, sidecar, images):
         ({**ok, "sampling": {"beam_width": 4}}, 400, "unknown field(s) ['beam_width']"),
         ({**ok, "images": []}, 400, "1 image parts but 0 images"),
         ({**ok, "images": [{"namespace": image["namespace"]}]}, 400, "images[0]"),
-        ({**ok, "images": [{**image, "hash": "0" * 31}]}, 400, "32 lowercase hex"),
-        ({**ok, "images": [{**image, "hash": "0" * 32}]}, 409,
-         f"image {image['namespace']}/{'0' * 32} is not in the cache"),
+        ({**ok, "images": [{**image, "hash": "0" * 32}]}, 400, "(32 chars) must be 64 lowercase hex"),
+        ({**ok, "images": [{**image, "hash": "0" * 64}]}, 409,
+         f"image {image['namespace']}/{'0' * 64} is not in the cache"),
     ]
     for body, status, message in cases:
         doc = await post(stack.prefill, "/v1/prefill", body, status)
@@ -390,7 +390,7 @@ async def test_bad_input_is_a_4xx_naming_the_problem(stack, sidecar, images):
     decode_cases = [
         ({"request_id": "bad-0", "sampling": {"stop": 5}}, 400, "sampling: stop=5 must be a string or a list"),
         ({"request_id": "bad-0", "stream": "yes"}, 400, '"stream" must be true or false'),
-        ({"request_id": "bad-0", "kv": {"namespace": pre["kv"]["namespace"], "hash": "0" * 32}}, 400,
+        ({"request_id": "bad-0", "kv": {"namespace": pre["kv"]["namespace"], "hash": "0" * 64}}, 400,
          "is not the KV key of request_id 'bad-0'"),
         ({"request_id": "never-prefilled"}, 409, "is not in the cache"),
     ]

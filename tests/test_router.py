@@ -63,7 +63,7 @@ def fake_encoder(script: Script, name: str) -> web.Application:
             return web.json_response({"error": message.format(last=len(images) - 1)}, status=status,
                                      headers=script.error_headers)
         return web.json_response({"namespace": NS, "items": [
-            {"hash": f"{abs(hash(u)) % (1 << 64):032x}", "num_tokens": 576, "cached": False} for u in images]})
+            {"hash": f"{abs(hash(u)) % (1 << 64):064x}", "num_tokens": 576, "cached": False} for u in images]})
     app = web.Application()
     app.router.add_post("/v1/encode", encode)
 
@@ -83,7 +83,7 @@ def fake_prefill(script: Script) -> web.Application:
         if script.prefill_error is not None:
             status, message = script.prefill_error
             return web.json_response({"error": message}, status=status, headers=script.error_headers)
-        answer = {"request_id": body["request_id"], "kv": {"namespace": "kv.x", "hash": "0" * 32},
+        answer = {"request_id": body["request_id"], "kv": {"namespace": "kv.x", "hash": "0" * 64},
                   "first_token": 5, "prompt_tokens": 600, "seed": 42}
         if script.first_text is not None:
             answer.update(first_token=script.first_token, first_text=script.first_text, first_finish_reason=None)
@@ -164,7 +164,7 @@ async def test_images_split_in_order_and_unreachable_encoder_passed_over(router)
     assert sorted(u for run in runs for u in run) == uris(5)
     assert all(run == uris(5)[uris(5).index(run[0]):uris(5).index(run[0]) + len(run)] for run in runs)
     prefill = script.prefills[-1]
-    assert [i["hash"] for i in prefill["images"]] == [f"{abs(hash(u)) % (1 << 64):032x}" for u in uris(5)]
+    assert [i["hash"] for i in prefill["images"]] == [f"{abs(hash(u)) % (1 << 64):064x}" for u in uris(5)]
     stats = await (await client.get("/v1/stats")).json()
     by_url = {e["url"]: e for e in stats["encoders"]}
     assert not by_url[dead]["healthy"] and by_url[dead]["failures"] == 1 and stats["router"]["retries"] == 1

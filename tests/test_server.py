@@ -166,7 +166,8 @@ def _bad_puts():
     blob = bytearray(encode_entry(NS, h(5), {"embeddings": t}))
     blob[-1] ^= 0xFF  # data changed, recorded checksum kept
     return [
-        ("bad hash", f"/v1/entries/{NS}/{'A' * 32}", good),
+        ("bad hash", f"/v1/entries/{NS}/{'A' * 64}", good),
+        ("xxh3-128 width", f"/v1/entries/{NS}/{'a' * 32}", good),
         ("short hash", f"/v1/entries/{NS}/abc123", good),
         ("bad namespace", f"/v1/entries/bad%20ns!/{h(5)}", good),
         ("garbage body", entry_path(5), b"\x00this is not a safetensors file at all" * 10),

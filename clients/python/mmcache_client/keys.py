@@ -2,8 +2,10 @@
 
 An entry is addressed as ``{namespace}/{hash}``:
 
-- ``hash`` is the full xxh3-128 digest of the raw media bytes, 32 lowercase hex chars. Clients
-  compute it before uploading, so a hit costs no upload.
+- ``hash`` is the full BLAKE3-256 digest of the raw media bytes, 64 lowercase hex chars. Clients
+  compute it before uploading, so a hit costs no upload. A cryptographic hash because the cache is
+  shared: with a fast non-cryptographic one (xxh3) a client could craft an image that collides
+  with a popular one and poison what everyone else reads. xxh3 stays the entry *checksum*.
 - ``namespace`` names everything besides the bytes that changes the embedding (encoder weights,
   projector, processor config, dtype, tenant salt), as readable text ``[A-Za-z0-9._-]{1,128}``.
 """
@@ -13,16 +15,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import xxhash
+import blake3
 
-HASH_HEX_CHARS = 32
-_HASH_RE = re.compile(r"[0-9a-f]{32}")
+HASH_HEX_CHARS = 64
+"""A key's hash: the full BLAKE3-256 digest, never truncated."""
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def content_hash(data: bytes | bytearray | memoryview) -> str:
-    """Full xxh3-128 digest of ``data`` as 32 lowercase hex chars (never truncated)."""
-    return xxhash.xxh3_128_hexdigest(data)
+    """Full BLAKE3-256 digest of ``data`` as 64 lowercase hex chars (never truncated)."""
+    # NOTE: one thread: the stages of a stack share the cores, and one core hashes GB/s
+    # (benchmarks/bench_core.py prints the cost per MiB next to xxh3's).
+    return blake3.blake3(data).hexdigest()
 
 
 def validate_namespace(namespace: str) -> str:
@@ -39,7 +44,9 @@ def validate_hash(hash_hex: str) -> str:
     if not isinstance(hash_hex, str):
         raise ValueError(f"hash must be a str, got {type(hash_hex).__name__}")
     if not _HASH_RE.fullmatch(hash_hex):
-        raise ValueError(f"hash={hash_hex!r} must be 32 lowercase hex chars (full xxh3-128)")
+        width = f"{len(hash_hex)} chars" if len(hash_hex) != HASH_HEX_CHARS else "not lowercase hex"
+        raise ValueError(f"hash={hash_hex[:80]!r} ({width}) must be {HASH_HEX_CHARS} lowercase hex chars "
+                         "(the full BLAKE3-256 of the media bytes)")
     return hash_hex
 
 
