@@ -123,7 +123,21 @@ def main() -> int:
     print_table(rows)
     if args.only is None:
         pressure_sections(args)
+    print(hash_costs(args.repeats))
     return 0
+
+
+def hash_costs(repeats: int, nbytes: int = 16 << 20) -> str:
+    """The key hash (BLAKE3-256, ``content_hash``) next to the entry checksum (xxh3-64), per MiB
+    of incompressible bytes, one thread each; medians of ``repeats``."""
+    import blake3
+    import xxhash
+
+    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    mib = nbytes / (1 << 20)
+    blake3_us = median_us(lambda: blake3.blake3(data).digest(), repeats) / mib
+    xxh3_us = median_us(lambda: xxhash.xxh3_64_digest(data), repeats) / mib
+    return f"hash: blake3 {blake3_us:.0f} us/MiB, xxh3 {xxh3_us:.0f} us/MiB"
 
 
 def pressure_sections(args) -> int:
