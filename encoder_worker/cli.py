@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from encoder_worker.batcher import SCHEDULES
@@ -13,12 +12,14 @@ from encoder_worker.media import MediaLimits
 
 def _serve(args: argparse.Namespace) -> int:
     from encoder_worker.service import EncoderServeConfig, create_app
+    from mmcache.security import resolve_secret
     from mmcache.serving import run_app
 
     config = EncoderServeConfig(
         cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, salt=args.salt,
-        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"), compute_gate=args.compute_gate,
+        cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
+        compute_gate=args.compute_gate,
         schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms, max_queued_images=args.max_queued_images,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allowed-dir", action="append", default=[], help="allow file:// under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="refuse http(s):// image URLs")
     s.add_argument("--salt", help="tenant salt mixed into the namespace")
-    s.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
+    s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
+                   "or --cache-token-file")
+    s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
     s.add_argument("--compute-gate", metavar="PATH",
                    help="the sidecar's compute gate socket: take turns at the cores with the other stages")
     s.add_argument("--log-level", default="info")

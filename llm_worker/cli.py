@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from encoder_worker.media import MediaLimits
@@ -20,12 +19,13 @@ ROLES = ("prefill", "decode", "both")
 def _serve(args: argparse.Namespace) -> int:
     from llm_worker.service import LLMServeConfig, create_app
     from mmcache.config import parse_size
+    from mmcache.security import resolve_secret
     from mmcache.serving import run_app
 
     config = LLMServeConfig(
         role=args.role, cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host,
         port=args.port, device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_waiting=args.max_waiting,
-        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"),
+        cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http),
         encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
         compute_gate=args.compute_gate)
@@ -37,13 +37,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _router(args: argparse.Namespace) -> int:
     from llm_worker.router import RouterConfig, create_app
+    from mmcache.security import resolve_secret
     from mmcache.serving import run_app
 
     config = RouterConfig(
         model=args.model, data_dir=args.data_dir, served_model_name=args.served_model_name,
         encoders=tuple(args.encoder), prefill=tuple(args.prefill), decode=tuple(args.decode),
         generate=tuple(args.generate), cache_url=args.cache,
-        cache_token=args.cache_token or os.environ.get("MMCACHE_TOKEN"), host=args.host, port=args.port,
+        cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
+        api_key=resolve_secret(args.api_key, args.api_key_file, "MMCACHE_API_KEY", "API key"),
+        host=args.host, port=args.port,
         default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allowed-dir", action="append", default=[],
                    help="role both: allow file:// images under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="role both: refuse http(s):// image URLs")
-    s.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
+    s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
+                   "or --cache-token-file")
+    s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
     s.add_argument("--encoder-cache", help="role both: an in-process LRU of image embeddings this large, e.g. 2GiB")
     s.add_argument("--compute-gate", metavar="PATH",
                    help="prefill, decode: the sidecar's compute gate socket: take turns at the cores with the other stages")
@@ -84,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--generate", action="append", default=[],
                    help="a both (aggregated) worker URL (repeatable); instead of the three above")
     r.add_argument("--cache", help="the sidecar, for GET /v1/stats")
-    r.add_argument("--cache-token", help="bearer token of the sidecar (or MMCACHE_TOKEN)")
+    r.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
+                   "or --cache-token-file")
+    r.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
+    r.add_argument("--api-key", help="the OpenAI API key clients must send (Authorization: Bearer KEY); visible "
+                   "in ps: prefer MMCACHE_API_KEY or --api-key-file. None: no key needed")
+    r.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file")
     r.add_argument("--model", default="tiny-llava", help="tiny-llava or a local directory (tokenizer, chat template)")
     r.add_argument("--served-model-name", help="the model name clients use (default: the model's name)")
     r.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")

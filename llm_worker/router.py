@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -40,6 +40,7 @@ from llm_worker import openai_api as api
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
+from mmcache.security import bearer_matches
 from mmcache_client import AsyncCacheClient
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class RouterConfig:
     cache_url: str | None = None
     """The sidecar, for ``/v1/stats``."""
     cache_token: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    """The OpenAI API key clients send as ``Authorization: Bearer KEY`` on every route but
+    ``/healthz`` (401 otherwise); None: no key needed. From ``MMCACHE_API_KEY`` or
+    ``--api-key-file`` rather than ``--api-key``, which ``ps`` shows."""
     host: str = "127.0.0.1"
     port: int = 8000
     default_max_tokens: int = 256
@@ -88,6 +93,8 @@ class RouterConfig:
             raise ValueError("timeout_s and default_max_tokens must be > 0, retry_down_s >= 0")
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (None: no key needed)")
 
     @property
     def mode(self) -> str:
@@ -514,6 +521,17 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
 
+@web.middleware
+async def api_key_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """OpenAI's authentication: ``Authorization: Bearer KEY`` (the scheme in any case), else a
+    401 with OpenAI's error JSON."""
+    api_key = request.app[CONFIG].api_key
+    if api_key and request.path != "/healthz" and not bearer_matches(request.headers.get("Authorization"), api_key):
+        e = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.")
+        return web.json_response(e.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
 def load_tokenizer(model_dir: str) -> tuple[Any, int, int | None]:
     """The checkpoint's tokenizer (with its chat template), image token id and context length
     (the language model's ``max_position_embeddings``; None when its config has none)."""
@@ -556,7 +574,7 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_i
     """``tokenizer`` / ``image_token_id`` / ``max_model_len`` inject what ``load_tokenizer`` gives
     (tests); else it is loaded here. An injected tokenizer without ``max_model_len`` leaves the
     context check to the workers."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=256 << 20)
+    app = web.Application(middlewares=[error_middleware, api_key_middleware], client_max_size=256 << 20)
     app[CONFIG] = config
     app.cleanup_ctx.append(_router_ctx(config, tokenizer, image_token_id, max_model_len))
     app.add_routes([

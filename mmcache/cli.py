@@ -18,6 +18,7 @@ import sys
 from encoder_worker.batcher import SCHEDULES
 from mmcache.config import ServeConfig
 from mmcache.policies import POLICIES
+from mmcache.security import make_private_dir, resolve_secret
 from mmcache_client.errors import MMCacheError
 
 
@@ -25,15 +26,20 @@ def _serve(args: argparse.Namespace) -> int:
     from mmcache.server import create_app
     from mmcache.serving import run_app
 
+    token = resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token")
     flags = {
         "data_dir": args.data_dir, "host": args.host, "port": args.port, "socket": args.socket,
         "compute_gate": args.compute_gate,
         "host_capacity_bytes": args.host_capacity, "disk_capacity_bytes": args.disk_capacity,
-        "max_entry_size_bytes": args.max_entry_size, "token": args.token, "arena_path": args.arena,
+        "max_entry_size_bytes": args.max_entry_size, "token": token, "arena_path": args.arena,
         "host_policy": args.host_policy, "disk_policy": args.disk_policy, "log_level": args.log_level,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # NOTE: what the sidecar creates (LMDB's data.mdb and lock.mdb, the status files) is its
+    # user's alone: any local user who reads data.mdb reads every cached embedding.
+    os.umask(0o077)
+    make_private_dir(config.data_dir)
     app = create_app(config)
     # run_app prints the ready line once the sockets listen (scripts wait for it), and handles
     # SIGINT and SIGTERM: in-flight requests finish, then cleanup_ctx flushes disk and removes the socket.
@@ -44,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     from mmcache_client import CacheClient
 
-    return CacheClient(args.url, token=args.token or os.environ.get("MMCACHE_TOKEN"))
+    return CacheClient(args.url, token=resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token"))
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -105,8 +111,14 @@ def _role_niceness(text: str) -> tuple[str, int]:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from mmcache.security import is_loopback
     from mmcache.stack import StackConfig, run
 
+    cache_token = resolve_secret(None, args.token_file, "MMCACHE_TOKEN", "cache token")
+    api_key = resolve_secret(None, args.api_key_file, "MMCACHE_API_KEY", "API key")
+    if api_key is None and not is_loopback(args.host):
+        print(f"mmcache up: warning: the router on {args.host} takes requests from anyone who reaches it; "
+              "set MMCACHE_API_KEY or --api-key-file PATH to require a key", file=sys.stderr)
     config = StackConfig(model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
                          encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
@@ -114,7 +126,8 @@ def _up(args: argparse.Namespace) -> int:
                          encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          shared_cores=args.shared_cores,
-                         startup_timeout_s=args.startup_timeout, log_level=args.log_level)
+                         startup_timeout_s=args.startup_timeout, log_level=args.log_level,
+                         cache_token=cache_token, api_key=api_key)
     return run(config)
 
 
@@ -133,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host-capacity", help="shared-memory arena size, e.g. 4GiB")
     s.add_argument("--disk-capacity", help="LMDB payload bytes, e.g. 100GiB")
     s.add_argument("--max-entry-size", help="largest PUT body (default 256MiB)")
-    s.add_argument("--token", help="bearer token (or MMCACHE_TOKEN)")
+    s.add_argument("--token", help="bearer token every route but /healthz needs; visible in ps: prefer "
+                   "MMCACHE_TOKEN or --token-file. Required to bind beyond loopback")
+    s.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file (mode 0600)")
     s.add_argument("--arena", help="arena file path (default under /dev/shm)")
     s.add_argument("--host-policy", choices=sorted(POLICIES))
     s.add_argument("--disk-policy", choices=sorted(POLICIES))
@@ -143,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)")
     u.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face LLaVA directory")
     u.add_argument("--data-dir", default="./mmcache-data", help="models, the cache's disk tier, its socket")
-    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--host", default="127.0.0.1", help="the router's bind address (the sidecar, encoders and "
+                   "workers stay on loopback)")
+    u.add_argument("--api-key-file", metavar="PATH",
+                   help="the router requires this OpenAI API key (Authorization: Bearer); or MMCACHE_API_KEY")
+    u.add_argument("--token-file", metavar="PATH",
+                   help="the sidecar's bearer token, handed to the stack's processes in their environment; "
+                        "or MMCACHE_TOKEN")
     u.add_argument("--port", type=int, default=8000, help="the router's port (the OpenAI API); 0: a free one, "
                    "printed in the ready line")
     u.add_argument("--encoders", type=int, default=2, help="encoder workers (a request's images are split over them)")
@@ -185,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--durable", action="store_true", help="answer once on disk")
         if name == "get":
             p.add_argument("-o", "--output", help="write the safetensors entry here (default stdout)")
-        p.add_argument("--token")
+        p.add_argument("--token", help="the sidecar's bearer token (or MMCACHE_TOKEN, or --token-file)")
+        p.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file")
         p.set_defaults(fn=fn)
 
     args = parser.parse_args(argv)

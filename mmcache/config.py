@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+from mmcache.security import is_loopback
 
 try:
     import tomllib
@@ -52,8 +54,9 @@ class ServeConfig:
     """Payload bytes kept in LMDB before eviction."""
     max_entry_size_bytes: int = 256 << 20
     """Largest accepted PUT body; larger gets 413."""
-    token: str | None = None
-    """Bearer token every route but /healthz requires; None means no auth."""
+    token: str | None = field(default=None, repr=False)
+    """Bearer token every route but /healthz requires; None means no auth (loopback only).
+    From ``MMCACHE_TOKEN`` or ``--token-file`` rather than ``--token``, which ``ps`` shows."""
     arena_path: str | None = None
     """Arena file; default a fresh file under /dev/shm."""
     host_policy: str = "lru"
@@ -69,6 +72,14 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be within 0..65535")
+        if self.token == "":
+            # NOTE: an empty MMCACHE_TOKEN means none, as it does for the workers; safe, because
+            # the loopback rule below still holds.
+            object.__setattr__(self, "token", None)
+        if not self.token and not is_loopback(self.host):
+            raise ValueError(f"refusing to serve on host={self.host!r} (beyond loopback) without a token: "
+                             "anyone who reaches the port could read, write and delete entries. Give "
+                             "MMCACHE_TOKEN or --token-file PATH, or bind 127.0.0.1")
         for name in ("socket", "compute_gate"):
             path = getattr(self, name)
             size = len(os.fsencode(path)) if path is not None else 0

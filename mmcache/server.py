@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import io
 import logging
 import math
@@ -25,6 +24,7 @@ from mmcache.config import ServeConfig
 from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.local_server import start_local_server
 from mmcache.metrics import Metrics
+from mmcache.security import bearer_matches
 from mmcache.store import StoreConfig, TieredStore
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryFormatError, relayout
@@ -80,8 +80,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     token = request.app[CONFIG].token
     if token and request.path != "/healthz":
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # NOTE: the scheme in any case (RFC 7235: "bearer X" is "Bearer X"); the token in constant time.
+        if not bearer_matches(request.headers.get("Authorization"), token):
             raise web.HTTPUnauthorized(
                 text='{"error": "missing or wrong bearer token"}', content_type="application/json",
                 headers={"WWW-Authenticate": "Bearer"})
