@@ -46,6 +46,8 @@ STATUS_FILE = "stack-status.json"
 ARENA_RECORD = "arena.path"
 """In the data dir: the sidecar's arena file (``mmcache.store._ARENA_RECORD``)."""
 _MAX_SOCKET_PATH = 100
+LOOPBACK = "127.0.0.1"
+"""Where the sidecar, encoders and workers listen: ``--host`` exposes the router alone."""
 _STOP_ORDER = ((("router",), 15), (("encoder", "prefill", "decode", "generate"), 30), (("cache",), 30))
 
 
@@ -56,6 +58,7 @@ class StackConfig:
     model: str = "tiny-llava"
     data_dir: str = "./mmcache-data"
     host: str = "127.0.0.1"
+    """The router's bind address; the sidecar, encoders and workers stay on loopback (``LOOPBACK``)."""
     port: int = 8000
     encoders: int = 2
     prefill: int = 1
@@ -90,6 +93,11 @@ class StackConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     backoff: Backoff = Backoff()
     """How long a child that died waits before it is started again."""
+    cache_token: str | None = field(default=None, repr=False)
+    """The sidecar's bearer token: for the sidecar, the workers and the router, in their
+    environment (``MMCACHE_TOKEN``), never their argv."""
+    api_key: str | None = field(default=None, repr=False)
+    """The router's OpenAI API key: for the router alone, in ``MMCACHE_API_KEY``."""
 
     def __post_init__(self) -> None:
         for name in ("encoders", "prefill", "decode"):
@@ -152,9 +160,21 @@ class Stack:
 
     def _spawn(self, name: str, role: str, module: str, *args: str) -> Child:
         env = self._worker_env if role in ("encoder", "prefill", "decode") else self._env
+        env = self._with_secrets(env, role)
         on_exit = self._sidecar_exited if role == "cache" else None
         return self.supervisor.spawn(name, role, [sys.executable, "-m", module, *args], env, self._nice.get(role, 0),
                                      on_exit)
+
+    def _with_secrets(self, env: dict[str, str], role: str) -> dict[str, str]:
+        """``env`` with the tokens ``role`` needs. NOTE: in the environment, never argv: any
+        local user reads a process's argv (``ps``, ``/proc/PID/cmdline``); its environment only
+        its owner. The API key goes to the router alone."""
+        env = {k: v for k, v in env.items() if role == "router" or k != "MMCACHE_API_KEY"}
+        if self.config.cache_token:
+            env["MMCACHE_TOKEN"] = self.config.cache_token
+        if self.config.api_key and role == "router":
+            env["MMCACHE_API_KEY"] = self.config.api_key
+        return env
 
     def _sidecar_exited(self, pid: int, returncode: int) -> None:
         removed = remove_dead_arena(self.config.data_dir, pid)
@@ -163,7 +183,7 @@ class Stack:
 
     def _worker_args(self) -> list[str]:
         c = self.config
-        args = ["--model", c.model, "--data-dir", c.data_dir, "--host", c.host, "--port", "0",
+        args = ["--model", c.model, "--data-dir", c.data_dir, "--host", LOOPBACK, "--port", "0",
                 "--log-level", c.log_level]
         return args
 
@@ -203,7 +223,7 @@ class Stack:
             router_args += [a for w in workers for a in ("--generate", w.url)]
         else:
             sidecar = self._spawn("sidecar", "cache", "mmcache.cli", "serve", "--data-dir", c.data_dir,
-                                  "--host", c.host, "--port", "0", "--socket", self.socket_path,
+                                  "--host", LOOPBACK, "--port", "0", "--socket", self.socket_path,
                                   "--host-capacity", c.host_capacity, "--log-level", c.log_level, *self._gate_args())
             self._wait_ready([sidecar], deadline)
             cache = f"unix://{self.socket_path}"
