@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
         "host_capacity_bytes": args.host_capacity, "disk_capacity_bytes": args.disk_capacity,
         "max_entry_size_bytes": args.max_entry_size, "token": token, "arena_path": args.arena,
         "host_policy": args.host_policy, "disk_policy": args.disk_policy, "log_level": args.log_level,
+        "write_timeout_s": args.write_timeout, "batch_get_budget_bytes": args.batch_get_budget,
+        "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -43,7 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(config)
     # run_app prints the ready line once the sockets listen (scripts wait for it), and handles
     # SIGINT and SIGTERM: in-flight requests finish, then cleanup_ctx flushes disk and removes the socket.
-    run_app(app, "mmcache", config.host, config.port, extra=f"unix://{config.socket}" if config.socket else "")
+    run_app(app, "mmcache", config.host, config.port, extra=f"unix://{config.socket}" if config.socket else "",
+            max_connections=config.max_connections, header_timeout_s=config.header_timeout_s)
     return 0
 
 
@@ -153,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host-policy", choices=sorted(POLICIES))
     s.add_argument("--disk-policy", choices=sorted(POLICIES))
     s.add_argument("--log-level")
+    s.add_argument("--write-timeout", type=float, metavar="S",
+                   help="seconds a reader has to take each part of a GET/batch_get answer (default 30)")
+    s.add_argument("--batch-get-budget", metavar="SIZE", help="entry bytes per streamed batch_get batch (default 32MiB)")
+    s.add_argument("--max-connections", type=int, help="open HTTP connections at most (default: the fd limit allows)")
+    s.add_argument("--header-timeout", type=float, metavar="S",
+                   help="seconds a new connection has to send its request head (default 5)")
     s.set_defaults(fn=_serve)
 
     u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)")

@@ -65,9 +65,24 @@ class ServeConfig:
     """Disk-tier eviction policy (lru, gdsf, cost-lfu)."""
     log_level: str = "info"
     """Python logging level name."""
+    write_timeout_s: float = 30.0
+    """Seconds a GET or batch_get reader has to take each part of its answer; a slower one has its
+    connection aborted and its leases freed, so it cannot pin entries forever."""
+    batch_get_budget_bytes: int = 32 << 20
+    """Entry bytes ``POST /v1/batch_get`` gathers into one Arrow record batch before sending it;
+    the answer streams, so the sidecar holds about twice this much per request, not the total."""
+    max_connections: int | None = None
+    """Open HTTP connections at most (None: what the descriptor limit allows, less a reserve)."""
+    header_timeout_s: float = 5.0
+    """Seconds a new HTTP connection has to send its first whole request head (slowloris)."""
 
     def __post_init__(self) -> None:
-        for name in ("host_capacity_bytes", "disk_capacity_bytes", "max_entry_size_bytes"):
+        for name in ("write_timeout_s", "header_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive number of seconds")
+        if self.max_connections is not None and self.max_connections <= 0:
+            raise ValueError(f"max_connections={self.max_connections} must be > 0")
+        for name in ("host_capacity_bytes", "disk_capacity_bytes", "max_entry_size_bytes", "batch_get_budget_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 <= self.port <= 65535:
@@ -114,10 +129,15 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
         if name.endswith("_bytes"):
             value = parse_size(value)
-        elif name == "port":
+        elif name in ("port", "max_connections"):
             try:
                 value = int(value)
             except (TypeError, ValueError):
-                raise ValueError(f"port={value!r} must be an integer") from None
+                raise ValueError(f"{name}={value!r} must be an integer") from None
+        elif name.endswith("_s"):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={value!r} must be a number of seconds") from None
         out[name] = value
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mmcache.config import ServeConfig
 from mmcache.compute_gate import ComputeGate, start_gate_server
+from mmcache.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
 from mmcache.local_server import start_local_server
 from mmcache.metrics import Metrics
 from mmcache.security import bearer_matches
@@ -92,22 +92,6 @@ def _key(request: web.Request) -> Key:
     return Key(request.match_info["ns"], request.match_info["hash"])
 
 
-async def _read_body(request: web.Request, limit: int) -> bytearray:
-    """Stream the body into one buffer, refusing (413) as soon as it passes ``limit``."""
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
-                                            text=f'{{"error": "entry of {request.content_length} bytes exceeds the {limit}-byte limit"}}',
-                                            content_type="application/json")
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 20):
-        if len(body) + len(chunk) > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body) + len(chunk),
-                                                text=f'{{"error": "entry exceeds the {limit}-byte limit"}}',
-                                                content_type="application/json")
-        body += chunk
-    return body
-
-
 def _flag(request: web.Request, name: str, default: bool) -> bool:
     value = request.query.get(name)
     if value is None:
@@ -122,7 +106,7 @@ def _flag(request: web.Request, name: str, default: bool) -> bool:
 async def put_entry(request: web.Request) -> web.Response:
     key = _key(request)
     store = request.app[STORE]
-    body = await _read_body(request, request.app[CONFIG].max_entry_size_bytes)
+    body = await read_body(request, request.app[CONFIG].max_entry_size_bytes, "entry")
     if not body:
         raise ValueError("empty body: PUT takes a safetensors entry with an 'embeddings' tensor")
     durable = _flag(request, "durable", False)
@@ -156,12 +140,12 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
         view = lease.view
         response = web.StreamResponse(headers={TIER_HEADER: lease.tier, "Content-Type": _ENTRY_CONTENT_TYPE})
         response.content_length = view.nbytes
-        await response.prepare(request)
+        writer = PinnedWriter(request, response, request.app[CONFIG].write_timeout_s, request.app[HTTP_COUNTERS])
         try:
-            await response.write(view)  # NOTE: the lease keeps the bytes in place until written
-            await response.write_eof()
-        except ConnectionResetError:
-            logger.debug("client left during GET %s", key)
+            # NOTE: returns once the kernel holds every byte, so the lease can go right after.
+            await writer.write([view], eof=True)
+        except ConnectionResetError as e:  # the client left, or never read (WriteTimeout)
+            logger.debug("GET %s not delivered: %s", key, e)
         return response
     finally:
         store.release(lease)
@@ -182,12 +166,7 @@ async def delete_entry(request: web.Request) -> web.Response:
 
 
 async def _json_keys(request: web.Request) -> list[str]:
-    if request.content_length is not None and request.content_length > _MAX_JSON_BYTES:
-        raise ValueError(f"request body exceeds {_MAX_JSON_BYTES} bytes")
-    try:
-        doc = await request.json()
-    except ValueError:
-        raise ValueError('body must be JSON: {"keys": ["ns/hash", ...]}') from None
+    doc = await read_json(request, _MAX_JSON_BYTES, '{"keys": ["ns/hash", ...]}')
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
         raise ValueError('body must be {"keys": ["ns/hash", ...]}')
@@ -199,33 +178,82 @@ async def lookup(request: web.Request) -> web.Response:
     return web.json_response({"tiers": tiers, "found": sum(t is not None for t in tiers.values())})
 
 
-async def batch_get(request: web.Request) -> web.Response:
-    """One Arrow IPC stream: columns ``key``, ``tier``, ``entry`` (the safetensors blob)."""
-    store = request.app[STORE]
+_BATCH_SCHEMA = pa.schema([("key", pa.string()), ("tier", pa.string()), ("entry", pa.large_binary())])
+
+
+class _Chunks:
+    """A write-only file for ``pyarrow.ipc``: keeps what it is given until taken (pyarrow hands
+    over ``Buffer``s that own their bytes, so keeping them keeps the batch, not a copy)."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.parts: list[memoryview] = []
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.parts.append(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> list[memoryview]:
+        parts, self.parts = self.parts, []
+        return parts
+
+
+async def batch_get(request: web.Request) -> web.StreamResponse:
+    """One Arrow IPC stream (columns ``key``, ``tier``, ``entry``: the safetensors blob), sent as
+    record batches of about ``batch_get_budget_bytes`` each: entries are leased until copied into
+    their batch, and a batch is sent before the next is gathered, so memory is bounded by the
+    budget, not by the answer. Misses are left out."""
+    store, config = request.app[STORE], request.app[CONFIG]
+    keys = dict.fromkeys(await _json_keys(request))
     owner = ("http-batch", id(request))
-    rows: dict[str, list] = {"key": [], "tier": [], "entry": []}
-    leases = []
+    response = web.StreamResponse(headers={"Content-Type": _ARROW_CONTENT_TYPE})
+    writer = PinnedWriter(request, response, config.write_timeout_s, request.app[HTTP_COUNTERS])
+    sink = _Chunks()
+    stream = pa.ipc.new_stream(sink, _BATCH_SCHEMA)
+    leases: list = []
+
+    def flush() -> None:
+        rows = ([lease.key for lease in leases], [lease.tier for lease in leases], [lease.view for lease in leases])
+        batch = pa.record_batch([pa.array(rows[0], pa.string()), pa.array(rows[1], pa.string()),
+                                 pa.array(rows[2], pa.large_binary())], schema=_BATCH_SCHEMA)
+        release_all()  # the batch holds copies now
+        stream.write_batch(batch)
+
+    def release_all() -> None:
+        while leases:
+            store.release(leases.pop())
+
     try:
-        for key in dict.fromkeys(await _json_keys(request)):
+        gathered = 0
+        for key in keys:
             lease = await _lease(store, key, owner)
-            if lease is not None:
-                leases.append(lease)
-                rows["key"].append(key)
-                rows["tier"].append(lease.tier)
-                rows["entry"].append(lease.view)
-        table = pa.table({"key": pa.array(rows["key"], pa.string()), "tier": pa.array(rows["tier"], pa.string()),
-                          "entry": pa.array(rows["entry"], pa.large_binary())})
+            if lease is None:
+                continue
+            leases.append(lease)
+            gathered += lease.view.nbytes
+            if gathered >= config.batch_get_budget_bytes:
+                await asyncio.to_thread(flush)
+                gathered = 0
+                await writer.write(sink.take())
+        if leases:
+            await asyncio.to_thread(flush)
+        stream.close()
+        await writer.write(sink.take(), eof=True)
+    except ConnectionResetError as e:  # the client left, or never read (WriteTimeout)
+        logger.debug("batch_get not delivered: %s", e)
     finally:
-        for lease in leases:
-            store.release(lease)
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return web.Response(body=sink.getbuffer(), content_type=_ARROW_CONTENT_TYPE)
+        release_all()
+    return response
 
 
 async def stats(request: web.Request) -> web.Response:
     doc = request.app[STORE].stats()
+    doc["http"] = request.app[HTTP_COUNTERS].as_dict()
     if GATE in request.app:
         doc["compute_gate"] = request.app[GATE].stats()
     return web.json_response(doc)
@@ -284,6 +312,7 @@ def create_app(config: ServeConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=config.max_entry_size_bytes)
     app[CONFIG] = config
+    app[HTTP_COUNTERS] = HttpCounters()
     app[METRICS] = Metrics(lambda: app[STORE].stats())
     app.cleanup_ctx.append(_store_ctx(config))
     entry = "/v1/entries/{ns}/{hash}"

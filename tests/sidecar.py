@@ -84,11 +84,11 @@ def free_port() -> int:
 class SidecarProcess:
     """``mmcache serve`` as a subprocess; ``start`` returns when it prints its ready line."""
 
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, preexec_fn=None):
         self.port: int | None = None  # NOTE: --port 0: the sidecar binds a free port and says which
         cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
         self.output: list[str] = []
 
     @property
