@@ -75,6 +75,9 @@ class ServeConfig:
     """Open HTTP connections at most (None: what the descriptor limit allows, less a reserve)."""
     header_timeout_s: float = 5.0
     """Seconds a new HTTP connection has to send its first whole request head (slowloris)."""
+    disk_queue_bytes: int = 1 << 30
+    """Bytes of puts that host cannot take (they land on disk) queued for the disk writer at
+    most; one more answers 503 with Retry-After at once instead of queueing behind the fsyncs."""
 
     def __post_init__(self) -> None:
         for name in ("write_timeout_s", "header_timeout_s"):
@@ -82,7 +85,8 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive number of seconds")
         if self.max_connections is not None and self.max_connections <= 0:
             raise ValueError(f"max_connections={self.max_connections} must be > 0")
-        for name in ("host_capacity_bytes", "disk_capacity_bytes", "max_entry_size_bytes", "batch_get_budget_bytes"):
+        for name in ("host_capacity_bytes", "disk_capacity_bytes", "max_entry_size_bytes", "batch_get_budget_bytes",
+                     "disk_queue_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 <= self.port <= 65535:

@@ -50,11 +50,15 @@ class DiskTierConfig:
     """Most operations committed in one write transaction."""
     flush_interval_ms: float = 2.0
     """Longest the writer waits, in ms, to gather more operations into a batch."""
+    max_queued_bytes: int = 1 << 30
+    """Bytes of ``bounded`` puts (copies the caller made for the writer) queued at most; one
+    more is refused with ``NO_SPACE`` at once (503 upstream), so a burst of puts the host cannot
+    take neither grows memory nor queues minutes of fsyncs. An empty queue admits any size."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"path={self.path!r} must be a non-empty str")
-        for name in ("capacity_bytes", "max_readers", "batch_max_entries", "map_size_bytes"):
+        for name in ("capacity_bytes", "max_readers", "batch_max_entries", "map_size_bytes", "max_queued_bytes"):
             value = getattr(self, name)
             if name == "map_size_bytes" and value is None:
                 continue
@@ -84,6 +88,8 @@ class _Op:
     blob: memoryview | None = None
     cost_ms: float = 0.0
     nbytes: int = 0
+    bounded: bool = False
+    """Counted against ``max_queued_bytes`` while queued."""
 
 
 def _check(key: str, buf: Any, *, verify: bool) -> EntryView:
@@ -128,7 +134,10 @@ class DiskTier(Tier):
         self._policy = make_policy(config.policy)
         self._index: dict[str, int] = {}  # key -> nbytes, committed entries only
         self._bytes = 0
-        self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0)
+        self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0,
+                            queue_full=0)
+        self._queued_bytes = 0
+        """Bytes of bounded puts queued or being committed."""
         self.leases = LeaseTable()
         self._tombstones: set[str] = set()
         """Keys deleted while a put of theirs was queued: that put must not index them when it
@@ -185,6 +194,12 @@ class DiskTier(Tier):
                 op.future.set_exception(self._broken)
                 return op.future
             if op.kind == "put":
+                if op.bounded:
+                    if self._queued_bytes and self._queued_bytes + op.nbytes > self.config.max_queued_bytes:
+                        self._counts["queue_full"] += 1
+                        op.future.set_result(PutStatus.NO_SPACE)
+                        return op.future
+                    self._queued_bytes += op.nbytes
                 self._counts["pending_writes"] += 1
                 self._pending_puts[op.key] = self._pending_puts.get(op.key, 0) + 1
             self._queue.put(op)
@@ -196,10 +211,13 @@ class DiskTier(Tier):
         if os.getpid() != self._pid:
             raise RuntimeError("DiskTier used across fork; open a new one in this process")
 
-    def put(self, key: str, blob: Any, cost_ms: float = 0.0) -> Future:
+    def put(self, key: str, blob: Any, cost_ms: float = 0.0, *, bounded: bool = False) -> Future:
         """Enqueue a write; the Future resolves ``PutStatus.CREATED`` once committed (durable),
         ``EXISTS`` if the key was already on disk (first put wins), ``NO_SPACE`` when every entry
-        it would evict is leased, ``TOO_LARGE`` (at once) when it exceeds the capacity. ``blob`` is not copied: keep it valid and unchanged until the Future is done.
+        it would evict is leased (or, ``bounded``, at once when the queue holds
+        ``max_queued_bytes``), ``TOO_LARGE`` (at once) when it exceeds the capacity. ``blob`` is
+        not copied: keep it valid and unchanged until the Future is done. Writes from the host
+        arena in place pass ``bounded=False``: the host's capacity bounds them already.
         Cancelling the Future succeeds only while the write is still queued. A malformed key or
         cost raises ValueError here.
         """
@@ -208,7 +226,7 @@ class DiskTier(Tier):
         if isinstance(cost_ms, bool) or not isinstance(cost_ms, (int, float)) or not 0 <= cost_ms < math.inf:
             raise ValueError(f"{cost_ms=} must be a finite number >= 0")  # checked before commit
         mv = memoryview(blob).cast("B")
-        op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes)
+        op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes, bounded)
         if op.nbytes > self.config.capacity_bytes:
             with self._lock:
                 self._counts["too_large"] += 1
@@ -337,7 +355,16 @@ class DiskTier(Tier):
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(entries=len(self._index), bytes=self._bytes, capacity_bytes=self.config.capacity_bytes,
-                        leases=self.leases.total, **self._counts)
+                        leases=self.leases.total, queued_bytes=self._queued_bytes,
+                        max_queued_bytes=self.config.max_queued_bytes, **self._counts)
+
+    def admits(self, nbytes: int) -> bool:
+        """Whether a ``bounded`` put of ``nbytes`` would be queued now (a caller's check before it
+        copies the blob; ``put`` decides). A no is counted in ``queue_full``."""
+        with self._lock:
+            ok = not self._queued_bytes or self._queued_bytes + nbytes <= self.config.max_queued_bytes
+            self._counts["queue_full"] += not ok
+            return ok
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, close LMDB. Idempotent."""
@@ -519,6 +546,8 @@ class DiskTier(Tier):
                 if op.kind != "put":
                     continue
                 self._counts["pending_writes"] -= 1
+                if op.bounded:
+                    self._queued_bytes -= op.nbytes
                 left = self._pending_puts.get(op.key, 0) - 1
                 if left > 0:
                     self._pending_puts[op.key] = left

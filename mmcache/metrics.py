@@ -10,7 +10,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 _GAUGES = {"entries": "Entries held", "bytes": "Payload bytes held", "capacity_bytes": "Capacity in bytes",
            "used_bytes": "Bytes allocated (entries, reservations, quarantine)",
            "leases": "Live reader leases", "pending_writes": "Writes queued for disk",
-           "quarantined_bytes": "Reservations kept from reuse while their writer process lives"}
+           "quarantined_bytes": "Reservations kept from reuse while their writer process lives",
+           "queued_bytes": "Bytes of puts queued for the disk writer (copies host could not take)",
+           "max_queued_bytes": "Bound on queued_bytes (then 503)"}
 _COUNTERS = {"hits": "Lookups served by the tier", "misses": "Lookups the tier could not serve",
              "evictions": "Entries evicted", "corrupt": "Entries dropped for failing validation",
              "write_backs": "Entries written back to disk on host eviction",
@@ -18,7 +20,12 @@ _COUNTERS = {"hits": "Lookups served by the tier", "misses": "Lookups the tier c
              "persist_errors": "Entries whose write to disk failed (kept in host, not persisted)",
              "write_errors": "Disk puts failed by an LMDB error", "too_large": "Puts over the tier's capacity",
              "promotions": "Entries copied up from disk on a read",
-             "served_in_place": "Reads served from disk in place (no room in host)"}
+             "served_in_place": "Reads served from disk in place (no room in host)",
+             "queue_full": "Puts refused (503) because the disk writer's queue was full"}
+_HTTP = {"refused": "Connections refused with 503 at the connection cap",
+         "evicted_idle": "Idle connections closed to make room at the connection cap",
+         "header_timeouts": "Connections closed for not sending a request head in time",
+         "write_timeouts": "Responses aborted because the reader did not read in time"}
 
 
 class _TierCollector:
@@ -43,12 +50,28 @@ class _TierCollector:
             yield c
 
 
+class _HttpCollector:
+    """``mmcache_http_*_total`` from the app's ``HttpCounters`` (what the HTTP bounds did)."""
+
+    def __init__(self, counters: Callable[[], dict]):
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        values = self._counters()
+        for name, doc in _HTTP.items():
+            c = CounterMetricFamily(f"mmcache_http_{name}", doc)
+            c.add_metric([], values.get(name, 0))
+            yield c
+
+
 class Metrics:
     """One per app: the registry plus the request histogram the middleware records into."""
 
-    def __init__(self, stats: Callable[[], dict]):
+    def __init__(self, stats: Callable[[], dict], http: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
         self.registry.register(_TierCollector(stats))
+        if http is not None:
+            self.registry.register(_HttpCollector(http))
         self.request_seconds = Histogram(
             "mmcache_http_request_seconds", "HTTP request latency by route and status",
             ["method", "route", "status"], registry=self.registry,

@@ -273,7 +273,8 @@ def _store_ctx(config: ServeConfig):
         store = TieredStore(StoreConfig(
             data_dir=config.data_dir, host_capacity_bytes=config.host_capacity_bytes,
             disk_capacity_bytes=config.disk_capacity_bytes, arena_path=config.arena_path,
-            host_policy=config.host_policy, disk_policy=config.disk_policy))
+            host_policy=config.host_policy, disk_policy=config.disk_policy,
+            disk_max_queued_bytes=config.disk_queue_bytes))
         app[STORE] = store
         local = gate = None
         try:
@@ -313,7 +314,7 @@ def create_app(config: ServeConfig) -> web.Application:
                           client_max_size=config.max_entry_size_bytes)
     app[CONFIG] = config
     app[HTTP_COUNTERS] = HttpCounters()
-    app[METRICS] = Metrics(lambda: app[STORE].stats())
+    app[METRICS] = Metrics(lambda: app[STORE].stats(), lambda: app[HTTP_COUNTERS].as_dict())
     app.cleanup_ctx.append(_store_ctx(config))
     entry = "/v1/entries/{ns}/{hash}"
     app.add_routes([

@@ -64,9 +64,11 @@ class StoreConfig:
     """Eviction policy of the disk tier."""
     disk_flush_interval_ms: float = 2.0
     """Longest wait of the disk writer to gather a batch, in milliseconds."""
+    disk_max_queued_bytes: int = 1 << 30
+    """Bytes of puts that host cannot take queued for the disk writer at most (then 503)."""
 
     def __post_init__(self) -> None:
-        for name in ("host_capacity_bytes", "disk_capacity_bytes"):
+        for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
 
@@ -154,7 +156,8 @@ class TieredStore:
             self._remove_stale_arena()
             self.disk = DiskTier(DiskTierConfig(
                 path=os.path.join(config.data_dir, "lmdb"), capacity_bytes=config.disk_capacity_bytes,
-                policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms))
+                policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms,
+                max_queued_bytes=config.disk_max_queued_bytes))
             try:
                 self.host = HostTier(config.resolved_arena_path(), config.host_capacity_bytes,
                                      policy=config.host_policy, on_dirty=self._write_back,
@@ -253,7 +256,10 @@ class TieredStore:
                                     f"{self.host.allocator.capacity_bytes}-byte arena")
             raise CacheFull(f"no room for {plan.total_bytes} bytes of host-only entry {key}: everything else "
                             f"is leased or being written", RETRY_AFTER_S)
-        fut = self.disk.put(key, plan.to_bytes(), cost_ms)
+        if not self.disk.admits(plan.total_bytes):  # before the copy below
+            raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host now, and the disk "
+                            f"queue is full ({self.disk.config.max_queued_bytes} bytes)", RETRY_AFTER_S)
+        fut = self.disk.put(key, plan.to_bytes(), cost_ms, bounded=True)
         status = fut.result()  # NOTE: a 201 means every reader sees it: wait for the commit
         if status is PutStatus.EXISTS:
             return PutResult(False, "disk")

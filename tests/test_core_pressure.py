@@ -205,6 +205,82 @@ def test_durable_put_larger_than_the_disk_tier_stores_nothing(tmp_path):
         store.close()
 
 
+def test_a_full_disk_queue_is_a_503_and_stores_nothing(tmp_path):
+    """Puts the 2 MiB host cannot take queue copies for the disk writer; with the writer stuck
+    (a slow disk) and 3 MiB of them queued, the next is a 503 with Retry-After at once (not a
+    queue that grows memory and latency without bound), stores nothing, and once the writer
+    moves the same put succeeds and every acknowledged entry reads back whole."""
+    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, host_capacity_bytes=2 * MiB,
+                         disk_capacity_bytes=64 * MiB, disk_queue_bytes=3 * MiB)
+    sc = ThreadedSidecar(config).start()
+    disk = sc.store.disk
+    stuck, entered = threading.Event(), threading.Event()
+    commit = disk._try_commit
+
+    def slow_commit(ops):
+        entered.set()
+        assert stuck.wait(60)
+        return commit(ops)
+
+    disk._try_commit = slow_commit
+    try:
+        big = {i: payload(i, 10_000) for i in range(3)}  # 2.5 MiB each: over the arena
+        first: list = []
+
+        def put_first():
+            with CacheClient(sc.url) as c:
+                first.append(c.put(NS, h(0), big[0]))
+
+        t = threading.Thread(target=put_first)
+        t.start()
+        assert entered.wait(30)  # the first is in the writer's hands (and counted as queued)
+        assert disk.stats()["queued_bytes"] > 2 * MiB
+        conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=30)
+        blob = encode_entry(NS, h(1), {"embeddings": big[1]})
+        t0 = time.monotonic()
+        conn.request("PUT", f"/v1/entries/{NS}/{h(1)}", body=blob)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert time.monotonic() - t0 < 10  # answered at once, not after the stuck commit
+        assert resp.status == 503 and int(resp.getheader("Retry-After")) >= 1, body
+        assert "queue" in body["error"]
+        with CacheClient(sc.url) as c:
+            with pytest.raises(CacheFull):
+                c.put(NS, h(2), big[2])
+            assert not c.exists(NS, h(1)) and not c.exists(NS, h(2))
+        assert disk.stats()["queue_full"] >= 1
+        stuck.set()
+        t.join(30)
+        assert first == [True]
+        with CacheClient(sc.url) as c:
+            assert c.put(NS, h(1), big[1]) and c.put(NS, h(2), big[2])
+            for i in range(3):
+                with c.get(NS, h(i)) as e:
+                    assert e.tier == "disk" and np.array_equal(e.array, big[i])
+        assert disk.stats()["queued_bytes"] == 0
+    finally:
+        stuck.set()
+        sc.stop()
+
+
+def test_the_disk_queue_bound_spares_write_through_from_host(tmp_path):
+    """Write-through copies from the arena in place (host's capacity bounds them): a queue bound
+    smaller than one entry refuses none of them, and an empty queue admits any size."""
+    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=8 * MiB,
+                                    disk_capacity_bytes=64 * MiB, arena_path=str(tmp_path / "arena"),
+                                    disk_max_queued_bytes=1))
+    try:
+        for i in range(8):
+            assert store.put(f"{NS}/{h(i)}", {"embeddings": payload(i, 1024)}).created
+        k = f"{NS}/{h('big')}"
+        assert store.put(k, {"embeddings": payload(9, 40_000)}).tier == "disk"  # 10 MiB, alone in the queue
+        store.flush()
+        assert all(store.disk.contains(f"{NS}/{h(i)}") for i in range(8))
+        assert store.disk.stats()["queue_full"] == 0 and store.stats()["disk"]["persist_errors"] == 0
+    finally:
+        store.close()
+
+
 def test_a_201_is_visible_to_head_and_lookup_when_it_lands_on_disk(sidecar):
     big = encode_entry(NS, h("d"), {"embeddings": payload(4, 8192)})
     conn = http.client.HTTPConnection("127.0.0.1", sidecar.port, timeout=30)
