@@ -19,7 +19,8 @@ Targets (issue #2): zero-copy get flat in size (64 MiB within 2x of 64 KiB); put
 Then (``benchmarks/pressure.py``) fragmentation under a churn of mixed sizes, old allocator
 against new, and ``/healthz`` latency during a put/delete burst with the sidecar in its own
 process; ``--before REF`` runs that burst against the code at git REF too (e.g. the commit
-before the core rework), side by side. ``--only core|frag|healthz`` picks one section.
+before the core rework), side by side; then (``benchmarks/writer_map.py``) what each way of
+giving a local writer the arena costs per put. ``--only core|frag|healthz|writer-map`` picks one.
 """
 
 from __future__ import annotations
@@ -97,12 +98,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64KiB,1MiB,4MiB,16MiB,64MiB")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--only", choices=["core", "frag", "healthz"], default=None)
+    ap.add_argument("--only", choices=["core", "frag", "healthz", "writer-map"], default=None)
     ap.add_argument("--before", default=None, help="git ref whose sidecar the /healthz burst also runs (default: none)")
     args = ap.parse_args()
     if args.only in ("frag", "healthz"):
         print(f"machine: {describe()}")
         return pressure_sections(args)
+    if args.only == "writer-map":
+        import writer_map
+
+        print(f"machine: {describe()}")
+        print("\n".join(writer_map.lines([64 << 10, 1 << 20, parse_size("4.7MiB")], args.repeats)))
+        return 0
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     arena_bytes = max(sizes) * 6
     print(f"machine: {describe()}")
@@ -122,7 +129,11 @@ def main() -> int:
             store.close()
     print_table(rows)
     if args.only is None:
+        import writer_map
+
         pressure_sections(args)
+        print()
+        print("\n".join(writer_map.lines([64 << 10, 1 << 20, parse_size("4.7MiB")], args.repeats)))
     print(hash_costs(args.repeats))
     return 0
 

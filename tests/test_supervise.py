@@ -144,9 +144,12 @@ def test_a_killed_child_comes_back_on_its_port_and_stop_restarts_nothing(tmp_pat
         os.kill(first_pid, signal.SIGKILL)
         second_pid = int(_poll(lambda: (pid := _get(url)) and int(pid) != first_pid and pid, 30, "back"))
         assert server.url == url and server.restarts == 1 and server.last_exit == "killed by SIGKILL"
-        with open(status_path) as f:
-            doc = json.load(f)
-        seen["status"] = {p["name"]: p for p in doc["processes"]}
+        def status():  # NOTE: the child may answer before the supervisor has written its "up"
+            with open(status_path) as f:
+                doc = {p["name"]: p for p in json.load(f)["processes"]}
+            return doc if doc["server"]["state"] == "up" else None
+
+        seen["status"] = _poll(status, 10, "the status file says up")
         seen["pids"] = (second_pid, sleeper.proc.pid)
 
     _supervise_while(sup, drive)
