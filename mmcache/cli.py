@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         "host_policy": args.host_policy, "disk_policy": args.disk_policy, "log_level": args.log_level,
         "write_timeout_s": args.write_timeout, "batch_get_budget_bytes": args.batch_get_budget,
         "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
-        "disk_queue_bytes": args.disk_queue,
+        "disk_queue_bytes": args.disk_queue, "tenants": args.tenants,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-connections", type=int, help="open HTTP connections at most (default: the fd limit allows)")
     s.add_argument("--header-timeout", type=float, metavar="S",
                    help="seconds a new connection has to send its request head (default 5)")
+    s.add_argument("--tenants", metavar="FILE",
+                   help="TOML/JSON file of token -> tenant: requests are scoped to their token's tenant")
     s.add_argument("--disk-queue", metavar="SIZE",
                    help="bytes of puts the host cannot take queued for disk at most, then 503 (default 1GiB)")
     s.set_defaults(fn=_serve)

@@ -75,6 +75,9 @@ class ServeConfig:
     """Open HTTP connections at most (None: what the descriptor limit allows, less a reserve)."""
     header_timeout_s: float = 5.0
     """Seconds a new HTTP connection has to send its first whole request head (slowloris)."""
+    tenants: str | None = None
+    """A TOML or JSON file mapping bearer tokens to tenant names (``mmcache.tenants``): each
+    request is scoped to its token's tenant; ``token`` stays the default tenant's."""
     disk_queue_bytes: int = 1 << 30
     """Bytes of puts that host cannot take (they land on disk) queued for the disk writer at
     most; one more answers 503 with Retry-After at once instead of queueing behind the fsyncs."""
@@ -95,7 +98,7 @@ class ServeConfig:
             # NOTE: an empty MMCACHE_TOKEN means none, as it does for the workers; safe, because
             # the loopback rule below still holds.
             object.__setattr__(self, "token", None)
-        if not self.token and not is_loopback(self.host):
+        if not self.token and not self.tenants and not is_loopback(self.host):
             raise ValueError(f"refusing to serve on host={self.host!r} (beyond loopback) without a token: "
                              "anyone who reaches the port could read, write and delete entries. Give "
                              "MMCACHE_TOKEN or --token-file PATH, or bind 127.0.0.1")

@@ -96,7 +96,7 @@ def _check(key: str, buf: Any, *, verify: bool) -> EntryView:
     """The entry in ``buf``, checked against its key; raises ``EntryFormatError``."""
     entry = read_entry(buf, verify=verify) if verify else EntryView(buf, parse_entry(buf))
     own = f"{entry.metadata['namespace']}/{entry.metadata['hash']}"
-    if own != key:
+    if own != key.rpartition("@")[2]:  # NOTE: a tenant's key is "tenant@ns/hash"; the entry names ns/hash
         raise BadHeader(f"entry names {own!r}, stored under {key!r}")
     return entry
 
@@ -351,6 +351,14 @@ class DiskTier(Tier):
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._index)
+
+    def usage_by_tenant(self) -> dict[str | None, list[int]]:
+        """``{tenant: [entries, bytes]}`` over committed entries (None: the default tenant)."""
+        from mmcache.host import _usage
+
+        with self._lock:
+            items = list(self._index.items())
+        return _usage(items)
 
     def stats(self) -> dict[str, int]:
         with self._lock:

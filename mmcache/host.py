@@ -388,6 +388,12 @@ class HostTier(Tier):
             entry = self._key_to_entry.get(key)
             return entry is not None and entry.sealed
 
+    def usage_by_tenant(self) -> dict[str | None, list[int]]:
+        """``{tenant: [entries, bytes]}`` over sealed entries (None: the default tenant)."""
+        with self._lock:
+            items = [(k, e.nbytes) for k, e in self._key_to_entry.items() if e.sealed]
+        return _usage(items)
+
     def persists(self, key: str) -> bool:
         with self._lock:
             entry = self._key_to_entry.get(key)
@@ -435,3 +441,13 @@ class HostTier(Tier):
     def close(self) -> None:
         self.arena.close()
         self.arena.unlink()
+
+
+def _usage(items) -> dict[str | None, list[int]]:
+    out: dict[str | None, list[int]] = {}
+    for key, nbytes in items:
+        tenant, at, _ = key.partition("@")
+        row = out.setdefault(tenant if at else None, [0, 0])
+        row[0] += 1
+        row[1] += nbytes
+    return out

@@ -3,11 +3,15 @@
 Framing: one JSON object per line. A request is ``{"id": N, "op": NAME, ...}``; the answer is
 ``{"id": N, ...}`` or ``{"id": N, "error": MESSAGE, "kind": NAME}``. Ops:
 
-- ``hello`` → ``arena_path``, ``arena_bytes``, ``lmdb_path``, ``format``, ``pid``
+- ``hello {token?}`` → ``arena_path``, ``arena_bytes``, ``lmdb_path``, ``format``, ``pid``,
+  ``tenant``. With ``--tenants`` a token scopes the connection to its tenant (keys are then
+  stored as ``tenant@ns/hash``; answers name them as the client did); without one the
+  connection is the default tenant (the socket's 0600 mode is its guard), which may name any
+  tenant's keys as ``tenant@ns/hash``.
 - ``lookup {keys}`` → ``tiers`` (key → tier or null)
-- ``lease {keys}`` → ``leases``: per key ``[offset, nbytes, tier]`` or null; each is a lease.
-  ``offset`` -1: host had no room, the entry is read in place from LMDB (``lmdb_path``) by key,
-  pinned on disk until released.
+- ``lease {keys}`` → ``leases``: per key ``[offset, nbytes, tier, stored_key]`` or null; each is
+  a lease. ``offset`` -1: host had no room, the entry is read in place from LMDB (``lmdb_path``)
+  by ``stored_key``, pinned on disk until released.
 - ``release {keys}`` → ``released`` (count)
 - ``reserve {key, nbytes, encode_ms, persist}`` → ``offset`` (``status`` ``exists`` /
   ``no_space`` (+ ``retry_after_s``) / ``too_large`` (+ ``capacity_bytes``) instead)
@@ -35,6 +39,7 @@ from typing import Any
 
 from mmcache.host import EntryExists, Reservation
 from mmcache.store import RETRY_AFTER_S, Lease, TieredStore
+from mmcache.tenants import DEFAULT, Principal, Tenants
 from mmcache.tier import PutStatus
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import FORMAT_VERSION, EntryFormatError
@@ -50,15 +55,11 @@ class ProtocolError(ValueError):
     """A malformed control message."""
 
 
-def _keys(msg: dict) -> list[str]:
+def _key_list(msg: dict) -> list:
     keys = msg.get("keys")
     if not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_MESSAGE:
         raise ProtocolError(f"'keys' must be a list of at most {MAX_KEYS_PER_MESSAGE} keys")
-    return [Key.from_string(k).to_string() for k in keys]
-
-
-def _key(msg: dict) -> str:
-    return Key.from_string(msg.get("key")).to_string()
+    return keys
 
 
 def _peer_pidfd(sock: socket.socket | None) -> int | None:
@@ -81,8 +82,10 @@ class _Connection:
 
     _ids = itertools.count()
 
-    def __init__(self, store: TieredStore, pidfd: int | None):
+    def __init__(self, store: TieredStore, pidfd: int | None, tenants: Tenants | None = None):
         self.store = store
+        self.tenants = tenants
+        self.principal: Principal = DEFAULT
         self.owner = ("local", next(self._ids))
         self.pidfd = pidfd
         self.reservations: dict[str, Reservation] = {}
@@ -92,18 +95,21 @@ class _Connection:
         op = msg.get("op")
         store = self.store
         if op == "hello":
+            self._hello(msg.get("token"))
             return {"arena_path": store.arena_path, "arena_bytes": store.host.arena.capacity_bytes,
-                    "lmdb_path": store.disk.config.path, "format": FORMAT_VERSION, "pid": os.getpid()}
+                    "lmdb_path": store.disk.config.path, "format": FORMAT_VERSION, "pid": os.getpid(),
+                    "tenant": self.principal.tenant}
         if op == "lookup":
-            return {"tiers": store.lookup(_keys(msg))}
+            keys = {self._scoped(k): k for k in _key_list(msg)}
+            return {"tiers": {keys[k]: t for k, t in store.lookup(list(keys)).items()}}
         if op == "lease":
-            return {"leases": [await self._lease(key) for key in _keys(msg)]}
+            return {"leases": [await self._lease(self._scoped(k)) for k in _key_list(msg)]}
         if op == "release":
-            return {"released": sum(self._release(k) for k in _keys(msg))}
+            return {"released": sum(self._release(self._scoped(k)) for k in _key_list(msg))}
         if op == "reserve":
             return await self._reserve(msg)
         if op == "seal":
-            res = self.reservations.pop(_key(msg), None)
+            res = self.reservations.pop(self._scoped(msg.get("key")), None)
             if res is None:
                 raise ProtocolError(f"no open reservation for {msg.get('key')!r} on this connection")
             result = await asyncio.to_thread(store.seal, res)  # NOTE: a checksum pass over the entry
@@ -111,15 +117,34 @@ class _Connection:
                 await asyncio.wrap_future(result.durable)
             return {"created": result.created, "tier": result.tier}
         if op == "abort":
-            res = self.reservations.pop(_key(msg), None)
+            res = self.reservations.pop(self._scoped(msg.get("key")), None)
             if res is not None:
                 store.abort(res)
             return {"aborted": res is not None}
         if op == "delete":
-            return {"deleted": await asyncio.to_thread(store.delete, _key(msg))}
+            return {"deleted": await asyncio.to_thread(store.delete, self._scoped(msg.get("key")))}
         if op == "stats":
+            if not self.principal.trusted:
+                usage = await asyncio.to_thread(store.usage_by_tenant)
+                return {"stats": {"tenant": self.principal.tenant, "usage": usage.get(self.principal.tenant, {})}}
             return {"stats": store.stats()}
         raise ProtocolError(f"unknown op {op!r}")
+
+    def _hello(self, token: Any) -> None:
+        if token is None:
+            return  # the default tenant: the socket's file mode is its guard
+        if not isinstance(token, str):
+            raise ProtocolError("'token' must be a string")
+        principal = self.tenants.authenticate(token) if self.tenants is not None else None
+        if principal is None and self.tenants is None:
+            return  # no tenants: a token (the sidecar's, for HTTP) changes nothing here
+        if principal is None:
+            raise PermissionError("hello: the token is no tenant's")
+        self.principal = principal
+
+    def _scoped(self, text: Any) -> str:
+        """A message's key in this connection's scope, as the store keys it."""
+        return self.principal.scope(Key.from_string(text)).to_string()
 
     async def _lease(self, key: str) -> list | None:
         store = self.store
@@ -129,7 +154,7 @@ class _Connection:
         if lease is None:
             return None
         self.leases.setdefault(key, []).append(lease)
-        return [lease.offset, lease.nbytes, lease.tier]
+        return [lease.offset, lease.nbytes, lease.tier, key]
 
     def _release(self, key: str) -> bool:
         leases = self.leases.get(key)
@@ -142,7 +167,7 @@ class _Connection:
         return True
 
     async def _reserve(self, msg: dict) -> dict:
-        key, nbytes, encode_ms = _key(msg), msg.get("nbytes"), msg.get("encode_ms", 0.0)
+        key, nbytes, encode_ms = self._scoped(msg.get("key")), msg.get("nbytes"), msg.get("encode_ms", 0.0)
         persist = msg.get("persist", True)
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
             raise ProtocolError(f"nbytes={nbytes!r} must be a positive int")
@@ -203,11 +228,14 @@ def _error_answer(e: BaseException) -> dict:
         return {"error": str(e), "kind": "CacheFull"}
     if isinstance(e, EntryTooLarge):
         return {"error": str(e), "kind": "EntryTooLarge"}
+    if isinstance(e, PermissionError):
+        return {"error": str(e), "kind": "Forbidden"}
     return {"error": str(e), "kind": type(e).__name__}
 
 
-async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    conn = _Connection(store, _peer_pidfd(writer.get_extra_info("socket")))
+async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            tenants: Tenants | None = None) -> None:
+    conn = _Connection(store, _peer_pidfd(writer.get_extra_info("socket")), tenants)
     try:
         while True:
             try:
@@ -225,7 +253,8 @@ async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, wr
                     raise ProtocolError("a message must be a JSON object")
                 msg_id = msg.get("id")
                 answer = await conn.handle(msg)
-            except (ProtocolError, EntryFormatError, ValueError, json.JSONDecodeError, CacheFull, EntryTooLarge) as e:
+            except (ProtocolError, EntryFormatError, ValueError, json.JSONDecodeError, CacheFull, EntryTooLarge,
+                    PermissionError) as e:
                 answer = _error_answer(e)
             except Exception as e:  # a bug in the sidecar: answer, log loudly, keep serving
                 logger.exception("local op failed: %.200s", line)
@@ -240,7 +269,7 @@ async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, wr
         writer.close()
 
 
-async def start_local_server(store: TieredStore, path: str) -> asyncio.AbstractServer:
+async def start_local_server(store: TieredStore, path: str, tenants: Tenants | None = None) -> asyncio.AbstractServer:
     """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600 from birth."""
     try:
         if os.path.lexists(path):
@@ -249,7 +278,7 @@ async def start_local_server(store: TieredStore, path: str) -> asyncio.AbstractS
         old_umask = os.umask(0o177)  # NOTE: bind creates the socket file: never world-accessible
         try:
             server = await asyncio.start_unix_server(
-                lambda r, w: _serve_connection(store, r, w), path=path, limit=MAX_MESSAGE_BYTES, backlog=1024
+                lambda r, w: _serve_connection(store, r, w, tenants), path=path, limit=MAX_MESSAGE_BYTES, backlog=1024
             )
         finally:
             os.umask(old_umask)

@@ -26,6 +26,7 @@ from mmcache.local_server import start_local_server
 from mmcache.metrics import Metrics
 from mmcache.security import bearer_matches
 from mmcache.store import StoreConfig, TieredStore
+from mmcache.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants, bearer_token
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryFormatError, relayout
 from mmcache_client.keys import Key
@@ -36,6 +37,11 @@ CONFIG = web.AppKey("config", ServeConfig)
 STORE = web.AppKey("store", TieredStore)
 METRICS = web.AppKey("metrics", Metrics)
 GATE = web.AppKey("gate", ComputeGate)
+TENANTS = web.AppKey("tenants", Tenants)
+TENANT_COUNTS = web.AppKey("tenant_counts", dict)
+PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "mmcache.principal"  # aiohttp < 3.12
+DEFAULT_TENANT_NAME = "(default)"
+"""The default tenant's row in per-tenant stats (not a valid tenant name, so never a tenant's)."""
 TIER_HEADER = "X-MMCache-Tier"
 _ENTRY_CONTENT_TYPE = "application/vnd.safetensors"
 _ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
@@ -65,6 +71,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
     except EntryTooLarge as e:
         response = _error(413, str(e))
+    except Forbidden as e:
+        response = _error(403, str(e))
     except (EntryFormatError, ValueError) as e:
         response = _error(400, str(e))
     except Exception:
@@ -78,18 +86,40 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    token = request.app[CONFIG].token
-    if token and request.path != "/healthz":
-        # NOTE: the scheme in any case (RFC 7235: "bearer X" is "Bearer X"); the token in constant time.
-        if not bearer_matches(request.headers.get("Authorization"), token):
+    """Who is asking (``request[PRINCIPAL]``): with ``--tenants`` every token is someone's, the
+    sidecar's own token (or none configured) is the default tenant."""
+    tenants, token = request.app.get(TENANTS), request.app[CONFIG].token
+    principal: Principal | None = DEFAULT
+    if request.path != "/healthz":
+        header = request.headers.get("Authorization")
+        if tenants is not None:
+            principal = tenants.authenticate(bearer_token(header))
+        elif token:
+            # NOTE: the scheme in any case (RFC 7235: "bearer X" is "Bearer X"); the token in constant time.
+            principal = DEFAULT if bearer_matches(header, token) else None
+        if principal is None:
             raise web.HTTPUnauthorized(
                 text='{"error": "missing or wrong bearer token"}', content_type="application/json",
                 headers={"WWW-Authenticate": "Bearer"})
+    request[PRINCIPAL] = principal
     return await handler(request)
 
 
+def _acting_for(request: web.Request) -> str | None:
+    value = request.headers.get(TENANT_HEADER)
+    return value if value else None
+
+
+def _scoped(request: web.Request, key: Key) -> Key:
+    return request[PRINCIPAL].scope(key, _acting_for(request))
+
+
 def _key(request: web.Request) -> Key:
-    return Key(request.match_info["ns"], request.match_info["hash"])
+    return _scoped(request, Key(request.match_info["ns"], request.match_info["hash"]))
+
+
+def _shown(request: web.Request, key: Key | str) -> str:
+    return request[PRINCIPAL].shown(Key.from_string(key) if isinstance(key, str) else key)
 
 
 def _flag(request: web.Request, name: str, default: bool) -> bool:
@@ -115,11 +145,14 @@ async def put_entry(request: web.Request) -> web.Response:
     # wait for disk commits must not stall other requests.
     plan = await asyncio.to_thread(relayout, body, key.namespace, key.hash)
     result = await asyncio.to_thread(store.put_plan, key.to_string(), plan, durable=False, persist=persist)
+    _count(request, "puts")
+    if result.created:
+        _count(request, "created")
     if durable and result.durable is not None:
         await asyncio.wrap_future(result.durable)
     elif durable and not store.disk.contains(key.to_string()):
         await asyncio.to_thread(store.flush)  # the key existed: an earlier non-durable put may still be queued
-    return web.json_response({"key": key.to_string(), "created": result.created, "tier": result.tier,
+    return web.json_response({"key": _shown(request, key), "created": result.created, "tier": result.tier,
                               "durable": durable, "persist": persist}, status=201 if result.created else 200)
 
 
@@ -134,8 +167,9 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
     store = request.app[STORE]
     owner = ("http", id(request))
     lease = await _lease(store, key, owner)
+    _count(request, "gets", hits=lease is not None)
     if lease is None:
-        raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
+        raise web.HTTPNotFound(text=f'{{"error": "no entry {_shown(request, key)}"}}', content_type="application/json")
     try:
         view = lease.view
         response = web.StreamResponse(headers={TIER_HEADER: lease.tier, "Content-Type": _ENTRY_CONTENT_TYPE})
@@ -160,22 +194,30 @@ async def head_entry(request: web.Request) -> web.Response:
 
 async def delete_entry(request: web.Request) -> web.Response:
     key = _key(request)
+    _count(request, "deletes")
     if not await asyncio.to_thread(request.app[STORE].delete, key):
-        raise web.HTTPNotFound(text=f'{{"error": "no entry {key}"}}', content_type="application/json")
+        raise web.HTTPNotFound(text=f'{{"error": "no entry {_shown(request, key)}"}}', content_type="application/json")
     return web.Response(status=204)
 
 
-async def _json_keys(request: web.Request) -> list[str]:
+async def _json_keys(request: web.Request) -> dict[str, str]:
+    """The body's keys in the caller's scope: ``{stored key: the key as the caller wrote it}``."""
     doc = await read_json(request, _MAX_JSON_BYTES, '{"keys": ["ns/hash", ...]}')
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
         raise ValueError('body must be {"keys": ["ns/hash", ...]}')
-    return [Key.from_string(k).to_string() for k in keys]
+    out: dict[str, str] = {}
+    for k in keys:
+        key = _scoped(request, Key.from_string(k))
+        out[key.to_string()] = _shown(request, key)
+    return out
 
 
 async def lookup(request: web.Request) -> web.Response:
-    tiers = request.app[STORE].lookup(await _json_keys(request))
-    return web.json_response({"tiers": tiers, "found": sum(t is not None for t in tiers.values())})
+    keys = await _json_keys(request)
+    tiers = request.app[STORE].lookup(list(keys))
+    return web.json_response({"tiers": {keys[k]: t for k, t in tiers.items()},
+                              "found": sum(t is not None for t in tiers.values())})
 
 
 _BATCH_SCHEMA = pa.schema([("key", pa.string()), ("tier", pa.string()), ("entry", pa.large_binary())])
@@ -209,7 +251,7 @@ async def batch_get(request: web.Request) -> web.StreamResponse:
     their batch, and a batch is sent before the next is gathered, so memory is bounded by the
     budget, not by the answer. Misses are left out."""
     store, config = request.app[STORE], request.app[CONFIG]
-    keys = dict.fromkeys(await _json_keys(request))
+    keys = await _json_keys(request)
     owner = ("http-batch", id(request))
     response = web.StreamResponse(headers={"Content-Type": _ARROW_CONTENT_TYPE})
     writer = PinnedWriter(request, response, config.write_timeout_s, request.app[HTTP_COUNTERS])
@@ -218,7 +260,7 @@ async def batch_get(request: web.Request) -> web.StreamResponse:
     leases: list = []
 
     def flush() -> None:
-        rows = ([lease.key for lease in leases], [lease.tier for lease in leases], [lease.view for lease in leases])
+        rows = ([keys[lease.key] for lease in leases], [lease.tier for lease in leases], [lease.view for lease in leases])
         batch = pa.record_batch([pa.array(rows[0], pa.string()), pa.array(rows[1], pa.string()),
                                  pa.array(rows[2], pa.large_binary())], schema=_BATCH_SCHEMA)
         release_all()  # the batch holds copies now
@@ -251,15 +293,44 @@ async def batch_get(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _count(request: web.Request, what: str, *, hits: bool | None = None) -> None:
+    """Per-tenant request counters (only kept with ``--tenants``)."""
+    counts = request.app.get(TENANT_COUNTS)
+    if counts is None:
+        return
+    row = counts.setdefault(request[PRINCIPAL].tenant or DEFAULT_TENANT_NAME,
+                            dict(gets=0, hits=0, misses=0, puts=0, created=0, deletes=0))
+    row[what] += 1
+    if hits is not None:
+        row["hits" if hits else "misses"] += 1
+
+
 async def stats(request: web.Request) -> web.Response:
-    doc = request.app[STORE].stats()
+    """Everything for the default tenant (with ``"tenants"``: each one's usage and requests); a
+    tenant sees its own usage and requests only."""
+    store, principal = request.app[STORE], request[PRINCIPAL]
+    tenants = request.app.get(TENANTS)
+    usage = await asyncio.to_thread(store.usage_by_tenant) if tenants is not None else {}
+    counts = request.app.get(TENANT_COUNTS, {})
+
+    def of(tenant: str | None) -> dict:
+        name = tenant or DEFAULT_TENANT_NAME
+        return {"usage": usage.get(tenant, {}), "requests": counts.get(name, {})}
+
+    if not principal.trusted:
+        return web.json_response({"tenant": principal.tenant, **of(principal.tenant)})
+    doc = store.stats()
     doc["http"] = request.app[HTTP_COUNTERS].as_dict()
     if GATE in request.app:
         doc["compute_gate"] = request.app[GATE].stats()
+    if tenants is not None:
+        doc["tenants"] = {name: of(name) for name in tenants.names} | {DEFAULT_TENANT_NAME: of(None)}
     return web.json_response(doc)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    if not request[PRINCIPAL].trusted:
+        raise Forbidden("/metrics shows every tenant's totals: the sidecar's own token only")
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -278,7 +349,7 @@ def _store_ctx(config: ServeConfig):
         app[STORE] = store
         local = gate = None
         try:
-            local = await start_local_server(store, config.socket) if config.socket else None
+            local = await start_local_server(store, config.socket, app.get(TENANTS)) if config.socket else None
             if config.compute_gate:
                 app[GATE] = ComputeGate()
                 gate = await start_gate_server(app[GATE], config.compute_gate)
@@ -313,6 +384,9 @@ def create_app(config: ServeConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=config.max_entry_size_bytes)
     app[CONFIG] = config
+    if config.tenants:
+        app[TENANTS] = Tenants.load(config.tenants, admin_token=config.token)
+        app[TENANT_COUNTS] = {}
     app[HTTP_COUNTERS] = HttpCounters()
     app[METRICS] = Metrics(lambda: app[STORE].stats(), lambda: app[HTTP_COUNTERS].as_dict())
     app.cleanup_ctx.append(_store_ctx(config))

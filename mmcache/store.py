@@ -445,6 +445,15 @@ class TieredStore:
         for t in self.lower:
             t.flush(timeout)
 
+    def usage_by_tenant(self) -> dict[str | None, dict[str, dict[str, int]]]:
+        """``{tenant: {tier: {"entries", "bytes"}}}`` for host and disk (None: the default
+        tenant). A scan of both indexes: call it off the event loop."""
+        out: dict[str | None, dict[str, dict[str, int]]] = {}
+        for tier in (self.host, self.disk):
+            for tenant, (entries, nbytes) in tier.usage_by_tenant().items():
+                out.setdefault(tenant, {})[tier.name] = {"entries": entries, "bytes": nbytes}
+        return out
+
     def stats(self) -> dict:
         doc = {t.name: t.stats() for t in self.tiers}
         with self._counts_lock:

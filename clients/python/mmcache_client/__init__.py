@@ -10,12 +10,12 @@
 from mmcache_client.aclient import AsyncCacheClient
 from mmcache_client.client import CacheClient
 from mmcache_client.entry import AsyncEntry, Entry
-from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry,
+from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry,
                                    EntryTooLarge, LeaseLost, MMCacheError, ServerError)
 from mmcache_client.keys import Key, content_hash, validate_hash, validate_namespace
 
 __all__ = [
     "AsyncCacheClient", "AsyncEntry", "AuthError", "BadRequest", "CacheClient", "CacheFull", "CacheTimeout", "CacheUnavailable",
-    "CorruptEntry", "Entry", "EntryTooLarge", "Key", "LeaseLost", "MMCacheError", "ServerError", "content_hash",
+    "CorruptEntry", "Entry", "EntryTooLarge", "Forbidden", "Key", "LeaseLost", "MMCacheError", "ServerError", "content_hash",
     "validate_hash", "validate_namespace",
 ]

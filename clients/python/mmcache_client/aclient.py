@@ -26,8 +26,9 @@ T = TypeVar("T")
 class _AsyncLocal:
     """One Unix-socket session plus the arena mappings; requests serialized on a lock."""
 
-    def __init__(self, path: str, timeout: float | None = 30.0):
+    def __init__(self, path: str, timeout: float | None = 30.0, token: str | None = None):
         self.path = path
+        self._token = token
         self.timeout = timeout
         """Longest wait for one answer, in seconds (``CacheTimeout`` past it; the session stays)."""
         self.state = SessionState()
@@ -44,7 +45,12 @@ class _AsyncLocal:
             self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_LINE_BYTES)
         except OSError as e:
             raise CacheUnavailable(f"cannot connect to unix://{self.path}: {e}") from e
-        hello = await self.call("hello")
+        try:
+            hello = await self.call("hello", **({"token": self._token} if self._token else {}))
+        except BaseException:
+            self._writer.close()
+            raise
+        self.tenant: str | None = hello.get("tenant")
         self.lmdb_path = hello.get("lmdb_path")
         self.arena = SharedArena(hello["arena_path"])
 
@@ -129,6 +135,7 @@ class AsyncCacheClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._unix_timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token = token
         self._local: _AsyncLocal | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -147,7 +154,7 @@ class AsyncCacheClient:
     async def _call(self, op: str, **fields: Any) -> dict:
         async def once() -> dict:
             if self._local is None:
-                local = _AsyncLocal(self._target, self._unix_timeout)
+                local = _AsyncLocal(self._target, self._unix_timeout, self._token)
                 await local.connect()
                 self._local = local
             try:

@@ -16,7 +16,7 @@ import urllib.parse
 from typing import Any, Callable, Mapping, TypeVar
 
 from mmcache_client.entry import Entry
-from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
+from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
                                    MMCacheError, ServerError)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
 from mmcache_client.keys import Key
@@ -56,6 +56,8 @@ def raise_for_status(status: int, body: bytes, headers: Mapping[str, str] | None
         message = body[:200].decode(errors="replace")
     if status == 401:
         raise AuthError(message or "unauthorized")
+    if status == 403:
+        raise Forbidden(message or "forbidden")
     if status == 413:
         raise EntryTooLarge(message)
     if status == 503:
@@ -124,6 +126,7 @@ class CacheClient:
         self.retries, self.backoff_s = retries, backoff_s
         self._local: LocalConnection | None = None
         self._http: _Http | None = None
+        self._token = token
         if self.scheme == "unix":
             self._path, self._timeout = target, timeout
         else:
@@ -133,7 +136,7 @@ class CacheClient:
     def _call(self, op: str, **fields: Any) -> dict:
         def once() -> dict:
             if self._local is None:
-                self._local = LocalConnection(self._path, timeout=self._timeout)
+                self._local = LocalConnection(self._path, timeout=self._timeout, token=self._token)
             try:
                 return self._local.call(op, **fields)
             except CacheTimeout:

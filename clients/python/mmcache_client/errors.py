@@ -19,6 +19,10 @@ class AuthError(MMCacheError):
     """The sidecar refused the bearer token (HTTP 401)."""
 
 
+class Forbidden(AuthError, PermissionError):
+    """The token's tenant may not do this (HTTP 403): name another tenant's keys, read /metrics."""
+
+
 class BadRequest(MMCacheError, ValueError):
     """The sidecar rejected the request: bad key, bad body, bad message."""
 
@@ -56,6 +60,7 @@ _KIND_TO_ERROR = {
     "InternalError": ServerError,
     "EntryTooLarge": EntryTooLarge,
     "CacheFull": CacheFull,
+    "Forbidden": Forbidden,
 }
 
 

@@ -24,7 +24,7 @@ MAX_LINE_BYTES = 16 << 20
 class LocalConnection:
     """A blocking, thread-safe connection (requests are serialized on a lock)."""
 
-    def __init__(self, path: str, *, timeout: float | None = 30.0):
+    def __init__(self, path: str, *, timeout: float | None = 30.0, token: str | None = None):
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -39,7 +39,12 @@ class LocalConnection:
         self.state = SessionState()
         self._in_flight: dict[int, tuple[str, dict]] = {}
         """Calls whose caller gave up (timeout): what their late answers granted is given back."""
-        hello = self.call("hello")
+        try:
+            hello = self.call("hello", **({"token": token} if token else {}))
+        except BaseException:
+            self._sock.close()
+            raise
+        self.tenant: str | None = hello.get("tenant")
         self.lmdb_path: str | None = hello.get("lmdb_path")
         self.arena_path: str = hello["arena_path"]
         self.arena = SharedArena(self.arena_path)

@@ -78,9 +78,11 @@ class SessionState:
 
 
 def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str, loc: list) -> tuple[EntryView, Callable[[], None] | None]:
-    """The entry a lease answer ``[offset, nbytes, tier]`` points to, and what ends the local
-    part of it (an LMDB read transaction), or raises ``CorruptEntry``."""
-    offset, nbytes, _tier = loc
+    """The entry a lease answer ``[offset, nbytes, tier, stored_key]`` points to, and what ends
+    the local part of it (an LMDB read transaction), or raises ``CorruptEntry``. ``stored_key``
+    is the key LMDB holds it under (a tenant's keys are ``tenant@ns/hash`` there)."""
+    offset, nbytes, _tier = loc[:3]
+    stored = loc[3] if len(loc) > 3 and isinstance(loc[3], str) else key
     if offset >= 0:
         try:
             return read_entry(arena.view(offset, nbytes), verify=False), None
@@ -90,7 +92,7 @@ def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str,
         raise CorruptEntry(f"{key}: served from disk but the sidecar named no LMDB path")
     txn = state.lmdb_env(lmdb_path).begin(buffers=True)
     try:
-        buf = txn.get(key.encode())
+        buf = txn.get(stored.encode())
         if buf is None:
             raise CorruptEntry(f"{key}: leased on disk but not in LMDB")
         view = read_entry(buf, verify=True)  # NOTE: from disk: verified, as DESIGN.md asks

@@ -1,0 +1,134 @@
+"""Tenants of a shared sidecar: who a bearer token is, and which keys it may name.
+
+``mmcache serve --tenants FILE`` maps tokens to tenant names (TOML or JSON, ``token = "tenant"``
+pairs, at the top level or under a ``[tokens]`` table). Every request is then scoped to its
+token's tenant: the sidecar stores tenant B's ``ns/hash`` as ``B@ns/hash`` (``Key.tenant``), so
+A's and B's entries are different entries and B can neither read, probe, delete nor overwrite
+A's. The sidecar's own token (``--token`` / ``MMCACHE_TOKEN``) and a local connection without a
+token are the *default tenant*: unscoped keys, and trusted to name another tenant's keys
+(``tenant@ns/hash`` in a JSON or Unix-socket key, ``X-MMCache-Tenant`` on an HTTP path), as an
+encoder or prefill worker does for a router's tenant. A tenant's token may not.
+
+Tokens are compared in constant time by digest, over every configured token (the time does not
+depend on which one, if any, matched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from typing import Mapping
+
+from mmcache_client.keys import Key, validate_tenant
+
+logger = logging.getLogger(__name__)
+
+TENANT_HEADER = "X-MMCache-Tenant"
+"""On an HTTP request of the default tenant: act in this tenant's scope."""
+
+
+class Forbidden(PermissionError):
+    """A tenant named a key outside its scope (403)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: ``tenant`` None is the default tenant (trusted to name any tenant's keys)."""
+
+    tenant: str | None = None
+
+    @property
+    def trusted(self) -> bool:
+        return self.tenant is None
+
+    def scope(self, key: Key, acting_for: str | None = None) -> Key:
+        """``key`` in this principal's scope. A tenant's key always gets its own tenant (one that
+        names a tenant itself is refused); the default tenant's keeps the tenant it names, else
+        takes ``acting_for`` (``X-MMCache-Tenant``), else stays unscoped."""
+        if not self.trusted:
+            if key.tenant is not None or acting_for is not None:
+                raise Forbidden(f"tenant {self.tenant!r} may not name another tenant's keys "
+                                f"({key.to_string()[:200]!r}); send plain 'namespace/hash'")
+            return key.scoped(self.tenant)
+        if key.tenant is None and acting_for is not None:
+            return key.scoped(validate_tenant(acting_for))
+        return key
+
+    def shown(self, key: Key) -> str:
+        """How ``key`` (in this principal's scope) is written back to it: without its own tenant."""
+        return key.plain if not self.trusted else key.to_string()
+
+
+DEFAULT = Principal()
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Tenants:
+    """Token → tenant, from a file; ``authenticate`` answers who a token is."""
+
+    def __init__(self, tokens: Mapping[str, str], admin_token: str | None = None):
+        for token, tenant in tokens.items():
+            if not isinstance(token, str) or not token or token != token.strip():
+                raise ValueError("tenant tokens must be non-empty strings without surrounding spaces")
+            if not isinstance(tenant, str):
+                raise ValueError(f"the tenant of a token must be a string, got {type(tenant).__name__}")
+            validate_tenant(tenant)
+            if len(token) < 16:
+                logger.warning("tenant %r has a token of %s characters; use 32 or more random ones", tenant, len(token))
+        if admin_token is not None and admin_token in tokens:
+            raise ValueError("the sidecar's own token is also a tenant's token; give each tenant its own")
+        self._entries = [(_digest(t), name) for t, name in tokens.items()]
+        self._admin = _digest(admin_token) if admin_token else None
+        self.names = sorted(set(tokens.values()))
+
+    @classmethod
+    def load(cls, path: str, admin_token: str | None = None) -> "Tenants":
+        """Read ``path`` (``.json``, else TOML); a file others can read is refused."""
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read the tenants file {path}: {e.strerror}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ValueError(f"the tenants file {path} holds tokens but is mode {stat.S_IMODE(st.st_mode):o}; "
+                             "chmod 600 it")
+        try:
+            doc = json.loads(raw) if path.endswith(".json") else tomllib.loads(raw.decode())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"the tenants file {path} is not valid {'JSON' if path.endswith('.json') else 'TOML'}: {e}") from None
+        if isinstance(doc, dict) and isinstance(doc.get("tokens"), dict) and len(doc) == 1:
+            doc = doc["tokens"]
+        if not isinstance(doc, dict) or not doc:
+            raise ValueError(f"the tenants file {path} must map tokens to tenant names, e.g. \"TOKEN\" = \"alice\"")
+        return cls(doc, admin_token)
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        """The principal ``token`` is, or None when it is no one's."""
+        if not token:
+            return None
+        given = _digest(token)
+        found: str | None = None
+        for digest, name in self._entries:  # NOTE: no early exit: every token compared
+            if hmac.compare_digest(given, digest):
+                found = name
+        if self._admin is not None and hmac.compare_digest(given, self._admin):
+            return DEFAULT
+        return Principal(found) if found is not None else None
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case)."""
+    if not header:
+        return None
+    scheme, _, given = header.strip().partition(" ")
+    return given.strip() or None if scheme.lower() == "bearer" else None
