@@ -21,7 +21,8 @@ def _serve(args: argparse.Namespace) -> int:
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         compute_gate=args.compute_gate,
         schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms, max_queued_images=args.max_queued_images,
-        media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http))
+        media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
+                          allow_private_urls=args.allow_private_urls))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_app(create_app(config), "mmcache-encoder", config.host, config.port)
     return 0
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                         "with Retry-After (default: 1024)")
     s.add_argument("--allowed-dir", action="append", default=[], help="allow file:// under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="refuse http(s):// image URLs")
+    s.add_argument("--allow-private-urls", action="store_true",
+                   help="fetch http(s):// images from (and follow redirects to) private, loopback, link-local "
+                        "and multicast addresses too (refused by default: the fetches could reach this host's "
+                        "network)")
     s.add_argument("--salt", help="tenant salt mixed into the namespace")
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")

@@ -3,6 +3,15 @@
 Every input is untrusted: sizes are bounded before work is done (encoded length before base64
 decoding, Content-Length and a streaming count for http(s), ``fstat`` for files, header
 dimensions before pixels are loaded), and every failure is a ``MediaError`` naming the problem.
+
+http(s) fetches cannot be turned against the worker's own network (SSRF): a URL, or a redirect
+from it, whose host is or resolves to a private, loopback, link-local, multicast or otherwise
+non-public address is refused before any connection (``MediaLimits.allow_private_urls`` lifts
+this). The check lives in the session's resolver (``http_session``), so the address checked is
+the one connected to: DNS is resolved once. Redirects are followed here, hop by hop, so that each
+hop is checked. Every other http(s) failure (refused connection, DNS failure, timeout, an HTTP
+status, too many redirects, a body too large or not a decodable image) gives one message, so
+that answers do not tell an open port from a closed one; the cause is logged here.
 """
 
 from __future__ import annotations
@@ -10,21 +19,33 @@ from __future__ import annotations
 import asyncio
 import binascii
 import io
+import ipaddress
 import logging
 import os
+import socket
 import stat
 import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Union
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
+from yarl import URL
 
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 16
 _MAX_URL_CHARS_IN_MESSAGE = 100
+MAX_REDIRECTS = 5
+"""Most redirects an http(s) image fetch follows (each hop's address is checked)."""
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 @dataclass(frozen=True)
@@ -36,12 +57,16 @@ class MediaLimits:
     max_pixels: int = 40_000_000
     """Largest ``width * height`` accepted, in pixels: the decompression-bomb guard."""
     fetch_timeout_s: float = 10.0
-    """Whole http(s) fetch, connect and body included, in seconds."""
+    """Whole http(s) fetch, connect, redirects and body included, in seconds."""
     allowed_dirs: tuple[str, ...] = ()
     """Directories ``file://`` images may come from (resolved, symlinks followed); empty refuses
     ``file://`` altogether."""
     allow_http: bool = True
     """Whether ``http://`` and ``https://`` images are fetched at all."""
+    allow_private_urls: bool = False
+    """Whether http(s) images may come from (or redirect to) hosts at private, loopback,
+    link-local, multicast or other non-public addresses (``address_is_public``); off, such a
+    URL is refused before any connection is made."""
     formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
     """Pillow format names tried when decoding; others are refused (NOTE: some Pillow plugins,
     EPS for one, shell out or have a history of parser bugs, so we do not try them all)."""
@@ -72,6 +97,124 @@ class MediaError(ValueError):
         self.index = index
 
 
+def address_is_public(ip: IPAddress | str) -> bool:
+    """Whether an http(s) image may be fetched from ``ip`` without ``allow_private_urls``.
+
+    Public means globally routable unicast: loopback, RFC 1918, CGNAT (100.64/10), link-local
+    (169.254/16, cloud metadata included; fe80::/10), unique-local (fc00::/7), unspecified,
+    reserved, documentation and multicast addresses are not, nor is an IPv6 address embedding
+    an IPv4 one that is not (``::ffff:a.b.c.d``, 6to4, Teredo, NAT64, IPv4-compatible).
+    """
+    if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        ip = ipaddress.ip_address(ip)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return address_is_public(ip.ipv4_mapped)  # NOTE: reaches exactly that IPv4 address
+    if ip.is_multicast or ip.is_reserved or not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.sixtofour, ip.teredo[1] if ip.teredo else None]
+        if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        # NOTE: through the module global, so that a test's monkeypatch applies here too.
+        return all(v4 is None or address_is_public(v4) for v4 in embedded)
+    return True
+
+
+class _AddressRefused(Exception):
+    """Raised by ``CheckingResolver`` (inside aiohttp's connector) for a host with no public
+    address; ``_fetch_http`` finds it in the exception chain and names the image."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"{host} has no public address")
+        self.host = host
+
+
+def _is_public_text(address: str) -> bool:
+    try:
+        return address_is_public(ipaddress.ip_address(address))
+    except ValueError:  # not an address we can judge: not public
+        return False
+
+
+class CheckingResolver(AbstractResolver):
+    """aiohttp's threaded resolver, dropping the addresses ``address_is_public`` refuses.
+
+    aiohttp connects to exactly the addresses its resolver returns (Host and SNI keep the
+    name), so the address checked is the one connected to: a name cannot resolve to a public
+    address for the check and to a private one for the connection (DNS rebinding). IP-literal
+    hosts never reach a resolver; ``_fetch_http`` checks those itself.
+    """
+
+    def __init__(self, allow_private_urls: bool = False, inner: AbstractResolver | None = None) -> None:
+        self.allow_private_urls = allow_private_urls
+        self._inner = inner if inner is not None else aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if self.allow_private_urls:
+            return results
+        kept = [r for r in results if _is_public_text(r["host"])]
+        if not kept:
+            raise _AddressRefused(host)
+        if len(kept) < len(results):
+            logger.info("image host %s: dropped its non-public addresses %s", host,
+                        sorted({r["host"] for r in results} - {r["host"] for r in kept}))
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class _CheckingConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` resolving through a ``CheckingResolver`` of a known policy."""
+
+    def __init__(self, allow_private_urls: bool, resolver: AbstractResolver | None = None, **kwargs) -> None:
+        super().__init__(resolver=CheckingResolver(allow_private_urls, resolver), **kwargs)
+        self.allow_private_urls = allow_private_urls
+
+
+def http_session(limits: MediaLimits, *, resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """A session for fetching http(s) images under ``limits``' address policy; call it on the
+    event loop that will use it. Workers create one and pass it to every ``load_image``.
+
+    ``resolver`` is the one the address checks wrap (aiohttp's threaded resolver by default).
+    No cookie jar (one client's fetch must not send cookies another's set) and no proxy
+    settings from the environment (``trust_env=False``: the proxy, not this host, would
+    resolve the name).
+    """
+    return aiohttp.ClientSession(connector=_CheckingConnector(limits.allow_private_urls, resolver),
+                                 cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+
+
+def _session_fits(session: aiohttp.ClientSession, limits: MediaLimits) -> bool:
+    """Whether ``session`` enforces exactly ``limits``' address policy (a plain session checks
+    nothing: it fits only where private addresses are allowed anyway)."""
+    connector = session.connector
+    if isinstance(connector, _CheckingConnector):
+        return connector.allow_private_urls == limits.allow_private_urls
+    return limits.allow_private_urls
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    """The address an IP-literal ``host`` names; None for a name (left to the resolver).
+
+    NOTE: aiohttp skips its resolver for any host that is all digits and dots or holds a ':'
+    (``aiohttp.helpers.is_ip_address``), and the socket layer reads legacy forms such as
+    ``127.1``; such a host that no parser here can read is refused as non-public.
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if ":" in host or host.replace(".", "").isdigit():
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return ipaddress.IPv4Address("0.0.0.0")  # unreadable: judged as unspecified
+    return None
+
+
 def _describe(url: str) -> str:
     """A short, credential-free form of ``url`` for messages (no query, userinfo or payload)."""
     try:
@@ -98,8 +241,9 @@ async def fetch_bytes(
 ) -> bytes:
     """The encoded image ``url`` names, at most ``limits.max_bytes`` long.
 
-    ``session`` is reused for http(s) when given (callers serving many requests should pass
-    one); otherwise a session lives for this call only.
+    ``session`` is reused for http(s) when given and it enforces ``limits``' address policy
+    (callers serving many requests should pass one from ``http_session(limits)``); otherwise a
+    fitting session lives for this call only.
     """
     if not isinstance(url, str):
         raise MediaError(f"image URL must be a string, got {type(url).__name__}")
@@ -146,40 +290,115 @@ def _decode_data_uri(url: str, limits: MediaLimits) -> bytes:
     return data
 
 
+def _unloadable(where: str) -> str:
+    """The one message for every http(s) failure after the address check: it must not tell a
+    closed port from an open one, nor one that answered from one that did not."""
+    return f"could not load an image from {where}"
+
+
+def _refused(where: str, hop: int) -> str:
+    how = "points at" if hop == 0 else "redirects to"
+    return (f"{where} {how} a private, loopback, link-local or multicast address: refused "
+            "(the worker's --allow-private-urls allows it)")
+
+
+class _Unloadable(Exception):
+    """An http(s) failure whose cause is logged, never told to the client."""
+
+
+def _parse_http_url(url: str, where: str) -> URL:
+    try:
+        parsed = URL(url)
+        parsed.port  # noqa: B018 - raises for an out-of-range port
+    except (ValueError, TypeError) as exc:
+        raise MediaError(f"{where!r} is not a valid http(s) URL") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise MediaError(f"{where!r} is not a valid http(s) URL")
+    return parsed
+
+
+def _in_chain(exc: BaseException, kind: type) -> BaseException | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 async def _fetch_http(
     url: str, limits: MediaLimits, session: aiohttp.ClientSession | None
 ) -> bytes:
-    if session is None:
-        async with aiohttp.ClientSession() as own_session:
-            return await _fetch_http(url, limits, own_session)
     where = _describe(url)
-    timeout = aiohttp.ClientTimeout(total=limits.fetch_timeout_s)
+    current = _parse_http_url(url, where)
+    if session is None or not _session_fits(session, limits):
+        if session is not None:
+            logger.debug("the session given does not enforce allow_private_urls=%s; using a fitting one",
+                         limits.allow_private_urls)
+        async with http_session(limits) as own_session:
+            return await _fetch_http(url, limits, own_session)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.fetch_timeout_s
     start = time.perf_counter()
+    hop = 0
     try:
-        async with session.get(url, timeout=timeout) as resp:
-            if resp.status != 200:
-                raise MediaError(f"fetching {where} failed: HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > limits.max_bytes:
-                raise MediaError(
-                    f"{where} has Content-Length {resp.content_length}, "
-                    f"over max_bytes={limits.max_bytes}"
-                )
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-                body += chunk
-                if len(body) > limits.max_bytes:
-                    raise MediaError(f"{where} sent more than max_bytes={limits.max_bytes}")
-    except MediaError:
-        raise
-    except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct classes before 3.11
-        raise MediaError(f"fetching {where} timed out after {limits.fetch_timeout_s}s") from exc
-    except (aiohttp.InvalidURL, ValueError) as exc:
-        raise MediaError(f"{where!r} is not a valid http(s) URL") from exc
-    except aiohttp.ClientError as exc:
-        raise MediaError(f"fetching {where} failed: {exc or type(exc).__name__}") from exc
-    logger.debug("fetched %s: %d bytes in %.1f ms", where, len(body),
-                 (time.perf_counter() - start) * 1e3)
+        while True:
+            literal = _literal_address(current.host or "")
+            if not limits.allow_private_urls and literal is not None and not address_is_public(literal):
+                raise _AddressRefused(current.host or "")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise _Unloadable(f"timed out after {limits.fetch_timeout_s}s")
+            timeout = aiohttp.ClientTimeout(total=remaining)
+            async with session.get(current, timeout=timeout, allow_redirects=False) as resp:
+                if resp.status in _REDIRECT_STATUSES:
+                    current = _redirect_target(current, resp, hop)
+                    hop += 1
+                    continue
+                if resp.status != 200:
+                    raise _Unloadable(f"HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length > limits.max_bytes:
+                    raise _Unloadable(f"Content-Length {resp.content_length}, over max_bytes={limits.max_bytes}")
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+                    body += chunk
+                    if len(body) > limits.max_bytes:
+                        raise _Unloadable(f"sent more than max_bytes={limits.max_bytes}")
+                break
+    except (_AddressRefused, _Unloadable, aiohttp.ClientError, OSError, ValueError,
+            asyncio.TimeoutError) as exc:  # NOTE: TimeoutError is an OSError; distinct before 3.11
+        refused = _in_chain(exc, _AddressRefused)
+        if refused is not None:
+            logger.info("image fetch from %s refused: %s (hop %d) has no public address", where,
+                        refused.host, hop)
+            raise MediaError(_refused(where, hop)) from exc
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            cause = f"timed out after {limits.fetch_timeout_s}s"
+        else:
+            cause = f"{type(exc).__name__}: {exc}"
+        logger.info("image fetch from %s failed (hop %d): %s", where, hop, cause)
+        raise MediaError(_unloadable(where)) from exc
+    logger.debug("fetched %s: %d bytes in %.1f ms (%d redirects)", where, len(body),
+                 (time.perf_counter() - start) * 1e3, hop)
     return bytes(body)
+
+
+def _redirect_target(current: URL, resp: aiohttp.ClientResponse, hop: int) -> URL:
+    """Where a redirect from ``current`` leads: http(s) only, credentials kept only for the
+    same origin, at most ``MAX_REDIRECTS`` hops."""
+    if hop >= MAX_REDIRECTS:
+        raise _Unloadable(f"more than {MAX_REDIRECTS} redirects")
+    location = resp.headers.get("Location")
+    if not location:
+        raise _Unloadable(f"HTTP {resp.status} without a Location")
+    target = current.join(URL(location))  # ValueError for a malformed Location
+    if target.scheme not in ("http", "https") or not target.host:
+        raise _Unloadable(f"redirect to a {target.scheme or 'relative'}: URL")
+    target.port  # noqa: B018 - raises for an out-of-range port
+    if (target.scheme, target.host, target.port) != (current.scheme, current.host, current.port):
+        target = target.with_user(None)  # NOTE: with_user(None) drops the password too
+    return target.with_fragment(None)
 
 
 def _resolve_file_url(url: str, limits: MediaLimits) -> str:
@@ -271,5 +490,14 @@ async def load_image(
     Decoding runs in a worker thread so that a large image does not stall the event loop.
     """
     data = await fetch_bytes(url, limits, session)
-    image = await asyncio.to_thread(decode_image, data, limits)
+    try:
+        image = await asyncio.to_thread(decode_image, data, limits)
+    except MediaError as exc:
+        if not url[:8].lower().startswith(("http://", "https://")):
+            raise
+        # NOTE: what an open port sent is not for the client: "not an image" vs "cannot
+        # connect" would map the host's ports.
+        where = _describe(url)
+        logger.info("image fetch from %s: %s", where, exc)
+        raise MediaError(_unloadable(where)) from exc
     return data, image

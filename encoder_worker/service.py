@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
-from encoder_worker.media import MediaError, MediaLimits, load_image
+from encoder_worker.media import MediaError, MediaLimits, http_session, load_image
 from mmcache.compute_gate import GateClient
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, content_hash
 
@@ -114,7 +114,7 @@ class EncodeService:
         self.gate = GateClient(config.compute_gate, "encode") if config.compute_gate else None
 
     async def start(self) -> None:
-        self._http = aiohttp.ClientSession()
+        self._http = http_session(self.config.media)  # NOTE: refuses non-public addresses unless allowed
         self.batcher.start()
 
     async def close(self) -> None:

@@ -26,7 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
         role=args.role, cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host,
         port=args.port, device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_waiting=args.max_waiting,
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
-        media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http),
+        media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
+                          allow_private_urls=args.allow_private_urls),
         encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
         compute_gate=args.compute_gate)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--allowed-dir", action="append", default=[],
                    help="role both: allow file:// images under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="role both: refuse http(s):// image URLs")
+    s.add_argument("--allow-private-urls", action="store_true",
+                   help="role both: fetch http(s):// images from (and follow redirects to) private, loopback, "
+                        "link-local and multicast addresses too (refused by default)")
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")

@@ -53,7 +53,7 @@ from prometheus_client import (
 )
 
 from encoder_worker.encoder import Encoder
-from encoder_worker.media import MediaError, MediaLimits, load_image
+from encoder_worker.media import MediaError, MediaLimits, http_session, load_image
 from encoder_worker.models import ensure_model
 from llm_worker.decode_loop import RETRY_AFTER_S, DecodeJob, DecodeLoop, QueueFull, ShuttingDown
 from llm_worker.embedding_lru import EmbeddingLRU
@@ -191,7 +191,7 @@ class LLMService:
 
     async def start(self) -> None:
         if self.config.role == "both":
-            self._http = aiohttp.ClientSession()
+            self._http = http_session(self.config.media)  # NOTE: refuses non-public addresses unless allowed
         if self.decode_loop is not None:
             self.decode_loop.start()
 

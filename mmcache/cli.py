@@ -126,7 +126,8 @@ def _up(args: argparse.Namespace) -> int:
     config = StackConfig(model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
                          encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
-                         allowed_dirs=tuple(args.allowed_dir), max_batch=args.max_batch,
+                         allowed_dirs=tuple(args.allowed_dir), http_images=not args.no_http_images,
+                         allow_private_urls=args.allow_private_urls, max_batch=args.max_batch,
                          encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          shared_cores=args.shared_cores,
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--device", help="cpu, cuda, cuda:N for the workers (default: cuda when a GPU is visible)")
     u.add_argument("--dtype", help="bfloat16, float16, float32 for the workers")
     u.add_argument("--allowed-dir", action="append", default=[], help="allow file:// images under DIR (repeatable)")
+    u.add_argument("--no-http-images", action="store_true", help="refuse http(s):// image URLs")
+    u.add_argument("--allow-private-urls", action="store_true",
+                   help="fetch http(s):// images from (and follow redirects to) private, loopback, link-local and "
+                        "multicast addresses too (refused by default: the fetches could reach this host's network)")
     u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
     u.add_argument("--encoder-batch", type=int, help="most images per encoder forward (default 8; 1 on a CPU "
                                                     "keeps each request from waiting for the others in its batch)")

@@ -69,6 +69,10 @@ class StackConfig:
     device: str | None = None
     dtype: str | None = None
     allowed_dirs: tuple[str, ...] = ()
+    http_images: bool = True
+    """Whether the encoders (``both`` workers) fetch http(s) images at all (``--no-http-images``)."""
+    allow_private_urls: bool = False
+    """Whether those fetches may reach private, loopback, link-local and multicast addresses."""
     max_batch: int = 64
     encoder_batch: int | None = None
     """Most images per encoder forward (the encoders' ``--max-batch``); None: theirs (8). Where
@@ -207,8 +211,12 @@ class Stack:
     def _gate_args(self) -> list[str]:
         return ["--compute-gate", self.gate_path] if self.gate_path else []
 
-    def _allowed(self) -> list[str]:
-        return [a for d in self.config.allowed_dirs for a in ("--allowed-dir", d)]
+    def _media_args(self) -> list[str]:
+        """Where the encoders (``both`` workers) may take images from."""
+        c = self.config
+        return [*(a for d in c.allowed_dirs for a in ("--allowed-dir", d)),
+                *([] if c.http_images else ["--no-http"]),
+                *(["--allow-private-urls"] if c.allow_private_urls else [])]
 
     def start(self) -> str:
         c = self.config
@@ -218,7 +226,7 @@ class Stack:
                        "--port", str(c.port), "--log-level", c.log_level]
         if c.aggregated:
             workers = [self._spawn(f"both-{i}", "generate", "llm_worker.cli", *self._llm_args("both"),
-                                   *self._allowed()) for i in range(c.decode)]
+                                   *self._media_args()) for i in range(c.decode)]
             self._wait_ready(workers, deadline)
             router_args += [a for w in workers for a in ("--generate", w.url)]
         else:
@@ -228,7 +236,7 @@ class Stack:
             self._wait_ready([sidecar], deadline)
             cache = f"unix://{self.socket_path}"
             workers = [self._spawn(f"encoder-{i}", "encoder", "encoder_worker.cli", "serve", *self._worker_args(),
-                                   "--cache", cache, *self._gate_args(), *self._encoder_args(), *self._allowed())
+                                   "--cache", cache, *self._gate_args(), *self._encoder_args(), *self._media_args())
                        for i in range(c.encoders)]
             workers += [self._spawn(f"prefill-{i}", "prefill", "llm_worker.cli", *self._llm_args("prefill"))
                         for i in range(c.prefill)]

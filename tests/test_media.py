@@ -17,9 +17,11 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from encoder_worker.media import MediaError, MediaLimits, decode_image, fetch_bytes, load_image
+from encoder_worker.media import MediaError, MediaLimits, decode_image, fetch_bytes, http_session, load_image
 
 LIMITS = MediaLimits()
+LOCAL = MediaLimits(allow_private_urls=True)
+"""For the http(s) tests: their server listens on 127.0.0.1, refused by default (tests/test_ssrf.py)."""
 
 
 def _encode(array: np.ndarray, fmt: str, **kwargs) -> bytes:
@@ -306,33 +308,41 @@ async def http_server():
 
 
 async def test_http_good_image(http_server: str) -> None:
-    data, image = await load_image(f"{http_server}/good.png", LIMITS)  # own session
+    data, image = await load_image(f"{http_server}/good.png", LOCAL)  # own session
     assert data == PNG and image.size == (64, 48)
-    async with aiohttp.ClientSession() as session:  # caller's session
-        assert await fetch_bytes(f"{http_server}/good.png", LIMITS, session) == PNG
+    async with http_session(LOCAL) as session:  # caller's session, as the workers pass theirs
+        assert await fetch_bytes(f"{http_server}/good.png", LOCAL, session) == PNG
         assert not session.closed
+    async with aiohttp.ClientSession() as session:  # a plain session checks nothing: fits only LOCAL
+        assert await fetch_bytes(f"{http_server}/good.png", LOCAL, session) == PNG
+        with pytest.raises(MediaError, match="private"):
+            await fetch_bytes(f"{http_server}/good.png", LIMITS, session)
 
 
-async def test_http_failures(http_server: str) -> None:
-    limits = MediaLimits(max_bytes=64 << 10, fetch_timeout_s=0.3)
-    cases = {
+async def test_http_failures(http_server: str, caplog) -> None:
+    """One message for all (the client must not learn what a port answered); the cause is logged."""
+    limits = MediaLimits(max_bytes=64 << 10, fetch_timeout_s=0.3, allow_private_urls=True)
+    causes = {
         "/missing.png": "HTTP 404",
         "/endless": "sent more than max_bytes=65536",
         "/huge-length": f"Content-Length {1 << 40}, over max_bytes",
         "/slow": "timed out after 0.3s",
     }
-    async with aiohttp.ClientSession() as session:
-        for path, message in cases.items():
+    caplog.set_level("INFO", logger="encoder_worker.media")
+    async with http_session(limits) as session:
+        for path, cause in causes.items():
             start = time.perf_counter()
-            with pytest.raises(MediaError, match=message):
+            with pytest.raises(MediaError) as info:
                 await fetch_bytes(http_server + path, limits, session)
+            assert str(info.value) == f"could not load an image from {http_server}{path}"
             assert time.perf_counter() - start < 2.0, path
+            assert cause in caplog.text, path
 
 
 async def test_http_message_hides_query_and_credentials(http_server: str) -> None:
     url = http_server.replace("http://", "http://user:hunter2@") + "/missing.png?sig=s3cret"
     with pytest.raises(MediaError) as info:
-        await fetch_bytes(url, LIMITS)
+        await fetch_bytes(url, LOCAL)
     assert "hunter2" not in str(info.value) and "s3cret" not in str(info.value)
     assert "/missing.png" in str(info.value)
 
@@ -347,8 +357,8 @@ async def test_http_unreachable() -> None:
     with socket.socket() as sock:  # a port that was free a moment ago; nothing listens now
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(MediaError, match="failed"):
-        await fetch_bytes(f"http://127.0.0.1:{port}/a.png", MediaLimits(fetch_timeout_s=2))
+    with pytest.raises(MediaError, match="could not load an image from"):
+        await fetch_bytes(f"http://127.0.0.1:{port}/a.png", MediaLimits(fetch_timeout_s=2, allow_private_urls=True))
 
 
 async def test_http_disabled(http_server: str) -> None:
