@@ -157,6 +157,8 @@ def test_the_unix_socket_scopes_by_hello_token(sidecar):
         assert local.get(NS, key) is None
         assert local.lookup([f"alice@{NS}/{key}", f"bob@{NS}/{key}"]) == {
             f"alice@{NS}/{key}": "host", f"bob@{NS}/{key}": "host"}
+        with local.get(f"alice@{NS}", key) as e:  # the SDK's tenant@namespace: acting for alice
+            assert float(e.array[0, 0]) == 6.0
     with pytest.raises(SDKForbidden):
         CacheClient(f"unix://{sidecar.sock}", token="nobody-0123456789abcdef").exists(NS, key)
 

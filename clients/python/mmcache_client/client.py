@@ -27,7 +27,10 @@ T = TypeVar("T")
 
 
 def _key(namespace: str, hash_hex: str) -> Key:
-    return Key(namespace, hash_hex)
+    """``Key(namespace, hash_hex)``; a ``tenant@namespace`` (the default tenant acting for a
+    tenant, as an encoder does for the router's) names that tenant's key."""
+    tenant, at, plain = namespace.partition("@") if isinstance(namespace, str) else ("", "", namespace)
+    return Key(plain, hash_hex, tenant) if at else Key(namespace, hash_hex)
 
 
 def _keys(keys) -> list[str]:
