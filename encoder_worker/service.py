@@ -26,6 +26,7 @@ from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, Single
 from encoder_worker.media import MediaError, MediaLimits, http_session, load_image
 from mmcache.compute_gate import GateClient
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, content_hash
+from mmcache_client.keys import validate_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -140,19 +141,27 @@ class EncodeService:
         self.counters["encoded"] += stats.size
         self.metrics.on_batch(stats)
 
-    async def _store(self, hash_hex: str, encoded: Any) -> None:
-        await self.cache.put(self.namespace, hash_hex, encoded.embeddings, extras=encoded.extras or None,
-                             encode_ms=encoded.encode_ms)
+    def _scope(self, tenant: str | None) -> str:
+        """The namespace the cache is asked in: ``tenant@namespace`` for a router's tenant (this
+        worker is the cache's default tenant, trusted to act for one), else the namespace."""
+        return f"{tenant}@{self.namespace}" if tenant else self.namespace
 
-    async def _num_tokens_if_cached(self, hash_hex: str) -> int | None:
-        entry = await self.cache.get(self.namespace, hash_hex)
+    async def _store(self, job_key: str, encoded: Any) -> None:
+        # NOTE: the batcher's key is "[tenant@]hash": single flight within a tenant, never across.
+        tenant, _, hash_hex = job_key.rpartition("@")
+        await self.cache.put(self._scope(tenant or None), hash_hex, encoded.embeddings,
+                             extras=encoded.extras or None, encode_ms=encoded.encode_ms)
+
+    async def _num_tokens_if_cached(self, hash_hex: str, scope: str | None = None) -> int | None:
+        entry = await self.cache.get(scope or self.namespace, hash_hex)
         if entry is None:  # evicted between lookup and get
             return None
         async with entry:
             return int(entry.array.shape[0])
 
-    async def encode(self, urls: list[str]) -> dict:
-        """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image."""
+    async def encode(self, urls: list[str], tenant: str | None = None) -> dict:
+        """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image. With a
+        ``tenant`` (from the router) lookups and puts are in that tenant's scope of the cache."""
         loaded = await asyncio.gather(*(load_image(u, self.config.media, self._http) for u in urls),
                                       return_exceptions=True)
         for i, result in enumerate(loaded):
@@ -168,20 +177,24 @@ class EncodeService:
         # NOTE: a miss whose encode for another request ended (and was stored) while this lookup
         # was out is looked up again, so an image is not encoded twice; no await from the last
         # check to enqueue, so one ending after it is joined or found in the cache.
+        scope = self._scope(tenant)
+        job_prefix = f"{tenant}@" if tenant else ""
         candidates = list(unique)
         while candidates:
             mark = self.batcher.mark()
-            tiers = await self.cache.lookup([f"{self.namespace}/{h}" for h in candidates])
+            tiers = await self.cache.lookup([f"{scope}/{h}" for h in candidates])
             for h in candidates:
-                if tiers.get(f"{self.namespace}/{h}") is not None:
-                    n = await self._num_tokens_if_cached(h)
+                if tiers.get(f"{scope}/{h}") is not None:
+                    n = await self._num_tokens_if_cached(h, scope)
                     if n is not None:
                         num_tokens[h] = n
                         cached.add(h)
-            candidates = [h for h in candidates if h not in cached and self.batcher.finished_since(h, mark)]
+            candidates = [h for h in candidates
+                          if h not in cached and self.batcher.finished_since(job_prefix + h, mark)]
         misses = [h for h in unique if h not in cached]
         job = Job(len(misses)) if misses else None
-        futures = [asyncio.shield(f) for f in self.batcher.enqueue_many([(h, unique[h]) for h in misses], job)]
+        futures = [asyncio.shield(f) for f in
+                   self.batcher.enqueue_many([(job_prefix + h, unique[h]) for h in misses], job)]
         results = await asyncio.gather(*futures)
         for h, enc in zip(misses, results):
             num_tokens[h] = int(enc.embeddings.shape[0])
@@ -241,7 +254,10 @@ async def encode_handler(request: web.Request) -> web.Response:
         raise ValueError('"images" must be a non-empty list of strings (data:, http(s)://, file:// URLs)')
     if len(images) > service.config.max_images_per_request:
         raise ValueError(f"{len(images)} images exceed max_images_per_request={service.config.max_images_per_request}")
-    answer = await service.encode(images)
+    tenant = doc.get("tenant")
+    if tenant is not None:
+        validate_tenant(tenant)
+    answer = await service.encode(images, tenant)
     service.metrics.request_seconds.observe(time.perf_counter() - t0)
     return web.json_response(answer)
 

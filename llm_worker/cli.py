@@ -47,7 +47,7 @@ def _router(args: argparse.Namespace) -> int:
         generate=tuple(args.generate), cache_url=args.cache,
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         api_key=resolve_secret(args.api_key, args.api_key_file, "MMCACHE_API_KEY", "API key"),
-        host=args.host, port=args.port,
+        tenants=args.tenants, host=args.host, port=args.port,
         default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--api-key", help="the OpenAI API key clients must send (Authorization: Bearer KEY); visible "
                    "in ps: prefer MMCACHE_API_KEY or --api-key-file. None: no key needed")
     r.add_argument("--api-key-file", metavar="PATH", help="read the API key from this file")
+    r.add_argument("--tenants", metavar="FILE", help="TOML/JSON file of API key -> tenant (mode 0600): each "
+                   "client's images are encoded and read in its tenant's scope of the cache")
     r.add_argument("--model", default="tiny-llava", help="tiny-llava or a local directory (tokenizer, chat template)")
     r.add_argument("--served-model-name", help="the model name clients use (default: the model's name)")
     r.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")

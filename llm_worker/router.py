@@ -41,6 +41,7 @@ from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unr
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
 from mmcache.security import bearer_matches
+from mmcache.tenants import DEFAULT, Tenants, bearer_token
 from mmcache_client import AsyncCacheClient
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ class RouterConfig:
     """The OpenAI API key clients send as ``Authorization: Bearer KEY`` on every route but
     ``/healthz`` (401 otherwise); None: no key needed. From ``MMCACHE_API_KEY`` or
     ``--api-key-file`` rather than ``--api-key``, which ``ps`` shows."""
+    tenants: str | None = None
+    """A TOML/JSON file of API key → tenant (``mmcache.tenants``): a client's requests are
+    encoded and read in its tenant's scope of the cache, so one tenant never gets an embedding
+    another computed or wrote. ``api_key`` stays the default tenant's."""
     host: str = "127.0.0.1"
     port: int = 8000
     default_max_tokens: int = 256
@@ -227,24 +232,30 @@ class Router:
 
     # -- the pipeline -----------------------------------------------------------------------
 
-    async def encode(self, urls: list[str]) -> list[dict]:
+    async def encode(self, urls: list[str], tenant: str | None = None) -> list[dict]:
         """``{"namespace", "hash", "num_tokens", "cached"}`` per URL, in order: contiguous runs
-        on as many encoders as there are images (least busy first), in parallel."""
+        on as many encoders as there are images (least busy first), in parallel. With a
+        ``tenant`` the encoders look up and store in its scope, and each ``namespace`` comes
+        back as ``tenant@namespace``: the key prefill reads."""
         if not urls:
             return []
         backends = self.pools["encode"].pick(len(urls))
         bounds = [round(i * len(urls) / len(backends)) for i in range(len(backends) + 1)]
         runs = [(b, bounds[i], bounds[i + 1]) for i, b in enumerate(backends)]
-        results = await asyncio.gather(*(self._encode_run(urls[s:e], s, b) for b, s, e in runs),
+        results = await asyncio.gather(*(self._encode_run(urls[s:e], s, b, tenant) for b, s, e in runs),
                                        return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return [{"namespace": doc["namespace"], **item} for doc in results for item in doc["items"]]
+        scope = f"{tenant}@" if tenant else ""
+        return [{"namespace": scope + doc["namespace"], **item} for doc in results for item in doc["items"]]
 
-    async def _encode_run(self, urls: list[str], offset: int, backend: Backend) -> dict:
+    async def _encode_run(self, urls: list[str], offset: int, backend: Backend, tenant: str | None = None) -> dict:
+        body: dict[str, Any] = {"images": urls}
+        if tenant:
+            body["tenant"] = tenant
         try:
-            _, doc = await self._call("encode", "/v1/encode", {"images": urls}, first=backend)
+            _, doc = await self._call("encode", "/v1/encode", body, first=backend)
         except APIError as e:  # NOTE: the encoder numbers the images of its run; renumber for the request
             e.message = _IMAGE_INDEX.sub(lambda m: f"image {int(m.group(1)) + offset}: ", e.message)
             raise
@@ -252,8 +263,9 @@ class Router:
             raise APIError(502, f"encoder answered {str(doc)[:200]!r} for {len(urls)} images", "encode")
         return doc
 
-    async def open(self, req: ChatRequest, cid: str) -> TokenStream:
-        """Encode, prefill and start decode (or hand the request to a ``both`` worker)."""
+    async def open(self, req: ChatRequest, cid: str, tenant: str | None = None) -> TokenStream:
+        """Encode, prefill and start decode (or hand the request to a ``both`` worker), in
+        ``tenant``'s scope of the cache."""
         try:
             ids = template_ids(self.tokenizer, req.messages, self.image_token_id)
         except ValueError as e:
@@ -267,14 +279,16 @@ class Router:
         self.counters["images"] += len(urls)
         if self.config.mode == "aggregated":
             body = {"messages": req.messages, "sampling": sampling, "stream": True}
+            if tenant:
+                body["tenant"] = tenant
             return await self._open_stream("generate", "/v1/generate", body)
         t0 = time.perf_counter()
         with self._timed("encode"):
-            items = await self.encode(urls)
+            items = await self.encode(urls, tenant)
         t1 = time.perf_counter()
         sampling = self._fit_max_tokens(req, len(ids) - len(items) + sum(_num_tokens(it) for it in items))
         with self._timed("prefill"):
-            prefilled = await self._prefill(cid, ids, items, sampling, urls)
+            prefilled = await self._prefill(cid, ids, items, sampling, urls, tenant)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: %d images (%d cached) encoded in %.3f s; prefill of %s tokens %.3f s (forward %s ms)",
                          cid, len(items), sum(bool(it.get("cached")) for it in items), t1 - t0,
@@ -288,7 +302,8 @@ class Router:
         first = {"text": prefilled["first_text"], "token_id": prefilled["first_token"]}
         return FirstTokenFirst(first, asyncio.ensure_future(self._open_stream("decode", "/v1/decode", body)))
 
-    async def _prefill(self, cid: str, ids: list[int], items: list[dict], sampling: dict, urls: list[str]) -> dict:
+    async def _prefill(self, cid: str, ids: list[int], items: list[dict], sampling: dict, urls: list[str],
+                       tenant: str | None = None) -> dict:
         body = {"request_id": cid, "prompt_ids": ids, "sampling": sampling,
                 "images": [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]}
         try:
@@ -299,7 +314,7 @@ class Router:
         # NOTE: an image was evicted between encode and prefill: encode again (puts it back), once.
         logger.info("%s: an image left the cache before prefill; encoding again", cid)
         self._retried("prefill")
-        items = await self.encode(urls)
+        items = await self.encode(urls, tenant)
         body["images"] = [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]
         return (await self._call("prefill", "/v1/prefill", body))[1]
 
@@ -383,6 +398,8 @@ def _num_tokens(item: dict) -> int:
 
 ROUTER = web.AppKey("router", Router)
 CONFIG = web.AppKey("config", RouterConfig)
+TENANTS = web.AppKey("tenants", Tenants)
+TENANT = web.RequestKey("tenant", str) if hasattr(web, "RequestKey") else "mmcache.tenant"  # aiohttp < 3.12
 
 
 def _error_response(e: APIError) -> web.Response:
@@ -429,7 +446,7 @@ async def _chat(request: web.Request, router: Router, t0: float) -> web.StreamRe
         raise APIError(404, f"The model `{req.model}` does not exist (this server serves "
                             f"`{router.config.model_id}`).", param="model")
     cid = completion_id()
-    stream = await router.open(req, cid)
+    stream = await router.open(req, cid, request.get(TENANT))
     try:
         first = await stream.next()
         router.metrics.ttft.observe(time.perf_counter() - t0)
@@ -525,10 +542,17 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 async def api_key_middleware(request: web.Request, handler) -> web.StreamResponse:
     """OpenAI's authentication: ``Authorization: Bearer KEY`` (the scheme in any case), else a
     401 with OpenAI's error JSON."""
-    api_key = request.app[CONFIG].api_key
-    if api_key and request.path != "/healthz" and not bearer_matches(request.headers.get("Authorization"), api_key):
-        e = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.")
-        return web.json_response(e.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
+    api_key, tenants = request.app[CONFIG].api_key, request.app.get(TENANTS)
+    if request.path != "/healthz" and (api_key or tenants is not None):
+        header = request.headers.get("Authorization")
+        if tenants is not None:
+            principal = tenants.authenticate(bearer_token(header))
+        else:
+            principal = DEFAULT if bearer_matches(header, api_key) else None
+        if principal is None:
+            e = APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.")
+            return web.json_response(e.body(), status=401, headers={"WWW-Authenticate": "Bearer"})
+        request[TENANT] = principal.tenant
     return await handler(request)
 
 
@@ -576,6 +600,8 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_i
     context check to the workers."""
     app = web.Application(middlewares=[error_middleware, api_key_middleware], client_max_size=256 << 20)
     app[CONFIG] = config
+    if config.tenants:
+        app[TENANTS] = Tenants.load(config.tenants, admin_token=config.api_key)
     app.cleanup_ctx.append(_router_ctx(config, tokenizer, image_token_id, max_model_len))
     app.add_routes([
         web.post("/v1/chat/completions", chat_completions),

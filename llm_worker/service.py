@@ -43,6 +43,7 @@ from mmcache_client import (
     Key,
     content_hash,
 )
+from mmcache_client.keys import validate_tenant
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -254,7 +255,8 @@ class LLMService:
         async with AsyncExitStack() as entries:  # NOTE: leases held until the prefill has copied them
             embeddings = []
             for image in images:
-                entry = await self.cache.get(image.namespace, image.hash)
+                scope = f"{image.tenant}@{image.namespace}" if image.tenant else image.namespace
+                entry = await self.cache.get(scope, image.hash)
                 if entry is None:
                     raise NotInCache(f"image {image} is not in the cache")
                 entries.push_async_callback(entry.aclose)
@@ -295,7 +297,7 @@ class LLMService:
             await entry.aclose()
             raise
 
-    async def generate(self, messages: Any, sampling: SamplingParams) -> DecodeJob:
+    async def generate(self, messages: Any, sampling: SamplingParams, tenant: str | None = None) -> DecodeJob:
         self.decode_loop.check_room()  # NOTE: before any image is fetched or encoded
         urls = image_urls(messages)
         if len(urls) > self.config.max_images_per_request:
@@ -308,7 +310,9 @@ class LLMService:
             if isinstance(result, BaseException):
                 raise result
         images = [image for _, image in loaded]
-        hashes = [content_hash(raw) for raw, _ in loaded] if self.embedding_cache is not None else None
+        # NOTE: the in-process cache is keyed within a tenant too: no tenant reuses another's embedding.
+        scope = f"{tenant}@" if tenant else ""
+        hashes = [scope + content_hash(raw) for raw, _ in loaded] if self.embedding_cache is not None else None
         ids = self.engine.prompt_ids(messages, [self.encoder.num_image_tokens(im) for im in images])
         self.engine.check_max_tokens(len(ids), sampling)
         seed = sampling.resolved_seed()
@@ -442,7 +446,8 @@ def _key(doc: Any, where: str) -> Key:
     if not isinstance(doc, dict) or not isinstance(doc.get("namespace"), str) or not isinstance(doc.get("hash"), str):
         raise ValueError(f'{where} must be {{"namespace": str, "hash": str}}')
     try:
-        return Key(doc["namespace"], doc["hash"])
+        # NOTE: "tenant@namespace" (from a router with tenants) names that tenant's entry.
+        return Key.from_string(f'{doc["namespace"]}/{doc["hash"]}')
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -489,7 +494,10 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
     service = _service(request, "both")
     doc = await _json_body(request)
     sampling, stream = parse_sampling(doc.get("sampling")), _stream_flag(doc)
-    job = await service.generate(doc.get("messages"), sampling)
+    tenant = doc.get("tenant")
+    if tenant is not None:
+        validate_tenant(tenant)
+    job = await service.generate(doc.get("messages"), sampling, tenant)
     return await _respond(request, service, job, stream)
 
 

@@ -127,7 +127,7 @@ def _up(args: argparse.Namespace) -> int:
                          encoders=args.encoders, prefill=args.prefill, decode=args.decode, aggregated=args.aggregated,
                          host_capacity=args.host_capacity, device=args.device, dtype=args.dtype,
                          allowed_dirs=tuple(args.allowed_dir), http_images=not args.no_http_images,
-                         allow_private_urls=args.allow_private_urls, max_batch=args.max_batch,
+                         allow_private_urls=args.allow_private_urls, tenants=args.tenants, max_batch=args.max_batch,
                          encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          shared_cores=args.shared_cores,
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--data-dir", default="./mmcache-data", help="models, the cache's disk tier, its socket")
     u.add_argument("--host", default="127.0.0.1", help="the router's bind address (the sidecar, encoders and "
                    "workers stay on loopback)")
+    u.add_argument("--tenants", metavar="FILE", help="TOML/JSON file of API key -> tenant (mode 0600) for the "
+                   "router: each client's images are encoded and read in its tenant's scope of the cache")
     u.add_argument("--api-key-file", metavar="PATH",
                    help="the router requires this OpenAI API key (Authorization: Bearer); or MMCACHE_API_KEY")
     u.add_argument("--token-file", metavar="PATH",

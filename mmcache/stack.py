@@ -102,6 +102,9 @@ class StackConfig:
     environment (``MMCACHE_TOKEN``), never their argv."""
     api_key: str | None = field(default=None, repr=False)
     """The router's OpenAI API key: for the router alone, in ``MMCACHE_API_KEY``."""
+    tenants: str | None = None
+    """The router's API key → tenant file (``--tenants``): each client's images are encoded and
+    read in its tenant's scope of the cache."""
 
     def __post_init__(self) -> None:
         for name in ("encoders", "prefill", "decode"):
@@ -223,7 +226,8 @@ class Stack:
         Path(c.data_dir).mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + c.startup_timeout_s
         router_args = ["router", "--model", c.model, "--data-dir", c.data_dir, "--host", c.host,
-                       "--port", str(c.port), "--log-level", c.log_level]
+                       "--port", str(c.port), "--log-level", c.log_level,
+                       *(["--tenants", os.path.abspath(c.tenants)] if c.tenants else [])]
         if c.aggregated:
             workers = [self._spawn(f"both-{i}", "generate", "llm_worker.cli", *self._llm_args("both"),
                                    *self._media_args()) for i in range(c.decode)]

@@ -61,8 +61,10 @@ class StackProcess:
                 out[pid] = f"{module.split('.')[0]} {role}"
         return out
 
-    def stats(self) -> dict:
-        with urllib.request.urlopen(self.url + "/v1/stats", timeout=30) as r:
+    def stats(self, api_key: str | None = None) -> dict:
+        req = urllib.request.Request(self.url + "/v1/stats",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        with urllib.request.urlopen(req, timeout=30) as r:
             return json.load(r)
 
     def stop(self, timeout: float = 90, sig: int = signal.SIGTERM, group: bool = False) -> int:
