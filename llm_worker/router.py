@@ -509,11 +509,20 @@ async def models_handler(request: web.Request) -> web.Response:
         {"id": config.model_id, "object": "model", "created": 0, "owned_by": "mmcache", "mode": config.mode}]})
 
 
+def _operator_only(request: web.Request) -> None:
+    """The stack's stats and metrics show every tenant's traffic: the default tenant's key only."""
+    if request.get(TENANT) is not None:
+        raise APIError(403, f"{request.path} shows the whole stack: it needs the operator's API key, "
+                            "not a tenant's")
+
+
 async def stats_handler(request: web.Request) -> web.Response:
+    _operator_only(request)
     return web.json_response(await request.app[ROUTER].stats())
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    _operator_only(request)
     return web.Response(body=generate_latest(request.app[ROUTER].metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 

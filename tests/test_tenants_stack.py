@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+import urllib.error
 
 import huggingface_hub.constants
 import numpy as np
@@ -83,6 +84,10 @@ def test_an_entry_planted_outside_a_tenants_scope_is_never_read_by_it(stack):
     assert encoded(stack) == n0 + 1  # encoded for alice: the planted entries were not hers
 
 
-def test_unknown_api_keys_are_refused(stack):
+def test_unknown_api_keys_are_refused_and_stack_stats_are_the_operators(stack):
     with pytest.raises(openai.AuthenticationError):
         chat(stack, "sk-nobody-0123456789abcdef", image(902)[0])
+    with pytest.raises(urllib.error.HTTPError) as e:
+        stack.stats(ALICE)
+    assert e.value.code == 403
+    assert stack.stats(ADMIN)["mode"] == "epd"
