@@ -9,13 +9,13 @@
 
 from mmcache_client.aclient import AsyncCacheClient
 from mmcache_client.client import CacheClient
-from mmcache_client.entry import AsyncEntry, Entry
+from mmcache_client.entry import AsyncEntry, AsyncEntryBatch, Entry, EntryBatch
 from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry,
                                    EntryTooLarge, LeaseLost, MMCacheError, ServerError)
 from mmcache_client.keys import Key, content_hash, validate_hash, validate_namespace
 
 __all__ = [
-    "AsyncCacheClient", "AsyncEntry", "AuthError", "BadRequest", "CacheClient", "CacheFull", "CacheTimeout", "CacheUnavailable",
-    "CorruptEntry", "Entry", "EntryTooLarge", "Forbidden", "Key", "LeaseLost", "MMCacheError", "ServerError", "content_hash",
+    "AsyncCacheClient", "AsyncEntry", "AsyncEntryBatch", "AuthError", "BadRequest", "CacheClient", "CacheFull", "CacheTimeout", "CacheUnavailable",
+    "CorruptEntry", "Entry", "EntryBatch", "EntryTooLarge", "Forbidden", "Key", "LeaseLost", "MMCacheError", "ServerError", "content_hash",
     "validate_hash", "validate_namespace",
 ]

@@ -12,9 +12,9 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 import aiohttp
 
 from mmcache_client.arena import SharedArena
-from mmcache_client.client import _key, _keys, parse_url, plan_put, raise_for_status
+from mmcache_client.client import _entries_from_arrow, _key, _keys, _local_batch, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
-from mmcache_client.entry import AsyncEntry
+from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
 from mmcache_client.session import SessionState, open_lease
 from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge, raise_for_kind
 from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
@@ -235,6 +235,18 @@ class AsyncCacheClient:
             raise CorruptEntry(f"{key}: {e}") from e
         return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
+    async def get_many(self, keys) -> AsyncEntryBatch:
+        """See ``CacheClient.get_many``: ``async with await client.get_many(keys) as entries``."""
+        keys = _keys(keys)
+        if not keys:
+            return AsyncEntryBatch([])
+        if self.scheme == "unix":
+            locs = (await self._call("lease", keys=keys))["leases"]
+            return _local_batch(self._local, keys, locs, AsyncEntryBatch, AsyncEntry, _async_release)
+        _, _, data = await self._request("POST", "/v1/batch_get", json.dumps({"keys": keys}),
+                                         {"Content-Type": "application/json"})
+        return AsyncEntryBatch(_entries_from_arrow(keys, data, AsyncEntry))
+
     async def _detach(self) -> None:
         """Stop using the current connection; close it only once no open entry relies on it."""
         conn, self._local = self._local, None
@@ -300,3 +312,21 @@ class AsyncCacheClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _async_release(conn: _AsyncLocal, keys: list[str], ends: list):
+    async def release() -> None:
+        try:
+            for end in ends:
+                if end is not None:
+                    end()
+            if keys and not conn.state.lost:
+                with contextlib.suppress(CacheUnavailable):
+                    await conn.call("release", keys=keys)
+        finally:
+            closing = False
+            for _ in keys:
+                closing = conn.state.unref() or closing
+            if closing:
+                await conn.close()
+    return release

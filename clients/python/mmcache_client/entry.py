@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -110,6 +111,73 @@ class AsyncEntry(Entry):
                 await self._release()
 
     async def __aenter__(self) -> "AsyncEntry":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+class EntryBatch(Sequence):
+    """What ``get_many`` returns: a sequence of ``Entry | None`` in key order (None: a miss) and
+    a context manager. On the local path every entry was leased in one round trip and all are
+    released together, in one more, when the batch closes (closing an entry of the batch early
+    only marks it closed: its bytes stay leased until the batch ends)."""
+
+    __slots__ = ("_entries", "_release", "closed")
+
+    def __init__(self, entries: list, release: Callable[[], Any] | None = None):
+        self._entries = entries
+        self._release = release
+        self.closed = False
+
+    def __getitem__(self, i):
+        return self._entries[i]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for entry in self._entries:
+                if entry is not None:
+                    entry.closed = True
+            if self._release is not None:
+                self._release()
+
+    def __enter__(self) -> "EntryBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EntryBatch({len(self)} keys, {sum(e is not None for e in self._entries)} found)"
+
+
+class AsyncEntryBatch(EntryBatch):
+    """The async client's batch: ``async with``, and ``await batch.aclose()``."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """Release in the background (on the running loop); prefer ``await batch.aclose()``."""
+        if not self.closed:
+            release, self._release = self._release, None
+            EntryBatch.close(self)
+            if release is not None:
+                task = asyncio.get_running_loop().create_task(release())
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            release, self._release = self._release, None
+            EntryBatch.close(self)
+            if release is not None:
+                await release()
+
+    async def __aenter__(self) -> "AsyncEntryBatch":
         return self
 
     async def __aexit__(self, *exc) -> None:
