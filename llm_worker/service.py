@@ -254,13 +254,13 @@ class LLMService:
         seed = sampling.resolved_seed()
         async with AsyncExitStack() as entries:  # NOTE: leases held until the prefill has copied them
             embeddings = []
-            for image in images:
-                scope = f"{image.tenant}@{image.namespace}" if image.tenant else image.namespace
-                entry = await self.cache.get(scope, image.hash)
-                if entry is None:
-                    raise NotInCache(f"image {image} is not in the cache")
-                entries.push_async_callback(entry.aclose)
-                embeddings.append(entry.tensor)
+            if images:  # NOTE: one round trip leases them all (and one releases them)
+                batch = await self.cache.get_many(images)
+                entries.push_async_callback(batch.aclose)
+                for image, entry in zip(images, batch):
+                    if entry is None:
+                        raise NotInCache(f"image {image} is not in the cache")
+                    embeddings.append(entry.tensor)
             counts = [int(e.shape[0]) for e in embeddings]
             ids = self.engine.prompt_ids(messages, counts) if prompt_ids is None else \
                 expand_image_tokens(prompt_ids, self.engine.image_token_id, counts)
