@@ -490,8 +490,14 @@ async def load_image(
     Decoding runs in a worker thread so that a large image does not stall the event loop.
     """
     data = await fetch_bytes(url, limits, session)
+    return data, await decode_fetched(url, data, limits)
+
+
+async def decode_fetched(url: str, data: bytes, limits: MediaLimits) -> Image.Image:
+    """``data`` (what ``fetch_bytes(url)`` gave) decoded in a worker thread; for an http(s) URL
+    a decode failure is the uniform fetch error (see ``load_image``)."""
     try:
-        image = await asyncio.to_thread(decode_image, data, limits)
+        return await asyncio.to_thread(decode_image, data, limits)
     except MediaError as exc:
         if not url[:8].lower().startswith(("http://", "https://")):
             raise
@@ -500,4 +506,3 @@ async def load_image(
         where = _describe(url)
         logger.info("image fetch from %s: %s", where, exc)
         raise MediaError(_unloadable(where)) from exc
-    return data, image

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
-from encoder_worker.media import MediaError, MediaLimits, http_session, load_image
+from encoder_worker.media import MediaError, MediaLimits, decode_fetched, fetch_bytes, http_session
 from mmcache.compute_gate import GateClient
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, content_hash
 from mmcache_client.keys import validate_tenant
@@ -162,39 +162,58 @@ class EncodeService:
     async def encode(self, urls: list[str], tenant: str | None = None) -> dict:
         """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image. With a
         ``tenant`` (from the router) lookups and puts are in that tenant's scope of the cache."""
-        loaded = await asyncio.gather(*(load_image(u, self.config.media, self._http) for u in urls),
-                                      return_exceptions=True)
-        for i, result in enumerate(loaded):
+        # NOTE: fetch and hash first, decode only the misses: a hit costs no pixel decoding.
+        raws = await asyncio.gather(*(fetch_bytes(u, self.config.media, self._http) for u in urls),
+                                    return_exceptions=True)
+        for i, result in enumerate(raws):
             if isinstance(result, MediaError):
                 result.index = i
-                raise result
             if isinstance(result, BaseException):
                 raise result
-        hashes = [content_hash(raw) for raw, _ in loaded]
-        unique = dict(zip(hashes, (img for _, img in loaded)))
+        hashes = [content_hash(raw) for raw in raws]
+        first = {}
+        for i, h in enumerate(hashes):
+            first.setdefault(h, i)
         num_tokens: dict[str, int] = {}
         cached: set[str] = set()
-        # NOTE: a miss whose encode for another request ended (and was stored) while this lookup
-        # was out is looked up again, so an image is not encoded twice; no await from the last
-        # check to enqueue, so one ending after it is joined or found in the cache.
         scope = self._scope(tenant)
         job_prefix = f"{tenant}@" if tenant else ""
-        candidates = list(unique)
-        while candidates:
+
+        async def look(candidates: list[str]) -> None:
+            # NOTE: a miss whose encode for another request ended (and was stored) while this
+            # lookup was out is looked up again, so an image is not encoded twice.
+            while candidates:
+                mark = self.batcher.mark()
+                tiers = await self.cache.lookup([f"{scope}/{h}" for h in candidates])
+                for h in candidates:
+                    if tiers.get(f"{scope}/{h}") is not None:
+                        n = await self._num_tokens_if_cached(h, scope)
+                        if n is not None:
+                            num_tokens[h] = n
+                            cached.add(h)
+                candidates = [h for h in candidates
+                              if h not in cached and self.batcher.finished_since(job_prefix + h, mark)]
+
+        await look(list(first))
+        images: dict[str, Any] = {}
+        misses = [h for h in first if h not in cached]
+        if misses:
             mark = self.batcher.mark()
-            tiers = await self.cache.lookup([f"{scope}/{h}" for h in candidates])
-            for h in candidates:
-                if tiers.get(f"{scope}/{h}") is not None:
-                    n = await self._num_tokens_if_cached(h, scope)
-                    if n is not None:
-                        num_tokens[h] = n
-                        cached.add(h)
-            candidates = [h for h in candidates
-                          if h not in cached and self.batcher.finished_since(job_prefix + h, mark)]
-        misses = [h for h in unique if h not in cached]
+            decoded = await asyncio.gather(*(decode_fetched(urls[first[h]], raws[first[h]], self.config.media)
+                                             for h in misses), return_exceptions=True)
+            for h, result in zip(misses, decoded):
+                if isinstance(result, MediaError):
+                    result.index = first[h]
+                if isinstance(result, BaseException):
+                    raise result
+                images[h] = result
+            # NOTE: encodes that ended while these decoded are looked up again; from the last
+            # check to enqueue there is no await, so one ending after it is joined or found.
+            await look([h for h in misses if self.batcher.finished_since(job_prefix + h, mark)])
+            misses = [h for h in misses if h not in cached]
         job = Job(len(misses)) if misses else None
         futures = [asyncio.shield(f) for f in
-                   self.batcher.enqueue_many([(job_prefix + h, unique[h]) for h in misses], job)]
+                   self.batcher.enqueue_many([(job_prefix + h, images[h]) for h in misses], job)]
         results = await asyncio.gather(*futures)
         for h, enc in zip(misses, results):
             num_tokens[h] = int(enc.embeddings.shape[0])

@@ -114,6 +114,25 @@ async def test_second_request_for_an_image_is_a_cache_hit(encoder_client, sideca
         assert e.get_tensor("image_grid_thw").tolist() == [[1, 48, 64]]
 
 
+async def test_a_hit_is_looked_up_before_any_pixel_is_decoded(encoder_client, monkeypatch):
+    """The encoder hashes the bytes and looks up first: only misses are decoded (issue 18)."""
+    import encoder_worker.media as media
+
+    decoded = []
+    real = media.decode_image
+    monkeypatch.setattr(media, "decode_image", lambda data, limits: decoded.append(len(data)) or real(data, limits))
+    a, b = png_uri(11), png_uri(12)
+    await encode(encoder_client, [a])
+    assert len(decoded) == 1
+    decoded.clear()
+    body = await encode(encoder_client, [a, b, a])  # a is cached; b is new and decoded once
+    assert [it["cached"] for it in body["items"]] == [True, False, True]
+    assert decoded == [len(raw_of(b))]
+    decoded.clear()
+    await encode(encoder_client, [b, a])
+    assert decoded == []
+
+
 async def test_the_returned_hash_is_the_blake3_of_the_raw_bytes(encoder_client, sidecar):
     """As a client computes it before uploading (``content_hash``): BLAKE3-256 of the bytes as
     sent, the file's or the data: URI's decoded payload, not of the decoded pixels."""
