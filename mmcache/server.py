@@ -39,6 +39,8 @@ METRICS = web.AppKey("metrics", Metrics)
 GATE = web.AppKey("gate", ComputeGate)
 TENANTS = web.AppKey("tenants", Tenants)
 TENANT_COUNTS = web.AppKey("tenant_counts", dict)
+LOCAL_OPS = web.AppKey("local_ops", dict)
+"""Unix-socket ops served, by name (``/v1/stats`` ``"local"``)."""
 PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "mmcache.principal"  # aiohttp < 3.12
 DEFAULT_TENANT_NAME = "(default)"
 """The default tenant's row in per-tenant stats (not a valid tenant name, so never a tenant's)."""
@@ -321,6 +323,7 @@ async def stats(request: web.Request) -> web.Response:
         return web.json_response({"tenant": principal.tenant, **of(principal.tenant)})
     doc = store.stats()
     doc["http"] = request.app[HTTP_COUNTERS].as_dict()
+    doc["local"] = {"ops": dict(request.app[LOCAL_OPS])}
     if GATE in request.app:
         doc["compute_gate"] = request.app[GATE].stats()
     if tenants is not None:
@@ -349,7 +352,8 @@ def _store_ctx(config: ServeConfig):
         app[STORE] = store
         local = gate = None
         try:
-            local = await start_local_server(store, config.socket, app.get(TENANTS)) if config.socket else None
+            local = await start_local_server(store, config.socket, app.get(TENANTS), app[LOCAL_OPS]) \
+                if config.socket else None
             if config.compute_gate:
                 app[GATE] = ComputeGate()
                 gate = await start_gate_server(app[GATE], config.compute_gate)
@@ -388,6 +392,7 @@ def create_app(config: ServeConfig) -> web.Application:
         app[TENANTS] = Tenants.load(config.tenants, admin_token=config.token)
         app[TENANT_COUNTS] = {}
     app[HTTP_COUNTERS] = HttpCounters()
+    app[LOCAL_OPS] = {}
     app[METRICS] = Metrics(lambda: app[STORE].stats(), lambda: app[HTTP_COUNTERS].as_dict())
     app.cleanup_ctx.append(_store_ctx(config))
     entry = "/v1/entries/{ns}/{hash}"

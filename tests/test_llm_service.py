@@ -184,6 +184,27 @@ async def test_epd_equals_aggregated_and_generate(stack, sidecar, model_dir, ima
 
 
 @module_loop
+async def test_a_five_image_prefill_makes_a_bounded_number_of_round_trips(stack, sidecar, images):
+    """Prefill leases all of a request's images in one round trip and releases them in one
+    (issue 18): counted in the sidecar's stats, the same for 5 images as for 1."""
+    from mmcache.server import LOCAL_OPS
+
+    uris = [images[i % len(images)][0] for i in range(5)]
+    messages = conversation(uris)
+    enc = await post(stack.encoder, "/v1/encode", {"images": uris})
+    keys = [{"namespace": enc["namespace"], "hash": it["hash"]} for it in enc["items"]]
+    ops = sidecar.app[LOCAL_OPS]
+    before = dict(ops)
+    pre = await post(stack.prefill, "/v1/prefill", {"request_id": "five", "messages": messages, "images": keys,
+                                                    "sampling": GREEDY})
+    delta = {op: n - before.get(op, 0) for op, n in ops.items() if n != before.get(op, 0)}
+    assert delta.get("lease") == 1 and delta.get("release") == 1, delta
+    assert sum(delta.values()) <= 5, delta  # the KV's exists, lease, release, reserve, seal
+    await post(stack.decode, "/v1/decode", {"request_id": "five", "kv": pre["kv"],
+                                            "sampling": {**GREEDY, "seed": pre["seed"]}})
+
+
+@module_loop
 async def test_text_only_request_and_a_request_finished_by_prefill(stack, sidecar):
     messages = [{"role": "user", "content": "Hello there"}]
     _, full = await epd(stack, "text-only", messages, GREEDY)
