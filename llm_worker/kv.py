@@ -2,9 +2,9 @@
 
 Entry layout (the ordinary mmcache safetensors format, so every tier and the wire carry it):
 
-- ``embeddings`` F32 ``[1, vocab]``: the next-token logits at the last prompt position, i.e. the
-  distribution the first token was drawn from. The format requires a 2-D ``embeddings``; this is
-  the prefill's one output besides the KV, and lets a decode side check or re-draw that token.
+- ``embeddings`` F32 ``[1, 1]``: the first token's id. The format requires a 2-D ``embeddings``;
+  the next-token logits (``[1, vocab]``, 128 KiB for a 32k vocabulary) used to ride here, but
+  decode never reads them, so a hand-off does not carry them.
 - ``k`` and ``v`` ``[num_layers, num_kv_heads, num_tokens, head_dim]`` in the model's dtype:
   all layers stacked, so the entry holds 3 tensors whatever the depth (the format allows 64;
   per-layer tensors would not fit a 32-layer model) and layer ``i`` is the view ``k[i]``.
@@ -29,7 +29,7 @@ import torch
 from mmcache_client.format import EntryPlan, plan_entry
 from mmcache_client.keys import Key, content_hash, validate_namespace
 
-KV_FORMAT = "mmcache-kv/1"
+KV_FORMAT = "mmcache-kv/2"
 KV_NAMESPACE_PREFIX = "kv."
 
 
@@ -71,8 +71,9 @@ class PrefillResult:
     first_token: int
     """The first generated token, drawn from ``logits``."""
     kv: KVCache
-    logits: torch.Tensor
-    """``[vocab]`` float32: next-token logits at the last prompt position."""
+    logits: torch.Tensor | None
+    """``[vocab]`` float32: next-token logits at the last prompt position (the prefill's own
+    result); None once handed over (``read_prefill``): the KV entry does not carry them."""
     prefill_ms: float = 0.0
     """Wall time of the prefill forward and the first draw."""
 
@@ -107,7 +108,8 @@ def kv_entry_fields(result: PrefillResult) -> dict[str, Any]:
     # NOTE: contiguous() is free for the engine's own results (already contiguous); it copies
     # only for a caller's strided KV, which the entry writer could not copy from in one go.
     extras = {"k": result.kv.keys.contiguous(), "v": result.kv.values.contiguous()}
-    return {"tensor": result.logits.detach().float().reshape(1, -1), "metadata": metadata, "extras": extras,
+    first = torch.tensor([[float(result.first_token)]], dtype=torch.float32)
+    return {"tensor": first, "metadata": metadata, "extras": extras,
             "encode_ms": result.prefill_ms, "persist": False}
 
 
@@ -142,7 +144,6 @@ def read_prefill(entry: Any) -> PrefillResult:
     if (kv.num_tokens, kv.num_layers) != (num_tokens, num_layers) or str(kv.dtype) != f"torch.{meta.get('dtype')}":
         raise ValueError(f"KV tensors {tuple(kv.keys.shape)} {kv.dtype} contradict the metadata "
                          f"({num_layers=}, {num_tokens=}, dtype={meta.get('dtype')})")
-    logits = tensor("embeddings")
-    if logits.shape[0] != 1:
-        raise ValueError(f"KV entry logits must be [1, vocab], got {list(logits.shape)}")
-    return PrefillResult(model_namespace, first_token, kv, logits[0], prefill_ms)
+    if tuple(tensor("embeddings").shape) != (1, 1):
+        raise ValueError(f"KV entry embeddings must be [1, 1] (the first token), got {list(tensor('embeddings').shape)}")
+    return PrefillResult(model_namespace, first_token, kv, None, prefill_ms)
