@@ -152,13 +152,6 @@ class EncodeService:
         await self.cache.put(self._scope(tenant or None), hash_hex, encoded.embeddings,
                              extras=encoded.extras or None, encode_ms=encoded.encode_ms)
 
-    async def _num_tokens_if_cached(self, hash_hex: str, scope: str | None = None) -> int | None:
-        entry = await self.cache.get(scope or self.namespace, hash_hex)
-        if entry is None:  # evicted between lookup and get
-            return None
-        async with entry:
-            return int(entry.array.shape[0])
-
     async def encode(self, urls: list[str], tenant: str | None = None) -> dict:
         """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image. With a
         ``tenant`` (from the router) lookups and puts are in that tenant's scope of the cache."""
@@ -184,13 +177,13 @@ class EncodeService:
             # lookup was out is looked up again, so an image is not encoded twice.
             while candidates:
                 mark = self.batcher.mark()
-                tiers = await self.cache.lookup([f"{scope}/{h}" for h in candidates])
+                # NOTE: detail: a hit's num_tokens comes with the lookup, no lease per hit
+                items = await self.cache.lookup([f"{scope}/{h}" for h in candidates], detail=True)
                 for h in candidates:
-                    if tiers.get(f"{scope}/{h}") is not None:
-                        n = await self._num_tokens_if_cached(h, scope)
-                        if n is not None:
-                            num_tokens[h] = n
-                            cached.add(h)
+                    item = items.get(f"{scope}/{h}")
+                    if item is not None:
+                        num_tokens[h] = int(item["num_tokens"])
+                        cached.add(h)
                 candidates = [h for h in candidates
                               if h not in cached and self.batcher.finished_since(job_prefix + h, mark)]
 

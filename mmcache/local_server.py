@@ -8,7 +8,8 @@ Framing: one JSON object per line. A request is ``{"id": N, "op": NAME, ...}``; 
   stored as ``tenant@ns/hash``; answers name them as the client did); without one the
   connection is the default tenant (the socket's 0600 mode is its guard), which may name any
   tenant's keys as ``tenant@ns/hash``.
-- ``lookup {keys}`` → ``tiers`` (key → tier or null)
+- ``lookup {keys, detail?}`` → ``tiers`` (key → tier or null); with ``detail`` → ``items`` (key →
+  ``{"tier", "num_tokens"[, "image_grid_thw"]}`` or null): a hit described without a lease
 - ``lease {keys}`` → ``leases``: per key ``[offset, nbytes, tier, stored_key]`` or null; each is
   a lease. ``offset`` -1: host had no room, the entry is read in place from LMDB (``lmdb_path``)
   by ``stored_key``, pinned on disk until released.
@@ -109,6 +110,9 @@ class _Connection:
                     "tenant": self.principal.tenant}
         if op == "lookup":
             keys = {self._scoped(k): k for k in _key_list(msg)}
+            if msg.get("detail"):  # NOTE: reads headers (and disk entries): off the loop
+                items = await asyncio.to_thread(store.describe, list(keys))
+                return {"items": {keys[k]: d for k, d in items.items()}}
             return {"tiers": {keys[k]: t for k, t in store.lookup(list(keys)).items()}}
         if op == "lease":
             return {"leases": [await self._lease(self._scoped(k)) for k in _key_list(msg)]}

@@ -40,6 +40,7 @@ GATE = web.AppKey("gate", ComputeGate)
 TENANTS = web.AppKey("tenants", Tenants)
 TENANT_COUNTS = web.AppKey("tenant_counts", dict)
 LOCAL_OPS = web.AppKey("local_ops", dict)
+_DETAIL = web.RequestKey("detail", bool) if hasattr(web, "RequestKey") else "mmcache.detail"
 """Unix-socket ops served, by name (``/v1/stats`` ``"local"``)."""
 PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "mmcache.principal"  # aiohttp < 3.12
 DEFAULT_TENANT_NAME = "(default)"
@@ -208,6 +209,10 @@ async def _json_keys(request: web.Request) -> dict[str, str]:
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
         raise ValueError('body must be {"keys": ["ns/hash", ...]}')
+    detail = doc.get("detail", False)
+    if not isinstance(detail, bool):
+        raise ValueError('"detail" must be true or false')
+    request[_DETAIL] = detail
     out: dict[str, str] = {}
     for k in keys:
         key = _scoped(request, Key.from_string(k))
@@ -217,6 +222,10 @@ async def _json_keys(request: web.Request) -> dict[str, str]:
 
 async def lookup(request: web.Request) -> web.Response:
     keys = await _json_keys(request)
+    if request.get(_DETAIL):
+        items = await asyncio.to_thread(request.app[STORE].describe, list(keys))
+        return web.json_response({"items": {keys[k]: d for k, d in items.items()},
+                                  "found": sum(d is not None for d in items.values())})
     tiers = request.app[STORE].lookup(list(keys))
     return web.json_response({"tiers": {keys[k]: t for k, t in tiers.items()},
                               "found": sum(t is not None for t in tiers.values())})

@@ -435,6 +435,32 @@ class TieredStore:
     def lookup(self, keys: list[str]) -> dict[str, str | None]:
         return {k: self.tier_of(k) for k in keys}
 
+    def describe(self, keys: list[str]) -> dict[str, dict | None]:
+        """Per key ``{"tier", "num_tokens"[, "image_grid_thw"]}`` or None: what a reader needs to
+        lay out its prompt without leasing the entry. Host entries are read from their (immutable,
+        verified-at-seal) header in place; disk ones through a verified view. Not a client read:
+        nothing counted, nothing promoted. Off the event loop."""
+        owner = ("describe", threading.get_ident())
+        out: dict[str, dict | None] = {}
+        for key in keys:
+            lease = self.host.lease(key, owner, count=False)
+            if lease is not None:
+                try:
+                    out[key] = _describe("host", EntryView(lease.view, parse_entry(lease.view)))
+                finally:
+                    self.host.release(lease)
+                continue
+            out[key] = None
+            for tier in self.lower:
+                below = tier.lease(key, owner, count=False)  # NOTE: the tier verifies what it hands out
+                if below is not None:
+                    try:
+                        out[key] = _describe(tier.name, EntryView(below.view, parse_entry(below.view)))
+                    finally:
+                        tier.release(below)
+                    break
+        return out
+
     def delete(self, key: Key | str) -> bool:
         """Remove from every tier; never waits for a disk commit."""
         key = _key_str(key)
@@ -472,3 +498,10 @@ class TieredStore:
             os.unlink(os.path.join(self.config.data_dir, _ARENA_RECORD))
         os.close(self._lock_fd)  # releases the flock
         self._lock_fd = -1
+
+
+def _describe(tier: str, view: EntryView) -> dict:
+    doc: dict[str, Any] = {"tier": tier, "num_tokens": int(view.parsed.tensors["embeddings"].shape[0])}
+    if "image_grid_thw" in view.parsed.tensors:
+        doc["image_grid_thw"] = view.array("image_grid_thw").tolist()
+    return doc

@@ -173,8 +173,8 @@ async def test_an_image_stored_while_a_lookup_was_out_is_not_encoded_again(encod
         await asyncio.sleep(0.01)
     real_lookup = service.cache.lookup
 
-    async def stale_lookup(keys):
-        answer = await real_lookup(keys)  # a miss: A has not stored it yet
+    async def stale_lookup(keys, **kwargs):
+        answer = await real_lookup(keys, **kwargs)  # a miss: A has not stored it yet
         service.cache.lookup = real_lookup
         model.gate.set()
         await a  # A's encode ended, was stored, and A answered

@@ -144,3 +144,20 @@ def test_a_process_killed_holding_a_batch_frees_every_lease(sidecar):
     wait_until(lambda: leases(sidecar) == 0, 30, "the dead process's leases to go")
     with CacheClient(sidecar.unix_url) as c:  # and the space is usable: every entry can go
         assert all(c.delete(NS, h(i)) for i in range(6))
+
+
+@pytest.mark.parametrize("transport", ["unix", "http"])
+def test_lookup_detail_describes_a_hit_without_a_lease(sidecar, transport):
+    url = sidecar.unix_url if transport == "unix" else sidecar.url
+    big = np.random.default_rng(0).standard_normal((40_000, 64)).astype(np.float32)  # over the arena: disk
+    with CacheClient(url) as c, CacheClient(sidecar.url) as w:
+        assert c.put(NS, h("grid"), emb(1, n=12), extras={"image_grid_thw": np.array([[1, 6, 8]], dtype=np.int64)})
+        assert w.put(NS, h("big"), big)
+        keys = [f"{NS}/{h('grid')}", f"{NS}/{h('nope')}", f"{NS}/{h('big')}"]
+        before = sidecar.store.stats()["host"]["hits"]
+        items = c.lookup(keys, detail=True)
+        assert items[keys[0]] == {"tier": "host", "num_tokens": 12, "image_grid_thw": [[1, 6, 8]]}
+        assert items[keys[1]] is None
+        assert items[keys[2]] == {"tier": "disk", "num_tokens": 40_000}
+        assert leases(sidecar) == 0 and sidecar.store.stats()["host"]["hits"] == before  # not a client read
+        assert not sidecar.store.host.contains(keys[2])  # nothing promoted

@@ -281,8 +281,15 @@ class AsyncCacheClient:
             return (await self._call("lookup", keys=[key]))["tiers"][key] is not None
         return (await self._request("HEAD", f"/v1/entries/{key}"))[0] == 200
 
-    async def lookup(self, keys) -> dict[str, str | None]:
+    async def lookup(self, keys, *, detail: bool = False) -> dict:
+        """See ``CacheClient.lookup``."""
         keys = _keys(keys)
+        if detail:
+            if self.scheme == "unix":
+                return (await self._call("lookup", keys=keys, detail=True))["items"]
+            _, _, data = await self._request("POST", "/v1/lookup", json.dumps({"keys": keys, "detail": True}),
+                                             {"Content-Type": "application/json"})
+            return json.loads(data)["items"]
         if self.scheme == "unix":
             return (await self._call("lookup", keys=keys))["tiers"]
         _, _, data = await self._request("POST", "/v1/lookup", json.dumps({"keys": keys}),

@@ -268,9 +268,16 @@ class CacheClient:
             return self._call("lookup", keys=[key])["tiers"][key] is not None
         return self._request("HEAD", f"/v1/entries/{key}")[0] == 200
 
-    def lookup(self, keys) -> dict[str, str | None]:
-        """Key → tier holding it (``host``/``disk``) or None."""
+    def lookup(self, keys, *, detail: bool = False) -> dict:
+        """Key → tier holding it (``host``/``disk``) or None. ``detail``: key → ``{"tier",
+        "num_tokens"[, "image_grid_thw"]}`` or None, so a hit needs no lease to be laid out."""
         keys = _keys(keys)
+        if detail:
+            if self.scheme == "unix":
+                return self._call("lookup", keys=keys, detail=True)["items"]
+            _, _, data = self._request("POST", "/v1/lookup", json.dumps({"keys": keys, "detail": True}),
+                                       {"Content-Type": "application/json"})
+            return json.loads(data)["items"]
         if self.scheme == "unix":
             return self._call("lookup", keys=keys)["tiers"]
         _, _, data = self._request("POST", "/v1/lookup", json.dumps({"keys": keys}), {"Content-Type": "application/json"})
