@@ -264,6 +264,11 @@ async def fetch_bytes(
     )
 
 
+def decode_data_uri(url: str, limits: MediaLimits) -> bytes:
+    """The bytes of a base64 ``data:`` URI, at most ``limits.max_bytes``; ``MediaError`` otherwise."""
+    return _decode_data_uri(url, limits)
+
+
 def _decode_data_uri(url: str, limits: MediaLimits) -> bytes:
     header, sep, payload = url[len("data:"):].partition(",")
     if not sep:

@@ -42,7 +42,8 @@ from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_ch
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
 from mmcache.security import bearer_matches
 from mmcache.tenants import DEFAULT, Tenants, bearer_token
-from mmcache_client import AsyncCacheClient
+from encoder_worker.media import MediaError, MediaLimits, decode_data_uri
+from mmcache_client import AsyncCacheClient, MMCacheError, content_hash
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ class Router:
                          "prompt_tokens": 0, "completion_tokens": 0}
         self.http: aiohttp.ClientSession | None = None
         self.cache: AsyncCacheClient | None = None
+        self.namespace: str | None = None
+        """The encoders' namespace, learnt from their first answer (they serve one model)."""
+        self.media_limits = MediaLimits()
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
@@ -239,25 +243,70 @@ class Router:
         back as ``tenant@namespace``: the key prefill reads."""
         if not urls:
             return []
+        known = await self._cached(urls, tenant)
+        if known:
+            misses = [i for i in range(len(urls)) if i not in known]
+            self.counters["router_cache_hits"] = self.counters.get("router_cache_hits", 0) + len(known)
+            found = await self._encode_all([urls[i] for i in misses], tenant, [i for i in misses]) if misses else []
+            for i, item in zip(misses, found):
+                known[i] = item
+            return [known[i] for i in range(len(urls))]
+        return await self._encode_all(urls, tenant)
+
+    async def _cached(self, urls: list[str], tenant: str | None) -> dict[int, dict]:
+        """The images the router can find in the cache itself: ``data:`` URIs (it holds their
+        bytes) hashed and looked up at once, by index; the encoders never see them. Nothing
+        before the first encode has told the router its encoders' namespace, or without a cache."""
+        if self.cache is None or self.namespace is None:
+            return {}
+        hashes: dict[int, str] = {}
+        for i, url in enumerate(urls):
+            if url[:5].lower() == "data:":
+                try:
+                    hashes[i] = content_hash(decode_data_uri(url, self.media_limits))
+                except MediaError:
+                    pass  # the encoder answers it with the reason
+        if not hashes:
+            return {}
+        scope = f"{tenant}@{self.namespace}" if tenant else self.namespace
+        try:
+            items = await self.cache.lookup([f"{scope}/{h}" for h in hashes.values()], detail=True)
+        except MMCacheError as e:  # NOTE: the encoders look up too: a shortcut lost, not a failure
+            logger.info("router lookup failed (%s); asking the encoders", e)
+            return {}
+        out = {}
+        for i, h in hashes.items():
+            item = items.get(f"{scope}/{h}")
+            if item is not None:
+                out[i] = {"namespace": scope, "hash": h, "num_tokens": item["num_tokens"], "cached": True}
+        return out
+
+    async def _encode_all(self, urls: list[str], tenant: str | None, positions: list[int] | None = None) -> list[dict]:
+        """Encode ``urls`` (at ``positions`` of the request, for error messages)."""
+        positions = positions if positions is not None else list(range(len(urls)))
         backends = self.pools["encode"].pick(len(urls))
         bounds = [round(i * len(urls) / len(backends)) for i in range(len(backends) + 1)]
         runs = [(b, bounds[i], bounds[i + 1]) for i, b in enumerate(backends)]
-        results = await asyncio.gather(*(self._encode_run(urls[s:e], s, b, tenant) for b, s, e in runs),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._encode_run(urls[s:e], positions[s:e], b, tenant)
+                                         for b, s, e in runs), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        if results and isinstance(results[0].get("namespace"), str):
+            self.namespace = results[0]["namespace"]  # NOTE: what _cached looks up in from now on
         scope = f"{tenant}@" if tenant else ""
         return [{"namespace": scope + doc["namespace"], **item} for doc in results for item in doc["items"]]
 
-    async def _encode_run(self, urls: list[str], offset: int, backend: Backend, tenant: str | None = None) -> dict:
+    async def _encode_run(self, urls: list[str], positions: list[int], backend: Backend,
+                          tenant: str | None = None) -> dict:
         body: dict[str, Any] = {"images": urls}
         if tenant:
             body["tenant"] = tenant
         try:
             _, doc = await self._call("encode", "/v1/encode", body, first=backend)
         except APIError as e:  # NOTE: the encoder numbers the images of its run; renumber for the request
-            e.message = _IMAGE_INDEX.sub(lambda m: f"image {int(m.group(1)) + offset}: ", e.message)
+            e.message = _IMAGE_INDEX.sub(lambda m: f"image {positions[int(m.group(1))]}: "
+                                         if int(m.group(1)) < len(positions) else m.group(0), e.message)
             raise
         if not isinstance(doc, dict) or len(doc.get("items", ())) != len(urls):
             raise APIError(502, f"encoder answered {str(doc)[:200]!r} for {len(urls)} images", "encode")

@@ -146,8 +146,27 @@ def test_a_second_request_for_the_same_image_encodes_nothing(epd):
     chat(epd, [uri])
     after = epd.stats()["totals"]
     assert after["images_encoded"] == before["images_encoded"]
-    assert after["encoder_cache_hits"] == before["encoder_cache_hits"] + 1
+    # NOTE: the router itself finds a cached data: image (it never reaches an encoder)
+    router_hits = epd.stats()["router"]["router_cache_hits"]
+    assert after["encoder_cache_hits"] + router_hits >= before["encoder_cache_hits"] + 1 and router_hits >= 1
     assert epd.stats()["cache"]["stats"]["host"]["hits"] > 0
+
+
+def test_a_request_whose_images_are_all_cached_reaches_no_encoder(epd):
+    """The router hashes data: URIs and looks them up itself (issue 18): a request whose images
+    are all cached goes straight to prefill; one with a new image sends only that to an encoder."""
+    a, b, c = image(350)[0], image(351)[0], image(352)[0]
+    extra = {"extra_body": {"return_token_ids": True}}
+    first = chat(epd, [a, b], **extra)
+    requests = lambda: sum(e["stats"]["requests"] for e in epd.stats()["encoders"])  # noqa: E731
+    images = lambda: sum(e["stats"]["images"] for e in epd.stats()["encoders"])  # noqa: E731
+    r0, i0 = requests(), images()
+    again = chat(epd, [a, b], **extra)
+    assert requests() == r0 and images() == i0  # no encoder saw it
+    assert token_ids(again) == token_ids(first)  # and the answer is the same
+    chat(epd, [a, c, b])
+    assert requests() == r0 + 1 and images() == i0 + 1  # only the new image went to an encoder
+    assert epd.stats()["router"]["router_cache_hits"] >= 4
 
 
 def test_three_images_are_spread_over_two_encoders(epd):
