@@ -142,7 +142,7 @@ class Router:
                        ("generate", config.generate)) if urls}
         self.metrics = _Metrics()
         self.counters = {"requests": 0, "errors": 0, "active": 0, "retries": 0, "images": 0,
-                         "prompt_tokens": 0, "completion_tokens": 0}
+                         "prompt_tokens": 0, "completion_tokens": 0, "router_cache_hits": 0}
         self.http: aiohttp.ClientSession | None = None
         self.cache: AsyncCacheClient | None = None
         self.namespace: str | None = None
@@ -246,7 +246,7 @@ class Router:
         known = await self._cached(urls, tenant)
         if known:
             misses = [i for i in range(len(urls)) if i not in known]
-            self.counters["router_cache_hits"] = self.counters.get("router_cache_hits", 0) + len(known)
+            self.counters["router_cache_hits"] += len(known)
             found = await self._encode_all([urls[i] for i in misses], tenant, [i for i in misses]) if misses else []
             for i, item in zip(misses, found):
                 known[i] = item
@@ -420,10 +420,14 @@ class Router:
         if processes is not None:
             out["processes"] = processes
         encoders = [w.get("stats", {}) for w in out.get("encoders", [])]
+        router_hits = self.counters.get("router_cache_hits", 0)
+        # NOTE: "images" counts every image reference: those the router found in the cache itself
+        # (they never reach an encoder) and those the encoders saw.
         out["totals"] = {"images_encoded": sum(s.get("encoded", 0) for s in encoders),
                          "encoder_cache_hits": sum(s.get("cache_hits", 0) for s in encoders),
+                         "router_cache_hits": router_hits,
                          "encoder_joins": sum(s.get("single_flight_joins", 0) for s in encoders),
-                         "images": sum(s.get("images", 0) for s in encoders)}
+                         "images": sum(s.get("images", 0) for s in encoders) + router_hits}
         return out
 
 
