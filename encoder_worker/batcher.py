@@ -30,13 +30,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable, Sequence
 
+from mmcache.config import ENCODER_SCHEDULES as SCHEDULES
+
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Blocking: items → results, same order and length."""
 AfterFn = Callable[[Hashable, Any], Awaitable[None]]
 """Async hook run once per computed result before waiters see it (e.g. a cache put)."""
-SCHEDULES = ("fcfs", "sjf")
 RETRY_AFTER_S = 1.0
 """What a refused request is told to wait: about one batch's time."""
 

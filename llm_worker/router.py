@@ -40,8 +40,8 @@ from llm_worker import openai_api as api
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
-from mmcache.security import bearer_matches
-from mmcache.tenants import DEFAULT, Tenants, bearer_token
+from mmcache.security import bearer_matches, bearer_token
+from mmcache.tenants import DEFAULT, Tenants
 from encoder_worker.media import MediaError, MediaLimits, decode_data_uri
 from mmcache_client import AsyncCacheClient, MMCacheError, content_hash
 

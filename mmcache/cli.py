@@ -15,8 +15,7 @@ import logging
 import os
 import sys
 
-from encoder_worker.batcher import SCHEDULES
-from mmcache.config import ServeConfig
+from mmcache.config import ENCODER_SCHEDULES as SCHEDULES, ServeConfig
 from mmcache.policies import POLICIES
 from mmcache.security import make_private_dir, resolve_secret
 from mmcache_client.errors import MMCacheError

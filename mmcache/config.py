@@ -33,6 +33,12 @@ MAX_UNIX_PATH_BYTES = 107
 """Linux's ``sun_path`` holds 108 bytes, NUL included."""
 
 
+
+ENCODER_SCHEDULES = ("fcfs", "sjf")
+"""Orders an encoder's batcher may take misses in (``encoder_worker.batcher``): arrival order, or
+the request with the fewest misses left first. Here, so that ``mmcache up`` checks its flag
+without importing a worker."""
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything ``mmcache serve`` takes. Sizes are bytes."""

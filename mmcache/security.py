@@ -53,15 +53,19 @@ def resolve_secret(value: str | None, path: str | None, env_var: str, what: str,
     return env.get(env_var) or None
 
 
-def bearer_matches(header: str | None, token: str) -> bool:
-    """Whether ``header`` (an ``Authorization`` value) is ``Bearer <token>``; the scheme in any
-    case (``bearer``, ``BEARER``), one or more spaces after it, the token in constant time."""
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header: the scheme in any case
+    (``bearer``, ``BEARER``), one or more spaces after it; None for any other header."""
     if not header:
-        return False
+        return None
     scheme, _, given = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+    return (given.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    """Whether ``header`` (an ``Authorization`` value) is ``Bearer <token>``, in constant time."""
+    given = bearer_token(header)
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
 
 
 def is_loopback(host: str) -> bool:

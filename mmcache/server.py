@@ -24,9 +24,9 @@ from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
 from mmcache.local_server import start_local_server
 from mmcache.metrics import Metrics
-from mmcache.security import bearer_matches
+from mmcache.security import bearer_matches, bearer_token
 from mmcache.store import StoreConfig, TieredStore
-from mmcache.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants, bearer_token
+from mmcache.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryFormatError, relayout
 from mmcache_client.keys import Key
@@ -249,7 +249,7 @@ class _Chunks:
         return view.nbytes
 
     def flush(self) -> None:
-        pass
+        """pyarrow's sink API; nothing is buffered here (``take`` hands the parts over)."""
 
     def take(self) -> list[memoryview]:
         parts, self.parts = self.parts, []

@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder_worker.batcher import SCHEDULES
+from mmcache.config import ENCODER_SCHEDULES as SCHEDULES
 from mmcache.supervisor import Backoff, Child, Supervisor
 
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")

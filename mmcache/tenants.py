@@ -125,10 +125,3 @@ class Tenants:
             return DEFAULT
         return Principal(found) if found is not None else None
 
-
-def bearer_token(header: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case)."""
-    if not header:
-        return None
-    scheme, _, given = header.strip().partition(" ")
-    return given.strip() or None if scheme.lower() == "bearer" else None

@@ -293,14 +293,19 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path, many_fds)
 def test_a_connection_cap_refuses_with_503_when_every_connection_is_busy(tmp_path):
     """--max-connections 2, both connections inside a request (a never-read 32 MiB GET): a third
     gets a 503 with Retry-After and a JSON message; once they go, it is served again."""
-    sc = SidecarProcess("--data-dir", str(tmp_path / "d"), "--host-capacity", "96MiB",
+    sock = f"/tmp/mmc-cap-{os.getpid()}.sock"
+    sc = SidecarProcess("--data-dir", str(tmp_path / "d"), "--host-capacity", "96MiB", "--socket", sock,
                         "--max-connections", "2", "--write-timeout", "30").start()
     try:
         key = h("busy")
         with CacheClient(sc.url) as c:
-            c.put(NS, key, payload(1, 32 * MiB))
+            c.put(NS, key, payload(1, 32 * MiB), durable=True)  # NOTE: its write-through lease is gone
         busy = [_never_read(sc.port, f"GET /v1/entries/{NS}/{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
                 for _ in range(2)]
+        # NOTE: both must be inside their handlers (busy, not idle) before a probe arrives, or the
+        # probe would rightly evict one as idle; the Unix socket sees that without an HTTP slot.
+        with CacheClient(f"unix://{sock}") as u:
+            wait_for(lambda: u.stats()["host"]["leases"] == 2, what="both readers in their handlers")
 
         def healthz():
             conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=30)

@@ -88,6 +88,13 @@ _BACKGROUND: set[asyncio.Task] = set()
 """Releases started by ``AsyncEntry.close`` (strong refs until they finish)."""
 
 
+def _in_background(release: Callable[[], Any]) -> None:
+    """Run the coroutine ``release()`` on the running loop, kept alive until it ends."""
+    task = asyncio.get_running_loop().create_task(release())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
 class AsyncEntry(Entry):
     """The async client's entry: ``async with``, and ``await entry.aclose()``."""
 
@@ -100,9 +107,7 @@ class AsyncEntry(Entry):
             if self._release is not None:
                 # NOTE: the inherited close would create the release coroutine and drop it
                 # unawaited, pinning the entry until the client closes.
-                task = asyncio.get_running_loop().create_task(self._release())
-                _BACKGROUND.add(task)
-                task.add_done_callback(_BACKGROUND.discard)
+                _in_background(self._release)
 
     async def aclose(self) -> None:
         if not self.closed:
@@ -166,9 +171,7 @@ class AsyncEntryBatch(EntryBatch):
             release, self._release = self._release, None
             EntryBatch.close(self)
             if release is not None:
-                task = asyncio.get_running_loop().create_task(release())
-                _BACKGROUND.add(task)
-                task.add_done_callback(_BACKGROUND.discard)
+                _in_background(release)
 
     async def aclose(self) -> None:
         if not self.closed:

@@ -36,22 +36,22 @@ def content_hash(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def _validate_name(value: str, what: str, pattern: re.Pattern, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a str, got {type(value).__name__}")
+    if not pattern.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{what}={value[:200]!r} must match [A-Za-z0-9._-]{{1,{max_chars}}} and not be '.' or '..'")
+    return value
+
+
 def validate_namespace(namespace: str) -> str:
     """Return ``namespace`` unchanged, or raise ``ValueError`` saying what is wrong with it."""
-    if not isinstance(namespace, str):
-        raise ValueError(f"namespace must be a str, got {type(namespace).__name__}")
-    if not _NAMESPACE_RE.fullmatch(namespace) or namespace in (".", ".."):
-        raise ValueError(f"{namespace=!r} must match [A-Za-z0-9._-]{{1,128}} and not be '.' or '..'")
-    return namespace
+    return _validate_name(namespace, "namespace", _NAMESPACE_RE, 128)
 
 
 def validate_tenant(tenant: str) -> str:
     """Return ``tenant`` unchanged, or raise ``ValueError`` saying what is wrong with it."""
-    if not isinstance(tenant, str):
-        raise ValueError(f"tenant must be a str, got {type(tenant).__name__}")
-    if not _TENANT_RE.fullmatch(tenant) or tenant in (".", ".."):
-        raise ValueError(f"{tenant=!r} must match [A-Za-z0-9._-]{{1,64}} and not be '.' or '..'")
-    return tenant
+    return _validate_name(tenant, "tenant", _TENANT_RE, 64)
 
 
 def validate_hash(hash_hex: str) -> str:
