@@ -116,10 +116,10 @@ class DeviceTier(Tier):
         self.hits = self.misses = self.evictions = 0
 
     # ------------------------------------------------------------ writing
-    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0) -> Future:
+    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0, *, verify: bool = False) -> Future:
         """The Tier interface: copy an entry blob's tensors onto the device."""
         try:
-            view = read_entry(blob, verify=False)
+            view = read_entry(blob, verify=verify)
         except EntryFormatError as e:
             raise ValueError(f"{key}: {e}") from e
         with self._lock:

@@ -90,6 +90,9 @@ class _Op:
     nbytes: int = 0
     bounded: bool = False
     """Counted against ``max_queued_bytes`` while queued."""
+    verify: bool = False
+    """The writer verifies the blob's checksum before it commits (a local writer's entry, sealed
+    on its word)."""
 
 
 def _check(key: str, buf: Any, *, verify: bool) -> EntryView:
@@ -135,7 +138,7 @@ class DiskTier(Tier):
         self._index: dict[str, int] = {}  # key -> nbytes, committed entries only
         self._bytes = 0
         self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0,
-                            queue_full=0)
+                            checksum_mismatch=0, queue_full=0)
         self._queued_bytes = 0
         """Bytes of bounded puts queued or being committed."""
         self.leases = LeaseTable()
@@ -211,7 +214,7 @@ class DiskTier(Tier):
         if os.getpid() != self._pid:
             raise RuntimeError("DiskTier used across fork; open a new one in this process")
 
-    def put(self, key: str, blob: Any, cost_ms: float = 0.0, *, bounded: bool = False) -> Future:
+    def put(self, key: str, blob: Any, cost_ms: float = 0.0, *, bounded: bool = False, verify: bool = False) -> Future:
         """Enqueue a write; the Future resolves ``PutStatus.CREATED`` once committed (durable),
         ``EXISTS`` if the key was already on disk (first put wins), ``NO_SPACE`` when every entry
         it would evict is leased (or, ``bounded``, at once when the queue holds
@@ -219,14 +222,16 @@ class DiskTier(Tier):
         not copied: keep it valid and unchanged until the Future is done. Writes from the host
         arena in place pass ``bounded=False``: the host's capacity bounds them already.
         Cancelling the Future succeeds only while the write is still queued. A malformed key or
-        cost raises ValueError here.
+        cost raises ValueError here. ``verify``: the writer thread verifies the checksum first; a
+        mismatch fails the Future with ``ChecksumMismatch`` (counted ``checksum_mismatch``) and
+        writes nothing, so an entry its writer got wrong never becomes durable.
         """
         self._check_usable()
         Key.from_string(key)
         if isinstance(cost_ms, bool) or not isinstance(cost_ms, (int, float)) or not 0 <= cost_ms < math.inf:
             raise ValueError(f"{cost_ms=} must be a finite number >= 0")  # checked before commit
         mv = memoryview(blob).cast("B")
-        op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes, bounded)
+        op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes, bounded, verify)
         if op.nbytes > self.config.capacity_bytes:
             with self._lock:
                 self._counts["too_large"] += 1
@@ -443,7 +448,29 @@ class DiskTier(Tier):
                 break
         return ops
 
+    def _verified(self, ops: list[_Op]) -> list[_Op]:
+        """``ops`` less the puts whose checksum fails (their Futures fail); off every lock."""
+        bad = []
+        for op in ops:
+            if op.kind == "put" and op.verify:
+                op.verify = False  # NOTE: once: a retried batch is not verified again
+                try:
+                    _check(op.key, op.blob, verify=True)
+                except EntryFormatError as e:
+                    bad.append((op, e))
+        if not bad:
+            return ops
+        logger.warning("%s put(s) failed verification and were not written: %s", len(bad), bad[0][1])
+        with self._lock:
+            self._counts["checksum_mismatch"] += len(bad)
+        self._resolve(bad)
+        failed = {id(op) for op, _ in bad}
+        return [op for op in ops if id(op) not in failed]
+
     def _commit(self, ops: list[_Op]) -> list[_Op]:
+        ops = self._verified(ops)
+        if not ops:
+            return []
         try:
             return self._try_commit(ops)
         except lmdb.MapFullError:

@@ -32,6 +32,8 @@ from mmcache.leases import LeaseTable
 from mmcache.policies import make_policy
 from mmcache.tier import PutStatus, Tier, TierLease, done
 from mmcache_client.arena import SharedArena
+from mmcache_client.format import EntryFormatError, parse_entry, read_entry
+from mmcache_client.wire import Layout
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class HostEntry:
     sealed: bool = False
     writer: Owner | None = None
     writing_back: bool = False
+    layout: Layout | None = None
+    """Where its ``embeddings`` lie (parsed once, on the first local lease; entries are immutable)."""
 
 
 @dataclass(frozen=True)
@@ -181,9 +185,17 @@ class HostTier(Tier):
             if not keys:
                 del self._writer_keys[owner]
 
-    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0, *, persist: bool = True) -> Future:
+    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0, *, persist: bool = True,
+            verify: bool = False) -> Future:
         """Copy ``blob`` in as a sealed entry (promotion from a lower tier; tests)."""
         data = memoryview(blob).cast("B")
+        if verify:
+            try:
+                read_entry(data, verify=True)
+            except EntryFormatError as e:
+                failed: Future = Future()
+                failed.set_exception(e)
+                return failed
         try:
             res = self.reserve(key, data.nbytes, ("put", threading.get_ident()), cost_ms, persist=persist)
         except EntryExists:
@@ -320,6 +332,22 @@ class HostTier(Tier):
                 self.policy.on_access(key)
             offset, nbytes = entry.offset, entry.nbytes
         return TierLease(self.name, key, owner, nbytes, self.arena.view(offset, nbytes), offset)
+
+    def layout(self, lease: TierLease) -> Layout | None:
+        """Where the leased entry's ``embeddings`` lie in it, for the local protocol's lease
+        answer: parsed from the header once per entry, then kept with it. None: not laid out
+        as an embeddings entry (never for a sealed one; the store validates at seal)."""
+        entry = self._key_to_entry.get(lease.key)
+        if entry is not None and entry.offset == lease.offset and entry.layout is not None:
+            return entry.layout
+        try:
+            emb = parse_entry(lease.view, strict=False).tensors["embeddings"]
+        except (EntryFormatError, KeyError):
+            return None
+        layout = Layout(emb.dtype, emb.start, emb.shape[0], emb.shape[1])
+        if entry is not None and entry.offset == lease.offset:
+            entry.layout = layout
+        return layout
 
     def release(self, lease: TierLease) -> bool:
         with self._lock:

@@ -1,34 +1,43 @@
 """The local zero-copy protocol: control messages over a Unix socket, never tensor bytes.
 
-Framing: one JSON object per line. A request is ``{"id": N, "op": NAME, ...}``; the answer is
-``{"id": N, ...}`` or ``{"id": N, "error": MESSAGE, "kind": NAME}``. Ops:
+Framing (``mmcache_client.wire``): length-prefixed binary frames ``<u32 body length, u32 id, u8
+op>``; an answer carries the request's id and ``OK`` / ``ERROR``. ``lease`` and ``release`` are
+binary (keys joined by newlines; the lease answer is a 32-byte record per key with the entry's
+place in the arena *and* where its embeddings lie in it, parsed once by the sidecar, so a client
+parses no header per get); ``release`` is one-way (no answer, no round trip). Every other op is
+a JSON object in, a JSON object out:
 
 - ``hello {token?}`` → ``arena_path``, ``arena_bytes``, ``lmdb_path``, ``format``, ``pid``,
-  ``tenant``. With ``--tenants`` a token scopes the connection to its tenant (keys are then
-  stored as ``tenant@ns/hash``; answers name them as the client did); without one the
+  ``tenant``, ``protocol``. With ``--tenants`` a token scopes the connection to its tenant (keys
+  are then stored as ``tenant@ns/hash``; answers name them as the client did); without one the
   connection is the default tenant (the socket's 0600 mode is its guard), which may name any
   tenant's keys as ``tenant@ns/hash``.
 - ``lookup {keys, detail?}`` → ``tiers`` (key → tier or null); with ``detail`` → ``items`` (key →
   ``{"tier", "num_tokens"[, "image_grid_thw"]}`` or null): a hit described without a lease
-- ``lease {keys}`` → ``leases``: per key ``[offset, nbytes, tier, stored_key]`` or null; each is
-  a lease. ``offset`` -1: host had no room, the entry is read in place from LMDB (``lmdb_path``)
-  by ``stored_key``, pinned on disk until released.
-- ``release {keys}`` → ``released`` (count)
+- ``lease keys`` → a record per key (a miss, or a lease: ``offset`` -1 means host had no room and
+  the entry is read in place from LMDB (``lmdb_path``) by its stored key, pinned there until
+  released)
+- ``release keys`` (one-way)
 - ``reserve {key, nbytes, encode_ms, persist}`` → ``offset`` (``status`` ``exists`` /
   ``no_space`` (+ ``retry_after_s``) / ``too_large`` (+ ``capacity_bytes``) instead)
 - ``seal {key, durable}`` → ``created``, ``tier``; ``abort {key}``
 - ``delete {key}`` → ``deleted``; ``stats`` → the store's stats
 
+The socket is served apart from the HTTP event loop: a thread accepts, and each connection has a
+thread of its own that reads a frame, runs it against the store and writes the answer (blocking
+calls, no coroutine per message; slow ops such as a seal's checksum or a disk read stall only
+their own connection).
+
 Leases and reservations belong to the connection: when it closes (or the client dies) every one
 of them is dropped, so nothing leaks and nothing stays pinned. A reservation open when its
 connection closes while the client process still lives is quarantined until that process exits
 (a pidfd says when): its writer may still be filling it, and the space must not be given to the
-next writer under its pen. Checksums, promotion copies and disk waits run off the event loop.
+next writer under its pen.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -36,32 +45,40 @@ import os
 import select
 import socket
 import struct
+import threading
 from typing import Any
 
 from mmcache.host import EntryExists, Reservation
 from mmcache.store import RETRY_AFTER_S, Lease, TieredStore
 from mmcache.tenants import DEFAULT, Principal, Tenants
 from mmcache.tier import PutStatus
+from mmcache_client import wire
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import FORMAT_VERSION, EntryFormatError
 from mmcache_client.keys import Key
+from mmcache_client.wire import ERROR, HEAD, OK, OP_CODES, OP_NAMES, LeaseLoc
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = wire.MAX_BODY_BYTES
 MAX_KEYS_PER_MESSAGE = 4096
+MAX_CONNECTIONS = 512
+"""Local connections served at once (a thread each); one more is answered with an error and closed."""
+PROTOCOL = 2
+"""The framing's version, in ``hello``: 1 was JSON lines."""
+_SCOPE_CACHE_KEYS = 8192
 
-
-_OPS = ("hello", "lookup", "lease", "release", "reserve", "seal", "abort", "delete", "stats")
+_OPS = wire.OPS
 """The ops, counted per name in ``/v1/stats`` (``"local"``): round trips are what the fast path saves."""
+_LEASE, _RELEASE = OP_CODES["lease"], OP_CODES["release"]
+_OPS_LOCK = threading.Lock()
 
 
 class ProtocolError(ValueError):
     """A malformed control message."""
 
 
-def _key_list(msg: dict) -> list:
-    keys = msg.get("keys")
+def _key_list(keys: Any) -> list:
     if not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_MESSAGE:
         raise ProtocolError(f"'keys' must be a list of at most {MAX_KEYS_PER_MESSAGE} keys")
     return keys
@@ -78,8 +95,8 @@ def _peer_pidfd(sock: socket.socket | None) -> int | None:
         return None
 
 
-def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
+def _exited(pidfd: int, timeout: float = 0) -> bool:
+    return bool(select.select([pidfd], [], [], timeout)[0])
 
 
 class _Connection:
@@ -88,45 +105,62 @@ class _Connection:
     _ids = itertools.count()
 
     def __init__(self, store: TieredStore, pidfd: int | None, tenants: Tenants | None = None,
-                 ops: dict[str, int] | None = None):
+                 ops: dict[str, int] | None = None, stopping: threading.Event | None = None):
         self.store = store
         self.ops = ops if ops is not None else {}
         self.tenants = tenants
         self.principal: Principal = DEFAULT
         self.owner = ("local", next(self._ids))
         self.pidfd = pidfd
+        self.stopping = stopping or threading.Event()
         self.reservations: dict[str, Reservation] = {}
         self.leases: dict[str, list[Lease]] = {}
+        self._scope: dict[str, str] = {}
+        """Key strings this connection named → the store's key (validated once; a hot key repeats)."""
 
-    async def handle(self, msg: dict) -> dict:
-        op = msg.get("op")
-        store = self.store
-        if isinstance(op, str) and op in _OPS:
+    def handle(self, code: int, body: bytes) -> bytes:
+        """Run one request; its answer's body (``OK``). Errors raise."""
+        op = OP_NAMES.get(code)
+        if op is None:
+            raise ProtocolError(f"unknown op code {code}")
+        with _OPS_LOCK:
             self.ops[op] = self.ops.get(op, 0) + 1
+        if code == _LEASE:
+            keys = _key_list(wire.parse_keys(body))
+            return wire.pack_leases([self._lease(self._scoped(k)) for k in keys])
+        if code == _RELEASE:
+            for k in _key_list(wire.parse_keys(body)):
+                self._release(self._scoped(k))
+            return b""
+        try:
+            msg = json.loads(body) if body else {}
+        except ValueError as e:
+            raise ProtocolError(f"{op}: the body is not JSON: {e}") from None
+        if not isinstance(msg, dict):
+            raise ProtocolError(f"{op}: the body must be a JSON object")
+        return wire.json_body(self._json_op(op, msg))
+
+    def _json_op(self, op: str, msg: dict) -> dict:
+        store = self.store
         if op == "hello":
             self._hello(msg.get("token"))
             return {"arena_path": store.arena_path, "arena_bytes": store.host.arena.capacity_bytes,
                     "lmdb_path": store.disk.config.path, "format": FORMAT_VERSION, "pid": os.getpid(),
-                    "tenant": self.principal.tenant}
+                    "tenant": self.principal.tenant, "protocol": PROTOCOL}
         if op == "lookup":
-            keys = {self._scoped(k): k for k in _key_list(msg)}
-            if msg.get("detail"):  # NOTE: reads headers (and disk entries): off the loop
-                items = await asyncio.to_thread(store.describe, list(keys))
-                return {"items": {keys[k]: d for k, d in items.items()}}
+            keys = {self._scoped(k): k for k in _key_list(msg.get("keys"))}
+            if msg.get("detail"):
+                return {"items": {keys[k]: d for k, d in store.describe(list(keys)).items()}}
             return {"tiers": {keys[k]: t for k, t in store.lookup(list(keys)).items()}}
-        if op == "lease":
-            return {"leases": [await self._lease(self._scoped(k)) for k in _key_list(msg)]}
-        if op == "release":
-            return {"released": sum(self._release(self._scoped(k)) for k in _key_list(msg))}
         if op == "reserve":
-            return await self._reserve(msg)
+            return self._reserve(msg)
         if op == "seal":
             res = self.reservations.pop(self._scoped(msg.get("key")), None)
             if res is None:
                 raise ProtocolError(f"no open reservation for {msg.get('key')!r} on this connection")
-            result = await asyncio.to_thread(store.seal, res)  # NOTE: a checksum pass over the entry
+            result = store.seal(res, verify=False)  # NOTE: the disk writer verifies (see TieredStore.seal)
             if msg.get("durable") and result.durable is not None:
-                await asyncio.wrap_future(result.durable)
+                result.durable.result()
             return {"created": result.created, "tier": result.tier}
         if op == "abort":
             res = self.reservations.pop(self._scoped(msg.get("key")), None)
@@ -134,13 +168,13 @@ class _Connection:
                 store.abort(res)
             return {"aborted": res is not None}
         if op == "delete":
-            return {"deleted": await asyncio.to_thread(store.delete, self._scoped(msg.get("key")))}
+            return {"deleted": store.delete(self._scoped(msg.get("key")))}
         if op == "stats":
             if not self.principal.trusted:
-                usage = await asyncio.to_thread(store.usage_by_tenant)
+                usage = store.usage_by_tenant()
                 return {"stats": {"tenant": self.principal.tenant, "usage": usage.get(self.principal.tenant, {})}}
             return {"stats": store.stats()}
-        raise ProtocolError(f"unknown op {op!r}")
+        raise ProtocolError(f"{op!r} is not a JSON op")
 
     def _hello(self, token: Any) -> None:
         if token is None:
@@ -153,20 +187,25 @@ class _Connection:
         if principal is None:
             raise PermissionError("hello: the token is no tenant's")
         self.principal = principal
+        self._scope.clear()
 
     def _scoped(self, text: Any) -> str:
         """A message's key in this connection's scope, as the store keys it."""
-        return self.principal.scope(Key.from_string(text)).to_string()
+        scoped = self._scope.get(text) if isinstance(text, str) else None
+        if scoped is None:
+            scoped = self.principal.scope(Key.from_string(text)).to_string()
+            if len(self._scope) >= _SCOPE_CACHE_KEYS:
+                self._scope.clear()
+            self._scope[text] = scoped
+        return scoped
 
-    async def _lease(self, key: str) -> list | None:
-        store = self.store
-        # NOTE: a host hit is a dict lookup; anything else may verify and copy: off the loop.
-        lease = store.lease(key, self.owner) if store.host.contains(key) else \
-            await asyncio.to_thread(store.lease, key, self.owner)
+    def _lease(self, key: str) -> LeaseLoc | None:
+        lease = self.store.lease(key, self.owner)
         if lease is None:
             return None
         self.leases.setdefault(key, []).append(lease)
-        return [lease.offset, lease.nbytes, lease.tier, key]
+        layout = self.store.host.layout(lease.tier_lease) if lease.offset >= 0 else None
+        return LeaseLoc(lease.offset, lease.nbytes, lease.tier, key, layout)
 
     def _release(self, key: str) -> bool:
         leases = self.leases.get(key)
@@ -178,7 +217,7 @@ class _Connection:
         self.store.release(lease)
         return True
 
-    async def _reserve(self, msg: dict) -> dict:
+    def _reserve(self, msg: dict) -> dict:
         key, nbytes, encode_ms = self._scoped(msg.get("key")), msg.get("nbytes"), msg.get("encode_ms", 0.0)
         persist = msg.get("persist", True)
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes <= 0:
@@ -190,10 +229,7 @@ class _Connection:
         if key in self.reservations:
             raise ProtocolError(f"{key} is already reserved on this connection")
         try:
-            res = self.store.reserve(key, nbytes, self.owner, float(encode_ms), persist=persist, wait_for_disk=False)
-            if res is PutStatus.NO_SPACE:  # the slow path waits for disk commits: off the event loop
-                res = await asyncio.to_thread(self.store.reserve, key, nbytes, self.owner, float(encode_ms),
-                                              persist=persist)
+            res = self.store.reserve(key, nbytes, self.owner, float(encode_ms), persist=persist)
         except EntryExists:
             return {"status": "exists"}
         if res is PutStatus.NO_SPACE:
@@ -220,11 +256,14 @@ class _Connection:
             return
         logger.warning("connection %s closed mid-put while its process lives: its reservations stay "
                        "quarantined until it exits", self.owner)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.pidfd, self._writer_exited, loop)
+        threading.Thread(target=self._await_writer_exit, name=f"mmcache-quarantine-{self.owner[1]}",
+                         daemon=True).start()
 
-    def _writer_exited(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.pidfd)
+    def _await_writer_exit(self) -> None:
+        while not _exited(self.pidfd, 1.0):
+            if self.stopping.is_set():  # the sidecar stops: the arena goes with it
+                self._close_pidfd()
+                return
         freed = self.store.host.free_quarantine(self.owner)
         logger.info("connection %s: its process exited; %s quarantined bytes are free again", self.owner, freed)
         self._close_pidfd()
@@ -235,71 +274,151 @@ class _Connection:
             self.pidfd = None
 
 
-def _error_answer(e: BaseException) -> dict:
-    if isinstance(e, CacheFull):
-        return {"error": str(e), "kind": "CacheFull"}
-    if isinstance(e, EntryTooLarge):
-        return {"error": str(e), "kind": "EntryTooLarge"}
-    if isinstance(e, PermissionError):
-        return {"error": str(e), "kind": "Forbidden"}
-    return {"error": str(e), "kind": type(e).__name__}
+_KINDS = ((CacheFull, "CacheFull"), (EntryTooLarge, "EntryTooLarge"), (PermissionError, "Forbidden"))
 
 
-async def _serve_connection(store: TieredStore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            tenants: Tenants | None = None, ops: dict[str, int] | None = None) -> None:
-    conn = _Connection(store, _peer_pidfd(writer.get_extra_info("socket")), tenants, ops)
-    try:
-        while True:
-            try:
-                line = await reader.readline()
-            except (asyncio.LimitOverrunError, ValueError):
-                writer.write(b'{"id":null,"error":"message too long","kind":"ProtocolError"}\n')
-                break
-            if not line:
-                break
-            answer: dict[str, Any]
-            msg_id = None
-            try:
-                msg = json.loads(line)
-                if not isinstance(msg, dict):
-                    raise ProtocolError("a message must be a JSON object")
-                msg_id = msg.get("id")
-                answer = await conn.handle(msg)
-            except (ProtocolError, EntryFormatError, ValueError, json.JSONDecodeError, CacheFull, EntryTooLarge,
-                    PermissionError) as e:
-                answer = _error_answer(e)
-            except Exception as e:  # a bug in the sidecar: answer, log loudly, keep serving
-                logger.exception("local op failed: %.200s", line)
-                answer = {"error": f"internal error: {e}", "kind": "InternalError"}
-            answer["id"] = msg_id
-            writer.write(json.dumps(answer, separators=(",", ":")).encode() + b"\n")
-            await writer.drain()
-    except (ConnectionResetError, BrokenPipeError):
-        logger.debug("connection %s reset", conn.owner)  # its leases go in finally
-    finally:
-        conn.close()
-        writer.close()
+def _error_body(e: BaseException) -> bytes:
+    kind = next((name for cls, name in _KINDS if isinstance(e, cls)), type(e).__name__)
+    return wire.json_body({"error": str(e), "kind": kind})
 
 
-async def start_local_server(store: TieredStore, path: str, tenants: Tenants | None = None,
-                             ops: dict[str, int] | None = None) -> asyncio.AbstractServer:
-    """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600 from birth. ``ops``:
-    where the count of each op served is kept (see ``_OPS``)."""
-    try:
-        if os.path.lexists(path):
-            os.unlink(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        old_umask = os.umask(0o177)  # NOTE: bind creates the socket file: never world-accessible
+_EXPECTED = (ProtocolError, EntryFormatError, ValueError, CacheFull, EntryTooLarge, PermissionError)
+
+
+class LocalServer:
+    """The Unix-socket server: an accept thread, and a thread per connection (see the module doc).
+
+    Lifecycle: ``start()`` binds (mode 0600 from birth) and starts accepting; ``close()`` stops
+    accepting, shuts every connection down (their leases and reservations are dropped) and joins
+    the threads. ``ops``: where the count of each op served is kept.
+    """
+
+    def __init__(self, store: TieredStore, path: str, tenants: Tenants | None = None,
+                 ops: dict[str, int] | None = None, max_connections: int = MAX_CONNECTIONS):
+        self.store, self.path, self.tenants = store, path, tenants
+        self.ops = ops if ops is not None else {}
+        self.max_connections = max_connections
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._sock: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self.refused = 0
+
+    def start(self) -> "LocalServer":
+        path = self.path
         try:
-            server = await asyncio.start_unix_server(
-                lambda r, w: _serve_connection(store, r, w, tenants, ops), path=path, limit=MAX_MESSAGE_BYTES, backlog=1024
-            )
+            if os.path.lexists(path):
+                os.unlink(path)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)  # NOTE: bind creates the socket file: never world-accessible
+            try:
+                sock.bind(path)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, 0o600)
+            sock.listen(1024)
+        except OSError as e:
+            why = e.strerror or str(e)
+            if e.filename and e.filename != path:  # NOTE: makedirs' EEXIST names a file where a directory must be
+                why = f"{e.filename} is not a directory" if os.path.exists(e.filename) else f"{why}: {e.filename}"
+            raise OSError(e.errno, f"cannot listen on the Unix socket {path}: {why}") from None
+        self._sock = sock
+        self._acceptor = threading.Thread(target=self._accept, name="mmcache-local-accept", daemon=True)
+        self._acceptor.start()
+        return self
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue  # EMFILE and the like: the client sees a refused or closed connection
+            with self._lock:
+                if self._stopping.is_set() or len(self._conns) >= self.max_connections:
+                    self.refused += 1
+                    busy = wire.json_body({"error": f"the sidecar serves {self.max_connections} local connections "
+                                                    "at most; retry later", "kind": "CacheUnavailable"})
+                    with contextlib.suppress(OSError):
+                        conn.sendall(wire.frame(wire.NO_REQUEST, ERROR, busy))
+                    conn.close()
+                    continue
+                t = threading.Thread(target=self._serve, args=(conn,), name="mmcache-local", daemon=True)
+                self._conns[conn] = t
+            t.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        conn = _Connection(self.store, _peer_pidfd(sock), self.tenants, self.ops, self._stopping)
+        rfile = sock.makefile("rb", buffering=1 << 16)
+        try:
+            while True:
+                head = rfile.read(HEAD.size)
+                if len(head) < HEAD.size:
+                    break
+                blen, msg_id, code = HEAD.unpack(head)
+                if blen > MAX_MESSAGE_BYTES:
+                    err = wire.json_body({"error": f"message of {blen} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
+                                          "kind": "ProtocolError"})
+                    sock.sendall(wire.frame(wire.NO_REQUEST, ERROR, err))
+                    break
+                body = rfile.read(blen) if blen else b""
+                if len(body) < blen:
+                    break
+                try:
+                    status, answer = OK, conn.handle(code, body)
+                except _EXPECTED as e:
+                    status, answer = ERROR, _error_body(e)
+                except Exception as e:  # a bug in the sidecar: answer, log loudly, keep serving
+                    logger.exception("local op %s failed", OP_NAMES.get(code, code))
+                    status, answer = ERROR, wire.json_body({"error": f"internal error: {e}", "kind": "InternalError"})
+                if code == _RELEASE:  # one-way
+                    if status == ERROR:
+                        logger.debug("connection %s: a release failed: %s", conn.owner, answer[:200])
+                    continue
+                sock.sendall(wire.frame(msg_id, status, answer))
+        except OSError:
+            logger.debug("connection %s reset", conn.owner)  # its leases go in finally
         finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)
-    except OSError as e:
-        why = e.strerror or str(e)
-        if e.filename and e.filename != path:  # NOTE: makedirs' EEXIST names a file where a directory must be
-            why = f"{e.filename} is not a directory" if os.path.exists(e.filename) else f"{why}: {e.filename}"
-        raise OSError(e.errno, f"cannot listen on the Unix socket {path}: {why}") from None
-    return server
+            try:
+                conn.close()
+            finally:
+                with contextlib.suppress(OSError):
+                    rfile.close()
+                sock.close()
+                with self._lock:
+                    self._conns.pop(sock, None)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # NOTE: wakes the blocked accept (Linux)
+            self._sock.close()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout_s)
+        with self._lock:
+            conns = list(self._conns.items())
+        for sock, _ in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the reader sees EOF, drops the leases and ends
+        for _, thread in conns:
+            thread.join(timeout_s)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+
+def start_local_server(store: TieredStore, path: str, tenants: Tenants | None = None,
+                       ops: dict[str, int] | None = None) -> LocalServer:
+    """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600 from birth."""
+    return LocalServer(store, path, tenants, ops).start()

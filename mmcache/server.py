@@ -361,14 +361,14 @@ def _store_ctx(config: ServeConfig):
         app[STORE] = store
         local = gate = None
         try:
-            local = await start_local_server(store, config.socket, app.get(TENANTS), app[LOCAL_OPS]) \
+            local = start_local_server(store, config.socket, app.get(TENANTS), app[LOCAL_OPS]) \
                 if config.socket else None
             if config.compute_gate:
                 app[GATE] = ComputeGate()
                 gate = await start_gate_server(app[GATE], config.compute_gate)
         except BaseException:  # NOTE: the arena is shared memory: a failed start must not leave it behind
             if local is not None:
-                local.close()
+                await asyncio.to_thread(local.close)
                 _unlink(config.socket)
             await asyncio.to_thread(store.close)
             raise
@@ -380,8 +380,7 @@ def _store_ctx(config: ServeConfig):
                 gate.close()
                 _unlink(config.compute_gate)
             if local is not None:
-                local.close()
-                await local.wait_closed()
+                await asyncio.to_thread(local.close)  # joins its threads: every lease given back
                 _unlink(config.socket)
             await asyncio.to_thread(store.close)  # flushes pending disk writes
             logger.info("mmcache store closed")

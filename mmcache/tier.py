@@ -84,9 +84,10 @@ class Tier(abc.ABC):
     def release_owner(self, owner: Owner) -> int: ...
 
     @abc.abstractmethod
-    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0) -> Future:
+    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0, *, verify: bool = False) -> Future:
         """Store ``blob`` as ``key``: a Future of ``PutStatus``. The blob is not kept after
-        the Future resolves (the tier copies it)."""
+        the Future resolves (the tier copies it). ``verify``: check the blob's checksum first (a
+        mismatch fails the Future with ``ChecksumMismatch`` and stores nothing)."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> bool: ...

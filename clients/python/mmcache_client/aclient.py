@@ -18,7 +18,9 @@ from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
 from mmcache_client.session import SessionState, open_lease
 from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge, raise_for_kind
 from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
-from mmcache_client.local import MAX_LINE_BYTES
+from mmcache_client import wire
+from mmcache_client.local import MAX_LINE_BYTES, answer_fields
+from mmcache_client.wire import ERROR, OP_CODES
 
 T = TypeVar("T")
 
@@ -55,13 +57,35 @@ class _AsyncLocal:
         self.arena = SharedArena(hello["arena_path"])
 
     async def call(self, op: str, **fields: Any) -> dict:
-        data = json.dumps({"id": next(self._ids), "op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+        if op == "release":
+            self.release(fields["keys"])
+            return {}
+        if op == "lease":
+            code, body = await self._call(OP_CODES[op], wire.keys_body(fields["keys"]), op, fields)
+            if code == ERROR:
+                answer_fields(code, body)
+            try:
+                return {"leases": wire.unpack_leases(body, fields["keys"])}
+            except ValueError as e:
+                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
+        return answer_fields(*await self._call(OP_CODES[op], wire.json_body(fields), op, fields))
+
+    def release(self, keys: list[str]) -> None:
+        """Give leases back: one-way (no answer), written at once."""
+        if keys and not self.state.lost:
+            try:
+                self._writer.write(wire.frame(next(self._ids) & 0x7FFFFFFF, OP_CODES["release"], wire.keys_body(keys)))
+            except (OSError, RuntimeError) as e:
+                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
+
+    async def _call(self, code: int, body: bytes, op: str, fields: dict) -> tuple[int, bytes]:
+        data = wire.frame(next(self._ids) & 0x7FFFFFFF, code, body)
         # NOTE: the exchange runs in its own task, shielded: a caller cancelled mid-request (e.g.
         # by asyncio.wait_for) must not leave its answer in the stream, where the next call would
         # read it as its own (a get of one key answered with another key's entry).
         task = asyncio.ensure_future(self._exchange(data))
         try:
-            line = await asyncio.wait_for(asyncio.shield(task), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError) as e:
             # NOTE: the exchange goes on; whatever its late answer grants is given back (_undo).
             self._pending.add(task)
@@ -69,42 +93,44 @@ class _AsyncLocal:
             if isinstance(e, asyncio.TimeoutError):
                 raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self.timeout}s") from None
             raise
-        answer = json.loads(line)
-        if "error" in answer:
-            raise_for_kind(answer.get("kind", ""), answer["error"])
-        return answer
 
-    async def _exchange(self, data: bytes) -> bytes:
+    async def _exchange(self, data: bytes) -> tuple[int, bytes]:
         async with self._lock:
             try:
                 self._writer.write(data)
                 await self._writer.drain()
-                line = await self._reader.readline()
+                blen, msg_id, code = wire.HEAD.unpack(await self._reader.readexactly(wire.HEAD.size))
+                if blen > wire.MAX_ANSWER_BYTES:
+                    raise ValueError(f"an answer of {blen} bytes is over {wire.MAX_ANSWER_BYTES}")
+                body = await self._reader.readexactly(blen) if blen else b""
+            except asyncio.IncompleteReadError:
+                self.state.lost = True
+                raise CacheUnavailable(f"unix://{self.path} closed the connection") from None
             except (OSError, ValueError) as e:
                 self.state.lost = True
                 raise CacheUnavailable(f"unix://{self.path}: {e}") from e
-        if not line:
+        if msg_id == wire.NO_REQUEST:  # the sidecar hangs up, saying why
             self.state.lost = True
-            raise CacheUnavailable(f"unix://{self.path} closed the connection")
-        return line
+            raise CacheUnavailable(f"unix://{self.path}: {json.loads(body).get('error')}")
+        return code, body
 
     def _undo(self, task: asyncio.Future, op: str, fields: dict) -> None:
         """Give back what a request whose caller was cancelled obtained (leases, a reservation)."""
         self._pending.discard(task)
         if task.cancelled() or task.exception() is not None:
             return
-        try:
-            answer = json.loads(task.result())
-        except ValueError:
+        code, body = task.result()
+        if code == ERROR:
             return
-        follow_up = None
-        if op == "lease" and answer.get("leases"):
-            keys = [k for k, loc in zip(fields["keys"], answer["leases"]) if loc is not None]
-            follow_up = self.call("release", keys=keys) if keys else None
-        elif op == "reserve" and answer.get("status") == "reserved":
-            follow_up = self.call("abort", key=fields["key"])
-        if follow_up is not None:
-            t = asyncio.ensure_future(follow_up)
+        if op == "lease":
+            try:
+                locs = wire.unpack_leases(body, fields["keys"])
+            except ValueError:
+                return
+            with contextlib.suppress(CacheUnavailable):
+                self.release([k for k, loc in zip(fields["keys"], locs) if loc is not None])
+        elif op == "reserve" and json.loads(body).get("status") == "reserved":
+            t = asyncio.ensure_future(self.call("abort", key=fields["key"]))
             self._pending.add(t)
             t.add_done_callback(lambda t: (self._pending.discard(t), t.cancelled() or t.exception()))
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+import numpy as np
+
 from mmcache_client.errors import CorruptEntry, LeaseLost
-from mmcache_client.format import EntryFormatError, EntryView, read_entry
+from mmcache_client.format import DTYPES, EntryFormatError, EntryView, read_entry
+from mmcache_client.wire import Layout, LeaseLoc
 
 
 _OPEN_ENVS: dict[str, object] = {}
@@ -77,22 +80,72 @@ class SessionState:
             self._lmdb = None
 
 
-def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str, loc: list) -> tuple[EntryView, Callable[[], None] | None]:
-    """The entry a lease answer ``[offset, nbytes, tier, stored_key]`` points to, and what ends
-    the local part of it (an LMDB read transaction), or raises ``CorruptEntry``. ``stored_key``
-    is the key LMDB holds it under (a tenant's keys are ``tenant@ns/hash`` there)."""
-    offset, nbytes, _tier = loc[:3]
-    stored = loc[3] if len(loc) > 3 and isinstance(loc[3], str) else key
-    if offset >= 0:
+class ArenaEntryView:
+    """An entry in the arena, viewed from its lease answer's layout: ``embeddings`` are a slice
+    of the connection's prepared arena tensor (no header parsed per get); the header is parsed
+    only if metadata or another tensor is asked for. The same interface as ``EntryView``."""
+
+    __slots__ = ("_arena", "_offset", "nbytes", "_layout", "_full")
+
+    def __init__(self, arena: Any, offset: int, nbytes: int, layout: Layout):
+        self._arena, self._offset, self.nbytes, self._layout = arena, offset, nbytes, layout
+        self._full: EntryView | None = None
+
+    def _parsed(self) -> EntryView:
+        if self._full is None:
+            self._full = read_entry(self.buffer, verify=False)
+        return self._full
+
+    @property
+    def parsed(self):
+        """The whole header (``ParsedEntry``), parsed on first use."""
+        return self._parsed().parsed
+
+    @property
+    def buffer(self) -> memoryview:
+        return self._arena.view(self._offset, self.nbytes)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._parsed().metadata
+
+    @property
+    def names(self) -> list[str]:
+        return self._parsed().names
+
+    def array(self, name: str = "embeddings") -> np.ndarray:
+        if name != "embeddings":
+            return self._parsed().array(name)
+        lay = self._layout
+        return self._arena.array(DTYPES[lay.dtype].numpy, self._offset + lay.start, (lay.rows, lay.cols))
+
+    def tensor(self, name: str = "embeddings") -> Any:
+        if name != "embeddings":
+            return self._parsed().tensor(name)
+        import torch
+
+        lay = self._layout
+        return self._arena.tensor(getattr(torch, DTYPES[lay.dtype].torch_name), self._offset + lay.start,
+                                  (lay.rows, lay.cols))
+
+
+def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str,
+               loc: LeaseLoc) -> tuple[EntryView | ArenaEntryView, Callable[[], None] | None]:
+    """The entry a lease answer points to, and what ends the local part of it (an LMDB read
+    transaction), or raises ``CorruptEntry``. An entry served from LMDB is read there under its
+    stored key (a tenant's keys are ``tenant@ns/hash`` there) and verified."""
+    if loc.offset >= 0:
+        if loc.layout is not None:
+            return ArenaEntryView(arena, loc.offset, loc.nbytes, loc.layout), None
         try:
-            return read_entry(arena.view(offset, nbytes), verify=False), None
+            return read_entry(arena.view(loc.offset, loc.nbytes), verify=False), None
         except EntryFormatError as e:
             raise CorruptEntry(f"{key}: {e}") from e
     if not lmdb_path:
         raise CorruptEntry(f"{key}: served from disk but the sidecar named no LMDB path")
     txn = state.lmdb_env(lmdb_path).begin(buffers=True)
     try:
-        buf = txn.get(stored.encode())
+        buf = txn.get(loc.stored_key.encode())
         if buf is None:
             raise CorruptEntry(f"{key}: leased on disk but not in LMDB")
         view = read_entry(buf, verify=True)  # NOTE: from disk: verified, as DESIGN.md asks
