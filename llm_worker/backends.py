@@ -5,6 +5,7 @@ worker answers with."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +43,10 @@ class Backend:
                 "last_error": self.last_error}
 
 
+def _weight(key: str, url: str) -> bytes:
+    return hashlib.blake2b(f"{url}\0{key}".encode(), digest_size=8).digest()
+
+
 class Pool:
     """The workers of one role; picks the least busy ones that have not just failed."""
 
@@ -64,6 +69,14 @@ class Pool:
         candidates = [b for b in order if b not in exclude]
         candidates.sort(key=lambda b: (not b.up(now), b.inflight))
         return candidates[:k]
+
+    def owner(self, key: str) -> Backend:
+        """The worker ``key`` belongs to: rendezvous (highest random weight) hashing over the
+        workers that are up (all of them if none is), so one key always meets the same worker
+        while the pool holds, and a worker going down moves only its own keys."""
+        now = time.monotonic()
+        live = [b for b in self.backends if b.up(now)] or self.backends
+        return max(live, key=lambda b: _weight(key, b.url))
 
     def failed(self, backend: Backend, error: str) -> None:
         backend.failures += 1

@@ -165,8 +165,7 @@ class LLMEngine:
             raise ValueError(f"{num_image_tokens} image tokens in the prompt, "
                              f"{sum(e.shape[0] for e in image_embeddings)} embedding rows given")
         if image_embeddings:
-            features = torch.cat([e.to(device, dtype) for e in image_embeddings])
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], features)
+            _scatter_images(inputs_embeds[0], image_mask[0], image_embeddings)
         num_tokens = ids.shape[1]
         shape = (self.num_layers, 1, self.num_kv_heads, num_tokens, self.head_dim)
         keys = torch.empty(shape, dtype=dtype, device=device)
@@ -287,3 +286,21 @@ def _eos_token_ids(model_dir: Path, config, tokenizer) -> list[int]:
     if not ids:
         raise ValueError(f"{model_dir}: no end-of-sequence token id in the generation config, config or tokenizer")
     return ids
+
+
+def _scatter_images(embeds: torch.Tensor, mask: torch.Tensor, images: Sequence[torch.Tensor]) -> None:
+    """Write ``images[i]`` over the i-th run of image-token rows of ``embeds`` ([seq, hidden]),
+    in place, in order (what ``masked_scatter`` of their concatenation does): one copy per image,
+    straight from its view (cache memory) with the dtype and device conversion fused into the
+    copy, and no concatenated temporary."""
+    positions = mask.nonzero().flatten().tolist()
+    at = 0
+    for e in images:
+        n = e.shape[0]
+        start, end = positions[at], positions[at + n - 1]
+        if end - start == n - 1:  # NOTE: a placeholder is one run of rows: a slice
+            embeds[start:end + 1].copy_(e)
+        else:
+            embeds.index_copy_(0, torch.tensor(positions[at:at + n], device=embeds.device), e.to(embeds))
+        at += n
+

@@ -237,36 +237,41 @@ class Router:
     # -- the pipeline -----------------------------------------------------------------------
 
     async def encode(self, urls: list[str], tenant: str | None = None) -> list[dict]:
-        """``{"namespace", "hash", "num_tokens", "cached"}`` per URL, in order: contiguous runs
-        on as many encoders as there are images (least busy first), in parallel. With a
-        ``tenant`` the encoders look up and store in its scope, and each ``namespace`` comes
-        back as ``tenant@namespace``: the key prefill reads."""
+        """``{"namespace", "hash", "num_tokens", "cached"}`` per URL, in order. The images the
+        router finds in the cache itself never reach an encoder; each miss goes to the encoder
+        that owns its key (rendezvous hashing: the content hash of a ``data:`` image, else its
+        URL), so concurrent requests for one new image meet at one encoder and its single flight.
+        With a ``tenant`` the encoders look up and store in its scope, and each ``namespace``
+        comes back as ``tenant@namespace``: the key prefill reads."""
         if not urls:
             return []
-        known = await self._cached(urls, tenant)
-        if known:
-            misses = [i for i in range(len(urls)) if i not in known]
-            self.counters["router_cache_hits"] += len(known)
-            found = await self._encode_all([urls[i] for i in misses], tenant, [i for i in misses]) if misses else []
+        hashes = self._data_hashes(urls)
+        known = await self._cached(hashes, tenant)
+        self.counters["router_cache_hits"] += len(known)
+        misses = [i for i in range(len(urls)) if i not in known]
+        if misses:
+            found = await self._encode_all([urls[i] for i in misses], tenant, misses,
+                                           [hashes.get(i, urls[i]) for i in misses])
             for i, item in zip(misses, found):
                 known[i] = item
-            return [known[i] for i in range(len(urls))]
-        return await self._encode_all(urls, tenant)
+        return [known[i] for i in range(len(urls))]
 
-    async def _cached(self, urls: list[str], tenant: str | None) -> dict[int, dict]:
-        """The images the router can find in the cache itself: ``data:`` URIs (it holds their
-        bytes) hashed and looked up at once, by index; the encoders never see them. Nothing
-        before the first encode has told the router its encoders' namespace, or without a cache."""
-        if self.cache is None or self.namespace is None:
-            return {}
+    def _data_hashes(self, urls: list[str]) -> dict[int, str]:
+        """The content hash of each ``data:`` image (the router holds its bytes), by index; one
+        that does not decode is left to the encoder, which answers it with the reason."""
         hashes: dict[int, str] = {}
         for i, url in enumerate(urls):
             if url[:5].lower() == "data:":
                 try:
                     hashes[i] = content_hash(decode_data_uri(url, self.media_limits))
                 except MediaError:
-                    pass  # the encoder answers it with the reason
-        if not hashes:
+                    pass
+        return hashes
+
+    async def _cached(self, hashes: dict[int, str], tenant: str | None) -> dict[int, dict]:
+        """The images of ``hashes`` the router finds in the cache itself, by index. Nothing
+        before the first encode has told the router its encoders' namespace, or without a cache."""
+        if self.cache is None or self.namespace is None or not hashes:
             return {}
         scope = f"{tenant}@{self.namespace}" if tenant else self.namespace
         try:
@@ -281,21 +286,28 @@ class Router:
                 out[i] = {"namespace": scope, "hash": h, "num_tokens": item["num_tokens"], "cached": True}
         return out
 
-    async def _encode_all(self, urls: list[str], tenant: str | None, positions: list[int] | None = None) -> list[dict]:
-        """Encode ``urls`` (at ``positions`` of the request, for error messages)."""
-        positions = positions if positions is not None else list(range(len(urls)))
-        backends = self.pools["encode"].pick(len(urls))
-        bounds = [round(i * len(urls) / len(backends)) for i in range(len(backends) + 1)]
-        runs = [(b, bounds[i], bounds[i + 1]) for i, b in enumerate(backends)]
-        results = await asyncio.gather(*(self._encode_run(urls[s:e], positions[s:e], b, tenant)
-                                         for b, s, e in runs), return_exceptions=True)
+    async def _encode_all(self, urls: list[str], tenant: str | None, positions: list[int],
+                          keys: list[str]) -> list[dict]:
+        """Encode ``urls`` (at ``positions`` of the request, for error messages), each on the
+        encoder owning its routing key, the encoders in parallel; in order."""
+        pool = self.pools["encode"]
+        groups: dict[Backend, list[int]] = {}
+        for j, key in enumerate(keys):
+            groups.setdefault(pool.owner(key), []).append(j)
+        runs = list(groups.items())
+        results = await asyncio.gather(*(self._encode_run([urls[j] for j in idx], [positions[j] for j in idx], b, tenant)
+                                         for b, idx in runs), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         if results and isinstance(results[0].get("namespace"), str):
             self.namespace = results[0]["namespace"]  # NOTE: what _cached looks up in from now on
         scope = f"{tenant}@" if tenant else ""
-        return [{"namespace": scope + doc["namespace"], **item} for doc in results for item in doc["items"]]
+        out: list[dict | None] = [None] * len(urls)
+        for (_, idx), doc in zip(runs, results):
+            for j, item in zip(idx, doc["items"]):
+                out[j] = {"namespace": scope + doc["namespace"], **item}
+        return out  # type: ignore[return-value]
 
     async def _encode_run(self, urls: list[str], positions: list[int], backend: Backend,
                           tenant: str | None = None) -> dict:

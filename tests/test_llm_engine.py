@@ -419,3 +419,26 @@ def test_sampling_params_are_validated():
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+@pytest.mark.parametrize("layout", ["runs", "adjacent", "split"])
+def test_images_scattered_in_place_equal_masked_scatter(layout):
+    """Prefill writes each image's view straight into inputs_embeds (one copy each): the same
+    rows as masked_scatter of their concatenation, whatever the placeholders look like."""
+    from llm_worker.engine import _scatter_images
+
+    torch.manual_seed(0)
+    seq, hidden = 24, 8
+    mask = torch.zeros(seq, dtype=torch.bool)
+    if layout == "runs":
+        mask[2:5] = mask[10:14] = True
+    elif layout == "adjacent":
+        mask[3:10] = True  # two images back to back
+    else:
+        mask[[1, 2, 7, 8, 9, 20, 21]] = True  # the first image's rows are not one run
+    images = [torch.randn(3, hidden, dtype=torch.bfloat16), torch.randn(int(mask.sum()) - 3, hidden)]
+    base = torch.randn(seq, hidden)
+    expected = base.masked_scatter(mask[:, None], torch.cat([e.to(base.dtype) for e in images]))
+    got = base.clone()
+    _scatter_images(got, mask, images)
+    assert torch.equal(got, expected)

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.models import ensure_model
 from llm_worker.prompt import template_ids
-from llm_worker.router import Pool, RouterConfig, create_app, load_tokenizer
+from llm_worker.router import ROUTER, Pool, RouterConfig, create_app, load_tokenizer
 from sidecar import free_port
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -152,19 +152,28 @@ def uris(n: int, tag: str = "") -> list[str]:
 
 
 @module_loop
+def _owned_by(url: str, encoders, n: int) -> list[str]:
+    """``n`` data URIs of which the first belongs to (rendezvous-hashes to) ``url``."""
+    pool = Pool("encode", encoders, 60)
+    tag = next(f"d{t}-" for t in range(10_000) if pool.owner(uris(1, f"d{t}-")[0]).url == url.rstrip("/"))
+    return uris(n, tag)
+
+
+@module_loop
 async def test_images_split_in_order_and_unreachable_encoder_passed_over(router):
     client, script, dead = router
-    resp = await client.post("/v1/chat/completions", json=body(uris(5)))
+    images = _owned_by(dead, [b.url for b in client.server.app[ROUTER].pools["encode"].backends], 5)
+    resp = await client.post("/v1/chat/completions", json=body(images))
     doc = await resp.json()
     assert resp.status == 200, doc
     assert doc["choices"][0]["message"]["content"] == "t0 t1 t2 " and doc["usage"]["prompt_tokens"] == 600
-    # NOTE: the dead encoder's run went to another encoder: each live one got contiguous runs,
-    # and together they saw every image, in order.
+    # NOTE: each image went to the encoder owning its key (the dead encoder's to another one):
+    # together they saw every image once, each run in the request's order.
     runs = script.encoded["enc-a"] + script.encoded["enc-b"]
-    assert sorted(u for run in runs for u in run) == uris(5)
-    assert all(run == uris(5)[uris(5).index(run[0]):uris(5).index(run[0]) + len(run)] for run in runs)
+    assert sorted(u for run in runs for u in run) == sorted(images)
+    assert all(run == sorted(run, key=images.index) for run in runs)
     prefill = script.prefills[-1]
-    assert [i["hash"] for i in prefill["images"]] == [f"{abs(hash(u)) % (1 << 64):064x}" for u in uris(5)]
+    assert [i["hash"] for i in prefill["images"]] == [f"{abs(hash(u)) % (1 << 64):064x}" for u in images]
     stats = await (await client.get("/v1/stats")).json()
     by_url = {e["url"]: e for e in stats["encoders"]}
     assert not by_url[dead]["healthy"] and by_url[dead]["failures"] == 1 and stats["router"]["retries"] == 1
@@ -422,3 +431,38 @@ def test_router_config_checks():
     with pytest.raises(ValueError, match="max_inflight=0"):
         RouterConfig(generate=("http://g",), max_inflight=0)
     assert RouterConfig(generate=("http://g",), model="/models/llava-1.5-7b-hf/").model_id == "llava-1.5-7b-hf"
+
+
+@module_loop
+async def test_an_image_always_meets_the_encoder_that_owns_its_key(workers, tokenizer):
+    """Rendezvous hashing: each miss goes to the encoder that owns its key (here the URL: the
+    test's data URIs do not decode, so the router cannot hash their bytes), the same one request
+    after request, and two concurrent requests for one new image reach that one encoder (where
+    its single flight waits)."""
+
+    script, urls = workers
+    script.__init__()
+    encoders = (urls["enc-a"], urls["enc-b"])
+    config = RouterConfig(encoders=encoders, prefill=(urls["prefill"],), decode=(urls["decode"],))
+    client = TestClient(TestServer(create_app(config, *tokenizer)))
+    await client.start_server()
+    try:
+        owners = Pool("encode", encoders, 60)
+        name_of = {urls["enc-a"]: "enc-a", urls["enc-b"]: "enc-b"}
+        images = uris(6, "own")
+        expected = {"enc-a": set(), "enc-b": set()}
+        for u in images:
+            expected[name_of[owners.owner(u).url]].add(u)
+
+        def seen() -> dict[str, set[str]]:
+            return {name: {u for run in script.encoded[name] for u in run} for name in ("enc-a", "enc-b")}
+        for order in (images, images[::-1]):
+            resp = await client.post("/v1/chat/completions", json=body(order))
+            assert resp.status == 200, await resp.text()
+            assert seen() == expected
+        new = uris(1, "new")
+        r1, r2 = await asyncio.gather(*(client.post("/v1/chat/completions", json=body(new)) for _ in range(2)))
+        assert r1.status == r2.status == 200
+        assert [name for name, got in seen().items() if new[0] in got] == [name_of[owners.owner(new[0]).url]]
+    finally:
+        await client.close()

@@ -1,6 +1,6 @@
 """The whole stack as a user runs it: ``mmcache up`` (EPD, two encoders) and ``mmcache up
 --aggregated``, driven through the official ``openai`` client: chat with one and three images,
-streaming and not; greedy EPD == aggregated == ``generate``; cache hits; images spread over the
+streaming and not; greedy EPD == aggregated == ``generate``; cache hits; images routed by hash over the
 encoders; an encoder killed mid-run; clean shutdown."""
 
 from __future__ import annotations
@@ -169,13 +169,23 @@ def test_a_request_whose_images_are_all_cached_reaches_no_encoder(epd):
     assert epd.stats()["router"]["router_cache_hits"] >= 4
 
 
-def test_three_images_are_spread_over_two_encoders(epd):
-    def per_encoder() -> list[int]:
-        return [e["stats"]["encoded"] for e in epd.stats()["encoders"]]
+def test_each_new_image_goes_to_the_encoder_owning_its_hash(epd):
+    """Misses are routed by key (rendezvous hashing over the encoders' URLs): each encoder
+    encodes exactly the images whose content hash it owns."""
+    from llm_worker.backends import Pool
+    from mmcache_client import content_hash
+
+    def per_encoder() -> dict[str, int]:
+        return {e["url"]: e["stats"]["encoded"] for e in epd.stats()["encoders"]}
     before = per_encoder()
-    chat(epd, [image(400 + i)[0] for i in range(3)])
-    delta = [a - b for a, b in zip(per_encoder(), before)]
-    assert sorted(delta) == [1, 2], delta
+    pool = Pool("encode", list(before), 60)
+    uris = [image(400 + i)[0] for i in range(3)]
+    expected = dict.fromkeys(before, 0)
+    for u in uris:
+        expected[pool.owner(content_hash(base64.b64decode(u.split(",", 1)[1]))).url] += 1
+    chat(epd, uris)
+    delta = {url: n - before[url] for url, n in per_encoder().items()}
+    assert delta == expected
 
 
 def test_stats_gather_the_stack(epd):

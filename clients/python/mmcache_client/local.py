@@ -7,6 +7,7 @@ it, so a process that crashes pins nothing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -130,14 +131,19 @@ class LocalConnection:
 
     def _parting_words(self) -> str | None:
         """Why the sidecar hung up, where it said so before closing (a ``NO_REQUEST`` error)."""
+        timeout = self._sock.gettimeout()
         try:
+            self._sock.settimeout(0)  # NOTE: a socket with a timeout would wait despite MSG_DONTWAIT
             while True:
-                chunk = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                chunk = self._sock.recv(1 << 16)
                 if not chunk:
                     break
                 self._buf += chunk
         except OSError:
             pass
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(timeout)
         if len(self._buf) >= HEAD.size:
             blen, msg_id, code = HEAD.unpack_from(self._buf)
             if msg_id == wire.NO_REQUEST and len(self._buf) >= HEAD.size + blen:
@@ -148,12 +154,17 @@ class LocalConnection:
         return None
 
     def _socket_dead(self) -> bool:
+        timeout = self._sock.gettimeout()
         try:
-            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            self._sock.settimeout(0)
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
         except BlockingIOError:
             return False
         except OSError:
             return True
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.settimeout(timeout)
 
     def _give_back(self, op: str, what: Any, code: int, body: bytes) -> None:
         """A call whose caller timed out was answered after all: undo what it obtained."""
