@@ -20,7 +20,8 @@ Then (``benchmarks/pressure.py``) fragmentation under a churn of mixed sizes, ol
 against new, and ``/healthz`` latency during a put/delete burst with the sidecar in its own
 process; ``--before REF`` runs that burst against the code at git REF too (e.g. the commit
 before the core rework), side by side; then (``benchmarks/writer_map.py``) what each way of
-giving a local writer the arena costs per put. ``--only core|frag|healthz|writer-map`` picks one.
+giving a local writer the arena costs per put; then (``benchmarks/fast_path.py``) the local fast path
+with the sidecar in its own process. ``--only core|frag|healthz|writer-map|fast-path`` picks one.
 """
 
 from __future__ import annotations
@@ -98,12 +99,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64KiB,1MiB,4MiB,16MiB,64MiB")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--only", choices=["core", "frag", "healthz", "writer-map"], default=None)
+    ap.add_argument("--only", choices=["core", "frag", "healthz", "writer-map", "fast-path"], default=None)
     ap.add_argument("--before", default=None, help="git ref whose sidecar the /healthz burst also runs (default: none)")
     args = ap.parse_args()
     if args.only in ("frag", "healthz"):
         print(f"machine: {describe()}")
         return pressure_sections(args)
+    if args.only == "fast-path":
+        import fast_path
+
+        print(f"machine: {describe(torch=True)}")
+        print("\n".join(fast_path.lines([parse_size(s) for s in ("64KiB", "4.5MiB", "64MiB")], 400)))
+        return 0
     if args.only == "writer-map":
         import writer_map
 
@@ -134,6 +141,10 @@ def main() -> int:
         pressure_sections(args)
         print()
         print("\n".join(writer_map.lines([64 << 10, 1 << 20, parse_size("4.7MiB")], args.repeats)))
+        import fast_path
+
+        print()
+        print("\n".join(fast_path.lines([parse_size(s) for s in ("64KiB", "4.5MiB", "64MiB")], 400)))
     print(hash_costs(args.repeats))
     return 0
 

@@ -261,10 +261,10 @@ def print_rows(rows: list[dict], floor: tuple[float, float]) -> list[str]:
     return lines
 
 
-def lines(sizes: list[int], repeats: int, use_redis: bool = True) -> list[str]:
+def lines(sizes: list[int], repeats: int, use_redis: bool = True, host_bytes: int | None = None) -> list[str]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        sidecar = Sidecar(tmp, max(1 << 30, 16 * max(sizes)))
+        sidecar = Sidecar(tmp, host_bytes or max(1 << 30, 16 * max(sizes)))
         redis_server = None
         if use_redis:
             try:

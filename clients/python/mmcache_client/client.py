@@ -89,6 +89,21 @@ def plan_put(key: Key, tensor: Any, metadata: Mapping[str, str] | None, extras: 
     return plan_entry(key.namespace, key.hash, {"embeddings": tensor, **(extras or {})}, metadata, encode_ms=encode_ms)
 
 
+def _read_body(resp: http.client.HTTPResponse) -> bytes | bytearray:
+    """The body, read straight into one buffer of its announced length (no chunk list joined)."""
+    length = resp.length
+    if not length:
+        return resp.read()
+    buf = bytearray(length)
+    view, got = memoryview(buf), 0
+    while got < length:
+        n = resp.readinto(view[got:])
+        if not n:
+            raise http.client.IncompleteRead(bytes(view[:got]), length - got)
+        got += n
+    return buf
+
+
 class _Http:
     """Keep-alive HTTP/1.1 over http.client; reconnects on a broken connection."""
 
@@ -105,7 +120,7 @@ class _Http:
         try:
             self._conn.request(method, path, body=body, headers={**self._headers, **(headers or {})})
             resp = self._conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
+            return resp.status, dict(resp.getheaders()), _read_body(resp)
         except BaseException:
             self._conn.close()
             self._conn = None
@@ -353,7 +368,7 @@ def _entries_from_arrow(keys: list[str], data: bytes, entry_type) -> list:
     import pyarrow as pa
 
     found: dict[str, tuple[str, bytes]] = {}
-    for batch in pa.ipc.open_stream(data):
+    for batch in pa.ipc.open_stream(pa.py_buffer(data)):
         for key, tier, blob in zip(*(batch.column(i).to_pylist() for i in range(3))):
             found[key] = (tier, blob)
     out = []
