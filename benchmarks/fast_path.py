@@ -189,12 +189,13 @@ def bench_size(unix: CacheClient, http: CacheClient, redis_client, nbytes: int, 
     dsts = [np.ones_like(src) for _ in range(max(2, (512 << 20) // nbytes))]
     rotate = iter(range(10**9))
     put_reps = max(10, reps // 4)
+    group = max(1, min(10, (256 << 20) // nbytes))  # fresh keys at once: within the arena's headroom
     for name, persist in (("put host-only", False), ("put", True)):
         times: list[int] = []
         once = put(persist)
         while len(times) < put_reps:  # NOTE: in groups, the clean-up between them untimed
             forget()
-            for _ in range(min(10, put_reps - len(times))):
+            for _ in range(min(group, put_reps - len(times))):
                 t0 = time.perf_counter_ns()
                 once()
                 times.append(time.perf_counter_ns() - t0)
@@ -264,7 +265,7 @@ def print_rows(rows: list[dict], floor: tuple[float, float]) -> list[str]:
 def lines(sizes: list[int], repeats: int, use_redis: bool = True, host_bytes: int | None = None) -> list[str]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        sidecar = Sidecar(tmp, host_bytes or max(1 << 30, 16 * max(sizes)))
+        sidecar = Sidecar(tmp, host_bytes or max(1 << 30, 20 * max(sizes)))
         redis_server = None
         if use_redis:
             try:
