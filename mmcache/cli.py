@@ -35,6 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
         "write_timeout_s": args.write_timeout, "batch_get_budget_bytes": args.batch_get_budget,
         "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
         "disk_queue_bytes": args.disk_queue, "tenants": args.tenants,
+        "remote": args.remote, "remote_ttl_s": args.remote_ttl, "remote_timeout_ms": args.remote_timeout_ms,
+        "remote_required": args.remote_required or None,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -167,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="TOML/JSON file of token -> tenant: requests are scoped to their token's tenant")
     s.add_argument("--disk-queue", metavar="SIZE",
                    help="bytes of puts the host cannot take queued for disk at most, then 503 (default 1GiB)")
+    s.add_argument("--remote", metavar="URL",
+                   help="a Redis/Valkey server or cluster below disk, shared by many sidecars: "
+                        "redis://[user:pass@]host:port[,host:port...] or rediss:// (password also from "
+                        "MMCACHE_REMOTE_PASSWORD)")
+    s.add_argument("--remote-ttl", type=float, metavar="S", help="expire remote entries after S seconds")
+    s.add_argument("--remote-timeout-ms", type=float, metavar="MS",
+                   help="longest wait for one remote call (default 200); past it: a miss or a dropped write")
+    s.add_argument("--remote-required", action="store_true",
+                   help="refuse to start when the remote cannot be reached (default: start with it marked down)")
     s.set_defaults(fn=_serve)
 
     u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)")

@@ -88,7 +88,26 @@ class ServeConfig:
     """Bytes of puts that host cannot take (they land on disk) queued for the disk writer at
     most; one more answers 503 with Retry-After at once instead of queueing behind the fsyncs."""
 
+    remote: str | None = None
+    """A Redis/Valkey server or cluster below disk, shared by many sidecars:
+    ``redis://[user:pass@]host:port[,host:port...]`` or ``rediss://`` (TLS); the password may
+    come from ``MMCACHE_REMOTE_PASSWORD``. None: no remote tier."""
+    remote_ttl_s: float | None = None
+    """Expire remote entries after this many seconds (None: the remote's memory policy evicts)."""
+    remote_timeout_ms: float = 200.0
+    """Longest wait for one remote call; past it the call is a miss (or a dropped write)."""
+    remote_required: bool = False
+    """Refuse to start when the remote cannot be reached (else start with it marked down)."""
+
     def __post_init__(self) -> None:
+        if not 0 < self.remote_timeout_ms < float("inf"):
+            raise ValueError(f"remote_timeout_ms={self.remote_timeout_ms} must be a positive number")
+        if self.remote_ttl_s is not None and not 0 < self.remote_ttl_s < float("inf"):
+            raise ValueError(f"remote_ttl_s={self.remote_ttl_s} must be a positive number of seconds")
+        if self.remote is not None:
+            from mmcache.remote import parse_remote_url
+
+            parse_remote_url(self.remote)  # NOTE: a bad URL is a clear error at start
         for name in ("write_timeout_s", "header_timeout_s"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive number of seconds")
@@ -142,6 +161,13 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
         if name.endswith("_bytes"):
             value = parse_size(value)
+        elif name == "remote_timeout_ms":
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}={value!r} must be a number of milliseconds") from None
+        elif name == "remote_required":
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
         elif name in ("port", "max_connections"):
             try:
                 value = int(value)

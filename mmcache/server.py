@@ -23,6 +23,7 @@ from mmcache.config import ServeConfig
 from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
 from mmcache.local_server import start_local_server
+from mmcache.remote import RemoteConfig
 from mmcache.metrics import Metrics
 from mmcache.security import bearer_matches, bearer_token
 from mmcache.store import StoreConfig, TieredStore
@@ -189,7 +190,10 @@ async def get_entry(request: web.Request) -> web.StreamResponse:
 
 
 async def head_entry(request: web.Request) -> web.Response:
-    tier = request.app[STORE].tier_of(_key(request))
+    store = request.app[STORE]
+    key = _key(request)
+    # NOTE: with a remote tier a local miss asks it over the network: off the event loop
+    tier = await asyncio.to_thread(store.tier_of, key) if store.remote is not None else store.tier_of(key)
     if tier is None:
         return web.Response(status=404)
     return web.Response(status=200, headers={TIER_HEADER: tier})
@@ -226,7 +230,8 @@ async def lookup(request: web.Request) -> web.Response:
         items = await asyncio.to_thread(request.app[STORE].describe, list(keys))
         return web.json_response({"items": {keys[k]: d for k, d in items.items()},
                                   "found": sum(d is not None for d in items.values())})
-    tiers = request.app[STORE].lookup(list(keys))
+    store = request.app[STORE]
+    tiers = await asyncio.to_thread(store.lookup, list(keys)) if store.remote is not None else store.lookup(list(keys))
     return web.json_response({"tiers": {keys[k]: t for k, t in tiers.items()},
                               "found": sum(t is not None for t in tiers.values())})
 
@@ -357,7 +362,10 @@ def _store_ctx(config: ServeConfig):
             data_dir=config.data_dir, host_capacity_bytes=config.host_capacity_bytes,
             disk_capacity_bytes=config.disk_capacity_bytes, arena_path=config.arena_path,
             host_policy=config.host_policy, disk_policy=config.disk_policy,
-            disk_max_queued_bytes=config.disk_queue_bytes))
+            disk_max_queued_bytes=config.disk_queue_bytes,
+            remote=None if config.remote is None else RemoteConfig(
+                config.remote, ttl_s=config.remote_ttl_s, timeout_ms=config.remote_timeout_ms,
+                required=config.remote_required)))
         app[STORE] = store
         local = gate = None
         try:

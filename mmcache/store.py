@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping
 
 from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.host import EntryExists, HostTier, Owner, Reservation
+from mmcache.remote import RemoteConfig, RemoteTier
 from mmcache.tier import PutStatus, Tier, TierLease
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
@@ -42,6 +43,8 @@ _ARENA_RECORD = "arena.path"
 _ARENA_PREFIX = "mmcache-"
 _WRITER = "mmcache.write-through"
 """Owner of the host leases that keep entries in place until the lower tiers hold them."""
+_BEHIND = ("writer", "behind")
+"""Owner of the host leases that keep entries in place while a best-effort tier copies them."""
 RETRY_AFTER_S = 1
 """What a put that found no room is told to wait (HTTP ``Retry-After``), in seconds."""
 
@@ -66,6 +69,8 @@ class StoreConfig:
     """Longest wait of the disk writer to gather a batch, in milliseconds."""
     disk_max_queued_bytes: int = 1 << 30
     """Bytes of puts that host cannot take queued for the disk writer at most (then 503)."""
+    remote: RemoteConfig | None = None
+    """A Redis/Valkey server or cluster below disk, shared by many sidecars (``mmcache.remote``)."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):
@@ -168,8 +173,19 @@ class TieredStore:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self.lower: list[Tier] = [self.disk]
+        self.remote: RemoteTier | None = None
+        if config.remote is not None:
+            try:
+                self.remote = RemoteTier(config.remote, verify_key=_check_key)
+            except BaseException:
+                self.host.close()
+                self.disk.close()
+                os.close(self._lock_fd)
+                raise
+        self.lower: list[Tier] = [self.disk, *([self.remote] if self.remote is not None else [])]
         """Tiers below host, in the order reads search them."""
+        self.durable: list[Tier] = [t for t in self.lower if t.durable]
+        """The lower tiers host relies on (evicts into) and puts consult; not the remote."""
         self.tiers: list[Tier] = [self.host, *self.lower]
         with open(os.path.join(self.config.data_dir, _ARENA_RECORD), "w") as f:
             f.write(self.host.arena.path)
@@ -177,7 +193,7 @@ class TieredStore:
         self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)
 
     def _persisted(self, key: str) -> bool:
-        return all(t.contains(key) for t in self.lower)
+        return all(t.contains(key) for t in self.durable)
 
     def _remove_stale_arena(self) -> None:
         """An arena recorded in the data dir whose sidecar died (kill -9) is ours to remove, if it
@@ -224,14 +240,14 @@ class TieredStore:
         if durable and not persist:
             raise ValueError("durable=1 needs persist: a host-only entry never reaches disk")
         cost_ms = _cost(plan.metadata)
-        existing = self.tier_of(key)
+        existing = self._local_tier_of(key)
         if existing is not None:
             return PutResult(False, existing)
         owner = ("put", threading.get_ident())
         try:
             res = self.reserve(key, plan.total_bytes, owner, cost_ms, persist=persist)
         except EntryExists:
-            return PutResult(False, self.tier_of(key) or "host")
+            return PutResult(False, self._local_tier_of(key) or "host")
         if isinstance(res, PutStatus):
             return self._put_below(key, plan, cost_ms, persist, res)
         try:
@@ -274,7 +290,7 @@ class TieredStore:
         full host first waits (milliseconds) for pending write-throughs, whose entries pin space."""
         key = _key_str(key)
         self._check_persistable(key, nbytes, persist)
-        if any(t.contains(key) for t in self.lower):
+        if any(t.contains(key) for t in self.durable):
             raise EntryExists(key)
         res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
         if res is PutStatus.NO_SPACE and wait_for_disk and self._writes_pending():
@@ -323,7 +339,21 @@ class TieredStore:
             fut.result()
         return PutResult(True, "host", fut)
 
-    def _copy_down(self, key: str, cost_ms: float | None = None) -> concurrent.futures.Future | None:
+    def _copy_behind(self, tier: Tier, key: str, cost_ms: float) -> None:
+        """Write host's ``key`` to a best-effort tier (the remote) from the arena in place: its
+        own lease holds the bytes until that write is done, and nothing waits for it."""
+        lease = self.host.lease(key, _BEHIND, count=False)
+        if lease is None:
+            return
+        try:
+            fut = tier.put(key, lease.view, cost_ms)
+        except BaseException:
+            self.host.release(lease)
+            raise
+        fut.add_done_callback(lambda _f: self.host.release(lease))
+
+    def _copy_down(self, key: str, cost_ms: float | None = None, tiers: list[Tier] | None = None
+                   ) -> concurrent.futures.Future | None:
         """Write host's ``key`` to the lower tiers from the arena in place (the disk writer copies
         it into LMDB); the entry stays leased, so unevictable, until they hold it."""
         lease = self.host.lease(key, _WRITER, count=False)
@@ -331,7 +361,11 @@ class TieredStore:
             return None
         cost_ms = self.host.cost_ms(key) if cost_ms is None else cost_ms
         # NOTE: verify=True: arena entries may have been sealed on their writer's word (see seal)
-        futures = [t.put(key, lease.view, cost_ms, verify=True) for t in self.lower]
+        futures = [t.put(key, lease.view, cost_ms, verify=True) for t in tiers or self.durable]
+        if tiers is None:
+            for t in self.lower:
+                if not t.durable:
+                    self._copy_behind(t, key, cost_ms)
         all_done: concurrent.futures.Future = concurrent.futures.Future()
         remaining = [len(futures)]
         lock = threading.Lock()
@@ -366,7 +400,7 @@ class TieredStore:
             self.host.written_down(key, ok=True)
             return
         self._count("write_backs")
-        if self._copy_down(key) is None:  # deleted meanwhile
+        if self._copy_down(key, tiers=self.durable) is None:  # deleted meanwhile
             self.host.written_down(key, ok=True)
 
     # ------------------------------------------------------------ reads
@@ -387,6 +421,8 @@ class TieredStore:
             promoted = self._promote(key, below, owner)
             if promoted is not None:
                 tier.release(below)
+                if not tier.durable and self.host.persists(key):  # a remote hit lands on disk too
+                    self._copy_down(key, tiers=self.durable)
                 return promoted
             self._count("served_in_place")
             return Lease(key, owner, tier.name, below.view, below)
@@ -432,8 +468,12 @@ class TieredStore:
 
     # ------------------------------------------------------------ queries
     def tier_of(self, key: Key | str) -> str | None:
+        """The first tier holding ``key`` (the remote too: a network call; off the event loop)."""
         key = _key_str(key)
         return next((t.name for t in self.tiers if t.contains(key)), None)
+
+    def _local_tier_of(self, key: str) -> str | None:
+        return next((t.name for t in (self.host, *self.durable) if t.contains(key)), None)
 
     def contains(self, key: Key | str) -> bool:
         return self.tier_of(key) is not None
@@ -474,7 +514,7 @@ class TieredStore:
         return any(found)
 
     def flush(self, timeout: float | None = None) -> None:
-        for t in self.lower:
+        for t in self.durable:
             t.flush(timeout)
 
     def usage_by_tenant(self) -> dict[str | None, dict[str, dict[str, int]]]:
@@ -504,6 +544,13 @@ class TieredStore:
             os.unlink(os.path.join(self.config.data_dir, _ARENA_RECORD))
         os.close(self._lock_fd)  # releases the flock
         self._lock_fd = -1
+
+
+def _check_key(key: str, view: EntryView) -> None:
+    """A lower tier's entry must be the one asked for (a tenant's key is ``tenant@ns/hash``)."""
+    own = f"{view.metadata['namespace']}/{view.metadata['hash']}"
+    if own != key.rpartition("@")[2]:
+        raise ValueError(f"entry names {own!r}, stored under {key!r}")
 
 
 def _describe(tier: str, view: EntryView) -> dict:

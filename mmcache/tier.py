@@ -63,6 +63,9 @@ class Tier(abc.ABC):
     """See the module docstring for the contract. Thread-safe."""
 
     name: ClassVar[str]
+    durable: ClassVar[bool] = True
+    """Whether host may treat an entry this tier holds as persisted (evict it without write-back),
+    and a put asks it whether a key exists. A shared remote store is not: best effort, behind."""
 
     @abc.abstractmethod
     def contains(self, key: str) -> bool: ...

@@ -1,0 +1,358 @@
+"""The remote tier: entry blobs in a Redis or Valkey server or cluster, shared by many sidecars.
+
+Keys are ``mmc:v1:<stored key>`` (``ns/hash``, or ``tenant@ns/hash`` for a tenant's entry) and
+values the entry blob, unchanged (``../shared/DESIGN.md``, "Remote tier and scale-out").
+
+- Reads (``contains``, ``lease``) go to the remote with a bounded timeout. A value that fails
+  verification (truncated, corrupt, another key's) is a miss, and it is deleted there.
+- Puts are write-behind: queued (bounded in bytes; a full queue drops and counts, never blocks),
+  written by one thread in pipelined batches of ``SET NX`` (the first writer wins), with an
+  optional TTL. The caller keeps the blob valid until the put's Future resolves.
+- A circuit breaker: ``breaker_failures`` errors in a row mark the remote down; while it is down
+  every call is a miss (reads) or a drop (writes) at once, without touching the network, and one
+  probe per ``retry_s`` tries to reconnect. The remote failing never fails the sidecar.
+
+The tier is not durable for the host tier's purposes (``durable = False``): host evictions never
+wait for it, and puts never ask it whether a key exists (that would put a network round trip on
+every put).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.parse
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from mmcache.tier import Owner, PutStatus, Tier, TierLease, done
+from mmcache_client.format import EntryFormatError, read_entry
+
+logger = logging.getLogger(__name__)
+
+KEY_PREFIX = "mmc:v1:"
+PASSWORD_ENV = "MMCACHE_REMOTE_PASSWORD"
+
+
+class RemoteURLError(ValueError):
+    """A ``--remote`` URL that cannot be used (the message says why)."""
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    url: str
+    """``redis://[user:pass@]host:port[,host:port...]`` (one server or a cluster, detected), or
+    ``rediss://`` for TLS. The password may come from ``MMCACHE_REMOTE_PASSWORD`` instead."""
+    ttl_s: float | None = None
+    """Expire remote entries after this long (None: the remote's own memory policy evicts)."""
+    timeout_ms: float = 200.0
+    """Longest wait for one remote call (connect, read or write)."""
+    max_queued_bytes: int = 256 << 20
+    """Write-behind bytes queued at most; past it, puts are dropped (counted)."""
+    batch_max: int = 64
+    breaker_failures: int = 3
+    retry_s: float = 1.0
+    required: bool = False
+    """Refuse to start when the remote cannot be reached (else start with it marked down)."""
+
+
+@dataclass(frozen=True)
+class RemoteAddress:
+    tls: bool
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+
+
+def parse_remote_url(url: str) -> RemoteAddress:
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("redis", "rediss"):
+        raise RemoteURLError(f"--remote {url!r}: the scheme must be redis:// or rediss://")
+    netloc = parsed.netloc
+    userinfo, _, hosts = netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, _, pw = userinfo.partition(":")
+        username, password = urllib.parse.unquote(user) or None, urllib.parse.unquote(pw) or None
+    password = password or os.environ.get(PASSWORD_ENV) or None
+    nodes = []
+    for part in hosts.split(","):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RemoteURLError(f"--remote {url!r}: {part!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    if parsed.path not in ("", "/") or parsed.query:
+        raise RemoteURLError(f"--remote {url!r}: no path or query is understood (database 0 only)")
+    return RemoteAddress(parsed.scheme == "rediss", tuple(nodes), username, password)
+
+
+class RemoteDown(ConnectionError):
+    """The circuit breaker is open: the call was not tried."""
+
+
+class RemoteTier(Tier):
+    name: ClassVar[str] = "remote"
+    durable: ClassVar[bool] = False
+
+    def __init__(self, config: RemoteConfig, *, verify_key: Callable[[str, Any], None] | None = None):
+        import redis  # NOTE: only with --remote
+
+        self._redis = redis
+        self.config = config
+        self.address = parse_remote_url(config.url)
+        self._verify_key = verify_key
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self.cluster = False
+        self._up = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._counts = dict(hits=0, misses=0, errors=0, dropped=0, bytes_written=0, writes=0, corrupt=0,
+                            exists=0)
+        self._queued_bytes = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        try:
+            self._connect()
+        except (redis.RedisError, OSError) as e:
+            if config.required:
+                raise ConnectionError(f"--remote {config.url}: cannot reach it ({e}); "
+                                      "start without --remote-required to run with it marked down") from None
+            logger.warning("remote %s unreachable at start (%s); running with it marked down", config.url, e)
+            self._mark_down()
+        self._writer = threading.Thread(target=self._write_loop, name="mmcache-remote-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------ connection and breaker
+    def _connect(self) -> None:
+        redis, addr, timeout = self._redis, self.address, self.config.timeout_ms / 1000
+        common = dict(username=addr.username, password=addr.password, socket_timeout=timeout,
+                      socket_connect_timeout=timeout, ssl=addr.tls)
+        host, port = addr.nodes[0]
+        probe = redis.Redis(host=host, port=port, **common)
+        try:
+            enabled = int(probe.info("cluster").get("cluster_enabled", 0)) == 1
+        finally:
+            probe.close()
+        if enabled:
+            from redis.backoff import NoBackoff
+            from redis.cluster import ClusterNode, RedisCluster
+            from redis.retry import Retry
+
+            # NOTE: one retry at most: the breaker, not the client, decides how long to keep trying
+            client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in addr.nodes],
+                                  retry=Retry(NoBackoff(), 1), **common)
+        else:
+            if len(addr.nodes) > 1:
+                raise RemoteURLError(f"--remote {self.config.url}: several hosts given but {host}:{port} "
+                                     "is not in cluster mode")
+            client = redis.Redis(host=host, port=port, **common)
+        client.ping()
+        with self._lock:
+            old, self._client, self.cluster = self._client, client, enabled
+            self._up, self._failures = True, 0
+        if old is not None:
+            _close_quietly(old)
+        logger.info("remote %s up (%s)", self.config.url, "cluster" if enabled else "single server")
+
+    def _mark_down(self) -> None:
+        with self._lock:
+            was_up, self._up = self._up, False
+            self._retry_at = time.monotonic() + self.config.retry_s
+        if was_up:
+            logger.warning("remote %s marked down for %.1f s", self.config.url, self.config.retry_s)
+
+    def _call(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(client)`` under the breaker; raises ``RemoteDown`` or the client's error."""
+        with self._lock:
+            up, client, retry = self._up, self._client, time.monotonic() >= self._retry_at
+            if not up and retry:
+                self._retry_at = time.monotonic() + self.config.retry_s  # NOTE: one probe per retry_s
+        if not up:
+            if not retry:
+                raise RemoteDown(f"remote {self.config.url} is down")
+            try:
+                self._connect()
+            except (self._redis.RedisError, OSError) as e:
+                self._count("errors")
+                raise RemoteDown(f"remote {self.config.url} is still down: {e}") from None
+            client = self._client
+        try:
+            out = fn(client)
+        except (self._redis.RedisError, OSError):
+            self._count("errors")
+            with self._lock:
+                self._failures += 1
+                trip = self._failures >= self.config.breaker_failures
+            if trip:
+                self._mark_down()
+            raise
+        with self._lock:
+            self._failures = 0
+        return out
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    @staticmethod
+    def remote_key(key: str) -> str:
+        return KEY_PREFIX + key
+
+    # ------------------------------------------------------------ reads
+    def contains(self, key: str) -> bool:
+        try:
+            return bool(self._call(lambda c: c.exists(self.remote_key(key))))
+        except (RemoteDown, self._redis.RedisError, OSError):
+            return False
+
+    def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
+        try:
+            blob = self._call(lambda c: c.get(self.remote_key(key)))
+        except (RemoteDown, self._redis.RedisError, OSError) as e:
+            logger.debug("remote read of %s failed: %s", key, e)
+            blob = None
+        if blob is not None:
+            try:
+                view = read_entry(blob, verify=True)
+                if self._verify_key is not None:
+                    self._verify_key(key, view)
+            except (EntryFormatError, ValueError) as e:
+                logger.warning("remote entry %s is unreadable (%s); deleting it", key, e)
+                self._count("corrupt")
+                self.delete(key)
+                blob = None
+        if count:
+            self._count("hits" if blob is not None else "misses")
+        if blob is None:
+            return None
+        return TierLease(self.name, key, owner, len(blob), memoryview(blob))
+
+    def release(self, lease: TierLease) -> bool:
+        return True  # NOTE: the blob is this process's own copy; nothing is pinned remotely
+
+    def release_owner(self, owner: Owner) -> int:
+        return 0
+
+    # ------------------------------------------------------------ writes
+    def put(self, key: str, blob: memoryview, cost_ms: float = 0.0, *, verify: bool = False) -> Future:
+        """Queue ``blob`` for the write-behind thread; the Future resolves once it is written
+        (``CREATED``, or ``EXISTS`` where another writer was first), or at once with ``NO_SPACE``
+        when the queue is full or the remote is down (a drop, counted)."""
+        mv = memoryview(blob).cast("B")
+        if verify:
+            try:
+                read_entry(mv, verify=True)
+            except EntryFormatError as e:
+                fut: Future = Future()
+                fut.set_exception(e)
+                return fut
+        with self._lock:
+            room = self._queued_bytes + mv.nbytes <= self.config.max_queued_bytes or not self._queued_bytes
+            down = not self._up and time.monotonic() < self._retry_at
+            if self._closed or not room or down:
+                self._counts["dropped"] += 1
+                return done(PutStatus.NO_SPACE)
+            self._queued_bytes += mv.nbytes
+        fut = Future()
+        self._queue.put((key, mv, fut))
+        return fut
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            nbytes = item[1].nbytes
+            while len(batch) < self.config.batch_max and nbytes < (32 << 20):
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # NOTE: stop after this batch
+                    break
+                batch.append(nxt)
+                nbytes += nxt[1].nbytes
+            self._write(batch)
+
+    def _write(self, batch: list) -> None:
+        ttl = self.config.ttl_s
+
+        def run(client):
+            pipe = client.pipeline(transaction=False)
+            for key, mv, _ in batch:
+                pipe.set(self.remote_key(key), mv, nx=True, px=int(ttl * 1000) if ttl else None)
+            return pipe.execute(raise_on_error=False)
+        try:
+            results = self._call(run)
+        except (RemoteDown, self._redis.RedisError, OSError) as e:
+            logger.debug("remote write of %s entries failed: %s", len(batch), e)
+            results = [e] * len(batch)
+        written = 0
+        for (key, mv, fut), result in zip(batch, results):
+            with self._lock:
+                self._queued_bytes -= mv.nbytes
+            if isinstance(result, BaseException):
+                self._count("dropped")
+                fut.set_result(PutStatus.NO_SPACE)
+            elif result:
+                written += mv.nbytes
+                self._count("writes")
+                fut.set_result(PutStatus.CREATED)
+            else:
+                self._count("exists")
+                fut.set_result(PutStatus.EXISTS)
+        if written:
+            self._count("bytes_written", written)
+
+    def delete(self, key: str) -> bool:
+        try:
+            return bool(self._call(lambda c: c.delete(self.remote_key(key))))
+        except (RemoteDown, self._redis.RedisError, OSError):
+            return False
+
+    # ------------------------------------------------------------ the rest
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(up=self._up, cluster=self.cluster, queued=self._queue.qsize(), queued_bytes=self._queued_bytes,
+                        url=_redacted(self.config.url), **self._counts)
+
+    def flush(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._queued_bytes:
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        self._writer.join(max(5.0, 4 * self.config.timeout_ms / 1000))
+        if self._client is not None:
+            _close_quietly(self._client)
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing a broken client must not fail shutdown
+        pass
+
+
+def _redacted(url: str) -> str:
+    parsed = urllib.parse.urlsplit(url)
+    if "@" not in parsed.netloc:
+        return url
+    return parsed._replace(netloc="***@" + parsed.netloc.rpartition("@")[2]).geturl()
