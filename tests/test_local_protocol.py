@@ -222,3 +222,23 @@ def test_a_local_seal_skips_the_checksum_but_a_wrong_one_never_reaches_disk(side
     with CacheClient(sidecar.url) as c:  # and HTTP, which verifies, never serves it as good
         with pytest.raises(Exception, match="checksum"):
             c.get(NS, h("wrong"))
+
+
+def test_a_torch_view_outlives_the_arena_close_without_a_crash(tmp_path):
+    """The prepared arena tensor holds a buffer export, so closing the mapping under a live view
+    leaves it mapped (the view stays readable) instead of unmapping it under the view (SIGBUS/SEGV)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch
+        from mmcache_client.arena import SharedArena
+        w = SharedArena({str(tmp_path / 'a.arena')!r}, 1 << 20, create=True)
+        r = SharedArena({str(tmp_path / 'a.arena')!r})
+        t = r.tensor(torch.float16, 0, (2, 4))
+        r.close()
+        print(float(t.sum()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0.0", out

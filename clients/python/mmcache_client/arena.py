@@ -127,7 +127,11 @@ class SharedArena:
             with warnings.catch_warnings():
                 # NOTE: readers map read-only on purpose; torch warns about non-writable buffers.
                 warnings.simplefilter("ignore", UserWarning)
-                base = torch.frombuffer(self._mmap, dtype=torch_dtype)
+                # NOTE: from a memoryview the tensor keeps alive, not the mmap itself: torch
+                # releases its buffer at once and keeps only the object, so over the bare mmap
+                # close() could unmap under live views (a segfault); a memoryview export makes
+                # mmap.close() refuse (BufferError) while any view of it lives.
+                base = torch.frombuffer(memoryview(self._mmap), dtype=torch_dtype)
             self._typed[torch_dtype] = base
         itemsize = base.element_size()
         rows, cols = shape
