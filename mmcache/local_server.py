@@ -126,14 +126,25 @@ class _Connection:
         with _OPS_LOCK:
             self.ops[op] = self.ops.get(op, 0) + 1
         if code == _LEASE:
-            keys = _key_list(wire.parse_keys(body))
-            return wire.pack_leases([self._lease(self._scoped(k)) for k in keys])
+            keys = [self._scoped(k) for k in _key_list(wire.parse_keys(body))]  # NOTE: all valid before any lease
+            locs: list[LeaseLoc | None] = []
+            try:
+                for k in keys:
+                    locs.append(self._lease(k))
+            except BaseException:  # the client never learns of these: give them back
+                for k, loc in zip(keys, locs):
+                    if loc is not None:
+                        self._release(k)
+                raise
+            return wire.pack_leases(locs)
         if code == _RELEASE:
             for k in _key_list(wire.parse_keys(body)):
                 self._release(self._scoped(k))
             return b""
         try:
             msg = json.loads(body) if body else {}
+        except RecursionError:
+            raise ProtocolError(f"{op}: the body nests too deeply") from None
         except ValueError as e:
             raise ProtocolError(f"{op}: the body is not JSON: {e}") from None
         if not isinstance(msg, dict):
@@ -339,7 +350,9 @@ class LocalServer:
             except OSError:
                 if self._stopping.is_set():
                     return
-                continue  # EMFILE and the like: the client sees a refused or closed connection
+                # NOTE: EMFILE and the like: the connection waits in the backlog; pause instead of spinning
+                self._stopping.wait(0.1)
+                continue
             with self._lock:
                 if self._stopping.is_set() or len(self._conns) >= self.max_connections:
                     self.refused += 1
@@ -351,7 +364,18 @@ class LocalServer:
                     continue
                 t = threading.Thread(target=self._serve, args=(conn,), name="mmcache-local", daemon=True)
                 self._conns[conn] = t
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as e:  # no thread to be had (pids limit): refuse this one, keep accepting
+                with self._lock:
+                    self._conns.pop(conn, None)
+                    self.refused += 1
+                logger.warning("cannot start a thread for a local connection: %s", e)
+                with contextlib.suppress(OSError):
+                    conn.sendall(wire.frame(wire.NO_REQUEST, ERROR, wire.json_body(
+                        {"error": "the sidecar cannot serve another local connection now; retry later",
+                         "kind": "CacheUnavailable"})))
+                conn.close()
 
     def _serve(self, sock: socket.socket) -> None:
         conn = _Connection(self.store, _peer_pidfd(sock), self.tenants, self.ops, self._stopping)

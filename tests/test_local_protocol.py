@@ -242,3 +242,18 @@ def test_a_torch_view_outlives_the_arena_close_without_a_crash(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "0.0", out
+
+
+def test_a_lease_batch_with_a_bad_key_leases_nothing(sidecar):
+    with CacheClient(sidecar.unix_url) as c:
+        c.put(NS, h("good"), torch.ones(2, 8), persist=False)
+    raw = Raw(sidecar.config.socket)
+    try:
+        raw.send(1, wire.OP_CODES["lease"], f"{NS}/{h('good')}\n{NS}/bad".encode())
+        assert raw.recv()[:2] == (1, wire.ERROR)
+        assert sidecar.store.stats()["host"]["leases"] == 0
+        raw.send(2, wire.OP_CODES["reserve"], b"[" * 100_000)  # deep nesting: a named error, no traceback
+        msg_id, code, body = raw.recv()
+        assert (msg_id, code) == (2, wire.ERROR) and json.loads(body)["kind"] == "ProtocolError"
+    finally:
+        raw.close()
