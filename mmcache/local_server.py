@@ -138,8 +138,9 @@ class _Connection:
                 raise
             return wire.pack_leases(locs)
         if code == _RELEASE:
-            for k in _key_list(wire.parse_keys(body)):
-                self._release(self._scoped(k))
+            for line in _key_list(wire.parse_keys(body)):
+                k, _, off = line.partition("\t")
+                self._release(self._scoped(k), int(off) if off.lstrip("-").isdigit() else None)
             return b""
         try:
             msg = json.loads(body) if body else {}
@@ -218,11 +219,14 @@ class _Connection:
         layout = self.store.host.layout(lease.tier_lease) if lease.offset >= 0 else None
         return LeaseLoc(lease.offset, lease.nbytes, lease.tier, key, layout)
 
-    def _release(self, key: str) -> bool:
+    def _release(self, key: str, offset: int | None = None) -> bool:
+        """Give back this connection's lease of ``key`` taken at ``offset`` (None: the newest)."""
         leases = self.leases.get(key)
         if not leases:
             return False
-        lease = leases.pop()
+        at = next((i for i in range(len(leases) - 1, -1, -1) if leases[i].offset == offset), -1) \
+            if offset is not None else -1
+        lease = leases.pop(at)
         if not leases:
             del self.leases[key]
         self.store.release(lease)

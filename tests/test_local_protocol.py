@@ -257,3 +257,23 @@ def test_a_lease_batch_with_a_bad_key_leases_nothing(sidecar):
         assert (msg_id, code) == (2, wire.ERROR) and json.loads(body)["kind"] == "ProtocolError"
     finally:
         raw.close()
+
+
+def test_a_release_gives_back_the_lease_it_took_not_the_newest(sidecar):
+    """e1 leases K at one offset; K is deleted and put again elsewhere, e2 leases the new one;
+    closing e1 must free e1's lease (before: the newest, leaving e2 over unleased memory)."""
+    key = f"{NS}/{h('twice')}"
+    with CacheClient(sidecar.unix_url) as u, CacheClient(sidecar.url) as c:
+        u.put(NS, h("twice"), torch.full((2, 8), 1.0), persist=False)
+        e1 = u.get(NS, h("twice"))
+        first = e1._view._offset
+        assert c.delete(NS, h("twice"))
+        u.put(NS, h("twice"), torch.full((2, 8), 2.0), persist=False)
+        e2 = u.get(NS, h("twice"))
+        second = e2._view._offset
+        assert first != second
+        e1.close()
+        assert settled(lambda: not sidecar.store.host.leases.is_leased((key, first)))
+        assert sidecar.store.host.leases.is_leased((key, second))
+        assert float(e2.tensor[0, 0]) == 2.0
+        e2.close()

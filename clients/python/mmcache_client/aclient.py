@@ -284,10 +284,10 @@ class AsyncCacheClient:
             view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
         except BaseException:
             with contextlib.suppress(MMCacheError):
-                await conn.call("release", keys=[key])
+                await conn.call("release", keys=[wire.release_name(key, loc)])
             raise
         conn.state.ref()
-        return AsyncEntry(key, loc[2], view, lambda: self._release(conn, key, end_local),
+        return AsyncEntry(key, loc[2], view, lambda: self._release(conn, wire.release_name(key, loc), end_local),
                           conn.state if end_local is None else None)
 
     async def _release(self, conn: _AsyncLocal, key: str, end_local) -> None:

@@ -19,6 +19,7 @@ from mmcache_client.entry import Entry, EntryBatch
 from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
                                    MMCacheError, ServerError)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
+from mmcache_client import wire
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
 from mmcache_client.session import open_lease
@@ -260,10 +261,10 @@ class CacheClient:
             view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
         except BaseException:
             with contextlib.suppress(MMCacheError):
-                conn.call("release", keys=[key])
+                conn.call("release", keys=[wire.release_name(key, loc)])
             raise
         conn.state.ref()
-        return Entry(key, loc[2], view, lambda: self._release(conn, key, end_local),
+        return Entry(key, loc[2], view, lambda: self._release(conn, wire.release_name(key, loc), end_local),
                      conn.state if end_local is None else None)
 
     def _release(self, conn: LocalConnection, key: str, end_local) -> None:
@@ -344,7 +345,7 @@ def _local_batch(conn, keys: list[str], locs: list, batch_type, entry_type, make
     """Entries over one ``lease`` answer, each holding a reference on ``conn`` until the batch
     closes. On a failure (a corrupt entry) every lease of the answer is given back (the release
     runs, or for the async client is scheduled, before the error propagates)."""
-    leased = [k for k, loc in zip(keys, locs) if loc is not None]
+    leased = [wire.release_name(k, loc) for k, loc in zip(keys, locs) if loc is not None]
     for _ in leased:
         conn.state.ref()
     entries: list = []

@@ -3,7 +3,8 @@
 Every message is a frame: a 9-byte head ``<u32 body length, u32 id, u8 code>`` and a body. A
 request's code is its op; an answer's code is ``OK`` or ``ERROR`` and its id the request's. Bodies:
 
-- ``lease`` and ``release``: the keys, UTF-8, joined by ``\\n`` (one message per batch, no JSON);
+- ``lease`` and ``release``: the keys, UTF-8, joined by ``\\n`` (one message per batch, no JSON;
+  a release names each lease as ``key\\toffset``);
   the lease answer is one fixed 32-byte record per key (``LEASE_RECORD``) followed by the
   stored keys of entries served from disk. ``release`` is one-way: it has no answer.
 - every other op (``hello``, ``lookup``, ``reserve``, ``seal``, ``abort``, ``delete``,
@@ -62,6 +63,12 @@ class LeaseLoc(NamedTuple):
     tier: str
     stored_key: str
     layout: Layout | None
+
+
+def release_name(key: str, loc: "LeaseLoc") -> str:
+    """How a release names one lease: ``key\toffset``, so a key leased at two places (deleted and
+    put again meanwhile) gives back the lease that was taken, not the newest."""
+    return f"{key}\t{loc.offset}"
 
 
 def frame(msg_id: int, code: int, body: bytes) -> bytes:
