@@ -16,12 +16,9 @@ Target (issue 19): get from remote within 1.5x of the raw redis-py GET.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import fast_path
 from hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
@@ -38,23 +36,9 @@ from redis_servers import RedisClusterProcs, RedisServer
 NS = "bench-remote"
 
 
-class Sidecar:
-    def __init__(self, tmp: str, name: str, remote: str):
-        self.sock = os.path.join(tmp, f"{name}.sock")
-        cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", "0", "--data-dir", os.path.join(tmp, name),
-               "--socket", self.sock, "--host-capacity", "1GiB", "--disk-capacity", "2GiB", "--remote", remote,
-               "--remote-timeout-ms", "2000", "--remote-required"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self.proc.stdout:
-            if line.startswith("mmcache ready"):
-                self.port = int(line.split()[2].rsplit(":", 1)[1])
-                threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-                return
-        raise RuntimeError(f"the sidecar did not start (exit {self.proc.wait()})")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def Sidecar(tmp: str, name: str, remote: str) -> "fast_path.Sidecar":
+    return fast_path.Sidecar(tmp, 1 << 30, name, ("--remote", remote, "--remote-timeout-ms", "2000",
+                                                  "--remote-required"))
 
 
 def pct(times_ns: list[int]) -> tuple[float, float]:

@@ -66,10 +66,11 @@ def timed(fn, repeats: int, setup=None) -> tuple[float, float]:
 class Sidecar:
     """``mmcache serve`` in its own process, on a free port and a Unix socket."""
 
-    def __init__(self, tmp: str, host_bytes: int):
-        self.sock = os.path.join(tmp, "s.sock")
-        cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", "0", "--data-dir", os.path.join(tmp, "d"),
-               "--socket", self.sock, "--host-capacity", str(host_bytes), "--disk-capacity", str(4 * host_bytes)]
+    def __init__(self, tmp: str, host_bytes: int, name: str = "s", extra: tuple[str, ...] = ()):
+        self.sock = os.path.join(tmp, f"{name}.sock")
+        cmd = [sys.executable, "-m", "mmcache.cli", "serve", "--port", "0", "--data-dir", os.path.join(tmp, name),
+               "--socket", self.sock, "--host-capacity", str(host_bytes), "--disk-capacity", str(4 * host_bytes),
+               *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self.proc.stdout:
             if line.startswith("mmcache ready"):
