@@ -148,6 +148,10 @@ class SingleFlightBatcher:
         """Items waiting for the model (in flight, not yet running)."""
         return len(self._pending)
 
+    def in_flight(self, key: Hashable) -> bool:
+        """Whether ``key`` is being computed (queued or running) now: a submit of it joins."""
+        return key in self._inflight
+
     def mark(self) -> int:
         """A point in time for ``finished_since``: take it before looking a key up elsewhere."""
         return self._num_finished

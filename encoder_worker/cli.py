@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         compute_gate=args.compute_gate,
         schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms, max_queued_images=args.max_queued_images,
+        claims=not args.no_claims, claim_ttl_s=args.claim_ttl,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
                           allow_private_urls=args.allow_private_urls))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-queued-images", type=int, default=1024,
                    help="most images waiting for the model; a request whose new images would pass it gets 503 "
                         "with Retry-After (default: 1024)")
+    s.add_argument("--claim-ttl", type=float, default=30.0, metavar="S",
+                   help="claim each new image through the sidecar before encoding it, for S seconds (renewed "
+                        "while queued): every encoder sharing the cache encodes it once; a dead owner's claim "
+                        "is taken over after S (default 30)")
+    s.add_argument("--no-claims", action="store_true",
+                   help="do not claim: single-flight within this worker only")
     s.add_argument("--allowed-dir", action="append", default=[], help="allow file:// under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="refuse http(s):// image URLs")
     s.add_argument("--allow-private-urls", action="store_true",

@@ -11,9 +11,12 @@ leased), 503 the cache is unreachable, 500 a bug.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -25,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, decode_fetched, fetch_bytes, http_session
 from mmcache.compute_gate import GateClient
-from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, content_hash
+from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCacheError, content_hash
 from mmcache_client.keys import validate_tenant
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,12 @@ class EncoderServeConfig:
     max_queued_images: int = 1024
     """Most misses waiting for the model; a request whose new misses would pass it is refused
     with 503 + ``Retry-After`` (see ``encoder_worker.batcher``)."""
+    claims: bool = True
+    """Claim each miss through the sidecar before encoding it (``mmcache.claims``), so that
+    every encoder sharing the cache (this node's and, with a remote tier, every node's) encodes
+    a new image once; off: single-flight within this worker only."""
+    claim_ttl_s: float = 30.0
+    """How long a claim holds without renewal: an owner that dies is taken over after this."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -78,6 +87,8 @@ class EncoderServeConfig:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
         if self.max_queued_images < 1:
             raise ValueError(f"max_queued_images={self.max_queued_images} must be >= 1")
+        if not 0.001 <= self.claim_ttl_s <= 600:
+            raise ValueError(f"claim_ttl_s={self.claim_ttl_s} must be within 0.001..600 seconds")
 
 
 class _Metrics:
@@ -105,7 +116,16 @@ class EncodeService:
         self.config = config
         self.namespace: str = encoder.namespace
         self.metrics = _Metrics()
-        self.counters = {"images": 0, "cache_hits": 0, "encoded": 0, "requests": 0, "batches": 0}
+        self.counters = {"images": 0, "cache_hits": 0, "encoded": 0, "requests": 0, "batches": 0,
+                         "claims_won": 0, "claims_waited": 0, "claims_taken_over": 0, "claims_unavailable": 0}
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        """This worker's name on its claims."""
+        self._held: set[str] = set()
+        """Keys this worker claimed and has not stored yet (renewed while they wait for the model)."""
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        """Key another owner holds → the events of the requests waiting for its ``stored``."""
+        self._events_up = False
+        self._tasks: list[asyncio.Task] = []
         self.batcher = SingleFlightBatcher(self._encode_batch, max_batch=config.max_batch,
                                            max_wait_ms=config.max_wait_ms, after=self._store,
                                            on_batch=self._on_batch, schedule=config.schedule,
@@ -117,8 +137,15 @@ class EncodeService:
     async def start(self) -> None:
         self._http = http_session(self.config.media)  # NOTE: refuses non-public addresses unless allowed
         self.batcher.start()
+        if self.config.claims:
+            self._tasks = [asyncio.create_task(self._follow_events()), asyncio.create_task(self._renew_claims())]
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.batcher.close()
         if self.gate is not None:
             self.gate.close()
@@ -149,8 +176,121 @@ class EncodeService:
     async def _store(self, job_key: str, encoded: Any) -> None:
         # NOTE: the batcher's key is "[tenant@]hash": single flight within a tenant, never across.
         tenant, _, hash_hex = job_key.rpartition("@")
-        await self.cache.put(self._scope(tenant or None), hash_hex, encoded.embeddings,
+        scope = self._scope(tenant or None)
+        await self.cache.put(scope, hash_hex, encoded.embeddings,
                              extras=encoded.extras or None, encode_ms=encoded.encode_ms)
+        self._held.discard(f"{scope}/{hash_hex}")  # NOTE: the put ended the claim in the sidecar
+
+    # ------------------------------------------------------------ claims (mmcache.claims)
+    async def _follow_events(self) -> None:
+        """Wake the requests waiting on another owner's claim when its entry is stored."""
+        backoff = 0.1
+        while True:
+            try:
+                async for ev in self.cache.events():
+                    self._events_up, backoff = True, 0.1
+                    if ev.get("kind") == "lost":
+                        keys = list(self._waiters)
+                    elif ev.get("kind") == "stored":
+                        keys = [ev.get("key")]
+                    else:
+                        continue
+                    for key in keys:
+                        for waiter in self._waiters.get(key, ()):
+                            waiter.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the sidecar restarting, or one without events
+                logger.debug("encoder: the cache's event stream ended: %r", e)
+            self._events_up = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _renew_claims(self) -> None:
+        """Renew the claims of misses still waiting for the model, so a long queue is not taken
+        for a dead owner (another encoder would encode them too)."""
+        while True:
+            await asyncio.sleep(self.config.claim_ttl_s / 3)
+            held = list(self._held)
+            if not held:
+                continue
+            try:
+                states = await self.cache.claim(held, self.owner, self._ttl_ms)
+            except Exception as e:  # noqa: BLE001 - renewal is best effort; the TTL is the backstop
+                logger.debug("encoder: renewing %d claims failed: %r", len(held), e)
+                continue
+            for key, st in states.items():
+                if st.get("state") == "exists":
+                    self._held.discard(key)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, int(self.config.claim_ttl_s * 1000))
+
+    async def _claim(self, scope: str, hashes: list[str]) -> tuple[list[str], list[str]]:
+        """Claim ``hashes`` (new misses of this worker): (to encode here, stored by another).
+        Waits for what another owner holds: until its ``stored`` event, or at most its claim's
+        deadline, then claims again (a takeover, when the owner died)."""
+        pending = {f"{scope}/{h}": h for h in hashes}
+        mine: list[str] = []
+        found: list[str] = []
+        waited: set[str] = set()
+        while pending:
+            try:
+                states = await self.cache.claim(list(pending), self.owner, self._ttl_ms)
+            except (CacheFull, CacheUnavailable, MMCacheError) as e:
+                # NOTE: a sidecar that cannot claim must not stop encodes: encode here.
+                self.counters["claims_unavailable"] += len(pending)
+                logger.debug("encoder: claims unavailable (%r); encoding %d images here", e, len(pending))
+                mine += pending.values()
+                break
+            left_ms: list[int] = []
+            for key, h in list(pending.items()):
+                st = states.get(key) or {"state": "won"}
+                if st["state"] == "exists":
+                    found.append(h)
+                elif st["state"] == "won":
+                    self.counters["claims_won"] += 1
+                    self.counters["claims_taken_over"] += key in waited
+                    self._held.add(key)
+                    mine.append(h)
+                else:
+                    if key not in waited:
+                        self.counters["claims_waited"] += 1
+                        waited.add(key)
+                    left_ms.append(int(st.get("ttl_ms", self._ttl_ms)))
+                    continue
+                del pending[key]
+            if pending:
+                await self._wait_stored(list(pending), min(left_ms) / 1000)
+        return mine, found
+
+    async def _wait_stored(self, keys: list[str], deadline_s: float) -> None:
+        """Until one of ``keys`` is stored (an event), the nearest claim deadline passes, or a
+        poll interval (the fallback, short while the event stream is down) ends."""
+        waiter = asyncio.Event()
+        for key in keys:
+            self._waiters.setdefault(key, set()).add(waiter)
+        try:
+            poll = 2.0 if self._events_up else 0.1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter.wait(), min(poll, deadline_s + 0.005))
+        finally:
+            for key in keys:
+                group = self._waiters.get(key)
+                if group is not None:
+                    group.discard(waiter)
+                    if not group:
+                        del self._waiters[key]
+
+    async def _give_back(self, scope: str, hashes: list[str]) -> None:
+        """An encode (or its enqueue) failed: give its claims back, so waiters take over at once."""
+        keys = [f"{scope}/{h}" for h in hashes if f"{scope}/{h}" in self._held]
+        if not keys:
+            return
+        self._held.difference_update(keys)
+        with contextlib.suppress(Exception):
+            await self.cache.release_claims(keys, self.owner)
 
     async def encode(self, urls: list[str], tenant: str | None = None) -> dict:
         """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image. With a
@@ -204,10 +344,25 @@ class EncodeService:
             # check to enqueue there is no await, so one ending after it is joined or found.
             await look([h for h in misses if self.batcher.finished_since(job_prefix + h, mark)])
             misses = [h for h in misses if h not in cached]
+        claimed: list[str] = []
+        fresh = [h for h in misses if not self.batcher.in_flight(job_prefix + h)]
+        if self.config.claims and fresh:
+            # NOTE: misses already in flight here are joined; the new ones are claimed first, and
+            # those another encoder (here or on another node) owns are waited for, then read.
+            claimed, found = await self._claim(scope, fresh)
+            if found:
+                await look(found)
+            taken = set(fresh) - set(claimed) - cached
+            misses = [h for h in misses if h not in cached and (h not in fresh or h in claimed or h in taken)]
         job = Job(len(misses)) if misses else None
-        futures = [asyncio.shield(f) for f in
-                   self.batcher.enqueue_many([(job_prefix + h, images[h]) for h in misses], job)]
-        results = await asyncio.gather(*futures)
+        try:
+            futures = [asyncio.shield(f) for f in
+                       self.batcher.enqueue_many([(job_prefix + h, images[h]) for h in misses], job)]
+            results = await asyncio.gather(*futures)
+        except BaseException:
+            if claimed:
+                await asyncio.shield(self._give_back(scope, claimed))
+            raise
         for h, enc in zip(misses, results):
             num_tokens[h] = int(enc.embeddings.shape[0])
         self.counters["requests"] += 1
@@ -286,6 +441,8 @@ async def stats_handler(request: web.Request) -> web.Response:
     gate = {"compute_gate": service.gate.stats()} if service.gate is not None else {}
     return web.json_response({"namespace": service.namespace, "model": service.config.model, "pid": os.getpid(),
                               **service.counters, **gate,
+                              "claims": service.config.claims, "claim_owner": service.owner,
+                              "claims_held": len(service._held), "events_connected": service._events_up,
                               "inflight": service.batcher.inflight, "queued": service.batcher.queued,
                               "single_flight_joins": service.batcher.joins, "schedule": service.batcher.schedule,
                               "max_queued": service.batcher.max_queued, "refused": service.batcher.refused,

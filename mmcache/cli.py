@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         "max_connections": args.max_connections, "header_timeout_s": args.header_timeout,
         "disk_queue_bytes": args.disk_queue, "tenants": args.tenants,
         "remote": args.remote, "remote_ttl_s": args.remote_ttl, "remote_timeout_ms": args.remote_timeout_ms,
-        "remote_required": args.remote_required or None,
+        "remote_required": args.remote_required or None, "node": args.node,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--remote-ttl", type=float, metavar="S", help="expire remote entries after S seconds")
     s.add_argument("--remote-timeout-ms", type=float, metavar="MS",
                    help="longest wait for one remote call (default 200); past it: a miss or a dropped write")
+    s.add_argument("--node", metavar="NAME",
+                   help="this sidecar's name in inventory events (default hostname:port)")
     s.add_argument("--remote-required", action="store_true",
                    help="refuse to start when the remote cannot be reached (default: start with it marked down)")
     s.set_defaults(fn=_serve)

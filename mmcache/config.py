@@ -98,6 +98,8 @@ class ServeConfig:
     """Longest wait for one remote call; past it the call is a miss (or a dropped write)."""
     remote_required: bool = False
     """Refuse to start when the remote cannot be reached (else start with it marked down)."""
+    node: str | None = None
+    """This sidecar's name in inventory events and claims (default ``hostname:port``)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.remote_timeout_ms < float("inf"):

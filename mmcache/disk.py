@@ -129,6 +129,9 @@ class DiskTier(Tier):
 
     name = "disk"
 
+    on_evict: "Callable[[str, int], None] | None" = None
+    """Called (under the tier's lock) with (key, nbytes) of each entry evicted to make room."""
+
     def __init__(self, config: DiskTierConfig):
         self.config = config
         self._pid = os.getpid()
@@ -568,6 +571,8 @@ class DiskTier(Tier):
                 self._bytes -= nbytes
                 self._policy.on_remove(key, evicted=evicted)
                 self._counts["evictions"] += evicted
+                if evicted and self.on_evict is not None:
+                    self.on_evict(key, nbytes)
             for key, op in added.items():
                 if key in self._tombstones:
                     continue

@@ -427,6 +427,12 @@ class HostTier(Tier):
             entry = self._key_to_entry.get(key)
             return entry is not None and entry.persist
 
+    def nbytes(self, key: str) -> int:
+        """The entry's size, 0 when host does not hold it."""
+        with self._lock:
+            entry = self._key_to_entry.get(key)
+            return entry.nbytes if entry is not None else 0
+
     def cost_ms(self, key: str) -> float:
         with self._lock:
             return self._key_to_entry[key].cost_ms

@@ -46,8 +46,10 @@ import select
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
+from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.host import EntryExists, Reservation
 from mmcache.store import RETRY_AFTER_S, Lease, TieredStore
 from mmcache.tenants import DEFAULT, Principal, Tenants
@@ -70,7 +72,10 @@ _SCOPE_CACHE_KEYS = 8192
 
 _OPS = wire.OPS
 """The ops, counted per name in ``/v1/stats`` (``"local"``): round trips are what the fast path saves."""
-_LEASE, _RELEASE = OP_CODES["lease"], OP_CODES["release"]
+_LEASE, _RELEASE, _EVENTS = OP_CODES["lease"], OP_CODES["release"], OP_CODES["events"]
+HEARTBEAT_S = 5.0
+"""An event stream with nothing to say sends an empty frame this often (a dead follower shows)."""
+FOLLOWER_SEND_TIMEOUT_S = 10.0
 _OPS_LOCK = threading.Lock()
 
 
@@ -181,6 +186,14 @@ class _Connection:
             return {"aborted": res is not None}
         if op == "delete":
             return {"deleted": store.delete(self._scoped(msg.get("key")))}
+        if op == "claim":
+            keys = {self._scoped(k): k for k in _key_list(msg.get("keys"))}
+            ttl = msg.get("ttl_ms", DEFAULT_TTL_MS)
+            answer = store.claims.claim(list(keys), msg.get("owner"), ttl)
+            return {"claims": {keys[k]: v for k, v in answer.items()}}
+        if op == "unclaim":
+            keys = [self._scoped(k) for k in _key_list(msg.get("keys"))]
+            return {"released": store.claims.release(keys, msg.get("owner"))}
         if op == "stats":
             if not self.principal.trusted:
                 usage = store.usage_by_tenant()
@@ -292,6 +305,19 @@ class _Connection:
 _KINDS = ((CacheFull, "CacheFull"), (EntryTooLarge, "EntryTooLarge"), (PermissionError, "Forbidden"))
 
 
+def _event_in_scope(event, tenant: str | None) -> dict | None:
+    """An event as a follower may see it: all of them for the default tenant; a tenant's own,
+    with its keys as it names them, for a tenant."""
+    doc = event.as_dict()
+    if tenant is None:
+        return doc
+    prefix = tenant + "@"
+    if not event.key.startswith(prefix):
+        return None
+    doc["key"] = event.key[len(prefix):]
+    return doc
+
+
 def _error_body(e: BaseException) -> bytes:
     kind = next((name for cls, name in _KINDS if isinstance(e, cls)), type(e).__name__)
     return wire.json_body({"error": str(e), "kind": kind})
@@ -398,6 +424,9 @@ class LocalServer:
                 body = rfile.read(blen) if blen else b""
                 if len(body) < blen:
                     break
+                if code == _EVENTS:
+                    self._follow(sock, conn, msg_id, body)
+                    break
                 try:
                     status, answer = OK, conn.handle(code, body)
                 except _EXPECTED as e:
@@ -421,6 +450,33 @@ class LocalServer:
                 sock.close()
                 with self._lock:
                     self._conns.pop(sock, None)
+
+    def _follow(self, sock: socket.socket, conn: _Connection, msg_id: int, body: bytes) -> None:
+        """The ``events`` op: this connection becomes a push stream of the store's events (from
+        ``since``, default now), in this connection's scope; it ends when the follower goes."""
+        bus = self.store.events
+        try:
+            msg = json.loads(body) if body else {}
+            since = msg.get("since") if isinstance(msg, dict) else None
+            if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+                raise ProtocolError(f"events: since={since!r} must be a sequence number >= 0")
+        except (ValueError, RecursionError) as e:
+            sock.sendall(wire.frame(msg_id, ERROR, _error_body(ProtocolError(f"events: {e}"))))
+            return
+        seq = bus.seq if since is None else since
+        sock.sendall(wire.frame(msg_id, OK, wire.json_body({"seq": seq, "node": bus.node})))
+        tenant = None if conn.principal.trusted else conn.principal.tenant
+        sock.settimeout(FOLLOWER_SEND_TIMEOUT_S)  # NOTE: a follower that never reads is dropped
+        sent = time.monotonic()
+        while not self._stopping.is_set():
+            events, lost = bus.wait(seq, 0.5)
+            if events:
+                seq = events[-1].seq
+            docs = [d for d in (_event_in_scope(e, tenant) for e in events) if d is not None]
+            if not docs and not lost and time.monotonic() - sent < HEARTBEAT_S:
+                continue
+            sock.sendall(wire.frame(wire.EVENT, OK, wire.json_body({"events": docs, "lost": lost})))
+            sent = time.monotonic()
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()

@@ -28,6 +28,10 @@ _HTTP = {"refused": "Connections refused with 503 at the connection cap",
          "write_timeouts": "Responses aborted because the reader did not read in time"}
 
 
+_NOT_TIERS = ("claims", "events")
+"""Sections of ``store.stats()`` that are not tiers."""
+
+
 class _TierCollector:
     """Turns ``store.stats()`` into ``mmcache_tier_*`` series labelled by tier at scrape time."""
 
@@ -35,7 +39,7 @@ class _TierCollector:
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
+        stats = {tier: values for tier, values in self._stats().items() if tier not in _NOT_TIERS}
         for name, doc in _GAUGES.items():
             g = GaugeMetricFamily(f"mmcache_tier_{name}", doc, labels=["tier"])
             for tier, values in stats.items():

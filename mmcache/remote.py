@@ -19,6 +19,7 @@ every put).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -35,7 +36,32 @@ from mmcache_client.format import EntryFormatError, read_entry
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mmc:v1:"
+CLAIM_PREFIX = "mmc:v1:claim:"
+"""Claim keys (``mmcache.claims``); no entry key has this form (a namespace has no colon)."""
+EVENTS_STREAM = "mmc:v1:events"
+"""The inventory stream every sidecar on the store appends its events to (``mmcache.events``)."""
+EVENTS_MAXLEN = 10_000
 PASSWORD_ENV = "MMCACHE_REMOTE_PASSWORD"
+_WAKE = object()
+"""Queued to wake the writer for events alone."""
+
+_CLAIM_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {1, tonumber(ARGV[2])}
+end
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(ARGV[2])}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
+"""Claim or renew: won (1) with the TTL, or held by another (0) with what is left of its TTL."""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class RemoteURLError(ValueError):
@@ -98,7 +124,12 @@ class RemoteTier(Tier):
     name: ClassVar[str] = "remote"
     durable: ClassVar[bool] = False
 
-    def __init__(self, config: RemoteConfig, *, verify_key: Callable[[str, Any], None] | None = None):
+    def __init__(self, config: RemoteConfig, *, verify_key: Callable[[str, Any], None] | None = None,
+                 node: str = "", on_event: Callable[[dict], None] | None = None,
+                 on_stored: Callable[[str, int], None] | None = None):
+        """``node``: this sidecar's name in events; ``on_event``: called (from a thread) with
+        each other node's event read from the stream; ``on_stored``: called with (key, nbytes)
+        once a write-behind put is on the remote."""
         import redis  # NOTE: only with --remote
 
         self._redis = redis
@@ -116,6 +147,11 @@ class RemoteTier(Tier):
         self._queued_bytes = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self.node, self._on_event, self._on_stored = node, on_event, on_stored
+        self._events_out: collections.deque = collections.deque()
+        self._event_counts = dict(sent=0, received=0, dropped=0)
+        self._stop = threading.Event()
+        self._scripts: tuple[Any, Any] | None = None
         try:
             self._connect()
         except (redis.RedisError, OSError) as e:
@@ -126,10 +162,24 @@ class RemoteTier(Tier):
             self._mark_down()
         self._writer = threading.Thread(target=self._write_loop, name="mmcache-remote-writer", daemon=True)
         self._writer.start()
+        self._reader: threading.Thread | None = None
+        if on_event is not None:
+            self._reader = threading.Thread(target=self._read_loop, name="mmcache-remote-events", daemon=True)
+            self._reader.start()
 
     # ------------------------------------------------------------ connection and breaker
     def _connect(self) -> None:
-        redis, addr, timeout = self._redis, self.address, self.config.timeout_ms / 1000
+        client, enabled = self._new_client(self.config.timeout_ms / 1000)
+        with self._lock:
+            old, self._client, self.cluster = self._client, client, enabled
+            self._up, self._failures = True, 0
+            self._scripts = None
+        if old is not None:
+            _close_quietly(old)
+        logger.info("remote %s up (%s)", self.config.url, "cluster" if enabled else "single server")
+
+    def _new_client(self, timeout: float) -> tuple[Any, bool]:
+        redis, addr = self._redis, self.address
         common = dict(username=addr.username, password=addr.password, socket_timeout=timeout,
                       socket_connect_timeout=timeout, ssl=addr.tls)
         host, port = addr.nodes[0]
@@ -151,13 +201,12 @@ class RemoteTier(Tier):
                 raise RemoteURLError(f"--remote {self.config.url}: several hosts given but {host}:{port} "
                                      "is not in cluster mode")
             client = redis.Redis(host=host, port=port, **common)
-        client.ping()
-        with self._lock:
-            old, self._client, self.cluster = self._client, client, enabled
-            self._up, self._failures = True, 0
-        if old is not None:
-            _close_quietly(old)
-        logger.info("remote %s up (%s)", self.config.url, "cluster" if enabled else "single server")
+        try:
+            client.ping()
+        except BaseException:
+            _close_quietly(client)
+            raise
+        return client, enabled
 
     def _mark_down(self) -> None:
         with self._lock:
@@ -266,9 +315,10 @@ class RemoteTier(Tier):
         while True:
             item = self._queue.get()
             if item is None:
+                self._send_events([])
                 return
-            batch = [item]
-            nbytes = item[1].nbytes
+            batch = [] if item is _WAKE else [item]
+            nbytes = 0 if item is _WAKE else item[1].nbytes
             while len(batch) < self.config.batch_max and nbytes < (32 << 20):
                 try:
                     nxt = self._queue.get_nowait()
@@ -277,11 +327,14 @@ class RemoteTier(Tier):
                 if nxt is None:
                     self._queue.put(None)  # NOTE: stop after this batch
                     break
+                if nxt is _WAKE:
+                    continue
                 batch.append(nxt)
                 nbytes += nxt[1].nbytes
-            self._write(batch)
+            stored = self._write(batch) if batch else []
+            self._send_events(stored)
 
-    def _write(self, batch: list) -> None:
+    def _write(self, batch: list) -> list[str]:
         ttl = self.config.ttl_s
 
         def run(client):
@@ -295,21 +348,133 @@ class RemoteTier(Tier):
             logger.debug("remote write of %s entries failed: %s", len(batch), e)
             results = [e] * len(batch)
         written = 0
+        stored: list[str] = []
         for (key, mv, fut), result in zip(batch, results):
             with self._lock:
                 self._queued_bytes -= mv.nbytes
             if isinstance(result, BaseException):
                 self._count("dropped")
                 fut.set_result(PutStatus.NO_SPACE)
-            elif result:
+                continue
+            stored.append(key)
+            if result:
                 written += mv.nbytes
                 self._count("writes")
+                if self._on_stored is not None:
+                    self._on_stored(key, mv.nbytes)
                 fut.set_result(PutStatus.CREATED)
             else:
                 self._count("exists")
                 fut.set_result(PutStatus.EXISTS)
         if written:
             self._count("bytes_written", written)
+        return stored
+
+    # ------------------------------------------------------------ claims (mmcache.claims)
+    def _script(self, client: Any, which: int) -> Any:
+        with self._lock:
+            if self._scripts is None:
+                self._scripts = (client.register_script(_CLAIM_LUA), client.register_script(_RELEASE_LUA))
+            return self._scripts[which]
+
+    def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[bool, int] | None:
+        """Claim (or renew) ``key`` for ``owner`` on the remote: (won, ttl left in ms), or None
+        when the remote cannot answer now (the caller falls back to its own table)."""
+        try:
+            won, left = self._call(lambda c: self._script(c, 0)(keys=[CLAIM_PREFIX + key], args=[owner, ttl_ms],
+                                                                client=c))
+        except (RemoteDown, self._redis.RedisError, OSError) as e:
+            logger.debug("remote claim of %s failed: %s", key, e)
+            return None
+        return bool(won), max(1, int(left))
+
+    def release_claim(self, key: str, owner: str) -> int:
+        try:
+            return int(self._call(lambda c: self._script(c, 1)(keys=[CLAIM_PREFIX + key], args=[owner], client=c)))
+        except (RemoteDown, self._redis.RedisError, OSError):
+            return 0
+
+    # ------------------------------------------------------------ events (mmcache.events)
+    def emit(self, event: Any) -> None:
+        """Append one of this node's events to the stream, write-behind (bounded: drops when full)."""
+        with self._lock:
+            if len(self._events_out) >= EVENTS_MAXLEN:
+                self._event_counts["dropped"] += 1
+                return
+            self._events_out.append(event)
+        self._queue.put(_WAKE)
+
+    def _send_events(self, stored: list[str]) -> None:
+        """After a batch of ``SET``s: end those keys' claims (only now can every sidecar read them),
+        and append the queued events to the stream; one pipeline."""
+        with self._lock:
+            events, self._events_out = list(self._events_out), collections.deque()
+        if not stored and not events:
+            return
+
+        def run(client):
+            pipe = client.pipeline(transaction=False)
+            for key in stored:
+                pipe.delete(CLAIM_PREFIX + key)
+            for ev in events:
+                pipe.xadd(EVENTS_STREAM, {"kind": ev.kind, "key": ev.key, "tier": ev.tier, "node": ev.node,
+                                          "bytes": ev.bytes, "ts": ev.ts}, maxlen=EVENTS_MAXLEN, approximate=True)
+            return pipe.execute(raise_on_error=False)
+        try:
+            results = self._call(run)
+        except (RemoteDown, self._redis.RedisError, OSError) as e:
+            logger.debug("remote claim ends / events failed: %s", e)
+            results = [e] * (len(stored) + len(events))
+        sent = sum(not isinstance(r, BaseException) for r in results[len(stored):])
+        with self._lock:
+            self._event_counts["sent"] += sent
+            self._event_counts["dropped"] += len(events) - sent
+
+    def _read_loop(self) -> None:
+        """Follow the stream from now on; hand each other node's event to ``on_event``."""
+        block_ms = 1000
+        client = None
+        last = "$"
+        while not self._stop.is_set():
+            if client is None:
+                with self._lock:
+                    up = self._up
+                if not up:
+                    self._stop.wait(self.config.retry_s)
+                    continue
+                try:
+                    client, _ = self._new_client(self.config.timeout_ms / 1000 + block_ms / 1000)
+                    if last == "$":
+                        newest = client.xrevrange(EVENTS_STREAM, count=1)
+                        last = newest[0][0] if newest else "0-0"
+                except (self._redis.RedisError, OSError) as e:
+                    logger.debug("remote events: cannot follow the stream: %s", e)
+                    client = None
+                    self._stop.wait(self.config.retry_s)
+                    continue
+            try:
+                answer = client.xread({EVENTS_STREAM: last}, count=512, block=block_ms)
+            except (self._redis.RedisError, OSError) as e:
+                logger.debug("remote events: read failed: %s", e)
+                _close_quietly(client)
+                client = None
+                self._stop.wait(self.config.retry_s)
+                continue
+            for _stream, entries in answer or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    ev = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                          for k, v in fields.items()}
+                    if ev.get("node") == self.node:
+                        continue
+                    with self._lock:
+                        self._event_counts["received"] += 1
+                    try:
+                        self._on_event(ev)
+                    except Exception:  # noqa: BLE001 - a bad event must not stop the follower
+                        logger.exception("remote events: handling %r failed", ev)
+        if client is not None:
+            _close_quietly(client)
 
     def delete(self, key: str) -> bool:
         try:
@@ -321,7 +486,8 @@ class RemoteTier(Tier):
     def stats(self) -> dict:
         with self._lock:
             return dict(up=self._up, cluster=self.cluster, queued=self._queue.qsize(), queued_bytes=self._queued_bytes,
-                        url=_redacted(self.config.url), **self._counts)
+                        url=_redacted(self.config.url), **self._counts,
+                        events={**self._event_counts, "queued": len(self._events_out)})
 
     def flush(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -338,8 +504,11 @@ class RemoteTier(Tier):
             if self._closed:
                 return
             self._closed = True
+        self._stop.set()
         self._queue.put(None)
         self._writer.join(max(5.0, 4 * self.config.timeout_ms / 1000))
+        if self._reader is not None:
+            self._reader.join(5.0)
         if self._client is not None:
             _close_quietly(self._client)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
+import socket
 import time
 from typing import AsyncIterator
 
@@ -19,6 +21,7 @@ import pyarrow as pa
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.config import ServeConfig
 from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
@@ -42,6 +45,11 @@ TENANTS = web.AppKey("tenants", Tenants)
 TENANT_COUNTS = web.AppKey("tenant_counts", dict)
 LOCAL_OPS = web.AppKey("local_ops", dict)
 _DETAIL = web.RequestKey("detail", bool) if hasattr(web, "RequestKey") else "mmcache.detail"
+_BODY = web.RequestKey("body", dict) if hasattr(web, "RequestKey") else "mmcache.body"
+STOPPING = web.AppKey("stopping", asyncio.Event)
+"""Set when the app shuts down: long-lived streams (``/v1/events``) end."""
+EVENT_HEARTBEAT_S = 15.0
+EVENT_WRITE_TIMEOUT_S = 10.0
 """Unix-socket ops served, by name (``/v1/stats`` ``"local"``)."""
 PRINCIPAL = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "mmcache.principal"  # aiohttp < 3.12
 DEFAULT_TENANT_NAME = "(default)"
@@ -207,9 +215,11 @@ async def delete_entry(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def _json_keys(request: web.Request) -> dict[str, str]:
-    """The body's keys in the caller's scope: ``{stored key: the key as the caller wrote it}``."""
-    doc = await read_json(request, _MAX_JSON_BYTES, '{"keys": ["ns/hash", ...]}')
+async def _json_keys(request: web.Request, shape: str = '{"keys": ["ns/hash", ...]}') -> dict[str, str]:
+    """The body's keys in the caller's scope: ``{stored key: the key as the caller wrote it}``
+    (the whole body in ``request[_BODY]``)."""
+    doc = await read_json(request, _MAX_JSON_BYTES, shape)
+    request[_BODY] = doc
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
         raise ValueError('body must be {"keys": ["ns/hash", ...]}')
@@ -234,6 +244,73 @@ async def lookup(request: web.Request) -> web.Response:
     tiers = await asyncio.to_thread(store.lookup, list(keys)) if store.remote is not None else store.lookup(list(keys))
     return web.json_response({"tiers": {keys[k]: t for k, t in tiers.items()},
                               "found": sum(t is not None for t in tiers.values())})
+
+
+async def claim(request: web.Request) -> web.Response:
+    """``POST /v1/claims {"keys": [...], "owner": ID, "ttl_ms": N}``: per key ``exists``, ``won``
+    or ``wait`` (with ``ttl_ms`` left); see ``mmcache.claims``."""
+    keys = await _json_keys(request, '{"keys": ["ns/hash", ...], "owner": "encoder-id", "ttl_ms": 30000}')
+    doc = request[_BODY]
+    answer = await asyncio.to_thread(request.app[STORE].claims.claim, list(keys), doc.get("owner"),
+                                     doc.get("ttl_ms", DEFAULT_TTL_MS))
+    return web.json_response({"claims": {keys[k]: v for k, v in answer.items()}})
+
+
+async def release_claims(request: web.Request) -> web.Response:
+    """``POST /v1/claims/release {"keys": [...], "owner": ID}``: an owner gives its claims back."""
+    keys = await _json_keys(request, '{"keys": ["ns/hash", ...], "owner": "encoder-id"}')
+    n = await asyncio.to_thread(request.app[STORE].claims.release, list(keys), request[_BODY].get("owner"))
+    return web.json_response({"released": n})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/events[?since=SEQ][&scope=local]``: the store's inventory events as server-sent
+    events (``id`` the sequence number, ``event`` the kind, ``data`` the JSON event), from
+    ``since`` (or ``Last-Event-ID``; default: from now). ``scope=local``: this node's own only,
+    not those relayed from the remote's stream. A tenant sees its own keys only. An ``event:
+    lost`` says the follower fell more than the bus holds behind (re-read what it indexes). The
+    first is ``event: subscribed`` with the sequence number it follows from and the node."""
+    bus, principal = request.app[STORE].events, request[PRINCIPAL]
+    since_text = request.query.get("since", request.headers.get("Last-Event-ID"))
+    if since_text is not None and not since_text.isdigit():
+        raise ValueError(f"since={since_text!r} must be a sequence number >= 0")
+    scope = request.query.get("scope", "all")
+    if scope not in ("all", "local"):
+        raise ValueError(f"scope={scope!r} must be all or local")
+    seq = int(since_text) if since_text is not None else bus.seq
+    tenant = None if principal.trusted else principal.tenant
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-MMCache-Node": bus.node})
+    await response.prepare(request)
+    stopping = request.app[STOPPING]
+
+    async def send(text: str) -> None:
+        await asyncio.wait_for(response.write(text.encode()), EVENT_WRITE_TIMEOUT_S)
+
+    try:
+        await send(f"event: subscribed\ndata: {json.dumps({'kind': 'subscribed', 'seq': seq, 'node': bus.node})}\n\n")
+        sent = time.monotonic()
+        while not stopping.is_set():
+            found, lost = await bus.wait_async(seq, 1.0)
+            parts = ["event: lost\ndata: {}\n\n"] if lost else []
+            for ev in found:
+                seq = ev.seq
+                if scope == "local" and ev.node != bus.node:
+                    continue
+                doc = ev.as_dict()
+                if tenant is not None:
+                    if not ev.key.startswith(tenant + "@"):
+                        continue
+                    doc["key"] = ev.key[len(tenant) + 1:]
+                parts.append(f"id: {ev.seq}\nevent: {ev.kind}\ndata: {json.dumps(doc)}\n\n")
+            if not parts and time.monotonic() - sent >= EVENT_HEARTBEAT_S:
+                parts.append(": heartbeat\n\n")
+            if parts:
+                await send("".join(parts))
+                sent = time.monotonic()
+    except (ConnectionResetError, asyncio.TimeoutError) as e:  # the follower left or stopped reading
+        logger.debug("events follower gone: %r", e)
+    return response
 
 
 _BATCH_SCHEMA = pa.schema([("key", pa.string()), ("tier", pa.string()), ("entry", pa.large_binary())])
@@ -365,7 +442,8 @@ def _store_ctx(config: ServeConfig):
             disk_max_queued_bytes=config.disk_queue_bytes,
             remote=None if config.remote is None else RemoteConfig(
                 config.remote, ttl_s=config.remote_ttl_s, timeout_ms=config.remote_timeout_ms,
-                required=config.remote_required)))
+                required=config.remote_required),
+            node=config.node or f"{socket.gethostname()}:{config.port}"))
         app[STORE] = store
         local = gate = None
         try:
@@ -409,6 +487,11 @@ def create_app(config: ServeConfig) -> web.Application:
         app[TENANT_COUNTS] = {}
     app[HTTP_COUNTERS] = HttpCounters()
     app[LOCAL_OPS] = {}
+    app[STOPPING] = asyncio.Event()
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[STOPPING].set()
+    app.on_shutdown.append(on_shutdown)
     app[METRICS] = Metrics(lambda: app[STORE].stats(), lambda: app[HTTP_COUNTERS].as_dict())
     app.cleanup_ctx.append(_store_ctx(config))
     entry = "/v1/entries/{ns}/{hash}"
@@ -419,6 +502,9 @@ def create_app(config: ServeConfig) -> web.Application:
         web.delete(entry, delete_entry),
         web.post("/v1/lookup", lookup),
         web.post("/v1/batch_get", batch_get),
+        web.post("/v1/claims", claim),
+        web.post("/v1/claims/release", release_claims),
+        web.get("/v1/events", events),
         web.get("/v1/stats", stats),
         web.get("/metrics", metrics),
         web.get("/healthz", healthz),

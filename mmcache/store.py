@@ -24,12 +24,15 @@ import logging
 import math
 import os
 import secrets
+import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
+from mmcache.claims import Claims
 from mmcache.disk import DiskTier, DiskTierConfig
+from mmcache.events import EventBus
 from mmcache.host import EntryExists, HostTier, Owner, Reservation
 from mmcache.remote import RemoteConfig, RemoteTier
 from mmcache.tier import PutStatus, Tier, TierLease
@@ -71,6 +74,8 @@ class StoreConfig:
     """Bytes of puts that host cannot take queued for the disk writer at most (then 503)."""
     remote: RemoteConfig | None = None
     """A Redis/Valkey server or cluster below disk, shared by many sidecars (``mmcache.remote``)."""
+    node: str = ""
+    """This sidecar's name in inventory events (``mmcache.events``); default ``host:pid``."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):
@@ -157,6 +162,7 @@ class TieredStore:
         self.config = config
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self._lock_fd = _lock_data_dir(config.data_dir)
+        self.events = EventBus(config.node or f"{socket.gethostname()}:{os.getpid()}")
         try:
             self._remove_stale_arena()
             self.disk = DiskTier(DiskTierConfig(
@@ -166,7 +172,8 @@ class TieredStore:
             try:
                 self.host = HostTier(config.resolved_arena_path(), config.host_capacity_bytes,
                                      policy=config.host_policy, on_dirty=self._write_back,
-                                     persisted=self._persisted)
+                                     persisted=self._persisted,
+                                     on_evict=lambda key, n: self.events.publish("evicted", key, "host", n))
             except BaseException:
                 self.disk.close()
                 raise
@@ -176,7 +183,8 @@ class TieredStore:
         self.remote: RemoteTier | None = None
         if config.remote is not None:
             try:
-                self.remote = RemoteTier(config.remote, verify_key=_check_key)
+                self.remote = RemoteTier(config.remote, verify_key=_check_key, node=self.events.node,
+                                         on_event=self._relay, on_stored=self._remote_stored)
             except BaseException:
                 self.host.close()
                 self.disk.close()
@@ -187,10 +195,33 @@ class TieredStore:
         self.durable: list[Tier] = [t for t in self.lower if t.durable]
         """The lower tiers host relies on (evicts into) and puts consult; not the remote."""
         self.tiers: list[Tier] = [self.host, *self.lower]
+        self.disk.on_evict = lambda key, n: self.events.publish("evicted", key, "disk", n)
+        if self.remote is not None:
+            self.events.sink = self.remote.emit
+        self.claims = Claims(self.contains, self.remote)
         with open(os.path.join(self.config.data_dir, _ARENA_RECORD), "w") as f:
             f.write(self.host.arena.path)
         self._counts_lock = threading.Lock()
         self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)
+
+    def _stored(self, key: str, tier: str, nbytes: int) -> None:
+        """``key`` is readable from ``tier`` now: end its local claim, tell the followers."""
+        self.claims.stored(key)
+        self.events.publish("stored", key, tier, nbytes)
+
+    def _remote_stored(self, key: str, nbytes: int) -> None:
+        self.events.publish("stored", key, "remote", nbytes)
+
+    def _relay(self, doc: dict) -> None:
+        """Another node's event, read from the remote's stream: published here under its node."""
+        kind, key, tier, node = doc.get("kind"), doc.get("key"), doc.get("tier"), doc.get("node")
+        if kind not in ("stored", "evicted", "deleted") or not all(isinstance(v, str) and v for v in (key, tier, node)):
+            return
+        try:
+            nbytes, ts = int(doc.get("bytes", 0)), float(doc.get("ts", 0))
+        except ValueError:
+            return
+        self.events.publish(kind, key, tier, nbytes, node=node, ts=ts or None)
 
     def _persisted(self, key: str) -> bool:
         return all(t.contains(key) for t in self.durable)
@@ -281,6 +312,7 @@ class TieredStore:
             return PutResult(False, "disk")
         if status is not PutStatus.CREATED:
             raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host or disk now", RETRY_AFTER_S)
+        self._stored(key, "disk", plan.total_bytes)
         return PutResult(True, "disk", None)
 
     def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *, persist: bool = True,
@@ -332,6 +364,7 @@ class TieredStore:
         self.host.abort(res)
 
     def _write_through(self, key: str, cost_ms: float, durable: bool) -> PutResult:
+        self._stored(key, "host", self.host.nbytes(key))
         if not self.host.persists(key):
             return PutResult(True, "host", None)
         fut = self._copy_down(key, cost_ms)
@@ -444,6 +477,7 @@ class TieredStore:
                 self.host.abort(res)
             raise
         self._count("promotions")
+        self._stored(key, "host", below.nbytes)
         tl = self.host.lease(key, owner, count=False)
         return None if tl is None else Lease(key, owner, below.tier, tl.view, tl)
 
@@ -511,6 +545,8 @@ class TieredStore:
         """Remove from every tier; never waits for a disk commit."""
         key = _key_str(key)
         found = [t.delete(key) for t in self.tiers]
+        if any(found):
+            self.events.publish("deleted", key, "all", 0)
         return any(found)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -528,6 +564,8 @@ class TieredStore:
 
     def stats(self) -> dict:
         doc = {t.name: t.stats() for t in self.tiers}
+        doc["claims"] = self.claims.stats()
+        doc["events"] = self.events.stats()
         with self._counts_lock:
             doc["disk"].update(write_backs=self.counts["write_backs"], persist_errors=self.counts["persist_errors"])
             doc["host"].update(promotions=self.counts["promotions"], served_in_place=self.counts["served_in_place"])

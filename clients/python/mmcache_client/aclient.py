@@ -7,12 +7,12 @@ import contextlib
 import itertools
 import json
 import random
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import aiohttp
 
 from mmcache_client.arena import SharedArena
-from mmcache_client.client import _entries_from_arrow, _key, _keys, _local_batch, parse_url, plan_put, raise_for_status
+from mmcache_client.client import _claim_fields, _entries_from_arrow, _key, _keys, _local_batch, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
 from mmcache_client.session import SessionState, open_lease
@@ -322,6 +322,58 @@ class AsyncCacheClient:
                                          {"Content-Type": "application/json"})
         return json.loads(data)["tiers"]
 
+    async def claim(self, keys, owner: str, ttl_ms: int | None = None) -> dict:
+        """See ``CacheClient.claim``."""
+        fields = _claim_fields(keys, owner, ttl_ms)
+        if self.scheme == "unix":
+            return (await self._call("claim", **fields))["claims"]
+        _, _, data = await self._request("POST", "/v1/claims", json.dumps(fields), {"Content-Type": "application/json"})
+        return json.loads(data)["claims"]
+
+    async def release_claims(self, keys, owner: str) -> int:
+        """See ``CacheClient.release_claims``."""
+        fields = _claim_fields(keys, owner, None)
+        if self.scheme == "unix":
+            return (await self._call("unclaim", **fields))["released"]
+        _, _, data = await self._request("POST", "/v1/claims/release", json.dumps(fields),
+                                         {"Content-Type": "application/json"})
+        return json.loads(data)["released"]
+
+    async def events(self, since: int | None = None) -> AsyncIterator[dict]:
+        """The sidecar's inventory events (``stored`` / ``evicted`` / ``deleted``: key, tier,
+        node, bytes, seq), from ``since`` (default: from now), until the iterator is closed. The
+        first is ``{"kind": "subscribed", "seq", "node"}`` (the stream is up); a ``{"kind":
+        "lost"}`` says some were missed (the follower fell behind). Over its own
+        connection (a Unix socket's event stream, or ``GET /v1/events``); raises
+        ``CacheUnavailable`` when that connection ends."""
+        if self.scheme == "unix":
+            async for ev in _unix_events(self._target, self._token, since):
+                yield ev
+            return
+        query = f"?since={since}" if since is not None else ""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.total)
+        try:
+            async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as session:
+                async with session.get(self._target + "/v1/events" + query) as resp:
+                    if resp.status != 200:
+                        raise_for_status(resp.status, await resp.read(), dict(resp.headers))
+                    kind, data = None, []
+                    async for raw in resp.content:
+                        line = raw.decode().rstrip("\r\n")
+                        if line.startswith("event:"):
+                            kind = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].strip())
+                        elif not line:
+                            if kind == "lost":
+                                yield {"kind": "lost"}
+                            elif data:
+                                yield json.loads("\n".join(data))
+                            kind, data = None, []
+        except aiohttp.ClientError as e:
+            raise CacheUnavailable(f"{self.url}/v1/events: {e}") from e
+        raise CacheUnavailable(f"{self.url}/v1/events: the stream ended")
+
     async def delete(self, namespace: str, hash_hex: str) -> bool:
         key = str(_key(namespace, hash_hex))
         if self.scheme == "unix":
@@ -345,6 +397,37 @@ class AsyncCacheClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+async def _unix_events(path: str, token: str | None, since: int | None) -> AsyncIterator[dict]:
+    try:
+        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
+    except OSError as e:
+        raise CacheUnavailable(f"cannot connect to unix://{path}: {e}") from e
+
+    async def answer() -> dict:
+        blen, msg_id, code = wire.HEAD.unpack(await reader.readexactly(wire.HEAD.size))
+        if blen > wire.MAX_ANSWER_BYTES:
+            raise CacheUnavailable(f"unix://{path}: an answer of {blen} bytes is over {wire.MAX_ANSWER_BYTES}")
+        body = await reader.readexactly(blen) if blen else b""
+        return answer_fields(code, body)
+
+    try:
+        writer.write(wire.frame(1, OP_CODES["hello"], wire.json_body({"token": token} if token else {})))
+        await answer()
+        writer.write(wire.frame(2, OP_CODES["events"], wire.json_body({} if since is None else {"since": since})))
+        first = await answer()
+        yield {"kind": "subscribed", "seq": first.get("seq"), "node": first.get("node")}
+        while True:
+            doc = await answer()
+            if doc.get("lost"):
+                yield {"kind": "lost"}
+            for ev in doc.get("events", ()):
+                yield ev
+    except (asyncio.IncompleteReadError, OSError) as e:
+        raise CacheUnavailable(f"unix://{path}: the event stream ended ({e!r})") from None
+    finally:
+        writer.close()
 
 
 def _async_release(conn: _AsyncLocal, keys: list[str], ends: list):

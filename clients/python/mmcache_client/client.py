@@ -299,6 +299,27 @@ class CacheClient:
         _, _, data = self._request("POST", "/v1/lookup", json.dumps({"keys": keys}), {"Content-Type": "application/json"})
         return json.loads(data)["tiers"]
 
+    def claim(self, keys, owner: str, ttl_ms: int | None = None) -> dict:
+        """Claim ``keys`` before encoding them, so each is encoded once across every encoder
+        sharing the cache: key → ``{"state": "exists"}`` (some tier holds it), ``{"state":
+        "won", "ttl_ms"}`` (encode it and put it; the put ends the claim; claiming again renews
+        it) or ``{"state": "wait", "ttl_ms"}`` (``owner`` is another's for that long: wait for
+        its entry, then claim again). ``ttl_ms`` defaults to the sidecar's 30 s."""
+        fields = _claim_fields(keys, owner, ttl_ms)
+        if self.scheme == "unix":
+            return self._call("claim", **fields)["claims"]
+        _, _, data = self._request("POST", "/v1/claims", json.dumps(fields), {"Content-Type": "application/json"})
+        return json.loads(data)["claims"]
+
+    def release_claims(self, keys, owner: str) -> int:
+        """Give back ``owner``'s claims on ``keys`` (an encode that failed); how many it held."""
+        fields = _claim_fields(keys, owner, None)
+        if self.scheme == "unix":
+            return self._call("unclaim", **fields)["released"]
+        _, _, data = self._request("POST", "/v1/claims/release", json.dumps(fields),
+                                   {"Content-Type": "application/json"})
+        return json.loads(data)["released"]
+
     def delete(self, namespace: str, hash_hex: str) -> bool:
         key = str(_key(namespace, hash_hex))
         if self.scheme == "unix":
@@ -321,6 +342,13 @@ class CacheClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _claim_fields(keys, owner: str, ttl_ms: int | None) -> dict:
+    fields: dict[str, Any] = {"keys": _keys(keys), "owner": owner}
+    if ttl_ms is not None:
+        fields["ttl_ms"] = int(ttl_ms)
+    return fields
 
 
 def _sync_release(conn: LocalConnection, keys: list[str], ends: list) -> Callable[[], None]:

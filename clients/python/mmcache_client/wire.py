@@ -8,7 +8,9 @@ request's code is its op; an answer's code is ``OK`` or ``ERROR`` and its id the
   the lease answer is one fixed 32-byte record per key (``LEASE_RECORD``) followed by the
   stored keys of entries served from disk. ``release`` is one-way: it has no answer.
 - every other op (``hello``, ``lookup``, ``reserve``, ``seal``, ``abort``, ``delete``,
-  ``stats``) and every ``ERROR``: a compact JSON object (they are rare, or carry a put).
+  ``stats``, ``claim``, ``unclaim``, ``events``) and every ``ERROR``: a compact JSON object (they
+  are rare, or carry a put). ``events`` is answered once, then the connection only carries
+  pushed ``EVENT`` frames from the sidecar (a dedicated connection: an event stream).
 
 A lease record is ``<i64 offset, i64 nbytes, u8 tier, u8 dtype, u16 stored-key length, u32 data
 start, u32 rows, u32 cols>``: where the entry lies in the arena (offset -1: in place in LMDB,
@@ -29,7 +31,8 @@ MAX_BODY_BYTES = 1 << 20
 MAX_ANSWER_BYTES = 16 << 20
 """Longest answer body a client accepts."""
 
-OPS = ("hello", "lookup", "lease", "release", "reserve", "seal", "abort", "delete", "stats")
+OPS = ("hello", "lookup", "lease", "release", "reserve", "seal", "abort", "delete", "stats", "claim", "unclaim",
+       "events")
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 OP_NAMES = {i + 1: name for i, name in enumerate(OPS)}
 ONE_WAY = frozenset({OP_CODES["release"]})
@@ -38,6 +41,9 @@ OK, ERROR = 0, 1
 NO_REQUEST = 0xFFFFFFFF
 """The id of an ``ERROR`` that answers no request: the sidecar closes the connection after it
 (a frame over the limit, too many connections)."""
+EVENT = 0xFFFFFFFE
+"""The id of a pushed frame on a connection turned into an event stream by ``events``: its body
+is ``{"events": [...], "lost": bool}`` (an empty list is a heartbeat)."""
 
 TIERS = ("host", "disk", "device", "remote")
 TIER_CODES = {name: i for i, name in enumerate(TIERS)}

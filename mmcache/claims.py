@@ -1,0 +1,123 @@
+"""Claims: encode each new image once, across every encoder of every node ("cold-key convergence").
+
+Before an encoder encodes a miss it claims the key through its sidecar, and is told one of:
+
+- ``exists``: some tier (host, disk, the remote) holds it now; nothing to encode;
+- ``won``: this owner holds the claim (for ``ttl_ms``): encode it and put it; the put ends the
+  claim. Claiming again with the same owner renews it (an encode queued behind others);
+- ``wait``: another owner holds it for ``ttl_ms`` more: wait for the entry's ``stored`` event
+  (``mmcache.events``), re-claim on it, and never wait past the claim's deadline: an owner that
+  died leaves a claim that expires, and the next claim after that wins (a takeover).
+
+Claims live on the remote when there is one (``SET NX PX`` in a script, so every sidecar on the
+store sees them) and in this sidecar's table otherwise, or while the remote is down (then
+single-flight holds per node only). An owner that fails gives its claims back (``release``),
+which only removes a claim it still holds.
+
+Ordering that keeps "exactly once": a put ends the local claim once host (or disk) holds the
+entry, and the remote claim only after the remote holds it (``RemoteTier`` deletes it after the
+``SET``), so no encoder anywhere sees "no claim" before it can see the entry; a claim that was
+won is checked against the tiers once more before it is answered ``won``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from mmcache.remote import RemoteTier
+
+DEFAULT_TTL_MS = 30_000
+MAX_TTL_MS = 600_000
+MAX_OWNER_CHARS = 128
+_SWEEP_AT = 4096
+
+
+class Claims:
+    """One sidecar's claims. Thread-safe; blocking (remote calls): call it off the event loop."""
+
+    def __init__(self, exists: Callable[[str], bool], remote: "RemoteTier | None" = None):
+        self._exists = exists
+        self.remote = remote
+        self._lock = threading.Lock()
+        self._table: dict[str, tuple[str, float]] = {}
+        """Local claims: key → (owner, monotonic deadline)."""
+        self.counts = dict(won=0, waited=0, exists=0, released=0, ended=0, local=0)
+
+    def claim(self, keys: list[str], owner: str, ttl_ms: int = DEFAULT_TTL_MS) -> dict[str, dict]:
+        """Per key ``{"state": "exists"|"won"|"wait", "ttl_ms": ...}`` (see the module docstring)."""
+        owner, ttl_ms = check_owner(owner), check_ttl(ttl_ms)
+        out: dict[str, dict] = {}
+        for key in keys:
+            if self._exists(key):
+                out[key] = {"state": "exists"}
+            else:
+                won, left = self._take(key, owner, ttl_ms)
+                if won and self._exists(key):  # NOTE: stored (and its claim ended) between the two
+                    self.release([key], owner)
+                    out[key] = {"state": "exists"}
+                else:
+                    out[key] = {"state": "won" if won else "wait", "ttl_ms": left}
+            with self._lock:
+                self.counts[{"exists": "exists", "won": "won", "wait": "waited"}[out[key]["state"]]] += 1
+        return out
+
+    def _take(self, key: str, owner: str, ttl_ms: int) -> tuple[bool, int]:
+        if self.remote is not None:
+            taken = self.remote.claim(key, owner, ttl_ms)
+            if taken is not None:
+                return taken
+        with self._lock:  # NOTE: no remote, or it is down: this node's table
+            self.counts["local"] += 1
+            now = time.monotonic()
+            held = self._table.get(key)
+            if held is None or held[1] <= now or held[0] == owner:
+                if len(self._table) >= _SWEEP_AT:
+                    self._sweep(now)
+                self._table[key] = (owner, now + ttl_ms / 1000)
+                return True, ttl_ms
+            return False, max(1, int((held[1] - now) * 1000))
+
+    def _sweep(self, now: float) -> None:
+        for k in [k for k, (_, deadline) in self._table.items() if deadline <= now]:
+            del self._table[k]
+
+    def release(self, keys: list[str], owner: str) -> int:
+        """Give back ``owner``'s claims on ``keys`` (an encode that failed); others' stay."""
+        owner = check_owner(owner)
+        n = 0
+        for key in keys:
+            with self._lock:
+                held = self._table.get(key)
+                if held is not None and held[0] == owner:
+                    del self._table[key]
+                    n += 1
+            if self.remote is not None:
+                n += self.remote.release_claim(key, owner)
+        with self._lock:
+            self.counts["released"] += n
+        return n
+
+    def stored(self, key: str) -> None:
+        """``key`` is readable here now: its local claim (whoever's) has done its work."""
+        with self._lock:
+            if self._table.pop(key, None) is not None:
+                self.counts["ended"] += 1
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self.counts, "held_here": len(self._table)}
+
+
+def check_owner(owner: object) -> str:
+    if not isinstance(owner, str) or not owner or len(owner) > MAX_OWNER_CHARS or not owner.isprintable():
+        raise ValueError(f"claim owner {owner!r:.80} must be a printable string of 1 to {MAX_OWNER_CHARS} characters")
+    return owner
+
+
+def check_ttl(ttl_ms: object) -> int:
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or not 1 <= ttl_ms <= MAX_TTL_MS:
+        raise ValueError(f"claim ttl_ms={ttl_ms!r} must be an integer from 1 to {MAX_TTL_MS}")
+    return ttl_ms

@@ -1,0 +1,132 @@
+"""Inventory events: what a sidecar stored, evicted and deleted, for routers and waiting encoders.
+
+Every sidecar has one ``EventBus``. The store publishes to it (``stored`` when a tier comes to
+hold a key, ``evicted`` when a tier drops one to make room, ``deleted`` when a client removes
+one), and readers follow it by sequence number:
+
+- ``GET /v1/events`` streams it as server-sent events (``mmcache.server``), and the local socket's
+  ``events`` op turns a connection into a push stream of it (``mmcache.local_server``);
+- with a remote tier, this sidecar's own events are appended to the Redis stream
+  ``mmc:v1:events`` and the other sidecars' events read from it are published here too, marked
+  with their node (``mmcache.remote``), so an encoder waiting on this node for a key another
+  node's encoder owns is woken when that one is stored.
+
+The bus is a bounded ring (``capacity`` events): a reader that falls behind by more than that
+is told so (``lost``), never blocks a publisher, and resynchronises by asking the cache again
+(a router re-reads lookups; a waiting encoder re-claims). Publishing costs an append and a
+notify, so it may be called under a tier's lock; subscribers never call back into the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+KINDS = ("stored", "evicted", "deleted")
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    kind: str
+    key: str
+    """The store's key (``ns/hash``, or ``tenant@ns/hash``)."""
+    tier: str
+    node: str
+    """The sidecar that emitted it."""
+    bytes: int
+    ts: float
+
+    def as_dict(self) -> dict:
+        return {"seq": self.seq, "kind": self.kind, "key": self.key, "tier": self.tier, "node": self.node,
+                "bytes": self.bytes, "ts": self.ts}
+
+
+class EventBus:
+    """Thread-safe publish/follow of ``Event``s; see the module docstring."""
+
+    def __init__(self, node: str, capacity: int = 8192):
+        self.node = node
+        self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
+        self._seq = 0
+        self._cond = threading.Condition()
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self.sink: Callable[[Event], None] | None = None
+        """Called with each of this node's own events (the remote tier forwards them)."""
+        self.published = 0
+
+    @property
+    def seq(self) -> int:
+        """The newest event's sequence number (0 before any): follow from here for what comes next."""
+        with self._cond:
+            return self._seq
+
+    def publish(self, kind: str, key: str, tier: str, nbytes: int, *, node: str | None = None,
+                ts: float | None = None) -> Event:
+        """Append one event (``node`` None: this sidecar's own; else relayed from that node)."""
+        with self._cond:
+            self._seq += 1
+            event = Event(self._seq, kind, key, tier, node or self.node, int(nbytes), ts or time.time())
+            self._ring.append(event)
+            self.published += 1
+            self._cond.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # that loop is closed; its waiter is gone with it
+                with self._cond:
+                    self._async_waiters.discard((loop, ev))
+        sink = self.sink
+        if sink is not None and node is None:
+            sink(event)
+        return event
+
+    def since(self, seq: int) -> tuple[list[Event], bool]:
+        """Events after ``seq`` and whether some were already dropped from the ring (``lost``)."""
+        with self._cond:
+            return self._since(seq)
+
+    def _since(self, seq: int) -> tuple[list[Event], bool]:
+        if not self._ring or seq >= self._seq:
+            return [], False
+        first = self._ring[0].seq
+        lost = seq + 1 < first
+        start = max(0, seq + 1 - first)
+        return [self._ring[i] for i in range(start, len(self._ring))], lost
+
+    def wait(self, seq: int, timeout: float) -> tuple[list[Event], bool]:
+        """``since(seq)``, waiting up to ``timeout`` seconds for one to come."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > seq, timeout)
+            return self._since(seq)
+
+    async def wait_async(self, seq: int, timeout: float) -> tuple[list[Event], bool]:
+        """``wait`` for an asyncio reader, without a thread."""
+        events, lost = self.since(seq)
+        if events or lost:
+            return events, lost
+        loop, ev = asyncio.get_running_loop(), asyncio.Event()
+        waiter = (loop, ev)
+        with self._cond:
+            self._async_waiters.add(waiter)
+            fresh = self._seq <= seq  # NOTE: one published between since() and add() set nothing
+        try:
+            if fresh:
+                try:
+                    await asyncio.wait_for(ev.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            with self._cond:
+                self._async_waiters.discard(waiter)
+        return self.since(seq)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"node": self.node, "seq": self._seq, "published": self.published,
+                    "followers": len(self._async_waiters)}
