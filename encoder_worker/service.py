@@ -250,8 +250,9 @@ class EncodeService:
                 if st["state"] == "exists":
                     found.append(h)
                 elif st["state"] == "won":
-                    self.counters["claims_won"] += 1
-                    self.counters["claims_taken_over"] += key in waited
+                    if key not in self._held:  # NOTE: not this worker's other requests renewing it
+                        self.counters["claims_won"] += 1
+                        self.counters["claims_taken_over"] += key in waited
                     self._held.add(key)
                     mine.append(h)
                 else:
