@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
+    from llm_worker.nodes import NodeSpec
     from llm_worker.router import RouterConfig, create_app
     from mmcache.security import resolve_secret
     from mmcache.serving import run_app
@@ -48,7 +49,8 @@ def _router(args: argparse.Namespace) -> int:
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         api_key=resolve_secret(args.api_key, args.api_key_file, "MMCACHE_API_KEY", "API key"),
         tenants=args.tenants, host=args.host, port=args.port,
-        default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight)
+        default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight,
+        nodes=tuple(NodeSpec.parse(n) for n in args.node), routing=args.routing)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
     run_app(create_app(config), "mmcache-llm router", config.host, config.port, handler_cancellation=True)
@@ -93,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--generate", action="append", default=[],
                    help="a both (aggregated) worker URL (repeatable); instead of the three above")
     r.add_argument("--cache", help="the sidecar, for GET /v1/stats")
+    r.add_argument("--node", action="append", default=[], metavar="SPEC",
+                   help="a node group, instead of --encoder/--prefill/--decode/--cache (repeatable): "
+                        "name=NAME,cache=URL,encoder=URL,prefill=URL,decode=URL (encoder, prefill, decode "
+                        "repeatable); each request goes to one group")
+    r.add_argument("--routing", choices=("cache", "load"), default="cache",
+                   help="with --node groups: to the group whose host tier holds most of a request's image "
+                        "bytes, by load where none does (cache; default), or by load alone (load)")
     r.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")
     r.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")

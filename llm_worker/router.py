@@ -23,6 +23,7 @@ stream with an error event. Every error names its stage (see ``openai_api.APIErr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from llm_worker import openai_api as api
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
+from llm_worker.nodes import ROUTINGS, GroupStream, Inventory, NodeGroup, NodeSpec, choose, follow
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
 from mmcache.security import bearer_matches, bearer_token
 from mmcache.tenants import DEFAULT, Tenants
@@ -47,6 +49,8 @@ from mmcache_client import AsyncCacheClient, MMCacheError, content_hash
 
 logger = logging.getLogger(__name__)
 
+_GROUP: contextvars.ContextVar[NodeGroup] = contextvars.ContextVar("mmcache_router_group")
+"""The node group of the request being served (set by ``Router.open``)."""
 _IMAGE_INDEX = re.compile(r"^image (\d+): ")
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 _RETRY_AFTER_S = 1.0
@@ -89,8 +93,27 @@ class RouterConfig:
     other worker of its role is left)."""
     max_inflight: int = 256
     """Most chat requests in progress at once; more are refused with 503 + ``Retry-After``."""
+    nodes: tuple[NodeSpec, ...] = ()
+    """Node groups (``llm_worker.nodes``), instead of ``encoders``/``prefill``/``decode``/``cache_url``:
+    each request goes to one group, by where its images are (``routing``)."""
+    routing: str = "cache"
+    """``cache``: to the group whose host tier holds most of a request's image bytes (by load
+    where none does); ``load``: by load alone."""
 
     def __post_init__(self) -> None:
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty (None: no key needed)")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r} must be one of {', '.join(ROUTINGS)}")
+        if self.nodes:
+            if self.generate or self.encoders or self.prefill or self.decode or self.cache_url:
+                raise ValueError("give either --node groups or --encoder/--prefill/--decode/--cache, not both")
+            names = [n.name for n in self.nodes]
+            if len(set(names)) != len(names):
+                raise ValueError(f"node group names must differ: {names}")
+            if self.timeout_s <= 0 or self.retry_down_s < 0 or self.default_max_tokens < 1 or self.max_inflight < 1:
+                raise ValueError("timeout_s, default_max_tokens and max_inflight must be > 0, retry_down_s >= 0")
+            return
         if self.generate and (self.encoders or self.prefill or self.decode):
             raise ValueError("give either --generate (aggregated) or --encoder/--prefill/--decode (EPD), not both")
         if not self.generate and not (self.encoders and self.prefill and self.decode):
@@ -137,14 +160,18 @@ class Router:
         self.max_model_len = max_model_len
         """The model's positions (prompt and output); None: not checked here (the workers do)."""
         down = config.retry_down_s
-        self.pools = {role: Pool(role, urls, down) for role, urls in
-                      (("encode", config.encoders), ("prefill", config.prefill), ("decode", config.decode),
-                       ("generate", config.generate)) if urls}
+        specs = config.nodes or (NodeSpec("local", config.cache_url, config.encoders, config.prefill, config.decode),)
+        self.groups = [NodeGroup(spec.name, spec.cache_url, {role: Pool(role, urls, down) for role, urls in
+                                 (("encode", spec.encoders), ("prefill", spec.prefill), ("decode", spec.decode),
+                                  ("generate", config.generate if not config.nodes else ())) if urls})
+                       for spec in specs]
+        """One group (``local``) unless ``config.nodes`` names several; see ``llm_worker.nodes``."""
+        self.inventory = Inventory()
+        self._follows: list[asyncio.Task] = []
         self.metrics = _Metrics()
         self.counters = {"requests": 0, "errors": 0, "active": 0, "retries": 0, "images": 0,
                          "prompt_tokens": 0, "completion_tokens": 0, "router_cache_hits": 0}
         self.http: aiohttp.ClientSession | None = None
-        self.cache: AsyncCacheClient | None = None
         self.namespace: str | None = None
         """The encoders' namespace, learnt from their first answer (they serve one model)."""
         self.media_limits = MediaLimits()
@@ -152,14 +179,34 @@ class Router:
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
                                                                         sock_read=self.config.timeout_s))
-        if self.config.cache_url:
-            self.cache = AsyncCacheClient(self.config.cache_url, token=self.config.cache_token, retries=0)
+        for group in self.groups:
+            if group.cache_url:
+                group.cache = AsyncCacheClient(group.cache_url, token=self.config.cache_token, retries=0)
+                if len(self.groups) > 1 and self.config.routing == "cache":
+                    self._follows.append(asyncio.create_task(follow(group, self.inventory)))
 
     async def close(self) -> None:
+        for task in self._follows:
+            task.cancel()
+        await asyncio.gather(*self._follows, return_exceptions=True)
         if self.http is not None:
             await self.http.close()
-        if self.cache is not None:
-            await self.cache.close()
+        for group in self.groups:
+            if group.cache is not None:
+                await group.cache.close()
+
+    @property
+    def group(self) -> NodeGroup:
+        """The node group the current request was sent to (the first outside a request)."""
+        return _GROUP.get(self.groups[0])
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return self.group.pools
+
+    @property
+    def cache(self) -> AsyncCacheClient | None:
+        return self.group.cache
 
     # -- calls to workers -------------------------------------------------------------------
 
@@ -236,7 +283,8 @@ class Router:
 
     # -- the pipeline -----------------------------------------------------------------------
 
-    async def encode(self, urls: list[str], tenant: str | None = None) -> list[dict]:
+    async def encode(self, urls: list[str], tenant: str | None = None,
+                     hashes: dict[int, str] | None = None) -> list[dict]:
         """``{"namespace", "hash", "num_tokens", "cached"}`` per URL, in order. The images the
         router finds in the cache itself never reach an encoder; each miss goes to the encoder
         that owns its key (rendezvous hashing: the content hash of a ``data:`` image, else its
@@ -245,7 +293,7 @@ class Router:
         comes back as ``tenant@namespace``: the key prefill reads."""
         if not urls:
             return []
-        hashes = self._data_hashes(urls)
+        hashes = hashes if hashes is not None else self._data_hashes(urls)
         known = await self._cached(hashes, tenant)
         self.counters["router_cache_hits"] += len(known)
         misses = [i for i in range(len(urls)) if i not in known]
@@ -343,9 +391,32 @@ class Router:
             if tenant:
                 body["tenant"] = tenant
             return await self._open_stream("generate", "/v1/generate", body)
+        group, hashes = self._route(urls, tenant)
+        _GROUP.set(group)  # NOTE: this request's encode, prefill and decode run on its workers
+        group.active += 1
+        try:
+            return GroupStream(await self._open_epd(req, cid, tenant, ids, sampling, urls, hashes), group)
+        except BaseException:
+            group.active -= 1
+            raise
+
+    def _route(self, urls: list[str], tenant: str | None) -> tuple[NodeGroup, dict[int, str] | None]:
+        """The node group for a request with images ``urls`` (``llm_worker.nodes.choose``)."""
+        if len(self.groups) == 1:
+            return self.groups[0], None
+        hashes = self._data_hashes(urls)
+        scope = (f"{tenant}@{self.namespace}" if tenant else self.namespace) if self.namespace else None
+        keys = [f"{scope}/{h}" for h in hashes.values()] if scope else []
+        group, why = choose(self.groups, self.inventory, keys, self.config.routing)
+        group.counts["requests"] += 1
+        group.counts[f"routed_by_{why}"] += 1
+        return group, hashes
+
+    async def _open_epd(self, req: ChatRequest, cid: str, tenant: str | None, ids: list[int], sampling: dict,
+                        urls: list[str], hashes: dict[int, str] | None) -> TokenStream:
         t0 = time.perf_counter()
         with self._timed("encode"):
-            items = await self.encode(urls, tenant)
+            items = await self.encode(urls, tenant, hashes)
         t1 = time.perf_counter()
         sampling = self._fit_max_tokens(req, len(ids) - len(items) + sum(_num_tokens(it) for it in items))
         with self._timed("prefill"):
@@ -402,7 +473,8 @@ class Router:
     # -- stats ------------------------------------------------------------------------------
 
     async def stats(self) -> dict:
-        """The router's counters, the cache's stats and every worker's health and counters."""
+        """The router's counters, the cache's stats and every worker's health and counters; with
+        several node groups, ``nodes``: one per group, each with its sidecar's stats and workers."""
         async def probe(backend: Backend) -> dict:
             out = backend.info()
             try:
@@ -412,22 +484,35 @@ class Router:
                 out.update(healthy=False, error=repr(e))
             return out
 
-        async def cache_stats() -> dict:
-            if self.cache is None:
+        async def cache_stats(group: NodeGroup) -> dict:
+            if group.cache is None:
                 return {"url": None}
             try:
-                return {"url": self.config.cache_url, "healthy": True,
-                        "stats": await asyncio.wait_for(self.cache.stats(), 5)}
+                return {"url": group.cache_url, "healthy": True, "stats": await asyncio.wait_for(group.cache.stats(), 5)}
             except Exception as e:  # NOTE: whatever the cache's trouble, the answer goes on
-                return {"url": self.config.cache_url, "healthy": False, "error": repr(e)}
+                return {"url": group.cache_url, "healthy": False, "error": repr(e)}
 
-        roles = list(self.pools)
-        answers = await asyncio.gather(cache_stats(), *(asyncio.gather(*map(probe, self.pools[r].backends))
-                                                        for r in roles))
+        async def of_group(group: NodeGroup) -> dict:
+            roles = list(group.pools)
+            answers = await asyncio.gather(cache_stats(group), *(asyncio.gather(*map(probe, group.pools[r].backends))
+                                                                 for r in roles))
+            doc: dict[str, Any] = {"name": group.name, "cache": answers[0], "active": group.active, **group.counts,
+                                   "following_events": group.following,
+                                   "indexed_keys": self.inventory.keys_on(group.name)}
+            for role, workers in zip(roles, answers[1:]):
+                doc[{"encode": "encoders"}.get(role, role)] = list(workers)
+            return doc
+
+        nodes = await asyncio.gather(*map(of_group, self.groups))
         out: dict[str, Any] = {"mode": self.config.mode, "model": self.config.model_id,
-                               "router": dict(self.counters), "cache": answers[0]}
-        for role, workers in zip(roles, answers[1:]):
-            out[{"encode": "encoders"}.get(role, role)] = list(workers)
+                               "router": dict(self.counters), "cache": nodes[0]["cache"]}
+        for role in ("encoders", "prefill", "decode", "generate"):
+            workers = [w for n in nodes for w in n.get(role, ())]
+            if workers:
+                out[role] = workers
+        if len(self.groups) > 1:
+            out["nodes"] = nodes
+            out["routing"] = {"mode": self.config.routing, "inventory_events": self.inventory.events}
         processes = _stack_processes(self.config.data_dir)
         if processes is not None:
             out["processes"] = processes
@@ -658,8 +743,8 @@ def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int
         await router.start()
         app[ROUTER] = router
         logger.info("router up (%s): model %s; %s", config.mode, config.model_id,
-                    "; ".join(f"{role}: {', '.join(b.url for b in pool.backends)}"
-                              for role, pool in router.pools.items()))
+                    " | ".join(f"{g.name}: " + "; ".join(f"{role}: {', '.join(b.url for b in pool.backends)}"
+                                                         for role, pool in g.pools.items()) for g in router.groups))
         try:
             yield
         finally:

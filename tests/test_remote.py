@@ -160,7 +160,7 @@ def test_the_remote_going_away_never_fails_the_sidecar(tmp_path, server):
 
 
 def test_an_unreachable_remote_at_start_is_marked_down_or_refused(tmp_path):
-    from redis_servers import _free_port
+    from mmcache.redis_local import _free_port
 
     url = f"redis://127.0.0.1:{_free_port()}"
     tier = RemoteTier(RemoteConfig(url, timeout_ms=100))
