@@ -133,7 +133,8 @@ def _up(args: argparse.Namespace) -> int:
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          shared_cores=args.shared_cores,
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level,
-                         cache_token=cache_token, api_key=api_key)
+                         cache_token=cache_token, api_key=api_key, nodes=args.nodes, remote=args.remote,
+                         redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl)
     return run(config)
 
 
@@ -223,6 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--shared-cores", action="store_true",
                    help="the EPD stages share this machine's cores (a CPU, or one GPU): they take turns at them, "
                         "one forward at a time at full width, prefill first, then encode, then decode")
+    u.add_argument("--nodes", type=int, default=1,
+                   help="node groups on this machine, each its own sidecar, arena, data dir, encoders, prefill and "
+                        "decode, behind one router (default 1)")
+    u.add_argument("--remote", metavar="URL",
+                   help="the sidecars' shared remote tier: redis://[user:pass@]host:port[,host:port...] (a server or a "
+                        "cluster) or rediss://; the password better in MMCACHE_REMOTE_PASSWORD")
+    u.add_argument("--redis-cluster", type=int, metavar="K",
+                   help="start a K-master redis-server cluster on loopback as the remote tier (a demo; needs "
+                        "redis-server installed)")
+    u.add_argument("--routing", choices=("cache", "load"), default="cache",
+                   help="with --nodes: to the group whose host tier holds a request's images (cache, default) "
+                        "or by load alone")
+    u.add_argument("--claim-ttl", type=float, metavar="S",
+                   help="the encoders' claim TTL: a dead encoder's claim is taken over after S seconds (default 30)")
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)

@@ -60,7 +60,9 @@ class RedisServer:
             if self.cluster:
                 args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
                          "--cluster-node-timeout", "2000"]
-            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # NOTE: its own session: a terminal's Ctrl-C reaches the stack, which stops it after the sidecars
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True)
             for line in self.proc.stdout:
                 if "Ready to accept connections" in line:
                     self.port = port

@@ -133,6 +133,10 @@ class RemoteTier(Tier):
         import redis  # NOTE: only with --remote
 
         self._redis = redis
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException,
+                                                         OSError)
+        """What a call to the remote may raise when the remote (or a cluster node) is away; the
+        cluster client's own exception is not a ``RedisError``."""
         self.config = config
         self.address = parse_remote_url(config.url)
         self._verify_key = verify_key
@@ -154,7 +158,7 @@ class RemoteTier(Tier):
         self._scripts: tuple[Any, Any] | None = None
         try:
             self._connect()
-        except (redis.RedisError, OSError) as e:
+        except self._errors as e:
             if config.required:
                 raise ConnectionError(f"--remote {config.url}: cannot reach it ({e}); "
                                       "start without --remote-required to run with it marked down") from None
@@ -226,13 +230,13 @@ class RemoteTier(Tier):
                 raise RemoteDown(f"remote {self.config.url} is down")
             try:
                 self._connect()
-            except (self._redis.RedisError, OSError) as e:
+            except self._errors as e:
                 self._count("errors")
                 raise RemoteDown(f"remote {self.config.url} is still down: {e}") from None
             client = self._client
         try:
             out = fn(client)
-        except (self._redis.RedisError, OSError):
+        except self._errors:
             self._count("errors")
             with self._lock:
                 self._failures += 1
@@ -256,13 +260,13 @@ class RemoteTier(Tier):
     def contains(self, key: str) -> bool:
         try:
             return bool(self._call(lambda c: c.exists(self.remote_key(key))))
-        except (RemoteDown, self._redis.RedisError, OSError):
+        except (RemoteDown, *self._errors):
             return False
 
     def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
         try:
             blob = self._call(lambda c: c.get(self.remote_key(key)))
-        except (RemoteDown, self._redis.RedisError, OSError) as e:
+        except (RemoteDown, *self._errors) as e:
             logger.debug("remote read of %s failed: %s", key, e)
             blob = None
         if blob is not None:
@@ -344,7 +348,7 @@ class RemoteTier(Tier):
             return pipe.execute(raise_on_error=False)
         try:
             results = self._call(run)
-        except (RemoteDown, self._redis.RedisError, OSError) as e:
+        except (RemoteDown, *self._errors) as e:
             logger.debug("remote write of %s entries failed: %s", len(batch), e)
             results = [e] * len(batch)
         written = 0
@@ -383,7 +387,7 @@ class RemoteTier(Tier):
         try:
             won, left = self._call(lambda c: self._script(c, 0)(keys=[CLAIM_PREFIX + key], args=[owner, ttl_ms],
                                                                 client=c))
-        except (RemoteDown, self._redis.RedisError, OSError) as e:
+        except (RemoteDown, *self._errors) as e:
             logger.debug("remote claim of %s failed: %s", key, e)
             return None
         return bool(won), max(1, int(left))
@@ -391,7 +395,7 @@ class RemoteTier(Tier):
     def release_claim(self, key: str, owner: str) -> int:
         try:
             return int(self._call(lambda c: self._script(c, 1)(keys=[CLAIM_PREFIX + key], args=[owner], client=c)))
-        except (RemoteDown, self._redis.RedisError, OSError):
+        except (RemoteDown, *self._errors):
             return 0
 
     # ------------------------------------------------------------ events (mmcache.events)
@@ -422,7 +426,7 @@ class RemoteTier(Tier):
             return pipe.execute(raise_on_error=False)
         try:
             results = self._call(run)
-        except (RemoteDown, self._redis.RedisError, OSError) as e:
+        except (RemoteDown, *self._errors) as e:
             logger.debug("remote claim ends / events failed: %s", e)
             results = [e] * (len(stored) + len(events))
         sent = sum(not isinstance(r, BaseException) for r in results[len(stored):])
@@ -447,14 +451,14 @@ class RemoteTier(Tier):
                     if last == "$":
                         newest = client.xrevrange(EVENTS_STREAM, count=1)
                         last = newest[0][0] if newest else "0-0"
-                except (self._redis.RedisError, OSError) as e:
+                except Exception as e:  # noqa: BLE001 - the follower must outlive any remote trouble
                     logger.debug("remote events: cannot follow the stream: %s", e)
                     client = None
                     self._stop.wait(self.config.retry_s)
                     continue
             try:
                 answer = client.xread({EVENTS_STREAM: last}, count=512, block=block_ms)
-            except (self._redis.RedisError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - as above
                 logger.debug("remote events: read failed: %s", e)
                 _close_quietly(client)
                 client = None
@@ -479,7 +483,7 @@ class RemoteTier(Tier):
     def delete(self, key: str) -> bool:
         try:
             return bool(self._call(lambda c: c.delete(self.remote_key(key))))
-        except (RemoteDown, self._redis.RedisError, OSError):
+        except (RemoteDown, *self._errors):
             return False
 
     # ------------------------------------------------------------ the rest

@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,8 +107,31 @@ class StackConfig:
     tenants: str | None = None
     """The router's API key → tenant file (``--tenants``): each client's images are encoded and
     read in its tenant's scope of the cache."""
+    nodes: int = 1
+    """Node groups on this machine (each its own sidecar, arena, data dir ``<data_dir>/node-I``,
+    encoders, prefill and decode) behind one router, which sends each request to one group."""
+    remote: str | None = None
+    """The sidecars' remote tier (``--remote URL``): a Redis/Valkey server or cluster they share."""
+    redis_cluster: int | None = None
+    """Start a cluster of this many ``redis-server`` masters on loopback (a demo) as the remote."""
+    routing: str = "cache"
+    """The router's ``--routing`` across node groups: ``cache`` or ``load``."""
+    claim_ttl_s: float | None = None
+    """The encoders' ``--claim-ttl``; None: theirs (30 s)."""
 
     def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError("--nodes must be >= 1")
+        if self.remote and self.redis_cluster:
+            raise ValueError("give --remote URL (your store) or --redis-cluster K (a demo cluster), not both")
+        if self.redis_cluster is not None and not 1 <= self.redis_cluster <= 16:
+            raise ValueError("--redis-cluster must be 1..16 masters")
+        if self.aggregated and (self.nodes > 1 or self.remote or self.redis_cluster):
+            raise ValueError("--nodes, --remote and --redis-cluster are for the EPD stack (the baseline has no cache)")
+        if self.remote:
+            from mmcache.remote import parse_remote_url
+
+            parse_remote_url(self.remote)
         for name in ("encoders", "prefill", "decode"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
@@ -130,6 +155,22 @@ class StackConfig:
                 raise ValueError(f"--nice {role}={niceness}: niceness must be 0..19 (raising priority needs root)")
 
 
+@dataclass
+class _Node:
+    """One node group's places: ``name`` '' for the single-node stack (no prefixes)."""
+
+    name: str
+    data_dir: str
+    socket: str
+    gate: str | None
+    sidecar: Child | None = None
+    workers: list[Child] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}." if self.name else ""
+
+
 class StackError(RuntimeError):
     """A child failed to start, or the stack could not come up."""
 
@@ -146,6 +187,8 @@ class Stack:
         self.supervisor = Supervisor(config.backoff, os.path.join(config.data_dir, STATUS_FILE))
         self.children = self.supervisor.children
         self.url: str | None = None
+        self.redis = None
+        """The loopback redis cluster of ``--redis-cluster`` (``mmcache.redis_local``), if any."""
         self.socket_path = _socket_path(config.data_dir)
         self.gate_path = _socket_path(config.data_dir, "compute-gate.sock") if config.shared_cores else None
         threads = {"OMP_NUM_THREADS": str(config.threads)} if config.threads else {}
@@ -165,10 +208,9 @@ class Stack:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def _spawn(self, name: str, role: str, module: str, *args: str) -> Child:
+    def _spawn(self, name: str, role: str, module: str, *args: str, on_exit=None) -> Child:
         env = self._worker_env if role in ("encoder", "prefill", "decode") else self._env
         env = self._with_secrets(env, role)
-        on_exit = self._sidecar_exited if role == "cache" else None
         return self.supervisor.spawn(name, role, [sys.executable, "-m", module, *args], env, self._nice.get(role, 0),
                                      on_exit)
 
@@ -183,10 +225,12 @@ class Stack:
             env["MMCACHE_API_KEY"] = self.config.api_key
         return env
 
-    def _sidecar_exited(self, pid: int, returncode: int) -> None:
-        removed = remove_dead_arena(self.config.data_dir, pid)
-        if removed:
-            sys.stderr.write(f"mmcache up: removed the arena {removed} of the sidecar that died\n")
+    def _sidecar_exited(self, data_dir: str):
+        def on_exit(pid: int, returncode: int) -> None:
+            removed = remove_dead_arena(data_dir, pid)
+            if removed:
+                sys.stderr.write(f"mmcache up: removed the arena {removed} of the sidecar that died\n")
+        return on_exit
 
     def _worker_args(self) -> list[str]:
         c = self.config
@@ -194,11 +238,11 @@ class Stack:
                 "--log-level", c.log_level]
         return args
 
-    def _llm_args(self, role: str) -> list[str]:
+    def _llm_args(self, role: str, node: "_Node | None" = None) -> list[str]:
         c = self.config
         args = ["serve", "--role", role, *self._worker_args(), "--max-batch", str(c.max_batch)]
         if role != "both":
-            args += ["--cache", f"unix://{self.socket_path}", *self._gate_args()]
+            args += ["--cache", f"unix://{node.socket}", *self._gate_args(node)]
         elif c.encoder_cache:
             args += ["--encoder-cache", c.encoder_cache]
         for flag, value in (("--device", c.device), ("--dtype", c.dtype)):
@@ -209,10 +253,41 @@ class Stack:
     def _encoder_args(self) -> list[str]:
         c = self.config
         return [*(["--max-batch", str(c.encoder_batch)] if c.encoder_batch else []),
-                *(["--schedule", c.encoder_schedule] if c.encoder_schedule else [])]
+                *(["--schedule", c.encoder_schedule] if c.encoder_schedule else []),
+                *(["--claim-ttl", str(c.claim_ttl_s)] if c.claim_ttl_s else [])]
 
-    def _gate_args(self) -> list[str]:
-        return ["--compute-gate", self.gate_path] if self.gate_path else []
+    def _gate_args(self, node: "_Node") -> list[str]:
+        return ["--compute-gate", node.gate] if node.gate else []
+
+    def _nodes(self) -> list["_Node"]:
+        c = self.config
+        if c.nodes == 1:
+            return [_Node("", c.data_dir, self.socket_path, self.gate_path)]
+        out = []
+        for i in range(c.nodes):
+            data_dir = os.path.join(c.data_dir, f"node-{i}")
+            out.append(_Node(f"node-{i}", data_dir, _socket_path(data_dir),
+                             _socket_path(data_dir, "compute-gate.sock") if c.shared_cores else None))
+        return out
+
+    def _start_remote(self) -> str | None:
+        """The remote the sidecars share: the user's, or a loopback cluster started here."""
+        c = self.config
+        if c.remote or not c.redis_cluster:
+            return c.remote
+        from mmcache.redis_local import RedisClusterProcs, RedisMissing
+
+        workdir = os.path.join(c.data_dir, "redis-cluster")
+        shutil.rmtree(workdir, ignore_errors=True)  # NOTE: a demo cluster starts empty, every time
+        os.makedirs(workdir, mode=0o700)
+        try:
+            self.redis = RedisClusterProcs(workdir, masters=c.redis_cluster).start()
+        except RedisMissing as e:
+            raise StackError(str(e)) from None
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            raise StackError(f"the redis cluster did not start: {e}") from None
+        sys.stderr.write(f"mmcache up: redis cluster of {c.redis_cluster} master(s) at {self.redis.url}\n")
+        return self.redis.url
 
     def _media_args(self) -> list[str]:
         """Where the encoders (``both`` workers) may take images from."""
@@ -234,25 +309,47 @@ class Stack:
             self._wait_ready(workers, deadline)
             router_args += [a for w in workers for a in ("--generate", w.url)]
         else:
-            sidecar = self._spawn("sidecar", "cache", "mmcache.cli", "serve", "--data-dir", c.data_dir,
-                                  "--host", LOOPBACK, "--port", "0", "--socket", self.socket_path,
-                                  "--host-capacity", c.host_capacity, "--log-level", c.log_level, *self._gate_args())
-            self._wait_ready([sidecar], deadline)
-            cache = f"unix://{self.socket_path}"
-            workers = [self._spawn(f"encoder-{i}", "encoder", "encoder_worker.cli", "serve", *self._worker_args(),
-                                   "--cache", cache, *self._gate_args(), *self._encoder_args(), *self._media_args())
-                       for i in range(c.encoders)]
-            workers += [self._spawn(f"prefill-{i}", "prefill", "llm_worker.cli", *self._llm_args("prefill"))
-                        for i in range(c.prefill)]
-            workers += [self._spawn(f"decode-{i}", "decode", "llm_worker.cli", *self._llm_args("decode"))
-                        for i in range(c.decode)]
-            self._wait_ready(workers, deadline)
-            flags = {"encoder": "--encoder", "prefill": "--prefill", "decode": "--decode"}
-            router_args += [a for w in workers for a in (flags[w.role], w.url)] + ["--cache", cache]
+            router_args += self._start_epd(deadline)
         router = self._spawn("router", "router", "llm_worker.cli", *router_args)
         self._wait_ready([router], deadline)
         self.url = router.url
         return router.url
+
+    def _start_epd(self, deadline: float) -> list[str]:
+        """The sidecars, then every group's workers; the router's flags for them."""
+        c = self.config
+        remote = self._start_remote()
+        nodes = self._nodes()
+        remote_args = ["--remote", remote] if remote else []
+        for node in nodes:
+            Path(node.data_dir).mkdir(parents=True, exist_ok=True)
+            node.sidecar = self._spawn(node.prefix + "sidecar", "cache", "mmcache.cli", "serve",
+                                       "--data-dir", node.data_dir, "--host", LOOPBACK, "--port", "0",
+                                       "--socket", node.socket, "--host-capacity", c.host_capacity,
+                                       "--log-level", c.log_level, *self._gate_args(node), *remote_args,
+                                       *(["--node", node.name] if node.name else []),
+                                       on_exit=self._sidecar_exited(node.data_dir))
+        self._wait_ready([n.sidecar for n in nodes], deadline)
+        for node in nodes:
+            cache = f"unix://{node.socket}"
+            node.workers = [self._spawn(f"{node.prefix}encoder-{i}", "encoder", "encoder_worker.cli", "serve",
+                                        *self._worker_args(), "--cache", cache, *self._gate_args(node),
+                                        *self._encoder_args(), *self._media_args()) for i in range(c.encoders)]
+            node.workers += [self._spawn(f"{node.prefix}prefill-{i}", "prefill", "llm_worker.cli",
+                                         *self._llm_args("prefill", node)) for i in range(c.prefill)]
+            node.workers += [self._spawn(f"{node.prefix}decode-{i}", "decode", "llm_worker.cli",
+                                         *self._llm_args("decode", node)) for i in range(c.decode)]
+        self._wait_ready([w for n in nodes for w in n.workers], deadline)
+        flags = {"encoder": "encoder", "prefill": "prefill", "decode": "decode"}
+        if len(nodes) == 1:
+            node = nodes[0]
+            return [a for w in node.workers for a in ("--" + flags[w.role], w.url)] + ["--cache", f"unix://{node.socket}"]
+        args = ["--routing", c.routing]
+        for node in nodes:
+            spec = ",".join([f"name={node.name}", f"cache=unix://{node.socket}",
+                             *(f"{flags[w.role]}={w.url}" for w in node.workers)])
+            args += ["--node", spec]
+        return args
 
     def _wait_ready(self, children: list[Child], deadline: float) -> None:
         """Until each of ``children`` printed its ready line and answers ``/healthz``."""
@@ -287,6 +384,9 @@ class Stack:
         """Router first (no new work), then the workers, then the sidecar (flushes to disk); no
         restarts from here on."""
         self.supervisor.stop(_STOP_ORDER)
+        if self.redis is not None:
+            self.redis.stop()  # NOTE: last: the sidecars stopped writing to it
+            self.redis = None
 
 
 def _check_health(child: Child) -> None:
@@ -349,6 +449,10 @@ def run(config: StackConfig) -> int:
         url = stack.start()
         mode = f"aggregated: {config.decode} both worker(s), no cache" if config.aggregated else \
             f"EPD: sidecar, {config.encoders} encoder(s), {config.prefill} prefill, {config.decode} decode"
+        if config.nodes > 1:
+            mode += f", in each of {config.nodes} node groups (routing: {config.routing})"
+        if config.remote or config.redis_cluster:
+            mode += "; remote tier " + (config.remote and "given" or f"a {config.redis_cluster}-master redis cluster")
         print(f"mmcache up: {url}/v1 (model {config.model}; {mode}). Ctrl-C stops it.", flush=True)
         status = stack.supervise()
     except _Stop:
