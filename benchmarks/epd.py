@@ -51,6 +51,14 @@ from workload import Workload, WorkloadSpec, generate
 from mmcache.stack_process import StackProcess
 
 SYSTEMS = {"epd": (), "aggregated": ("--aggregated",), "aggregated-lru": ("--aggregated",)}
+NODE_SYSTEMS = {
+    "shared-cache": ("--redis-cluster", "3", "--routing", "cache"),
+    "shared-load": ("--redis-cluster", "3", "--routing", "load"),
+    "independent": ("--routing", "load"),
+}
+"""With ``--nodes N``: N node groups behind one router, sharing a remote (a 3-master redis
+cluster on loopback) with cache-aware routing, the same with load-only routing, and N
+independent nodes (no shared remote) by load."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,7 @@ def cache_counters(system: str, stats: dict) -> tuple[int, int]:
     that did not need an encode of its own: for EPD, a cache hit or a wait on the encode of the
     same image already in flight for another request (single flight), which the aggregated
     worker's one queue, running requests in turn, meets as a cache hit instead."""
-    if system == "epd":
+    if not system.startswith("aggregated"):
         totals = stats["totals"]
         return totals["images"], totals["images"] - totals["images_encoded"]
     worker = stats["generate"][0].get("stats", {})
@@ -202,15 +210,17 @@ def epd_shape_flags(profile: Profile) -> list[str]:
 
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
-               workdir: Path, extra_flags: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
+               workdir: Path, extra_flags: tuple[str, ...] = (), nodes: int = 1) -> tuple[list[dict], dict]:
     """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "startup_s"})."""
-    flags = [*SYSTEMS[system], "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
+    flags = [*SYSTEMS.get(system, NODE_SYSTEMS.get(system, ())), "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
              "--port", "0", "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
-    if system == "epd":
+    if not system.startswith("aggregated"):
         flags += epd_shape_flags(profile)
+    if system in NODE_SYSTEMS:
+        flags += ["--nodes", str(nodes)]
     if system == "aggregated-lru":
         flags += ["--encoder-cache", profile.cache_capacity]
-    threads = profile.threads_epd if system == "epd" else profile.threads_aggregated
+    threads = profile.threads_aggregated if system.startswith("aggregated") else profile.threads_epd
     if threads:
         flags += ["--threads", str(threads)]
     if dtype:
@@ -233,6 +243,7 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
             refs, hits = after[0] - before[0], after[1] - before[1]
             for row in got:
                 row.update(system=system, rate=spec.rate, run_wall_s=wall, hit_ratio=hits / refs if refs else 0.0,
+                           run_encoded=refs - hits,
                            repeat_share=workload.repeat_share())
             rows += got
             print(f"  {system:15s} rate {spec.rate:g}/s: {sum(r['error'] is None for r in got)}/{len(got)} ok "
@@ -266,6 +277,7 @@ def summarise(rows: list[dict], ttft_slo: float, tpot_slo: float) -> dict:
         "tokens_per_s": sum(r["completion_tokens"] for r in ok) / span if ok else 0.0,
         "slo_attainment": met / len(rows) if rows else 0.0,
         "hit_ratio": hit_ratio,
+        "images_encoded": sum(g[0].get("run_encoded", 0) for g in runs.values()),
     }
 
 
@@ -277,20 +289,22 @@ _TABLE_ROWS = (("median TTFT s", "ttft_median_s", "{:.3f}"), ("p90 TTFT s", "ttf
                ("median TPOT s", "tpot_median_s", "{:.4f}"), ("median e2e s", "e2e_median_s", "{:.3f}"),
                ("throughput req/s", "throughput_rps", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:.1f}"),
                ("SLO attainment", "slo_attainment", "{:.0%}"), ("cache hit ratio", "hit_ratio", "{:.0%}"),
+               ("images encoded", "images_encoded", "{:d}"),
                ("errors", "errors", "{:d}"))
 
 
 def print_table(summary: dict, systems: list[str]) -> None:
-    """Per rate, metrics by system side by side, with each baseline's ratio to EPD."""
+    """Per rate, metrics by system side by side, with each baseline's ratio to the first system."""
+    first = systems[0]
     for rate, by_system in summary.items():
-        base = [s for s in systems if s != "epd"] if "epd" in systems else []
-        head = ["metric", *systems, *(f"{s}/epd" for s in base)]
+        base = systems[1:]
+        head = ["metric", *systems, *(f"{s}/{first}" for s in base)]
         print(f"\nrate {rate} req/s")
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for label, key, fmt in _TABLE_ROWS:
             cells = [fmt.format(by_system[s][key]) for s in systems]
-            ratios = [_ratio(by_system[s][key], by_system["epd"][key]) for s in base]
+            ratios = [_ratio(by_system[s][key], by_system[first][key]) for s in base]
             print("| " + " | ".join([label, *cells, *ratios]) + " |")
 
 
@@ -345,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", help="comma-separated request rates (req/s); default: the profile's")
     p.add_argument("--requests", type=int, help="requests per rate; default: the profile's")
     p.add_argument("--reuse", type=float, default=0.5, help="share of image references that repeat one")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", help=f"default: {','.join(SYSTEMS)}; with --nodes: {','.join(NODE_SYSTEMS)}")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="N node groups behind one router: compare a shared remote with cache-aware routing, "
+                        "the same by load, and N independent nodes (systems " + ",".join(NODE_SYSTEMS) + ")")
     p.add_argument("--ttft-slo", type=float, help="seconds; default: the profile's")
     p.add_argument("--tpot-slo", type=float, help="seconds; default: the profile's")
     p.add_argument("--dtype", help="default: bfloat16 where it runs natively (GPU, AVX512-BF16/AMX), else float32")
@@ -372,10 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile.rates
     num_requests = args.requests or profile.requests
     ttft_slo, tpot_slo = args.ttft_slo or profile.ttft_slo_s, args.tpot_slo or profile.tpot_slo_s
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    known = NODE_SYSTEMS if args.nodes > 1 else SYSTEMS
+    systems = [s.strip() for s in (args.systems or ",".join(known)).split(",") if s.strip()]
+    unknown = sorted(set(systems) - set(known))
     if unknown:
-        p.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+        p.error(f"unknown systems {unknown}; known{' with --nodes' if args.nodes > 1 else ''}: {', '.join(known)}")
     dtype = args.dtype
     dtype_note = ""
     if dtype is None and args.profile == "realistic":
@@ -407,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             # that rotates with the rate: this shared machine's speed drifts by tens of percent
             # over minutes, and running each system's rates back to back would bill the drift to it.
             for system in systems[i % len(systems):] + systems[:i % len(systems)]:
-                extra = epd_extra if system == "epd" else ()
-                got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra)
+                extra = epd_extra if not system.startswith("aggregated") else ()
+                got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra, args.nodes)
                 rows += got
                 extras[system]["startup_s"].append(info["startup_s"])
                 peak = extras[system]["memory_mib"]
