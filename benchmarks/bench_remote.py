@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fast_path
 from hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
 from mmcache.config import parse_size
-from redis_servers import RedisClusterProcs, RedisServer
+from mmcache.redis_local import RedisClusterProcs, RedisServer
 
 NS = "bench-remote"
 

@@ -56,7 +56,10 @@ class StackProcess:
                         argv = c.read().decode().split("\0")
                 except OSError:
                     continue  # NOTE: exited meanwhile
-                module = argv[argv.index("-m") + 1] if "-m" in argv else argv[0]
+                if "-m" not in argv:  # NOTE: not one of ours (a --redis-cluster redis-server)
+                    out[pid] = os.path.basename(argv[0].split()[0]) if argv[0] else "?"
+                    continue
+                module = argv[argv.index("-m") + 1]
                 role = argv[argv.index("--role") + 1] if "--role" in argv else argv[argv.index("-m") + 2]
                 out[pid] = f"{module.split('.')[0]} {role}"
         return out

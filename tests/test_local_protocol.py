@@ -277,3 +277,21 @@ def test_a_release_gives_back_the_lease_it_took_not_the_newest(sidecar):
         assert sidecar.store.host.leases.is_leased((key, second))
         assert float(e2.tensor[0, 0]) == 2.0
         e2.close()
+
+
+@pytest.mark.parametrize("record,needle", [
+    ((0, 100, 9, 2, 0, 0, 1, 1), "malformed"),          # unknown tier code
+    ((0, 100, 0, 7, 0, 0, 1, 1), "malformed"),          # unknown dtype code
+    ((-7, 100, 0, 2, 0, 0, 1, 1), "malformed"),         # no such offset
+    ((0, 0, 0, 2, 0, 0, 1, 1), "malformed"),            # an empty entry
+    ((0, 100, 0, 2, 0, 64, 10, 4), "overrun"),          # embeddings past the entry's end
+    ((-1, 100, 1, 255, 40, 0, 0, 0), "past the answer"),  # a stored key longer than the answer
+])
+def test_a_lease_record_that_does_not_add_up_is_refused_whole(record, needle):
+    from mmcache_client import wire
+
+    body = wire.LEASE_RECORD.pack(*record)
+    with pytest.raises(ValueError, match=needle):
+        wire.unpack_leases(body, ["ns/" + "0" * 64])
+    ok = wire.LEASE_RECORD.pack(0, 200, 0, 2, 0, 64, 4, 8)  # 64 + 4*8*4 = 192 <= 200
+    assert wire.unpack_leases(ok, ["ns/" + "0" * 64])[0].layout == wire.Layout("F32", 64, 4, 8)

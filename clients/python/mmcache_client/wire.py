@@ -48,6 +48,7 @@ is ``{"events": [...], "lost": bool}`` (an empty list is a heartbeat)."""
 TIERS = ("host", "disk", "device", "remote")
 TIER_CODES = {name: i for i, name in enumerate(TIERS)}
 LAYOUT_DTYPES = ("BF16", "F16", "F32")
+_DTYPE_BYTES = (2, 2, 4)
 NO_LAYOUT = 255
 MISS, IN_LMDB = -2, -1
 
@@ -121,10 +122,21 @@ def unpack_leases(body: bytes | memoryview, keys: list[str]) -> list[LeaseLoc | 
         if offset == MISS:
             out.append(None)
             continue
+        # NOTE: a record that does not add up is refused whole (ValueError), never half-used: the
+        # client would slice the arena by it.
+        if offset < IN_LMDB or nbytes <= 0 or tier >= len(TIERS) or (dtype != NO_LAYOUT and dtype >= len(LAYOUT_DTYPES)):
+            raise ValueError(f"lease record {i} is malformed (offset {offset}, {nbytes} bytes, tier {tier}, dtype {dtype})")
         stored = keys[i]
         if klen:
+            if at + klen > len(body):
+                raise ValueError(f"lease record {i} names a {klen}-byte key past the answer's end")
             stored = bytes(body[at:at + klen]).decode()
             at += klen
-        layout = None if dtype == NO_LAYOUT else Layout(LAYOUT_DTYPES[dtype], start, rows, cols)
+        layout = None
+        if dtype != NO_LAYOUT:
+            width = _DTYPE_BYTES[dtype]
+            if start + rows * cols * width > nbytes:
+                raise ValueError(f"lease record {i}: embeddings of {rows}x{cols} at {start} overrun its {nbytes} bytes")
+            layout = Layout(LAYOUT_DTYPES[dtype], start, rows, cols)
         out.append(LeaseLoc(offset, nbytes, TIERS[tier], stored, layout))
     return out
