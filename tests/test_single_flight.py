@@ -152,3 +152,34 @@ async def test_a_slow_owner_that_is_alive_renews_its_claim_and_is_not_taken_over
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_a_corrupt_remote_value_is_a_miss_deleted_and_encoded_again(two_nodes, cluster):
+    from redis.cluster import RedisCluster
+
+    a, b = two_nodes
+    ea = await _encoder(a)
+    uri = png_uri(204)
+    try:
+        first = await encode(ea, [uri])
+    finally:
+        await ea.close()
+    a.store.remote.flush(10)
+    key = f"mmc:v1:{first['namespace']}/{first['items'][0]['hash']}"
+    raw = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    try:
+        blob = bytearray(raw.get(key))
+        blob[-1] ^= 0xFF  # one flipped byte in the embeddings
+        raw.set(key, bytes(blob))
+        eb = await _encoder(b)
+        try:
+            again = await encode(eb, [uri])
+        finally:
+            await eb.close()
+        assert again["items"][0]["cached"] is False and eb.model.batches == [1]  # encoded again, on B
+        assert _answer(again) == _answer(first)
+        assert b.store.stats()["remote"]["corrupt"] >= 1
+        b.store.remote.flush(10)
+        assert raw.get(key) is not None and bytes(raw.get(key)) != bytes(blob)  # deleted, then B's good copy
+    finally:
+        raw.close()
