@@ -32,6 +32,8 @@ from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCach
 from mmcache_client.keys import validate_tenant
 
 logger = logging.getLogger(__name__)
+_CLAIM_CHUNK = 512
+"""Keys per claim call (the sidecar answers each key in turn)."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ class EncoderServeConfig:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
         if self.max_queued_images < 1:
             raise ValueError(f"max_queued_images={self.max_queued_images} must be >= 1")
-        if not 0.001 <= self.claim_ttl_s <= 600:
-            raise ValueError(f"claim_ttl_s={self.claim_ttl_s} must be within 0.001..600 seconds")
+        if not 0.1 <= self.claim_ttl_s <= 600:
+            raise ValueError(f"claim_ttl_s={self.claim_ttl_s} must be within 0.1..600 seconds")
 
 
 class _Metrics:
@@ -120,8 +122,9 @@ class EncodeService:
                          "claims_won": 0, "claims_waited": 0, "claims_taken_over": 0, "claims_unavailable": 0}
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This worker's name on its claims."""
-        self._held: set[str] = set()
-        """Keys this worker claimed and has not stored yet (renewed while they wait for the model)."""
+        self._held: dict[str, str] = {}
+        """Keys this worker claimed and has not stored yet → their batcher keys (renewed while
+        they wait for the model)."""
         self._waiters: dict[str, set[asyncio.Event]] = {}
         """Key another owner holds → the events of the requests waiting for its ``stored``."""
         self._events_up = False
@@ -179,7 +182,7 @@ class EncodeService:
         scope = self._scope(tenant or None)
         await self.cache.put(scope, hash_hex, encoded.embeddings,
                              extras=encoded.extras or None, encode_ms=encoded.encode_ms)
-        self._held.discard(f"{scope}/{hash_hex}")  # NOTE: the put ended the claim in the sidecar
+        self._held.pop(f"{scope}/{hash_hex}", None)  # NOTE: the put ended the claim in the sidecar
 
     # ------------------------------------------------------------ claims (mmcache.claims)
     async def _follow_events(self) -> None:
@@ -208,63 +211,105 @@ class EncodeService:
 
     async def _renew_claims(self) -> None:
         """Renew the claims of misses still waiting for the model, so a long queue is not taken
-        for a dead owner (another encoder would encode them too)."""
+        for a dead owner (another encoder would encode them too). Only keys in this worker's
+        batcher: a claim whose encode is over (stored, or failed) lapses or was given back."""
         while True:
             await asyncio.sleep(self.config.claim_ttl_s / 3)
+            for key, job_key in list(self._held.items()):
+                if not self.batcher.in_flight(job_key):
+                    self._held.pop(key, None)
             held = list(self._held)
-            if not held:
-                continue
-            try:
-                states = await self.cache.claim(held, self.owner, self._ttl_ms)
-            except Exception as e:  # noqa: BLE001 - renewal is best effort; the TTL is the backstop
-                logger.debug("encoder: renewing %d claims failed: %r", len(held), e)
-                continue
-            for key, st in states.items():
-                if st.get("state") == "exists":
-                    self._held.discard(key)
+            for i in range(0, len(held), _CLAIM_CHUNK):
+                try:
+                    states = await self.cache.claim(held[i:i + _CLAIM_CHUNK], self.owner, self._ttl_ms)
+                except Exception as e:  # noqa: BLE001 - renewal is best effort; the TTL is the backstop
+                    logger.debug("encoder: renewing %d claims failed: %r", len(held), e)
+                    break
+                for key, st in states.items():
+                    if st.get("state") == "exists":
+                        self._held.pop(key, None)
 
     @property
     def _ttl_ms(self) -> int:
         return max(1, int(self.config.claim_ttl_s * 1000))
 
-    async def _claim(self, scope: str, hashes: list[str]) -> tuple[list[str], list[str]]:
-        """Claim ``hashes`` (new misses of this worker): (to encode here, stored by another).
-        Waits for what another owner holds: until its ``stored`` event, or at most its claim's
-        deadline, then claims again (a takeover, when the owner died)."""
-        pending = {f"{scope}/{h}": h for h in hashes}
-        mine: list[str] = []
-        found: list[str] = []
+    async def _claim_states(self, keys: list[str]) -> dict[str, dict]:
+        """The sidecar's claim answers for ``keys`` (in chunks); a sidecar that cannot claim must
+        not stop encodes: every key is then ``won`` (counted in ``claims_unavailable``)."""
+        out: dict[str, dict] = {}
+        try:
+            for i in range(0, len(keys), _CLAIM_CHUNK):
+                out.update(await self.cache.claim(keys[i:i + _CLAIM_CHUNK], self.owner, self._ttl_ms))
+        except (CacheFull, CacheUnavailable, MMCacheError) as e:
+            self.counters["claims_unavailable"] += len(keys)
+            logger.debug("encoder: claims unavailable (%r); encoding %d images here", e, len(keys))
+            return {k: {"state": "unclaimed"} for k in keys}
+        return out
+
+    async def _encode_misses(self, scope: str, job_prefix: str, misses: list[str], images: dict[str, Any],
+                             look, cached: set[str]) -> dict[str, Any]:
+        """Each miss encoded here (joining this worker's encode of it if one is in flight), or
+        waited for while another encoder (of this node or another) owns its claim, then read.
+        The encoded results by hash; the ones read are left to ``look`` (which adds them to ``cached``).
+
+        The rules that keep "exactly once": a key won is enqueued at once (no await between the
+        claim's answer and the enqueue, and none while it waits on other keys), unless this
+        worker's own encode of it ended while the claim was out (then it is read); a claim is
+        given back only when its key is not being encoded here (its encode failed, or it was
+        never enqueued)."""
+        job_of = {h: job_prefix + h for h in misses}
+        futures: dict[str, asyncio.Future] = {}
+        won_here: list[str] = []
         waited: set[str] = set()
-        while pending:
-            try:
-                states = await self.cache.claim(list(pending), self.owner, self._ttl_ms)
-            except (CacheFull, CacheUnavailable, MMCacheError) as e:
-                # NOTE: a sidecar that cannot claim must not stop encodes: encode here.
-                self.counters["claims_unavailable"] += len(pending)
-                logger.debug("encoder: claims unavailable (%r); encoding %d images here", e, len(pending))
-                mine += pending.values()
-                break
-            left_ms: list[int] = []
-            for key, h in list(pending.items()):
-                st = states.get(key) or {"state": "won"}
-                if st["state"] == "exists":
-                    found.append(h)
-                elif st["state"] == "won":
+        pending = list(misses)
+        try:
+            while pending:
+                mark = self.batcher.mark()
+                joins = [h for h in pending if self.batcher.in_flight(job_of[h])]
+                fresh = [h for h in pending if h not in joins]
+                states = await self._claim_states([f"{scope}/{h}" for h in fresh]) \
+                    if self.config.claims and fresh else {}
+                state = {h: (states.get(f"{scope}/{h}") or {"state": "unclaimed"}) for h in fresh}
+                won = [h for h in fresh if state[h]["state"] in ("won", "unclaimed")]
+                found = [h for h in fresh if state[h]["state"] == "exists"]
+                waits = [h for h in fresh if state[h]["state"] == "wait"]
+                # NOTE: no await from here to the enqueue
+                finished = [h for h in joins + won if self.batcher.finished_since(job_of[h], mark)]
+                go = [h for h in joins + won if h not in finished]
+                for h in won:
+                    if state[h]["state"] != "won":
+                        continue
+                    key = f"{scope}/{h}"
                     if key not in self._held:  # NOTE: not this worker's other requests renewing it
                         self.counters["claims_won"] += 1
-                        self.counters["claims_taken_over"] += key in waited
-                    self._held.add(key)
-                    mine.append(h)
-                else:
-                    if key not in waited:
+                        self.counters["claims_taken_over"] += h in waited
+                    self._held[key] = job_of[h]
+                    won_here.append(h)
+                for h in waits:
+                    if h not in waited:
                         self.counters["claims_waited"] += 1
-                        waited.add(key)
-                    left_ms.append(int(st.get("ttl_ms", self._ttl_ms)))
-                    continue
-                del pending[key]
-            if pending:
-                await self._wait_stored(list(pending), min(left_ms) / 1000)
-        return mine, found
+                        waited.add(h)
+                job = Job(len(go)) if go else None
+                for h, fut in zip(go, self.batcher.enqueue_many([(job_of[h], images[h]) for h in go], job)):
+                    futures[h] = asyncio.shield(fut)
+                vanished: list[str] = []
+                if found or finished:
+                    await look(found + finished)
+                    vanished = [h for h in found + finished if h not in cached]  # NOTE: evicted at once: again
+                pending = waits + vanished
+                if waits and not vanished:
+                    await self._wait_stored([f"{scope}/{h}" for h in waits],
+                                            min(int(state[h].get("ttl_ms", self._ttl_ms)) for h in waits) / 1000)
+            names = list(futures)
+            results = await asyncio.gather(*(futures[h] for h in names), return_exceptions=True)
+        except BaseException:
+            await asyncio.shield(self._give_back(scope, [h for h in won_here if not self.batcher.in_flight(job_of[h])]))
+            raise
+        failed = [h for h, r in zip(names, results) if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.shield(self._give_back(scope, [h for h in failed if not self.batcher.in_flight(job_of[h])]))
+            raise next(r for r in results if isinstance(r, BaseException))
+        return dict(zip(names, results))
 
     async def _wait_stored(self, keys: list[str], deadline_s: float) -> None:
         """Until one of ``keys`` is stored (an event), the nearest claim deadline passes, or a
@@ -285,11 +330,13 @@ class EncodeService:
                         del self._waiters[key]
 
     async def _give_back(self, scope: str, hashes: list[str]) -> None:
-        """An encode (or its enqueue) failed: give its claims back, so waiters take over at once."""
+        """Encodes that failed (or never started): give their claims back, so waiters take over
+        at once rather than at the claim's deadline."""
         keys = [f"{scope}/{h}" for h in hashes if f"{scope}/{h}" in self._held]
         if not keys:
             return
-        self._held.difference_update(keys)
+        for key in keys:
+            self._held.pop(key, None)
         with contextlib.suppress(Exception):
             await self.cache.release_claims(keys, self.owner)
 
@@ -345,26 +392,8 @@ class EncodeService:
             # check to enqueue there is no await, so one ending after it is joined or found.
             await look([h for h in misses if self.batcher.finished_since(job_prefix + h, mark)])
             misses = [h for h in misses if h not in cached]
-        claimed: list[str] = []
-        fresh = [h for h in misses if not self.batcher.in_flight(job_prefix + h)]
-        if self.config.claims and fresh:
-            # NOTE: misses already in flight here are joined; the new ones are claimed first, and
-            # those another encoder (here or on another node) owns are waited for, then read.
-            claimed, found = await self._claim(scope, fresh)
-            if found:
-                await look(found)
-            taken = set(fresh) - set(claimed) - cached
-            misses = [h for h in misses if h not in cached and (h not in fresh or h in claimed or h in taken)]
-        job = Job(len(misses)) if misses else None
-        try:
-            futures = [asyncio.shield(f) for f in
-                       self.batcher.enqueue_many([(job_prefix + h, images[h]) for h in misses], job)]
-            results = await asyncio.gather(*futures)
-        except BaseException:
-            if claimed:
-                await asyncio.shield(self._give_back(scope, claimed))
-            raise
-        for h, enc in zip(misses, results):
+        encoded = await self._encode_misses(scope, job_prefix, misses, images, look, cached) if misses else {}
+        for h, enc in encoded.items():
             num_tokens[h] = int(enc.embeddings.shape[0])
         self.counters["requests"] += 1
         self.counters["images"] += len(urls)

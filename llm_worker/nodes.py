@@ -135,7 +135,7 @@ async def follow(group: NodeGroup, inventory: Inventory) -> None:
     backoff = 0.2
     while True:
         try:
-            async for ev in group.cache.events():
+            async for ev in group.cache.events(scope="local"):
                 kind = ev.get("kind")
                 if kind == "subscribed":
                     group.sidecar_node, group.following, backoff = ev.get("node"), True, 0.2

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 DEFAULT_TTL_MS = 30_000
 MAX_TTL_MS = 600_000
 MAX_OWNER_CHARS = 128
+MAX_KEYS = 4096
+"""Keys in one claim or release at most."""
 _SWEEP_AT = 4096
 
 
@@ -45,10 +47,13 @@ class Claims:
         self._table: dict[str, tuple[str, float]] = {}
         """Local claims: key → (owner, monotonic deadline)."""
         self.counts = dict(won=0, waited=0, exists=0, released=0, ended=0, local=0)
+        self._sweep_at = _SWEEP_AT
 
     def claim(self, keys: list[str], owner: str, ttl_ms: int = DEFAULT_TTL_MS) -> dict[str, dict]:
         """Per key ``{"state": "exists"|"won"|"wait", "ttl_ms": ...}`` (see the module docstring)."""
         owner, ttl_ms = check_owner(owner), check_ttl(ttl_ms)
+        if len(keys) > MAX_KEYS:
+            raise ValueError(f"{len(keys)} keys in one claim; at most {MAX_KEYS}")
         out: dict[str, dict] = {}
         for key in keys:
             if self._exists(key):
@@ -74,8 +79,9 @@ class Claims:
             now = time.monotonic()
             held = self._table.get(key)
             if held is None or held[1] <= now or held[0] == owner:
-                if len(self._table) >= _SWEEP_AT:
+                if len(self._table) >= self._sweep_at:
                     self._sweep(now)
+                    self._sweep_at = max(_SWEEP_AT, 2 * len(self._table))  # NOTE: amortized O(1)
                 self._table[key] = (owner, now + ttl_ms / 1000)
                 return True, ttl_ms
             return False, max(1, int((held[1] - now) * 1000))
@@ -87,6 +93,8 @@ class Claims:
     def release(self, keys: list[str], owner: str) -> int:
         """Give back ``owner``'s claims on ``keys`` (an encode that failed); others' stay."""
         owner = check_owner(owner)
+        if len(keys) > MAX_KEYS:
+            raise ValueError(f"{len(keys)} keys in one release; at most {MAX_KEYS}")
         n = 0
         for key in keys:
             with self._lock:

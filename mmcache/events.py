@@ -92,6 +92,8 @@ class EventBus:
             return self._since(seq)
 
     def _since(self, seq: int) -> tuple[list[Event], bool]:
+        if seq > self._seq:
+            return [], True  # NOTE: a number from before this sidecar (re)started: resynchronise
         if not self._ring or seq >= self._seq:
             return [], False
         first = self._ring[0].seq

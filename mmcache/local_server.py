@@ -458,13 +458,20 @@ class LocalServer:
         try:
             msg = json.loads(body) if body else {}
             since = msg.get("since") if isinstance(msg, dict) else None
+            scope = msg.get("scope", "all") if isinstance(msg, dict) else "all"
             if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
                 raise ProtocolError(f"events: since={since!r} must be a sequence number >= 0")
+            if scope not in ("all", "local"):
+                raise ProtocolError(f"events: scope={scope!r} must be all or local")
         except (ValueError, RecursionError) as e:
             sock.sendall(wire.frame(msg_id, ERROR, _error_body(ProtocolError(f"events: {e}"))))
             return
         seq = bus.seq if since is None else since
+        stale = seq > bus.seq  # NOTE: a number from before this sidecar restarted
+        seq = min(seq, bus.seq)
         sock.sendall(wire.frame(msg_id, OK, wire.json_body({"seq": seq, "node": bus.node})))
+        if stale:
+            sock.sendall(wire.frame(wire.EVENT, OK, wire.json_body({"events": [], "lost": True})))
         tenant = None if conn.principal.trusted else conn.principal.tenant
         sock.settimeout(FOLLOWER_SEND_TIMEOUT_S)  # NOTE: a follower that never reads is dropped
         sent = time.monotonic()
@@ -472,7 +479,8 @@ class LocalServer:
             events, lost = bus.wait(seq, 0.5)
             if events:
                 seq = events[-1].seq
-            docs = [d for d in (_event_in_scope(e, tenant) for e in events) if d is not None]
+            docs = [d for d in (_event_in_scope(e, tenant) for e in events
+                                if scope == "all" or e.node == bus.node) if d is not None]
             if not docs and not lost and time.monotonic() - sent < HEARTBEAT_S:
                 continue
             sock.sendall(wire.frame(wire.EVENT, OK, wire.json_body({"events": docs, "lost": lost})))

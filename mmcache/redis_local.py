@@ -77,7 +77,11 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -138,4 +142,7 @@ class RedisClusterProcs:
 
     def stop(self) -> None:
         for n in self.nodes:
-            n.stop()
+            try:
+                n.stop()
+            except (OSError, subprocess.SubprocessError):  # NOTE: the others still stop
+                pass

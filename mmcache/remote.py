@@ -42,6 +42,8 @@ EVENTS_STREAM = "mmc:v1:events"
 """The inventory stream every sidecar on the store appends its events to (``mmcache.events``)."""
 EVENTS_MAXLEN = 10_000
 PASSWORD_ENV = "MMCACHE_REMOTE_PASSWORD"
+_CLAIM_RETRY_MS = 50
+"""What a claim the remote could not answer (breaker still closed) is told to wait."""
 _WAKE = object()
 """Queued to wake the writer for events alone."""
 
@@ -153,6 +155,7 @@ class RemoteTier(Tier):
         self._closed = False
         self.node, self._on_event, self._on_stored = node, on_event, on_stored
         self._events_out: collections.deque = collections.deque()
+        self._claim_ends: collections.deque = collections.deque()
         self._event_counts = dict(sent=0, received=0, dropped=0)
         self._stop = threading.Event()
         self._scripts: tuple[Any, Any] | None = None
@@ -309,6 +312,9 @@ class RemoteTier(Tier):
             down = not self._up and time.monotonic() < self._retry_at
             if self._closed or not room or down:
                 self._counts["dropped"] += 1
+                if not self._closed:
+                    self._claim_ends.append(key)
+                    self._queue.put(_WAKE)
                 return done(PutStatus.NO_SPACE)
             self._queued_bytes += mv.nbytes
         fut = Future()
@@ -335,8 +341,14 @@ class RemoteTier(Tier):
                     continue
                 batch.append(nxt)
                 nbytes += nxt[1].nbytes
-            stored = self._write(batch) if batch else []
-            self._send_events(stored)
+            try:
+                stored = self._write(batch) if batch else []
+                self._send_events(stored)
+            except Exception:  # noqa: BLE001 - a bug here must not stop every later write
+                logger.exception("remote writer: a batch of %d failed", len(batch))
+                for _key, _mv, fut in batch:
+                    if not fut.done():
+                        fut.set_result(PutStatus.NO_SPACE)
 
     def _write(self, batch: list) -> list[str]:
         ttl = self.config.ttl_s
@@ -356,16 +368,19 @@ class RemoteTier(Tier):
         for (key, mv, fut), result in zip(batch, results):
             with self._lock:
                 self._queued_bytes -= mv.nbytes
+            stored.append(key)  # NOTE: written or not, its claim ends (a failed write: others encode it)
             if isinstance(result, BaseException):
                 self._count("dropped")
                 fut.set_result(PutStatus.NO_SPACE)
                 continue
-            stored.append(key)
             if result:
                 written += mv.nbytes
                 self._count("writes")
                 if self._on_stored is not None:
-                    self._on_stored(key, mv.nbytes)
+                    try:
+                        self._on_stored(key, mv.nbytes)
+                    except Exception:  # noqa: BLE001 - a follower's trouble must not stop the writer
+                        logger.exception("remote: publishing the stored event of %s failed", key)
                 fut.set_result(PutStatus.CREATED)
             else:
                 self._count("exists")
@@ -387,10 +402,24 @@ class RemoteTier(Tier):
         try:
             won, left = self._call(lambda c: self._script(c, 0)(keys=[CLAIM_PREFIX + key], args=[owner, ttl_ms],
                                                                 client=c))
-        except (RemoteDown, *self._errors) as e:
-            logger.debug("remote claim of %s failed: %s", key, e)
+        except RemoteDown:
             return None
+        except self._errors as e:
+            # NOTE: one slow call is not the remote down: a local "won" now would encode it twice
+            # across nodes. The caller waits a moment and claims again (the breaker decides).
+            logger.debug("remote claim of %s failed: %s", key, e)
+            return False, _CLAIM_RETRY_MS
         return bool(won), max(1, int(left))
+
+    def end_claim(self, key: str) -> None:
+        """``key`` is readable on this node but will not be written to the remote (a drop, a
+        host-only entry): end its remote claim anyway, so other nodes' waiters take over now
+        instead of at its deadline (they cannot read the entry; encoding it there is right)."""
+        with self._lock:
+            if len(self._claim_ends) >= EVENTS_MAXLEN:
+                return  # NOTE: the claim's TTL is the backstop
+            self._claim_ends.append(key)
+        self._queue.put(_WAKE)
 
     def release_claim(self, key: str, owner: str) -> int:
         try:
@@ -413,6 +442,8 @@ class RemoteTier(Tier):
         and append the queued events to the stream; one pipeline."""
         with self._lock:
             events, self._events_out = list(self._events_out), collections.deque()
+            stored = stored + list(self._claim_ends)
+            self._claim_ends.clear()
         if not stored and not events:
             return
 
@@ -467,13 +498,12 @@ class RemoteTier(Tier):
             for _stream, entries in answer or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    ev = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                          for k, v in fields.items()}
-                    if ev.get("node") == self.node:
-                        continue
-                    with self._lock:
-                        self._event_counts["received"] += 1
                     try:
+                        ev = {_text(k): _text(v) for k, v in fields.items()}
+                        if ev.get("node") == self.node:
+                            continue
+                        with self._lock:
+                            self._event_counts["received"] += 1
                         self._on_event(ev)
                     except Exception:  # noqa: BLE001 - a bad event must not stop the follower
                         logger.exception("remote events: handling %r failed", ev)
@@ -515,6 +545,10 @@ class RemoteTier(Tier):
             self._reader.join(5.0)
         if self._client is not None:
             _close_quietly(self._client)
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _close_quietly(client: Any) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import socket
 import time
 from typing import AsyncIterator
@@ -278,6 +279,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     if scope not in ("all", "local"):
         raise ValueError(f"scope={scope!r} must be all or local")
     seq = int(since_text) if since_text is not None else bus.seq
+    stale = seq > bus.seq  # NOTE: a number from before this sidecar restarted (an old Last-Event-ID)
+    seq = min(seq, bus.seq)
     tenant = None if principal.trusted else principal.tenant
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-MMCache-Node": bus.node})
@@ -289,6 +292,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 
     try:
         await send(f"event: subscribed\ndata: {json.dumps({'kind': 'subscribed', 'seq': seq, 'node': bus.node})}\n\n")
+        if stale:
+            await send("event: lost\ndata: {}\n\n")
         sent = time.monotonic()
         while not stopping.is_set():
             found, lost = await bus.wait_async(seq, 1.0)
@@ -443,7 +448,7 @@ def _store_ctx(config: ServeConfig):
             remote=None if config.remote is None else RemoteConfig(
                 config.remote, ttl_s=config.remote_ttl_s, timeout_ms=config.remote_timeout_ms,
                 required=config.remote_required),
-            node=config.node or f"{socket.gethostname()}:{config.port}"))
+            node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"))
         app[STORE] = store
         local = gate = None
         try:

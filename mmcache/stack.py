@@ -126,6 +126,8 @@ class StackConfig:
             raise ValueError("give --remote URL (your store) or --redis-cluster K (a demo cluster), not both")
         if self.redis_cluster is not None and not 1 <= self.redis_cluster <= 16:
             raise ValueError("--redis-cluster must be 1..16 masters")
+        if self.shared_cores and self.nodes > 1:
+            raise ValueError("--shared-cores takes turns within one sidecar; it does not span --nodes groups")
         if self.aggregated and (self.nodes > 1 or self.remote or self.redis_cluster):
             raise ValueError("--nodes, --remote and --redis-cluster are for the EPD stack (the baseline has no cache)")
         if self.remote:
@@ -383,10 +385,12 @@ class Stack:
     def stop(self) -> None:
         """Router first (no new work), then the workers, then the sidecar (flushes to disk); no
         restarts from here on."""
-        self.supervisor.stop(_STOP_ORDER)
-        if self.redis is not None:
-            self.redis.stop()  # NOTE: last: the sidecars stopped writing to it
-            self.redis = None
+        try:
+            self.supervisor.stop(_STOP_ORDER)
+        finally:
+            if self.redis is not None:
+                self.redis.stop()  # NOTE: last: the sidecars stopped writing to it
+                self.redis = None
 
 
 def _check_health(child: Child) -> None:

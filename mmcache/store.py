@@ -306,13 +306,16 @@ class TieredStore:
         if not self.disk.admits(plan.total_bytes):  # before the copy below
             raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host now, and the disk "
                             f"queue is full ({self.disk.config.max_queued_bytes} bytes)", RETRY_AFTER_S)
-        fut = self.disk.put(key, plan.to_bytes(), cost_ms, bounded=True)
+        blob = plan.to_bytes()
+        fut = self.disk.put(key, blob, cost_ms, bounded=True)
         status = fut.result()  # NOTE: a 201 means every reader sees it: wait for the commit
         if status is PutStatus.EXISTS:
             return PutResult(False, "disk")
         if status is not PutStatus.CREATED:
             raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host or disk now", RETRY_AFTER_S)
         self._stored(key, "disk", plan.total_bytes)
+        if self.remote is not None:  # NOTE: shared too (and its claim ends once the remote holds it)
+            self.remote.put(key, memoryview(blob), cost_ms)
         return PutResult(True, "disk", None)
 
     def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *, persist: bool = True,

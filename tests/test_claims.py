@@ -5,6 +5,7 @@ image once. The cross-node cases (a Redis cluster, a killed owner) are in test_s
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import tempfile
@@ -252,3 +253,35 @@ async def test_a_failed_encode_gives_its_claim_back_and_a_waiter_encodes_at_once
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_key_won_is_encoded_at_once_not_after_the_keys_its_request_waits_on(sidecar):
+    a, b = await _encoders(sidecar, 2)
+    c = CacheClient(sidecar.unix_url)
+    try:
+        x, y = png_uri(103), png_uri(104)
+        y_key = f"{CountingEncoder.namespace}/{content_hash(base64.b64decode(y.split(',', 1)[1]))}"
+        assert c.claim([y_key], "someone-else", ttl_ms=60_000)[y_key]["state"] == "won"
+        held = asyncio.create_task(encode(a, [x, y]))  # wins x, waits on y (someone else's for 60 s)
+        assert await asyncio.to_thread(settled, lambda: a.app[SERVICE].counters["claims_waited"] == 1, 10)
+        t0 = time.monotonic()
+        other = await asyncio.wait_for(encode(b, [x]), 10)  # x must not wait for y's owner
+        assert time.monotonic() - t0 < 5 and b.model.batches == []
+        assert c.release_claims([y_key], "someone-else") == 1  # y's owner gives up: a takes it over
+        answer = await asyncio.wait_for(held, 10)
+        assert a.model.batches == [1, 1] and answer["items"][0]["hash"] == other["items"][0]["hash"]
+        assert a.app[SERVICE].counters["claims_taken_over"] == 1
+    finally:
+        c.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_sequence_number_from_before_a_restart_says_lost_and_follows_from_now(sidecar):
+    got = []
+    async with AsyncCacheClient(sidecar.url) as follower:
+        async for ev in follower.events(since=10**9):
+            got.append(ev)
+            if len(got) == 2:
+                break
+    assert got[0]["kind"] == "subscribed" and got[0]["seq"] <= 10 and got[1] == {"kind": "lost"}

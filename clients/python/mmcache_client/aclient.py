@@ -339,18 +339,19 @@ class AsyncCacheClient:
                                          {"Content-Type": "application/json"})
         return json.loads(data)["released"]
 
-    async def events(self, since: int | None = None) -> AsyncIterator[dict]:
+    async def events(self, since: int | None = None, *, scope: str = "all") -> AsyncIterator[dict]:
         """The sidecar's inventory events (``stored`` / ``evicted`` / ``deleted``: key, tier,
         node, bytes, seq), from ``since`` (default: from now), until the iterator is closed. The
         first is ``{"kind": "subscribed", "seq", "node"}`` (the stream is up); a ``{"kind":
         "lost"}`` says some were missed (the follower fell behind). Over its own
         connection (a Unix socket's event stream, or ``GET /v1/events``); raises
-        ``CacheUnavailable`` when that connection ends."""
+        ``CacheUnavailable`` when that connection ends. ``scope="local"``: the sidecar's own
+        events only, not those it relays from other nodes through the remote."""
         if self.scheme == "unix":
-            async for ev in _unix_events(self._target, self._token, since):
+            async for ev in _unix_events(self._target, self._token, since, scope):
                 yield ev
             return
-        query = f"?since={since}" if since is not None else ""
+        query = f"?scope={scope}" + (f"&since={since}" if since is not None else "")
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.total)
         try:
             async with aiohttp.ClientSession(headers=self._headers, timeout=timeout) as session:
@@ -399,7 +400,7 @@ class AsyncCacheClient:
         await self.close()
 
 
-async def _unix_events(path: str, token: str | None, since: int | None) -> AsyncIterator[dict]:
+async def _unix_events(path: str, token: str | None, since: int | None, scope: str) -> AsyncIterator[dict]:
     try:
         reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
     except OSError as e:
@@ -415,7 +416,8 @@ async def _unix_events(path: str, token: str | None, since: int | None) -> Async
     try:
         writer.write(wire.frame(1, OP_CODES["hello"], wire.json_body({"token": token} if token else {})))
         await answer()
-        writer.write(wire.frame(2, OP_CODES["events"], wire.json_body({} if since is None else {"since": since})))
+        writer.write(wire.frame(2, OP_CODES["events"], wire.json_body({"scope": scope, **({} if since is None
+                                                                                      else {"since": since})})))
         first = await answer()
         yield {"kind": "subscribed", "seq": first.get("seq"), "node": first.get("node")}
         while True:
