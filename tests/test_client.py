@@ -17,7 +17,7 @@ import torch
 from mmcache.config import ServeConfig
 from mmcache_client import (AsyncCacheClient, AsyncEntry, BadRequest, CacheClient, CacheUnavailable, CorruptEntry,
                             Entry, EntryTooLarge, content_hash)
-from sidecar import ThreadedSidecar, free_port
+from sidecar import ThreadedSidecar, refused_port
 
 NS = "client-ns"
 MAX_ENTRY = 256 << 10
@@ -333,7 +333,7 @@ def test_unavailable_unix(tmp_path):
 
 
 def test_unavailable_http():
-    c = CacheClient(f"http://127.0.0.1:{free_port()}", retries=1, backoff_s=0.01)
+    c = CacheClient(f"http://127.0.0.1:{refused_port()}", retries=1, backoff_s=0.01)
     with pytest.raises(CacheUnavailable):
         c.stats()
     with pytest.raises(CacheUnavailable):
@@ -344,7 +344,7 @@ def test_unavailable_http():
 @pytest.mark.parametrize("url", ["unix:///tmp/mmcache-test-nobody-here.sock", "http"])
 async def test_unavailable_async(url):
     if url == "http":
-        url = f"http://127.0.0.1:{free_port()}"
+        url = f"http://127.0.0.1:{refused_port()}"
     async with AsyncCacheClient(url, retries=1, backoff_s=0.01) as c:
         with pytest.raises(CacheUnavailable):
             await c.stats()

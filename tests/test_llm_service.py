@@ -34,7 +34,7 @@ from llm_worker.prompt import image_urls
 from llm_worker.service import SERVICE, LLMServeConfig, create_app
 from mmcache.config import ServeConfig
 from mmcache_client import CacheClient
-from sidecar import ThreadedSidecar, free_port
+from sidecar import ThreadedSidecar
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 """The async tests share the module's event loop, where the workers run."""
@@ -454,9 +454,8 @@ def test_cli_refuses_a_bad_config(capsys):
 
 
 def test_cli_serves_until_terminated(model_dir):
-    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llm_worker.cli", "serve", "--role", "both", "--model", model_dir,
-                             "--device", "cpu", "--port", str(port), "--log-level", "warning"],
+                             "--device", "cpu", "--port", "0", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -465,7 +464,9 @@ def test_cli_serves_until_terminated(model_dir):
             lines.append(line)
             if line.startswith("mmcache-llm ready"):
                 break
-        assert lines and lines[-1].strip() == f"mmcache-llm ready: http://127.0.0.1:{port}", "".join(lines)
+        assert lines and lines[-1].startswith("mmcache-llm ready: http://127.0.0.1:"), "".join(lines)
+        port = int(lines[-1].strip().rsplit(":", 1)[1])
+        assert port > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
             assert json.load(resp) == {"status": "ok", "role": "both"}
     finally:

@@ -160,9 +160,9 @@ def test_the_remote_going_away_never_fails_the_sidecar(tmp_path, server):
 
 
 def test_an_unreachable_remote_at_start_is_marked_down_or_refused(tmp_path):
-    from mmcache.redis_local import _free_port
+    from sidecar import refused_port
 
-    url = f"redis://127.0.0.1:{_free_port()}"
+    url = f"redis://127.0.0.1:{refused_port()}"
     tier = RemoteTier(RemoteConfig(url, timeout_ms=100))
     try:
         assert tier.stats()["up"] is False and tier.lease("ns/" + "a" * 64, "o") is None

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from encoder_worker.models import ensure_model
 from llm_worker.prompt import template_ids
 from llm_worker.router import ROUTER, Pool, RouterConfig, create_app, load_tokenizer
-from sidecar import free_port
+from sidecar import refused_port
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 NS = "llava.clip336.f32.0123456789abcdef"
@@ -133,7 +133,7 @@ async def router(workers, tokenizer):
     """A router over the fake workers plus, first in its list, an encoder URL nobody listens on."""
     script, urls = workers
     script.__init__()
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     config = RouterConfig(encoders=(dead, urls["enc-a"], urls["enc-b"]), prefill=(urls["prefill"],),
                           decode=(urls["decode"],), retry_down_s=60)
     client = TestClient(TestServer(create_app(config, *tokenizer)))
