@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -84,8 +85,14 @@ class Profile:
     """``mmcache up --encoder-batch N`` for the EPD stack; None: the encoders' default."""
     encoder_schedule: str | None = None
     """``mmcache up --encoder-schedule`` for the EPD stack; None: the encoders' default (fcfs)."""
-    shared_cores: bool = False
-    """``mmcache up --shared-cores`` for the EPD stack: its stages take turns at the cores."""
+    env_epd: tuple[tuple[str, str], ...] = (("GOMP_SPINCOUNT", "10000"),)
+    """Environment of the EPD stack's workers, unless the caller set the name. EPD runs several
+    torch processes on the same cores. OpenMP threads that spin while waiting (libgomp's
+    default: 300k spins) burn the cores another worker needs; threads that sleep at once
+    (OMP_WAIT_POLICY=PASSIVE) pay a wake-up at every parallel region. Per image (2-core EPYC,
+    CLIP-L/336, batch 1): alone 3.3 s spinning, 3.6 s at 10k spins, 4.0 s sleeping (3.5-4.9);
+    two encoders at once 9.0, 6.4 and 5.9 s. 10k spins keep most of both. The aggregated worker
+    keeps the default."""
 
 
 PROFILES = {
@@ -100,7 +107,7 @@ PROFILES = {
     # burst of 8 requests had a median TTFT of 52 s with batches of up to 8, 30 s without); decode
     # at the lowest priority (at nice 15 it still took a quarter of the cores from an encode at
     # 10), and the encoder's queue shortest request first (one image left before five). Not
-    # ``--shared-cores`` (turns at the sidecar's compute gate, the encoder yielding between layers):
+    # the compute gate that stages once took turns at (removed since; the encoder yielding between layers):
     # in full runs of both seeds (benchmarks/results/epd-realistic-2core-cpu-shared-cores*) its
     # median TTFT against aggregated-lru's was 1.01 / 1.99 / 0.95 / 1.16x, against 1.01 / 1.27 /
     # 1.86 / 1.28x with priorities, and its median TPOT 0.15-0.91 s instead of 0.10-0.20 s: a
@@ -206,7 +213,7 @@ def epd_shape_flags(profile: Profile) -> list[str]:
     batch = ["--encoder-batch", str(profile.encoder_batch)] if profile.encoder_batch else []
     schedule = ["--encoder-schedule", profile.encoder_schedule] if profile.encoder_schedule else []
     return ["--encoders", str(profile.encoders), *(a for role, n in profile.nice_epd for a in ("--nice", f"{role}={n}")),
-            *batch, *schedule, *(["--shared-cores"] if profile.shared_cores else [])]
+            *batch, *schedule]
 
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
@@ -228,7 +235,9 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
     flags += list(extra_flags)
     t0 = time.perf_counter()
     rows = []
-    with StackProcess(*flags) as up:
+    env = {} if system.startswith("aggregated") or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ) \
+        else dict(profile.env_epd)
+    with StackProcess(*flags, env=env) as up:
         startup_s = time.perf_counter() - t0
         model = Path(model_dir).name
         warmup = generate(replace(specs[0], num_requests=1, seed=specs[0].seed + 999_999, rate=float("inf")))
@@ -385,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: the CPU sizing above is for stages that share the cores; on a GPU node the
         # workers' forwards run on the GPU, so the default EPD shape (two encoders, batches)
         # applies; the shortest-request-first queue is no CPU matter and stays.
-        profile = replace(profile, encoders=2, nice_epd=(), encoder_batch=None, shared_cores=False)
+        profile = replace(profile, encoders=2, nice_epd=(), encoder_batch=None, env_epd=())
     rates = tuple(float(r) for r in args.rates.split(",")) if args.rates else profile.rates
     num_requests = args.requests or profile.requests
     ttft_slo, tpot_slo = args.ttft_slo or profile.ttft_slo_s, args.tpot_slo or profile.tpot_slo_s

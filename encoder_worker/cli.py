@@ -19,7 +19,6 @@ def _serve(args: argparse.Namespace) -> int:
         cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, salt=args.salt,
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
-        compute_gate=args.compute_gate,
         schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms, max_queued_images=args.max_queued_images,
         claims=not args.no_claims, claim_ttl_s=args.claim_ttl,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
@@ -63,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
-    s.add_argument("--compute-gate", metavar="PATH",
-                   help="the sidecar's compute gate socket: take turns at the cores with the other stages")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=_serve)
     args = parser.parse_args(argv)

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +47,7 @@ class EncodedImage:
 
 class _VisionModule(nn.Module):
     """What ``Encoder`` needs from an architecture: ``checkpoint_key`` (checkpoint name → own
-    parameter name, or None to skip), ``num_image_tokens``, ``encode_batch`` and ``blocks`` (the
-    transformer layers in order, where a forward may pause between two of them)."""
+    parameter name, or None to skip), ``num_image_tokens`` and ``encode_batch``."""
 
     model_type: str
     hidden_size: int
@@ -81,8 +79,6 @@ class _LlavaVision(_VisionModule):
         self.hidden_size = config.text_config.hidden_size
         self.num_patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
 
-    def blocks(self) -> nn.ModuleList:
-        return self.vision_tower.encoder.layers
 
     def checkpoint_key(self, key: str) -> str | None:
         # Saved by transformers 5: "vision_tower.embeddings..."; llava-hf hub checkpoints:
@@ -121,8 +117,6 @@ class _Qwen2VLVision(_VisionModule):
         self.hidden_size = config.vision_config.hidden_size
         self.merge_size = config.vision_config.spatial_merge_size
 
-    def blocks(self) -> nn.ModuleList:
-        return self.visual.blocks
 
     def checkpoint_key(self, key: str) -> str | None:
         # Saved (and on the hub): "visual.blocks..."; in-memory v5 names: "model.visual.blocks...".
@@ -221,23 +215,13 @@ class Encoder:
         return self.vision.num_image_tokens(self.image_processor, image)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image],
-               between_layers: Callable[[], None] | None = None) -> list[EncodedImage]:
-        """Encode ``images`` in one forward; results in input order. ``between_layers`` is called
-        before each transformer layer but the first (e.g. ``GateClient.yield_turn``, so that a
-        forward sharing the cores can pause for one that must go first); it must not touch the
-        model."""
+    def encode(self, images: list[Image.Image]) -> list[EncodedImage]:
+        """Encode ``images`` in one forward; results in input order."""
         if not images:
             return []
         t0 = time.perf_counter()
         batch = self.image_processor(images=list(images), return_tensors="pt")
-        hooks = [] if between_layers is None else \
-            [block.register_forward_pre_hook(lambda module, args: between_layers()) for block in self.vision.blocks()[1:]]
-        try:
-            embeddings, extras = self.vision.encode_batch(batch)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        embeddings, extras = self.vision.encode_batch(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # NOTE: else we would time the launch, not the work
         batch_ms = (time.perf_counter() - t0) * 1e3

@@ -27,7 +27,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, decode_fetched, fetch_bytes, http_session
-from mmcache.compute_gate import GateClient
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCacheError, content_hash
 from mmcache_client.keys import validate_tenant
 
@@ -58,9 +57,6 @@ class EncoderServeConfig:
     salt: str | None = None
     """Tenant salt mixed into the namespace."""
     media: MediaLimits = field(default_factory=MediaLimits)
-    compute_gate: str | None = None
-    """The sidecar's compute gate (a Unix socket), where stages share the cores: each batch's
-    forward then waits its turn, and prefills go between two of its transformer layers."""
     schedule: str = "fcfs"
     """Which queued misses run next: ``fcfs`` (arrival order) or ``sjf`` (those of the request
     with the fewest images left to encode first; see ``encoder_worker.batcher``)."""
@@ -135,7 +131,6 @@ class EncodeService:
                                            max_queue_delay_ms=config.max_queue_delay_ms,
                                            max_queued=config.max_queued_images)
         self._http: aiohttp.ClientSession | None = None
-        self.gate = GateClient(config.compute_gate, "encode") if config.compute_gate else None
 
     async def start(self) -> None:
         self._http = http_session(self.config.media)  # NOTE: refuses non-public addresses unless allowed
@@ -150,21 +145,13 @@ class EncodeService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.batcher.close()
-        if self.gate is not None:
-            self.gate.close()
         if self._http is not None:
             await self._http.close()
         await self.cache.close()
 
     def _encode_batch(self, images: list) -> list:
-        """Runs in a worker thread. Gated: the batch's forward holds a turn and yields it between
-        transformer layers, so that a prefill waits for one layer at most (a fraction of a
-        second on a CPU), not for a whole image, and the encode goes on at once when nobody
-        waits."""
-        if self.gate is None:
-            return self.encoder.encode(images)
-        with self.gate.turn():
-            return self.encoder.encode(images, between_layers=self.gate.yield_turn)
+        """Runs in a worker thread (the batcher's)."""
+        return self.encoder.encode(images)
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.counters["batches"] += 1
@@ -468,9 +455,8 @@ async def models_handler(request: web.Request) -> web.Response:
 
 async def stats_handler(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    gate = {"compute_gate": service.gate.stats()} if service.gate is not None else {}
     return web.json_response({"namespace": service.namespace, "model": service.config.model, "pid": os.getpid(),
-                              **service.counters, **gate,
+                              **service.counters,
                               "claims": service.config.claims, "claim_owner": service.owner,
                               "claims_held": len(service._held), "events_connected": service._events_up,
                               "inflight": service.batcher.inflight, "queued": service.batcher.queued,

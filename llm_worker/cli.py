@@ -28,8 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
                           allow_private_urls=args.allow_private_urls),
-        encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
-        compute_gate=args.compute_gate)
+        encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves frees its decode-batch row at once.
     run_app(create_app(config), "mmcache-llm", config.host, config.port, handler_cancellation=True)
@@ -84,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
     s.add_argument("--encoder-cache", help="role both: an in-process LRU of image embeddings this large, e.g. 2GiB")
-    s.add_argument("--compute-gate", metavar="PATH",
-                   help="prefill, decode: the sidecar's compute gate socket: take turns at the cores with the other stages")
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=_serve)
     r = sub.add_parser("router", help="serve the OpenAI API in front of encoders, prefill and decode workers")

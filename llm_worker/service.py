@@ -33,7 +33,6 @@ from typing import Any, AsyncIterator
 import aiohttp
 import torch
 from aiohttp import web
-from mmcache.compute_gate import GateClient
 from mmcache_client import (
     AsyncCacheClient,
     CacheFull,
@@ -100,9 +99,6 @@ class LLMServeConfig:
     """Limits on the images a ``both`` worker fetches itself."""
     encoder_cache_bytes: int = 0
     """``both`` only: an in-process LRU of image embeddings this large (0: none, encode every image)."""
-    compute_gate: str | None = None
-    """Prefill and decode: the sidecar's compute gate (a Unix socket), where stages share the
-    cores; each forward then waits its turn (``mmcache.compute_gate``)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -115,8 +111,6 @@ class LLMServeConfig:
             raise ValueError(f"max_waiting={self.max_waiting} must be >= 0")
         if self.max_images_per_request < 1:
             raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
-        if self.compute_gate and self.role == "both":
-            raise ValueError("compute_gate is for prefill and decode workers (a both worker runs one forward at a time)")
 
 
 class NotInCache(LookupError):
@@ -188,7 +182,6 @@ class LLMService:
             if config.role == "both" and config.encoder_cache_bytes else None
         if self.embedding_cache is not None:
             self.counters.update(images=0, encoded=0)
-        self.gate = GateClient(config.compute_gate, config.role) if config.compute_gate else None
 
     async def start(self) -> None:
         if self.config.role == "both":
@@ -199,8 +192,6 @@ class LLMService:
     async def close(self) -> None:
         if self.decode_loop is not None:
             await self.decode_loop.close()
-        if self.gate is not None:
-            self.gate.close()
         await asyncio.to_thread(self._forward_thread.shutdown)
         if self._http is not None:
             await self._http.close()
@@ -210,18 +201,12 @@ class LLMService:
     async def forward(self, fn, *args):
         """``fn(*args)`` on the forward thread. Returns (or raises) only once ``fn`` has ended, even
         when cancelled: what ``fn`` reads (embeddings leased from the cache) stays valid until then."""
-        if self.gate is not None:
-            fn, args = self._gated, (fn, *args)
         future = asyncio.get_running_loop().run_in_executor(self._forward_thread, fn, *args)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             await asyncio.wait([future])
             raise
-
-    def _gated(self, fn, *args):
-        with self.gate.turn():
-            return fn(*args)
 
     def _on_step(self, batch_size: int, step_ms: float) -> None:
         self.metrics.batch_size.observe(batch_size)
@@ -347,8 +332,6 @@ class LLMService:
                 out["embedding_cache"] = self.embedding_cache.stats()
             out["decode"] = {"running": loop.num_running, "waiting": loop.num_waiting, "steps": loop.steps,
                              "batched_tokens": loop.batched_tokens, "max_batch_size": loop.max_batch_size}
-        if self.gate is not None:
-            out["compute_gate"] = self.gate.stats()
         return out
 
 

@@ -28,7 +28,6 @@ def _serve(args: argparse.Namespace) -> int:
     token = resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token")
     flags = {
         "data_dir": args.data_dir, "host": args.host, "port": args.port, "socket": args.socket,
-        "compute_gate": args.compute_gate,
         "host_capacity_bytes": args.host_capacity, "disk_capacity_bytes": args.disk_capacity,
         "max_entry_size_bytes": args.max_entry_size, "token": token, "arena_path": args.arena,
         "host_policy": args.host_policy, "disk_policy": args.disk_policy, "log_level": args.log_level,
@@ -131,7 +130,6 @@ def _up(args: argparse.Namespace) -> int:
                          allow_private_urls=args.allow_private_urls, tenants=args.tenants, max_batch=args.max_batch,
                          encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
-                         shared_cores=args.shared_cores,
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level,
                          cache_token=cache_token, api_key=api_key, nodes=args.nodes, remote=args.remote,
                          redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl)
@@ -148,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int)
     s.add_argument("--socket", help="Unix socket for same-node zero-copy clients")
-    s.add_argument("--compute-gate", metavar="PATH",
-                   help="serve the compute gate on this Unix socket: workers sharing the cores take turns")
     s.add_argument("--host-capacity", help="shared-memory arena size, e.g. 4GiB")
     s.add_argument("--disk-capacity", help="LMDB payload bytes, e.g. 100GiB")
     s.add_argument("--max-entry-size", help="largest PUT body (default 256MiB)")
@@ -221,9 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--nice", type=_role_niceness, action="append", default=[], metavar="ROLE=N",
                    help="run ROLE's processes (encoder, prefill, decode, sidecar, router, both) at niceness N "
                         "(repeatable), e.g. --nice encoder=5 --nice decode=10 when the stages share CPU cores")
-    u.add_argument("--shared-cores", action="store_true",
-                   help="the EPD stages share this machine's cores (a CPU, or one GPU): they take turns at them, "
-                        "one forward at a time at full width, prefill first, then encode, then decode")
     u.add_argument("--nodes", type=int, default=1,
                    help="node groups on this machine, each its own sidecar, arena, data dir, encoders, prefill and "
                         "decode, behind one router (default 1)")

@@ -51,9 +51,6 @@ class ServeConfig:
     """HTTP port (0 picks a free one)."""
     socket: str | None = None
     """Unix socket of the local zero-copy protocol; None turns it off."""
-    compute_gate: str | None = None
-    """Unix socket of the compute gate (``mmcache.compute_gate``) for workers that share this
-    machine's cores; None: no gate."""
     host_capacity_bytes: int = 1 << 30
     """Size of the shared-memory arena."""
     disk_capacity_bytes: int = 16 << 30
@@ -129,7 +126,7 @@ class ServeConfig:
             raise ValueError(f"refusing to serve on host={self.host!r} (beyond loopback) without a token: "
                              "anyone who reaches the port could read, write and delete entries. Give "
                              "MMCACHE_TOKEN or --token-file PATH, or bind 127.0.0.1")
-        for name in ("socket", "compute_gate"):
+        for name in ("socket",):
             path = getattr(self, name)
             size = len(os.fsencode(path)) if path is not None else 0
             if size > MAX_UNIX_PATH_BYTES:

@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.config import ServeConfig
-from mmcache.compute_gate import ComputeGate, start_gate_server
 from mmcache.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
 from mmcache.local_server import start_local_server
 from mmcache.remote import RemoteConfig
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", ServeConfig)
 STORE = web.AppKey("store", TieredStore)
 METRICS = web.AppKey("metrics", Metrics)
-GATE = web.AppKey("gate", ComputeGate)
 TENANTS = web.AppKey("tenants", Tenants)
 TENANT_COUNTS = web.AppKey("tenant_counts", dict)
 LOCAL_OPS = web.AppKey("local_ops", dict)
@@ -420,8 +418,6 @@ async def stats(request: web.Request) -> web.Response:
     doc = store.stats()
     doc["http"] = request.app[HTTP_COUNTERS].as_dict()
     doc["local"] = {"ops": dict(request.app[LOCAL_OPS])}
-    if GATE in request.app:
-        doc["compute_gate"] = request.app[GATE].stats()
     if tenants is not None:
         doc["tenants"] = {name: of(name) for name in tenants.names} | {DEFAULT_TENANT_NAME: of(None)}
     return web.json_response(doc)
@@ -450,13 +446,10 @@ def _store_ctx(config: ServeConfig):
                 required=config.remote_required),
             node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"))
         app[STORE] = store
-        local = gate = None
+        local = None
         try:
             local = start_local_server(store, config.socket, app.get(TENANTS), app[LOCAL_OPS]) \
                 if config.socket else None
-            if config.compute_gate:
-                app[GATE] = ComputeGate()
-                gate = await start_gate_server(app[GATE], config.compute_gate)
         except BaseException:  # NOTE: the arena is shared memory: a failed start must not leave it behind
             if local is not None:
                 await asyncio.to_thread(local.close)
@@ -467,9 +460,6 @@ def _store_ctx(config: ServeConfig):
         try:
             yield
         finally:
-            if gate is not None:
-                gate.close()
-                _unlink(config.compute_gate)
             if local is not None:
                 await asyncio.to_thread(local.close)  # joins its threads: every lease given back
                 _unlink(config.socket)

@@ -41,8 +41,6 @@ from mmcache.config import ENCODER_SCHEDULES as SCHEDULES
 from mmcache.supervisor import Backoff, Child, Supervisor
 
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")
-EPD_SPIN_COUNT = 10_000
-"""libgomp's GOMP_SPINCOUNT for EPD workers, which share the cores (see ``Stack.__init__``)."""
 STATUS_FILE = "stack-status.json"
 """In the data dir: the stack's processes, their restarts and last exits (read by the router)."""
 ARENA_RECORD = "arena.path"
@@ -91,9 +89,6 @@ class StackConfig:
     """(role, niceness) pairs: the role's processes run at that CPU priority (0 normal, up to 19
     lowest); roles ``cache``, ``encoder``, ``prefill``, ``decode``, ``generate``, ``router``. For
     stages that share CPU cores: the stage nearest the first token first."""
-    shared_cores: bool = False
-    """EPD stages on the same cores take turns at them (the sidecar's compute gate): one forward
-    at a time at full width, prefill first, then encode, then decode."""
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -126,8 +121,6 @@ class StackConfig:
             raise ValueError("give --remote URL (your store) or --redis-cluster K (a demo cluster), not both")
         if self.redis_cluster is not None and not 1 <= self.redis_cluster <= 16:
             raise ValueError("--redis-cluster must be 1..16 masters")
-        if self.shared_cores and self.nodes > 1:
-            raise ValueError("--shared-cores takes turns within one sidecar; it does not span --nodes groups")
         if self.aggregated and (self.nodes > 1 or self.remote or self.redis_cluster):
             raise ValueError("--nodes, --remote and --redis-cluster are for the EPD stack (the baseline has no cache)")
         if self.remote:
@@ -139,8 +132,6 @@ class StackConfig:
                 raise ValueError(f"--{name} must be >= 1")
         if self.encoder_cache and not self.aggregated:
             raise ValueError("--encoder-cache is for --aggregated (EPD workers share the sidecar)")
-        if self.shared_cores and self.aggregated:
-            raise ValueError("--shared-cores is for the EPD stack (an aggregated worker runs one forward at a time)")
         if self.encoder_batch is not None and self.encoder_batch < 1:
             raise ValueError("--encoder-batch must be >= 1")
         if self.encoder_schedule is not None and self.encoder_schedule not in SCHEDULES:
@@ -164,7 +155,6 @@ class _Node:
     name: str
     data_dir: str
     socket: str
-    gate: str | None
     sidecar: Child | None = None
     workers: list[Child] = field(default_factory=list)
 
@@ -192,27 +182,14 @@ class Stack:
         self.redis = None
         """The loopback redis cluster of ``--redis-cluster`` (``mmcache.redis_local``), if any."""
         self.socket_path = _socket_path(config.data_dir)
-        self.gate_path = _socket_path(config.data_dir, "compute-gate.sock") if config.shared_cores else None
         threads = {"OMP_NUM_THREADS": str(config.threads)} if config.threads else {}
-        # NOTE: EPD runs several torch processes on the same cores. OpenMP threads that spin while
-        # waiting (libgomp's default: 300k spins) burn the cores another worker needs; threads that
-        # sleep at once (OMP_WAIT_POLICY=PASSIVE) pay a wake-up at every parallel region. Per
-        # image (2-core EPYC, CLIP-L/336, batch 1): alone 3.3 s spinning, 3.6 s at 10k spins,
-        # 4.0 s sleeping (3.5-4.9); two encoders at once 9.0, 6.4 and 5.9 s. 10k spins keep most
-        # of both. A single aggregated worker keeps the default, and so do workers that take
-        # turns at the cores (shared_cores): their forwards do not overlap. The caller's setting wins.
-        caller = {*os.environ, *config.extra_env}
-        keeps_default = config.aggregated or config.shared_cores or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & caller
-        short_spins = {} if keeps_default else {"GOMP_SPINCOUNT": str(EPD_SPIN_COUNT)}
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads, **config.extra_env}
-        self._worker_env = {**short_spins, **self._env}
         self._nice = dict(config.nice)
 
     # -- starting ---------------------------------------------------------------------------
 
     def _spawn(self, name: str, role: str, module: str, *args: str, on_exit=None) -> Child:
-        env = self._worker_env if role in ("encoder", "prefill", "decode") else self._env
-        env = self._with_secrets(env, role)
+        env = self._with_secrets(self._env, role)
         return self.supervisor.spawn(name, role, [sys.executable, "-m", module, *args], env, self._nice.get(role, 0),
                                      on_exit)
 
@@ -244,7 +221,7 @@ class Stack:
         c = self.config
         args = ["serve", "--role", role, *self._worker_args(), "--max-batch", str(c.max_batch)]
         if role != "both":
-            args += ["--cache", f"unix://{node.socket}", *self._gate_args(node)]
+            args += ["--cache", f"unix://{node.socket}"]
         elif c.encoder_cache:
             args += ["--encoder-cache", c.encoder_cache]
         for flag, value in (("--device", c.device), ("--dtype", c.dtype)):
@@ -258,18 +235,14 @@ class Stack:
                 *(["--schedule", c.encoder_schedule] if c.encoder_schedule else []),
                 *(["--claim-ttl", str(c.claim_ttl_s)] if c.claim_ttl_s else [])]
 
-    def _gate_args(self, node: "_Node") -> list[str]:
-        return ["--compute-gate", node.gate] if node.gate else []
-
     def _nodes(self) -> list["_Node"]:
         c = self.config
         if c.nodes == 1:
-            return [_Node("", c.data_dir, self.socket_path, self.gate_path)]
+            return [_Node("", c.data_dir, self.socket_path)]
         out = []
         for i in range(c.nodes):
             data_dir = os.path.join(c.data_dir, f"node-{i}")
-            out.append(_Node(f"node-{i}", data_dir, _socket_path(data_dir),
-                             _socket_path(data_dir, "compute-gate.sock") if c.shared_cores else None))
+            out.append(_Node(f"node-{i}", data_dir, _socket_path(data_dir)))
         return out
 
     def _start_remote(self) -> str | None:
@@ -328,14 +301,14 @@ class Stack:
             node.sidecar = self._spawn(node.prefix + "sidecar", "cache", "mmcache.cli", "serve",
                                        "--data-dir", node.data_dir, "--host", LOOPBACK, "--port", "0",
                                        "--socket", node.socket, "--host-capacity", c.host_capacity,
-                                       "--log-level", c.log_level, *self._gate_args(node), *remote_args,
+                                       "--log-level", c.log_level, *remote_args,
                                        *(["--node", node.name] if node.name else []),
                                        on_exit=self._sidecar_exited(node.data_dir))
         self._wait_ready([n.sidecar for n in nodes], deadline)
         for node in nodes:
             cache = f"unix://{node.socket}"
             node.workers = [self._spawn(f"{node.prefix}encoder-{i}", "encoder", "encoder_worker.cli", "serve",
-                                        *self._worker_args(), "--cache", cache, *self._gate_args(node),
+                                        *self._worker_args(), "--cache", cache,
                                         *self._encoder_args(), *self._media_args()) for i in range(c.encoders)]
             node.workers += [self._spawn(f"{node.prefix}prefill-{i}", "prefill", "llm_worker.cli",
                                          *self._llm_args("prefill", node)) for i in range(c.prefill)]

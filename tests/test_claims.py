@@ -104,9 +104,11 @@ def test_event_bus_follows_by_sequence_and_says_when_it_lost_some():
     assert bus.wait(bus.seq, 0.01) == ([], False)  # nothing new: a bounded wait, no event
 
 
-async def _collect(client: AsyncCacheClient, n: int, out: list) -> None:
+async def _collect(client: AsyncCacheClient, n: int, out: list, ready: asyncio.Event | None = None) -> None:
     async for ev in client.events():
         if ev["kind"] == "subscribed":
+            if ready is not None:
+                ready.set()
             continue
         out.append(ev)
         if len(out) >= n:
@@ -118,8 +120,9 @@ async def test_events_stream_stored_evicted_and_deleted(sidecar, transport):
     url = sidecar.unix_url if transport == "unix" else sidecar.url
     seen: list[dict] = []
     async with AsyncCacheClient(url) as follower, AsyncCacheClient(sidecar.unix_url) as writer:
-        task = asyncio.create_task(_collect(follower, 10_000, seen))
-        # NOTE: the stream is subscribed from "now": wait until a probe put shows up on it
+        ready = asyncio.Event()
+        task = asyncio.create_task(_collect(follower, 10_000, seen, ready))
+        await asyncio.wait_for(ready.wait(), 10)  # NOTE: the stream follows from "now"
         probe = key(f"probe-{transport}")
         await writer.put(NS, probe.split("/")[1], torch.ones(2, 8))
         assert await asyncio.to_thread(settled, lambda: any(e.get("key") == probe for e in seen))

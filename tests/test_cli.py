@@ -151,7 +151,7 @@ def test_serve_refuses_a_bad_config(tmp_path, capsys):
     assert "colour" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--socket", "--compute-gate"])
+@pytest.mark.parametrize("flag", ["--socket"])
 def test_serve_on_a_socket_it_cannot_make_says_why_and_leaves_no_arena(tmp_path, flag):
     not_a_dir = tmp_path / "f"
     not_a_dir.write_text("a file")
@@ -240,7 +240,7 @@ def test_config_hyphenated_toml_keys(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("host_capacity_bytes", "0"), ("host_capacity_bytes", "lots"), ("disk_capacity_bytes", 0),
     ("disk_capacity_bytes", -5), ("max_entry_size_bytes", "0MiB"), ("port", "http"), ("port", 70000),
-    ("port", -1), ("socket", "/tmp/" + "s" * 103), ("compute_gate", "/tmp/" + "g" * 103),
+    ("port", -1), ("socket", "/tmp/" + "s" * 103)
 ])
 def test_config_invalid_values(field, value):
     with pytest.raises(ValueError):

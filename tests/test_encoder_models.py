@@ -295,21 +295,3 @@ def test_encoder_on_cuda(llava_dir: str, llava_encoder: Encoder) -> None:
                                rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
-def test_between_layers_runs_before_every_layer_but_the_first_and_changes_nothing(
-        arch: str, llava_dir: str, llava_encoder: Encoder, qwen_dir: str) -> None:
-    encoder = llava_encoder if arch == "llava" else Encoder.load(qwen_dir)
-    images = [_image(1), _image(2, 224, 336)]
-    plain = encoder.encode(images)
-    calls: list[int] = []
-    paused = encoder.encode(images, between_layers=lambda: calls.append(1))
-    assert len(calls) == len(encoder.vision.blocks()) - 1 > 0
-    assert all(torch.equal(a.embeddings, b.embeddings) for a, b in zip(plain, paused))
-    encoder.encode(images)
-    assert len(calls) == len(encoder.vision.blocks()) - 1  # the hooks are gone after the call
-
-    def fail() -> None:
-        raise RuntimeError("stop here")
-    with pytest.raises(RuntimeError, match="stop here"):
-        encoder.encode(images, between_layers=fail)
-    assert all(torch.equal(a.embeddings, b.embeddings) for a, b in zip(plain, encoder.encode(images)))
