@@ -30,9 +30,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable, Sequence
 
-from mmcache.config import ENCODER_SCHEDULES as SCHEDULES
-
 logger = logging.getLogger(__name__)
+
+SCHEDULES = ("fcfs", "sjf")
+"""Orders misses may be taken in: arrival order, or the request with the fewest misses left first."""
 
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
 """Blocking: items → results, same order and length."""

@@ -12,7 +12,7 @@ from encoder_worker.media import MediaLimits
 
 def _serve(args: argparse.Namespace) -> int:
     from encoder_worker.service import EncoderServeConfig, create_app
-    from mmcache.security import resolve_secret
+    from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
 
     config = EncoderServeConfig(

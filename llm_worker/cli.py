@@ -18,8 +18,8 @@ ROLES = ("prefill", "decode", "both")
 
 def _serve(args: argparse.Namespace) -> int:
     from llm_worker.service import LLMServeConfig, create_app
-    from mmcache.config import parse_size
-    from mmcache.security import resolve_secret
+    from mmcache.serving.sizes import parse_size
+    from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
 
     config = LLMServeConfig(
@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     from llm_worker.nodes import NodeSpec
     from llm_worker.router import RouterConfig, create_app
-    from mmcache.security import resolve_secret
+    from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
 
     config = RouterConfig(

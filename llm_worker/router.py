@@ -42,8 +42,8 @@ from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unr
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.nodes import ROUTINGS, GroupStream, Inventory, NodeGroup, NodeSpec, choose, follow
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
-from mmcache.security import bearer_matches, bearer_token
-from mmcache.tenants import DEFAULT, Tenants
+from mmcache.serving.security import bearer_matches, bearer_token
+from mmcache.serving.tenants import DEFAULT, Tenants
 from encoder_worker.media import MediaError, MediaLimits, decode_data_uri
 from mmcache_client import AsyncCacheClient, MMCacheError, content_hash
 
@@ -79,7 +79,7 @@ class RouterConfig:
     ``/healthz`` (401 otherwise); None: no key needed. From ``MMCACHE_API_KEY`` or
     ``--api-key-file`` rather than ``--api-key``, which ``ps`` shows."""
     tenants: str | None = None
-    """A TOML/JSON file of API key → tenant (``mmcache.tenants``): a client's requests are
+    """A TOML/JSON file of API key → tenant (``mmcache.serving.tenants``): a client's requests are
     encoded and read in its tenant's scope of the cache, so one tenant never gets an embedding
     another computed or wrote. ``api_key`` stays the default tenant's."""
     host: str = "127.0.0.1"

@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 
-from mmcache.config import ENCODER_SCHEDULES as SCHEDULES, ServeConfig
+from mmcache.config import ServeConfig
 from mmcache.policies import POLICIES
-from mmcache.security import make_private_dir, resolve_secret
+from mmcache.serving.security import make_private_dir, resolve_secret
 from mmcache_client.errors import MMCacheError
 
 
@@ -115,7 +115,7 @@ def _role_niceness(text: str) -> tuple[str, int]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from mmcache.security import is_loopback
+    from mmcache.serving.security import is_loopback
     from mmcache.stack import StackConfig, run
 
     cache_token = resolve_secret(None, args.token_file, "MMCACHE_TOKEN", "cache token")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--max-batch", type=int, default=64, help="most requests per decode step")
     u.add_argument("--encoder-batch", type=int, help="most images per encoder forward (default 8; 1 on a CPU "
                                                     "keeps each request from waiting for the others in its batch)")
-    u.add_argument("--encoder-schedule", choices=SCHEDULES,
+    u.add_argument("--encoder-schedule", metavar="fcfs|sjf",
                    help="which queued images the encoders run first: arrival order (default), or those of the "
                         "request with the fewest images left, so that a one-image request does not wait behind five")
     u.add_argument("--encoder-cache", help="with --aggregated: an in-process LRU of embeddings this large, e.g. 2GiB")

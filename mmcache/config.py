@@ -3,41 +3,21 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from mmcache.security import is_loopback
+from mmcache.serving.security import is_loopback
+from mmcache.serving.sizes import parse_size  # noqa: F401 - the sidecar's flags read sizes
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     tomllib = None
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
-
-
-def parse_size(text: str | int) -> int:
-    """``4GiB`` → 4294967296, ``512MB`` → 512000000, ``1024`` → 1024. Raises ``ValueError``."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _SIZE_RE.fullmatch(str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"size {text!r} must be a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 MAX_UNIX_PATH_BYTES = 107
 """Linux's ``sun_path`` holds 108 bytes, NUL included."""
 
 
-
-ENCODER_SCHEDULES = ("fcfs", "sjf")
-"""Orders an encoder's batcher may take misses in (``encoder_worker.batcher``): arrival order, or
-the request with the fewest misses left first. Here, so that ``mmcache up`` checks its flag
-without importing a worker."""
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -79,7 +59,7 @@ class ServeConfig:
     header_timeout_s: float = 5.0
     """Seconds a new HTTP connection has to send its first whole request head (slowloris)."""
     tenants: str | None = None
-    """A TOML or JSON file mapping bearer tokens to tenant names (``mmcache.tenants``): each
+    """A TOML or JSON file mapping bearer tokens to tenant names (``mmcache.serving.tenants``): each
     request is scoped to its token's tenant; ``token`` stays the default tenant's."""
     disk_queue_bytes: int = 1 << 30
     """Bytes of puts that host cannot take (they land on disk) queued for the disk writer at

@@ -52,7 +52,7 @@ from typing import Any
 from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.host import EntryExists, Reservation
 from mmcache.store import RETRY_AFTER_S, Lease, TieredStore
-from mmcache.tenants import DEFAULT, Principal, Tenants
+from mmcache.serving.tenants import DEFAULT, Principal, Tenants
 from mmcache.tier import PutStatus
 from mmcache_client import wire
 from mmcache_client.errors import CacheFull, EntryTooLarge

@@ -24,13 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.config import ServeConfig
-from mmcache.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
+from mmcache.serving.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
 from mmcache.local_server import start_local_server
 from mmcache.remote import RemoteConfig
 from mmcache.metrics import Metrics
-from mmcache.security import bearer_matches, bearer_token
+from mmcache.serving.security import bearer_matches, bearer_token
 from mmcache.store import StoreConfig, TieredStore
-from mmcache.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants
+from mmcache.serving.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryFormatError, relayout
 from mmcache_client.keys import Key

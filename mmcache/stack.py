@@ -37,7 +37,6 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmcache.config import ENCODER_SCHEDULES as SCHEDULES
 from mmcache.supervisor import Backoff, Child, Supervisor
 
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")
@@ -134,8 +133,6 @@ class StackConfig:
             raise ValueError("--encoder-cache is for --aggregated (EPD workers share the sidecar)")
         if self.encoder_batch is not None and self.encoder_batch < 1:
             raise ValueError("--encoder-batch must be >= 1")
-        if self.encoder_schedule is not None and self.encoder_schedule not in SCHEDULES:
-            raise ValueError(f"--encoder-schedule {self.encoder_schedule}: must be one of {', '.join(SCHEDULES)}")
         if self.aggregated and (self.encoder_schedule or self.encoder_batch):
             raise ValueError("--encoder-schedule and --encoder-batch are for the EPD stack's encoders")
         if self.threads is not None and self.threads < 1:

@@ -310,6 +310,7 @@ def test_stage_priorities_and_the_callers_environment(model_dir):
 @pytest.mark.parametrize("flags, message", [(["--encoder-batch", "0"], "--encoder-batch must be >= 1"),
                                             (["--aggregated", "--encoder-schedule", "sjf"],
                                              "--encoder-schedule and --encoder-batch are for the EPD stack"),
+                                            # NOTE: a worker's flag is the worker's to check: it refuses to start
                                             (["--encoder-schedule", "lifo"], "invalid choice: 'lifo'")])
 def test_bad_stack_shapes_are_clear_errors(tmp_path, flags, message):
     import subprocess
@@ -317,7 +318,7 @@ def test_bad_stack_shapes_are_clear_errors(tmp_path, flags, message):
 
     proc = subprocess.run([sys.executable, "-m", "mmcache.cli", "up", "--data-dir", str(tmp_path), *flags],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.returncode in (1, 2) and message in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("flag, message", [("decode=20", "niceness must be 0..19"), ("gpu=1", "unknown role"),

@@ -5,7 +5,7 @@ they share one contract that scripts and ``mmcache up`` rely on: once the socket
 line ``"<name> ready: http://HOST:PORT[ extra]"`` goes to stdout, with the port actually bound
 (``--port 0`` picks a free one and the line says which).
 
-They also share the bounds of ``mmcache.http_limits``: the soft descriptor limit raised to the
+They also share the bounds of ``mmcache.serving.http_limits``: the soft descriptor limit raised to the
 hard one, a listen backlog of ``LISTEN_BACKLOG`` (aiohttp's own ``run_app`` re-listens at 128),
 a cap on open connections (the oldest idle one makes room, else a 503) and a deadline for a new
 connection's first request head.
@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mmcache.http_limits import (HEADER_TIMEOUT_S, HTTP_COUNTERS, KEEPALIVE_TIMEOUT_S, LISTEN_BACKLOG,
+from mmcache.serving.http_limits import (HEADER_TIMEOUT_S, HTTP_COUNTERS, KEEPALIVE_TIMEOUT_S, LISTEN_BACKLOG,
                                  ConnectionGate, connection_cap, raise_nofile_limit)
 
 logger = logging.getLogger(__name__)
