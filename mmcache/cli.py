@@ -37,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
         "remote": args.remote, "remote_ttl_s": args.remote_ttl, "remote_timeout_ms": args.remote_timeout_ms,
         "remote_required": args.remote_required or None, "node": args.node,
     }
-    config = ServeConfig.from_sources(flags, toml_path=args.config)
+    config = ServeConfig.from_sources(flags, toml_path=args.config,
+                                      warn=lambda text: print(f"mmcache serve: warning: {text}", file=sys.stderr))
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: what the sidecar creates (LMDB's data.mdb and lock.mdb, the status files) is its
     # user's alone: any local user who reads data.mdb reads every cached embedding.
@@ -251,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file")
         p.set_defaults(fn=fn)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # NOTE: the command's own usage, not the top-level one
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ValueError, OSError, MMCacheError) as e:

@@ -115,8 +115,11 @@ class ServeConfig:
 
     @classmethod
     def from_sources(cls, flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
-                     toml_path: str | None = None) -> "ServeConfig":
-        """Merge a TOML file, ``MMCACHE_<FIELD>`` variables and flags (None = not given)."""
+                     toml_path: str | None = None, warn=None) -> "ServeConfig":
+        """Merge a TOML file, ``MMCACHE_<NAME>`` variables and flags (None = not given). NAME is
+        the flag's (``MMCACHE_HOST_CAPACITY`` for ``--host-capacity``) or the field's
+        (``MMCACHE_HOST_CAPACITY_BYTES``); a ``MMCACHE_*`` name that is neither, nor another
+        command's, is reported through ``warn`` (a typo must not pass for a setting)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         if toml_path:
@@ -124,11 +127,36 @@ class ServeConfig:
                 raise ValueError("a TOML config needs Python >= 3.11 (tomllib)")
             with open(toml_path, "rb") as f:
                 values.update(tomllib.load(f))
-        for f in fields(cls):
-            if f"MMCACHE_{f.name.upper()}" in env:
-                values[f.name] = env[f"MMCACHE_{f.name.upper()}"]
+        names = env_names()
+        for var, value in env.items():
+            if not var.startswith("MMCACHE_"):
+                continue
+            field_name = names.get(var)
+            if field_name is not None:
+                values[field_name] = value
+            elif var not in OTHER_ENV and warn is not None:
+                warn(f"{var} is not a setting of mmcache serve; known: {', '.join(sorted(names))}")
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls(**_coerce(values))
+
+
+FLAG_OF_FIELD = {"host_capacity_bytes": "host_capacity", "disk_capacity_bytes": "disk_capacity",
+                 "max_entry_size_bytes": "max_entry_size", "arena_path": "arena", "write_timeout_s": "write_timeout",
+                 "batch_get_budget_bytes": "batch_get_budget", "header_timeout_s": "header_timeout",
+                 "disk_queue_bytes": "disk_queue", "remote_ttl_s": "remote_ttl"}
+"""``mmcache serve``'s flag names where they differ from the field's (``--host-capacity``)."""
+OTHER_ENV = frozenset({"MMCACHE_API_KEY", "MMCACHE_REMOTE_PASSWORD", "MMCACHE_TOKEN_FILE"})
+"""``MMCACHE_*`` names other commands read (not reported as unknown by ``mmcache serve``)."""
+
+
+def env_names() -> dict[str, str]:
+    """``MMCACHE_<NAME>`` → field, for the flag's name and the field's."""
+    out = {}
+    for f in fields(ServeConfig):
+        out[f"MMCACHE_{f.name.upper()}"] = f.name
+        if f.name in FLAG_OF_FIELD:
+            out[f"MMCACHE_{FLAG_OF_FIELD[f.name].upper()}"] = f.name
+    return out
 
 
 def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -133,6 +133,10 @@ class Lease:
         return self.tier_lease.nbytes
 
 
+class DataDirInUse(OSError):
+    """Another sidecar holds the data dir's lock."""
+
+
 def _lock_data_dir(data_dir: str) -> int:
     """One sidecar per data dir: an exclusive flock held for the store's lifetime."""
     fd = os.open(os.path.join(data_dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -140,7 +144,8 @@ def _lock_data_dir(data_dir: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeError(f"data dir {data_dir!r} is in use by another mmcache process") from None
+        raise DataDirInUse(f"data dir {data_dir!r} is in use by another mmcache process (one sidecar per "
+                           "data dir: stop that one or give --data-dir another directory)") from None
     return fd
 
 

@@ -255,3 +255,29 @@ def test_config_invalid_env_value():
 def test_config_bad_toml(tmp_path):
     with pytest.raises(ValueError):
         ServeConfig.from_sources({}, env={}, toml_path=_toml(tmp_path, "port = = 3\n"))
+
+
+def test_environment_names_follow_the_flags_and_a_typo_is_reported():
+    warned = []
+    c = ServeConfig.from_sources({}, env={"MMCACHE_HOST_CAPACITY": "32MiB", "MMCACHE_DISK_QUEUE": "8MiB",
+                                          "MMCACHE_HOST_CAPACITY_BYTES_": "1", "MMCACHE_API_KEY": "x",
+                                          "MMCACHE_REMOTE_PASSWORD": "y", "PATH": "/bin"}, warn=warned.append)
+    assert c.host_capacity_bytes == 32 << 20 and c.disk_queue_bytes == 8 << 20
+    assert len(warned) == 1 and "MMCACHE_HOST_CAPACITY_BYTES_ is not a setting" in warned[0]
+    assert "MMCACHE_HOST_CAPACITY" in warned[0]  # the known names are listed
+    c = ServeConfig.from_sources({}, env={"MMCACHE_HOST_CAPACITY_BYTES": "16MiB"})  # the field's name still works
+    assert c.host_capacity_bytes == 16 << 20
+
+
+def test_known_user_errors_are_one_line_not_a_traceback(tmp_path):
+    from mmcache.store import StoreConfig, TieredStore
+
+    holder = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=1 << 20,
+                                     arena_path=str(tmp_path / "arena")))
+    try:
+        code, _, err = finish(cli("serve", "--data-dir", str(tmp_path / "d"), "--port", "0", "--host-capacity", "1MiB"))
+    finally:
+        holder.close()
+    assert code == 2 and "is in use by another mmcache process" in err and "Traceback" not in err
+    code, _, err = finish(cli("serve", "--bogus"))
+    assert code == 2 and err.startswith("usage: mmcache serve") and "unrecognized arguments: --bogus" in err

@@ -89,7 +89,7 @@ def test_sync_roundtrip(sidecar, transport):
                 assert e.tensor.dtype == t.dtype and torch.equal(e.tensor, t)
                 assert e.metadata["model"] == "tiny" and e.metadata["dtype"] == name
                 assert e.metadata["namespace"] == NS and e.metadata["hash"] == h(name)
-                assert float(e.metadata["encode_ms"]) == 1.5
+                assert e.metadata["encode_ms"] == 1.5 and isinstance(e.metadata["created_at"], float)
                 assert e.names == ["embeddings"]
                 if name != "bf16":
                     assert np.array_equal(e.array, t.numpy())

@@ -11,6 +11,10 @@ import numpy as np
 from mmcache_client.format import EntryView
 
 
+NUMERIC_METADATA = ("encode_ms", "created_at")
+"""Metadata an ``Entry`` gives back as numbers."""
+
+
 class Entry:
     """One cache entry. On the local path its tensors view the shared arena and a lease keeps
     the bytes in place until ``close()`` / the end of the ``with`` block; copy (``.clone()``)
@@ -35,8 +39,14 @@ class Entry:
         return self._view
 
     @property
-    def metadata(self) -> dict[str, str]:
-        return self._live().metadata
+    def metadata(self) -> dict[str, Any]:
+        """The entry's metadata; the numeric fields (``encode_ms``, ``created_at``) as numbers,
+        the rest as stored (strings)."""
+        meta = dict(self._live().metadata)
+        for name in NUMERIC_METADATA:
+            if name in meta:
+                meta[name] = float(meta[name])  # NOTE: validated as finite numbers when the entry was parsed
+        return meta
 
     @property
     def names(self) -> list[str]:
