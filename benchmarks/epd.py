@@ -49,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 from workload import Workload, WorkloadSpec, generate
 
-from mmcache.stack_process import StackProcess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from stack_process import StackProcess  # noqa: E402 - the stack as a child process (the tests' helper)
+
 
 SYSTEMS = {"epd": (), "aggregated": ("--aggregated",), "aggregated-lru": ("--aggregated",)}
 NODE_SYSTEMS = {

@@ -214,16 +214,6 @@ class LLMEngine:
         kv = BatchKV(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         return DecodeBatch(self.model, kv)
 
-    def decode(self, states: Sequence[DecodeState]) -> list[DecodeState]:
-        """Generate every unfinished state to its end in shared batched steps; returns ``states``."""
-        batch = self.new_batch()
-        for state in states:
-            if not state.finished:
-                batch.add(state)
-        while batch:
-            batch.step()
-        return list(states)
-
 
 def _canonical_json(config_dict: dict) -> str:
     """The config without bookkeeping that never reaches a tensor (the dtype is tagged apart)."""

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from mmcache_client.format import EntryPlan, plan_entry
 from mmcache_client.keys import Key, content_hash, validate_namespace
 
 KV_FORMAT = "mmcache-kv/2"
@@ -111,13 +110,6 @@ def kv_entry_fields(result: PrefillResult) -> dict[str, Any]:
     first = torch.tensor([[float(result.first_token)]], dtype=torch.float32)
     return {"tensor": first, "metadata": metadata, "extras": extras,
             "encode_ms": result.prefill_ms, "persist": False}
-
-
-def plan_kv_entry(key: Key, result: PrefillResult) -> EntryPlan:
-    """The entry laid out for ``key``: ``.to_bytes()`` for HTTP, ``.write_into`` for an arena."""
-    fields = kv_entry_fields(result)
-    return plan_entry(key.namespace, key.hash, {"embeddings": fields["tensor"], **fields["extras"]},
-                      fields["metadata"], encode_ms=fields["encode_ms"])
 
 
 def read_prefill(entry: Any) -> PrefillResult:

@@ -17,7 +17,8 @@ import torch
 from mmcache.tier import PutStatus
 from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.policies import POLICIES
-from mmcache_client.format import encode_entry, read_entry
+from entries import encode_entry
+from mmcache_client.format import read_entry
 
 NS = "test-ns"
 
@@ -378,14 +379,14 @@ CHILD = textwrap.dedent("""
     import sys, torch
     from mmcache.disk import DiskTier, DiskTierConfig
     from mmcache.tier import PutStatus
-    from mmcache_client.format import encode_entry
+    from mmcache_client.format import plan_entry
     tier = DiskTier(DiskTierConfig(path=sys.argv[1], capacity_bytes=1 << 30, batch_max_entries=16))
     i = 0
     while True:
         batch = []
         for _ in range(16):
             h = f"{i:064x}"
-            blob = encode_entry("crash", h, {"embeddings": torch.full((64, 256), float(i))})
+            blob = plan_entry("crash", h, {"embeddings": torch.full((64, 256), float(i))}).to_bytes()
             batch.append((f"crash/{h}", blob, tier.put(f"crash/{h}", blob)))
             i += 1
         for key, blob, fut in batch:

@@ -31,7 +31,6 @@ from mmcache_client.format import (
     TruncatedEntry,
     UnsupportedDtype,
     checksum,
-    encode_entry,
     parse_entry,
     plan_entry,
     read_entry,
@@ -39,6 +38,7 @@ from mmcache_client.format import (
     verify_checksum,
 )
 from mmcache_client.keys import content_hash
+from entries import encode_entry
 
 NS = "qwen2-vl-7b.bf16"
 H = content_hash(b"an image")

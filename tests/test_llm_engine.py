@@ -18,7 +18,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from encoder_worker.encoder import Encoder
 from encoder_worker.models import ensure_model
 from llm_worker.engine import LLMEngine
-from llm_worker.kv import KV_FORMAT, KVCache, kv_entry_fields, kv_key, plan_kv_entry, read_prefill
+from llm_worker.kv import KV_FORMAT, KVCache, kv_entry_fields, kv_key, read_prefill
+from mmcache_client.format import plan_entry
 from llm_worker.prompt import image_urls, prompt_ids
 from llm_worker.sampling import SamplingParams
 from llm_worker.sequence import FINISH_LENGTH, FINISH_STOP, DecodeState
@@ -29,6 +30,17 @@ from mmcache_client.format import read_entry
 from sidecar import ThreadedSidecar
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def decode_all(engine, states):
+    """Every unfinished state generated to its end in shared batched steps (as the decode loop does)."""
+    batch = engine.new_batch()
+    for state in states:
+        if not state.finished:
+            batch.add(state)
+    while batch:
+        batch.step()
+    return list(states)
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +104,7 @@ def processor_inputs(processor, messages: list[dict], images: list[Image.Image])
 def run_alone(engine: LLMEngine, ids: list[int], embs: list[torch.Tensor], sampling: SamplingParams,
               request_id: str = "r") -> DecodeState:
     state = engine.start(request_id, engine.prefill(ids, embs, sampling), sampling)
-    return engine.decode([state])[0]
+    return decode_all(engine, [state])[0]
 
 
 # ---------------------------------------------------------------- prompt
@@ -307,7 +319,7 @@ def sidecar(tmp_path_factory):
 def test_kv_handoff_through_the_cache_is_zero_copy(model_dir, engine, embeddings, sidecar):
     ids = engine.prompt_ids(conversation(3), [576] * 3)
     prefill = engine.prefill(ids, embeddings, GREEDY)
-    in_process = engine.decode([engine.start("local", prefill, GREEDY)])[0]
+    in_process = decode_all(engine, [engine.start("local", prefill, GREEDY)])[0]
 
     key = engine.kv_key("req-42")
     assert key == kv_key(engine.namespace, "req-42") and key.namespace == f"kv.{engine.namespace}"
@@ -337,7 +349,9 @@ def test_kv_handoff_through_the_cache_is_zero_copy(model_dir, engine, embeddings
 def test_kv_entry_round_trips_as_bytes(engine, embeddings):
     ids = engine.prompt_ids(conversation(1), [576])
     prefill = engine.prefill(ids, embeddings[:1], GREEDY)
-    blob = plan_kv_entry(engine.kv_key("r"), prefill).to_bytes()
+    key, fields = engine.kv_key("r"), kv_entry_fields(prefill)
+    blob = plan_entry(key.namespace, key.hash, {"embeddings": fields["tensor"], **fields["extras"]},
+                      fields["metadata"], encode_ms=fields["encode_ms"]).to_bytes()
     handed = read_prefill(read_entry(blob))
     assert torch.equal(handed.kv.keys, prefill.kv.keys) and handed.logits is None
     assert handed.prefill_ms == pytest.approx(prefill.prefill_ms, abs=1e-3)
@@ -408,7 +422,7 @@ def test_seeded_sampling_is_reproducible(engine, embeddings):
     states = [engine.start(f"r{i}", engine.prefill(i_, e, p), p)
               for i, (i_, e, p) in enumerate([(ids, embeddings[:1], params), (other_ids, [], mates[0]),
                                                (other_ids, [], mates[1])])]
-    engine.decode(states)
+    decode_all(engine, states)
     assert states[0].token_ids == first
     assert states[2].token_ids == run_alone(engine, other_ids, [], SamplingParams(16, temperature=0)).token_ids
 

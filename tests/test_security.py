@@ -25,7 +25,7 @@ from llm_worker.router import RouterConfig, create_app as create_router_app
 from mmcache.config import ServeConfig
 from mmcache.serving.security import bearer_matches, is_loopback, make_private_dir, resolve_secret
 from mmcache.stack import LOOPBACK, Stack, StackConfig
-from mmcache.stack_process import StackProcess
+from stack_process import StackProcess
 from mmcache.supervisor import Child
 from mmcache_client import content_hash
 from sidecar import SidecarProcess, ThreadedSidecar

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from encoder_worker.models import ensure_model
-from mmcache.stack_process import StackProcess
+from stack_process import StackProcess
 
 MAX_TOKENS = 10
 

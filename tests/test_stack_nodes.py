@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mmcache.stack_process import StackProcess
+from stack_process import StackProcess
 from mmcache_client import CacheClient, content_hash
 from redis_servers import needs_redis
 from test_stack import chat, image, model_dir, token_ids  # noqa: F401 - model_dir is a fixture

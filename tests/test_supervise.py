@@ -25,7 +25,7 @@ from PIL import Image
 from encoder_worker.models import ensure_model
 from mmcache import store
 from mmcache.stack import ARENA_RECORD, STATUS_FILE, remove_dead_arena
-from mmcache.stack_process import StackProcess
+from stack_process import StackProcess
 from mmcache.supervisor import Backoff, Supervisor, describe_exit
 
 # -- the supervisor, with small stand-in children ----------------------------------------------

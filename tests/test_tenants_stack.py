@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from encoder_worker.models import ensure_model
-from mmcache.stack_process import StackProcess
+from stack_process import StackProcess
 from mmcache_client import CacheClient, content_hash
 from test_stack import image, messages
 

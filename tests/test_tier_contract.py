@@ -17,7 +17,8 @@ from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.host import HostTier
 from mmcache.tier import PutStatus, Tier, TierLease
 from mmcache_client import content_hash
-from mmcache_client.format import encode_entry, read_entry
+from entries import encode_entry
+from mmcache_client.format import read_entry
 
 NS = "contract"
 CAPACITY = 64 << 10

@@ -489,11 +489,6 @@ def plan_entry(
     return plan
 
 
-def encode_entry(namespace: str, hash_hex: str, tensors: Mapping[str, Any], metadata=None, **kw) -> bytes:
-    """Serialize an entry to bytes (one copy). Prefer ``plan_entry().write_into`` for arenas."""
-    return plan_entry(namespace, hash_hex, tensors, metadata, **kw).to_bytes()
-
-
 def relayout(buf: Any, namespace: str, hash_hex: str, metadata: Mapping[str, str] | None = None) -> EntryPlan:
     """Plan a canonical entry from a client's blob (incomplete metadata allowed).
 
