@@ -50,22 +50,46 @@ def test_tiny_profile_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-RESULTS = ROOT / "benchmarks" / "results"
 BENCH = ROOT / "benchmarks" / "epd.py"
+SYSTEMS, RATES = ("epd", "aggregated", "aggregated-lru"), (0.08, 0.12)
+
+
+def _fake_run(out: Path, seed: int) -> Path:
+    """A results folder as ``epd.py`` writes one (its own ``_write``), with seeded synthetic
+    requests: 32 per (system, rate). Nothing checked into benchmarks/results/ is read."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import epd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for system in SYSTEMS:
+        for rate in RATES:
+            hit_ratio = float(rng.uniform(0, 0.6))
+            for i in range(32):
+                ttft = float(rng.uniform(1, 30))
+                rows.append({"system": system, "rate": rate, "index": i, "error": None, "ttft_s": ttft,
+                             "tpot_s": float(rng.uniform(0.05, 0.3)), "e2e_s": ttft + float(rng.uniform(1, 10)),
+                             "sent_s": i / rate + float(rng.uniform(0, 1)), "completion_tokens": int(rng.integers(4, 48)),
+                             "images": int(rng.integers(1, 6)), "hit_ratio": hit_ratio, "run_encoded": 3})
+    out.mkdir(parents=True)
+    epd._write(out, rows, {}, {}, {"seed": seed, "machine": "synthetic",
+                                   "profile_settings": {"ttft_slo_s": 10.0, "tpot_slo_s": 0.25}})
+    return out
 
 
 def test_combine_pools_earlier_runs(tmp_path):
-    """``--combine`` over the two checked-in realistic runs (seeds 0 and 1): the pooled medians are
-    those of all 64 requests per (system, rate), the throughput sums the runs' spans."""
-    dirs = [RESULTS / "epd-realistic-2core-cpu", RESULTS / "epd-realistic-2core-cpu-seed1"]
-    proc = subprocess.run([sys.executable, str(BENCH), "--combine", *map(str, dirs), "--out", str(tmp_path)],
+    """``--combine`` over two runs (seeds 0 and 1): the pooled medians are those of all 64
+    requests per (system, rate), the throughput sums the runs' spans."""
+    dirs = [_fake_run(tmp_path / "seed0", 0), _fake_run(tmp_path / "seed1", 1)]
+    out = tmp_path / "combined"
+    proc = subprocess.run([sys.executable, str(BENCH), "--combine", *map(str, dirs), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "combined: 2 runs, 384 requests" in proc.stdout and "| median TTFT s |" in proc.stdout
     runs = [pq.read_table(d / "requests.parquet").to_pylist() for d in dirs]
-    summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
-    for rate in ("0.08", "0.12"):
-        for system in ("epd", "aggregated", "aggregated-lru"):
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    for rate in map(str, RATES):
+        for system in SYSTEMS:
             mine = [[r for r in run if r["system"] == system and str(r["rate"]) == rate] for run in runs]
             got = summary[rate][system]
             assert got["requests"] == 64
@@ -74,16 +98,20 @@ def test_combine_pools_earlier_runs(tmp_path):
             assert got["throughput_rps"] == pytest.approx(64 / sum(spans))
             refs = [sum(r["images"] for r in m) for m in mine]
             assert got["hit_ratio"] == pytest.approx(sum(m[0]["hit_ratio"] * n for m, n in zip(mine, refs)) / sum(refs))
-    assert len(pq.read_table(tmp_path / "requests.parquet")) == 384
+            assert got["images_encoded"] == 6
+    assert len(pq.read_table(out / "requests.parquet")) == 384
     for name in ("ttft_cdf.png", "throughput_vs_rate.png", "slo_vs_rate.png"):
-        assert (tmp_path / name).stat().st_size > 10_000
+        assert (out / name).stat().st_size > 10_000
 
 
 def test_combine_rejects_a_folder_that_is_not_results(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), "--combine", str(tmp_path), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "not a results folder" in proc.stderr
-    combined = RESULTS / "epd-realistic-2core-cpu-combined"
+    runs = [_fake_run(tmp_path / "a", 0), _fake_run(tmp_path / "b", 1)]
+    combined = tmp_path / "ab"
+    assert subprocess.run([sys.executable, str(BENCH), "--combine", *map(str, runs), "--out", str(combined)],
+                          capture_output=True, text=True, timeout=120).returncode == 0
     proc = subprocess.run([sys.executable, str(BENCH), "--combine", str(combined), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "already a combination" in proc.stderr
