@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from mmcache.serving.cli import HelpFormatter
+
 from encoder_worker.batcher import SCHEDULES
 from encoder_worker.media import MediaLimits
 
@@ -29,16 +31,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmcache-encoder", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mmcache-encoder", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="serve POST /v1/encode")
+    s = sub.add_parser("serve", help="serve POST /v1/encode", formatter_class=HelpFormatter)
     s.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face directory")
     s.add_argument("--cache", required=True, help="the sidecar: unix:///path.sock or http://host:port")
     s.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8471)
-    s.add_argument("--max-batch", type=int, default=8)
-    s.add_argument("--max-wait-ms", type=float, default=5.0)
+    s.add_argument("--host", default="127.0.0.1", help="bind address")
+    s.add_argument("--port", type=int, default=8471, help="port; 0: a free one, printed in the ready line")
+    s.add_argument("--max-batch", type=int, default=8, help="most images per model forward")
+    s.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a miss waits for others to batch with")
     s.add_argument("--schedule", choices=SCHEDULES, default="fcfs",
                    help="which queued misses run first: arrival order, or the request with the fewest images left")
     s.add_argument("--max-queue-delay-ms", type=float, default=10_000.0,
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(fn=_serve)
     args = parser.parse_args(argv)
     try:

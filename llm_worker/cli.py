@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from mmcache.serving.cli import HelpFormatter
+
 from encoder_worker.media import MediaLimits
 
 ROLES = ("prefill", "decode", "both")
@@ -57,16 +59,16 @@ def _router(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmcache-llm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mmcache-llm", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", help="serve a prefill, decode or aggregated (both) LLM worker")
+    s = sub.add_parser("serve", help="serve a prefill, decode or aggregated (both) LLM worker", formatter_class=HelpFormatter)
     s.add_argument("--role", required=True, choices=ROLES,
                    help="prefill: POST /v1/prefill; decode: POST /v1/decode; both: POST /v1/generate (no cache)")
     s.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face directory")
     s.add_argument("--cache", help="the sidecar: unix:///path.sock or http://host:port (prefill and decode)")
     s.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8472)
+    s.add_argument("--host", default="127.0.0.1", help="bind address")
+    s.add_argument("--port", type=int, default=8472, help="port; 0: a free one, printed in the ready line")
     s.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when a GPU is visible)")
     s.add_argument("--dtype", help="bfloat16, float16, float32 (default: float32 on the CPU, the checkpoint's on GPU)")
     s.add_argument("--max-batch", type=int, default=64, help="most requests per decode step (default: 64)")
@@ -83,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
     s.add_argument("--encoder-cache", help="role both: an in-process LRU of image embeddings this large, e.g. 2GiB")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(fn=_serve)
-    r = sub.add_parser("router", help="serve the OpenAI API in front of encoders, prefill and decode workers")
+    r = sub.add_parser("router", help="serve the OpenAI API in front of encoders, prefill and decode workers", formatter_class=HelpFormatter)
     r.add_argument("--encoder", action="append", default=[], help="an encoder worker URL (repeatable)")
     r.add_argument("--prefill", action="append", default=[], help="a prefill worker URL (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="a decode worker URL (repeatable)")
@@ -110,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", default="tiny-llava", help="tiny-llava or a local directory (tokenizer, chat template)")
     r.add_argument("--served-model-name", help="the model name clients use (default: the model's name)")
     r.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")
-    r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--host", default="127.0.0.1", help="bind address")
+    r.add_argument("--port", type=int, default=8000, help="port; 0: a free one, printed in the ready line")
     r.add_argument("--default-max-tokens", type=int, default=256, help="when a request gives no max_tokens")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per call to a worker")
     r.add_argument("--max-inflight", type=int, default=256,
                    help="most chat requests in progress; more get 503 with Retry-After (default: 256)")
-    r.add_argument("--log-level", default="info")
+    r.add_argument("--log-level", default="info", help="debug, info, warning, error")
     r.set_defaults(fn=_router)
     args = parser.parse_args(argv)
     try:

@@ -16,6 +16,7 @@ import os
 import sys
 
 from mmcache.config import ServeConfig
+from mmcache.serving.cli import HelpFormatter
 from mmcache.policies import POLICIES
 from mmcache.serving.security import make_private_dir, resolve_secret
 from mmcache_client.errors import MMCacheError
@@ -133,19 +134,21 @@ def _up(args: argparse.Namespace) -> int:
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level,
                          cache_token=cache_token, api_key=api_key, nodes=args.nodes, remote=args.remote,
-                         redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl)
+                         redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl,
+                         host_policy=args.host_policy)
     return run(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmcache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mmcache", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("serve", help="run the cache sidecar (HTTP API + local zero-copy socket)")
+    s = sub.add_parser("serve", help="run the cache sidecar (HTTP API + local zero-copy socket)",
+                       formatter_class=HelpFormatter)
     s.add_argument("--config", help="TOML file with ServeConfig fields")
-    s.add_argument("--data-dir")
+    s.add_argument("--data-dir", help="the disk tier (LMDB), the lock and the arena's record (default ./mmcache-data)")
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int)
+    s.add_argument("--port", type=int, help="HTTP port; 0: a free one, printed in the ready line (default 8470)")
     s.add_argument("--socket", help="Unix socket for same-node zero-copy clients")
     s.add_argument("--host-capacity", help="shared-memory arena size, e.g. 4GiB")
     s.add_argument("--disk-capacity", help="LMDB payload bytes, e.g. 100GiB")
@@ -154,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                    "MMCACHE_TOKEN or --token-file. Required to bind beyond loopback")
     s.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file (mode 0600)")
     s.add_argument("--arena", help="arena file path (default under /dev/shm)")
-    s.add_argument("--host-policy", choices=sorted(POLICIES))
-    s.add_argument("--disk-policy", choices=sorted(POLICIES))
-    s.add_argument("--log-level")
+    s.add_argument("--host-policy", choices=sorted(POLICIES),
+                   help="eviction policy of the shared-memory arena (default lru; cost-lfu keeps what was "
+                        "expensive to encode and often used)")
+    s.add_argument("--disk-policy", choices=sorted(POLICIES), help="eviction policy of the disk tier (default lru)")
+    s.add_argument("--log-level", help="debug, info, warning, error (default info)")
     s.add_argument("--write-timeout", type=float, metavar="S",
                    help="seconds a reader has to take each part of a GET/batch_get answer (default 30)")
     s.add_argument("--batch-get-budget", metavar="SIZE", help="entry bytes per streamed batch_get batch (default 32MiB)")
@@ -180,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse to start when the remote cannot be reached (default: start with it marked down)")
     s.set_defaults(fn=_serve)
 
-    u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)")
+    u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)",
+                       formatter_class=HelpFormatter)
     u.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face LLaVA directory")
     u.add_argument("--data-dir", default="./mmcache-data", help="models, the cache's disk tier, its socket")
     u.add_argument("--host", default="127.0.0.1", help="the router's bind address (the sidecar, encoders and "
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--aggregated", action="store_true",
                    help="the baseline instead: encode + prefill + decode in one worker, no cache")
     u.add_argument("--host-capacity", default="2GiB", help="the cache's shared-memory arena")
+    u.add_argument("--host-policy", choices=sorted(POLICIES),
+                   help="the arena's eviction policy (default lru; cost-lfu keeps entries that were expensive to "
+                        "encode and often used: benchmarks/policy.py measures where it wins)")
     u.add_argument("--device", help="cpu, cuda, cuda:N for the workers (default: cuda when a GPU is visible)")
     u.add_argument("--dtype", help="bfloat16, float16, float32 for the workers")
     u.add_argument("--allowed-dir", action="append", default=[], help="allow file:// images under DIR (repeatable)")
@@ -238,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, fn, hlp in (("stats", _stats, "print a sidecar's stats"), ("put", _put, "store a file"),
                           ("get", _get, "fetch an entry")):
-        p = sub.add_parser(name, help=hlp)
+        p = sub.add_parser(name, help=hlp, formatter_class=HelpFormatter)
         p.add_argument("url", help="unix:///path.sock or http://host:port")
         if name != "stats":
             p.add_argument("key", help="NAMESPACE/HASH (put --hash-of: just NAMESPACE)")

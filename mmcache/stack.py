@@ -65,6 +65,8 @@ class StackConfig:
     aggregated: bool = False
     """``both`` workers (``--decode`` of them) behind the router; no sidecar, no encoders."""
     host_capacity: str = "2GiB"
+    host_policy: str | None = None
+    """The sidecars' ``--host-policy`` (``lru``, ``gdsf``, ``cost-lfu``); None: theirs (lru)."""
     device: str | None = None
     dtype: str | None = None
     allowed_dirs: tuple[str, ...] = ()
@@ -299,6 +301,7 @@ class Stack:
                                        "--data-dir", node.data_dir, "--host", LOOPBACK, "--port", "0",
                                        "--socket", node.socket, "--host-capacity", c.host_capacity,
                                        "--log-level", c.log_level, *remote_args,
+                                       *(["--host-policy", c.host_policy] if c.host_policy else []),
                                        *(["--node", node.name] if node.name else []),
                                        on_exit=self._sidecar_exited(node.data_dir))
         self._wait_ready([n.sidecar for n in nodes], deadline)
