@@ -22,7 +22,7 @@ import abc
 import enum
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar, Hashable, Iterable
+from typing import Any, ClassVar, Hashable
 
 Owner = Hashable
 
@@ -70,15 +70,9 @@ class Tier(abc.ABC):
     @abc.abstractmethod
     def contains(self, key: str) -> bool: ...
 
-    def contains_many(self, keys: Iterable[str]) -> list[bool]:
-        return [self.contains(k) for k in keys]
-
     @abc.abstractmethod
     def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
         """Pin ``key`` for ``owner``; ``count=False`` for the cache's own reads (no hit/miss)."""
-
-    def lease_many(self, keys: Iterable[str], owner: Owner) -> list[TierLease | None]:
-        return [self.lease(k, owner) for k in keys]
 
     @abc.abstractmethod
     def release(self, lease: TierLease) -> bool: ...
