@@ -163,7 +163,7 @@ def _start_sidecar(pythonpath: str | None, data_dir: str, sock: str) -> tuple[su
 def _burst(port: int, stop: threading.Event, seed: int) -> None:
     import numpy as np
 
-    from mmcache_client.format import encode_entry
+    from mmcache_client.format import plan_entry
     from mmcache_client.keys import content_hash
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -172,7 +172,7 @@ def _burst(port: int, stop: threading.Event, seed: int) -> None:
     i = 0
     while not stop.is_set():
         h = content_hash(f"burst-{seed}-{i}".encode())
-        body = encode_entry("burst", h, {"embeddings": emb})
+        body = plan_entry("burst", h, {"embeddings": emb}).to_bytes()
         conn.request("PUT", f"/v1/entries/burst/{h}", body=body)
         conn.getresponse().read()
         conn.request("DELETE", f"/v1/entries/burst/{h}")

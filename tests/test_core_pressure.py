@@ -24,7 +24,8 @@ from mmcache.store import StoreConfig, TieredStore
 from mmcache.tier import PutStatus
 from mmcache_client import CacheClient, CacheFull, EntryTooLarge, LeaseLost, content_hash
 from mmcache_client.arena import ArenaTooLarge
-from mmcache_client.format import encode_entry, read_entry
+from entries import encode_entry
+from mmcache_client.format import read_entry
 from sidecar import SidecarProcess, ThreadedSidecar, settled
 
 KiB, MiB = 1 << 10, 1 << 20

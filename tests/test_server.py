@@ -17,7 +17,8 @@ import torch
 
 from mmcache.config import ServeConfig
 from mmcache_client import AuthError, CacheClient, content_hash
-from mmcache_client.format import encode_entry, read_entry
+from entries import encode_entry
+from mmcache_client.format import read_entry
 from sidecar import ThreadedSidecar
 
 NS = "test-ns"

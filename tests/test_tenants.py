@@ -18,7 +18,7 @@ import pytest
 
 from mmcache.serving.tenants import DEFAULT, Forbidden, Principal, Tenants
 from mmcache_client import AsyncCacheClient, AuthError, CacheClient, Forbidden as SDKForbidden, Key, content_hash
-from mmcache_client.format import encode_entry
+from entries import encode_entry
 from sidecar import SidecarProcess
 
 NS = "tenants"
