@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from mmcache.store import StoreConfig, TieredStore
+from mmcache.store import DataDirInUse, StoreConfig, TieredStore
 from mmcache_client import CacheClient, CacheUnavailable, content_hash
 from mmcache_client.format import read_entry
 from sidecar import SidecarProcess
@@ -83,7 +83,7 @@ def test_one_data_dir_one_store(tmp_path):
                       arena_path=str(tmp_path / "a1"))
     first = TieredStore(cfg)
     try:
-        with pytest.raises(RuntimeError, match="in use"):
+        with pytest.raises(DataDirInUse, match="in use"):
             TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20,
                                     disk_capacity_bytes=8 << 20, arena_path=str(tmp_path / "a2")))
     finally:

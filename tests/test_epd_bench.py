@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_profile_end_to_end(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(

@@ -22,6 +22,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from encoder_worker.models import ensure_model
 from stack_process import StackProcess
 
+pytestmark = pytest.mark.slow  # NOTE: whole stacks as child processes: minutes in all
+
 MAX_TOKENS = 10
 
 

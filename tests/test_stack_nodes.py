@@ -20,7 +20,7 @@ from mmcache_client import CacheClient, content_hash
 from redis_servers import needs_redis
 from test_stack import chat, image, model_dir, token_ids  # noqa: F401 - model_dir is a fixture
 
-pytestmark = needs_redis
+pytestmark = [needs_redis, pytest.mark.slow]  # NOTE: two node groups and a redis cluster
 
 
 @pytest.fixture(scope="module")

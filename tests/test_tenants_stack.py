@@ -22,6 +22,7 @@ from mmcache_client import CacheClient, content_hash
 from test_stack import image, messages
 
 ALICE, BOB, ADMIN = "sk-alice-0123456789abcdef", "sk-bob-0123456789abcdef", "sk-admin-0123456789abcdef"
+pytestmark = pytest.mark.slow  # NOTE: a whole stack as child processes
 
 
 @pytest.fixture(scope="module")
