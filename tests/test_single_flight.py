@@ -62,6 +62,17 @@ async def _encoder(sidecar, ttl_s: float = 30.0) -> TestClient:
     return client
 
 
+def _owner_process(sidecar, ttl_s: float, encode_s: float) -> tuple[subprocess.Popen, str]:
+    """An encoder in its own process (``encoder_proc.py``) whose model takes ``encode_s`` per batch."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "encoder_proc.py"), sidecar.unix_url, str(ttl_s),
+                             str(encode_s)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("ready "):
+        proc.kill()
+        raise AssertionError(f"the owner encoder did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
 def _answer(ans: dict) -> str:
     return json.dumps([{k: v for k, v in item.items() if k != "cached"} for item in ans["items"]])
 
@@ -95,12 +106,8 @@ async def test_sixteen_requests_over_two_encoders_on_two_sidecars_encode_once(tw
 async def test_an_owner_killed_mid_encode_is_taken_over_within_the_claim_ttl(two_nodes):
     a, b = two_nodes
     ttl_s = 1.5
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "encoder_proc.py"), a.unix_url, str(ttl_s), "60"],
-                            stdout=subprocess.PIPE, text=True)
+    proc, owner_url = _owner_process(a, ttl_s, 60)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready "), line
-        owner_url = f"http://127.0.0.1:{int(line.split()[1])}"
         eb = await _encoder(b, ttl_s=ttl_s)
         uri = png_uri(202)
         async with ClientSession() as http:
@@ -131,12 +138,8 @@ async def test_an_owner_killed_mid_encode_is_taken_over_within_the_claim_ttl(two
 async def test_a_slow_owner_that_is_alive_renews_its_claim_and_is_not_taken_over(two_nodes):
     a, b = two_nodes
     ttl_s = 0.6
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "encoder_proc.py"), a.unix_url, str(ttl_s), "2.5"],
-                            stdout=subprocess.PIPE, text=True)
+    proc, owner_url = _owner_process(a, ttl_s, 2.5)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("ready "), line
-        owner_url = f"http://127.0.0.1:{int(line.split()[1])}"
         eb = await _encoder(b, ttl_s=ttl_s)
         uri = png_uri(203)
         async with ClientSession() as http:
