@@ -39,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _router(args: argparse.Namespace) -> int:
     from llm_worker.nodes import NodeSpec
-    from llm_worker.router import RouterConfig, create_app
+    from llm_worker.router import RouterConfig
+    from llm_worker.router_app import create_app
     from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
 

@@ -27,8 +27,8 @@ from encoder_worker.service import SERVICE as ENCODER_SERVICE
 from encoder_worker.service import EncoderServeConfig
 from encoder_worker.service import create_app as create_encoder_app
 from llm_worker.prompt import template_ids
-from llm_worker.router import ROUTER, RouterConfig
-from llm_worker.router import create_app as create_router_app
+from llm_worker.router import RouterConfig
+from llm_worker.router_app import ROUTER, create_app as create_router_app
 from llm_worker.service import SERVICE, LLMServeConfig, create_app
 from llm_worker.slab import BatchKV
 from mmcache.config import ServeConfig

@@ -27,7 +27,8 @@ LLM_USES_ENCODER = {
     # builder (the LLM's weights come from the same generated checkpoint), the namespace digest
     # and the router's hashing of data: URIs. Debt to pay down, not to grow.
     "llm_worker.service": {"encoder_worker.encoder", "encoder_worker.media", "encoder_worker.models"},
-    "llm_worker.router": {"encoder_worker.media", "encoder_worker.models"},
+    "llm_worker.router": {"encoder_worker.media"},
+    "llm_worker.router_app": {"encoder_worker.models"},
     "llm_worker.cli": {"encoder_worker.media"},
     "llm_worker.engine": {"encoder_worker.namespace"},
 }

@@ -21,7 +21,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.models import ensure_model
-from llm_worker.router import RouterConfig, create_app as create_router_app
+from llm_worker.router import RouterConfig
+from llm_worker.router_app import create_app as create_router_app
 from mmcache.config import ServeConfig
 from mmcache.serving.security import bearer_matches, is_loopback, make_private_dir, resolve_secret
 from mmcache.stack import LOOPBACK, Stack, StackConfig
