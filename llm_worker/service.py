@@ -111,6 +111,10 @@ class LLMServeConfig:
             raise ValueError(f"max_waiting={self.max_waiting} must be >= 0")
         if self.max_images_per_request < 1:
             raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            # NOTE: is_available() counts devices without creating a CUDA context
+            raise ValueError(f"--device {self.device}: no CUDA device is visible to this process (or torch is "
+                             "a CPU build); use --device cpu, or leave --device out to take a GPU where there is one")
 
 
 class NotInCache(LookupError):

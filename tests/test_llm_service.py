@@ -21,6 +21,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import pytest_asyncio
+import torch
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
@@ -472,3 +473,10 @@ def test_cli_serves_until_terminated(model_dir):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
+def test_cli_device_cuda_without_cuda_is_a_clear_error(capsys):
+    assert llm_main(["serve", "--role", "both", "--device", "cuda", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is visible" in err and "--device cpu" in err
