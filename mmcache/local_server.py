@@ -162,7 +162,8 @@ class _Connection:
         if op == "hello":
             self._hello(msg.get("token"))
             return {"arena_path": store.arena_path, "arena_bytes": store.host.arena.capacity_bytes,
-                    "lmdb_path": store.disk.config.path, "format": FORMAT_VERSION, "pid": os.getpid(),
+                    "lmdb_path": store.disk.config.path, "lmdb_map_size": store.disk.config.resolved_map_size_bytes,
+                    "format": FORMAT_VERSION, "pid": os.getpid(),
                     "tenant": self.principal.tenant, "protocol": PROTOCOL}
         if op == "lookup":
             keys = {self._scoped(k): k for k in _key_list(msg.get("keys"))}

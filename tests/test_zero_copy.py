@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -117,6 +119,24 @@ def _verifying_reader(url: str, num_keys: int, num_reads: int, seed: int, out) -
     # NOTE: hits include entries promoted from disk after their host copy was evicted.
 
 
+def _results(out, procs, timeout: float) -> list:
+    """One result per child; a child that dies without one fails the test at once (its
+    traceback is in the captured stderr), instead of a wait for the whole timeout."""
+    results, deadline = [], time.monotonic() + timeout
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        assert not dead, f"children died: {[(p.name, p.exitcode) for p in dead]}"
+        assert time.monotonic() < deadline, "no result from every child in time"
+    for p in procs:
+        p.join(30)
+    return results
+
+
 def test_no_torn_reads_while_a_writer_churns_the_arena(sidecar):
     num_keys, readers, reads_each = 128, 3, 3400  # ~17 MiB of keys through an 8 MiB arena
     out = SPAWN.Queue()
@@ -125,9 +145,7 @@ def test_no_torn_reads_while_a_writer_churns_the_arena(sidecar):
               for s in range(readers)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(30)
+    results = _results(out, procs, timeout=300)
     reads = [r for r in results if r[0] == "reader"]
     total_reads = readers * reads_each
     assert total_reads >= 10_000
@@ -228,3 +246,42 @@ def test_writer_killed_between_reserve_and_seal_leaks_nothing(sidecar):
         assert c.put(NS, _key(42), _payload(42, 16))
         with c.get(NS, _key(42)) as e:
             assert (e.array[:, 0] == 42).all()
+
+
+def _early_disk_reader(url: str, keys: list[str], opened, grown, out) -> None:
+    with CacheClient(url) as c:
+        with c.get(NS, keys[0]) as e:  # NOTE: maps the sidecar's LMDB while the file is small
+            first = e.tier
+        opened.set()
+        grown.wait(120)
+        tiers = []
+        for k in keys:
+            with c.get(NS, k) as e:
+                tiers.append((e.tier, float(e.array[0, 0])))
+    out.put((first, tiers))
+
+
+def test_disk_reads_in_place_survive_the_sidecar_growing_lmdb_past_the_readers_first_map(tmp_path):
+    """A reader in another process that mapped the sidecar's LMDB while it was small still reads
+    in place after the sidecar grew the file far past that (no MDB_MAP_RESIZED: a reader maps
+    the sidecar's map size, which it learns in hello)."""
+    sock_dir = tempfile.mkdtemp(prefix="mmc-zc-", dir="/tmp")
+    cfg = ServeConfig(data_dir=str(tmp_path / "cache"), port=0, socket=os.path.join(sock_dir, "s.sock"),
+                      host_capacity_bytes=1 << 20, disk_capacity_bytes=256 << 20)
+    sc = ThreadedSidecar(cfg).start()
+    big = lambda i: _payload(i, num_tokens=2048, hidden=256)  # noqa: E731 - 2 MiB: never fits the 1 MiB arena
+    keys = [_key(i) for i in range(24)]
+    try:
+        with CacheClient(sc.url) as w:  # NOTE: over HTTP: an entry larger than the arena lands on disk
+            w.put(NS, keys[0], big(0), durable=True)
+            opened, grown, out = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+            reader = SPAWN.Process(target=_early_disk_reader, args=(f"unix://{cfg.socket}", keys, opened, grown, out))
+            reader.start()
+            assert opened.wait(60)
+            for i in range(1, 24):  # ~48 MiB more: past LMDB's default 10 MiB map
+                w.put(NS, keys[i], big(i), durable=True)
+            grown.set()
+            first, tiers = _results(out, [reader], timeout=120)[0]
+        assert first == "disk" and tiers == [("disk", float(big(i)[0, 0])) for i in range(24)]
+    finally:
+        sc.stop()

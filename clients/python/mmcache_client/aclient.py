@@ -54,6 +54,7 @@ class _AsyncLocal:
             raise
         self.tenant: str | None = hello.get("tenant")
         self.lmdb_path = hello.get("lmdb_path")
+        self.state.lmdb_map_size = hello.get("lmdb_map_size")
         self.arena = SharedArena(hello["arena_path"])
 
     async def call(self, op: str, **fields: Any) -> dict:

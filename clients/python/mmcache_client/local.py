@@ -60,6 +60,7 @@ class LocalConnection:
             raise
         self.tenant: str | None = hello.get("tenant")
         self.lmdb_path: str | None = hello.get("lmdb_path")
+        self.state.lmdb_map_size = hello.get("lmdb_map_size")
         self.arena_path: str = hello["arena_path"]
         self.arena = SharedArena(self.arena_path)
         self._writable: SharedArena | None = None

@@ -33,6 +33,9 @@ def share_env(path: str, env: object | None) -> None:
         _OPEN_ENVS[os.path.realpath(path)] = env
 
 
+_READER_MAP_BYTES = 1 << 40
+"""A reader's LMDB map at least (address space only) where the sidecar names none."""
+
 class SessionState:
     """Counts a connection's open entries; says when it may close and whether it is lost."""
 
@@ -41,6 +44,9 @@ class SessionState:
         self.detached = False
         self.lost = False
         self._lmdb: Any = None
+        self.lmdb_map_size: int | None = None
+        """The sidecar's LMDB map size (from ``hello``): a reader's map must be at least as large,
+        or a file the sidecar grew past the reader's map fails every read with MDB_MAP_RESIZED."""
 
     def check(self, key: str) -> None:
         if self.lost:
@@ -70,8 +76,11 @@ class SessionState:
 
             if not os.path.isdir(path):
                 raise CorruptEntry(f"the sidecar serves from LMDB at {path}, which this process cannot see")
+            # NOTE: the map is address space only (read-only, nothing reserved); never smaller than
+            # the sidecar's, so it covers every byte the sidecar may write (set_mapsize later would
+            # remap under the views of live entries).
             self._lmdb = lmdb.open(path, readonly=True, lock=True, subdir=True, max_readers=2048, max_dbs=0,
-                                   readahead=False)
+                                   readahead=False, map_size=max(self.lmdb_map_size or 0, _READER_MAP_BYTES))
         return self._lmdb
 
     def close(self) -> None:
