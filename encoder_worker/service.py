@@ -23,7 +23,9 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from mmcache.serving.app import metrics_response
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
 from encoder_worker.media import MediaError, MediaLimits, decode_fetched, fetch_bytes, http_session
@@ -466,8 +468,7 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[SERVICE].metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return metrics_response(request.app[SERVICE].metrics.registry)
 
 
 async def healthz(request: web.Request) -> web.Response:

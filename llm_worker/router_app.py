@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llm_worker import openai_api as api
 from llm_worker.backends import TokenStream
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.router import _RETRY_AFTER_S, Router, RouterConfig
+from mmcache.serving.app import metrics_response
 from mmcache.serving.security import bearer_matches, bearer_token
 from mmcache.serving.tenants import DEFAULT, Tenants
 
@@ -150,8 +150,7 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     _operator_only(request)
-    return web.Response(body=generate_latest(request.app[ROUTER].metrics.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return metrics_response(request.app[ROUTER].metrics.registry)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -33,6 +33,8 @@ from typing import Any, AsyncIterator
 import aiohttp
 import torch
 from aiohttp import web
+
+from mmcache.serving.app import metrics_response
 from mmcache_client import (
     AsyncCacheClient,
     CacheFull,
@@ -43,14 +45,7 @@ from mmcache_client import (
     content_hash,
 )
 from mmcache_client.keys import validate_tenant
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from encoder_worker.encoder import Encoder
 from encoder_worker.media import MediaError, MediaLimits, http_session, load_image
@@ -538,8 +533,7 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[SERVICE].metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return metrics_response(request.app[SERVICE].metrics.registry)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -20,7 +20,6 @@ from typing import AsyncIterator
 
 import pyarrow as pa
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.config import ServeConfig
@@ -28,6 +27,7 @@ from mmcache.serving.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWrite
 from mmcache.local_server import start_local_server
 from mmcache.remote import RemoteConfig
 from mmcache.metrics import Metrics
+from mmcache.serving.app import metrics_response
 from mmcache.serving.security import bearer_matches, bearer_token
 from mmcache.store import StoreConfig, TieredStore
 from mmcache.serving.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants
@@ -426,8 +426,7 @@ async def stats(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     if not request[PRINCIPAL].trusted:
         raise Forbidden("/metrics shows every tenant's totals: the sidecar's own token only")
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return metrics_response(request.app[METRICS].registry)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -11,6 +11,6 @@ and the workers import nothing else of ``mmcache`` (``tests/test_layering.py`` c
 worker can be deployed, read and changed without the sidecar's internals.
 """
 
-from mmcache.serving.app import bind, run_app, url_of
+from mmcache.serving.app import bind, metrics_response, run_app, url_of
 
-__all__ = ["bind", "run_app", "url_of"]
+__all__ = ["bind", "metrics_response", "run_app", "url_of"]

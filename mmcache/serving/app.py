@@ -119,3 +119,10 @@ def run_app(app: web.Application, name: str, host: str, port: int, extra: str = 
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
         sock.close()
+
+
+def metrics_response(registry) -> web.Response:
+    """A Prometheus registry as ``GET /metrics`` answers it (every server of the stack has one)."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
