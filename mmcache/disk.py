@@ -323,6 +323,11 @@ class DiskTier(Tier):
         with self._lock:
             self._policy.on_access(key)
 
+    def touch_many(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._policy.on_access(key)
+
     def hide(self, key: str) -> bool:
         """Drop ``key`` from the index now (invisible to readers); the record goes at the next
         commit. True if it was committed or queued."""

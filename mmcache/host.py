@@ -333,6 +333,34 @@ class HostTier(Tier):
             offset, nbytes = entry.offset, entry.nbytes
         return TierLease(self.name, key, owner, nbytes, self.arena.view(offset, nbytes), offset)
 
+    def lease_many(self, keys: list[str], owner: Owner) -> list[tuple[int, int, Layout | None] | None]:
+        """``lease`` for a batch under one lock, without a view per key (the local protocol's
+        fast path): per key ``(offset, nbytes, layout)`` or None (a miss here). Give each back
+        with ``release_many`` (or ``release_owner``)."""
+        out: list[tuple[int, int, Layout | None] | None] = []
+        with self._lock:
+            entries, acquire, on_access = self._key_to_entry, self.leases.acquire, self.policy.on_access
+            for key in keys:
+                entry = entries.get(key)
+                if entry is None or not entry.sealed:
+                    out.append(None)  # NOTE: counted by the ``lease`` the caller falls back to
+                    continue
+                acquire((key, entry.offset), owner)
+                self.hits += 1
+                on_access(key)
+                out.append((entry.offset, entry.nbytes, entry.layout))
+        for i, (key, got) in enumerate(zip(keys, out)):
+            if got is not None and got[2] is None:  # NOTE: parsed once per entry, outside the lock
+                offset, nbytes, _ = got
+                out[i] = (offset, nbytes, self.layout(TierLease(self.name, key, owner, nbytes,
+                                                                self.arena.view(offset, nbytes), offset)))
+        return out
+
+    def release_many(self, leases: list[tuple[str, int]], owner: Owner) -> int:
+        """Give back ``(key, offset)`` leases of ``owner`` taken by ``lease_many``; how many it held."""
+        with self._lock:
+            return sum(self._release(key, offset, owner) for key, offset in leases)
+
     def layout(self, lease: TierLease) -> Layout | None:
         """Where the leased entry's ``embeddings`` lie in it, for the local protocol's lease
         answer: parsed from the header once per entry, then kept with it. None: not laid out

@@ -77,6 +77,10 @@ HEARTBEAT_S = 5.0
 """An event stream with nothing to say sends an empty frame this often (a dead follower shows)."""
 FOLLOWER_SEND_TIMEOUT_S = 10.0
 _OPS_LOCK = threading.Lock()
+_HOST = wire.TIER_CODES["host"]
+_MISS_RECORD = wire.LEASE_RECORD.pack(wire.MISS, 0, 0, wire.NO_LAYOUT, 0, 0, 0, 0)
+SPIN_S = float(os.environ.get("MMCACHE_LOCAL_SPIN_US", "100")) / 1e6
+"""How long a connection's thread polls for the next request before it sleeps in ``recv``."""
 
 
 class ProtocolError(ValueError):
@@ -120,6 +124,9 @@ class _Connection:
         self.stopping = stopping or threading.Event()
         self.reservations: dict[str, Reservation] = {}
         self.leases: dict[str, list[Lease]] = {}
+        """Leases below host (in place in LMDB, ...), per key."""
+        self.host_leases: dict[str, list[int]] = {}
+        """Host leases, per key their arena offsets (the fast path keeps no ``Lease`` for them)."""
         self._scope: dict[str, str] = {}
         """Key strings this connection named → the store's key (validated once; a hot key repeats)."""
 
@@ -131,21 +138,9 @@ class _Connection:
         with _OPS_LOCK:
             self.ops[op] = self.ops.get(op, 0) + 1
         if code == _LEASE:
-            keys = [self._scoped(k) for k in _key_list(wire.parse_keys(body))]  # NOTE: all valid before any lease
-            locs: list[LeaseLoc | None] = []
-            try:
-                for k in keys:
-                    locs.append(self._lease(k))
-            except BaseException:  # the client never learns of these: give them back
-                for k, loc in zip(keys, locs):
-                    if loc is not None:
-                        self._release(k)
-                raise
-            return wire.pack_leases(locs)
+            return self._lease_batch([self._scoped(k) for k in _key_list(wire.parse_keys(body))])
         if code == _RELEASE:
-            for line in _key_list(wire.parse_keys(body)):
-                k, _, off = line.partition("\t")
-                self._release(self._scoped(k), int(off) if off.lstrip("-").isdigit() else None)
+            self._release_batch(_key_list(wire.parse_keys(body)))
             return b""
         try:
             msg = json.loads(body) if body else {}
@@ -225,16 +220,69 @@ class _Connection:
             self._scope[text] = scoped
         return scoped
 
+    def _lease_batch(self, keys: list[str]) -> bytes:
+        """A ``lease`` message (every key already valid): host hits in one go under host's
+        lock, each packed straight into its record; the rest leased one by one below."""
+        store, owner = self.store, self.owner
+        got = store.lease_host_many(keys, owner)
+        records: list[bytes] = []
+        tail: list[bytes] = []
+        below: list[str] = []
+        try:
+            for key, hit in zip(keys, got):
+                if hit is not None:
+                    records.append(wire.pack_lease_record(hit[0], hit[1], _HOST, hit[2]))
+                    continue
+                loc = self._lease(key)
+                if loc is None:
+                    records.append(_MISS_RECORD)
+                    continue
+                below.append(f"{key}\t{loc.offset}")
+                stored = loc.stored_key.encode() if loc.offset == wire.IN_LMDB else b""
+                records.append(wire.pack_lease_record(loc.offset, loc.nbytes, wire.TIER_CODES[loc.tier],
+                                                      loc.layout, len(stored)))
+                tail.append(stored)
+        except BaseException:  # the client never learns of these: give them all back
+            store.release_host_many([(k, hit[0]) for k, hit in zip(keys, got) if hit is not None], owner)
+            self._release_batch(below, scoped=True)
+            raise
+        host_leases = self.host_leases
+        for key, hit in zip(keys, got):
+            if hit is not None:
+                host_leases.setdefault(key, []).append(hit[0])
+        return b"".join(records) + b"".join(tail)
+
     def _lease(self, key: str) -> LeaseLoc | None:
         lease = self.store.lease(key, self.owner)
         if lease is None:
             return None
+        if lease.served_from == "host":  # NOTE: promoted into host by this read
+            self.host_leases.setdefault(key, []).append(lease.offset)
+            return LeaseLoc(lease.offset, lease.nbytes, lease.tier, key, self.store.host.layout(lease.tier_lease))
         self.leases.setdefault(key, []).append(lease)
-        layout = self.store.host.layout(lease.tier_lease) if lease.offset >= 0 else None
-        return LeaseLoc(lease.offset, lease.nbytes, lease.tier, key, layout)
+        return LeaseLoc(lease.offset, lease.nbytes, lease.tier, key, None)
+
+    def _release_batch(self, lines: list[str], scoped: bool = False) -> None:
+        """A ``release`` message: each line ``key\toffset`` (or a bare key: its newest lease)."""
+        host: list[tuple[str, int]] = []
+        for line in lines:
+            k, _, off = line.partition("\t")
+            key = k if scoped else self._scoped(k)
+            offset = int(off) if off.lstrip("-").isdigit() else None
+            offsets = self.host_leases.get(key)
+            if offsets and (offset is None or offset in offsets):
+                at = len(offsets) - 1 - offsets[::-1].index(offset) if offset is not None else -1
+                host.append((key, offsets.pop(at)))
+                if not offsets:
+                    del self.host_leases[key]
+                continue
+            self._release(key, offset)
+        if host:
+            self.store.release_host_many(host, self.owner)
 
     def _release(self, key: str, offset: int | None = None) -> bool:
-        """Give back this connection's lease of ``key`` taken at ``offset`` (None: the newest)."""
+        """Give back this connection's lease below host of ``key`` taken at ``offset`` (None:
+        the newest)."""
         leases = self.leases.get(key)
         if not leases:
             return False
@@ -273,6 +321,9 @@ class _Connection:
             for lease in leases:
                 self.store.release(lease)
         self.leases.clear()
+        for key, offsets in self.host_leases.items():
+            self.store.release_host_many([(key, off) for off in offsets], self.owner)
+        self.host_leases.clear()
         quarantine = None
         if self.reservations and self.pidfd is not None and not _exited(self.pidfd):
             quarantine = self.owner  # the writer lives: its pen may still be on the page
@@ -324,6 +375,41 @@ def _error_body(e: BaseException) -> bytes:
     return wire.json_body({"error": str(e), "kind": kind})
 
 
+class _FrameReader:
+    """Reads a connection's frames from the socket, spinning ``spin_s`` on a non-blocking
+    ``recv`` before it blocks: a client in a get loop sends its next request a few tens of
+    microseconds after its answer, and a thread that slept in ``recv`` costs a wake-up (on a VM,
+    as much as the round trip itself) to serve it."""
+
+    __slots__ = ("sock", "spin_s", "buf")
+
+    def __init__(self, sock: socket.socket, spin_s: float):
+        self.sock, self.spin_s, self.buf = sock, spin_s, bytearray()
+
+    def read(self, n: int) -> bytes | None:
+        """The next ``n`` bytes, or None at the end of the stream."""
+        buf = self.buf
+        while len(buf) < n:
+            chunk = self._recv()
+            if not chunk:
+                return None
+            buf += chunk
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    def _recv(self) -> bytes:
+        if self.spin_s > 0:
+            until = time.perf_counter() + self.spin_s
+            while True:
+                try:
+                    return self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter() > until:
+                        break
+        return self.sock.recv(1 << 16)
+
+
 _EXPECTED = (ProtocolError, EntryFormatError, ValueError, CacheFull, EntryTooLarge, PermissionError)
 
 
@@ -340,6 +426,7 @@ class LocalServer:
         self.store, self.path, self.tenants = store, path, tenants
         self.ops = ops if ops is not None else {}
         self.max_connections = max_connections
+        self.spin_s = SPIN_S
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -410,11 +497,11 @@ class LocalServer:
 
     def _serve(self, sock: socket.socket) -> None:
         conn = _Connection(self.store, _peer_pidfd(sock), self.tenants, self.ops, self._stopping)
-        rfile = sock.makefile("rb", buffering=1 << 16)
+        reader = _FrameReader(sock, self.spin_s)
         try:
             while True:
-                head = rfile.read(HEAD.size)
-                if len(head) < HEAD.size:
+                head = reader.read(HEAD.size)
+                if head is None:
                     break
                 blen, msg_id, code = HEAD.unpack(head)
                 if blen > MAX_MESSAGE_BYTES:
@@ -422,8 +509,8 @@ class LocalServer:
                                           "kind": "ProtocolError"})
                     sock.sendall(wire.frame(wire.NO_REQUEST, ERROR, err))
                     break
-                body = rfile.read(blen) if blen else b""
-                if len(body) < blen:
+                body = reader.read(blen) if blen else b""
+                if body is None:
                     break
                 if code == _EVENTS:
                     self._follow(sock, conn, msg_id, body)
@@ -446,8 +533,6 @@ class LocalServer:
             try:
                 conn.close()
             finally:
-                with contextlib.suppress(OSError):
-                    rfile.close()
                 sock.close()
                 with self._lock:
                     self._conns.pop(sock, None)

@@ -489,6 +489,21 @@ class TieredStore:
         tl = self.host.lease(key, owner, count=False)
         return None if tl is None else Lease(key, owner, below.tier, tl.view, tl)
 
+    def lease_host_many(self, keys: list[str], owner: Owner) -> list[tuple[int, int, Any] | None]:
+        """Pin the keys host holds, in one go (``HostTier.lease_many``): per key ``(offset,
+        nbytes, layout)`` or None where host misses (``lease`` it then: it may be below). The
+        lower tiers are touched for the hits as ``lease`` does. Give back with
+        ``release_host_many``."""
+        got = self.host.lease_many(keys, owner)
+        hits = [k for k, g in zip(keys, got) if g is not None]
+        if hits:
+            for t in self.lower:
+                t.touch_many(hits)
+        return got
+
+    def release_host_many(self, leases: list[tuple[str, int]], owner: Owner) -> int:
+        return self.host.release_many(leases, owner)
+
     def release(self, lease: Lease) -> None:
         tier = self.host if lease.served_from == "host" else next(t for t in self.lower if t.name == lease.served_from)
         tier.release(lease.tier_lease)

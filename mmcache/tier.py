@@ -95,6 +95,11 @@ class Tier(abc.ABC):
     def touch(self, key: str) -> None:
         """A client read ``key`` from a tier above this one: keep it warm here too."""
 
+    def touch_many(self, keys: list[str]) -> None:
+        """``touch`` for a batch (a tier with a lock takes it once)."""
+        for key in keys:
+            self.touch(key)
+
     def flush(self, timeout: float | None = None) -> None:
         """Block until every accepted put is readable (asynchronous tiers)."""
 

@@ -534,8 +534,8 @@ def test_a_late_answer_to_a_timed_out_lease_is_given_back(sidecar):
     conn = LocalConnection(sidecar.config.socket, timeout=0.001)
     key = f"{NS}/{h('late')}"
     gate = threading.Event()
-    real_lease = sidecar.store.lease
-    sidecar.store.lease = lambda k, o: (gate.wait(5), real_lease(k, o))[1]
+    real_lease = sidecar.store.lease_host_many
+    sidecar.store.lease_host_many = lambda k, o: (gate.wait(5), real_lease(k, o))[1]
     sidecar.store.host.contains = lambda k, real=sidecar.store.host.contains: False  # force the thread path
     try:
         with pytest.raises(CacheTimeout):
@@ -545,14 +545,14 @@ def test_a_late_answer_to_a_timed_out_lease_is_given_back(sidecar):
         while sidecar.store.stats()["host"]["leases"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert sidecar.store.stats()["host"]["leases"] == 1  # granted after the caller gave up
-        conn._sock.settimeout(10)
+        conn.set_timeout(10)
         conn.call("stats")  # the next exchange skips the late answer and gives its lease back
         deadline = time.monotonic() + 10
         while sidecar.store.stats()["host"]["leases"] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert sidecar.store.stats()["host"]["leases"] == 0
     finally:
-        del sidecar.store.lease
+        del sidecar.store.lease_host_many
         del sidecar.store.host.contains
         conn.close()
 

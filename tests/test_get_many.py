@@ -161,3 +161,97 @@ def test_lookup_detail_describes_a_hit_without_a_lease(sidecar, transport):
         assert items[keys[2]] == {"tier": "disk", "num_tokens": 40_000}
         assert leases(sidecar) == 0 and sidecar.store.stats()["host"]["hits"] == before  # not a client read (no lease taken)
         assert not sidecar.store.host.contains(keys[2])  # nothing promoted
+
+
+def test_queued_releases_ride_on_the_next_request_and_an_idle_client_pins_nothing(sidecar, monkeypatch):
+    """Releases are queued (no wake-up of the sidecar per release): the next request carries
+    them in the same send, the same connection sees them done at once, and a client that goes
+    idle has them sent by the flusher within milliseconds: nothing stays pinned behind it."""
+    from mmcache_client import local, wire
+
+    with CacheClient(sidecar.unix_url) as c:
+        for i in range(3):
+            c.put(NS, h(i), emb(i))
+        wait_until(lambda: leases(sidecar) == 0, 5, "the puts' write-through")
+        monkeypatch.setattr(local, "RELEASE_DELAY_S", 30.0)  # NOTE: no flusher in the way of this part
+        sends: list[bytes] = []
+        c._local._sock = _CountingSocket(c._local._sock, sends)
+        with c.get(NS, h(0)) as e:
+            assert float(e.array[0, 0]) == 0.0
+        assert len(sends) == 1 and sidecar.store.stats()["host"]["leases"] == 1  # queued, not sent
+        with c.get_many([f"{NS}/{h(1)}", f"{NS}/{h(2)}"]) as batch:
+            assert len(sends) == 2  # the release of h(0) rode on this lease: one send
+            codes = [f[8] for f in _frames(sends[1])]
+            assert codes == [wire.OP_CODES["release"], wire.OP_CODES["lease"]]
+            assert c.stats()["host"]["leases"] == 2  # served in order: h(0) is free
+        assert len(batch) == 2
+        c.stats()
+    monkeypatch.undo()
+    with CacheClient(sidecar.unix_url) as c:
+        with c.get(NS, h(1)):
+            pass
+        t0 = time.monotonic()
+        wait_until(lambda: leases(sidecar) == 0, 5, "the flusher to send an idle client's release")
+        assert time.monotonic() - t0 < 1.0
+        assert not c._local._releases
+
+
+def _frames(data: bytes) -> list[bytes]:
+    from mmcache_client.wire import HEAD
+
+    out, at = [], 0
+    while at < len(data):
+        blen = HEAD.unpack_from(data, at)[0]
+        out.append(data[at:at + HEAD.size + blen])
+        at += HEAD.size + blen
+    return out
+
+
+def test_a_burst_of_releases_is_sent_past_the_queue_cap(sidecar):
+    from mmcache_client import local
+
+    with CacheClient(sidecar.unix_url) as c:
+        c.put(NS, h(0), emb(0))
+        entries = [c.get(NS, h(0)) for _ in range(local.MAX_QUEUED_RELEASES + 10)]
+        for e in entries:
+            e.close()
+        assert c._local._queued_keys < local.MAX_QUEUED_RELEASES  # the cap sent them, no flusher needed
+    wait_until(lambda: leases(sidecar) == 0, 5, "the releases")
+
+
+def test_a_batch_that_fails_below_host_gives_back_its_host_leases(sidecar, monkeypatch):
+    """The host hits of a batch are leased in one go; when a key below host then fails (a
+    store error), every lease of the batch is given back, not only the ones already packed."""
+    big = np.random.default_rng(1).standard_normal((40_000, 64)).astype(np.float32)  # only on disk
+    with CacheClient(sidecar.url) as w:
+        assert w.put(NS, h("big"), big)
+    with CacheClient(sidecar.unix_url) as c:
+        for i in range(3):
+            c.put(NS, h(i), emb(i))
+        wait_until(lambda: leases(sidecar) == 0, 5, "the puts' write-through")
+
+        def broken(key, owner):
+            raise ValueError("the disk read failed")
+        monkeypatch.setattr(sidecar.store, "lease", broken)
+        keys = [f"{NS}/{h(0)}", f"{NS}/{h(1)}", f"{NS}/{h('big')}", f"{NS}/{h(2)}", f"{NS}/{h(0)}"]
+        with pytest.raises(Exception, match="disk read failed"):
+            c.get_many(keys)
+        assert c.stats()["host"]["leases"] == 0
+        monkeypatch.undo()
+        with c.get_many(keys) as batch:  # and the connection is in step
+            assert [float(e.array[0, 0]) for e in batch if e.tier == "host"] == [0.0, 1.0, 2.0, 0.0]
+            assert np.array_equal(batch[2].array, big)
+
+
+class _CountingSocket:
+    """A socket whose ``sendall`` calls are recorded (the rest passes through)."""
+
+    def __init__(self, sock, sends: list):
+        self._sock, self._sends = sock, sends
+
+    def sendall(self, data):
+        self._sends.append(bytes(data))
+        return self._sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)

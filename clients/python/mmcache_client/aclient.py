@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 import aiohttp
 
 from mmcache_client.arena import SharedArena
-from mmcache_client.client import _claim_fields, _entries_from_arrow, _key, _keys, _local_batch, parse_url, plan_put, raise_for_status
+from mmcache_client.client import _claim_fields, _entries_from_arrow, _key, _key_str, _keys, _local_batch, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
 from mmcache_client.session import SessionState, open_lease
@@ -247,7 +247,7 @@ class AsyncCacheClient:
         return (await self._call("seal", key=str(key), durable=durable))["created"]
 
     async def get(self, namespace: str, hash_hex: str) -> AsyncEntry | None:
-        key = str(_key(namespace, hash_hex))
+        key = _key_str(namespace, hash_hex)
         if self.scheme == "unix":
             loc = (await self._call("lease", keys=[key]))["leases"][0]
             if loc is None:
@@ -303,7 +303,7 @@ class AsyncCacheClient:
                 await conn.close()
 
     async def exists(self, namespace: str, hash_hex: str) -> bool:
-        key = str(_key(namespace, hash_hex))
+        key = _key_str(namespace, hash_hex)
         if self.scheme == "unix":
             return (await self._call("lookup", keys=[key]))["tiers"][key] is not None
         return (await self._request("HEAD", f"/v1/entries/{key}"))[0] == 200
@@ -377,7 +377,7 @@ class AsyncCacheClient:
         raise CacheUnavailable(f"{self.url}/v1/events: the stream ended")
 
     async def delete(self, namespace: str, hash_hex: str) -> bool:
-        key = str(_key(namespace, hash_hex))
+        key = _key_str(namespace, hash_hex)
         if self.scheme == "unix":
             return (await self._call("delete", key=key))["deleted"]
         return (await self._request("DELETE", f"/v1/entries/{key}", ok=(204,)))[0] == 204

@@ -22,7 +22,7 @@ from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_
 from mmcache_client import wire
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
-from mmcache_client.session import open_lease
+from mmcache_client.session import ArenaEntryView, open_lease
 
 T = TypeVar("T")
 
@@ -34,8 +34,39 @@ def _key(namespace: str, hash_hex: str) -> Key:
     return Key(plain, hash_hex, tenant) if at else Key(namespace, hash_hex)
 
 
+_VALID: dict = {}
+"""Key strings (and ``(namespace, hash)`` pairs) already validated → the key string: a hot key
+is checked once, not on every get. Bounded: cleared when full."""
+_VALID_MAX = 16384
+
+
+def _key_str(namespace: str, hash_hex: str) -> str:
+    """``str(_key(namespace, hash_hex))``, validated once per pair."""
+    pair = (namespace, hash_hex)
+    try:
+        return _VALID[pair]
+    except (KeyError, TypeError):
+        text = str(_key(namespace, hash_hex))
+    if len(_VALID) >= _VALID_MAX:
+        _VALID.clear()
+    _VALID[pair] = text
+    return text
+
+
 def _keys(keys) -> list[str]:
-    return [k.to_string() if isinstance(k, Key) else Key.from_string(k).to_string() for k in keys]
+    out = []
+    for k in keys:
+        if isinstance(k, Key):
+            out.append(k.to_string())
+            continue
+        text = _VALID.get(k) if isinstance(k, str) else None
+        if text is None:
+            text = Key.from_string(k).to_string()
+            if len(_VALID) >= _VALID_MAX:
+                _VALID.clear()
+            _VALID[k] = text
+        out.append(text)
+    return out
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -225,7 +256,7 @@ class CacheClient:
         return self._call("seal", key=str(key), durable=durable)["created"]
 
     def get(self, namespace: str, hash_hex: str) -> Entry | None:
-        key = str(_key(namespace, hash_hex))
+        key = _key_str(namespace, hash_hex)
         if self.scheme == "unix":
             loc = self._call("lease", keys=[key])["leases"][0]
             if loc is None:
@@ -279,7 +310,7 @@ class CacheClient:
                 conn.close()
 
     def exists(self, namespace: str, hash_hex: str) -> bool:
-        key = str(_key(namespace, hash_hex))
+        key = _key_str(namespace, hash_hex)
         if self.scheme == "unix":
             return self._call("lookup", keys=[key])["tiers"][key] is not None
         return self._request("HEAD", f"/v1/entries/{key}")[0] == 200
@@ -321,7 +352,7 @@ class CacheClient:
         return json.loads(data)["released"]
 
     def delete(self, namespace: str, hash_hex: str) -> bool:
-        key = str(_key(namespace, hash_hex))
+        key = _key_str(namespace, hash_hex)
         if self.scheme == "unix":
             return self._call("delete", key=key)["deleted"]
         return self._request("DELETE", f"/v1/entries/{key}", ok=(204,))[0] == 204
@@ -373,19 +404,22 @@ def _local_batch(conn, keys: list[str], locs: list, batch_type, entry_type, make
     """Entries over one ``lease`` answer, each holding a reference on ``conn`` until the batch
     closes. On a failure (a corrupt entry) every lease of the answer is given back (the release
     runs, or for the async client is scheduled, before the error propagates)."""
-    leased = [wire.release_name(k, loc) for k, loc in zip(keys, locs) if loc is not None]
-    for _ in leased:
-        conn.state.ref()
+    leased = [f"{k}\t{loc.offset}" for k, loc in zip(keys, locs) if loc is not None]  # wire.release_name
+    conn.state.refs += len(leased)
     entries: list = []
     ends: list = []
+    state, arena = conn.state, conn.arena
     try:
         for key, loc in zip(keys, locs):
             if loc is None:
                 entries.append(None)
-                continue
-            view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
-            ends.append(end_local)
-            entries.append(entry_type(key, loc[2], view, None, conn.state if end_local is None else None))
+            elif loc.layout is not None and loc.offset >= 0:  # NOTE: the common case, inlined
+                entries.append(entry_type(key, loc.tier, ArenaEntryView(arena, loc.offset, loc.nbytes, loc.layout),
+                                          None, state))
+            else:
+                view, end_local = open_lease(state, arena, conn.lmdb_path, key, loc)
+                ends.append(end_local)
+                entries.append(entry_type(key, loc.tier, view, None, state if end_local is None else None))
     except BaseException:
         batch_type(entries, make_release(conn, leased, ends)).close()
         raise

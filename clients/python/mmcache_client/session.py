@@ -131,11 +131,17 @@ class ArenaEntryView:
     def tensor(self, name: str = "embeddings") -> Any:
         if name != "embeddings":
             return self._parsed().tensor(name)
-        import torch
-
         lay = self._layout
-        return self._arena.tensor(getattr(torch, DTYPES[lay.dtype].torch_name), self._offset + lay.start,
-                                  (lay.rows, lay.cols))
+        dtype = _TORCH_DTYPES.get(lay.dtype)
+        if dtype is None:
+            import torch
+
+            dtype = _TORCH_DTYPES[lay.dtype] = getattr(torch, DTYPES[lay.dtype].torch_name)
+        return self._arena.tensor(dtype, self._offset + lay.start, (lay.rows, lay.cols))
+
+
+_TORCH_DTYPES: dict[str, Any] = {}
+"""Layout dtype name → torch dtype, filled on first use (torch is imported only when asked for)."""
 
 
 def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str,

@@ -49,6 +49,7 @@ TIERS = ("host", "disk", "device", "remote")
 TIER_CODES = {name: i for i, name in enumerate(TIERS)}
 LAYOUT_DTYPES = ("BF16", "F16", "F32")
 _DTYPE_BYTES = (2, 2, 4)
+_DTYPE_CODES = {name: i for i, name in enumerate(LAYOUT_DTYPES)}
 NO_LAYOUT = 255
 MISS, IN_LMDB = -2, -1
 
@@ -94,6 +95,14 @@ def parse_keys(body: bytes) -> list[str]:
     return body.decode().split("\n") if body else []
 
 
+def pack_lease_record(offset: int, nbytes: int, tier: int, layout: Layout | None, stored_len: int = 0) -> bytes:
+    """One lease record (``LEASE_RECORD``); a miss is ``offset`` ``MISS``."""
+    if layout is None:
+        return LEASE_RECORD.pack(offset, nbytes, tier, NO_LAYOUT, stored_len, 0, 0, 0)
+    return LEASE_RECORD.pack(offset, nbytes, tier, _DTYPE_CODES[layout.dtype], stored_len, layout.start,
+                             layout.rows, layout.cols)
+
+
 def pack_leases(locs: list[LeaseLoc | None]) -> bytes:
     records, tail = [], []
     for loc in locs:
@@ -101,11 +110,7 @@ def pack_leases(locs: list[LeaseLoc | None]) -> bytes:
             records.append(LEASE_RECORD.pack(MISS, 0, 0, NO_LAYOUT, 0, 0, 0, 0))
             continue
         stored = loc.stored_key.encode() if loc.offset == IN_LMDB else b""
-        lay = loc.layout
-        dtype = NO_LAYOUT if lay is None else LAYOUT_DTYPES.index(lay.dtype)
-        start, rows, cols = (0, 0, 0) if lay is None else (lay.start, lay.rows, lay.cols)
-        records.append(LEASE_RECORD.pack(loc.offset, loc.nbytes, TIER_CODES[loc.tier], dtype, len(stored),
-                                         start, rows, cols))
+        records.append(pack_lease_record(loc.offset, loc.nbytes, TIER_CODES[loc.tier], loc.layout, len(stored)))
         tail.append(stored)
     return b"".join(records) + b"".join(tail)
 
