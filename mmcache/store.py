@@ -37,7 +37,7 @@ from mmcache.host import EntryExists, HostTier, Owner, Reservation
 from mmcache.remote import RemoteConfig, RemoteTier
 from mmcache.tier import PutStatus, Tier, TierLease
 from mmcache_client.errors import CacheFull, EntryTooLarge
-from mmcache_client.format import EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
+from mmcache_client.format import EntryFormatError, EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
 from mmcache_client.keys import Key
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,18 @@ def _lock_data_dir(data_dir: str) -> int:
 
 def _key_str(key: Key | str) -> str:
     return key if isinstance(key, str) else key.to_string()
+
+
+def _write_down_error(key: str, f: concurrent.futures.Future) -> BaseException | None:
+    """Why a lower tier did not take ``key`` (None: it holds it now)."""
+    error = f.exception()
+    if error is not None:
+        return error
+    if f.result() in (PutStatus.CREATED, PutStatus.EXISTS):
+        return None
+    if f.result() is PutStatus.NO_SPACE:
+        return CacheFull(f"{key}: no room on disk now", RETRY_AFTER_S)
+    return CacheFull(f"{key}: the disk tier refused it ({f.result()})", RETRY_AFTER_S)
 
 
 def _cost(metadata: Mapping[str, str]) -> float:
@@ -411,23 +423,33 @@ class TieredStore:
         remaining = [len(futures)]
         lock = threading.Lock()
 
-        failures = []
+        failures: list[BaseException] = []
 
         def one_done(f: concurrent.futures.Future) -> None:
-            failed = f.exception() is not None or f.result() not in (PutStatus.CREATED, PutStatus.EXISTS)
-            if failed:
+            error = _write_down_error(key, f)
+            if error is not None:
                 self._count("persist_errors")
-                logger.warning("writing %s below host failed: %s", key, f.exception() or f.result())
+                logger.warning("writing %s below host failed: %s", key, error)
             with lock:
                 remaining[0] -= 1
                 last = remaining[0] == 0
-                failures.append(failed)
+                if error is not None:
+                    failures.append(error)
             if last:
                 # NOTE: a failed write-down still makes the entry evictable (counted in
                 # persist_errors), or an entry that cannot be persisted would pin host space for good.
-                self.host.written_down(key, ok=not any(failures))
+                self.host.written_down(key, ok=not failures)
                 self.host.release(lease)
-                if not all_done.done():
+                corrupt = next((e for e in failures if isinstance(e, EntryFormatError)), None)
+                if corrupt is not None:
+                    # NOTE: the writer's checksum does not match its bytes (a local seal trusts
+                    # it): what the disk writer refused must not stay readable in the arena either.
+                    self.delete(key)
+                if all_done.done():
+                    return
+                if failures:  # NOTE: a durable put waits on this: it must not be acknowledged
+                    all_done.set_exception(corrupt or failures[0])
+                else:
                     all_done.set_result(True)
 
         for f in futures:

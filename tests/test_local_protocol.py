@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmcache.config import ServeConfig
-from mmcache_client import CacheClient, CacheUnavailable, content_hash, wire
+from mmcache_client import CacheClient, CacheUnavailable, CorruptEntry, content_hash, wire
 from mmcache_client.client import plan_put
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
@@ -199,11 +199,9 @@ def test_connections_over_the_cap_are_told_so(sidecar):
     assert not os.path.exists(path)
 
 
-def test_a_local_seal_skips_the_checksum_but_a_wrong_one_never_reaches_disk(sidecar):
-    """The seal trusts the writer's fused checksum (readers of the arena never verify); the disk
-    writer verifies before it commits, so an entry whose checksum is wrong stays host-only,
-    counted, and a read of it from disk (after a restart) could never be wrong."""
-    key = Key(NS, h("wrong"))
+def _seal_with_a_wrong_checksum(sidecar, name: str, durable: bool) -> dict:
+    """Reserve, fill, flip a data byte after the fused checksum, seal: what the seal answered."""
+    key = Key(NS, h(name))
     plan = plan_put(key, torch.ones(4, 8), None, None, 0.0)
     conn = LocalConnection(sidecar.config.socket)
     try:
@@ -211,17 +209,39 @@ def test_a_local_seal_skips_the_checksum_but_a_wrong_one_never_reaches_disk(side
         view = conn.writable_arena().view(ans["offset"], plan.total_bytes)
         plan.write_into(view)
         np.frombuffer(view, dtype=np.uint8)[-1] ^= 0xFF  # a byte of the data flipped after the checksum
-        assert conn.call("seal", key=str(key), durable=False)["created"]
+        return conn.call("seal", key=str(key), durable=durable)
     finally:
         conn.close()
+
+
+def test_a_local_seal_skips_the_checksum_but_a_wrong_one_never_reaches_disk(sidecar):
+    """The seal trusts the writer's fused checksum (readers of the arena never verify); the disk
+    writer verifies before it commits, so an entry whose checksum is wrong never becomes durable,
+    counted, and is deleted from the arena too: no reader, local or HTTP, is served it."""
+    assert _seal_with_a_wrong_checksum(sidecar, "wrong", durable=False)["created"]
     sidecar.store.flush(30)
     stats = sidecar.store.stats()
     assert stats["disk"]["checksum_mismatch"] == 1
-    assert not sidecar.store.disk.contains(str(key))
-    assert sidecar.store.host.contains(str(key))
-    with CacheClient(sidecar.url) as c:  # and HTTP, which verifies, never serves it as good
-        with pytest.raises(Exception, match="checksum"):
-            c.get(NS, h("wrong"))
+    key = str(Key(NS, h("wrong")))
+    assert settled(lambda: not sidecar.store.host.contains(key))
+    assert not sidecar.store.disk.contains(key)
+    for url in (sidecar.url, sidecar.unix_url):
+        with CacheClient(url) as c:
+            assert c.get(NS, h("wrong")) is None
+
+
+def test_a_durable_local_seal_of_a_wrong_checksum_is_refused_not_acknowledged(sidecar):
+    """durable=True answers only once the entry is on disk: one the disk writer refuses is an
+    error naming the checksum, and nothing of it stays readable."""
+    with pytest.raises(CorruptEntry, match="checksum"):
+        _seal_with_a_wrong_checksum(sidecar, "wrong-durable", durable=True)
+    key = str(Key(NS, h("wrong-durable")))
+    assert not sidecar.store.disk.contains(key) and not sidecar.store.host.contains(key)
+    with CacheClient(sidecar.unix_url) as c:
+        assert c.get(NS, h("wrong-durable")) is None
+        assert c.put(NS, h("wrong-durable"), torch.ones(4, 8), durable=True)  # a good put of it works
+        with c.get(NS, h("wrong-durable")) as e:
+            assert torch.equal(e.tensor.float(), torch.ones(4, 8))
 
 
 def test_a_torch_view_outlives_the_arena_close_without_a_crash(tmp_path):
