@@ -239,7 +239,10 @@ class LLMService:
         async with AsyncExitStack() as entries:  # NOTE: leases held until the prefill has copied them
             embeddings = []
             if images:  # NOTE: one round trip leases them all (and one releases them)
-                batch = await self.cache.get_many(images)
+                # NOTE: on a GPU, the sidecar's device tier hands its tensors over by CUDA IPC, or
+                # they come from the pinned arena (mmcache_client.device_entries)
+                device = self.engine.device
+                batch = await self.cache.get_many(images, device=device if device.type == "cuda" else None)
                 entries.push_async_callback(batch.aclose)
                 for image, entry in zip(images, batch):
                     if entry is None:

@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         "disk_queue_bytes": args.disk_queue, "tenants": args.tenants,
         "remote": args.remote, "remote_ttl_s": args.remote_ttl, "remote_timeout_ms": args.remote_timeout_ms,
         "remote_required": args.remote_required or None, "node": args.node,
+        "device_capacity_bytes": args.device_capacity, "device": args.device,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config,
                                       warn=lambda text: print(f"mmcache serve: warning: {text}", file=sys.stderr))
@@ -183,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="this sidecar's name in inventory events (default hostname:port)")
     s.add_argument("--remote-required", action="store_true",
                    help="refuse to start when the remote cannot be reached (default: start with it marked down)")
+    s.add_argument("--device-capacity", metavar="SIZE",
+                   help="GPU memory for a device tier above host, read by same-node readers through CUDA IPC "
+                        "(default 0: none, and no CUDA context; needs a CUDA GPU)")
+    s.add_argument("--device", metavar="DEV", help="the GPU of the device tier (default cuda:0)")
     s.set_defaults(fn=_serve)
 
     u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)",

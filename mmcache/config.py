@@ -77,6 +77,10 @@ class ServeConfig:
     """Refuse to start when the remote cannot be reached (else start with it marked down)."""
     node: str | None = None
     """This sidecar's name in inventory events and claims (default ``hostname:port``)."""
+    device_capacity_bytes: int = 0
+    """GPU memory of the device tier above host (0: none, and no CUDA context)."""
+    device: str = "cuda:0"
+    """The GPU of the device tier."""
 
     def __post_init__(self) -> None:
         if not 0 < self.remote_timeout_ms < float("inf"):
@@ -96,6 +100,8 @@ class ServeConfig:
                      "disk_queue_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.device_capacity_bytes < 0:
+            raise ValueError(f"device_capacity_bytes={self.device_capacity_bytes} must be >= 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be within 0..65535")
         if self.token == "":
@@ -143,7 +149,8 @@ class ServeConfig:
 FLAG_OF_FIELD = {"host_capacity_bytes": "host_capacity", "disk_capacity_bytes": "disk_capacity",
                  "max_entry_size_bytes": "max_entry_size", "arena_path": "arena", "write_timeout_s": "write_timeout",
                  "batch_get_budget_bytes": "batch_get_budget", "header_timeout_s": "header_timeout",
-                 "disk_queue_bytes": "disk_queue", "remote_ttl_s": "remote_ttl"}
+                 "disk_queue_bytes": "disk_queue", "remote_ttl_s": "remote_ttl",
+                 "device_capacity_bytes": "device_capacity"}
 """``mmcache serve``'s flag names where they differ from the field's (``--host-capacity``)."""
 OTHER_ENV = frozenset({"MMCACHE_API_KEY", "MMCACHE_REMOTE_PASSWORD", "MMCACHE_TOKEN_FILE"})
 """``MMCACHE_*`` names other commands read (not reported as unknown by ``mmcache serve``)."""
@@ -167,7 +174,10 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
         if name not in known:
             raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
         if name.endswith("_bytes"):
-            value = parse_size(value)
+            try:
+                value = parse_size(value)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         elif name == "remote_timeout_ms":
             try:
                 value = float(value)

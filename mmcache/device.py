@@ -22,6 +22,7 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from mmcache.leases import LeaseTable
+from mmcache_client.cuda import pin_host_buffer, unpin_host_buffer  # noqa: F401 - the tier's users pin the arena
 from mmcache.policies import POLICIES, make_policy
 from mmcache.tier import PutStatus, Tier, TierLease, done
 from mmcache_client.format import EntryFormatError, read_entry
@@ -128,7 +129,9 @@ class DeviceTier(Tier):
         nbytes = sum(view.array(n).nbytes for n in view.names)
         if nbytes > self.config.capacity_bytes:
             return done(PutStatus.TOO_LARGE)
-        tensors = {n: torch.from_numpy(view.array(n)) for n in view.names}
+        # NOTE: torch views (bf16 stays bf16; numpy would give its raw uint16 bits), over the
+        # arena in place: with the arena pinned the copy onto the device runs at pinned speed.
+        tensors = {n: view.tensor(n) for n in view.names}
         return done(PutStatus.CREATED if self.put_tensors(key, tensors, cost_ms) else PutStatus.NO_SPACE)
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], cost_ms: float = 0.0) -> bool:
@@ -337,50 +340,3 @@ def import_ipc(handle: dict) -> dict[str, torch.Tensor]:
             raise ValueError(f"not a CUDA IPC handle for {handle.get('key')!r}: {rebuild_fn!r}")
         tensors[name] = rebuild_fn(*args)
     return tensors
-
-
-def pin_host_buffer(buf) -> bool:
-    """Page-lock ``buf`` (e.g. the arena's mmap) with ``cudaHostRegister`` so host→GPU copies
-    from it run at pinned speed; True if pinned now (idempotent). Once per process; call
-    ``unpin_host_buffer`` before the mapping is closed.
-
-    Without a GPU: False, touching nothing. A CUDA failure (e.g. the locked-memory limit) logs a
-    warning and returns False: copies still work, at pageable speed.
-    NOTE: flags 0 (not ``cudaHostRegisterPortable``) pins for the current device's context; a
-    process copying to several GPUs from one buffer would want the portable flag instead.
-    """
-    return _set_pinned(buf, True)
-
-
-def unpin_host_buffer(buf) -> bool:
-    """Undo ``pin_host_buffer``; False if ``buf`` was not pinned or there is no GPU."""
-    return _set_pinned(buf, False)
-
-
-def _set_pinned(buf, pin: bool) -> bool:
-    if not cuda_available():
-        return False
-    if memoryview(buf).readonly:
-        raise ValueError("buf must be writable: cudaHostRegister needs write access")
-    host = torch.frombuffer(buf, dtype=torch.uint8)  # a view of buf, not a copy
-    ptr, nbytes, pinned = host.data_ptr(), host.numel(), host.is_pinned()
-    del host  # NOTE: holds a buffer export; an mmap with one cannot be closed
-    if pinned == pin:
-        return pin
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(ptr, nbytes, 0) if pin else cudart.cudaHostUnregister(ptr)
-    if err != cudart.cudaError.success:
-        logger.warning("cudaHost%sregister of %d bytes failed: %s", "" if pin else "Un", nbytes,
-                       cudart.cudaGetErrorString(err))
-        _drain_last_error()
-        return False
-    return True
-
-
-def _drain_last_error() -> None:
-    # NOTE: a failed runtime call stays the thread's "last error" and torch's next kernel-launch
-    # check (cudaGetLastError) would raise it from an unrelated op; one tiny kernel consumes it.
-    try:
-        torch.zeros(1, device="cuda")
-    except RuntimeError as exc:
-        logger.debug("consumed the stale CUDA error: %s", exc)

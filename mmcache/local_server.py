@@ -22,6 +22,9 @@ a JSON object in, a JSON object out:
   ``no_space`` (+ ``retry_after_s``) / ``too_large`` (+ ``capacity_bytes``) instead)
 - ``seal {key, durable}`` → ``created``, ``tier``; ``abort {key}``
 - ``delete {key}`` → ``deleted``; ``stats`` → the store's stats
+- ``lease_device {keys}`` → ``entries``: per key ``{"tensors": {name: CUDA IPC handle as data},
+  "metadata"}`` or null (not on the device: read it from host); ``release_device {keys}`` gives
+  them back. Only where ``hello`` says ``device_tier`` (``mmcache_client.cuda``).
 
 The socket is served apart from the HTTP event loop: a thread accepts, and each connection has a
 thread of its own that reads a frame, runs it against the store and writes the answer (blocking
@@ -166,7 +169,8 @@ class _Connection:
             return {"arena_path": store.arena_path, "arena_bytes": store.host.arena.capacity_bytes,
                     "lmdb_path": store.disk.config.path, "lmdb_map_size": store.disk.config.resolved_map_size_bytes,
                     "format": FORMAT_VERSION, "pid": os.getpid(),
-                    "tenant": self.principal.tenant, "protocol": PROTOCOL}
+                    "tenant": self.principal.tenant, "protocol": PROTOCOL,
+                    "device_tier": store.device is not None}
         if op == "lookup":
             keys = {self._scoped(k): k for k in _key_list(msg.get("keys"))}
             if msg.get("detail"):
@@ -189,6 +193,8 @@ class _Connection:
             return {"aborted": res is not None}
         if op == "delete":
             return {"deleted": store.delete(self._scoped(msg.get("key")))}
+        if op in ("lease_device", "release_device"):
+            return self._device_op(op, [self._scoped(k) for k in _key_list(msg.get("keys"))])
         if op == "claim":
             keys = {self._scoped(k): k for k in _key_list(msg.get("keys"))}
             ttl = msg.get("ttl_ms", DEFAULT_TTL_MS)
@@ -203,6 +209,26 @@ class _Connection:
                 return {"stats": {"tenant": self.principal.tenant, "usage": usage.get(self.principal.tenant, {})}}
             return {"stats": store.stats()}
         raise ProtocolError(f"{op!r} is not a JSON op")
+
+    def _device_op(self, op: str, keys: list[str]) -> dict:
+        """``lease_device``: per key a CUDA IPC handle (``DeviceFront.export``) or null (not on
+        the device: no tier holds it, or the device has no room now; read it from host).
+        ``release_device``: give such leases back (one per key named)."""
+        front = self.store.device
+        if front is None:
+            raise ProtocolError(f"{op}: this sidecar has no device tier (mmcache serve --device-capacity)")
+        if op == "release_device":
+            return {"released": sum(front.release(k, self.owner) for k in keys)}
+        entries: list[dict | None] = []
+        try:
+            for key in keys:
+                entries.append(front.export(key, self.owner))
+        except BaseException:  # the client never learns of these: give them back
+            for key, doc in zip(keys, entries):
+                if doc is not None:
+                    front.release(key, self.owner)
+            raise
+        return {"entries": entries}
 
     def _hello(self, token: Any) -> None:
         if token is None:

@@ -443,7 +443,8 @@ def _store_ctx(config: ServeConfig):
             remote=None if config.remote is None else RemoteConfig(
                 config.remote, ttl_s=config.remote_ttl_s, timeout_ms=config.remote_timeout_ms,
                 required=config.remote_required),
-            node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"))
+            node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}",
+            device_capacity_bytes=config.device_capacity_bytes, device=config.device))
         app[STORE] = store
         local = None
         try:

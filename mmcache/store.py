@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from mmcache.claims import Claims
+from mmcache.device_front import DeviceFront
 from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.events import EventBus
 from mmcache.host import EntryExists, HostTier, Owner, Reservation
@@ -76,11 +77,20 @@ class StoreConfig:
     """A Redis/Valkey server or cluster below disk, shared by many sidecars (``mmcache.remote``)."""
     node: str = ""
     """This sidecar's name in inventory events (``mmcache.events``); default ``host:pid``."""
+    device_capacity_bytes: int = 0
+    """GPU memory for the device tier above host (``mmcache.device_front``); 0: no device tier
+    (and no CUDA context). Needs a CUDA GPU."""
+    device: str = "cuda:0"
+    """The GPU holding the device tier."""
+    device_policy: str = "lru"
+    """Eviction policy of the device tier."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.device_capacity_bytes < 0:
+            raise ValueError(f"device_capacity_bytes={self.device_capacity_bytes} must be >= 0")
 
     def resolved_arena_path(self) -> str:
         if self.arena_path:
@@ -173,9 +183,12 @@ def _cost(metadata: Mapping[str, str]) -> float:
 
 
 class TieredStore:
-    """Host over the lower tiers behind one interface. Thread-safe; one per sidecar process."""
+    """Host over the lower tiers behind one interface, and a device tier in front where one is
+    configured (``device``: promoted into on a reader's ask, see ``mmcache.device_front``).
+    Thread-safe; one per sidecar process. ``device_tier``: a ``DeviceTier`` made by the caller
+    (the CPU tests pass ``DeviceTier.fake``) instead of the one ``config`` asks for."""
 
-    def __init__(self, config: StoreConfig):
+    def __init__(self, config: StoreConfig, *, device_tier: Any = None):
         self.config = config
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self._lock_fd = _lock_data_dir(config.data_dir)
@@ -220,6 +233,32 @@ class TieredStore:
             f.write(self.host.arena.path)
         self._counts_lock = threading.Lock()
         self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)
+        self.device: DeviceFront | None = None
+        try:
+            self._open_device(device_tier)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_device(self, tier: Any) -> None:
+        """The device tier, if any, and the arena pinned for it (host → GPU at pinned speed).
+        NOTE: nothing here touches CUDA without a device tier: no context on a CPU-only node."""
+        if tier is None and self.config.device_capacity_bytes == 0:
+            return
+        from mmcache.device import DeviceTier, DeviceTierConfig, cuda_available
+
+        if tier is None:
+            if not cuda_available():
+                raise ValueError(f"a device tier of {self.config.device_capacity_bytes} bytes needs a CUDA GPU, and "
+                                 "none is visible: leave --device-capacity at 0 on this machine")
+            tier = DeviceTier(DeviceTierConfig(self.config.device_capacity_bytes, self.config.device,
+                                               self.config.device_policy))
+            self.host.arena.pin()  # NOTE: host → GPU promotions at pinned speed; unpinned when host closes
+        self.device = DeviceFront(self, tier)
+
+    def holds_locally(self, key: str) -> bool:
+        """Host or a durable tier below holds ``key`` (no network call)."""
+        return self.host.contains(key) or any(t.contains(key) for t in self.durable)
 
     def _stored(self, key: str, tier: str, nbytes: int) -> None:
         """``key`` is readable from ``tier`` now: end its local claim, tell the followers."""
@@ -531,7 +570,9 @@ class TieredStore:
         tier.release(lease.tier_lease)
 
     def release_owner(self, owner: Owner, *, quarantine: Any = None) -> int:
-        return self.host.release_owner(owner, quarantine=quarantine) + sum(t.release_owner(owner) for t in self.lower)
+        dropped = self.device.release_owner(owner) if self.device is not None else 0
+        return dropped + self.host.release_owner(owner, quarantine=quarantine) + \
+            sum(t.release_owner(owner) for t in self.lower)
 
     @contextmanager
     def get(self, key: Key | str) -> Iterator[EntryView | None]:
@@ -590,6 +631,8 @@ class TieredStore:
         """Remove from every tier; never waits for a disk commit."""
         key = _key_str(key)
         found = [t.delete(key) for t in self.tiers]
+        if self.device is not None:
+            found.append(self.device.delete(key))
         if any(found):
             self.events.publish("deleted", key, "all", 0)
         return any(found)
@@ -609,6 +652,8 @@ class TieredStore:
 
     def stats(self) -> dict:
         doc = {t.name: t.stats() for t in self.tiers}
+        if self.device is not None:
+            doc["device"] = self.device.stats()
         doc["claims"] = self.claims.stats()
         doc["events"] = self.events.stats()
         with self._counts_lock:
@@ -620,6 +665,9 @@ class TieredStore:
         """Flush disk writes, close LMDB, remove the arena file. Idempotent."""
         if self._lock_fd < 0:
             return
+        if getattr(self, "device", None) is not None:
+            self.device.close()
+            self.device = None
         for t in self.lower:
             t.close()
         self.host.close()

@@ -14,6 +14,7 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
 import mmcache.device as device_mod
+import mmcache_client.cuda as client_cuda
 from mmcache.device import (
     DeviceTier,
     DeviceTierConfig,
@@ -31,6 +32,7 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU
 def gpu_off(monkeypatch):
     """Behave as on a machine without a GPU, whatever this one has."""
     monkeypatch.setattr(device_mod, "cuda_available", lambda: False)
+    monkeypatch.setattr(client_cuda, "cuda_available", lambda: False)
 
 
 # -- any machine ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import aiohttp
 from mmcache_client.arena import SharedArena
 from mmcache_client.client import _claim_fields, _entries_from_arrow, _key, _key_str, _keys, _local_batch, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
+from mmcache_client.device_entries import AsyncDeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
 from mmcache_client.session import SessionState, open_lease
 from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge, raise_for_kind
@@ -55,6 +56,7 @@ class _AsyncLocal:
         self.tenant: str | None = hello.get("tenant")
         self.lmdb_path = hello.get("lmdb_path")
         self.state.lmdb_map_size = hello.get("lmdb_map_size")
+        self.device_tier = bool(hello.get("device_tier"))
         self.arena = SharedArena(hello["arena_path"])
 
     async def call(self, op: str, **fields: Any) -> dict:
@@ -180,18 +182,23 @@ class AsyncCacheClient:
 
     async def _call(self, op: str, **fields: Any) -> dict:
         async def once() -> dict:
-            if self._local is None:
-                local = _AsyncLocal(self._target, self._unix_timeout, self._token)
-                await local.connect()
-                self._local = local
+            conn = await self._connect()
             try:
-                return await self._local.call(op, **fields)
+                return await conn.call(op, **fields)
             except CacheTimeout:
                 raise
             except CacheUnavailable:
                 await self._detach()
                 raise
         return await self._retry(once)
+
+    async def _connect(self) -> _AsyncLocal:
+        """The local connection, opened (``hello``) on first use."""
+        if self._local is None:
+            local = _AsyncLocal(self._target, self._unix_timeout, self._token)
+            await local.connect()
+            self._local = local
+        return self._local
 
     async def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)):
         if self._session is None:
@@ -246,8 +253,12 @@ class AsyncCacheClient:
             raise
         return (await self._call("seal", key=str(key), durable=durable))["created"]
 
-    async def get(self, namespace: str, hash_hex: str) -> AsyncEntry | None:
+    async def get(self, namespace: str, hash_hex: str, *, device: Any = None) -> AsyncEntry | DeviceEntry | None:
+        """See ``CacheClient.get`` (``device`` too)."""
         key = _key_str(namespace, hash_hex)
+        dev = cuda_device(device)
+        if dev is not None:
+            return single(await self._get_many_on([key], dev))
         if self.scheme == "unix":
             loc = (await self._call("lease", keys=[key]))["leases"][0]
             if loc is None:
@@ -262,9 +273,12 @@ class AsyncCacheClient:
             raise CorruptEntry(f"{key}: {e}") from e
         return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
-    async def get_many(self, keys) -> AsyncEntryBatch:
+    async def get_many(self, keys, *, device: Any = None) -> AsyncEntryBatch | AsyncDeviceBatch:
         """See ``CacheClient.get_many``: ``async with await client.get_many(keys) as entries``."""
         keys = _keys(keys)
+        dev = cuda_device(device)
+        if dev is not None:
+            return await self._get_many_on(keys, dev)
         if not keys:
             return AsyncEntryBatch([])
         if self.scheme == "unix":
@@ -273,6 +287,36 @@ class AsyncCacheClient:
         _, _, data = await self._request("POST", "/v1/batch_get", json.dumps({"keys": keys}),
                                          {"Content-Type": "application/json"})
         return AsyncEntryBatch(_entries_from_arrow(keys, data, AsyncEntry))
+
+    async def _get_many_on(self, keys: list[str], dev: Any) -> AsyncDeviceBatch:
+        on_device: list = [None] * len(keys)
+        leased: list[str] = []
+        if self.scheme == "unix":
+            conn = await self._retry(self._connect)
+            if conn.device_tier:
+                docs = (await self._call("lease_device", keys=keys))["entries"]
+                leased = [k for k, d in zip(keys, docs) if d is not None]
+                try:
+                    on_device = imported(keys, docs)
+                except BaseException:
+                    await self._call("release_device", keys=leased)
+                    raise
+            else:
+                conn.arena.pin()
+
+        async def release() -> None:
+            await self._call("release_device", keys=leased)
+        try:
+            rest = [k for k, d in zip(keys, on_device) if d is None]
+            from_host: dict = {}
+            if rest:
+                async with await self.get_many(rest) as batch:
+                    from_host = {k: e for k, e in zip(rest, copied(list(batch), dev)) if e is not None}
+        except BaseException:
+            if leased:
+                await release()
+            raise
+        return AsyncDeviceBatch(merged(keys, on_device, from_host), release if leased else None)
 
     async def _detach(self) -> None:
         """Stop using the current connection; close it only once no open entry relies on it."""

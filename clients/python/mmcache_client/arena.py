@@ -88,6 +88,18 @@ class SharedArena:
         self._view = memoryview(self._mmap)
         self._typed: dict[str, Any] = {}
         """One torch tensor over the whole mapping per dtype, made once and sliced per entry."""
+        self.pinned = False
+        """Registered with CUDA (``pin``): copies from it to a GPU run at pinned speed."""
+
+    def pin(self) -> bool:
+        """Page-lock the whole mapping with ``cudaHostRegister`` once (a reader's read-only one
+        too, ``mmcache_client.cuda``); False without a GPU or where CUDA refuses (copies from it
+        still work, at pageable speed). ``close`` unpins it."""
+        if not self.pinned and self._view is not None:
+            from mmcache_client.cuda import pin_host_buffer
+
+            self.pinned = pin_host_buffer(self._view)
+        return self.pinned
 
     @property
     def base_address(self) -> int:
@@ -143,6 +155,11 @@ class SharedArena:
         """Unmap. Views still alive keep the mapping (mmap refuses to close under exports)."""
         if self._view is None:
             return
+        if self.pinned:
+            from mmcache_client.cuda import unpin_host_buffer
+
+            unpin_host_buffer(self._view)
+            self.pinned = False
         self._view.release()
         self._view = None
         self._typed.clear()

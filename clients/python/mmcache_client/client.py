@@ -15,6 +15,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Mapping, TypeVar
 
+from mmcache_client.device_entries import DeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import Entry, EntryBatch
 from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
                                    MMCacheError, ServerError)
@@ -185,16 +186,21 @@ class CacheClient:
     # ------------------------------------------------------------ transports
     def _call(self, op: str, **fields: Any) -> dict:
         def once() -> dict:
-            if self._local is None:
-                self._local = LocalConnection(self._path, timeout=self._timeout, token=self._token)
+            conn = self._connect()
             try:
-                return self._local.call(op, **fields)
+                return conn.call(op, **fields)
             except CacheTimeout:
                 raise
             except CacheUnavailable:
                 self._detach()
                 raise
         return with_retries(once, self.retries, self.backoff_s, self.url)
+
+    def _connect(self) -> LocalConnection:
+        """The local connection, opened (``hello``) on first use."""
+        if self._local is None:
+            self._local = LocalConnection(self._path, timeout=self._timeout, token=self._token)
+        return self._local
 
     def _detach(self) -> None:
         """Stop using the current connection; close it only once no open entry relies on it."""
@@ -255,8 +261,14 @@ class CacheClient:
             raise
         return self._call("seal", key=str(key), durable=durable)["created"]
 
-    def get(self, namespace: str, hash_hex: str) -> Entry | None:
+    def get(self, namespace: str, hash_hex: str, *, device: Any = None) -> Entry | DeviceEntry | None:
+        """The entry, or None on a miss. ``device="cuda[:N]"``: a ``DeviceEntry`` whose tensors
+        are on that GPU (the sidecar's device tier through CUDA IPC where it has one, else a copy
+        from the pinned arena; ``mmcache_client.device_entries``)."""
         key = _key_str(namespace, hash_hex)
+        dev = cuda_device(device)
+        if dev is not None:
+            return single(self._get_many_on([key], dev))
         if self.scheme == "unix":
             loc = self._call("lease", keys=[key])["leases"][0]
             if loc is None:
@@ -271,12 +283,16 @@ class CacheClient:
             raise CorruptEntry(f"{key}: {e}") from e
         return Entry(key, headers.get("X-MMCache-Tier", "remote"), view)
 
-    def get_many(self, keys) -> EntryBatch:
+    def get_many(self, keys, *, device: Any = None) -> EntryBatch | DeviceBatch:
         """Every key's entry (``"ns/hash"`` strings or ``Key``s), in key order, None for a miss:
         ``with client.get_many(keys) as entries: ...``. Over ``unix://`` all are leased in one
         round trip and released in one when the batch closes; over HTTP one ``POST
-        /v1/batch_get`` brings them (owned, verified bytes). A key may repeat."""
+        /v1/batch_get`` brings them (owned, verified bytes). A key may repeat. ``device``: as
+        for ``get``, a ``DeviceBatch`` of ``DeviceEntry``."""
         keys = _keys(keys)
+        dev = cuda_device(device)
+        if dev is not None:
+            return self._get_many_on(keys, dev)
         if not keys:
             return EntryBatch([])
         if self.scheme == "unix":
@@ -285,6 +301,34 @@ class CacheClient:
         _, _, data = self._request("POST", "/v1/batch_get", json.dumps({"keys": keys}),
                                    {"Content-Type": "application/json"})
         return EntryBatch(_entries_from_arrow(keys, data, Entry))
+
+    def _get_many_on(self, keys: list[str], dev: Any) -> DeviceBatch:
+        on_device: list = [None] * len(keys)
+        leased: list[str] = []
+        if self.scheme == "unix":
+            conn = with_retries(self._connect, self.retries, self.backoff_s, self.url)
+            if conn.device_tier:
+                docs = self._call("lease_device", keys=keys)["entries"]
+                leased = [k for k, d in zip(keys, docs) if d is not None]
+                try:
+                    on_device = imported(keys, docs)
+                except BaseException:
+                    self._call("release_device", keys=leased)
+                    raise
+            else:
+                conn.arena.pin()
+        release = (lambda: self._call("release_device", keys=leased)) if leased else None
+        try:
+            rest = [k for k, d in zip(keys, on_device) if d is None]
+            from_host: dict = {}
+            if rest:
+                with self.get_many(rest) as batch:
+                    from_host = {k: e for k, e in zip(rest, copied(list(batch), dev)) if e is not None}
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        return DeviceBatch(merged(keys, on_device, from_host), release)
 
     def _entry(self, conn: LocalConnection, key: str, loc: list) -> Entry:
         """An ``Entry`` over a lease answer; it holds a reference on ``conn`` until closed."""

@@ -156,6 +156,8 @@ class LocalConnection:
         self.lmdb_path: str | None = hello.get("lmdb_path")
         self.state.lmdb_map_size = hello.get("lmdb_map_size")
         self.arena_path: str = hello["arena_path"]
+        self.device_tier: bool = bool(hello.get("device_tier"))
+        """The sidecar holds a device tier: ``lease_device`` hands out CUDA IPC handles."""
         self.arena = SharedArena(self.arena_path)
         self._writable: SharedArena | None = None
 

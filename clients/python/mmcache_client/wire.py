@@ -8,8 +8,8 @@ request's code is its op; an answer's code is ``OK`` or ``ERROR`` and its id the
   the lease answer is one fixed 32-byte record per key (``LEASE_RECORD``) followed by the
   stored keys of entries served from disk. ``release`` is one-way: it has no answer.
 - every other op (``hello``, ``lookup``, ``reserve``, ``seal``, ``abort``, ``delete``,
-  ``stats``, ``claim``, ``unclaim``, ``events``) and every ``ERROR``: a compact JSON object (they
-  are rare, or carry a put). ``events`` is answered once, then the connection only carries
+  ``stats``, ``claim``, ``unclaim``, ``events``, ``lease_device``, ``release_device``) and every
+  ``ERROR``: a compact JSON object (they are rare, carry a put, or CUDA IPC handles). ``events`` is answered once, then the connection only carries
   pushed ``EVENT`` frames from the sidecar (a dedicated connection: an event stream).
 
 A lease record is ``<i64 offset, i64 nbytes, u8 tier, u8 dtype, u16 stored-key length, u32 data
@@ -32,7 +32,7 @@ MAX_ANSWER_BYTES = 16 << 20
 """Longest answer body a client accepts."""
 
 OPS = ("hello", "lookup", "lease", "release", "reserve", "seal", "abort", "delete", "stats", "claim", "unclaim",
-       "events")
+       "events", "lease_device", "release_device")
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 OP_NAMES = {i + 1: name for i, name in enumerate(OPS)}
 ONE_WAY = frozenset({OP_CODES["release"]})

@@ -1,0 +1,141 @@
+"""The device tier in front of the store: GPU copies of the entries that readers ask for on a GPU.
+
+``TieredStore`` makes one where a device tier is configured (``mmcache serve --device-capacity``
+on a machine with a GPU; ``DeviceTier.fake`` in the CPU tests). Lifecycle of an entry here:
+
+    lease (miss) → the store leases it (host, else disk or remote, promoting into host) → its
+    tensors are copied onto the device from the arena (pinned: ``cudaHostRegister``) → leased
+    → exported to a same-node reader (CUDA IPC, ``mmcache_client.cuda``) → released → evicted
+    (demoted into host first if no tier below holds it any more) or deleted.
+
+Invariants: a device entry is a copy of an entry that was sealed below (same tensors, same
+metadata); a leased entry is never evicted; a reader's imported tensors stay valid past a
+delete or an eviction (torch's IPC ref-counter keeps the block until the last reader drops it),
+so no reader ever sees its GPU memory reused. Pressure is an answer: a device that cannot make
+room answers ``None`` from ``lease`` and the caller reads from host instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Hashable
+
+from mmcache.tier import PutStatus
+from mmcache_client.format import plan_entry, read_entry
+from mmcache_client.keys import Key
+
+if TYPE_CHECKING:
+    from mmcache.device import DeviceTier
+    from mmcache.store import TieredStore
+
+logger = logging.getLogger(__name__)
+
+Owner = Hashable
+
+
+class DeviceFront:
+    """Promotion onto the device, leases and exports, demotion on eviction. Thread-safe."""
+
+    def __init__(self, store: "TieredStore", tier: "DeviceTier"):
+        self.store, self.tier = store, tier
+        self._lock = threading.Lock()
+        self._metadata: dict[str, dict[str, str]] = {}
+        """Each device entry's metadata (tensors alone cannot be demoted or described)."""
+        self.promotions = self.demotions = self.full = 0
+        tier.on_evict = self._evicted
+
+    # ------------------------------------------------------------ reading
+    def lease(self, key: str, owner: Owner) -> dict[str, Any] | None:
+        """Pin ``key`` on the device for ``owner``, promoting it there on a miss: its device
+        tensors, or None (no tier holds it, or the device has no room now: read it from host)."""
+        got = self.tier.lease(key, owner)
+        if got is not None:
+            return got.handle
+        if not self._promote(key):
+            return None
+        got = self.tier.lease(key, owner, count=False)
+        return None if got is None else got.handle
+
+    def export(self, key: str, owner: Owner) -> dict | None:
+        """``lease`` for a reader in another process of this node: per tensor a CUDA IPC handle
+        as data (``mmcache_client.cuda.handle_doc``) and the entry's metadata, or None."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        from mmcache_client.cuda import handle_doc
+
+        tensors = self.lease(key, owner)
+        if tensors is None:
+            return None
+        try:
+            return {"tensors": {name: handle_doc(reduce_tensor(t)) for name, t in tensors.items()},
+                    "metadata": self.metadata(key)}
+        except BaseException:
+            self.tier.release_key(key, owner)
+            raise
+
+    def metadata(self, key: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._metadata.get(key, {}))
+
+    def _promote(self, key: str) -> bool:
+        owner = ("device-promote", threading.get_ident())
+        below = self.store.lease(key, owner)
+        if below is None:
+            return False
+        try:
+            view = read_entry(below.view, verify=False)  # NOTE: the store verified what came from disk or the network
+            status = self.tier.put(key, below.view, float(view.metadata.get("encode_ms", 0.0))).result()
+            if status is PutStatus.CREATED:
+                with self._lock:
+                    self._metadata[key] = dict(view.metadata)
+                    self.promotions += 1
+            elif status is not PutStatus.EXISTS:
+                with self._lock:
+                    self.full += 1
+                return False
+            return True
+        finally:
+            self.store.release(below)
+
+    # ------------------------------------------------------------ giving back, removing
+    def release(self, key: str, owner: Owner) -> bool:
+        return self.tier.release_key(key, owner)
+
+    def release_owner(self, owner: Owner) -> int:
+        return self.tier.release_owner(owner)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            self._metadata.pop(key, None)
+        return self.tier.delete(key)
+
+    def _evicted(self, key: str, tensors: dict[str, Any], cost_ms: float) -> None:
+        """The device evicts ``key`` (under its lock): demote it into host unless a tier below
+        still holds it (a host-only entry that host evicted meanwhile would be lost)."""
+        with self._lock:
+            metadata = self._metadata.pop(key, None)
+        if metadata is None or self.store.holds_locally(key):
+            return
+        try:
+            k = Key.from_string(key.rpartition("@")[2])
+            host_tensors = {name: t.detach().cpu() for name, t in tensors.items()}
+            meta = {m: v for m, v in metadata.items() if m not in ("checksum", "format", "namespace", "hash")}
+            plan = plan_entry(k.namespace, k.hash, host_tensors, meta, encode_ms=cost_ms)
+            status = self.store.host.put(key, memoryview(plan.to_bytes()), cost_ms, persist=False).result()
+        except (ValueError, OSError) as e:  # NOTE: an eviction never fails the put that caused it
+            logger.warning("device tier: demoting %s into host failed: %s", key, e)
+            return
+        if status is PutStatus.CREATED:
+            with self._lock:
+                self.demotions += 1
+            self.store.events.publish("stored", key, "host", plan.total_bytes)
+
+    def stats(self) -> dict:
+        doc = self.tier.stats()
+        with self._lock:
+            doc.update(promotions=self.promotions, demotions=self.demotions, no_room=self.full)
+        return doc
+
+    def close(self) -> None:
+        self.tier.close()

@@ -1,0 +1,329 @@
+"""The device tier wired into the store (``mmcache.device_front``), the CUDA IPC handle as data
+(``mmcache_client.cuda``) and device reads in the SDK: on the CPU with ``DeviceTier.fake``, and
+the real CUDA paths under ``gpu``."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+from mmcache.config import ServeConfig
+from mmcache.device import DeviceTier, DeviceTierConfig
+from mmcache.store import StoreConfig, TieredStore
+from mmcache_client import BadRequest, CacheClient, Key, content_hash
+from mmcache_client.arena import SharedArena
+from mmcache_client.cuda import handle_doc, ipc_args
+from mmcache_client.format import plan_entry
+from sidecar import ThreadedSidecar
+
+NS = "dev"
+HIDDEN = 64
+ENTRY_TENSOR_BYTES = 8 * HIDDEN * 2 + 3 * 8  # bf16 embeddings of 8 tokens + an int64 grid
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+
+
+def key(name: str) -> str:
+    return f"{NS}/{content_hash(name.encode())}"
+
+
+def put(store: TieredStore, name: str, value: float, *, persist: bool = True) -> torch.Tensor:
+    k = Key.from_string(key(name))
+    emb = torch.full((8, HIDDEN), value, dtype=torch.bfloat16)
+    plan = plan_entry(k.namespace, k.hash, {"embeddings": emb, "image_grid_thw": torch.tensor([1, 2, 4])},
+                      encode_ms=7.5)
+    store.put_plan(key(name), plan, persist=persist)
+    return emb
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store whose device tier holds two entries (a CPU-backed fake: the same accounting)."""
+    tier = DeviceTier.fake(DeviceTierConfig(capacity_bytes=2 * ENTRY_TENSOR_BYTES))
+    s = TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20),
+                    device_tier=tier)
+    yield s
+    s.close()
+
+
+def test_a_device_lease_promotes_from_host_then_hits(store):
+    emb = put(store, "a", 3.0)
+    got = store.device.lease(key("a"), "reader")
+    assert got["embeddings"].dtype == torch.bfloat16 and torch.equal(got["embeddings"], emb)
+    assert got["image_grid_thw"].tolist() == [1, 2, 4]
+    assert store.device.metadata(key("a"))["encode_ms"] == "7.500"
+    again = store.device.lease(key("a"), "reader")
+    assert again["embeddings"].data_ptr() == got["embeddings"].data_ptr()  # the device copy, not a new one
+    stats = store.stats()["device"]
+    assert (stats["promotions"], stats["hits"], stats["misses"], stats["leases"]) == (1, 1, 1, 2)
+    assert store.device.release(key("a"), "reader") and store.device.release(key("a"), "reader")
+    assert store.stats()["device"]["leases"] == 0
+
+
+def test_a_miss_promotes_nothing(store):
+    assert store.device.lease(key("nothing"), "reader") is None
+    assert store.stats()["device"]["entries"] == 0 and store.stats()["device"]["promotions"] == 0
+
+
+def test_a_promotion_from_disk_reads_the_verified_entry(store):
+    emb = put(store, "d", 5.0)
+    store.flush(30)
+    store.host.delete(key("d"))  # as if host had evicted it: disk holds it
+    got = store.device.lease(key("d"), "r")
+    assert torch.equal(got["embeddings"], emb)
+    store.device.release(key("d"), "r")
+
+
+def test_leased_device_entries_are_never_evicted_and_a_full_device_is_an_answer(store):
+    for i, name in enumerate("abc"):
+        put(store, name, float(i))
+    store.device.lease(key("a"), "r")
+    store.device.lease(key("b"), "r")  # the device is full, all of it leased
+    assert store.device.lease(key("c"), "r") is None  # no room now: read it from host instead
+    assert store.stats()["device"]["no_room"] == 1
+    lease = store.lease(key("c"), "r")
+    assert lease is not None and lease.served_from == "host"
+    store.release(lease)
+    store.device.release(key("b"), "r")
+    got = store.device.lease(key("c"), "r")  # now b (unleased) makes room; a stays
+    assert got is not None and float(got["embeddings"][0, 0]) == 2.0
+    assert store.device.tier.contains(key("a")) and not store.device.tier.contains(key("b"))
+    assert store.stats()["device"]["evictions"] == 1
+
+
+def test_delete_removes_from_the_device_and_a_leased_view_stays_readable(store):
+    emb = put(store, "a", 4.0)
+    got = store.device.lease(key("a"), "r")
+    assert store.delete(key("a"))
+    assert not store.device.tier.contains(key("a")) and store.device.lease(key("a"), "other") is None
+    assert torch.equal(got["embeddings"], emb)  # the reader's view: still its bytes
+    store.device.release(key("a"), "r")
+    assert store.stats()["device"]["used_bytes"] == 0
+
+
+def test_a_reader_that_disconnects_loses_its_device_leases(store):
+    put(store, "a", 1.0)
+    store.device.lease(key("a"), ("local", 1))
+    store.device.lease(key("a"), ("local", 1))
+    assert store.release_owner(("local", 1)) == 2
+    assert store.stats()["device"]["leases"] == 0
+
+
+def test_eviction_demotes_into_host_what_no_tier_below_holds(store):
+    emb = put(store, "only", 9.0, persist=False)  # host-only: never on disk
+    store.device.lease(key("only"), "r")
+    store.device.release(key("only"), "r")
+    assert store.host.delete(key("only"))  # host let it go (as an eviction would)
+    assert not store.holds_locally(key("only"))
+    put(store, "x", 1.0)
+    put(store, "y", 2.0)
+    store.device.lease(key("x"), "r")
+    store.device.lease(key("y"), "r")  # evicts "only" from the device: demoted into host
+    assert store.stats()["device"]["demotions"] == 1
+    with store.get(key("only")) as view:
+        assert view is not None and torch.equal(view.tensor(), emb)
+        assert view.array("image_grid_thw").tolist() == [1, 2, 4]
+        assert (view.metadata["hash"], float(view.metadata["encode_ms"])) == (Key.from_string(key("only")).hash, 7.5)
+
+
+def test_eviction_of_what_a_tier_below_holds_copies_nothing(store):
+    put(store, "a", 1.0)
+    store.device.lease(key("a"), "r")
+    store.device.release(key("a"), "r")
+    put(store, "x", 1.0)
+    put(store, "y", 2.0)
+    store.device.lease(key("x"), "r")
+    store.device.lease(key("y"), "r")
+    assert store.stats()["device"]["evictions"] == 1 and store.stats()["device"]["demotions"] == 0
+
+
+def test_without_a_device_tier_nothing_of_it_shows_and_no_cuda_context(tmp_path):
+    s = TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20))
+    try:
+        assert s.device is None and "device" not in s.stats()
+    finally:
+        s.close()
+    assert not torch.cuda.is_initialized()
+
+
+@no_gpu
+def test_a_device_tier_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="needs a CUDA GPU.*--device-capacity"):
+        TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20,
+                                device_capacity_bytes=1 << 20))
+    # the data dir is free again (its lock let go), and the arena gone
+    TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20)).close()
+    assert not torch.cuda.is_initialized()
+
+
+@no_gpu
+def test_serve_with_a_device_capacity_on_a_cpu_machine_says_why(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mmcache.cli", "serve", "--port", "0", "--data-dir", str(tmp_path),
+                          "--device-capacity", "1GiB"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out
+    assert "needs a CUDA GPU" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("bad", ["-1", "lots"])
+def test_serve_config_refuses_a_bad_device_capacity(tmp_path, bad):
+    with pytest.raises(ValueError, match="device_capacity"):
+        ServeConfig.from_sources({"data_dir": str(tmp_path), "device_capacity_bytes": bad})
+
+
+# -- the IPC handle as data ---------------------------------------------------------------------
+
+def _reduced() -> tuple:
+    """What torch's ``reduce_tensor`` gives for a CUDA tensor (made up: no GPU needed)."""
+    return (rebuild_cuda_tensor, (torch.Tensor, torch.Size([2, 3]), (3, 1), 4, torch.storage.TypedStorage,
+                                  torch.bfloat16, 0, b"\x01" * 64, 4096, 512, False, b"/torch_1_2", 17,
+                                  b"\x02" * 64, True))
+
+
+def test_an_ipc_handle_round_trips_as_json_data():
+    import json
+
+    doc = json.loads(json.dumps(handle_doc(_reduced())))
+    assert ipc_args(doc) == _reduced()[1]
+
+
+def test_a_non_cuda_reduction_is_refused():
+    with pytest.raises(ValueError, match="not a CUDA tensor"):
+        handle_doc((print, ("x",)))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dtype", "os.system"), ("dtype", "Tensor"), ("storage", "builtins.eval"), ("size", [2, -3]),
+    ("size", "2,3"), ("stride", [1]), ("offset", -1), ("device", True), ("handle", None), ("handle", "!!"),
+    ("event_sync", "yes"), ("extra", 1)])
+def test_a_handle_that_does_not_add_up_is_refused(field, value):
+    doc = handle_doc(_reduced())
+    doc[field] = value
+    with pytest.raises(ValueError):
+        ipc_args(doc)
+
+
+# -- the SDK and the protocol --------------------------------------------------------------------
+
+@pytest.fixture
+def sidecar(tmp_path):
+    sock_dir = f"/tmp/mmc-dev-{os.getpid()}-{random.randrange(1 << 30)}"
+    os.makedirs(sock_dir)
+    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
+                         host_capacity_bytes=8 << 20, disk_capacity_bytes=64 << 20)
+    sc = ThreadedSidecar(config).start()
+    sc.unix_url = f"unix://{config.socket}"
+    yield sc
+    sc.stop()
+    os.rmdir(sock_dir)
+
+
+def test_a_sidecar_without_a_device_tier_says_so(sidecar):
+    with CacheClient(sidecar.unix_url) as c:
+        c.put(NS, content_hash(b"a"), torch.ones(2, 8))
+        assert c._connect().device_tier is False
+        with pytest.raises(BadRequest, match="no device tier"):
+            c._call("lease_device", keys=[key("a")])
+        with c.get(NS, content_hash(b"a")) as e:  # the connection serves on
+            assert e.tensor.sum() == 16
+
+
+@pytest.mark.parametrize("device", ["cpu", None])
+def test_a_host_device_reads_as_ever(sidecar, device):
+    with CacheClient(sidecar.unix_url) as c:
+        c.put(NS, content_hash(b"a"), torch.ones(2, 8))
+        with c.get(NS, content_hash(b"a"), device=device) as e:
+            assert e.tier == "host" and e.array.shape == (2, 8)
+        with c.get_many([key("a")], device=device) as [e]:
+            assert e.tensor.device.type == "cpu"
+
+
+@no_gpu
+@pytest.mark.parametrize("device,why", [("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("meta", "onto 'cpu' or a CUDA"),
+                                        ("gpu-please", "not a device name")])
+def test_a_device_read_without_the_device_is_a_named_error(sidecar, device, why):
+    with CacheClient(sidecar.unix_url) as c:
+        with pytest.raises(ValueError, match=why):
+            c.get(NS, content_hash(b"a"), device=device)
+        with pytest.raises(ValueError, match=why):
+            c.get_many([key("a")], device=device)
+
+
+@no_gpu
+def test_pinning_an_arena_without_a_gpu_touches_nothing(tmp_path):
+    owner = SharedArena(str(tmp_path / "a.arena"), 1 << 20, create=True)
+    reader = SharedArena(owner.path)
+    assert reader.pin() is False and reader.pinned is False
+    reader.close()
+    owner.close()
+    assert not torch.cuda.is_initialized()
+
+
+# -- on a GPU ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu_sidecar(tmp_path):
+    sock_dir = f"/tmp/mmc-gpu-{os.getpid()}-{random.randrange(1 << 30)}"
+    os.makedirs(sock_dir)
+    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
+                         host_capacity_bytes=64 << 20, disk_capacity_bytes=256 << 20,
+                         device_capacity_bytes=2 * (576 * 4096 * 2 + 64))
+    sc = ThreadedSidecar(config).start()
+    sc.unix_url = f"unix://{config.socket}"
+    yield sc
+    sc.stop()
+    os.rmdir(sock_dir)
+
+
+_READER = """
+import sys, torch
+from mmcache_client import CacheClient
+with CacheClient(sys.argv[1]) as c:
+    with c.get_many(sys.argv[2:], device="cuda") as entries:
+        print(" ".join(f"{e.tier}:{e.tensor.device.type}:{float(e.tensor.float().sum())}" for e in entries))
+"""
+
+
+@pytest.mark.gpu
+def test_a_reader_in_another_process_views_the_device_tier_through_cuda_ipc(gpu_sidecar):
+    emb = torch.full((576, 4096), 0.5, dtype=torch.bfloat16)
+    with CacheClient(gpu_sidecar.unix_url) as c:
+        c.put(NS, content_hash(b"g"), emb)
+    out = subprocess.run([sys.executable, "-c", _READER, gpu_sidecar.unix_url, key("g"), key("g")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"device:cuda:{576 * 4096 * 0.5}"] * 2
+    stats = gpu_sidecar.store.stats()["device"]
+    assert stats["promotions"] == 1 and stats["leases"] == 0  # released on close (or with the connection)
+    assert gpu_sidecar.store.host.arena.pinned
+
+
+@pytest.mark.gpu
+def test_without_room_on_the_device_a_read_copies_from_the_pinned_arena(gpu_sidecar):
+    with CacheClient(gpu_sidecar.unix_url) as c:
+        for i in range(3):
+            c.put(NS, content_hash(str(i).encode()), torch.full((576, 4096), float(i), dtype=torch.bfloat16))
+        keys = [key(str(i)) for i in range(3)]
+        with c.get_many(keys, device="cuda") as entries:  # the device holds two; all are leased at once
+            assert sorted(e.tier for e in entries) == ["device", "device", "host"]
+            for i, e in enumerate(entries):
+                assert e.tensor.is_cuda and float(e.tensor[0, 0]) == float(i)
+
+
+@pytest.mark.gpu
+def test_a_reader_mapping_pins_read_only(tmp_path):
+    owner = SharedArena(str(tmp_path / "a.arena"), 1 << 20, create=True)
+    np.frombuffer(owner.view(0, 1 << 20), dtype=np.uint8)[:] = 7
+    reader = SharedArena(owner.path)
+    assert reader.pin() is True and reader.pin() is True
+    on_gpu = reader.tensor(torch.uint8, 0, (1024, 1024)).to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(on_gpu.sum()) == 7 * (1 << 20)
+    reader.close()
+    assert reader.pinned is False
+    owner.close()
