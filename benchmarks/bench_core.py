@@ -207,8 +207,8 @@ def bench_size(store: TieredStore, client: CacheClient, sidecar_store, nbytes: i
 
     def get_host():
         with store.get(key) as e:
-            e.array()
-            e.tensor()
+            e.array
+            e.tensor
     get_host_us = median_us(get_host, repeats)
 
     ns, h = key.split("/")
@@ -226,7 +226,7 @@ def bench_size(store: TieredStore, client: CacheClient, sidecar_store, nbytes: i
 
     def get_disk():
         with store.disk.view(key) as e:
-            e.array()
+            e.array
     get_disk_us = median_us(get_disk, repeats)
     store.delete(key)
     client.delete(ns, h)

@@ -126,12 +126,12 @@ class DeviceTier(Tier):
         with self._lock:
             if key in self._key_to_entry:
                 return done(PutStatus.EXISTS)
-        nbytes = sum(view.array(n).nbytes for n in view.names)
+        nbytes = sum(view.get_array(n).nbytes for n in view.names)
         if nbytes > self.config.capacity_bytes:
             return done(PutStatus.TOO_LARGE)
         # NOTE: torch views (bf16 stays bf16; numpy would give its raw uint16 bits), over the
         # arena in place: with the arena pinned the copy onto the device runs at pinned speed.
-        tensors = {n: view.tensor(n) for n in view.names}
+        tensors = {n: view.get_tensor(n) for n in view.names}
         return done(PutStatus.CREATED if self.put_tensors(key, tensors, cost_ms) else PutStatus.NO_SPACE)
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor], cost_ms: float = 0.0) -> bool:

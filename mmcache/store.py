@@ -687,5 +687,5 @@ def _check_key(key: str, view: EntryView) -> None:
 def _describe(tier: str, view: EntryView) -> dict:
     doc: dict[str, Any] = {"tier": tier, "num_tokens": int(view.parsed.tensors["embeddings"].shape[0])}
     if "image_grid_thw" in view.parsed.tensors:
-        doc["image_grid_thw"] = view.array("image_grid_thw").tolist()
+        doc["image_grid_thw"] = view.get_array("image_grid_thw").tolist()
     return doc

@@ -84,7 +84,7 @@ def test_serve_put_get_stats(tmp_path, sock_dir):
         info = json.loads(stderr.strip().splitlines()[-1])
         assert info["key"] == f"{NS}/{h(1)}" and info["tier"] == "host" and info["nbytes"] == out.stat().st_size
         entry = read_entry(out.read_bytes())
-        assert torch.equal(entry.tensor(), t)
+        assert torch.equal(entry.tensor, t)
         assert entry.metadata["model"] == "m" and entry.metadata["hash"] == h(1)
 
         # in-process for the cheap cases

@@ -104,6 +104,6 @@ def test_entries_read_back_from_lmdb_directly_are_all_valid(tmp_path):
     store.close()
     env = lmdb.open(str(tmp_path / "lmdb"), readonly=True, lock=False)
     with env.begin(buffers=True) as txn:
-        records = [(bytes(k).decode(), read_entry(v).array()[0, 0]) for k, v in txn.cursor()]
+        records = [(bytes(k).decode(), read_entry(v).array[0, 0]) for k, v in txn.cursor()]
     env.close()
     assert sorted(int(v) for _, v in records) == list(range(20))

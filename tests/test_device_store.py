@@ -127,8 +127,8 @@ def test_eviction_demotes_into_host_what_no_tier_below_holds(store):
     store.device.lease(key("y"), "r")  # evicts "only" from the device: demoted into host
     assert store.stats()["device"]["demotions"] == 1
     with store.get(key("only")) as view:
-        assert view is not None and torch.equal(view.tensor(), emb)
-        assert view.array("image_grid_thw").tolist() == [1, 2, 4]
+        assert view is not None and torch.equal(view.tensor, emb)
+        assert view.get_array("image_grid_thw").tolist() == [1, 2, 4]
         assert (view.metadata["hash"], float(view.metadata["encode_ms"])) == (Key.from_string(key("only")).hash, 7.5)
 
 

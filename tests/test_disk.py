@@ -87,7 +87,7 @@ def test_put_then_view_round_trips(tier):
     with tier.view(key_of(1)) as entry:
         assert entry is not None
         assert bytes(entry.buffer) == blob
-        assert torch.equal(entry.tensor(), read_entry(blob).tensor())
+        assert torch.equal(entry.tensor, read_entry(blob).tensor)
         assert entry.metadata["hash"] == f"{1:064x}"
     assert tier.get_bytes(key_of(1)) == blob
     s = tier.stats()
@@ -153,7 +153,7 @@ def test_view_stays_valid_while_the_entry_is_deleted(tier):
     tier.put(key_of(1), blob_of(1)).result(timeout=5)
     with tier.view(key_of(1)) as entry:
         assert tier.delete(key_of(1)) is True
-        assert torch.equal(entry.tensor(), read_entry(blob_of(1)).tensor())
+        assert torch.equal(entry.tensor, read_entry(blob_of(1)).tensor)
     with tier.view(key_of(1)) as entry:
         assert entry is None
 
@@ -339,7 +339,7 @@ def test_corruption_while_open_is_detected_at_read(tier):
 
 def test_readers_while_the_writer_commits_and_evicts(tmp_path):
     size = len(blob_of(0))
-    expected = {i: read_entry(blob_of(i)).array().copy() for i in range(200)}
+    expected = {i: read_entry(blob_of(i)).array.copy() for i in range(200)}
     errors: list[BaseException] = []
     stop = threading.Event()
     with open_tier(tmp_path / "db", capacity_bytes=40 * size, batch_max_entries=8) as t:
@@ -354,7 +354,7 @@ def test_readers_while_the_writer_commits_and_evicts(tmp_path):
                     i = int(rng.integers(0, 200))
                     with t.view(key_of(i)) as entry:
                         if entry is not None:
-                            np.testing.assert_array_equal(entry.array(), expected[i])
+                            np.testing.assert_array_equal(entry.array, expected[i])
             except BaseException as e:  # surfaced below
                 errors.append(e)
 
@@ -427,5 +427,5 @@ def test_kill_9_loses_only_unacknowledged_puts(tmp_path):
         for key in acked:
             with t.view(key) as entry:
                 assert entry is not None
-                assert entry.tensor()[0, 0].item() == float(int(key.split("/")[1], 16))
+                assert entry.tensor[0, 0].item() == float(int(key.split("/")[1], 16))
         assert t.stats()["corrupt"] == 0 and t.stats()["entries"] == len(on_disk)

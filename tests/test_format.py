@@ -132,18 +132,18 @@ def test_round_trip(dtype, source):
     info = v.parsed.tensors["embeddings"]
     assert (info.dtype, info.shape) == (dtype, (5, 8))
 
-    got = v.tensor()
+    got = v.tensor
     assert got.dtype == TORCH_DTYPES[dtype] and got.shape == (5, 8)
     assert torch.equal(got, t)
-    arr = v.array()
+    arr = v.array
     if dtype == "BF16":  # raw bits
         assert arr.dtype == np.uint16
         assert np.array_equal(arr, t.view(torch.int16).numpy().view(np.uint16))
     else:
         assert np.array_equal(arr, t.numpy())
-    assert v.array("image_grid_thw").tolist() == GRID
-    assert v.array("image_grid_thw").dtype == np.int64
-    assert torch.equal(v.tensor("image_grid_thw"), torch.tensor(GRID))
+    assert v.get_array("image_grid_thw").tolist() == GRID
+    assert v.get_array("image_grid_thw").dtype == np.int64
+    assert torch.equal(v.get_tensor("image_grid_thw"), torch.tensor(GRID))
 
     # the safetensors library reads our blobs and agrees
     loaded = safetensors.torch.load(blob)
@@ -169,9 +169,9 @@ def test_write_into_arena_slice_and_returned_checksum():
     digest = plan.write_into(dest)
     v = read_entry(dest)
     assert v.metadata["checksum"] == digest
-    assert torch.equal(v.tensor(), t)
+    assert torch.equal(v.tensor, t)
     assert bytes(dest) == plan.to_bytes()  # same plan, same bytes
-    assert addr(arena) + 4096 + v.parsed.data_start == v.tensor().data_ptr()
+    assert addr(arena) + 4096 + v.parsed.data_start == v.tensor.data_ptr()
 
 
 def test_non_contiguous_and_big_endian_sources():
@@ -179,19 +179,19 @@ def test_non_contiguous_and_big_endian_sources():
     tt = base_t.t()  # non-contiguous torch view [6, 8]
     na = np.arange(48, dtype=np.float32).reshape(6, 8)[:, ::-1]  # non-contiguous numpy
     be = np.arange(24, dtype=">f4").reshape(4, 6)  # big-endian numpy
-    assert torch.equal(read_entry(encode_entry(NS, H, {"embeddings": tt})).tensor(), tt)
-    assert np.array_equal(read_entry(encode_entry(NS, H, {"embeddings": na})).array(), na)
+    assert torch.equal(read_entry(encode_entry(NS, H, {"embeddings": tt})).tensor, tt)
+    assert np.array_equal(read_entry(encode_entry(NS, H, {"embeddings": na})).array, na)
     v = read_entry(encode_entry(NS, H, {"embeddings": be}))
     assert v.parsed.tensors["embeddings"].dtype == "F32"
-    assert np.array_equal(v.array(), be) and v.array().dtype == np.dtype("<f4")
+    assert np.array_equal(v.array, be) and v.array.dtype == np.dtype("<f4")
 
 
 def test_odd_hidden_size_unaligned_extra_still_correct():
     t = torch_embeddings("F16", n=3, hidden=3)  # 18 bytes: the I64 extra sits at an odd offset
     v = read_entry(encode_entry(NS, H, {"embeddings": t, "image_grid_thw": torch.tensor(GRID)}))
-    assert torch.equal(v.tensor(), t)
-    assert torch.equal(v.tensor("image_grid_thw"), torch.tensor(GRID))
-    assert v.array("image_grid_thw").tolist() == GRID
+    assert torch.equal(v.tensor, t)
+    assert torch.equal(v.get_tensor("image_grid_thw"), torch.tensor(GRID))
+    assert v.get_array("image_grid_thw").tolist() == GRID
 
 
 def test_extras_ordered_widest_first_and_aligned():
@@ -210,16 +210,16 @@ def test_extras_ordered_widest_first_and_aligned():
         assert info.start % DTYPES[info.dtype].itemsize == 0
     for name, src in tensors.items():
         if name == "embeddings":
-            assert torch.equal(v.tensor(), src)
+            assert torch.equal(v.tensor, src)
         else:
-            assert np.array_equal(v.array(name), src)
-            assert torch.equal(v.tensor(name), torch.from_numpy(src))
+            assert np.array_equal(v.get_array(name), src)
+            assert torch.equal(v.get_tensor(name), torch.from_numpy(src))
 
 
 def test_zero_width_embeddings_and_empty_extra():
     v = read_entry(encode_entry(NS, H, {"embeddings": np.zeros((2, 0), np.float32), "none": np.zeros((0,), np.int64)}))
-    assert v.array().shape == (2, 0) and v.tensor().shape == (2, 0)
-    assert v.array("none").shape == (0,) and v.tensor("none").shape == (0,)
+    assert v.array.shape == (2, 0) and v.tensor.shape == (2, 0)
+    assert v.get_array("none").shape == (0,) and v.get_tensor("none").shape == (0,)
 
 
 def test_checksum_covers_whole_data_section():
@@ -244,7 +244,7 @@ def test_safetensors_blob_without_metadata_relayouts():
     v = read_entry(out)
     assert v.metadata["namespace"] == NS and v.metadata["hash"] == H and v.metadata["model"] == "m"
     assert v.parsed.data_start % DATA_ALIGNMENT == 0
-    assert torch.equal(v.tensor(), t) and torch.equal(v.tensor("image_grid_thw"), grid)
+    assert torch.equal(v.tensor, t) and torch.equal(v.get_tensor("image_grid_thw"), grid)
     # the data section (and so its checksum) is unchanged by relayout
     _, client_data = split(client)
     assert out[v.parsed.data_start :] == client_data
@@ -256,7 +256,7 @@ def test_relayout_with_client_checksum_and_partial_metadata():
     _, data = split(safetensors.torch.save({"embeddings": t}))
     client = safetensors.torch.save({"embeddings": t}, metadata={"checksum": checksum(data), "namespace": NS, "encode_ms": "3.5"})
     v = read_entry(relayout(client, NS, H).to_bytes())
-    assert v.metadata["encode_ms"] == "3.5" and torch.equal(v.tensor(), t)
+    assert v.metadata["encode_ms"] == "3.5" and torch.equal(v.tensor, t)
 
 
 def test_relayout_of_own_blob_is_stable():
@@ -311,14 +311,14 @@ def _check_shares(buf, v: EntryView) -> None:
     base_addr, size = addr(buf), len(memoryview(buf).cast("B"))
     for name in v.names:
         info = v.parsed.tensors[name]
-        arr = v.array(name)
+        arr = v.get_array(name)
         assert np.shares_memory(arr, np.frombuffer(buf, np.uint8))
         assert arr.ctypes.data == base_addr + info.start
-        t = v.tensor(name)
+        t = v.get_tensor(name)
         assert base_addr <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= base_addr + size
         assert t.data_ptr() == base_addr + info.start
     assert v.parsed.data_start % DATA_ALIGNMENT == 0
-    assert (v.array().ctypes.data - base_addr) % DATA_ALIGNMENT == 0
+    assert (v.array.ctypes.data - base_addr) % DATA_ALIGNMENT == 0
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "memoryview", "memoryview-slice"])
@@ -336,7 +336,7 @@ def test_views_share_memory(kind):
         buf = memoryview(arena)[256:]
     v = read_entry(buf)
     _check_shares(buf, v)
-    assert torch.equal(v.tensor(), torch_embeddings("BF16"))
+    assert torch.equal(v.tensor, torch_embeddings("BF16"))
 
 
 @pytest.mark.parametrize("access", [mmap.ACCESS_READ, mmap.ACCESS_WRITE])
@@ -350,7 +350,7 @@ def test_views_share_memory_with_mmap(tmp_path, access):
         try:
             v = read_entry(mm)
             _check_shares(mm, v)
-            arr, ten = v.array(), v.tensor()
+            arr, ten = v.array, v.tensor
             assert torch.equal(ten, t)
             if access == mmap.ACCESS_WRITE:
                 start = v.parsed.tensors["embeddings"].start
@@ -367,7 +367,7 @@ def test_views_share_memory_with_mmap(tmp_path, access):
 def test_writes_to_bytearray_visible_through_views():
     buf = bytearray(encode_entry(NS, H, {"embeddings": torch_embeddings("F32")}))
     v = read_entry(buf)
-    arr, ten = v.array(), v.tensor()
+    arr, ten = v.array, v.tensor
     start = v.parsed.tensors["embeddings"].start
     buf[start : start + 4] = struct.pack("<f", 42.0)
     buf[start + 4 : start + 8] = struct.pack("<f", -1.5)
@@ -391,8 +391,8 @@ def test_view_tensor_without_torch(monkeypatch):
     v = read_entry(encode_entry(NS, H, {"embeddings": torch_embeddings("F32")}))
     monkeypatch.setattr(F, "torch", None)
     with pytest.raises(RuntimeError, match="torch"):
-        v.tensor()
-    assert v.array().shape == (5, 8)
+        v.tensor
+    assert v.array.shape == (5, 8)
 
 
 # -- malformed blobs ------------------------------------------------------------------------
@@ -733,10 +733,10 @@ def _check_view(buf, v: EntryView) -> None:
     for name, info in v.parsed.tensors.items():
         assert v.parsed.data_start <= info.start <= info.end <= total
         covered += info.end - info.start
-        arr = v.array(name)
+        arr = v.get_array(name)
         assert arr.nbytes == info.end - info.start
         assert tuple(arr.shape) == info.shape
-        t = v.tensor(name)
+        t = v.get_tensor(name)
         assert tuple(t.shape) == info.shape
     assert covered == total - v.parsed.data_start
 
@@ -874,7 +874,7 @@ def test_fuzz_mutated_valid_blobs(case):
     assert v.parsed.data_start == orig.parsed.data_start
     assert bytes(blob[v.parsed.data_start :]) == VALID[idx][orig.parsed.data_start :]
     assert v.parsed.tensors["embeddings"] == orig.parsed.tensors["embeddings"]
-    assert torch.equal(v.tensor(), orig.tensor())
+    assert torch.equal(v.tensor, orig.tensor)
     got_ranges = sorted((i.start, i.end) for i in v.parsed.tensors.values())
     assert got_ranges == sorted((i.start, i.end) for i in orig.parsed.tensors.values())
 
@@ -893,10 +893,10 @@ def test_property_round_trip(dtype, n, hidden, meta, grid):
     blob = encode_entry(NS, H, tensors, meta)
     v = read_entry(blob)
     assert v.parsed.data_start % DATA_ALIGNMENT == 0
-    assert torch.equal(v.tensor(), t)
+    assert torch.equal(v.tensor, t)
     assert {k: v.metadata[k] for k in meta} == meta
     loaded = safetensors.torch.load(blob)
     assert torch.equal(loaded["embeddings"], t)
     again = read_entry(relayout(blob, NS, H).to_bytes())
-    assert torch.equal(again.tensor(), t)
+    assert torch.equal(again.tensor, t)
     assert {k: again.metadata[k] for k in meta} == meta

@@ -112,7 +112,7 @@ def test_put_get_head_delete_roundtrip(sidecar):
     assert hdrs["x-mmcache-tier"] == "host"
     assert int(hdrs["content-length"]) == len(body)
     entry = read_entry(body, verify=True)
-    assert torch.equal(entry.tensor(), t)
+    assert torch.equal(entry.tensor, t)
     meta = entry.metadata
     for k in REQUIRED_META:
         assert k in meta, k
@@ -144,8 +144,8 @@ def test_put_keeps_client_metadata_and_fills_the_rest(sidecar):
     status, _, got = request(sidecar, "GET", entry_path(3))
     assert status == 200
     entry = read_entry(got)
-    assert torch.equal(entry.tensor(), t) and entry.tensor().dtype == torch.bfloat16
-    assert torch.equal(entry.tensor("image_grid_thw"), grid)
+    assert torch.equal(entry.tensor, t) and entry.tensor.dtype == torch.bfloat16
+    assert torch.equal(entry.get_tensor("image_grid_thw"), grid)
     assert entry.metadata["model"] == "tiny" and float(entry.metadata["encode_ms"]) == 12.5
     assert entry.metadata["namespace"] == NS and entry.metadata["hash"] == h(3)
 
@@ -249,7 +249,7 @@ def test_body_over_one_mib_is_accepted(sidecar):
     t = emb(11, num_tokens=576, hidden=1024)  # 2.25 MiB > aiohttp's 1 MiB default
     assert request(sidecar, "PUT", entry_path(11), plain_body(t))[0] == 201
     status, _, got = request(sidecar, "GET", entry_path(11))
-    assert status == 200 and torch.equal(read_entry(got).tensor(), t)
+    assert status == 200 and torch.equal(read_entry(got).tensor, t)
 
 
 def test_durable_put_is_on_disk_when_answered(sidecar):
@@ -300,7 +300,7 @@ def test_batch_get(sidecar):
     assert set(table.column("tier").to_pylist()) == {"host"}
     for i, blob in zip((30, 31, 32, 33), table.column("entry").to_pylist()):
         entry = read_entry(blob)
-        assert torch.equal(entry.tensor(), tensors[i])
+        assert torch.equal(entry.tensor, tensors[i])
         assert entry.metadata["hash"] == h(i)
     assert host_leases(sidecar) == 0
 
@@ -432,15 +432,15 @@ def test_eviction_to_disk_then_promotion(tmp_path):
 
         status, hdrs, body = request(sc, "GET", entry_path(0))
         assert status == 200 and hdrs["x-mmcache-tier"] == "disk"
-        assert torch.equal(read_entry(body).tensor(), tensors[0])
+        assert torch.equal(read_entry(body).tensor, tensors[0])
         status, hdrs, body = request(sc, "GET", entry_path(0))
         assert status == 200 and hdrs["x-mmcache-tier"] == "host"
-        assert torch.equal(read_entry(body).tensor(), tensors[0])
+        assert torch.equal(read_entry(body).tensor, tensors[0])
         # every entry still readable, from wherever it is
         for i, t in tensors.items():
             status, hdrs, body = request(sc, "GET", entry_path(i))
             assert status == 200 and hdrs["x-mmcache-tier"] in ("host", "disk")
-            assert torch.equal(read_entry(body).tensor(), t)
+            assert torch.equal(read_entry(body).tensor, t)
         assert wait_until(lambda: host_leases(sc) == 0)  # NOTE: released just after the body is sent
     finally:
         sc.stop()
@@ -454,7 +454,7 @@ def test_entry_larger_than_host_tier_is_served_from_disk(tmp_path):
         assert status == 201 and json.loads(body)["tier"] == "disk"
         status, hdrs, body = request(sc, "GET", entry_path(70))
         assert status == 200 and hdrs["x-mmcache-tier"] == "disk"
-        assert torch.equal(read_entry(body).tensor(), t)
+        assert torch.equal(read_entry(body).tensor, t)
         assert request(sc, "PUT", entry_path(71) + "?durable=1", plain_body(emb(71)))[0] == 201
         keys = [f"{NS}/{h(i)}" for i in (71, 70, 72)]
         status, _, body = request(sc, "POST", "/v1/batch_get", json.dumps({"keys": keys}))
@@ -462,8 +462,8 @@ def test_entry_larger_than_host_tier_is_served_from_disk(tmp_path):
         table = pa.ipc.open_stream(body).read_all()
         assert table.column("key").to_pylist() == keys[:2]
         assert table.column("tier").to_pylist() == ["host", "disk"]
-        assert torch.equal(read_entry(table.column("entry")[0].as_py()).tensor(), emb(71))
-        assert torch.equal(read_entry(table.column("entry")[1].as_py()).tensor(), t)
+        assert torch.equal(read_entry(table.column("entry")[0].as_py()).tensor, emb(71))
+        assert torch.equal(read_entry(table.column("entry")[1].as_py()).tensor, t)
         assert wait_until(lambda: host_leases(sc) == 0)  # NOTE: released just after the body is sent
     finally:
         sc.stop()
@@ -492,7 +492,7 @@ def test_client_disconnecting_mid_get_leaks_no_lease(sidecar):
         s.recv(100)
         s.close()
     status, _, body = request(sidecar, "GET", entry_path(80))
-    assert status == 200 and np.array_equal(read_entry(body).array(), t.numpy())
+    assert status == 200 and np.array_equal(read_entry(body).array, t.numpy())
     assert wait_until(lambda: host_leases(sidecar) == 0)
 
 

@@ -53,7 +53,7 @@ def test_unsealed_entries_are_invisible(host):
     plan.write_into(host.buffer(res))
     host.seal(res)
     loc = host.lease(key(1), "r")
-    assert read_entry(host.view(loc)).array()[0, 0] == 1
+    assert read_entry(host.view(loc)).array[0, 0] == 1
     host.release_key(key(1), "r")
     with pytest.raises(EntryExists):
         host.reserve(key(1), 100, "other")
@@ -128,7 +128,7 @@ def test_put_get_and_second_put_keeps_the_first(make_store):
     again = store.put(key(1), {"embeddings": torch.zeros(16, 8, dtype=torch.bfloat16)})
     assert not again.created
     with store.get(key(1)) as e:
-        assert torch.equal(e.tensor(), t) and e.metadata["encode_ms"] == "5.000"
+        assert torch.equal(e.tensor, t) and e.metadata["encode_ms"] == "5.000"
     with store.get(key(2)) as e:
         assert e is None
 
@@ -156,7 +156,7 @@ def test_host_evicts_clean_entries_and_a_disk_hit_is_promoted(make_store):
     i = on_disk_only[0]
     lease = store.lease(key(i), "reader")
     assert lease.tier == "disk" and lease.served_from == "host" and store.tier_of(key(i)) == "host"
-    assert read_entry(lease.view).array()[0, 0] == i
+    assert read_entry(lease.view).array[0, 0] == i
     store.release(lease)
     assert store.stats()["disk"]["hits"] == 1 and store.stats()["host"]["hits"] == 0  # one client read
 
@@ -172,7 +172,7 @@ def test_durable_puts_survive_a_restart(make_store, tmp_path):
     for i in range(5):
         assert store2.tier_of(key(i)) == "disk"
         with store2.get(key(i)) as e:
-            assert e.array()[0, 0] == i
+            assert e.array[0, 0] == i
 
 
 def test_delete_removes_from_every_tier(make_store):
@@ -206,7 +206,7 @@ def test_entry_larger_than_the_arena_goes_to_disk(make_store):
     r = store.put_plan(key(1), big, durable=True)
     assert r.created and r.tier == "disk"
     with store.get(key(1)) as e:
-        assert e.array().shape == (256, 64)
+        assert e.array.shape == (256, 64)
 
 
 @pytest.mark.parametrize("policy", ["lru", "gdsf"])
@@ -264,6 +264,6 @@ def test_host_only_entries_never_reach_disk(tmp_path):
         assert store.lookup([kv_keys[0]]) == {kv_keys[0]: None}  # evicted, and gone: no disk copy
         assert store.lookup([kv_keys[-1]]) == {kv_keys[-1]: "host"}
         with store.get(kv_keys[-1]) as entry:
-            assert float(entry.array()[0, 0]) == 11.0
+            assert float(entry.array[0, 0]) == 11.0
     finally:
         store.close()

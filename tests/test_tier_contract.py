@@ -58,7 +58,7 @@ def put(t: Tier, i: int, **kw) -> PutStatus:
 def first_value(lease: TierLease) -> float:
     """The leased entry's embeddings[0, 0], whatever the tier holds it as."""
     if lease.view is not None:
-        return float(read_entry(lease.view).array()[0, 0])
+        return float(read_entry(lease.view).array[0, 0])
     return float(lease.handle["embeddings"][0, 0])
 
 

@@ -65,18 +65,18 @@ class Entry:
     @property
     def array(self) -> np.ndarray:
         """``embeddings`` as a numpy view (bf16 as raw uint16 bits)."""
-        return self._live().array()
+        return self._live().array
 
     @property
     def tensor(self):
         """``embeddings`` as a torch view (needs torch)."""
-        return self._live().tensor()
+        return self._live().tensor
 
     def get_array(self, name: str) -> np.ndarray:
-        return self._live().array(name)
+        return self._live().get_array(name)
 
     def get_tensor(self, name: str):
-        return self._live().tensor(name)
+        return self._live().get_tensor(name)
 
     def close(self) -> None:
         if not self.closed:

@@ -283,10 +283,20 @@ class EntryView:
     def names(self) -> list[str]:
         return list(self.parsed.tensors)
 
-    def array(self, name: str = "embeddings") -> np.ndarray:
+    @property
+    def array(self) -> np.ndarray:
+        """``embeddings`` as a numpy view (bf16 as raw uint16 bits)."""
+        return self.get_array("embeddings")
+
+    @property
+    def tensor(self) -> "torch.Tensor":
+        """``embeddings`` as a torch view (needs torch)."""
+        return self.get_tensor("embeddings")
+
+    def get_array(self, name: str) -> np.ndarray:
         return view_array(self.buffer, self.parsed.tensors[name])
 
-    def tensor(self, name: str = "embeddings") -> "torch.Tensor":
+    def get_tensor(self, name: str) -> "torch.Tensor":
         return view_tensor(self.buffer, self.parsed.tensors[name])
 
 

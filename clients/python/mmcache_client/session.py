@@ -122,15 +122,23 @@ class ArenaEntryView:
     def names(self) -> list[str]:
         return self._parsed().names
 
-    def array(self, name: str = "embeddings") -> np.ndarray:
+    @property
+    def array(self) -> np.ndarray:
+        return self.get_array("embeddings")
+
+    @property
+    def tensor(self) -> Any:
+        return self.get_tensor("embeddings")
+
+    def get_array(self, name: str) -> np.ndarray:
         if name != "embeddings":
-            return self._parsed().array(name)
+            return self._parsed().get_array(name)
         lay = self._layout
         return self._arena.array(DTYPES[lay.dtype].numpy, self._offset + lay.start, (lay.rows, lay.cols))
 
-    def tensor(self, name: str = "embeddings") -> Any:
+    def get_tensor(self, name: str) -> Any:
         if name != "embeddings":
-            return self._parsed().tensor(name)
+            return self._parsed().get_tensor(name)
         lay = self._layout
         dtype = _TORCH_DTYPES.get(lay.dtype)
         if dtype is None:
