@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from mmcache_client import format as F
+from mmcache_client import entry_reader as F
 from mmcache_client.format import (
     DATA_ALIGNMENT,
     DTYPES,

@@ -78,7 +78,7 @@ def test_a_lease_answer_carries_the_layout_and_a_get_parses_no_header(sidecar, m
         [loc] = c._local.lease([f"{NS}/{h('lay')}"])
         assert loc.layout == wire.Layout("BF16", loc.layout.start, 6, 32) and loc.layout.start % 8 == 0
         c._local.release([f"{NS}/{h('lay')}"])
-        import mmcache_client.format as fmt
+        import mmcache_client.entry_reader as fmt
 
         def no_parse(*a, **k):
             raise AssertionError("a get parsed the header")

@@ -17,7 +17,7 @@ from mmcache_client.keys import Key
 from mmcache_client.device_entries import AsyncDeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
 from mmcache_client.session import SessionState, open_lease
-from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge, raise_for_kind
+from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge
 from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
 from mmcache_client import wire
 from mmcache_client.local import MAX_LINE_BYTES, answer_fields
