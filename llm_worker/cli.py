@@ -19,7 +19,8 @@ ROLES = ("prefill", "decode", "both")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llm_worker.service import LLMServeConfig, create_app
+    from llm_worker.app import create_app
+    from llm_worker.config import LLMServeConfig
     from mmcache.serving.sizes import parse_size
     from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app

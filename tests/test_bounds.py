@@ -29,7 +29,8 @@ from encoder_worker.service import create_app as create_encoder_app
 from llm_worker.prompt import template_ids
 from llm_worker.router import RouterConfig
 from llm_worker.router_app import ROUTER, create_app as create_router_app
-from llm_worker.service import SERVICE, LLMServeConfig, create_app
+from llm_worker.app import SERVICE, create_app
+from llm_worker.config import LLMServeConfig
 from llm_worker.slab import BatchKV
 from mmcache.config import ServeConfig
 from mmcache_client import CacheClient, CacheFull

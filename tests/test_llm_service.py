@@ -32,7 +32,8 @@ from encoder_worker.service import EncoderServeConfig
 from encoder_worker.service import create_app as create_encoder_app
 from llm_worker.cli import main as llm_main
 from llm_worker.prompt import image_urls
-from llm_worker.service import SERVICE, LLMServeConfig, create_app
+from llm_worker.app import SERVICE, create_app
+from llm_worker.config import LLMServeConfig
 from mmcache.config import ServeConfig
 from mmcache_client import CacheClient
 from sidecar import ThreadedSidecar

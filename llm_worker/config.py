@@ -1,0 +1,58 @@
+"""What ``mmcache-llm serve`` takes (``LLMServeConfig``): one frozen dataclass, checked at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from encoder_worker.media import MediaLimits
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class LLMServeConfig:
+    """Everything ``mmcache-llm serve`` takes."""
+
+    role: str
+    """``prefill``, ``decode`` or ``both`` (the aggregated baseline, no cache)."""
+    cache_url: str | None = None
+    """The sidecar: ``unix:///path.sock`` (zero-copy reads) or ``http://host:port``; unused by ``both``."""
+    model: str = "tiny-llava"
+    """``tiny-llava`` (built on first use into data_dir) or a local Hugging Face directory."""
+    data_dir: str = "./mmcache-data"
+    host: str = "127.0.0.1"
+    port: int = 8472
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:1``; None: ``cuda`` when a GPU is visible, else ``cpu``."""
+    dtype: str | None = None
+    """Weights and KV dtype (``bfloat16``, ...); None: float32 on the CPU, the checkpoint's on a GPU."""
+    max_batch: int = 64
+    """Most requests in one decode step; more wait to join."""
+    max_waiting: int = 256
+    """Decode and both: most requests waiting to join the decode batch; more are refused with 503
+    and ``Retry-After`` (never queued without bound)."""
+    max_images_per_request: int = 64
+    cache_token: str | None = None
+    """Bearer token of the sidecar, if it has one."""
+    media: MediaLimits = field(default_factory=MediaLimits)
+    """Limits on the images a ``both`` worker fetches itself."""
+    encoder_cache_bytes: int = 0
+    """``both`` only: an in-process LRU of image embeddings this large (0: none, encode every image)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r} must be one of {', '.join(ROLES)}")
+        if self.role != "both" and not self.cache_url:
+            raise ValueError(f"role={self.role!r} needs cache_url (the sidecar's unix:// or http:// URL)")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting={self.max_waiting} must be >= 0")
+        if self.max_images_per_request < 1:
+            raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            # NOTE: is_available() counts devices without creating a CUDA context
+            raise ValueError(f"--device {self.device}: no CUDA device is visible to this process (or torch is "
+                             "a CPU build); use --device cpu, or leave --device out to take a GPU where there is one")
