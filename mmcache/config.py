@@ -102,6 +102,11 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.device_capacity_bytes < 0:
             raise ValueError(f"device_capacity_bytes={self.device_capacity_bytes} must be >= 0")
+        if self.device_capacity_bytes and self.tenants:
+            # NOTE: CUDA IPC opens the allocator's whole segment, other entries included, and
+            # writable: a tenant's reader could see (or change) another tenant's embeddings.
+            raise ValueError("a device tier (--device-capacity) cannot serve --tenants: CUDA IPC shares whole "
+                             "GPU memory segments, so one tenant's reader could read another's entries")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be within 0..65535")
         if self.token == "":

@@ -9,10 +9,17 @@ on a machine with a GPU; ``DeviceTier.fake`` in the CPU tests). Lifecycle of an 
     (demoted into host first if no tier below holds it any more) or deleted.
 
 Invariants: a device entry is a copy of an entry that was sealed below (same tensors, same
-metadata); a leased entry is never evicted; a reader's imported tensors stay valid past a
+metadata); a leased entry is never evicted; an entry deleted while it was being promoted is
+dropped from the device, never resurrected; a reader's imported tensors stay valid past a
 delete or an eviction (torch's IPC ref-counter keeps the block until the last reader drops it),
 so no reader ever sees its GPU memory reused. Pressure is an answer: a device that cannot make
 room answers ``None`` from ``lease`` and the caller reads from host instead.
+
+Trust: an IPC handle opens the caching allocator's whole segment, writable, so a reader can
+see the segment's other entries: the device tier is for readers the sidecar's user trusts (as
+the arena file, 0600, is), and ``--tenants`` refuses it. A handle exported but never imported
+(a reader that died between the answer and its import) keeps its block in torch's IPC limbo
+until the sidecar exits, so real GPU use can exceed ``--device-capacity`` by such blocks.
 """
 
 from __future__ import annotations
@@ -42,7 +49,13 @@ class DeviceFront:
         self._lock = threading.Lock()
         self._metadata: dict[str, dict[str, str]] = {}
         """Each device entry's metadata (tensors alone cannot be demoted or described)."""
+        self._deletes: dict[str, int] = {}
+        """Per key, deletes seen while a promotion of it was in flight (``_promote`` checks)."""
+        self._promoting: dict[str, int] = {}
         self.promotions = self.demotions = self.full = 0
+        self.gpu_uuid = _gpu_uuid(tier)
+        """The device's UUID: a reader maps an IPC handle only onto the same GPU (its own
+        numbering may differ: ``CUDA_VISIBLE_DEVICES``)."""
         tier.on_evict = self._evicted
 
     # ------------------------------------------------------------ reading
@@ -69,7 +82,7 @@ class DeviceFront:
             return None
         try:
             return {"tensors": {name: handle_doc(reduce_tensor(t)) for name, t in tensors.items()},
-                    "metadata": self.metadata(key)}
+                    "metadata": self.metadata(key), "gpu": self.gpu_uuid}
         except BaseException:
             self.tier.release_key(key, owner)
             raise
@@ -83,19 +96,34 @@ class DeviceFront:
         below = self.store.lease(key, owner)
         if below is None:
             return False
+        with self._lock:
+            self._promoting[key] = self._promoting.get(key, 0) + 1
+            deletes = self._deletes.get(key, 0)
         try:
             view = read_entry(below.view, verify=False)  # NOTE: the store verified what came from disk or the network
+            with self._lock:  # NOTE: before the put: an export right after it names the metadata
+                self._metadata.setdefault(key, dict(view.metadata))
             status = self.tier.put(key, below.view, float(view.metadata.get("encode_ms", 0.0))).result()
-            if status is PutStatus.CREATED:
-                with self._lock:
-                    self._metadata[key] = dict(view.metadata)
+            with self._lock:
+                deleted = self._deletes.get(key, 0) != deletes
+                if status is PutStatus.CREATED and not deleted:
                     self.promotions += 1
-            elif status is not PutStatus.EXISTS:
-                with self._lock:
-                    self.full += 1
+                elif status is not PutStatus.EXISTS or deleted:
+                    self.full += status is not PutStatus.EXISTS and status is not PutStatus.CREATED
+                    if not self.tier.contains(key) or deleted:
+                        self._metadata.pop(key, None)
+            if deleted:  # NOTE: deleted while it was copied up: it must not come back
+                self.tier.delete(key)
                 return False
-            return True
+            return status in (PutStatus.CREATED, PutStatus.EXISTS)
         finally:
+            with self._lock:
+                left = self._promoting[key] - 1
+                if left:
+                    self._promoting[key] = left
+                else:
+                    del self._promoting[key]
+                    self._deletes.pop(key, None)
             self.store.release(below)
 
     # ------------------------------------------------------------ giving back, removing
@@ -108,6 +136,8 @@ class DeviceFront:
     def delete(self, key: str) -> bool:
         with self._lock:
             self._metadata.pop(key, None)
+            if key in self._promoting:
+                self._deletes[key] = self._deletes.get(key, 0) + 1
         return self.tier.delete(key)
 
     def _evicted(self, key: str, tensors: dict[str, Any], cost_ms: float) -> None:
@@ -123,7 +153,7 @@ class DeviceFront:
             meta = {m: v for m, v in metadata.items() if m not in ("checksum", "format", "namespace", "hash")}
             plan = plan_entry(k.namespace, k.hash, host_tensors, meta, encode_ms=cost_ms)
             status = self.store.host.put(key, memoryview(plan.to_bytes()), cost_ms, persist=False).result()
-        except (ValueError, OSError) as e:  # NOTE: an eviction never fails the put that caused it
+        except (ValueError, OSError, RuntimeError) as e:  # NOTE: an eviction never fails the put that caused it
             logger.warning("device tier: demoting %s into host failed: %s", key, e)
             return
         if status is PutStatus.CREATED:
@@ -139,3 +169,12 @@ class DeviceFront:
 
     def close(self) -> None:
         self.tier.close()
+
+
+def _gpu_uuid(tier: "DeviceTier") -> str | None:
+    """The UUID of the tier's GPU (None for the CPU fake)."""
+    if tier.device.type != "cuda":
+        return None
+    import torch
+
+    return str(torch.cuda.get_device_properties(tier.device).uuid)

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lmdb
 
@@ -129,7 +129,7 @@ class DiskTier(Tier):
 
     name = "disk"
 
-    on_evict: "Callable[[str, int], None] | None" = None
+    on_evict: Callable[[str, int], None] | None = None
     """Called (under the tier's lock) with (key, nbytes) of each entry evicted to make room."""
 
     def __init__(self, config: DiskTierConfig):

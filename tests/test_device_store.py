@@ -132,6 +132,127 @@ def test_eviction_demotes_into_host_what_no_tier_below_holds(store):
         assert (view.metadata["hash"], float(view.metadata["encode_ms"])) == (Key.from_string(key("only")).hash, 7.5)
 
 
+def test_an_entry_deleted_while_it_is_promoted_does_not_come_back(store):
+    """A delete that lands while the entry's tensors are copied onto the device: the copy is
+    dropped, and nothing (no reader, no later demotion) brings the entry back."""
+    import threading
+
+    put(store, "racy", 1.0, persist=False)
+    tier = store.device.tier
+    entered, go = threading.Event(), threading.Event()
+    real_put = tier.put
+
+    def slow_put(*a, **k):
+        entered.set()
+        go.wait(10)
+        return real_put(*a, **k)
+    tier.put = slow_put
+    got = {}
+    reader = threading.Thread(target=lambda: got.setdefault("lease", store.device.lease(key("racy"), "r")))
+    reader.start()
+    assert entered.wait(10)
+    assert store.delete(key("racy"))
+    go.set()
+    reader.join(10)
+    tier.put = real_put
+    assert got["lease"] is None
+    assert not tier.contains(key("racy")) and store.device.metadata(key("racy")) == {}
+    assert store.device.lease(key("racy"), "r") is None and not store.holds_locally(key("racy"))
+
+
+def test_a_lease_device_that_cannot_export_answers_an_error_and_holds_nothing(sidecar):
+    """The export failing part-way (here: CPU tensors have no CUDA IPC handle) is an error
+    answer naming it; every device lease the message took is given back, and the connection
+    serves on."""
+    from mmcache.device_front import DeviceFront
+
+    store = sidecar.store
+    store.device = DeviceFront(store, DeviceTier.fake(DeviceTierConfig(capacity_bytes=1 << 20)))
+    with CacheClient(sidecar.unix_url) as c:
+        c.put(NS, content_hash(b"a"), torch.ones(2, 8))
+        conn = c._connect()
+        assert conn.device_tier is True
+        with pytest.raises(BadRequest, match="not a CUDA tensor"):
+            conn.call("lease_device", keys=[key("a"), key("a")])
+        assert store.stats()["device"]["leases"] == 0
+        assert conn.call("lease_device", keys=[key("missing")]) == {"entries": [None]}
+        assert conn.call("release_device", keys=[key("a")]) == {"released": 0}
+        with c.get(NS, content_hash(b"a")) as e:
+            assert e.tensor.sum() == 16
+
+
+def test_handles_for_another_gpu_or_that_do_not_import_are_given_back():
+    from mmcache_client.device_entries import imported
+
+    docs = [{"tensors": {"embeddings": "h1"}, "metadata": {"encode_ms": "2.0"}, "gpu": "GPU-a"},
+            {"tensors": {"embeddings": "h2"}, "metadata": {}, "gpu": "GPU-b"},  # the sidecar's GPU is another
+            None,
+            {"tensors": {"embeddings": "bad"}, "metadata": {}, "gpu": "GPU-a"},
+            {"tensors": {}, "gpu": "GPU-a"}]
+
+    def fake_import(handle):
+        if handle == "bad":
+            raise RuntimeError("cudaIpcOpenMemHandle failed")
+        return torch.zeros(2, 2)
+    keys = ["k1", "k2", "k3", "k4", "k5"]
+    entries, give_back = imported(keys, docs, "cuda:0", want_gpu="GPU-a", import_doc=fake_import)
+    assert [e is not None for e in entries] == [True, False, False, False, False]
+    assert entries[0].tier == "device" and entries[0].metadata["encode_ms"] == 2.0
+    assert give_back == ["k2", "k4", "k5"]
+    with pytest.raises(ValueError, match="holds"):
+        imported(keys, docs[:2], "cuda:0", want_gpu="GPU-a", import_doc=fake_import)
+
+
+def test_device_leases_go_back_on_the_connection_that_took_them():
+    """Not the client's current one (a reconnect may have replaced it); the batch holds a
+    reference on its connection, so a detached connection stays open until the batch closes."""
+    from mmcache_client.aclient import _async_device_release
+    from mmcache_client.client import _device_release
+    from mmcache_client.session import SessionState
+
+    class Conn:
+        def __init__(self):
+            self.state, self.calls, self.closed = SessionState(), [], False
+
+        def call(self, op, **fields):
+            self.calls.append((op, fields["keys"]))
+            return {}
+
+        def close(self):
+            self.closed = True
+    conn = Conn()
+    release = _device_release(conn, ["ns/a", "ns/a"])
+    assert conn.state.detach() is False  # the client moved on; the batch still relies on it
+    release()
+    assert conn.calls == [("release_device", ["ns/a", "ns/a"])] and conn.closed
+    lost = Conn()
+    release = _device_release(lost, ["ns/a"])
+    lost.state.lost = True
+    release()
+    assert lost.calls == []  # its leases went with the socket
+
+    class AsyncConn(Conn):
+        async def call(self, op, **fields):
+            return Conn.call(self, op, **fields)
+
+        async def close(self):
+            self.closed = True
+    import asyncio
+
+    aconn = AsyncConn()
+    release = _async_device_release(aconn, ["ns/b"])
+    aconn.state.detach()
+    asyncio.run(release())
+    assert aconn.calls == [("release_device", ["ns/b"])] and aconn.closed
+
+
+def test_a_device_tier_and_tenants_are_refused_together(tmp_path):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tokens]\nabc = "t1"\n')
+    with pytest.raises(ValueError, match="cannot serve --tenants"):
+        ServeConfig(data_dir=str(tmp_path), device_capacity_bytes=1 << 20, tenants=str(tenants))
+
+
 def test_eviction_of_what_a_tier_below_holds_copies_nothing(store):
     put(store, "a", 1.0)
     store.device.lease(key("a"), "r")
@@ -143,13 +264,23 @@ def test_eviction_of_what_a_tier_below_holds_copies_nothing(store):
     assert store.stats()["device"]["evictions"] == 1 and store.stats()["device"]["demotions"] == 0
 
 
+_NO_CONTEXT = """
+import sys, torch
+from mmcache.store import StoreConfig, TieredStore
+from mmcache_client import CacheClient
+s = TieredStore(StoreConfig(data_dir=sys.argv[1], host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20))
+assert s.device is None and "device" not in s.stats()
+s.close()
+print("initialized" if torch.cuda.is_initialized() else "no context")
+"""
+
+
 def test_without_a_device_tier_nothing_of_it_shows_and_no_cuda_context(tmp_path):
-    s = TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20))
-    try:
-        assert s.device is None and "device" not in s.stats()
-    finally:
-        s.close()
-    assert not torch.cuda.is_initialized()
+    # NOTE: a process of its own: this one may hold a context from other (gpu) tests
+    out = subprocess.run([sys.executable, "-c", _NO_CONTEXT, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["no", "context"]
 
 
 @no_gpu
@@ -285,8 +416,17 @@ import sys, torch
 from mmcache_client import CacheClient
 with CacheClient(sys.argv[1]) as c:
     with c.get_many(sys.argv[2:], device="cuda") as entries:
-        print(" ".join(f"{e.tier}:{e.tensor.device.type}:{float(e.tensor.float().sum())}" for e in entries))
+        print(" ".join(f"{e.tier}:{e.tensor.device.type}:{float(e.tensor.float()[0, 0])}" for e in entries))
+        print("pinned" if c._connect().arena.pinned else "unpinned")
+    print("leases", c.stats()["device"]["leases"])
 """
+
+
+def _read_on_gpu(url: str, *keys: str) -> list[str]:
+    """A reader in a process of its own (CUDA opens no IPC handle in the process that made it)."""
+    out = subprocess.run([sys.executable, "-c", _READER, url, *keys], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
 
 
 @pytest.mark.gpu
@@ -294,12 +434,10 @@ def test_a_reader_in_another_process_views_the_device_tier_through_cuda_ipc(gpu_
     emb = torch.full((576, 4096), 0.5, dtype=torch.bfloat16)
     with CacheClient(gpu_sidecar.unix_url) as c:
         c.put(NS, content_hash(b"g"), emb)
-    out = subprocess.run([sys.executable, "-c", _READER, gpu_sidecar.unix_url, key("g"), key("g")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [f"device:cuda:{576 * 4096 * 0.5}"] * 2
-    stats = gpu_sidecar.store.stats()["device"]
-    assert stats["promotions"] == 1 and stats["leases"] == 0  # released on close (or with the connection)
+    tiers, _, leases = _read_on_gpu(gpu_sidecar.unix_url, key("g"), key("g"))
+    assert tiers.split() == ["device:cuda:0.5"] * 2
+    assert leases == "leases 0"  # given back when the batch closed, before the reader went away
+    assert gpu_sidecar.store.stats()["device"]["promotions"] == 1
     assert gpu_sidecar.store.host.arena.pinned
 
 
@@ -308,11 +446,10 @@ def test_without_room_on_the_device_a_read_copies_from_the_pinned_arena(gpu_side
     with CacheClient(gpu_sidecar.unix_url) as c:
         for i in range(3):
             c.put(NS, content_hash(str(i).encode()), torch.full((576, 4096), float(i), dtype=torch.bfloat16))
-        keys = [key(str(i)) for i in range(3)]
-        with c.get_many(keys, device="cuda") as entries:  # the device holds two; all are leased at once
-            assert sorted(e.tier for e in entries) == ["device", "device", "host"]
-            for i, e in enumerate(entries):
-                assert e.tensor.is_cuda and float(e.tensor[0, 0]) == float(i)
+    tiers, pinned, leases = _read_on_gpu(gpu_sidecar.unix_url, *[key(str(i)) for i in range(3)])
+    # the device holds two; all three are asked for at once: the third is copied from the arena
+    assert tiers.split() == ["device:cuda:0.0", "device:cuda:1.0", "host:cuda:2.0"]
+    assert pinned == "pinned" and leases == "leases 0"
 
 
 @pytest.mark.gpu

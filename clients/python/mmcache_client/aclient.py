@@ -289,34 +289,42 @@ class AsyncCacheClient:
         return AsyncEntryBatch(_entries_from_arrow(keys, data, AsyncEntry))
 
     async def _get_many_on(self, keys: list[str], dev: Any) -> AsyncDeviceBatch:
+        """See ``CacheClient.get_many``; the CUDA work (imports, copies, pinning) runs in a
+        thread, never on the event loop."""
         on_device: list = [None] * len(keys)
-        leased: list[str] = []
-        if self.scheme == "unix":
-            conn = await self._retry(self._connect)
-            if conn.device_tier:
-                docs = (await self._call("lease_device", keys=keys))["entries"]
-                leased = [k for k, d in zip(keys, docs) if d is not None]
-                try:
-                    on_device = imported(keys, docs)
-                except BaseException:
-                    await self._call("release_device", keys=leased)
-                    raise
-            else:
-                conn.arena.pin()
-
-        async def release() -> None:
-            await self._call("release_device", keys=leased)
+        release = None
+        conn = await self._retry(self._connect) if self.scheme == "unix" else None
+        if conn is not None and conn.device_tier:
+            try:
+                docs = (await conn.call("lease_device", keys=keys))["entries"]
+            except CacheUnavailable:
+                await self._detach()
+                raise
+            leased = [k for k, d in zip(keys, docs) if d is not None]
+            release = _async_device_release(conn, leased)  # NOTE: bound to this connection, whose leases they are
+            try:
+                on_device, give_back = await asyncio.to_thread(imported, keys, docs, dev)
+                if give_back:
+                    await conn.call("release_device", keys=give_back)
+                    for k in give_back:
+                        leased.remove(k)
+            except BaseException:
+                await release()
+                raise
         try:
             rest = [k for k, d in zip(keys, on_device) if d is None]
             from_host: dict = {}
             if rest:
+                if conn is not None:
+                    await asyncio.to_thread(conn.arena.pin)
                 async with await self.get_many(rest) as batch:
-                    from_host = {k: e for k, e in zip(rest, copied(list(batch), dev)) if e is not None}
+                    copies = await asyncio.to_thread(copied, list(batch), dev)
+                    from_host = {k: e for k, e in zip(rest, copies) if e is not None}
         except BaseException:
-            if leased:
+            if release is not None:
                 await release()
             raise
-        return AsyncDeviceBatch(merged(keys, on_device, from_host), release if leased else None)
+        return AsyncDeviceBatch(merged(keys, on_device, from_host), release)
 
     async def _detach(self) -> None:
         """Stop using the current connection; close it only once no open entry relies on it."""
@@ -491,5 +499,21 @@ def _async_release(conn: _AsyncLocal, keys: list[str], ends: list):
             for _ in keys:
                 closing = conn.state.unref() or closing
             if closing:
+                await conn.close()
+    return release
+
+
+def _async_device_release(conn: _AsyncLocal, leased: list[str]) -> Callable[[], Awaitable[None]]:
+    """What gives a batch's device leases back, on the connection that took them: it holds a
+    reference on it until then (a detached connection stays open for them)."""
+    conn.state.ref()
+
+    async def release() -> None:
+        try:
+            if leased and not conn.state.lost:  # a lost connection's leases went with it
+                with contextlib.suppress(CacheUnavailable):
+                    await conn.call("release_device", keys=leased)
+        finally:
+            if conn.state.unref():
                 await conn.close()
     return release

@@ -90,14 +90,17 @@ class SharedArena:
         """One torch tensor over the whole mapping per dtype, made once and sliced per entry."""
         self.pinned = False
         """Registered with CUDA (``pin``): copies from it to a GPU run at pinned speed."""
+        self._pin_tried = False
+        """``pin`` tries once: a refusal (locked-memory limit) is not asked again per read."""
 
     def pin(self) -> bool:
         """Page-lock the whole mapping with ``cudaHostRegister`` once (a reader's read-only one
         too, ``mmcache_client.cuda``); False without a GPU or where CUDA refuses (copies from it
         still work, at pageable speed). ``close`` unpins it."""
-        if not self.pinned and self._view is not None:
+        if not self._pin_tried and self._view is not None:
             from mmcache_client.cuda import pin_host_buffer
 
+            self._pin_tried = True
             self.pinned = pin_host_buffer(self._view)
         return self.pinned
 

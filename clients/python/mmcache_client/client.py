@@ -303,25 +303,33 @@ class CacheClient:
         return EntryBatch(_entries_from_arrow(keys, data, Entry))
 
     def _get_many_on(self, keys: list[str], dev: Any) -> DeviceBatch:
+        """``get_many(keys, device=dev)``: see ``mmcache_client.device_entries``."""
         on_device: list = [None] * len(keys)
-        leased: list[str] = []
-        if self.scheme == "unix":
-            conn = with_retries(self._connect, self.retries, self.backoff_s, self.url)
-            if conn.device_tier:
-                docs = self._call("lease_device", keys=keys)["entries"]
-                leased = [k for k, d in zip(keys, docs) if d is not None]
-                try:
-                    on_device = imported(keys, docs)
-                except BaseException:
-                    self._call("release_device", keys=leased)
-                    raise
-            else:
-                conn.arena.pin()
-        release = (lambda: self._call("release_device", keys=leased)) if leased else None
+        release = None
+        conn = with_retries(self._connect, self.retries, self.backoff_s, self.url) if self.scheme == "unix" else None
+        if conn is not None and conn.device_tier:
+            try:
+                docs = conn.call("lease_device", keys=keys)["entries"]
+            except CacheUnavailable:
+                self._detach()
+                raise
+            leased = [k for k, d in zip(keys, docs) if d is not None]
+            release = _device_release(conn, leased)  # NOTE: bound to this connection, whose leases they are
+            try:
+                on_device, give_back = imported(keys, docs, dev)
+                if give_back:
+                    conn.call("release_device", keys=give_back)
+                    for k in give_back:
+                        leased.remove(k)
+            except BaseException:
+                release()
+                raise
         try:
             rest = [k for k, d in zip(keys, on_device) if d is None]
             from_host: dict = {}
             if rest:
+                if conn is not None:
+                    conn.arena.pin()
                 with self.get_many(rest) as batch:
                     from_host = {k: e for k, e in zip(rest, copied(list(batch), dev)) if e is not None}
         except BaseException:
@@ -424,6 +432,22 @@ def _claim_fields(keys, owner: str, ttl_ms: int | None) -> dict:
     if ttl_ms is not None:
         fields["ttl_ms"] = int(ttl_ms)
     return fields
+
+
+def _device_release(conn: LocalConnection, leased: list[str]) -> Callable[[], None]:
+    """What gives a batch's device leases back, on the connection that took them: it holds a
+    reference on it until then (a detached connection stays open for them)."""
+    conn.state.ref()
+
+    def release() -> None:
+        try:
+            if leased and not conn.state.lost:  # a lost connection's leases went with it
+                with contextlib.suppress(CacheUnavailable):
+                    conn.call("release_device", keys=leased)
+        finally:
+            if conn.state.unref():
+                conn.close()
+    return release
 
 
 def _sync_release(conn: LocalConnection, keys: list[str], ends: list) -> Callable[[], None]:

@@ -25,8 +25,17 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+HOST_REGISTER_PORTABLE = 0x01
+"""``cudaHostRegisterPortable``: pinned for every CUDA context, not just the current device's."""
 HOST_REGISTER_READ_ONLY = 0x08
 """``cudaHostRegisterReadOnly`` (CUDA 11.1+): pin memory the process may only read."""
+IPC_HANDLE_BYTES = 64
+"""``CUDA_IPC_HANDLE_SIZE``: a ``cudaIpcMemHandle_t`` / ``cudaIpcEventHandle_t``."""
+REF_COUNTER_SLOTS = 10000
+"""torch's ``CUDA_IPC_REF_COUNTER_FILE_SIZE``: slots per ref-counter file (the offset indexes them)."""
+MAX_DEVICES = 1024
+_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+"""The dtypes an entry's tensors have (``mmcache_client.entry_spec.DTYPES``)."""
 _ALREADY_REGISTERED, _NOT_REGISTERED = 712, 713
 """``cudaErrorHostMemoryAlreadyRegistered``, ``cudaErrorHostMemoryNotRegistered``."""
 _STORAGE_CLASSES = ("TypedStorage", "UntypedStorage")
@@ -88,21 +97,34 @@ def ipc_args(doc: Any) -> tuple:
             raise ValueError(f"IPC handle {k} must be a list of <= 8 ints >= 0")
     if len(doc["size"]) != len(doc["stride"]):
         raise ValueError("IPC handle size and stride differ in length")
-    dtype = getattr(torch, doc["dtype"], None) if isinstance(doc["dtype"], str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"IPC handle dtype {doc['dtype']!r} is not a torch dtype")
+    if doc["dtype"] not in _DTYPES:
+        raise ValueError(f"IPC handle dtype {doc['dtype']!r} is not one of {', '.join(_DTYPES)}")
+    dtype = getattr(torch, doc["dtype"])
     if doc["storage"] not in _STORAGE_CLASSES:
         raise ValueError(f"IPC handle storage {doc['storage']!r} is not one of {_STORAGE_CLASSES}")
-    handle = _unb64(doc["handle"], "handle")
-    if not handle:
-        raise ValueError("IPC handle has no memory handle")
+    if doc["device"] >= MAX_DEVICES or doc["ref_counter_offset"] >= REF_COUNTER_SLOTS:
+        raise ValueError("IPC handle device or ref_counter_offset is out of range")
+    handle, event = _unb64(doc["handle"], "handle"), _unb64(doc["event"], "event")
+    if handle is None or len(handle) != IPC_HANDLE_BYTES or (event is not None and len(event) != IPC_HANDLE_BYTES):
+        raise ValueError(f"IPC handle memory and event handles must be {IPC_HANDLE_BYTES} bytes")
+    ref_counter = _unb64(doc["ref_counter"], "ref_counter")
+    # NOTE: torch names its ref-counter files /torch_<pid>_<n> in /dev/shm; anything else is not one
+    if ref_counter is None or not ref_counter.startswith(b"/torch_") or b"/" in ref_counter[1:] \
+            or len(ref_counter) > 255:
+        raise ValueError("IPC handle ref_counter must name one of torch's ref-counter files")
     if not isinstance(doc["event_sync"], bool):
         raise ValueError("IPC handle event_sync must be true or false")
     storage_cls = torch.storage.TypedStorage if doc["storage"] == "TypedStorage" else torch.UntypedStorage
     return (torch.Tensor, torch.Size(doc["size"]), tuple(doc["stride"]), doc["offset"], storage_cls, dtype,
             doc["device"], handle, doc["storage_bytes"], doc["storage_offset_bytes"], False,
-            _unb64(doc["ref_counter"], "ref_counter"), doc["ref_counter_offset"], _unb64(doc["event"], "event"),
-            doc["event_sync"])
+            ref_counter, doc["ref_counter_offset"], event, doc["event_sync"])
+
+
+def gpu_uuid(device: Any) -> str:
+    """The UUID of a CUDA device of this process (stable across processes, unlike its index)."""
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def import_doc(doc: Any):
@@ -128,8 +150,8 @@ def pin_host_buffer(buf: Any) -> bool:
     Without a GPU: False, touching nothing. A CUDA failure (the locked-memory limit, a device
     without read-only registration) logs a warning and returns False: copies still work, at
     pageable speed.
-    NOTE: flags 0 / read-only, not ``cudaHostRegisterPortable``: pinned for the current device's
-    context; a process copying to several GPUs from one buffer would want the portable flag.
+    NOTE: ``cudaHostRegisterPortable``: pinned for every GPU's context, whichever device the
+    process copies to (torch's own ``pin_memory`` passes it too).
     """
     return _set_pinned(buf, True)
 
@@ -148,7 +170,8 @@ def _set_pinned(buf: Any, pin: bool) -> bool:
     cudart = torch.cuda.cudart()
     torch.cuda.init()
     if pin:
-        err = cudart.cudaHostRegister(ptr, nbytes, HOST_REGISTER_READ_ONLY if readonly else 0)
+        flags = HOST_REGISTER_PORTABLE | (HOST_REGISTER_READ_ONLY if readonly else 0)
+        err = cudart.cudaHostRegister(ptr, nbytes, flags)
     else:
         err = cudart.cudaHostUnregister(ptr)
     code = int(getattr(err, "value", err))

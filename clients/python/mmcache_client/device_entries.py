@@ -16,9 +16,12 @@ numpy ``array`` or ``buffer`` (the bytes are on the GPU).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from mmcache_client.entry import NUMERIC_METADATA, _in_background
+
+logger = logging.getLogger(__name__)
 
 CPU_DEVICES = (None, "cpu")
 
@@ -113,39 +116,68 @@ class DeviceEntry:
         return f"DeviceEntry({self.key!r}, tier={self.tier!r}, device={self.tensor.device})"
 
 
-def imported(keys: list[str], docs: list) -> list[DeviceEntry | None]:
-    """A ``lease_device`` answer as entries (None where the key is not on the device)."""
-    from mmcache_client.cuda import import_doc
+def imported(keys: list[str], docs: Any, dev: Any, *, want_gpu: str | None = None,
+             import_doc: Callable[[Any], Any] | None = None) -> tuple[list[DeviceEntry | None], list[str]]:
+    """A ``lease_device`` answer as entries on ``dev`` (None where the key is not on the device),
+    and the keys whose leases to give back at once: a handle for another GPU than ``dev`` (the
+    sidecar's device tier is elsewhere), or one that does not import (a malformed doc, a CUDA
+    refusal). Those keys are read from host instead; nothing here fails the read.
+    ``want_gpu`` / ``import_doc``: the GPU's UUID and the importer (default: ``dev``'s, CUDA's)."""
+    from mmcache_client import cuda
 
     if not isinstance(docs, list) or len(docs) != len(keys):
         raise ValueError(f"a lease_device answer for {len(keys)} keys holds {len(docs) if isinstance(docs, list) else docs!r}")
+    want = want_gpu if want_gpu is not None else cuda.gpu_uuid(dev)
+    import_doc = import_doc or cuda.import_doc
     out: list[DeviceEntry | None] = []
+    give_back: list[str] = []
     for key, doc in zip(keys, docs):
-        if doc is None:
-            out.append(None)
-            continue
-        if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or "embeddings" not in doc["tensors"]:
-            raise ValueError(f"{key}: a device lease without embeddings")
-        meta = doc.get("metadata") or {}
-        out.append(DeviceEntry(key, "device", {n: import_doc(h) for n, h in doc["tensors"].items()},
-                               {str(k): str(v) for k, v in meta.items()}))
-    return out
+        entry = None
+        if doc is not None:
+            try:
+                entry = _import(key, doc, want, import_doc)
+            except (ValueError, TypeError, RuntimeError) as e:
+                logger.warning("%s: the device tier's handle is not usable here (%s); reading it from host", key, e)
+            if entry is None:
+                give_back.append(key)
+        out.append(entry)
+    return out, give_back
+
+
+def _import(key: str, doc: Any, want_gpu: str, import_doc: Callable[[Any], Any]) -> DeviceEntry | None:
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or "embeddings" not in doc["tensors"]:
+        raise ValueError("a device lease without embeddings")
+    if doc.get("gpu") != want_gpu:
+        return None  # NOTE: the sidecar's GPU is not the one asked for: a copy from host instead
+    meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("device lease metadata must be an object")
+    return DeviceEntry(key, "device", {n: import_doc(h) for n, h in doc["tensors"].items()},
+                       {str(k): str(v) for k, v in meta.items()})
 
 
 def copied(entries: list, device: Any) -> list[DeviceEntry | None]:
     """Host entries (``Entry``, leased or owned) copied onto ``device``: every copy queued at
-    once (asynchronous from pinned memory), then waited for, so the caller may release the
-    host leases as soon as this returns."""
+    once on a stream of their own (asynchronous from pinned memory), then that stream waited
+    for (not the whole GPU: a forward running meanwhile is not waited on), so the caller may
+    release the host leases as soon as this returns."""
     import torch
 
+    consumer = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
     out: list[DeviceEntry | None] = []
-    for e in entries:
-        if e is None:
-            out.append(None)
-            continue
-        tensors = {n: e.get_tensor(n).to(device, non_blocking=True) for n in e.names}
-        out.append(DeviceEntry(e.key, e.tier, tensors, e.metadata))
-    torch.cuda.synchronize(device)
+    with torch.cuda.stream(stream):
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            tensors = {n: e.get_tensor(n).to(device, non_blocking=True) for n in e.names}
+            for t in tensors.values():
+                # NOTE: made on the side stream, used on the caller's: the allocator must not
+                # hand the block out again while the caller's queued work may still read it
+                t.record_stream(consumer)
+            out.append(DeviceEntry(e.key, e.tier, tensors, e.metadata))
+    stream.synchronize()
     return out
 
 
