@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -132,3 +134,20 @@ def settled(predicate, timeout: float = 10.0) -> bool:
         time.sleep(delay)
         delay = min(2 * delay, 0.05)
     return True
+
+
+@contextlib.contextmanager
+def unix_sidecar(data_dir: str, **settings):
+    """A ``ThreadedSidecar`` with a Unix socket (in a short /tmp path: a socket path has at most
+    108 bytes) and ``unix_url``; 8 MiB of host and 64 MiB of disk unless ``settings`` say else."""
+    sock_dir = f"/tmp/mmc-{os.getpid()}-{random.randrange(1 << 30)}"
+    os.makedirs(sock_dir)
+    config = ServeConfig(**{"data_dir": data_dir, "port": 0, "socket": os.path.join(sock_dir, "s.sock"),
+                            "host_capacity_bytes": 8 << 20, "disk_capacity_bytes": 64 << 20, **settings})
+    sc = ThreadedSidecar(config).start()
+    sc.unix_url = f"unix://{config.socket}"
+    try:
+        yield sc
+    finally:
+        sc.stop()
+        os.rmdir(sock_dir)

@@ -4,8 +4,6 @@ the real CUDA paths under ``gpu``."""
 
 from __future__ import annotations
 
-import os
-import random
 import subprocess
 import sys
 
@@ -21,7 +19,7 @@ from mmcache_client import BadRequest, CacheClient, Key, content_hash
 from mmcache_client.arena import SharedArena
 from mmcache_client.cuda import handle_doc, ipc_args
 from mmcache_client.format import plan_entry
-from sidecar import ThreadedSidecar
+from sidecar import unix_sidecar
 
 NS = "dev"
 HIDDEN = 64
@@ -343,15 +341,8 @@ def test_a_handle_that_does_not_add_up_is_refused(field, value):
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = f"/tmp/mmc-dev-{os.getpid()}-{random.randrange(1 << 30)}"
-    os.makedirs(sock_dir)
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                         host_capacity_bytes=8 << 20, disk_capacity_bytes=64 << 20)
-    sc = ThreadedSidecar(config).start()
-    sc.unix_url = f"unix://{config.socket}"
-    yield sc
-    sc.stop()
-    os.rmdir(sock_dir)
+    with unix_sidecar(str(tmp_path / "data")) as sc:
+        yield sc
 
 
 def test_a_sidecar_without_a_device_tier_says_so(sidecar):
@@ -399,16 +390,9 @@ def test_pinning_an_arena_without_a_gpu_touches_nothing(tmp_path):
 
 @pytest.fixture
 def gpu_sidecar(tmp_path):
-    sock_dir = f"/tmp/mmc-gpu-{os.getpid()}-{random.randrange(1 << 30)}"
-    os.makedirs(sock_dir)
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                         host_capacity_bytes=64 << 20, disk_capacity_bytes=256 << 20,
-                         device_capacity_bytes=2 * (576 * 4096 * 2 + 64))
-    sc = ThreadedSidecar(config).start()
-    sc.unix_url = f"unix://{config.socket}"
-    yield sc
-    sc.stop()
-    os.rmdir(sock_dir)
+    with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=64 << 20, disk_capacity_bytes=256 << 20,
+                      device_capacity_bytes=2 * (576 * 4096 * 2 + 64)) as sc:
+        yield sc
 
 
 _READER = """

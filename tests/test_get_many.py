@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import random
 import signal
 import time
 
 import numpy as np
 import pytest
 
-from mmcache.config import ServeConfig
 from mmcache_client import AsyncCacheClient, CacheClient, Key, content_hash
-from sidecar import ThreadedSidecar
+from sidecar import unix_sidecar
 
 NS = "many"
 SPAWN = multiprocessing.get_context("spawn")
@@ -32,15 +30,8 @@ def emb(i: int, n: int = 16) -> np.ndarray:
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = f"/tmp/mmc-gm-{os.getpid()}-{random.randrange(1 << 30)}"
-    os.makedirs(sock_dir)
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                         host_capacity_bytes=8 << 20, disk_capacity_bytes=64 << 20)
-    sc = ThreadedSidecar(config).start()
-    sc.unix_url = f"unix://{config.socket}"
-    yield sc
-    sc.stop()
-    os.rmdir(sock_dir)
+    with unix_sidecar(str(tmp_path / "data")) as sc:
+        yield sc
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import threading
 import time
@@ -15,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.config import ServeConfig
 from mmcache_client import CacheClient, CacheUnavailable, CorruptEntry, content_hash, wire
 from mmcache_client.client import plan_put
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
-from sidecar import ThreadedSidecar, settled
+from sidecar import settled, unix_sidecar
 
 NS = "proto"
 
@@ -31,15 +29,8 @@ def h(name) -> str:
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = f"/tmp/mmc-lp-{os.getpid()}-{random.randrange(1 << 30)}"
-    os.makedirs(sock_dir)
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                         host_capacity_bytes=8 << 20, disk_capacity_bytes=64 << 20)
-    sc = ThreadedSidecar(config).start()
-    sc.unix_url = f"unix://{config.socket}"
-    yield sc
-    sc.stop()
-    os.rmdir(sock_dir)
+    with unix_sidecar(str(tmp_path / "data")) as sc:
+        yield sc
 
 
 class Raw:
