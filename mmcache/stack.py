@@ -37,13 +37,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmcache.data_dir import ARENA_RECORD
 from mmcache.supervisor import Backoff, Child, Supervisor
 
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")
 STATUS_FILE = "stack-status.json"
 """In the data dir: the stack's processes, their restarts and last exits (read by the router)."""
-ARENA_RECORD = "arena.path"
-"""In the data dir: the sidecar's arena file (``mmcache.store._ARENA_RECORD``)."""
 _MAX_SOCKET_PATH = 100
 LOOPBACK = "127.0.0.1"
 """Where the sidecar, encoders and workers listen: ``--host`` exposes the router alone."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -27,7 +26,6 @@ import secrets
 import socket
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from mmcache.claims import Claims
@@ -35,7 +33,9 @@ from mmcache.device_front import DeviceFront
 from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.events import EventBus
 from mmcache.host import EntryExists, HostTier, Owner, Reservation
-from mmcache.remote import RemoteConfig, RemoteTier
+from mmcache.remote import RemoteTier
+from mmcache.data_dir import DataDirInUse, forget_arena, lock_data_dir, record_arena, remove_stale_arena  # noqa: F401
+from mmcache.store_types import RETRY_AFTER_S, Lease, PutResult, StoreConfig  # noqa: F401 - the store's own names
 from mmcache.tier import PutStatus, Tier, TierLease
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryFormatError, EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
@@ -43,120 +43,11 @@ from mmcache_client.keys import Key
 
 logger = logging.getLogger(__name__)
 
-_ARENA_RECORD = "arena.path"
-_ARENA_PREFIX = "mmcache-"
 _WRITER = "mmcache.write-through"
 """Owner of the host leases that keep entries in place until the lower tiers hold them."""
 _BEHIND = ("writer", "behind")
 """Owner of the host leases that keep entries in place while a best-effort tier copies them."""
-RETRY_AFTER_S = 1
-"""What a put that found no room is told to wait (HTTP ``Retry-After``), in seconds."""
 
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Sizes in bytes. ``arena_path`` defaults to a fresh file under /dev/shm."""
-
-    data_dir: str
-    """Directory for the LMDB environment (``<data_dir>/lmdb``)."""
-    host_capacity_bytes: int = 1 << 30
-    """Size of the shared-memory arena."""
-    disk_capacity_bytes: int = 16 << 30
-    """Payload bytes kept on disk before eviction."""
-    arena_path: str | None = None
-    """Arena file; default ``/dev/shm/mmcache-<pid>-<random>.arena``."""
-    host_policy: str = "lru"
-    """Eviction policy of the host tier: ``lru``, ``gdsf`` or ``cost-lfu``."""
-    disk_policy: str = "lru"
-    """Eviction policy of the disk tier."""
-    disk_flush_interval_ms: float = 2.0
-    """Longest wait of the disk writer to gather a batch, in milliseconds."""
-    disk_max_queued_bytes: int = 1 << 30
-    """Bytes of puts that host cannot take queued for the disk writer at most (then 503)."""
-    remote: RemoteConfig | None = None
-    """A Redis/Valkey server or cluster below disk, shared by many sidecars (``mmcache.remote``)."""
-    node: str = ""
-    """This sidecar's name in inventory events (``mmcache.events``); default ``host:pid``."""
-    device_capacity_bytes: int = 0
-    """GPU memory for the device tier above host (``mmcache.device_front``); 0: no device tier
-    (and no CUDA context). Needs a CUDA GPU."""
-    device: str = "cuda:0"
-    """The GPU holding the device tier."""
-    device_policy: str = "lru"
-    """Eviction policy of the device tier."""
-
-    def __post_init__(self) -> None:
-        for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.device_capacity_bytes < 0:
-            raise ValueError(f"device_capacity_bytes={self.device_capacity_bytes} must be >= 0")
-
-    def resolved_arena_path(self) -> str:
-        if self.arena_path:
-            return self.arena_path
-        return os.path.join(_arena_dir(self.data_dir), f"{_ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.arena")
-
-
-def _arena_dir(data_dir: str) -> str:
-    if os.path.isdir("/dev/shm"):
-        return "/dev/shm"
-    shm = os.path.join(data_dir, "shm")
-    os.makedirs(shm, mode=0o700, exist_ok=True)
-    return shm
-
-
-@dataclass(frozen=True)
-class PutResult:
-    created: bool
-    """False when the key existed (the first put is kept)."""
-    tier: str
-    durable: concurrent.futures.Future | None = None
-    """Resolves once the entry is on disk (None when it already was, or never will be)."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A reader's pin on an entry; give it back with ``TieredStore.release``."""
-
-    key: str
-    owner: Owner
-    tier: str
-    """Where the entry was found: ``host``; ``disk`` when this read promoted it or (``served_from``
-    ``disk``) when host had no room and it is read in place from LMDB."""
-    view: memoryview
-    """The entry's bytes in place, valid until ``TieredStore.release(lease)``."""
-    tier_lease: TierLease
-
-    @property
-    def served_from(self) -> str:
-        """The tier whose memory ``view`` points into."""
-        return self.tier_lease.tier
-
-    @property
-    def offset(self) -> int:
-        """Offset of the blob in the host arena, or -1 when it is served from a lower tier."""
-        return self.tier_lease.offset
-
-    @property
-    def nbytes(self) -> int:
-        return self.tier_lease.nbytes
-
-
-class DataDirInUse(OSError):
-    """Another sidecar holds the data dir's lock."""
-
-
-def _lock_data_dir(data_dir: str) -> int:
-    """One sidecar per data dir: an exclusive flock held for the store's lifetime."""
-    fd = os.open(os.path.join(data_dir, "LOCK"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DataDirInUse(f"data dir {data_dir!r} is in use by another mmcache process (one sidecar per "
-                           "data dir: stop that one or give --data-dir another directory)") from None
-    return fd
 
 
 def _key_str(key: Key | str) -> str:
@@ -191,10 +82,10 @@ class TieredStore:
     def __init__(self, config: StoreConfig, *, device_tier: Any = None):
         self.config = config
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-        self._lock_fd = _lock_data_dir(config.data_dir)
+        self._lock_fd = lock_data_dir(config.data_dir)
         self.events = EventBus(config.node or f"{socket.gethostname()}:{os.getpid()}")
         try:
-            self._remove_stale_arena()
+            remove_stale_arena(config.data_dir, config.arena_path)
             self.disk = DiskTier(DiskTierConfig(
                 path=os.path.join(config.data_dir, "lmdb"), capacity_bytes=config.disk_capacity_bytes,
                 policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms,
@@ -229,8 +120,7 @@ class TieredStore:
         if self.remote is not None:
             self.events.sink = self.remote.emit
         self.claims = Claims(self.contains, self.remote)
-        with open(os.path.join(self.config.data_dir, _ARENA_RECORD), "w") as f:
-            f.write(self.host.arena.path)
+        record_arena(self.config.data_dir, self.host.arena.path)
         self._counts_lock = threading.Lock()
         self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)
         self.device: DeviceFront | None = None
@@ -281,29 +171,6 @@ class TieredStore:
 
     def _persisted(self, key: str) -> bool:
         return all(t.contains(key) for t in self.durable)
-
-    def _remove_stale_arena(self) -> None:
-        """An arena recorded in the data dir whose sidecar died (kill -9) is ours to remove, if it
-        is one of ours: an ``mmcache-*.arena`` file under the arena directory, owned by this user."""
-        record = os.path.join(self.config.data_dir, _ARENA_RECORD)
-        try:
-            with open(record) as f:
-                stale = f.read().strip()
-        except FileNotFoundError:
-            return
-        if not stale or not os.path.lexists(stale):
-            return
-        expected_dirs = {os.path.realpath(_arena_dir(self.config.data_dir))}
-        if self.config.arena_path:
-            expected_dirs.add(os.path.realpath(os.path.dirname(os.path.abspath(self.config.arena_path))))
-        st = os.lstat(stale)
-        ours = (os.path.realpath(os.path.dirname(stale)) in expected_dirs and os.path.basename(stale).endswith(".arena")
-                and not os.path.islink(stale) and st.st_uid == os.getuid())
-        if not ours:
-            logger.warning("not removing %s recorded as a stale arena: not an arena file of this user", stale)
-            return
-        logger.warning("removing the arena %s left by a sidecar that did not stop cleanly", stale)
-        os.unlink(stale)
 
     @property
     def arena_path(self) -> str:
@@ -671,8 +538,7 @@ class TieredStore:
         for t in self.lower:
             t.close()
         self.host.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.config.data_dir, _ARENA_RECORD))
+        forget_arena(self.config.data_dir)
         os.close(self._lock_fd)  # releases the flock
         self._lock_fd = -1
 

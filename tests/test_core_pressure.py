@@ -409,7 +409,7 @@ def test_a_transport_error_elsewhere_never_frees_open_entries(sidecar, run, monk
     held = [c.get(NS, h(f"held{run}-{i}")) for i in range(3)]
     conn = c._local
     real = conn._read_frame
-    monkeypatch.setattr(conn, "_read_frame", lambda: (_ for _ in ()).throw(OSError(5, "injected I/O error")))
+    monkeypatch.setattr(conn, "_read_frame", lambda *spin: (_ for _ in ()).throw(OSError(5, "injected I/O error")))
     with pytest.raises(Exception):
         c.exists(NS, h("other"))
     monkeypatch.setattr(conn, "_read_frame", real)

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from encoder_worker.models import ensure_model
-from mmcache import store
+from mmcache import data_dir as data_dir_mod
 from mmcache.stack import ARENA_RECORD, STATUS_FILE, remove_dead_arena
 from stack_process import StackProcess
 from mmcache.supervisor import Backoff, Supervisor, describe_exit
@@ -174,7 +174,7 @@ def doc_is_ours(entry: dict, url: str) -> bool:
 def test_a_dead_sidecars_arena_is_removed_and_nothing_else(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    assert ARENA_RECORD == store._ARENA_RECORD
+    assert ARENA_RECORD == data_dir_mod.ARENA_RECORD
     record = data_dir / ARENA_RECORD
 
     def arena(directory, pid: int) -> str:
