@@ -1,156 +1,28 @@
-"""``AsyncCacheClient``: the asyncio twin of ``CacheClient`` (same methods, awaited)."""
+"""``AsyncCacheClient``: the asyncio twin of ``CacheClient`` (same methods, awaited). Both run the
+sans-IO calls of ``mmcache_client.core``; only the round trips differ."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import random
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import aiohttp
 
-from mmcache_client.arena import SharedArena
-from mmcache_client.client import _claim_fields, _entries_from_arrow, _key, _key_str, _keys, _local_batch, parse_url, plan_put, raise_for_status
+from mmcache_client import core
+from mmcache_client.core import key_of as _key, key_str as _key_str, key_strs as _keys, parse_url, plan_put, raise_for_status
 from mmcache_client.keys import Key
 from mmcache_client.device_entries import AsyncDeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
-from mmcache_client.session import SessionState, open_lease
-from mmcache_client.errors import BadRequest, CacheFull, CacheTimeout, CacheUnavailable, MMCacheError, CorruptEntry, EntryTooLarge
-from mmcache_client.format import EntryFormatError, EntryPlan, read_entry, relayout
+from mmcache_client.session import open_lease
+from mmcache_client.errors import BadRequest, CacheTimeout, CacheUnavailable, MMCacheError
+from mmcache_client.format import EntryFormatError, EntryPlan, relayout
 from mmcache_client import wire
-from mmcache_client.local import MAX_LINE_BYTES, answer_fields
-from mmcache_client.wire import ERROR, OP_CODES
+from mmcache_client.alocal import AsyncLocalConnection, unix_events
 
 T = TypeVar("T")
-
-
-class _AsyncLocal:
-    """One Unix-socket session plus the arena mappings; requests serialized on a lock."""
-
-    def __init__(self, path: str, timeout: float | None = 30.0, token: str | None = None):
-        self.path = path
-        self._token = token
-        self.timeout = timeout
-        """Longest wait for one answer, in seconds (``CacheTimeout`` past it; the session stays)."""
-        self.state = SessionState()
-        self.lmdb_path: str | None = None
-        self.arena: SharedArena | None = None
-        self._writable: SharedArena | None = None
-        self._lock = asyncio.Lock()
-        self._ids = itertools.count()
-        self._pending: set[asyncio.Future] = set()
-        """Exchanges whose callers were cancelled, and their clean-ups (strong refs)."""
-
-    async def connect(self) -> None:
-        try:
-            self._reader, self._writer = await asyncio.open_unix_connection(self.path, limit=MAX_LINE_BYTES)
-        except OSError as e:
-            raise CacheUnavailable(f"cannot connect to unix://{self.path}: {e}") from e
-        try:
-            hello = await self.call("hello", **({"token": self._token} if self._token else {}))
-        except BaseException:
-            self._writer.close()
-            raise
-        self.tenant: str | None = hello.get("tenant")
-        self.lmdb_path = hello.get("lmdb_path")
-        self.state.lmdb_map_size = hello.get("lmdb_map_size")
-        self.device_tier = bool(hello.get("device_tier"))
-        self.arena = SharedArena(hello["arena_path"])
-
-    async def call(self, op: str, **fields: Any) -> dict:
-        if op == "release":
-            self.release(fields["keys"])
-            return {}
-        if op == "lease":
-            code, body = await self._call(OP_CODES[op], wire.keys_body(fields["keys"]), op, fields)
-            if code == ERROR:
-                answer_fields(code, body)
-            try:
-                return {"leases": wire.unpack_leases(body, fields["keys"])}
-            except ValueError as e:
-                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
-        return answer_fields(*await self._call(OP_CODES[op], wire.json_body(fields), op, fields))
-
-    def release(self, keys: list[str]) -> None:
-        """Give leases back: one-way (no answer), written at once."""
-        if keys and not self.state.lost:
-            try:
-                self._writer.write(wire.frame(next(self._ids) & 0x7FFFFFFF, OP_CODES["release"], wire.keys_body(keys)))
-            except (OSError, RuntimeError) as e:
-                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
-
-    async def _call(self, code: int, body: bytes, op: str, fields: dict) -> tuple[int, bytes]:
-        data = wire.frame(next(self._ids) & 0x7FFFFFFF, code, body)
-        # NOTE: the exchange runs in its own task, shielded: a caller cancelled mid-request (e.g.
-        # by asyncio.wait_for) must not leave its answer in the stream, where the next call would
-        # read it as its own (a get of one key answered with another key's entry).
-        task = asyncio.ensure_future(self._exchange(data))
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self.timeout)
-        except (asyncio.CancelledError, asyncio.TimeoutError) as e:
-            # NOTE: the exchange goes on; whatever its late answer grants is given back (_undo).
-            self._pending.add(task)
-            task.add_done_callback(lambda t: self._undo(t, op, fields))
-            if isinstance(e, asyncio.TimeoutError):
-                raise CacheTimeout(f"unix://{self.path}: no answer to {op!r} in {self.timeout}s") from None
-            raise
-
-    async def _exchange(self, data: bytes) -> tuple[int, bytes]:
-        async with self._lock:
-            try:
-                self._writer.write(data)
-                await self._writer.drain()
-                blen, msg_id, code = wire.HEAD.unpack(await self._reader.readexactly(wire.HEAD.size))
-                if blen > wire.MAX_ANSWER_BYTES:
-                    raise ValueError(f"an answer of {blen} bytes is over {wire.MAX_ANSWER_BYTES}")
-                body = await self._reader.readexactly(blen) if blen else b""
-            except asyncio.IncompleteReadError:
-                self.state.lost = True
-                raise CacheUnavailable(f"unix://{self.path} closed the connection") from None
-            except (OSError, ValueError) as e:
-                self.state.lost = True
-                raise CacheUnavailable(f"unix://{self.path}: {e}") from e
-        if msg_id == wire.NO_REQUEST:  # the sidecar hangs up, saying why
-            self.state.lost = True
-            raise CacheUnavailable(f"unix://{self.path}: {json.loads(body).get('error')}")
-        return code, body
-
-    def _undo(self, task: asyncio.Future, op: str, fields: dict) -> None:
-        """Give back what a request whose caller was cancelled obtained (leases, a reservation)."""
-        self._pending.discard(task)
-        if task.cancelled() or task.exception() is not None:
-            return
-        code, body = task.result()
-        if code == ERROR:
-            return
-        if op == "lease":
-            try:
-                locs = wire.unpack_leases(body, fields["keys"])
-            except ValueError:
-                return
-            with contextlib.suppress(CacheUnavailable):
-                self.release([k for k, loc in zip(fields["keys"], locs) if loc is not None])
-        elif op == "reserve" and json.loads(body).get("status") == "reserved":
-            t = asyncio.ensure_future(self.call("abort", key=fields["key"]))
-            self._pending.add(t)
-            t.add_done_callback(lambda t: (self._pending.discard(t), t.cancelled() or t.exception()))
-
-    def writable_arena(self) -> SharedArena:
-        if self._writable is None:
-            self._writable = SharedArena(self.arena.path, writable=True)
-        return self._writable
-
-    async def close(self) -> None:
-        if hasattr(self, "_writer"):
-            self._writer.close()
-            with contextlib.suppress(OSError):  # the socket closes (and the sidecar drops our leases) only once this returns
-                await self._writer.wait_closed()
-        for arena in (self.arena, self._writable):
-            if arena is not None:
-                arena.close()
-        self.state.close()
 
 
 class AsyncCacheClient:
@@ -165,7 +37,7 @@ class AsyncCacheClient:
         self._unix_timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._token = token
-        self._local: _AsyncLocal | None = None
+        self._local: AsyncLocalConnection | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -192,10 +64,16 @@ class AsyncCacheClient:
                 raise
         return await self._retry(once)
 
-    async def _connect(self) -> _AsyncLocal:
+    async def _run(self, call: core.Call) -> Any:
+        """One API call (``mmcache_client.core``) over this client's transport."""
+        if self.scheme == "unix":
+            return call.local_result(await self._call(call.op, **call.fields))
+        return call.http_result(*await self._request(call.method, call.path, call.body, call.headers, call.ok))
+
+    async def _connect(self) -> AsyncLocalConnection:
         """The local connection, opened (``hello``) on first use."""
         if self._local is None:
-            local = _AsyncLocal(self._target, self._unix_timeout, self._token)
+            local = AsyncLocalConnection(self._target, self._unix_timeout, self._token)
             await local.connect()
             self._local = local
         return self._local
@@ -230,24 +108,16 @@ class AsyncCacheClient:
         return await self._put_plan(key, plan, durable, persist)
 
     async def _put_plan(self, key: Key, plan: EntryPlan, durable: bool, persist: bool = True) -> bool:
-        if durable and not persist:
-            raise ValueError("durable=True needs persist=True: a host-only entry never reaches disk")
+        core.check_put(durable, persist)
         if self.scheme != "unix":
-            q = "?durable=1" if durable else ("?persist=0" if not persist else "")
-            status, _, _ = await self._request("PUT", f"/v1/entries/{key}{q}", plan.to_bytes(),
-                                               {"Content-Type": "application/vnd.safetensors"}, ok=(200, 201))
-            return status == 201
-        ans = await self._call("reserve", key=str(key), nbytes=plan.total_bytes,
-                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)), persist=persist)
-        if ans["status"] == "exists":
+            path, body, headers = core.http_put(key, plan, durable, persist)
+            return (await self._request("PUT", path, body, headers, ok=(200, 201)))[0] == 201
+        answer = await self._call("reserve", **core.reserve_fields(key, plan, persist))
+        offset = core.reserved_offset(key, plan, answer)
+        if offset is None:
             return False
-        if ans["status"] == "too_large":
-            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes exceed the sidecar's arena of {ans.get('capacity_bytes')} bytes")
-        if ans["status"] == "no_space":
-            raise CacheFull(f"{key}: no room for {plan.total_bytes} bytes now (everything else is leased or being written)",
-                            float(ans.get("retry_after_s", 1.0)))
         try:
-            plan.write_into(self._local.writable_arena().view(ans["offset"], plan.total_bytes))
+            plan.write_into(self._local.writable_arena().view(offset, plan.total_bytes))
         except BaseException:
             await self._call("abort", key=str(key))
             raise
@@ -264,14 +134,7 @@ class AsyncCacheClient:
             if loc is None:
                 return None
             return await self._entry(self._local, key, loc)
-        status, headers, data = await self._request("GET", f"/v1/entries/{key}")
-        if status == 404:
-            return None
-        try:
-            view = read_entry(data, verify=True)
-        except EntryFormatError as e:  # damaged on the way: never handed out
-            raise CorruptEntry(f"{key}: {e}") from e
-        return AsyncEntry(key, headers.get("X-MMCache-Tier", "remote"), view)
+        return core.http_entry(key, *await self._request("GET", f"/v1/entries/{key}"), AsyncEntry)
 
     async def get_many(self, keys, *, device: Any = None) -> AsyncEntryBatch | AsyncDeviceBatch:
         """See ``CacheClient.get_many``: ``async with await client.get_many(keys) as entries``."""
@@ -283,10 +146,9 @@ class AsyncCacheClient:
             return AsyncEntryBatch([])
         if self.scheme == "unix":
             locs = (await self._call("lease", keys=keys))["leases"]
-            return _local_batch(self._local, keys, locs, AsyncEntryBatch, AsyncEntry, _async_release)
-        _, _, data = await self._request("POST", "/v1/batch_get", json.dumps({"keys": keys}),
-                                         {"Content-Type": "application/json"})
-        return AsyncEntryBatch(_entries_from_arrow(keys, data, AsyncEntry))
+            return core.local_batch(self._local, keys, locs, AsyncEntryBatch, AsyncEntry, _async_release)
+        _, _, data = await self._request("POST", "/v1/batch_get", *core.batch_get(keys))
+        return AsyncEntryBatch(core.entries_from_arrow(keys, data, AsyncEntry))
 
     async def _get_many_on(self, keys: list[str], dev: Any) -> AsyncDeviceBatch:
         """See ``CacheClient.get_many``; the CUDA work (imports, copies, pinning) runs in a
@@ -332,7 +194,7 @@ class AsyncCacheClient:
         if conn is not None and conn.state.detach():
             await conn.close()
 
-    async def _entry(self, conn: _AsyncLocal, key: str, loc: list) -> AsyncEntry:
+    async def _entry(self, conn: AsyncLocalConnection, key: str, loc: list) -> AsyncEntry:
         try:
             view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
         except BaseException:
@@ -343,7 +205,7 @@ class AsyncCacheClient:
         return AsyncEntry(key, loc[2], view, lambda: self._release(conn, wire.release_name(key, loc), end_local),
                           conn.state if end_local is None else None)
 
-    async def _release(self, conn: _AsyncLocal, key: str, end_local) -> None:
+    async def _release(self, conn: AsyncLocalConnection, key: str, end_local) -> None:
         if end_local is not None:
             end_local()
         try:
@@ -355,42 +217,19 @@ class AsyncCacheClient:
                 await conn.close()
 
     async def exists(self, namespace: str, hash_hex: str) -> bool:
-        key = _key_str(namespace, hash_hex)
-        if self.scheme == "unix":
-            return (await self._call("lookup", keys=[key]))["tiers"][key] is not None
-        return (await self._request("HEAD", f"/v1/entries/{key}"))[0] == 200
+        return await self._run(core.exists(_key_str(namespace, hash_hex)))
 
     async def lookup(self, keys, *, detail: bool = False) -> dict:
         """See ``CacheClient.lookup``."""
-        keys = _keys(keys)
-        if detail:
-            if self.scheme == "unix":
-                return (await self._call("lookup", keys=keys, detail=True))["items"]
-            _, _, data = await self._request("POST", "/v1/lookup", json.dumps({"keys": keys, "detail": True}),
-                                             {"Content-Type": "application/json"})
-            return json.loads(data)["items"]
-        if self.scheme == "unix":
-            return (await self._call("lookup", keys=keys))["tiers"]
-        _, _, data = await self._request("POST", "/v1/lookup", json.dumps({"keys": keys}),
-                                         {"Content-Type": "application/json"})
-        return json.loads(data)["tiers"]
+        return await self._run(core.lookup(_keys(keys), detail))
 
     async def claim(self, keys, owner: str, ttl_ms: int | None = None) -> dict:
         """See ``CacheClient.claim``."""
-        fields = _claim_fields(keys, owner, ttl_ms)
-        if self.scheme == "unix":
-            return (await self._call("claim", **fields))["claims"]
-        _, _, data = await self._request("POST", "/v1/claims", json.dumps(fields), {"Content-Type": "application/json"})
-        return json.loads(data)["claims"]
+        return await self._run(core.claim(keys, owner, ttl_ms))
 
     async def release_claims(self, keys, owner: str) -> int:
         """See ``CacheClient.release_claims``."""
-        fields = _claim_fields(keys, owner, None)
-        if self.scheme == "unix":
-            return (await self._call("unclaim", **fields))["released"]
-        _, _, data = await self._request("POST", "/v1/claims/release", json.dumps(fields),
-                                         {"Content-Type": "application/json"})
-        return json.loads(data)["released"]
+        return await self._run(core.release_claims(keys, owner))
 
     async def events(self, since: int | None = None, *, scope: str = "all") -> AsyncIterator[dict]:
         """The sidecar's inventory events (``stored`` / ``evicted`` / ``deleted``: key, tier,
@@ -401,7 +240,7 @@ class AsyncCacheClient:
         ``CacheUnavailable`` when that connection ends. ``scope="local"``: the sidecar's own
         events only, not those it relays from other nodes through the remote."""
         if self.scheme == "unix":
-            async for ev in _unix_events(self._target, self._token, since, scope):
+            async for ev in unix_events(self._target, self._token, since, scope):
                 yield ev
             return
         query = f"?scope={scope}" + (f"&since={since}" if since is not None else "")
@@ -429,15 +268,10 @@ class AsyncCacheClient:
         raise CacheUnavailable(f"{self.url}/v1/events: the stream ended")
 
     async def delete(self, namespace: str, hash_hex: str) -> bool:
-        key = _key_str(namespace, hash_hex)
-        if self.scheme == "unix":
-            return (await self._call("delete", key=key))["deleted"]
-        return (await self._request("DELETE", f"/v1/entries/{key}", ok=(204,)))[0] == 204
+        return await self._run(core.delete(_key_str(namespace, hash_hex)))
 
     async def stats(self) -> dict:
-        if self.scheme == "unix":
-            return (await self._call("stats"))["stats"]
-        return json.loads((await self._request("GET", "/v1/stats"))[2])
+        return await self._run(core.stats())
 
     async def close(self) -> None:
         """Close the client. A connection that open entries still rely on closes with the last."""
@@ -453,39 +287,7 @@ class AsyncCacheClient:
         await self.close()
 
 
-async def _unix_events(path: str, token: str | None, since: int | None, scope: str) -> AsyncIterator[dict]:
-    try:
-        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE_BYTES)
-    except OSError as e:
-        raise CacheUnavailable(f"cannot connect to unix://{path}: {e}") from e
-
-    async def answer() -> dict:
-        blen, msg_id, code = wire.HEAD.unpack(await reader.readexactly(wire.HEAD.size))
-        if blen > wire.MAX_ANSWER_BYTES:
-            raise CacheUnavailable(f"unix://{path}: an answer of {blen} bytes is over {wire.MAX_ANSWER_BYTES}")
-        body = await reader.readexactly(blen) if blen else b""
-        return answer_fields(code, body)
-
-    try:
-        writer.write(wire.frame(1, OP_CODES["hello"], wire.json_body({"token": token} if token else {})))
-        await answer()
-        writer.write(wire.frame(2, OP_CODES["events"], wire.json_body({"scope": scope, **({} if since is None
-                                                                                      else {"since": since})})))
-        first = await answer()
-        yield {"kind": "subscribed", "seq": first.get("seq"), "node": first.get("node")}
-        while True:
-            doc = await answer()
-            if doc.get("lost"):
-                yield {"kind": "lost"}
-            for ev in doc.get("events", ()):
-                yield ev
-    except (asyncio.IncompleteReadError, OSError) as e:
-        raise CacheUnavailable(f"unix://{path}: the event stream ended ({e!r})") from None
-    finally:
-        writer.close()
-
-
-def _async_release(conn: _AsyncLocal, keys: list[str], ends: list):
+def _async_release(conn: AsyncLocalConnection, keys: list[str], ends: list):
     async def release() -> None:
         try:
             for end in ends:
@@ -503,7 +305,7 @@ def _async_release(conn: _AsyncLocal, keys: list[str], ends: list):
     return release
 
 
-def _async_device_release(conn: _AsyncLocal, leased: list[str]) -> Callable[[], Awaitable[None]]:
+def _async_device_release(conn: AsyncLocalConnection, leased: list[str]) -> Callable[[], Awaitable[None]]:
     """What gives a batch's device leases back, on the connection that took them: it holds a
     reference on it until then (a detached connection stays open for them)."""
     conn.state.ref()

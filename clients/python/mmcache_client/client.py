@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import random
 import socket
 import time
@@ -17,90 +16,16 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from mmcache_client.device_entries import DeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import Entry, EntryBatch
-from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry, EntryTooLarge,
-                                   MMCacheError, ServerError)
-from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry, relayout
-from mmcache_client import wire
+from mmcache_client.errors import BadRequest, CacheTimeout, CacheUnavailable, MMCacheError
+from mmcache_client.format import EntryFormatError, EntryPlan, relayout
+from mmcache_client import core, wire
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
-from mmcache_client.session import ArenaEntryView, open_lease
+from mmcache_client.session import open_lease
 
 T = TypeVar("T")
-
-
-def _key(namespace: str, hash_hex: str) -> Key:
-    """``Key(namespace, hash_hex)``; a ``tenant@namespace`` (the default tenant acting for a
-    tenant, as an encoder does for the router's) names that tenant's key."""
-    tenant, at, plain = namespace.partition("@") if isinstance(namespace, str) else ("", "", namespace)
-    return Key(plain, hash_hex, tenant) if at else Key(namespace, hash_hex)
-
-
-_VALID: dict = {}
-"""Key strings (and ``(namespace, hash)`` pairs) already validated → the key string: a hot key
-is checked once, not on every get. Bounded: cleared when full."""
-_VALID_MAX = 16384
-
-
-def _key_str(namespace: str, hash_hex: str) -> str:
-    """``str(_key(namespace, hash_hex))``, validated once per pair."""
-    pair = (namespace, hash_hex)
-    try:
-        return _VALID[pair]
-    except (KeyError, TypeError):
-        text = str(_key(namespace, hash_hex))
-    if len(_VALID) >= _VALID_MAX:
-        _VALID.clear()
-    _VALID[pair] = text
-    return text
-
-
-def _keys(keys) -> list[str]:
-    out = []
-    for k in keys:
-        if isinstance(k, Key):
-            out.append(k.to_string())
-            continue
-        text = _VALID.get(k) if isinstance(k, str) else None
-        if text is None:
-            text = Key.from_string(k).to_string()
-            if len(_VALID) >= _VALID_MAX:
-                _VALID.clear()
-            _VALID[k] = text
-        out.append(text)
-    return out
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """``unix:///run/x.sock`` → (unix, path); ``http://h:p`` → (http, url). ValueError otherwise."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "unix" and parsed.path:
-        return "unix", parsed.path
-    if parsed.scheme in ("http", "https") and parsed.hostname:
-        return parsed.scheme, url.rstrip("/")
-    raise ValueError(f"url={url!r} must be unix:///path/to.sock or http(s)://host:port")
-
-
-def raise_for_status(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
-    """Map an HTTP error status to the SDK's named exceptions (503: ``CacheFull``)."""
-    try:
-        retry_after_s = float((headers or {}).get("Retry-After", 1))
-    except ValueError:
-        retry_after_s = 1.0
-    try:
-        message = json.loads(body).get("error", "")
-    except (ValueError, AttributeError):
-        message = body[:200].decode(errors="replace")
-    if status == 401:
-        raise AuthError(message or "unauthorized")
-    if status == 403:
-        raise Forbidden(message or "forbidden")
-    if status == 413:
-        raise EntryTooLarge(message)
-    if status == 503:
-        raise CacheFull(message or "the sidecar has no room now", retry_after_s)
-    if 400 <= status < 500:
-        raise BadRequest(f"HTTP {status}: {message}")
-    raise ServerError(f"HTTP {status}: {message}")
+_key, _key_str, _keys = core.key_of, core.key_str, core.key_strs
+parse_url, raise_for_status, plan_put = core.parse_url, core.raise_for_status, core.plan_put
 
 
 def with_retries(fn: Callable[[], T], retries: int, backoff_s: float, what: str) -> T:
@@ -115,11 +40,6 @@ def with_retries(fn: Callable[[], T], retries: int, backoff_s: float, what: str)
                 raise CacheUnavailable(f"{what}: {e}") from e
             time.sleep(backoff_s * (2**attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
-
-
-def plan_put(key: Key, tensor: Any, metadata: Mapping[str, str] | None, extras: Mapping[str, Any] | None,
-             encode_ms: float) -> EntryPlan:
-    return plan_entry(key.namespace, key.hash, {"embeddings": tensor, **(extras or {})}, metadata, encode_ms=encode_ms)
 
 
 def _read_body(resp: http.client.HTTPResponse) -> bytes | bytearray:
@@ -208,6 +128,12 @@ class CacheClient:
         if conn is not None and conn.state.detach():
             conn.close()
 
+    def _run(self, call: core.Call) -> Any:
+        """One API call (``mmcache_client.core``) over this client's transport."""
+        if self.scheme == "unix":
+            return call.local_result(self._call(call.op, **call.fields))
+        return call.http_result(*self._request(call.method, call.path, call.body, call.headers, call.ok))
+
     def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)) -> tuple[int, dict, bytes]:
         status, hdrs, data = with_retries(lambda: self._http.request(method, path, body, headers),
                                           self.retries, self.backoff_s, self.url)
@@ -238,24 +164,15 @@ class CacheClient:
         return self._put_plan(key, plan, durable, persist)
 
     def _put_plan(self, key: Key, plan: EntryPlan, durable: bool, persist: bool = True) -> bool:
-        if durable and not persist:
-            raise ValueError("durable=True needs persist=True: a host-only entry never reaches disk")
+        core.check_put(durable, persist)
         if self.scheme != "unix":
-            q = "?durable=1" if durable else ("?persist=0" if not persist else "")
-            status, _, _ = self._request("PUT", f"/v1/entries/{key}{q}", plan.to_bytes(),
-                                         {"Content-Type": "application/vnd.safetensors"}, ok=(200, 201))
-            return status == 201
-        ans = self._call("reserve", key=str(key), nbytes=plan.total_bytes,
-                                 encode_ms=float(plan.metadata.get("encode_ms", 0.0)), persist=persist)
-        if ans["status"] == "exists":
+            path, body, headers = core.http_put(key, plan, durable, persist)
+            return self._request("PUT", path, body, headers, ok=(200, 201))[0] == 201
+        offset = core.reserved_offset(key, plan, self._call("reserve", **core.reserve_fields(key, plan, persist)))
+        if offset is None:
             return False
-        if ans["status"] == "too_large":
-            raise EntryTooLarge(f"{key}: {plan.total_bytes} bytes exceed the sidecar's arena of {ans.get('capacity_bytes')} bytes")
-        if ans["status"] == "no_space":
-            raise CacheFull(f"{key}: no room for {plan.total_bytes} bytes now (everything else is leased or being written)",
-                            float(ans.get("retry_after_s", 1.0)))
         try:
-            plan.write_into(self._local.writable_arena().view(ans["offset"], plan.total_bytes))
+            plan.write_into(self._local.writable_arena().view(offset, plan.total_bytes))
         except BaseException:
             self._call("abort", key=str(key))
             raise
@@ -274,14 +191,7 @@ class CacheClient:
             if loc is None:
                 return None
             return self._entry(self._local, key, loc)
-        status, headers, data = self._request("GET", f"/v1/entries/{key}")
-        if status == 404:
-            return None
-        try:
-            view = read_entry(data, verify=True)
-        except EntryFormatError as e:  # damaged on the way: never handed out
-            raise CorruptEntry(f"{key}: {e}") from e
-        return Entry(key, headers.get("X-MMCache-Tier", "remote"), view)
+        return core.http_entry(key, *self._request("GET", f"/v1/entries/{key}"))
 
     def get_many(self, keys, *, device: Any = None) -> EntryBatch | DeviceBatch:
         """Every key's entry (``"ns/hash"`` strings or ``Key``s), in key order, None for a miss:
@@ -297,10 +207,9 @@ class CacheClient:
             return EntryBatch([])
         if self.scheme == "unix":
             locs = self._call("lease", keys=keys)["leases"]
-            return _local_batch(self._local, keys, locs, EntryBatch, Entry, _sync_release)
-        _, _, data = self._request("POST", "/v1/batch_get", json.dumps({"keys": keys}),
-                                   {"Content-Type": "application/json"})
-        return EntryBatch(_entries_from_arrow(keys, data, Entry))
+            return core.local_batch(self._local, keys, locs, EntryBatch, Entry, _sync_release)
+        _, _, data = self._request("POST", "/v1/batch_get", *core.batch_get(keys))
+        return EntryBatch(core.entries_from_arrow(keys, data, Entry))
 
     def _get_many_on(self, keys: list[str], dev: Any) -> DeviceBatch:
         """``get_many(keys, device=dev)``: see ``mmcache_client.device_entries``."""
@@ -362,25 +271,12 @@ class CacheClient:
                 conn.close()
 
     def exists(self, namespace: str, hash_hex: str) -> bool:
-        key = _key_str(namespace, hash_hex)
-        if self.scheme == "unix":
-            return self._call("lookup", keys=[key])["tiers"][key] is not None
-        return self._request("HEAD", f"/v1/entries/{key}")[0] == 200
+        return self._run(core.exists(_key_str(namespace, hash_hex)))
 
     def lookup(self, keys, *, detail: bool = False) -> dict:
         """Key → tier holding it (``host``/``disk``) or None. ``detail``: key → ``{"tier",
         "num_tokens"[, "image_grid_thw"]}`` or None, so a hit needs no lease to be laid out."""
-        keys = _keys(keys)
-        if detail:
-            if self.scheme == "unix":
-                return self._call("lookup", keys=keys, detail=True)["items"]
-            _, _, data = self._request("POST", "/v1/lookup", json.dumps({"keys": keys, "detail": True}),
-                                       {"Content-Type": "application/json"})
-            return json.loads(data)["items"]
-        if self.scheme == "unix":
-            return self._call("lookup", keys=keys)["tiers"]
-        _, _, data = self._request("POST", "/v1/lookup", json.dumps({"keys": keys}), {"Content-Type": "application/json"})
-        return json.loads(data)["tiers"]
+        return self._run(core.lookup(_keys(keys), detail))
 
     def claim(self, keys, owner: str, ttl_ms: int | None = None) -> dict:
         """Claim ``keys`` before encoding them, so each is encoded once across every encoder
@@ -388,31 +284,17 @@ class CacheClient:
         "won", "ttl_ms"}`` (encode it and put it; the put ends the claim; claiming again renews
         it) or ``{"state": "wait", "ttl_ms"}`` (``owner`` is another's for that long: wait for
         its entry, then claim again). ``ttl_ms`` defaults to the sidecar's 30 s."""
-        fields = _claim_fields(keys, owner, ttl_ms)
-        if self.scheme == "unix":
-            return self._call("claim", **fields)["claims"]
-        _, _, data = self._request("POST", "/v1/claims", json.dumps(fields), {"Content-Type": "application/json"})
-        return json.loads(data)["claims"]
+        return self._run(core.claim(keys, owner, ttl_ms))
 
     def release_claims(self, keys, owner: str) -> int:
         """Give back ``owner``'s claims on ``keys`` (an encode that failed); how many it held."""
-        fields = _claim_fields(keys, owner, None)
-        if self.scheme == "unix":
-            return self._call("unclaim", **fields)["released"]
-        _, _, data = self._request("POST", "/v1/claims/release", json.dumps(fields),
-                                   {"Content-Type": "application/json"})
-        return json.loads(data)["released"]
+        return self._run(core.release_claims(keys, owner))
 
     def delete(self, namespace: str, hash_hex: str) -> bool:
-        key = _key_str(namespace, hash_hex)
-        if self.scheme == "unix":
-            return self._call("delete", key=key)["deleted"]
-        return self._request("DELETE", f"/v1/entries/{key}", ok=(204,))[0] == 204
+        return self._run(core.delete(_key_str(namespace, hash_hex)))
 
     def stats(self) -> dict:
-        if self.scheme == "unix":
-            return self._call("stats")["stats"]
-        return json.loads(self._request("GET", "/v1/stats")[2])
+        return self._run(core.stats())
 
     def close(self) -> None:
         """Close the client. A connection that open entries still rely on closes with the last."""
@@ -425,13 +307,6 @@ class CacheClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _claim_fields(keys, owner: str, ttl_ms: int | None) -> dict:
-    fields: dict[str, Any] = {"keys": _keys(keys), "owner": owner}
-    if ttl_ms is not None:
-        fields["ttl_ms"] = int(ttl_ms)
-    return fields
 
 
 def _device_release(conn: LocalConnection, leased: list[str]) -> Callable[[], None]:
@@ -466,51 +341,3 @@ def _sync_release(conn: LocalConnection, keys: list[str], ends: list) -> Callabl
             if closing:
                 conn.close()
     return release
-
-
-def _local_batch(conn, keys: list[str], locs: list, batch_type, entry_type, make_release):
-    """Entries over one ``lease`` answer, each holding a reference on ``conn`` until the batch
-    closes. On a failure (a corrupt entry) every lease of the answer is given back (the release
-    runs, or for the async client is scheduled, before the error propagates)."""
-    leased = [f"{k}\t{loc.offset}" for k, loc in zip(keys, locs) if loc is not None]  # wire.release_name
-    conn.state.refs += len(leased)
-    entries: list = []
-    ends: list = []
-    state, arena = conn.state, conn.arena
-    try:
-        for key, loc in zip(keys, locs):
-            if loc is None:
-                entries.append(None)
-            elif loc.layout is not None and loc.offset >= 0:  # NOTE: the common case, inlined
-                entries.append(entry_type(key, loc.tier, ArenaEntryView(arena, loc.offset, loc.nbytes, loc.layout),
-                                          None, state))
-            else:
-                view, end_local = open_lease(state, arena, conn.lmdb_path, key, loc)
-                ends.append(end_local)
-                entries.append(entry_type(key, loc.tier, view, None, state if end_local is None else None))
-    except BaseException:
-        batch_type(entries, make_release(conn, leased, ends)).close()
-        raise
-    return batch_type(entries, make_release(conn, leased, ends))
-
-
-def _entries_from_arrow(keys: list[str], data: bytes, entry_type) -> list:
-    """``POST /v1/batch_get``'s Arrow stream as entries in key order (misses left out there)."""
-    import pyarrow as pa
-
-    found: dict[str, tuple[str, bytes]] = {}
-    for batch in pa.ipc.open_stream(pa.py_buffer(data)):
-        for key, tier, blob in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            found[key] = (tier, blob)
-    out = []
-    for key in keys:
-        if key not in found:
-            out.append(None)
-            continue
-        tier, blob = found[key]
-        try:
-            view = read_entry(blob, verify=True)
-        except EntryFormatError as e:  # damaged on the way: never handed out
-            raise CorruptEntry(f"{key}: {e}") from e
-        out.append(entry_type(key, tier, view))
-    return out
