@@ -87,24 +87,31 @@ def test_get_in_another_process_views_the_arena_in_place(sidecar):
 
 # ---------------------------------------------------------------- no torn reads under churn
 
-def _churn_writer(url: str, num_keys: int, rounds: int, out) -> None:
+def _churn_writer(url: str, num_keys: int, rounds: int, out, done) -> None:
     rng = np.random.default_rng(0)
-    with CacheClient(url) as c:
-        puts = 0
-        for _ in range(rounds):
-            i = int(rng.integers(num_keys))
-            if not c.exists(NS, _key(i)):
-                c.put(NS, _key(i), _payload(i, int(rng.integers(64, 1024))))
-                puts += 1
-            c.delete(NS, _key(int(rng.integers(num_keys))))  # churn: free and reuse space
+    try:
+        with CacheClient(url) as c:
+            puts = 0
+            for _ in range(rounds):
+                i = int(rng.integers(num_keys))
+                if not c.exists(NS, _key(i)):
+                    c.put(NS, _key(i), _payload(i, int(rng.integers(64, 1024))))
+                    puts += 1
+                c.delete(NS, _key(int(rng.integers(num_keys))))  # churn: free and reuse space
+    finally:
+        done.set()
     out.put(("writer", puts))
 
 
-def _verifying_reader(url: str, num_keys: int, num_reads: int, seed: int, out) -> None:
+def _verifying_reader(url: str, num_keys: int, num_reads: int, seed: int, out, done) -> None:
+    """At least ``num_reads`` reads, and on until the writer is done: the reads overlap the
+    whole churn however fast they are (a reader that started first would otherwise finish its
+    reads on an empty cache)."""
     rng = np.random.default_rng(seed)
-    hits = bad = 0
+    hits = bad = reads = 0
     with CacheClient(url) as c:
-        for _ in range(num_reads):
+        while reads < num_reads or not done.is_set():
+            reads += 1
             i = int(rng.integers(num_keys))
             e = c.get(NS, _key(i))
             if e is None:
@@ -139,9 +146,10 @@ def _results(out, procs, timeout: float) -> list:
 
 def test_no_torn_reads_while_a_writer_churns_the_arena(sidecar):
     num_keys, readers, reads_each = 128, 3, 3400  # ~17 MiB of keys through an 8 MiB arena
-    out = SPAWN.Queue()
-    procs = [SPAWN.Process(target=_churn_writer, args=(sidecar.socket_url, num_keys, 1500, out))]
-    procs += [SPAWN.Process(target=_verifying_reader, args=(sidecar.socket_url, num_keys, reads_each, s, out))
+    out, done = SPAWN.Queue(), SPAWN.Event()
+    procs = [SPAWN.Process(target=_churn_writer, args=(sidecar.socket_url, num_keys, 1500, out, done), daemon=True)]
+    procs += [SPAWN.Process(target=_verifying_reader, args=(sidecar.socket_url, num_keys, reads_each, s, out, done),
+                            daemon=True)
               for s in range(readers)]
     for p in procs:
         p.start()
