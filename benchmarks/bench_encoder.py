@@ -57,8 +57,8 @@ from hostinfo import describe
 
 from encoder_worker.encoder import Encoder
 from encoder_worker.models import ensure_model
-from encoder_worker.service import EncoderServeConfig
-from encoder_worker.service import create_app as create_encoder_app
+from encoder_worker.config import EncoderServeConfig
+from encoder_worker.app import create_app as create_encoder_app
 from mmcache.config import ServeConfig
 from mmcache.server import create_app as create_sidecar_app
 

@@ -13,7 +13,8 @@ from encoder_worker.media import MediaLimits
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from encoder_worker.service import EncoderServeConfig, create_app
+    from encoder_worker.app import create_app
+    from encoder_worker.config import EncoderServeConfig
     from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
 

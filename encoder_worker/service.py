@@ -1,11 +1,8 @@
-"""The encode service (``mmcache-encoder serve``): every image encoded once, cluster-wide.
+"""The encoder's work (``EncodeService``): every image encoded once, cluster-wide.
 
 Per image: fetch → hash the raw bytes → look the key up in the cache → encode the misses
-(single-flight, dynamically batched, off the event loop) → put them in the cache → answer.
-
-Statuses: 400 a bad image or body (the message names the image), 503 with ``Retry-After`` the
-encode queue is full (``max_queued_images``) or the cache is full (``CacheFull``: every byte
-leased), 503 the cache is unreachable, 500 a bug.
+(single-flight, dynamically batched, off the event loop) → put them in the cache → answer. Its
+HTTP face is ``encoder_worker.app``; its settings ``encoder_worker.config``.
 """
 
 from __future__ import annotations
@@ -13,82 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import socket
-import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
-from aiohttp import web
 
-from mmcache.serving.app import metrics_response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from encoder_worker.batcher import SCHEDULES, BatchStats, Job, QueueFull, SingleFlightBatcher
-from encoder_worker.media import MediaError, MediaLimits, decode_fetched, fetch_bytes, http_session
+from encoder_worker.batcher import BatchStats, Job, SingleFlightBatcher
+from encoder_worker.media import MediaError, decode_fetched, fetch_bytes, http_session
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCacheError, content_hash
-from mmcache_client.keys import validate_tenant
+from encoder_worker.config import EncoderServeConfig
 
 logger = logging.getLogger(__name__)
 _CLAIM_CHUNK = 512
 """Keys per claim call (the sidecar answers each key in turn)."""
-
-
-@dataclass(frozen=True)
-class EncoderServeConfig:
-    """Everything ``mmcache-encoder serve`` takes."""
-
-    cache_url: str
-    """The sidecar: ``unix:///path.sock`` (zero-copy puts) or ``http://host:port``."""
-    model: str = "tiny-llava"
-    """``tiny-llava`` (built on first use into data_dir) or a local Hugging Face directory."""
-    data_dir: str = "./mmcache-data"
-    """Where built-in models are generated."""
-    host: str = "127.0.0.1"
-    port: int = 8471
-    max_batch: int = 8
-    """Most images per model forward."""
-    max_wait_ms: float = 5.0
-    """Longest a miss waits for others to batch with, in milliseconds."""
-    max_images_per_request: int = 64
-    cache_token: str | None = None
-    """Bearer token of the sidecar, if it has one."""
-    salt: str | None = None
-    """Tenant salt mixed into the namespace."""
-    media: MediaLimits = field(default_factory=MediaLimits)
-    schedule: str = "fcfs"
-    """Which queued misses run next: ``fcfs`` (arrival order) or ``sjf`` (those of the request
-    with the fewest images left to encode first; see ``encoder_worker.batcher``)."""
-    max_queue_delay_ms: float = 10_000.0
-    """Under ``sjf``, a miss queued longer than this runs first (no request starves)."""
-    max_queued_images: int = 1024
-    """Most misses waiting for the model; a request whose new misses would pass it is refused
-    with 503 + ``Retry-After`` (see ``encoder_worker.batcher``)."""
-    claims: bool = True
-    """Claim each miss through the sidecar before encoding it (``mmcache.claims``), so that
-    every encoder sharing the cache (this node's and, with a remote tier, every node's) encodes
-    a new image once; off: single-flight within this worker only."""
-    claim_ttl_s: float = 30.0
-    """How long a claim holds without renewal: an owner that dies is taken over after this."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms={self.max_wait_ms} must be >= 0")
-        if self.max_images_per_request < 1:
-            raise ValueError(f"max_images_per_request={self.max_images_per_request} must be >= 1")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
-        if self.max_queued_images < 1:
-            raise ValueError(f"max_queued_images={self.max_queued_images} must be >= 1")
-        if not 0.1 <= self.claim_ttl_s <= 600:
-            raise ValueError(f"claim_ttl_s={self.claim_ttl_s} must be within 0.1..600 seconds")
 
 
 class _Metrics:
@@ -392,119 +330,3 @@ class EncodeService:
         self.metrics.images.labels("miss").inc(len(urls) - hits)
         return {"namespace": self.namespace,
                 "items": [{"hash": h, "num_tokens": num_tokens[h], "cached": h in cached} for h in hashes]}
-
-
-SERVICE = web.AppKey("service", EncodeService)
-CONFIG = web.AppKey("config", EncoderServeConfig)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.empty_body:
-            raise
-        return web.json_response({"error": e.reason if e.content_type != "application/json" else e.text},
-                                 status=e.status)
-    except MediaError as e:
-        where = f"image {e.index}: " if e.index is not None else ""
-        return web.json_response({"error": f"{where}{e}"}, status=400)
-    except QueueFull as e:
-        return _retry_later(str(e), e.retry_after_s)
-    except CacheFull as e:  # NOTE: a put of an encoded image found every byte leased
-        return _retry_later(f"the cache is full (every byte leased): {e}", e.retry_after_s)
-    except CacheUnavailable as e:
-        return web.json_response({"error": f"the cache is unavailable: {e}"}, status=503)
-    except ValueError as e:
-        return web.json_response({"error": str(e)}, status=400)
-    except Exception as e:
-        logger.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": f"internal error: {type(e).__name__}: {e}"}, status=500)
-
-
-def _retry_later(message: str, retry_after_s: float) -> web.Response:
-    return web.json_response({"error": message}, status=503,
-                             headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
-
-
-async def encode_handler(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    t0 = time.perf_counter()
-    try:
-        doc = await request.json()
-    except ValueError:
-        raise ValueError('body must be JSON: {"images": ["data:image/png;base64,...", ...]}') from None
-    images = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(images, list) or not images or not all(isinstance(u, str) for u in images):
-        raise ValueError('"images" must be a non-empty list of strings (data:, http(s)://, file:// URLs)')
-    if len(images) > service.config.max_images_per_request:
-        raise ValueError(f"{len(images)} images exceed max_images_per_request={service.config.max_images_per_request}")
-    tenant = doc.get("tenant")
-    if tenant is not None:
-        validate_tenant(tenant)
-    answer = await service.encode(images, tenant)
-    service.metrics.request_seconds.observe(time.perf_counter() - t0)
-    return web.json_response(answer)
-
-
-async def models_handler(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return web.json_response({"object": "list", "data": [{
-        "id": service.config.model, "object": "model", "namespace": service.namespace,
-        "model_type": getattr(service.encoder, "model_type", "unknown")}]})
-
-
-async def stats_handler(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    return web.json_response({"namespace": service.namespace, "model": service.config.model, "pid": os.getpid(),
-                              **service.counters,
-                              "claims": service.config.claims, "claim_owner": service.owner,
-                              "claims_held": len(service._held), "events_connected": service._events_up,
-                              "inflight": service.batcher.inflight, "queued": service.batcher.queued,
-                              "single_flight_joins": service.batcher.joins, "schedule": service.batcher.schedule,
-                              "max_queued": service.batcher.max_queued, "refused": service.batcher.refused,
-                              "schedule_overtakes": service.batcher.overtakes})
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    return metrics_response(request.app[SERVICE].metrics.registry)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-def _service_ctx(config: EncoderServeConfig, encoder: Any | None):
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        enc = encoder
-        if enc is None:
-            from encoder_worker.encoder import Encoder
-            from encoder_worker.models import ensure_model
-
-            model_dir = await asyncio.to_thread(ensure_model, config.model, config.data_dir)
-            enc = await asyncio.to_thread(Encoder.load, model_dir, salt=config.salt)
-        service = EncodeService(enc, AsyncCacheClient(config.cache_url, token=config.cache_token), config)
-        await service.start()
-        app[SERVICE] = service
-        logger.info("encoder up: model %s, namespace %s, cache %s", config.model, service.namespace, config.cache_url)
-        try:
-            yield
-        finally:
-            await service.close()
-    return ctx
-
-
-def create_app(config: EncoderServeConfig, encoder: Any | None = None) -> web.Application:
-    """``encoder`` injects a ready model (tests, in-process stacks); else it is loaded here."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=256 << 20)
-    app[CONFIG] = config
-    app.cleanup_ctx.append(_service_ctx(config, encoder))
-    app.add_routes([
-        web.post("/v1/encode", encode_handler),
-        web.get("/v1/models", models_handler),
-        web.get("/v1/stats", stats_handler),
-        web.get("/metrics", metrics_handler),
-        web.get("/healthz", healthz),
-    ])
-    return app

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aiohttp import web  # noqa: E402
 
-from encoder_worker.service import EncoderServeConfig, create_app  # noqa: E402
+from encoder_worker.app import create_app  # noqa: E402
+from encoder_worker.config import EncoderServeConfig  # noqa: E402
 from test_encoder_service import CountingEncoder  # noqa: E402
 
 

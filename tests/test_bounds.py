@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from encoder_worker.models import ensure_model
-from encoder_worker.service import SERVICE as ENCODER_SERVICE
-from encoder_worker.service import EncoderServeConfig
-from encoder_worker.service import create_app as create_encoder_app
+from encoder_worker.app import SERVICE as ENCODER_SERVICE
+from encoder_worker.config import EncoderServeConfig
+from encoder_worker.app import create_app as create_encoder_app
 from llm_worker.prompt import template_ids
 from llm_worker.router import RouterConfig
 from llm_worker.router_app import ROUTER, create_app as create_router_app

@@ -16,7 +16,8 @@ import pytest
 import torch
 from aiohttp.test_utils import TestClient, TestServer
 
-from encoder_worker.service import SERVICE, EncoderServeConfig, create_app
+from encoder_worker.app import SERVICE, create_app
+from encoder_worker.config import EncoderServeConfig
 from mmcache.config import ServeConfig
 from mmcache.events import EventBus
 from mmcache_client import AsyncCacheClient, BadRequest, CacheClient, CacheUnavailable, content_hash

@@ -16,7 +16,8 @@ from PIL import Image
 from transformers import AutoImageProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from encoder_worker.models import ensure_model
-from encoder_worker.service import SERVICE, EncoderServeConfig, create_app
+from encoder_worker.app import SERVICE, create_app
+from encoder_worker.config import EncoderServeConfig
 from mmcache.config import ServeConfig
 from mmcache_client import CacheClient
 from sidecar import ThreadedSidecar

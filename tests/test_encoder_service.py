@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from encoder_worker.media import MediaLimits
-from encoder_worker.service import SERVICE, EncoderServeConfig, create_app
+from encoder_worker.app import SERVICE, create_app
+from encoder_worker.config import EncoderServeConfig
 from mmcache.config import ServeConfig
 from mmcache_client import CacheClient, CacheFull, content_hash
 from sidecar import ThreadedSidecar

@@ -28,8 +28,8 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from encoder_worker.models import ensure_model
-from encoder_worker.service import EncoderServeConfig
-from encoder_worker.service import create_app as create_encoder_app
+from encoder_worker.config import EncoderServeConfig
+from encoder_worker.app import create_app as create_encoder_app
 from llm_worker.cli import main as llm_main
 from llm_worker.prompt import image_urls
 from llm_worker.app import SERVICE, create_app

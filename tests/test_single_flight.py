@@ -17,7 +17,8 @@ import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 
-from encoder_worker.service import SERVICE, EncoderServeConfig, create_app
+from encoder_worker.app import SERVICE, create_app
+from encoder_worker.config import EncoderServeConfig
 from mmcache.config import ServeConfig
 from redis_servers import RedisClusterProcs, needs_redis
 from sidecar import ThreadedSidecar, settled

@@ -448,7 +448,7 @@ def _media_of(child: Child, monkeypatch) -> MediaLimits:
     """The MediaLimits the child's own CLI builds from its argv (nothing is served)."""
     seen = {}
     module = child.argv[2]
-    service = "encoder_worker.service" if module == "encoder_worker.cli" else "llm_worker.app"
+    service = "encoder_worker.app" if module == "encoder_worker.cli" else "llm_worker.app"
     monkeypatch.setattr(f"{service}.create_app", lambda config: seen.setdefault("config", config))
     monkeypatch.setattr("mmcache.serving.run_app", lambda *a, **k: None)
     main = encoder_main if module == "encoder_worker.cli" else llm_main
