@@ -88,7 +88,7 @@ class ServeConfig:
         if self.remote_ttl_s is not None and not 0 < self.remote_ttl_s < float("inf"):
             raise ValueError(f"remote_ttl_s={self.remote_ttl_s} must be a positive number of seconds")
         if self.remote is not None:
-            from mmcache.remote import parse_remote_url
+            from mmcache.remote_config import parse_remote_url
 
             parse_remote_url(self.remote)  # NOTE: a bad URL is a clear error at start
         for name in ("write_timeout_s", "header_timeout_s"):

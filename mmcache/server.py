@@ -25,7 +25,7 @@ from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.config import ServeConfig
 from mmcache.serving.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body, read_json
 from mmcache.local_server import start_local_server
-from mmcache.remote import RemoteConfig
+from mmcache.remote_config import RemoteConfig
 from mmcache.metrics import Metrics
 from mmcache.serving.app import metrics_response
 from mmcache.serving.security import bearer_matches, bearer_token

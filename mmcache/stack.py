@@ -124,7 +124,7 @@ class StackConfig:
         if self.aggregated and (self.nodes > 1 or self.remote or self.redis_cluster):
             raise ValueError("--nodes, --remote and --redis-cluster are for the EPD stack (the baseline has no cache)")
         if self.remote:
-            from mmcache.remote import parse_remote_url
+            from mmcache.remote_config import parse_remote_url
 
             parse_remote_url(self.remote)
         for name in ("encoders", "prefill", "decode"):

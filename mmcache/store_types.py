@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mmcache.data_dir import ARENA_PREFIX, arena_dir
 from mmcache.host import Owner
-from mmcache.remote import RemoteConfig
+from mmcache.remote_config import RemoteConfig
 from mmcache.tier import TierLease
 
 RETRY_AFTER_S = 1
