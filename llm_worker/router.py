@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
-import os
 import re
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -37,8 +34,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest
-from llm_worker.nodes import ROUTINGS, GroupStream, Inventory, NodeGroup, NodeSpec, choose, follow
+from llm_worker.nodes import GroupStream, Inventory, NodeGroup, NodeSpec, choose, follow
 from llm_worker.prompt import check_max_tokens, image_urls, template_ids
+from llm_worker.router_config import RouterConfig
+from llm_worker.router_stats import gather_stats
 from encoder_worker.media import MediaError, MediaLimits, decode_data_uri
 from mmcache_client import AsyncCacheClient, MMCacheError, content_hash
 
@@ -50,83 +49,6 @@ _IMAGE_INDEX = re.compile(r"^image (\d+): ")
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 _RETRY_AFTER_S = 1.0
 """What a client refused by ``max_inflight`` is told to wait."""
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """Everything ``mmcache-llm router`` takes. EPD mode needs encoders, prefill and decode
-    workers; aggregated mode needs ``generate`` (``both`` workers) and nothing else."""
-
-    model: str = "tiny-llava"
-    """``tiny-llava`` or a local directory: the tokenizer and chat template come from it."""
-    data_dir: str = "./mmcache-data"
-    served_model_name: str | None = None
-    """The ``model`` clients name; default: ``model``'s last path component."""
-    encoders: tuple[str, ...] = ()
-    prefill: tuple[str, ...] = ()
-    decode: tuple[str, ...] = ()
-    generate: tuple[str, ...] = ()
-    cache_url: str | None = None
-    """The sidecar, for ``/v1/stats``."""
-    cache_token: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    """The OpenAI API key clients send as ``Authorization: Bearer KEY`` on every route but
-    ``/healthz`` (401 otherwise); None: no key needed. From ``MMCACHE_API_KEY`` or
-    ``--api-key-file`` rather than ``--api-key``, which ``ps`` shows."""
-    tenants: str | None = None
-    """A TOML/JSON file of API key → tenant (``mmcache.serving.tenants``): a client's requests are
-    encoded and read in its tenant's scope of the cache, so one tenant never gets an embedding
-    another computed or wrote. ``api_key`` stays the default tenant's."""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    default_max_tokens: int = 256
-    max_images_per_request: int = 64
-    timeout_s: float = 600.0
-    """Per call to a worker (an encode of many large images on a CPU takes long)."""
-    retry_down_s: float = 5.0
-    """How long a worker that could not be reached is passed over (it is still tried when no
-    other worker of its role is left)."""
-    max_inflight: int = 256
-    """Most chat requests in progress at once; more are refused with 503 + ``Retry-After``."""
-    nodes: tuple[NodeSpec, ...] = ()
-    """Node groups (``llm_worker.nodes``), instead of ``encoders``/``prefill``/``decode``/``cache_url``:
-    each request goes to one group, by where its images are (``routing``)."""
-    routing: str = "cache"
-    """``cache``: to the group whose host tier holds most of a request's image bytes (by load
-    where none does); ``load``: by load alone."""
-
-    def __post_init__(self) -> None:
-        if self.api_key == "":
-            raise ValueError("api_key must not be empty (None: no key needed)")
-        if self.routing not in ROUTINGS:
-            raise ValueError(f"routing={self.routing!r} must be one of {', '.join(ROUTINGS)}")
-        if self.nodes:
-            if self.generate or self.encoders or self.prefill or self.decode or self.cache_url:
-                raise ValueError("give either --node groups or --encoder/--prefill/--decode/--cache, not both")
-            names = [n.name for n in self.nodes]
-            if len(set(names)) != len(names):
-                raise ValueError(f"node group names must differ: {names}")
-            if self.timeout_s <= 0 or self.retry_down_s < 0 or self.default_max_tokens < 1 or self.max_inflight < 1:
-                raise ValueError("timeout_s, default_max_tokens and max_inflight must be > 0, retry_down_s >= 0")
-            return
-        if self.generate and (self.encoders or self.prefill or self.decode):
-            raise ValueError("give either --generate (aggregated) or --encoder/--prefill/--decode (EPD), not both")
-        if not self.generate and not (self.encoders and self.prefill and self.decode):
-            raise ValueError("EPD needs at least one --encoder, --prefill and --decode URL (or --generate URLs)")
-        if self.timeout_s <= 0 or self.retry_down_s < 0 or self.default_max_tokens < 1:
-            raise ValueError("timeout_s and default_max_tokens must be > 0, retry_down_s >= 0")
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
-        if self.api_key == "":
-            raise ValueError("api_key must not be empty (None: no key needed)")
-
-    @property
-    def mode(self) -> str:
-        return "aggregated" if self.generate else "epd"
-
-    @property
-    def model_id(self) -> str:
-        return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1]
 
 
 class _Metrics:
@@ -465,73 +387,10 @@ class Router:
     def _timed(self, stage: str):
         return self.metrics.stage_seconds.labels(stage).time()
 
-    # -- stats ------------------------------------------------------------------------------
-
     async def stats(self) -> dict:
         """The router's counters, the cache's stats and every worker's health and counters; with
-        several node groups, ``nodes``: one per group, each with its sidecar's stats and workers."""
-        async def probe(backend: Backend) -> dict:
-            out = backend.info()
-            try:
-                async with self.http.get(backend.url + "/v1/stats", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    out.update(healthy=r.status == 200, stats=await r.json(content_type=None))
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
-                out.update(healthy=False, error=repr(e))
-            return out
-
-        async def cache_stats(group: NodeGroup) -> dict:
-            if group.cache is None:
-                return {"url": None}
-            try:
-                return {"url": group.cache_url, "healthy": True, "stats": await asyncio.wait_for(group.cache.stats(), 5)}
-            except Exception as e:  # NOTE: whatever the cache's trouble, the answer goes on
-                return {"url": group.cache_url, "healthy": False, "error": repr(e)}
-
-        async def of_group(group: NodeGroup) -> dict:
-            roles = list(group.pools)
-            answers = await asyncio.gather(cache_stats(group), *(asyncio.gather(*map(probe, group.pools[r].backends))
-                                                                 for r in roles))
-            doc: dict[str, Any] = {"name": group.name, "cache": answers[0], "active": group.active, **group.counts,
-                                   "following_events": group.following,
-                                   "indexed_keys": self.inventory.keys_on(group.name)}
-            for role, workers in zip(roles, answers[1:]):
-                doc[{"encode": "encoders"}.get(role, role)] = list(workers)
-            return doc
-
-        nodes = await asyncio.gather(*map(of_group, self.groups))
-        out: dict[str, Any] = {"mode": self.config.mode, "model": self.config.model_id,
-                               "router": dict(self.counters), "cache": nodes[0]["cache"]}
-        for role in ("encoders", "prefill", "decode", "generate"):
-            workers = [w for n in nodes for w in n.get(role, ())]
-            if workers:
-                out[role] = workers
-        if len(self.groups) > 1:
-            out["nodes"] = nodes
-            out["routing"] = {"mode": self.config.routing, "inventory_events": self.inventory.events}
-        processes = _stack_processes(self.config.data_dir)
-        if processes is not None:
-            out["processes"] = processes
-        encoders = [w.get("stats", {}) for w in out.get("encoders", [])]
-        router_hits = self.counters.get("router_cache_hits", 0)
-        # NOTE: "images" counts every image reference: those the router found in the cache itself
-        # (they never reach an encoder) and those the encoders saw.
-        out["totals"] = {"images_encoded": sum(s.get("encoded", 0) for s in encoders),
-                         "encoder_cache_hits": sum(s.get("cache_hits", 0) for s in encoders),
-                         "router_cache_hits": router_hits,
-                         "encoder_joins": sum(s.get("single_flight_joins", 0) for s in encoders),
-                         "images": sum(s.get("images", 0) for s in encoders) + router_hits}
-        return out
-
-
-def _stack_processes(data_dir: str) -> list | None:
-    """Under ``mmcache up``: its processes (state, restarts, last exit), from the status file it
-    keeps in the data dir; None for a router that ``mmcache up`` did not start."""
-    try:
-        with open(os.path.join(data_dir, "stack-status.json")) as f:  # NOTE: mmcache.stack.STATUS_FILE
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return doc.get("processes") if doc.get("pid") == os.getppid() else None
+        several node groups, ``nodes`` (``llm_worker.router_stats``)."""
+        return await gather_stats(self)
 
 
 def _num_tokens(item: dict) -> int:
