@@ -1,0 +1,156 @@
+"""The sidecar's streaming routes: ``GET /v1/events`` (server-sent inventory events, with a
+heartbeat and a write timeout) and ``POST /v1/batch_get`` (an Arrow IPC stream, one row per
+found entry, in bounded memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import pyarrow as pa
+from aiohttp import web
+
+from mmcache.serving.http_limits import HTTP_COUNTERS, PinnedWriter
+
+from mmcache.server_common import (
+    CONFIG,
+    STORE,
+    STOPPING,
+    EVENT_HEARTBEAT_S,
+    EVENT_WRITE_TIMEOUT_S,
+    PRINCIPAL,
+    _ARROW_CONTENT_TYPE,
+    _lease,
+    _json_keys,
+)
+
+logger = logging.getLogger("mmcache.server")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/events[?since=SEQ][&scope=local]``: the store's inventory events as server-sent
+    events (``id`` the sequence number, ``event`` the kind, ``data`` the JSON event), from
+    ``since`` (or ``Last-Event-ID``; default: from now). ``scope=local``: this node's own only,
+    not those relayed from the remote's stream. A tenant sees its own keys only. An ``event:
+    lost`` says the follower fell more than the bus holds behind (re-read what it indexes). The
+    first is ``event: subscribed`` with the sequence number it follows from and the node."""
+    bus, principal = request.app[STORE].events, request[PRINCIPAL]
+    since_text = request.query.get("since", request.headers.get("Last-Event-ID"))
+    if since_text is not None and not since_text.isdigit():
+        raise ValueError(f"since={since_text!r} must be a sequence number >= 0")
+    scope = request.query.get("scope", "all")
+    if scope not in ("all", "local"):
+        raise ValueError(f"scope={scope!r} must be all or local")
+    seq = int(since_text) if since_text is not None else bus.seq
+    stale = seq > bus.seq  # NOTE: a number from before this sidecar restarted (an old Last-Event-ID)
+    seq = min(seq, bus.seq)
+    tenant = None if principal.trusted else principal.tenant
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-MMCache-Node": bus.node})
+    await response.prepare(request)
+    stopping = request.app[STOPPING]
+
+    async def send(text: str) -> None:
+        await asyncio.wait_for(response.write(text.encode()), EVENT_WRITE_TIMEOUT_S)
+
+    try:
+        await send(f"event: subscribed\ndata: {json.dumps({'kind': 'subscribed', 'seq': seq, 'node': bus.node})}\n\n")
+        if stale:
+            await send("event: lost\ndata: {}\n\n")
+        sent = time.monotonic()
+        while not stopping.is_set():
+            found, lost = await bus.wait_async(seq, 1.0)
+            parts = ["event: lost\ndata: {}\n\n"] if lost else []
+            for ev in found:
+                seq = ev.seq
+                if scope == "local" and ev.node != bus.node:
+                    continue
+                doc = ev.as_dict()
+                if tenant is not None:
+                    if not ev.key.startswith(tenant + "@"):
+                        continue
+                    doc["key"] = ev.key[len(tenant) + 1:]
+                parts.append(f"id: {ev.seq}\nevent: {ev.kind}\ndata: {json.dumps(doc)}\n\n")
+            if not parts and time.monotonic() - sent >= EVENT_HEARTBEAT_S:
+                parts.append(": heartbeat\n\n")
+            if parts:
+                await send("".join(parts))
+                sent = time.monotonic()
+    except (ConnectionResetError, asyncio.TimeoutError) as e:  # the follower left or stopped reading
+        logger.debug("events follower gone: %r", e)
+    return response
+
+
+_BATCH_SCHEMA = pa.schema([("key", pa.string()), ("tier", pa.string()), ("entry", pa.large_binary())])
+
+
+class _Chunks:
+    """A write-only file for ``pyarrow.ipc``: keeps what it is given until taken (pyarrow hands
+    over ``Buffer``s that own their bytes, so keeping them keeps the batch, not a copy)."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.parts: list[memoryview] = []
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.parts.append(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        """pyarrow's sink API; nothing is buffered here (``take`` hands the parts over)."""
+
+    def take(self) -> list[memoryview]:
+        parts, self.parts = self.parts, []
+        return parts
+
+
+async def batch_get(request: web.Request) -> web.StreamResponse:
+    """One Arrow IPC stream (columns ``key``, ``tier``, ``entry``: the safetensors blob), sent as
+    record batches of about ``batch_get_budget_bytes`` each: entries are leased until copied into
+    their batch, and a batch is sent before the next is gathered, so memory is bounded by the
+    budget, not by the answer. Misses are left out."""
+    store, config = request.app[STORE], request.app[CONFIG]
+    keys = await _json_keys(request)
+    owner = ("http-batch", id(request))
+    response = web.StreamResponse(headers={"Content-Type": _ARROW_CONTENT_TYPE})
+    writer = PinnedWriter(request, response, config.write_timeout_s, request.app[HTTP_COUNTERS])
+    sink = _Chunks()
+    stream = pa.ipc.new_stream(sink, _BATCH_SCHEMA)
+    leases: list = []
+
+    def flush() -> None:
+        rows = ([keys[lease.key] for lease in leases], [lease.tier for lease in leases], [lease.view for lease in leases])
+        batch = pa.record_batch([pa.array(rows[0], pa.string()), pa.array(rows[1], pa.string()),
+                                 pa.array(rows[2], pa.large_binary())], schema=_BATCH_SCHEMA)
+        release_all()  # the batch holds copies now
+        stream.write_batch(batch)
+
+    def release_all() -> None:
+        while leases:
+            store.release(leases.pop())
+
+    try:
+        gathered = 0
+        for key in keys:
+            lease = await _lease(store, key, owner)
+            if lease is None:
+                continue
+            leases.append(lease)
+            gathered += lease.view.nbytes
+            if gathered >= config.batch_get_budget_bytes:
+                await asyncio.to_thread(flush)
+                gathered = 0
+                await writer.write(sink.take())
+        if leases:
+            await asyncio.to_thread(flush)
+        stream.close()
+        await writer.write(sink.take(), eof=True)
+    except ConnectionResetError as e:  # the client left, or never read (WriteTimeout)
+        logger.debug("batch_get not delivered: %s", e)
+    finally:
+        release_all()
+    return response
