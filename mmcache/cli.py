@@ -136,7 +136,7 @@ def _up(args: argparse.Namespace) -> int:
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level,
                          cache_token=cache_token, api_key=api_key, nodes=args.nodes, remote=args.remote,
                          redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl,
-                         host_policy=args.host_policy)
+                         host_policy=args.host_policy, cache_device_capacity=args.cache_device_capacity)
     return run(config)
 
 
@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the arena's eviction policy (default lru; cost-lfu keeps entries that were expensive to "
                         "encode and often used: benchmarks/policy.py measures where it wins)")
     u.add_argument("--device", help="cpu, cuda, cuda:N for the workers (default: cuda when a GPU is visible)")
+    u.add_argument("--cache-device-capacity", metavar="SIZE",
+                   help="a GPU tier in the cache that prefill reads by CUDA IPC (mmcache serve --device-capacity; "
+                        "default: none; needs a CUDA GPU)")
     u.add_argument("--dtype", help="bfloat16, float16, float32 for the workers")
     u.add_argument("--allowed-dir", action="append", default=[], help="allow file:// images under DIR (repeatable)")
     u.add_argument("--no-http-images", action="store_true", help="refuse http(s):// image URLs")

@@ -66,6 +66,8 @@ class StackConfig:
     host_capacity: str = "2GiB"
     host_policy: str | None = None
     """The sidecars' ``--host-policy`` (``lru``, ``gdsf``, ``cost-lfu``); None: theirs (lru)."""
+    cache_device_capacity: str | None = None
+    """The sidecars' ``--device-capacity``: a GPU tier the workers read by CUDA IPC (None: none)."""
     device: str | None = None
     dtype: str | None = None
     allowed_dirs: tuple[str, ...] = ()
@@ -301,6 +303,8 @@ class Stack:
                                        "--socket", node.socket, "--host-capacity", c.host_capacity,
                                        "--log-level", c.log_level, *remote_args,
                                        *(["--host-policy", c.host_policy] if c.host_policy else []),
+                                       *(["--device-capacity", c.cache_device_capacity]
+                                         if c.cache_device_capacity else []),
                                        *(["--node", node.name] if node.name else []),
                                        on_exit=self._sidecar_exited(node.data_dir))
         self._wait_ready([n.sidecar for n in nodes], deadline)

@@ -448,3 +448,19 @@ def test_a_reader_mapping_pins_read_only(tmp_path):
     reader.close()
     assert reader.pinned is False
     owner.close()
+
+
+def test_up_gives_the_sidecar_its_device_tier_only_when_asked(monkeypatch, tmp_path):
+    """``mmcache up --cache-device-capacity`` reaches the sidecar as ``--device-capacity`` (and
+    nothing of it reaches a sidecar without the flag); planned only, no process started."""
+    from mmcache.stack import LOOPBACK, Stack, StackConfig
+    from mmcache.supervisor import Child
+
+    monkeypatch.setattr(Child, "spawn", lambda child, events: setattr(child, "url", f"http://{LOOPBACK}:1"))
+    monkeypatch.setattr(Stack, "_wait_ready", lambda self, children, deadline: None)
+    for capacity, expected in ((None, None), ("8GiB", "8GiB")):
+        stack = Stack(StackConfig(data_dir=str(tmp_path / str(capacity)), cache_device_capacity=capacity))
+        stack.start()
+        [sidecar] = [c for c in stack.children if c.role == "cache"]
+        got = sidecar.argv[sidecar.argv.index("--device-capacity") + 1] if "--device-capacity" in sidecar.argv else None
+        assert got == expected
