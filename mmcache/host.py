@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -30,6 +29,7 @@ from typing import Callable, Hashable
 from mmcache.allocator import ArenaAllocator
 from mmcache.leases import LeaseTable
 from mmcache.policies import make_policy
+from mmcache.host_room import HostRoom
 from mmcache.tier import PutStatus, Tier, TierLease, done
 from mmcache_client.arena import SharedArena
 from mmcache_client.format import EntryFormatError, parse_entry, read_entry
@@ -78,16 +78,13 @@ class Reservation:
     owner: Owner
 
 
-_QUARANTINED = object()
-"""Marks an allocated block held by a quarantined reservation in the eviction scan."""
-
 DirtyHook = Callable[[str], None]
 """Called (outside the lock) with a key the tier wants to evict but a lower tier lacks."""
 EvictHook = Callable[[str, int], None]
 """Called with (key, nbytes) after an entry was evicted (for counters and events)."""
 
 
-class HostTier(Tier):
+class HostTier(HostRoom, Tier):
     """Entries in a shared arena, addressed by key strings ``ns/hash``. Thread-safe."""
 
     name = "host"
@@ -209,113 +206,6 @@ class HostTier(Tier):
             raise
         self.seal(res)
         return done(PutStatus.CREATED)
-
-    # ------------------------------------------------------------ eviction
-    def _allocate(self, nbytes: int, dirty: list[str]) -> int | PutStatus | None:
-        if nbytes > self.allocator.capacity_bytes:
-            return PutStatus.TOO_LARGE
-        offset = self.allocator.allocate(nbytes)
-        if offset is not None:
-            return offset
-        window = self._best_window(self.allocator._round_up(nbytes), dirty)
-        if window is None:
-            return None
-        start, victims = window
-        for key in victims:
-            self._evict(key)
-        if not self.allocator.allocate_at(start, nbytes):
-            raise AssertionError(f"evicted window at {start} does not hold {nbytes} bytes")
-        return start
-
-    def _best_window(self, size: int, dirty: list[str]) -> tuple[int, list[str]] | None:
-        """The address window of free blocks and evictable entries that holds ``size`` bytes
-        and whose worst victim the policy ranks best (fewest evicted bytes on a tie)."""
-        rank = {key: i for i, key in enumerate(self.policy.iter_victims())}
-        segments = [(start, length, None) for start, length in self.allocator.free_blocks()]
-        for offset, key in self._offset_to_key.items():
-            segments.append((offset, self.allocator.size_of(offset), _QUARANTINED if key is None else key))
-        segments.sort()
-        best: tuple[tuple[int, int], int, list[str]] | None = None
-        window: deque[tuple[int, int, str | None]] = deque()
-        ranks: deque[tuple[int, int]] = deque()  # (position, rank), ranks increasing: max at front
-        total = evicted = 0
-        for pos, (start, length, key) in enumerate(segments):
-            if window and window[-1][0] + window[-1][1] != start:
-                raise AssertionError("arena segments do not tile")
-            r = self._victim_rank(key, rank, dirty)
-            if r is None:  # a pinned block ends every window through it
-                window.clear()
-                ranks.clear()
-                total = evicted = 0
-                continue
-            window.append((start, length, key))
-            total += length
-            evicted += length if key is not None else 0
-            while ranks and ranks[-1][1] <= r:
-                ranks.pop()
-            ranks.append((pos, r))
-            while total - window[0][1] >= size:  # shrink from the left while it still fits
-                s0, l0, k0 = window.popleft()
-                total -= l0
-                evicted -= l0 if k0 is not None else 0
-                while ranks and ranks[0][0] < pos - len(window) + 1:
-                    ranks.popleft()
-            if total >= size:
-                cost = (ranks[0][1] if ranks else -1, evicted)
-                if best is None or cost < best[0]:
-                    best = (cost, window[0][0], [k for _, _, k in window if k is not None])
-        if dirty:
-            logger.debug("host tier: %d entries await write-back before they can be evicted", len(dirty))
-        return None if best is None else (best[1], best[2])
-
-    def _victim_rank(self, key: str | object | None, rank: dict[str, int], dirty: list[str]) -> int | None:
-        """-1 for free space, the policy rank of an evictable entry, None for a pinned block."""
-        if key is None:
-            return -1
-        if key is _QUARANTINED:
-            return None
-        entry = self._key_to_entry.get(key)
-        if entry is None or not entry.sealed or self.leases.is_leased((key, entry.offset)):
-            return None
-        if not entry.clean and not self._persisted(key):
-            if not entry.writing_back and len(dirty) < 64:
-                entry.writing_back = True
-                dirty.append(key)
-            return None
-        return rank.get(key)
-
-    def _write_back(self, keys: list[str]) -> None:
-        for key in keys:
-            if self.on_dirty is None:
-                self.mark_clean(key)
-            else:
-                self.on_dirty(key)
-
-    def written_down(self, key: str, ok: bool) -> None:
-        """The store's write-down of ``key`` ended; a failed one makes it evictable all the same."""
-        with self._lock:
-            entry = self._key_to_entry.get(key)
-            if entry is not None:
-                entry.writing_back = False
-                entry.clean |= not ok
-
-    def mark_clean(self, key: str) -> None:
-        """Evictable without write-back from now on."""
-        self.written_down(key, ok=False)
-
-    def _evict(self, key: str) -> None:
-        entry = self._key_to_entry[key]
-        self.evictions += 1
-        self.evicted_bytes += entry.nbytes
-        self.policy.on_remove(key, evicted=True)
-        self._free(key)
-        if self.on_evict is not None:
-            self.on_evict(key, entry.nbytes)
-
-    def _free(self, key: str) -> None:
-        entry = self._key_to_entry.pop(key)
-        del self._offset_to_key[entry.offset]
-        self.allocator.free(entry.offset)
 
     # ------------------------------------------------------------ reading
     def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
