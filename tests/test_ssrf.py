@@ -30,12 +30,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from PIL import Image
 
-import encoder_worker.media as media
 from encoder_worker.cli import main as encoder_main
-from encoder_worker.media import (
-    MAX_REDIRECTS, CheckingResolver, MediaError, MediaLimits, address_is_public, fetch_bytes, http_session,
-    load_image,
-)
+import encoder_worker.ssrf as ssrf
+from encoder_worker.media import MAX_REDIRECTS, MediaError, MediaLimits, fetch_bytes, http_session, load_image
+from encoder_worker.ssrf import CheckingResolver, address_is_public
 from encoder_worker.models import ensure_model
 from llm_worker.cli import main as llm_main
 from mmcache.config import ServeConfig
@@ -100,7 +98,7 @@ async def test_the_resolver_drops_non_public_addresses_and_refuses_a_name_with_n
     stub = StubResolver({"mixed.test": ["127.0.0.1", "8.8.8.8", "10.0.0.1"], "internal.test": ["10.0.0.1", "::1"]})
     checked = CheckingResolver(inner=stub)
     assert [r["host"] for r in await checked.resolve("mixed.test", 80)] == ["8.8.8.8"]
-    with pytest.raises(media._AddressRefused):
+    with pytest.raises(ssrf.AddressRefused):
         await checked.resolve("internal.test", 80)
     allowing = CheckingResolver(allow_private_urls=True, inner=stub)
     assert len(await allowing.resolve("internal.test", 80)) == 2
@@ -164,8 +162,8 @@ def public_127_0_0_2(monkeypatch):
     """127.0.0.2 (also loopback on Linux) counts as public; every other address keeps the real rule."""
     if not _can_bind("127.0.0.2"):
         pytest.skip("cannot bind 127.0.0.2")
-    real = media.address_is_public
-    monkeypatch.setattr(media, "address_is_public", lambda ip: str(ip) == "127.0.0.2" or real(ip))
+    real = ssrf.address_is_public
+    monkeypatch.setattr(ssrf, "address_is_public", lambda ip: str(ip) == "127.0.0.2" or real(ip))
 
 
 # ---------------------------------------------------------------- refused by default
@@ -197,8 +195,8 @@ async def test_names_and_other_spellings_of_loopback_are_refused(local, host):
 async def test_localhost_is_judged_by_the_resolver(local, monkeypatch):
     """``localhost`` is a name: the connector's resolver, not a literal check, refuses it."""
     seen = []
-    real = media.address_is_public
-    monkeypatch.setattr(media, "address_is_public", lambda ip: seen.append(str(ip)) or real(ip))
+    real = ssrf.address_is_public
+    monkeypatch.setattr(ssrf, "address_is_public", lambda ip: seen.append(str(ip)) or real(ip))
     with pytest.raises(MediaError, match="points at a private"):
         await fetch_bytes(f"http://localhost:{local.port}/good.png", DEFAULT)
     assert seen and set(seen) <= {"127.0.0.1", "::1"}
