@@ -192,22 +192,28 @@ def cache_counters(system: str, stats: dict) -> tuple[int, int]:
     return (cache["hits"] + cache["misses"], cache["hits"]) if cache else (0, 0)
 
 
-def peak_memory_mib(up: StackProcess) -> dict[str, float]:
-    """Peak resident memory (VmHWM) of each process of the stack, MiB. The sidecar's includes the
-    arena pages it touched (shared memory); a reader's includes the arena pages it read."""
-    out = {}
+def peak_memory_mib(up: StackProcess) -> tuple[dict[str, float], dict[str, float]]:
+    """Per process of the stack, MiB: peak resident memory (VmHWM), and the shared-memory pages
+    resident at the end (RssShmem). VmHWM counts the arena pages a process has mapped in: the
+    sidecar's whole arena, and a writer's too (its mapping is pre-faulted, MAP_POPULATE), so the
+    shared part is shown apart: it is one arena, not memory each process holds."""
+    peak, shared = {}, {}
     for pid, name in sorted(up.pid_tree().items()):
         try:
             with open(f"/proc/{pid}/status") as f:
-                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-        except (OSError, StopIteration):
+                fields = {line.split(":")[0]: int(line.split()[1]) for line in f
+                          if line.startswith(("VmHWM", "RssShmem"))}
+        except (OSError, ValueError, IndexError):
+            continue
+        if "VmHWM" not in fields:
             continue
         key, n = name, 1
-        while key in out:
+        while key in peak:
             n += 1
             key = f"{name} #{n}"
-        out[key] = round(hwm / 1024, 1)
-    return out
+        peak[key] = round(fields["VmHWM"] / 1024, 1)
+        shared[key] = round(fields.get("RssShmem", 0) / 1024, 1)
+    return peak, shared
 
 
 def epd_shape_flags(profile: Profile) -> list[str]:
@@ -220,7 +226,7 @@ def epd_shape_flags(profile: Profile) -> list[str]:
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
                workdir: Path, extra_flags: tuple[str, ...] = (), nodes: int = 1) -> tuple[list[dict], dict]:
-    """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "startup_s"})."""
+    """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "shared_mib", "startup_s"})."""
     flags = [*SYSTEMS.get(system, NODE_SYSTEMS.get(system, ())), "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
              "--port", "0", "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
     if not system.startswith("aggregated"):
@@ -259,8 +265,8 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
             rows += got
             print(f"  {system:15s} rate {spec.rate:g}/s: {sum(r['error'] is None for r in got)}/{len(got)} ok "
                   f"in {wall:.1f} s, hit ratio {hits}/{refs}", flush=True)
-        memory = peak_memory_mib(up)
-    return rows, {"memory_mib": memory, "startup_s": round(startup_s, 1)}
+        memory, shared = peak_memory_mib(up)
+    return rows, {"memory_mib": memory, "shared_mib": shared, "startup_s": round(startup_s, 1)}
 
 
 # -- summarising -----------------------------------------------------------------------------
@@ -429,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stacks: epd = mmcache up {shlex.join([*epd_shape_flags(profile), *epd_extra])} (sidecar, encoders, prefill, decode, "
           f"router); aggregated = mmcache up --aggregated; aggregated-lru = mmcache up --aggregated --encoder-cache "
           f"{profile.cache_capacity}")
-    rows, extras = [], {s: {"memory_mib": {}, "startup_s": []} for s in systems}
+    rows, extras = [], {s: {"memory_mib": {}, "shared_mib": {}, "startup_s": []} for s in systems}
     with tempfile.TemporaryDirectory(prefix="mmc-epd-", dir="/tmp") as workdir:
         for i, spec in enumerate(specs):
             # NOTE: a fresh stack per (rate, system), the systems taking turns per rate in an order
@@ -440,16 +446,19 @@ def main(argv: list[str] | None = None) -> int:
                 got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra, args.nodes)
                 rows += got
                 extras[system]["startup_s"].append(info["startup_s"])
-                peak = extras[system]["memory_mib"]
-                for name, mib in info["memory_mib"].items():
-                    peak[name] = max(peak.get(name, 0.0), mib)
+                for what in ("memory_mib", "shared_mib"):
+                    peak = extras[system][what]
+                    for name, mib in info[what].items():
+                        peak[name] = max(peak.get(name, 0.0), mib)
 
     summary = {str(rate): {s: summarise([r for r in rows if r["system"] == s and r["rate"] == rate],
                                         ttft_slo, tpot_slo) for s in systems} for rate in rates}
     print_table(summary, systems)
-    print("\npeak memory per process (VmHWM, MiB):")
+    print("\npeak memory per process (VmHWM, MiB; in brackets the shared arena pages in it, RssShmem):")
     for system in systems:
-        print(f"  {system}: " + ", ".join(f"{k} {v:g}" for k, v in extras[system]["memory_mib"].items()))
+        shared = extras[system]["shared_mib"]
+        print(f"  {system}: " + ", ".join(f"{k} {v:g} ({shared.get(k, 0):g} shm)"
+                                           for k, v in extras[system]["memory_mib"].items()))
     _write(out, rows, summary, extras, vars(args) | {"dtype": dtype, "model_dir": model_dir,
                                                       "profile_settings": asdict(profile), "machine": describe(torch=True)})
     written = plot(rows, summary, systems, out, ttft_slo)
