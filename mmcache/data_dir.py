@@ -3,6 +3,7 @@ a sidecar restarted after a kill -9 removes the arena its predecessor left in /d
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -44,10 +45,8 @@ def record_arena(data_dir: str, path: str) -> None:
 
 
 def forget_arena(data_dir: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(data_dir, ARENA_RECORD))
-    except FileNotFoundError:
-        pass
 
 
 def remove_stale_arena(data_dir: str, arena_path: str | None) -> None:

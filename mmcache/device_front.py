@@ -24,10 +24,12 @@ until the sidecar exits, so real GPU use can exceed ``--device-capacity`` by suc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any, Hashable
 
+from mmcache.host import EntryExists
 from mmcache.tier import PutStatus
 from mmcache_client.format import plan_entry, read_entry
 from mmcache_client.keys import Key
@@ -147,19 +149,33 @@ class DeviceFront:
             metadata = self._metadata.pop(key, None)
         if metadata is None or self.store.holds_locally(key):
             return
+        k = Key.from_string(key.rpartition("@")[2])
+        meta = {m: v for m, v in metadata.items() if m not in ("checksum", "format", "namespace", "hash")}
+        host = self.store.host
         try:
-            k = Key.from_string(key.rpartition("@")[2])
-            host_tensors = {name: t.detach().cpu() for name, t in tensors.items()}
-            meta = {m: v for m, v in metadata.items() if m not in ("checksum", "format", "namespace", "hash")}
-            plan = plan_entry(k.namespace, k.hash, host_tensors, meta, encode_ms=cost_ms)
-            status = self.store.host.put(key, memoryview(plan.to_bytes()), cost_ms, persist=False).result()
-        except (ValueError, OSError, RuntimeError) as e:  # NOTE: an eviction never fails the put that caused it
+            # NOTE: laid out around the device tensors themselves, so the one copy is GPU →
+            # arena, straight into a reservation (no host staging tensor, no blob in between)
+            plan = plan_entry(k.namespace, k.hash, {n: t.detach() for n, t in tensors.items()}, meta,
+                              encode_ms=cost_ms)
+            res = host.reserve(key, plan.total_bytes, ("device-demote", threading.get_ident()), cost_ms,
+                               persist=False)
+        except (EntryExists, ValueError) as e:  # NOTE: host took it meanwhile, or it cannot be laid out
+            logger.debug("device tier: not demoting %s: %s", key, e)
+            return
+        if isinstance(res, PutStatus):  # NOTE: an eviction never fails the put that caused it
+            logger.warning("device tier: no room in host to demote %s (%s); it is dropped", key, res.value)
+            return
+        try:
+            plan.write_into(host.buffer(res))
+            host.seal(res, cost_ms)
+        except (ValueError, OSError, RuntimeError) as e:
+            with contextlib.suppress(ValueError):
+                host.abort(res)
             logger.warning("device tier: demoting %s into host failed: %s", key, e)
             return
-        if status is PutStatus.CREATED:
-            with self._lock:
-                self.demotions += 1
-            self.store.events.publish("stored", key, "host", plan.total_bytes)
+        with self._lock:
+            self.demotions += 1
+        self.store.events.publish("stored", key, "host", plan.total_bytes)
 
     def stats(self) -> dict:
         doc = self.tier.stats()
