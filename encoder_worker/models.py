@@ -73,6 +73,7 @@ _QWEN_CHAT_TEMPLATE = r"""
 {%- if message['content'] is string -%}{{- message['content'] -}}
 {%- else -%}{%- for part in message['content'] -%}
 {%- if part['type'] in ['image', 'image_url'] -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
+{%- elif part['type'] in ['video', 'video_url'] -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}
 {%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}
 {%- endfor -%}{%- endif -%}
 {{- '<|im_end|>\n' -}}

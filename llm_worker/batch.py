@@ -68,7 +68,9 @@ class DecodeBatch:
         kv.reserve_column()
         device = kv.device
         input_ids = torch.tensor([[s.token_ids[-1]] for s in self.states], device=device)
-        position_ids = torch.tensor([[n] for n in kv.lens], device=device)
+        # NOTE: a row's position is its index plus its delta (M-RoPE: Qwen2-VL's text model
+        # expands [rows, 1] to the same position on its three axes, as generate does)
+        position_ids = torch.tensor([[n + s.position_delta] for n, s in zip(kv.lens, self.states)], device=device)
         out = self._model(input_ids=input_ids, attention_mask=kv.attention_mask(), position_ids=position_ids,
                           use_cache=True, **{self._cache_kwarg: kv.cache()})
         kv.advance()

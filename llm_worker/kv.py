@@ -28,7 +28,7 @@ import torch
 
 from mmcache_client.keys import Key, content_hash, validate_namespace
 
-KV_FORMAT = "mmcache-kv/2"
+KV_FORMAT = "mmcache-kv/3"
 KV_NAMESPACE_PREFIX = "kv."
 
 
@@ -75,6 +75,9 @@ class PrefillResult:
     result); None once handed over (``read_prefill``): the KV entry does not carry them."""
     prefill_ms: float = 0.0
     """Wall time of the prefill forward and the first draw."""
+    position_delta: int = 0
+    """Position of generated token ``k`` minus its index ``num_prompt_tokens + k`` (M-RoPE
+    compresses a vision run's positions; 0 for 1-D positions)."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -103,6 +106,7 @@ def kv_entry_fields(result: PrefillResult) -> dict[str, Any]:
         "num_layers": str(result.kv.num_layers),
         "dtype": str(result.kv.dtype).removeprefix("torch."),
         "first_token": str(result.first_token),
+        "position_delta": str(result.position_delta),
     }
     # NOTE: contiguous() is free for the engine's own results (already contiguous); it copies
     # only for a caller's strided KV, which the entry writer could not copy from in one go.
@@ -129,6 +133,7 @@ def read_prefill(entry: Any) -> PrefillResult:
         kv = KVCache(tensor("k"), tensor("v"))
         num_tokens, num_layers = int(meta["num_tokens"]), int(meta["num_layers"])
         first_token = int(meta["first_token"])
+        position_delta = int(meta["position_delta"])
         prefill_ms = float(meta.get("encode_ms", "0"))
         model_namespace = meta["model_namespace"]
     except (KeyError, ValueError) as e:
@@ -138,4 +143,4 @@ def read_prefill(entry: Any) -> PrefillResult:
                          f"({num_layers=}, {num_tokens=}, dtype={meta.get('dtype')})")
     if tuple(tensor("embeddings").shape) != (1, 1):
         raise ValueError(f"KV entry embeddings must be [1, 1] (the first token), got {list(tensor('embeddings').shape)}")
-    return PrefillResult(model_namespace, first_token, kv, None, prefill_ms)
+    return PrefillResult(model_namespace, first_token, kv, None, prefill_ms, position_delta)

@@ -1,32 +1,61 @@
-"""Prompt preparation: OpenAI-style chat messages → token ids with image placeholders expanded.
+"""Prompt preparation: OpenAI-style chat messages → token ids with image and video placeholders expanded.
 
 ``messages`` is a list of ``{"role", "content"}``; ``content`` is a string or a list of parts
-``{"type": "text", "text": ...}`` / ``{"type": "image_url", "image_url": {"url": ...}}``. Image
-parts reach the checkpoint's own chat template as ``{"type": "image"}`` (the Hugging Face form),
-which renders its image placeholder (``<image>`` for LLaVA) in their place.
+``{"type": "text", "text": ...}`` / ``{"type": "image_url", "image_url": {"url": ...}}`` /
+``{"type": "video_url", "video_url": {"url": ...}}`` (as vLLM takes them). Media parts reach the
+checkpoint's own chat template in the Hugging Face form, ``{"type": "image"}`` / ``{"type":
+"video"}``, which renders its placeholder in their place (``<image>`` for LLaVA;
+``<|vision_start|><|image_pad|><|vision_end|>`` and ``...<|video_pad|>...`` for Qwen2-VL). A model
+without video tokens (LLaVA) sees a video as its frames, each an image part (``frames``).
 
 The ids equal what the model's processor produces for the same conversation: the processor
-replaces each ``<image>`` in the *text* by ``num_tokens`` copies and tokenizes; the image token is
-a special token, so the text around it tokenizes the same either way and we expand at the id
-level instead (``tests/test_llm_engine.py`` compares with ``AutoProcessor``).
+replaces each placeholder in the *text* by ``num_tokens`` copies and tokenizes; the placeholder
+is a special token, so the text around it tokenizes the same either way and we expand at the id
+level instead (``tests/test_llm_engine.py`` compares with the processor).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 _ROLES = frozenset({"system", "user", "assistant"})
+_MEDIA_KINDS = {"image_url": "image", "video_url": "video"}
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """A model's placeholder tokens: ``image``, and ``video`` (None: a video's frames are images)."""
+
+    image: int
+    video: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPart:
+    """An image or video part of the messages, in prompt order."""
+
+    kind: str
+    """``"image"`` or ``"video"``."""
+    url: str
+
+
+def media_parts(messages: Sequence[Mapping[str, Any]]) -> list[MediaPart]:
+    """Every image and video part, in prompt order (what the encoders get); validates ``messages``."""
+    return [MediaPart(_MEDIA_KINDS[p["type"]], p[p["type"]]["url"]) for p in _normalize(messages)[1]
+            if p["type"] in _MEDIA_KINDS]
 
 
 def image_urls(messages: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The ``image_url.url`` of every image part, in prompt order (what the encoders get)."""
-    return [part["image_url"]["url"] for part in _image_parts(_normalize(messages)[1])]
+    """The ``image_url.url`` of every image part, in prompt order."""
+    return [p.url for p in media_parts(messages) if p.kind == "image"]
 
 
-def render_prompt(tokenizer, messages: Sequence[Mapping[str, Any]]) -> str:
+def render_prompt(tokenizer, messages: Sequence[Mapping[str, Any]], tokens: PromptTokens | None = None,
+                  frames: Sequence[int] | None = None) -> str:
     """The chat template's text for ``messages``, ending with the assistant's generation prompt."""
-    return _render(tokenizer, _normalize(messages)[0])
+    return _render(tokenizer, _template_messages(_normalize(messages)[0], tokens, frames))
 
 
 def _render(tokenizer, template_messages: list[dict]) -> str:
@@ -35,29 +64,79 @@ def _render(tokenizer, template_messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(template_messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, messages: Sequence[Mapping[str, Any]], image_token_id: int,
-               num_image_tokens: Sequence[int]) -> list[int]:
-    """Token ids of ``messages`` with the ``i``-th image placeholder repeated ``num_image_tokens[i]`` times.
+def _as_tokens(tokens: PromptTokens | int) -> PromptTokens:
+    return tokens if isinstance(tokens, PromptTokens) else PromptTokens(int(tokens))
 
-    Raises ``ValueError`` for malformed messages, a count that does not match the image parts,
-    or text that itself contains the image placeholder (it would take an image's place).
+
+def prompt_ids(tokenizer, messages: Sequence[Mapping[str, Any]], tokens: PromptTokens | int,
+               num_image_tokens: Sequence[int], num_video_tokens: Sequence[int] = (),
+               frames: Sequence[int] | None = None) -> list[int]:
+    """Token ids of ``messages`` with the ``i``-th image placeholder repeated ``num_image_tokens[i]``
+    times and the ``j``-th video placeholder ``num_video_tokens[j]`` times (``frames``: see
+    ``template_ids``; then the frames count among the images).
+
+    Raises ``ValueError`` for malformed messages, a count that does not match the media parts,
+    or text that itself contains a placeholder (it would take an image's place).
     """
-    return expand_image_tokens(template_ids(tokenizer, messages, image_token_id), image_token_id, num_image_tokens)
+    tokens = _as_tokens(tokens)
+    ids = template_ids(tokenizer, messages, tokens, frames)
+    ids = expand_tokens(ids, tokens.image, num_image_tokens, "image")
+    return expand_tokens(ids, tokens.video, num_video_tokens, "video") if tokens.video is not None else ids
 
 
-def template_ids(tokenizer, messages: Sequence[Mapping[str, Any]], image_token_id: int) -> list[int]:
-    """Token ids of the chat template for ``messages``, one ``image_token_id`` per image part (what
-    the router sends to prefill, which expands each to the image's token count)."""
+def template_ids(tokenizer, messages: Sequence[Mapping[str, Any]], tokens: PromptTokens | int,
+                 frames: Sequence[int] | None = None) -> list[int]:
+    """Token ids of the chat template for ``messages``, one placeholder per image part and per
+    video part (what the router sends to prefill, which expands each to its token count).
+
+    For a model without video tokens, video ``k`` renders as ``frames[k]`` image parts (its
+    frames); without ``frames``, as one (a bound before the videos are decoded).
+    """
+    tokens = _as_tokens(tokens)
     template_messages, parts = _normalize(messages)
-    text = _render(tokenizer, template_messages)
+    text = _render(tokenizer, _template_messages(template_messages, tokens, frames))
     # NOTE: as ProcessorMixin.apply_chat_template does: no second BOS when the template has one.
     bos = tokenizer.bos_token
     ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-    num_images, num_placeholders = len(_image_parts(parts)), ids.count(image_token_id)
-    if num_placeholders != num_images:
-        raise ValueError(f"the prompt holds {num_placeholders} image placeholders for {num_images} images "
-                         "(does a text part contain the image token?)")
+    num_images = sum(p["type"] == "image_url" for p in parts)
+    num_videos = sum(p["type"] == "video_url" for p in parts)
+    expected = {tokens.image: num_images}
+    if tokens.video is not None:
+        expected[tokens.video] = num_videos
+    else:
+        expected[tokens.image] += sum(frames) if frames is not None else num_videos
+    for token, count in expected.items():
+        if ids.count(token) != count:
+            raise ValueError(f"the prompt holds {ids.count(token)} {'image' if token == tokens.image else 'video'} "
+                             f"placeholders for {count} (does a text part contain the placeholder token?)")
     return ids
+
+
+def _template_messages(template_messages: list[dict], tokens: PromptTokens | None,
+                       frames: Sequence[int] | None) -> list[dict]:
+    """``template_messages`` with each video part as the model takes it: ``{"type": "video"}``, or
+    (no video token) its frames as image parts."""
+    if tokens is None or tokens.video is not None:
+        return template_messages
+    frames = list(frames) if frames is not None else None
+    out, k = [], 0
+    for message in template_messages:
+        if isinstance(message["content"], str):
+            out.append(message)
+            continue
+        parts = []
+        for part in message["content"]:
+            if part["type"] != "video":
+                parts.append(part)
+                continue
+            if frames is not None and k >= len(frames):
+                raise ValueError(f"frame counts given for {len(frames)} videos; the messages hold more")
+            parts.extend([{"type": "image"}] * (frames[k] if frames is not None else 1))
+            k += 1
+        out.append({"role": message["role"], "content": parts})
+    if frames is not None and k != len(frames):
+        raise ValueError(f"frame counts given for {len(frames)} videos; the messages hold {k}")
+    return out
 
 
 def check_max_tokens(max_tokens: int, num_prompt_tokens: int, max_model_len: int | None,
@@ -69,19 +148,19 @@ def check_max_tokens(max_tokens: int, num_prompt_tokens: int, max_model_len: int
                          f"prompt's {num_prompt_tokens} tokens (at most {max(max_model_len - num_prompt_tokens, 0)})")
 
 
-def expand_image_tokens(ids: Sequence[int], image_token_id: int, num_image_tokens: Sequence[int]) -> list[int]:
-    """``ids`` with its ``i``-th ``image_token_id`` repeated ``num_image_tokens[i]`` times."""
-    positions = [i for i, t in enumerate(ids) if t == image_token_id]
-    if len(num_image_tokens) != len(positions):
-        raise ValueError(f"{len(num_image_tokens)} image token counts given for {len(positions)} image placeholders "
+def expand_tokens(ids: Sequence[int], token_id: int, counts: Sequence[int], what: str = "image") -> list[int]:
+    """``ids`` with its ``i``-th ``token_id`` repeated ``counts[i]`` times."""
+    positions = [i for i, t in enumerate(ids) if t == token_id]
+    if len(counts) != len(positions):
+        raise ValueError(f"{len(counts)} {what} token counts given for {len(positions)} {what} placeholders "
                          "in the prompt")
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in num_image_tokens):
-        raise ValueError(f"{list(num_image_tokens)=} must be ints >= 1")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ValueError(f"{what} token counts {list(counts)} must be ints >= 1")
     out: list[int] = []
     start = 0
-    for pos, count in zip(positions, num_image_tokens):
+    for pos, count in zip(positions, counts):
         out.extend(ids[start:pos])
-        out.extend([image_token_id] * count)
+        out.extend([token_id] * count)
         start = pos + 1
     out.extend(ids[start:])
     return out
@@ -107,15 +186,12 @@ def _normalize(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict], list[
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url" and isinstance(part.get("image_url"), Mapping) \
-                    and isinstance(part["image_url"].get("url"), str):
-                parts.append({"type": "image"})
+            elif kind in _MEDIA_KINDS and isinstance(part.get(kind), Mapping) \
+                    and isinstance(part[kind].get("url"), str):
+                parts.append({"type": _MEDIA_KINDS[kind]})
             else:
-                raise ValueError(f"messages[{i}].content[{j}] must be a text part or an image_url part with a url")
+                raise ValueError(f"messages[{i}].content[{j}] must be a text part, or an image_url or video_url "
+                                 "part with a url")
             parts_in_order.append(dict(part))
         template_messages.append({"role": message["role"], "content": parts})
     return template_messages, parts_in_order
-
-
-def _image_parts(parts: list[dict]) -> list[dict]:
-    return [p for p in parts if p["type"] == "image_url"]

@@ -30,13 +30,16 @@ class DecodeState:
     """
 
     def __init__(self, request_id: str, sampling: SamplingParams, tokenizer, eos_token_ids: Collection[int],
-                 kv: KVCache | None) -> None:
+                 kv: KVCache | None, position_delta: int = 0) -> None:
         self.request_id = request_id
         self.sampling = sampling
         self.seed = sampling.resolved_seed()
         self.kv = kv
         self.num_prompt_tokens = kv.num_tokens if kv is not None else 0
-        """Prompt length: the KV holds these positions; generated token ``k`` sits at position num_prompt_tokens + k."""
+        """Prompt length: the KV holds these tokens; generated token ``k`` sits at position
+        ``num_prompt_tokens + k + position_delta``."""
+        self.position_delta = position_delta
+        """Non-zero under M-RoPE (Qwen2-VL), where a vision run takes fewer positions than tokens."""
         self.token_ids: list[int] = []
         """Generated tokens, the prefill's first one included."""
         self.text = ""
