@@ -27,6 +27,7 @@ from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable
 from mmcache_client.keys import validate_tenant
 from encoder_worker.config import EncoderServeConfig
 from encoder_worker.service import EncodeService
+from encoder_worker.video import VideoSampling
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return web.json_response({"error": e.reason if e.content_type != "application/json" else e.text},
                                  status=e.status)
     except MediaError as e:
-        where = f"image {e.index}: " if e.index is not None else ""
+        where = f"{e.kind} {e.index}: " if e.index is not None else ""
         return web.json_response({"error": f"{where}{e}"}, status=400)
     except QueueFull as e:
         return _retry_later(str(e), e.retry_after_s)
@@ -72,15 +73,32 @@ async def encode_handler(request: web.Request) -> web.Response:
         doc = await request.json()
     except ValueError:
         raise ValueError('body must be JSON: {"images": ["data:image/png;base64,...", ...]}') from None
-    images = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(images, list) or not images or not all(isinstance(u, str) for u in images):
-        raise ValueError('"images" must be a non-empty list of strings (data:, http(s)://, file:// URLs)')
-    if len(images) > service.config.max_images_per_request:
-        raise ValueError(f"{len(images)} images exceed max_images_per_request={service.config.max_images_per_request}")
+    if not isinstance(doc, dict):
+        raise ValueError('body must be a JSON object: {"images": [...], "videos": [{"url": ...}]}')
+    images = doc.get("images", [])
+    videos = doc.get("videos", [])
+    if not isinstance(images, list) or not all(isinstance(u, str) for u in images):
+        raise ValueError('"images" must be a list of strings (data:, http(s)://, file:// URLs)')
+    if not isinstance(videos, list) or not images and not videos:
+        raise ValueError('"images" (a list of URL strings) or "videos" (a list of {"url", "fps", "max_frames"}) '
+                         'must be non-empty')
+    if len(images) + len(videos) > service.config.max_images_per_request:
+        raise ValueError(f"{len(images) + len(videos)} images and videos exceed max_images_per_request="
+                         f"{service.config.max_images_per_request}")
+    clips = []
+    for k, video in enumerate(videos):
+        if not isinstance(video, dict) or not isinstance(video.get("url"), str):
+            raise ValueError(f'videos[{k}] must be an object with a "url" string')
+        try:
+            sampling = VideoSampling.from_options({n: v for n, v in video.items() if n != "url"},
+                                                  VideoSampling(), service.config.video.max_frames)
+        except ValueError as e:
+            raise ValueError(f"video {k}: {e}") from None
+        clips.append((video["url"], sampling))
     tenant = doc.get("tenant")
     if tenant is not None:
         validate_tenant(tenant)
-    answer = await service.encode(images, tenant)
+    answer = await service.encode(images, tenant, clips)
     service.metrics.request_seconds.observe(time.perf_counter() - t0)
     return web.json_response(answer)
 

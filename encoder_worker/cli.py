@@ -10,11 +10,13 @@ from mmcache.serving.cli import HelpFormatter
 
 from encoder_worker.batcher import SCHEDULES
 from encoder_worker.media import MediaLimits
+from encoder_worker.video import VideoLimits
 
 
 def _serve(args: argparse.Namespace) -> int:
     from encoder_worker.app import create_app
     from encoder_worker.config import EncoderServeConfig
+    from mmcache.serving.sizes import parse_size
     from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
 
@@ -25,7 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
         schedule=args.schedule, max_queue_delay_ms=args.max_queue_delay_ms, max_queued_images=args.max_queued_images,
         claims=not args.no_claims, claim_ttl_s=args.claim_ttl,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
-                          allow_private_urls=args.allow_private_urls))
+                          allow_private_urls=args.allow_private_urls),
+        video=VideoLimits(max_bytes=parse_size(args.max_video_bytes), max_seconds=args.max_video_seconds,
+                          max_frames=args.max_video_frames, max_decode_s=args.max_video_decode_s))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_app(create_app(config), "mmcache-encoder", config.host, config.port)
     return 0
@@ -61,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="fetch http(s):// images from (and follow redirects to) private, loopback, link-local "
                         "and multicast addresses too (refused by default: the fetches could reach this host's "
                         "network)")
+    s.add_argument("--max-video-bytes", default="256MiB", help="largest video accepted (default: 256MiB)")
+    s.add_argument("--max-video-seconds", type=float, default=600.0, help="longest video accepted (default: 600)")
+    s.add_argument("--max-video-frames", type=int, default=64,
+                   help="most frames sampled from one video; a request's max_frames may not exceed it (default: 64)")
+    s.add_argument("--max-video-decode-s", type=float, default=30.0,
+                   help="longest decoding one video may take, in seconds (default: 30)")
     s.add_argument("--salt", help="tenant salt mixed into the namespace")
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")

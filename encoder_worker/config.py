@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from encoder_worker.batcher import SCHEDULES
 from encoder_worker.media import MediaLimits
+from encoder_worker.video import VideoLimits
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class EncoderServeConfig:
     salt: str | None = None
     """Tenant salt mixed into the namespace."""
     media: MediaLimits = field(default_factory=MediaLimits)
+    video: VideoLimits = field(default_factory=VideoLimits)
+    """Bounds on each video (bytes, seconds, frames, pixels, decode time)."""
     schedule: str = "fcfs"
     """Which queued misses run next: ``fcfs`` (arrival order) or ``sjf`` (those of the request
     with the fewest images left to encode first; see ``encoder_worker.batcher``)."""

@@ -9,6 +9,12 @@ image, exactly the tensor the language model splices in at its image-token posit
   ``default`` strategy, through ``multi_modal_projector`` → ``[576, hidden]`` at 336 px;
 - Qwen2-VL: ``visual(pixel_values, grid_thw)`` (patch merger included), split per image →
   ``[t*h*w / merge², hidden]``, with ``image_grid_thw`` in ``extras``.
+
+Video frames come as ``FrameGroup`` items (``encoder_worker.video``), mixed with images in one
+call: LLaVA encodes a (one-frame) group as an image; Qwen2-VL patches a group's frames together
+along its temporal patch (as its video processor does) and encodes it as a one-step video, with
+``video_grid_thw`` ``[[1, h, w]]`` in ``extras``. The vision tower attends within one temporal
+step only, so a clip encoded group by group equals the clip encoded whole.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from transformers.initialization import no_init_weights
 from transformers.modeling_utils import local_torch_dtype
 
 from encoder_worker.namespace import compute_namespace, weights_digest
+from encoder_worker.video import FrameGroup
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +95,14 @@ class _LlavaVision(_VisionModule):
             key = "vision_tower." + key.removeprefix("vision_tower.vision_model.")
         return key if key.startswith(("vision_tower.", "multi_modal_projector.")) else None
 
+    group_size = 1
+    """Video frames per encoded group: each frame is an image."""
+
     def num_image_tokens(self, image_processor, image: Image.Image) -> int:
         return self.num_patches + (0 if self.select_strategy == "default" else 1)
+
+    def encode_groups(self, image_processor, groups: list[FrameGroup]) -> tuple[list[torch.Tensor], list[dict]]:
+        return self.encode_batch(image_processor(images=[g.frames[0] for g in groups], return_tensors="pt"))
 
     def encode_batch(self, batch) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         # NOTE: mirrors LlavaModel.get_image_features (transformers 5.23) step for step, so the
@@ -116,6 +129,8 @@ class _Qwen2VLVision(_VisionModule):
         self.visual = Qwen2VisionTransformerPretrainedModel._from_config(config.vision_config, dtype=dtype)
         self.hidden_size = config.vision_config.hidden_size
         self.merge_size = config.vision_config.spatial_merge_size
+        self.group_size = config.vision_config.temporal_patch_size
+        """Video frames per encoded group: the temporal patch."""
 
 
     def checkpoint_key(self, key: str) -> str | None:
@@ -134,6 +149,31 @@ class _Qwen2VLVision(_VisionModule):
         merged = self.visual(pixel_values, grid_thw=grid_thw.to(self.device)).pooler_output
         split_sizes = (grid_thw.prod(-1) // self.merge_size**2).tolist()
         extras = [{"image_grid_thw": grid_thw[i:i + 1].clone()} for i in range(grid_thw.shape[0])]
+        return list(torch.split(merged, split_sizes)), extras
+
+    def encode_groups(self, image_processor, groups: list[FrameGroup]) -> tuple[list[torch.Tensor], list[dict]]:
+        # NOTE: the image processor resizes, rescales and normalizes each frame and patches it with
+        # the frame repeated over the temporal patch: [patches, C * T * p * p] laid out (C, T, p, p).
+        # A group's video patches take time step t from its frame t (what the video processor's
+        # view/permute gives for a clip of T frames); the spatial order is the same.
+        frames = [f for g in groups for f in g.frames]
+        batch = image_processor(images=frames, return_tensors="pt")
+        per_frame = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())
+        channels, temporal = 3, self.group_size
+        patches, grids = [], []
+        for i, group in enumerate(groups):
+            mine = per_frame[i * temporal:(i + 1) * temporal]
+            grid = batch["image_grid_thw"][i * temporal]
+            if any(not torch.equal(batch["image_grid_thw"][i * temporal + k], grid) for k in range(temporal)):
+                raise ValueError("the frames of a video differ in size")
+            steps = [p.reshape(p.shape[0], channels, temporal, -1)[:, :, k:k + 1] for k, p in enumerate(mine)]
+            patches.append(torch.cat(steps, dim=2).reshape(mine[0].shape[0], -1))
+            grids.append([1, int(grid[1]), int(grid[2])])
+        grid_thw = torch.tensor(grids, dtype=torch.long)
+        merged = self.visual(torch.cat(patches).to(self.device, self.dtype),
+                             grid_thw=grid_thw.to(self.device)).pooler_output
+        split_sizes = (grid_thw.prod(-1) // self.merge_size**2).tolist()
+        extras = [{"video_grid_thw": grid_thw[i:i + 1].clone()} for i in range(len(groups))]
         return list(torch.split(merged, split_sizes)), extras
 
 
@@ -210,18 +250,33 @@ class Encoder:
     def device(self) -> torch.device:
         return next(self.vision.parameters()).device
 
-    def num_image_tokens(self, image: Image.Image) -> int:
-        """How many embedding rows ``encode`` returns for ``image``, without encoding it."""
-        return self.vision.num_image_tokens(self.image_processor, image)
+    @property
+    def group_size(self) -> int:
+        """Video frames the model encodes together (``encoder_worker.video``)."""
+        return self.vision.group_size
+
+    def num_image_tokens(self, image: Image.Image | FrameGroup) -> int:
+        """How many embedding rows ``encode`` returns for ``image`` (or a frame group), without encoding it."""
+        frame = image.frames[0] if isinstance(image, FrameGroup) else image
+        return self.vision.num_image_tokens(self.image_processor, frame)
 
     @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> list[EncodedImage]:
-        """Encode ``images`` in one forward; results in input order."""
+    def encode(self, images: list[Image.Image | FrameGroup]) -> list[EncodedImage]:
+        """Encode ``images`` (and video frame groups) in one forward per kind; results in input order."""
         if not images:
             return []
         t0 = time.perf_counter()
-        batch = self.image_processor(images=list(images), return_tensors="pt")
-        embeddings, extras = self.vision.encode_batch(batch)
+        groups = [i for i, item in enumerate(images) if isinstance(item, FrameGroup)]
+        stills = [i for i, item in enumerate(images) if not isinstance(item, FrameGroup)]
+        embeddings: list = [None] * len(images)
+        extras: list = [None] * len(images)
+        for idx, run in ((stills, lambda items: self.vision.encode_batch(
+                              self.image_processor(images=items, return_tensors="pt"))),
+                         (groups, lambda items: self.vision.encode_groups(self.image_processor, items))):
+            if idx:
+                out, more = run([images[i] for i in idx])
+                for i, e, x in zip(idx, out, more):
+                    embeddings[i], extras[i] = e, x
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # NOTE: else we would time the launch, not the work
         batch_ms = (time.perf_counter() - t0) * 1e3

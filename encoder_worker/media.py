@@ -82,15 +82,17 @@ class MediaLimits:
 
 
 class MediaError(ValueError):
-    """An image could not be fetched or decoded; the message says why.
+    """An image or video could not be fetched or decoded; the message says why.
 
-    ``index`` is the image's position in the request, ``None`` until a caller that knows it
+    ``index`` is its position among the request's images (videos), ``None`` until a caller that knows it
     sets it (``err.index = i``) before letting the error reach the HTTP layer.
     """
 
-    def __init__(self, message: str, index: int | None = None) -> None:
+    def __init__(self, message: str, index: int | None = None, kind: str = "image") -> None:
         super().__init__(message)
         self.index = index
+        self.kind = kind
+        """``image`` or ``video``: what ``index`` counts."""
 
 
 def http_session(limits: MediaLimits, *, resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:

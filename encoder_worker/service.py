@@ -3,12 +3,18 @@
 Per image: fetch → hash the raw bytes → look the key up in the cache → encode the misses
 (single-flight, dynamically batched, off the event loop) → put them in the cache → answer. Its
 HTTP face is ``encoder_worker.app``; its settings ``encoder_worker.config``.
+
+Per video: fetch → decode and sample its frames (``encoder_worker.video``, off the event loop) →
+cut them into the model's temporal groups, each keyed by its pixels and the sampling → the same
+lookup, encode and put per group. A group another clip shared is a hit: only new frames are
+encoded (``frames_encoded`` / ``frames_reused`` in the stats).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -21,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from encoder_worker.batcher import BatchStats, Job, SingleFlightBatcher
 from encoder_worker.media import MediaError, decode_fetched, fetch_bytes, http_session
+from encoder_worker.video import Clip, FrameGroup, VideoSampling, decode_video
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCacheError, content_hash
 from encoder_worker.config import EncoderServeConfig
 
@@ -55,6 +62,7 @@ class EncodeService:
         self.namespace: str = encoder.namespace
         self.metrics = _Metrics()
         self.counters = {"images": 0, "cache_hits": 0, "encoded": 0, "requests": 0, "batches": 0,
+                         "videos": 0, "frames": 0, "frames_encoded": 0, "frames_reused": 0,
                          "claims_won": 0, "claims_waited": 0, "claims_taken_over": 0, "claims_unavailable": 0}
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This worker's name on its claims."""
@@ -90,12 +98,15 @@ class EncodeService:
         await self.cache.close()
 
     def _encode_batch(self, images: list) -> list:
-        """Runs in a worker thread (the batcher's)."""
-        return self.encoder.encode(images)
+        """Runs in a worker thread (the batcher's). ``encoded`` counts images and video frames."""
+        out = self.encoder.encode(images)
+        frames = sum(item.num_frames for item in images if isinstance(item, FrameGroup))
+        self.counters["frames_encoded"] += frames
+        self.counters["encoded"] += frames + sum(not isinstance(item, FrameGroup) for item in images)
+        return out
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.counters["batches"] += 1
-        self.counters["encoded"] += stats.size
         self.metrics.on_batch(stats)
 
     def _scope(self, tenant: str | None) -> str:
@@ -267,21 +278,50 @@ class EncodeService:
         with contextlib.suppress(Exception):
             await self.cache.release_claims(keys, self.owner)
 
-    async def encode(self, urls: list[str], tenant: str | None = None) -> dict:
-        """Answer one ``POST /v1/encode``; MediaError (with ``.index``) for a bad image. With a
-        ``tenant`` (from the router) lookups and puts are in that tenant's scope of the cache."""
+    async def encode(self, urls: list[str], tenant: str | None = None,
+                     videos: list[tuple[str, VideoSampling]] = ()) -> dict:
+        """Answer one ``POST /v1/encode``; MediaError (with ``.index`` and ``.kind``) for a bad image
+        or video. With a ``tenant`` (from the router) lookups and puts are in that tenant's scope."""
         # NOTE: fetch and hash first, decode only the misses: a hit costs no pixel decoding.
-        raws = await asyncio.gather(*(fetch_bytes(u, self.config.media, self._http) for u in urls),
-                                    return_exceptions=True)
-        for i, result in enumerate(raws):
-            if isinstance(result, MediaError):
-                result.index = i
-            if isinstance(result, BaseException):
-                raise result
+        raws = await _gather_media((fetch_bytes(u, self.config.media, self._http) for u in urls), "image")
+        clips = await self._load_videos(videos) if videos else []
         hashes = [content_hash(raw) for raw in raws]
-        first = {}
+        decoders = {}
         for i, h in enumerate(hashes):
-            first.setdefault(h, i)
+            decoders.setdefault(h, (i, lambda i=i: decode_fetched(urls[i], raws[i], self.config.media)))
+        for clip in clips:
+            for group in clip.groups:
+                decoders.setdefault(group.hash, (None, lambda g=group: _ready(g)))
+        num_tokens, cached = await self._resolve(tenant, decoders)
+        self.counters["requests"] += 1
+        self.counters["images"] += len(urls)
+        hits = sum(h in cached for h in hashes)
+        self.counters["cache_hits"] += hits
+        self.metrics.images.labels("hit").inc(hits)
+        self.metrics.images.labels("miss").inc(len(urls) - hits)
+        answer = {"namespace": self.namespace,
+                  "items": [{"hash": h, "num_tokens": num_tokens[h], "cached": h in cached} for h in hashes]}
+        if videos:
+            self.counters["videos"] += len(clips)
+            self.counters["frames"] += sum(c.num_frames for c in clips)
+            self.counters["frames_reused"] += sum(g.num_frames for c in clips for g in c.groups if g.hash in cached)
+            answer["videos"] = [{"frames": c.num_frames, "interval_s": c.interval_s, "items": [
+                {"hash": g.hash, "num_tokens": num_tokens[g.hash], "cached": g.hash in cached, "frames": g.num_frames}
+                for g in c.groups]} for c in clips]
+        return answer
+
+    async def _load_videos(self, videos: list[tuple[str, VideoSampling]]) -> list[Clip]:
+        """Each video fetched (``config.video.max_bytes``), decoded and sampled off the event loop."""
+        limits = dataclasses.replace(self.config.media, max_bytes=self.config.video.max_bytes)
+        raws = await _gather_media((fetch_bytes(u, limits, self._http) for u, _ in videos), "video")
+        group_size = self.encoder.group_size
+        return await _gather_media((asyncio.to_thread(decode_video, raw, sampling, self.config.video, group_size)
+                                    for raw, (_, sampling) in zip(raws, videos)), "video")
+
+    async def _resolve(self, tenant: str | None, decoders: dict) -> tuple[dict[str, int], set[str]]:
+        """For each hash of ``decoders`` (hash → (image index or None, coroutine function giving the
+        item to encode)): its token count, looked up or encoded here; and the set of those that
+        were in the cache."""
         num_tokens: dict[str, int] = {}
         cached: set[str] = set()
         scope = self._scope(tenant)
@@ -302,16 +342,15 @@ class EncodeService:
                 candidates = [h for h in candidates
                               if h not in cached and self.batcher.finished_since(job_prefix + h, mark)]
 
-        await look(list(first))
+        await look(list(decoders))
         images: dict[str, Any] = {}
-        misses = [h for h in first if h not in cached]
+        misses = [h for h in decoders if h not in cached]
         if misses:
             mark = self.batcher.mark()
-            decoded = await asyncio.gather(*(decode_fetched(urls[first[h]], raws[first[h]], self.config.media)
-                                             for h in misses), return_exceptions=True)
+            decoded = await asyncio.gather(*(decoders[h][1]() for h in misses), return_exceptions=True)
             for h, result in zip(misses, decoded):
                 if isinstance(result, MediaError):
-                    result.index = first[h]
+                    result.index = decoders[h][0]
                 if isinstance(result, BaseException):
                     raise result
                 images[h] = result
@@ -322,11 +361,20 @@ class EncodeService:
         encoded = await self._encode_misses(scope, job_prefix, misses, images, look, cached) if misses else {}
         for h, enc in encoded.items():
             num_tokens[h] = int(enc.embeddings.shape[0])
-        self.counters["requests"] += 1
-        self.counters["images"] += len(urls)
-        hits = sum(h in cached for h in hashes)
-        self.counters["cache_hits"] += hits
-        self.metrics.images.labels("hit").inc(hits)
-        self.metrics.images.labels("miss").inc(len(urls) - hits)
-        return {"namespace": self.namespace,
-                "items": [{"hash": h, "num_tokens": num_tokens[h], "cached": h in cached} for h in hashes]}
+        return num_tokens, cached
+
+
+async def _ready(item: Any) -> Any:
+    return item
+
+
+async def _gather_media(coros, kind: str) -> list:
+    """The results of ``coros`` (one per image or video, in order); the first ``MediaError`` raised,
+    numbered with its position and ``kind``."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for i, result in enumerate(results):
+        if isinstance(result, MediaError):
+            result.index, result.kind = i, kind
+        if isinstance(result, BaseException):
+            raise result
+    return results

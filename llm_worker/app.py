@@ -35,6 +35,7 @@ from mmcache_client.keys import validate_tenant
 from encoder_worker.encoder import Encoder
 from encoder_worker.media import MediaError
 from encoder_worker.models import ensure_model
+from encoder_worker.video import VideoSampling
 from llm_worker.decode_loop import RETRY_AFTER_S, DecodeJob, QueueFull, ShuttingDown
 from llm_worker.engine import LLMEngine
 from llm_worker.slab import KVAllocationError
@@ -55,7 +56,7 @@ def _error(status: int, message: str, retry_after_s: float | None = None) -> web
 
 def _error_response(request: web.Request, e: Exception) -> web.Response:
     if isinstance(e, MediaError):
-        return _error(400, f"image {e.index}: {e}" if e.index is not None else str(e))
+        return _error(400, f"{e.kind} {e.index}: {e}" if e.index is not None else str(e))
     if isinstance(e, (NotInCache, RequestConflict)):
         return _error(409, str(e))
     if isinstance(e, CorruptEntry):
@@ -161,12 +162,18 @@ async def prefill_handler(request: web.Request) -> web.Response:
     if len(images) > service.config.max_images_per_request:
         raise ValueError(f"{len(images)} images exceed max_images_per_request={service.config.max_images_per_request}")
     keys = [_key(image, f"images[{i}]") for i, image in enumerate(images)]
+    videos = doc.get("videos", [])
+    if not isinstance(videos, list) or not all(isinstance(v, list) and v for v in videos):
+        raise ValueError('"videos" must be a list, per video of its frame groups\' {"namespace", "hash"} in order')
+    if sum(map(len, videos)) > service.config.max_video_groups:
+        raise ValueError(f"{sum(map(len, videos))} video frame groups exceed {service.config.max_video_groups}")
+    video_keys = [[_key(g, f"videos[{j}][{k}]") for k, g in enumerate(v)] for j, v in enumerate(videos)]
     sampling = parse_sampling(doc.get("sampling"))
     ids = doc.get("prompt_ids")
     if ids is not None and (not isinstance(ids, list) or not ids
                             or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
         raise ValueError('"prompt_ids" must be a non-empty list of token ids')
-    return web.json_response(await service.prefill(request_id, doc.get("messages"), keys, sampling, ids))
+    return web.json_response(await service.prefill(request_id, doc.get("messages"), keys, sampling, ids, video_keys))
 
 
 async def decode_handler(request: web.Request) -> web.StreamResponse:
@@ -189,7 +196,12 @@ async def generate_handler(request: web.Request) -> web.StreamResponse:
     tenant = doc.get("tenant")
     if tenant is not None:
         validate_tenant(tenant)
-    job = await service.generate(doc.get("messages"), sampling, tenant)
+    try:
+        video = VideoSampling.from_options(doc.get("video"), service.config.video_sampling,
+                                           service.config.video.max_frames)
+    except ValueError as e:
+        raise ValueError(f'"video": {e}') from None
+    job = await service.generate(doc.get("messages"), sampling, tenant, video)
     return await _respond(request, service, job, stream)
 
 

@@ -14,6 +14,7 @@ import sys
 from mmcache.serving.cli import HelpFormatter
 
 from encoder_worker.media import MediaLimits
+from encoder_worker.video import VideoSampling
 
 ROLES = ("prefill", "decode", "both")
 
@@ -31,7 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
                           allow_private_urls=args.allow_private_urls),
-        encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0)
+        encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
+        video_sampling=VideoSampling(args.video_fps, args.video_max_frames))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves frees its decode-batch row at once.
     run_app(create_app(config), "mmcache-llm", config.host, config.port, handler_cancellation=True)
@@ -53,11 +55,21 @@ def _router(args: argparse.Namespace) -> int:
         api_key=resolve_secret(args.api_key, args.api_key_file, "MMCACHE_API_KEY", "API key"),
         tenants=args.tenants, host=args.host, port=args.port,
         default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight,
-        nodes=tuple(NodeSpec.parse(n) for n in args.node), routing=args.routing)
+        nodes=tuple(NodeSpec.parse(n) for n in args.node), routing=args.routing,
+        video_fps=args.video_fps, video_max_frames=args.video_max_frames, max_video_frames=args.max_video_frames)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
     run_app(create_app(config), "mmcache-llm router", config.host, config.port, handler_cancellation=True)
     return 0
+
+
+def _video_args(parser: argparse.ArgumentParser, prefix: str) -> None:
+    parser.add_argument("--video-fps", type=float, default=2.0,
+                        help=prefix + "frames sampled per second of a video whose request names no "
+                        "mm_processor_kwargs.fps (default: 2)")
+    parser.add_argument("--video-max-frames", type=int, default=16,
+                        help=prefix + "most frames sampled from a video whose request names no "
+                        "mm_processor_kwargs.max_frames (default: 16)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
     s.add_argument("--encoder-cache", help="role both: an in-process LRU of image embeddings this large, e.g. 2GiB")
+    _video_args(s, "role both: ")
     s.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s.set_defaults(fn=_serve)
     r = sub.add_parser("router", help="serve the OpenAI API in front of encoders, prefill and decode workers", formatter_class=HelpFormatter)
@@ -120,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per call to a worker")
     r.add_argument("--max-inflight", type=int, default=256,
                    help="most chat requests in progress; more get 503 with Retry-After (default: 256)")
+    _video_args(r, "")
+    r.add_argument("--max-video-frames", type=int, default=64,
+                   help="the most mm_processor_kwargs.max_frames a request may ask for (default: 64)")
     r.add_argument("--log-level", default="info", help="debug, info, warning, error")
     r.set_defaults(fn=_router)
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from encoder_worker.media import MediaLimits
+from encoder_worker.video import VideoLimits, VideoSampling
 
 ROLES = ("prefill", "decode", "both")
 
@@ -38,6 +39,12 @@ class LLMServeConfig:
     """Bearer token of the sidecar, if it has one."""
     media: MediaLimits = field(default_factory=MediaLimits)
     """Limits on the images a ``both`` worker fetches itself."""
+    video: VideoLimits = field(default_factory=VideoLimits)
+    """Limits on the videos a ``both`` worker fetches and decodes itself."""
+    video_sampling: VideoSampling = field(default_factory=VideoSampling)
+    """``both``: how a video is sampled when the request names no ``video`` options."""
+    max_video_groups: int = 4096
+    """Prefill: most video frame groups one request may name."""
     encoder_cache_bytes: int = 0
     """``both`` only: an in-process LRU of image embeddings this large (0: none, encode every image)."""
 

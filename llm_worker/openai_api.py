@@ -59,6 +59,9 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
+    mm_processor_kwargs: dict | None = None
+    """vLLM's per-request media options as given (``{"fps": 2, "max_frames": 8}`` for videos);
+    the router checks them."""
 
 
 def parse_chat_request(doc: Any, default_max_tokens: int) -> ChatRequest:
@@ -100,8 +103,12 @@ def parse_chat_request(doc: Any, default_max_tokens: int) -> ChatRequest:
         SamplingParams(**sampling)
     except (TypeError, ValueError) as e:
         raise APIError(400, str(e).replace("max_tokens=", f"{param}=") if param else str(e)) from None
+    mm = doc.get("mm_processor_kwargs")
+    if mm is not None and not isinstance(mm, dict):
+        raise APIError(400, '"mm_processor_kwargs" must be an object such as {"fps": 2, "max_frames": 8}',
+                       param="mm_processor_kwargs")
     return ChatRequest(model, [_with_file_urls(m) for m in messages], sampling, param, stream, include_usage,
-                       _flag(doc, "return_token_ids"))
+                       _flag(doc, "return_token_ids"), mm)
 
 
 def _flag(doc: dict, name: str) -> bool:
@@ -114,16 +121,17 @@ def _flag(doc: dict, name: str) -> bool:
 
 
 def _with_file_urls(message: Any) -> Any:
-    """``message`` with image parts that name a local absolute path turned into ``file://`` URLs
-    (the encoders decide which directories they may read)."""
+    """``message`` with image and video parts that name a local absolute path turned into
+    ``file://`` URLs (the encoders decide which directories they may read)."""
     if not isinstance(message, dict) or not isinstance(message.get("content"), list):
         return message
     parts = []
     for part in message["content"]:
-        url = part.get("image_url", {}).get("url") if isinstance(part, dict) and part.get("type") == "image_url" \
-            and isinstance(part.get("image_url"), dict) else None
+        kind = part.get("type") if isinstance(part, dict) else None
+        url = part[kind].get("url") if kind in ("image_url", "video_url") and isinstance(part.get(kind), dict) \
+            else None
         if isinstance(url, str) and url.startswith("/"):
-            part = {**part, "image_url": {**part["image_url"], "url": "file://" + urllib.parse.quote(url)}}
+            part = {**part, kind: {**part[kind], "url": "file://" + urllib.parse.quote(url)}}
         parts.append(part)
     return {**message, "content": parts}
 

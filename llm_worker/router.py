@@ -35,10 +35,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
 from llm_worker.openai_api import APIError, ChatRequest
 from llm_worker.nodes import GroupStream, Inventory, NodeGroup, NodeSpec, choose, follow
-from llm_worker.prompt import check_max_tokens, image_urls, template_ids
+from llm_worker.prompt import MediaPart, PromptTokens, check_max_tokens, media_parts, template_ids
 from llm_worker.router_config import RouterConfig
 from llm_worker.router_stats import gather_stats
 from encoder_worker.media import MediaError, MediaLimits, decode_data_uri
+from encoder_worker.video import VideoLimits, VideoSampling
 from mmcache_client import AsyncCacheClient, MMCacheError, content_hash
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 _GROUP: contextvars.ContextVar[NodeGroup] = contextvars.ContextVar("mmcache_router_group")
 """The node group of the request being served (set by ``Router.open``)."""
 _IMAGE_INDEX = re.compile(r"^image (\d+): ")
+_VIDEO_INDEX = re.compile(r"^video 0: ")
 _LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 _RETRY_AFTER_S = 1.0
 """What a client refused by ``max_inflight`` is told to wait."""
@@ -70,10 +72,14 @@ class _Metrics:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, tokenizer: Any, image_token_id: int, max_model_len: int | None = None):
+    def __init__(self, config: RouterConfig, tokenizer: Any, tokens: PromptTokens | int,
+                 max_model_len: int | None = None):
         self.config = config
         self.tokenizer = tokenizer
-        self.image_token_id = image_token_id
+        self.tokens = tokens if isinstance(tokens, PromptTokens) else PromptTokens(int(tokens))
+        """The model's image and video placeholder tokens (no video token: frames are images)."""
+        self.video_sampling = VideoSampling(config.video_fps, config.video_max_frames)
+        """How a video is sampled when its request names no ``mm_processor_kwargs``."""
         self.max_model_len = max_model_len
         """The model's positions (prompt and output); None: not checked here (the workers do)."""
         down = config.retry_down_s
@@ -86,12 +92,14 @@ class Router:
         self.inventory = Inventory()
         self._follows: list[asyncio.Task] = []
         self.metrics = _Metrics()
-        self.counters = {"requests": 0, "errors": 0, "active": 0, "retries": 0, "images": 0,
+        self.counters = {"requests": 0, "errors": 0, "active": 0, "retries": 0, "images": 0, "videos": 0,
                          "prompt_tokens": 0, "completion_tokens": 0, "router_cache_hits": 0}
         self.http: aiohttp.ClientSession | None = None
         self.namespace: str | None = None
         """The encoders' namespace, learnt from their first answer (they serve one model)."""
         self.media_limits = MediaLimits()
+        self.video_limits = MediaLimits(max_bytes=VideoLimits().max_bytes)
+        """For hashing ``data:`` videos (routing keys): the encoders' default byte bound."""
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
@@ -111,6 +119,10 @@ class Router:
         for group in self.groups:
             if group.cache is not None:
                 await group.cache.close()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokens.image
 
     @property
     def group(self) -> NodeGroup:
@@ -289,22 +301,63 @@ class Router:
             raise APIError(502, f"encoder answered {str(doc)[:200]!r} for {len(urls)} images", "encode")
         return doc
 
+    async def encode_videos(self, urls: list[str], sampling: VideoSampling, tenant: str | None = None) -> list[dict]:
+        """Per video, ``{"frames", "items"}``: its frame groups as ``{"namespace", "hash",
+        "num_tokens", "cached", "frames"}``, in order. Each video goes to the encoder owning its
+        key (the content hash of a ``data:`` video, else its URL), the videos in parallel."""
+        pool = self.pools["encode"]
+        scope = f"{tenant}@" if tenant else ""
+
+        async def one(k: int, url: str) -> dict:
+            key = url
+            if url[:5].lower() == "data:":
+                try:
+                    key = content_hash(decode_data_uri(url, self.video_limits))
+                except MediaError:
+                    pass  # NOTE: the encoder answers it with the reason
+            body: dict[str, Any] = {"images": [], "videos": [{"url": url, **sampling.to_json()}]}
+            if tenant:
+                body["tenant"] = tenant
+            try:
+                _, doc = await self._call("encode", "/v1/encode", body, first=pool.owner(key))
+            except APIError as e:
+                e.message = _VIDEO_INDEX.sub(f"video {k}: ", e.message)
+                raise
+            videos = doc.get("videos") if isinstance(doc, dict) else None
+            if not isinstance(videos, list) or len(videos) != 1 or not isinstance(videos[0].get("items"), list) \
+                    or not videos[0]["items"] or not isinstance(doc.get("namespace"), str):
+                raise APIError(502, f"encoder answered {str(doc)[:200]!r} for a video", "encode")
+            self.namespace = doc["namespace"]
+            return {"frames": videos[0].get("frames"),
+                    "items": [{"namespace": scope + doc["namespace"], **item} for item in videos[0]["items"]]}
+
+        return list(await asyncio.gather(*(one(k, url) for k, url in enumerate(urls))))
+
     async def open(self, req: ChatRequest, cid: str, tenant: str | None = None) -> TokenStream:
         """Encode, prefill and start decode (or hand the request to a ``both`` worker), in
         ``tenant``'s scope of the cache."""
         try:
-            ids = template_ids(self.tokenizer, req.messages, self.image_token_id)
+            ids = template_ids(self.tokenizer, req.messages, self.tokens)
+            parts = media_parts(req.messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        urls = image_urls(req.messages)
-        if len(urls) > self.config.max_images_per_request:
-            raise APIError(400, f"{len(urls)} images exceed max_images_per_request="
+        if len(parts) > self.config.max_images_per_request:
+            raise APIError(400, f"{len(parts)} images and videos exceed max_images_per_request="
                                 f"{self.config.max_images_per_request}", param="messages")
-        # NOTE: every image takes at least its placeholder's position: a bound before any fetch.
+        try:
+            video = VideoSampling.from_options(req.mm_processor_kwargs, self.video_sampling,
+                                               self.config.max_video_frames)
+        except ValueError as e:
+            raise APIError(400, str(e), param="mm_processor_kwargs") from None
+        # NOTE: every image (video) takes at least its placeholder's position: a bound before any fetch.
         sampling = self._fit_max_tokens(req, len(ids))
+        urls = [p.url for p in parts if p.kind == "image"]
         self.counters["images"] += len(urls)
+        self.counters["videos"] += len(parts) - len(urls)
         if self.config.mode == "aggregated":
             body = {"messages": req.messages, "sampling": sampling, "stream": True}
+            if len(parts) > len(urls):
+                body["video"] = video.to_json()
             if tenant:
                 body["tenant"] = tenant
             return await self._open_stream("generate", "/v1/generate", body)
@@ -312,7 +365,7 @@ class Router:
         _GROUP.set(group)  # NOTE: this request's encode, prefill and decode run on its workers
         group.active += 1
         try:
-            return GroupStream(await self._open_epd(req, cid, tenant, ids, sampling, urls, hashes), group)
+            return GroupStream(await self._open_epd(req, cid, tenant, ids, sampling, parts, hashes, video), group)
         except BaseException:
             group.active -= 1
             raise
@@ -330,17 +383,23 @@ class Router:
         return group, hashes
 
     async def _open_epd(self, req: ChatRequest, cid: str, tenant: str | None, ids: list[int], sampling: dict,
-                        urls: list[str], hashes: dict[int, str] | None) -> TokenStream:
+                        parts: list[MediaPart], hashes: dict[int, str] | None, video: VideoSampling) -> TokenStream:
         t0 = time.perf_counter()
         with self._timed("encode"):
-            items = await self.encode(urls, tenant, hashes)
+            images, videos = await self._encode_media(parts, tenant, hashes, video)
         t1 = time.perf_counter()
-        sampling = self._fit_max_tokens(req, len(ids) - len(items) + sum(_num_tokens(it) for it in items))
+        if videos and self.tokens.video is None:  # NOTE: frames as images: one placeholder per frame
+            try:
+                ids = template_ids(self.tokenizer, req.messages, self.tokens, [len(v) for v in videos])
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+        pieces = images + [item for v in videos for item in v]
+        sampling = self._fit_max_tokens(req, len(ids) - len(images) - len(videos) + sum(_num_tokens(it) for it in pieces))
         with self._timed("prefill"):
-            prefilled = await self._prefill(cid, ids, items, sampling, urls, tenant)
+            prefilled = await self._prefill(cid, ids, images, videos, sampling, parts, tenant, video)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: %d images (%d cached) encoded in %.3f s; prefill of %s tokens %.3f s (forward %s ms)",
-                         cid, len(items), sum(bool(it.get("cached")) for it in items), t1 - t0,
+            logger.debug("%s: %d images and video groups (%d cached) encoded in %.3f s; prefill of %s tokens %.3f s "
+                         "(forward %s ms)", cid, len(pieces), sum(bool(it.get("cached")) for it in pieces), t1 - t0,
                          prefilled.get("prompt_tokens"), time.perf_counter() - t1, prefilled.get("prefill_ms"))
         body = {"request_id": prefilled["request_id"], "kv": prefilled["kv"], "stream": True,
                 "sampling": {**sampling, "seed": prefilled["seed"]}}
@@ -351,10 +410,30 @@ class Router:
         first = {"text": prefilled["first_text"], "token_id": prefilled["first_token"]}
         return FirstTokenFirst(first, asyncio.ensure_future(self._open_stream("decode", "/v1/decode", body)))
 
-    async def _prefill(self, cid: str, ids: list[int], items: list[dict], sampling: dict, urls: list[str],
-                       tenant: str | None = None) -> dict:
-        body = {"request_id": cid, "prompt_ids": ids, "sampling": sampling,
-                "images": [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]}
+    async def _encode_media(self, parts: list[MediaPart], tenant: str | None, hashes: dict[int, str] | None,
+                            video: VideoSampling) -> tuple[list[dict], list[list[dict]]]:
+        """The request's images and videos encoded (in parallel): ``(items for the image tokens,
+        per video the items for its video tokens)``. A model without video tokens takes a video's
+        frames as images, in prompt order among the images (and then no videos are left)."""
+        urls = [p.url for p in parts if p.kind == "image"]
+        video_urls = [p.url for p in parts if p.kind == "video"]
+        items, clips = await asyncio.gather(self.encode(urls, tenant, hashes),
+                                            self.encode_videos(video_urls, video, tenant) if video_urls else _nothing())
+        videos = [clip["items"] for clip in clips]
+        if not videos or self.tokens.video is not None:
+            return items, videos
+        images, still, clip = [], iter(items), iter(videos)
+        for part in parts:
+            images.extend([next(still)] if part.kind == "image" else next(clip))
+        return images, []
+
+    async def _prefill(self, cid: str, ids: list[int], images: list[dict], videos: list[list[dict]], sampling: dict,
+                       parts: list[MediaPart], tenant: str | None, video: VideoSampling) -> dict:
+        def key(it: dict) -> dict:
+            return {"namespace": it["namespace"], "hash": it["hash"]}
+        body = {"request_id": cid, "prompt_ids": ids, "sampling": sampling, "images": [key(it) for it in images]}
+        if videos:
+            body["videos"] = [[key(it) for it in v] for v in videos]
         try:
             return (await self._call("prefill", "/v1/prefill", body))[1]
         except APIError as e:
@@ -363,8 +442,10 @@ class Router:
         # NOTE: an image was evicted between encode and prefill: encode again (puts it back), once.
         logger.info("%s: an image left the cache before prefill; encoding again", cid)
         self._retried("prefill")
-        items = await self.encode(urls, tenant)
-        body["images"] = [{"namespace": it["namespace"], "hash": it["hash"]} for it in items]
+        images, videos = await self._encode_media(parts, tenant, None, video)
+        body["images"] = [key(it) for it in images]
+        if videos:
+            body["videos"] = [[key(it) for it in v] for v in videos]
         return (await self._call("prefill", "/v1/prefill", body))[1]
 
     def _fit_max_tokens(self, req: ChatRequest, num_prompt_tokens: int) -> dict:
@@ -391,6 +472,10 @@ class Router:
         """The router's counters, the cache's stats and every worker's health and counters; with
         several node groups, ``nodes`` (``llm_worker.router_stats``)."""
         return await gather_stats(self)
+
+
+async def _nothing() -> list:
+    return []
 
 
 def _num_tokens(item: dict) -> int:

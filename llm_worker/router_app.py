@@ -16,6 +16,7 @@ from aiohttp import web
 from llm_worker import openai_api as api
 from llm_worker.backends import TokenStream
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
+from llm_worker.prompt import PromptTokens
 from llm_worker.router import _RETRY_AFTER_S, Router, RouterConfig
 from mmcache.serving.app import metrics_response
 from mmcache.serving.security import bearer_matches, bearer_token
@@ -191,23 +192,23 @@ async def api_key_middleware(request: web.Request, handler) -> web.StreamRespons
     return await handler(request)
 
 
-def load_tokenizer(model_dir: str) -> tuple[Any, int, int | None]:
-    """The checkpoint's tokenizer (with its chat template), image token id and context length
-    (the language model's ``max_position_embeddings``; None when its config has none)."""
+def load_tokenizer(model_dir: str) -> tuple[Any, PromptTokens, int | None]:
+    """The checkpoint's tokenizer (with its chat template), image and video tokens and context
+    length (the language model's ``max_position_embeddings``; None when its config has none)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from llm_worker.text_models import family_of
+
     config = AutoConfig.from_pretrained(model_dir)
-    image_token_id = getattr(config, "image_token_index", None)
-    if image_token_id is None:
-        image_token_id = getattr(config, "image_token_id", None)
-    if image_token_id is None:
-        raise ValueError(f"{model_dir}: the model config names no image token")
+    family = family_of(config)
+    tokens = PromptTokens(family.image_token_id(config), family.video_token_id(config))
     text_config = getattr(config, "text_config", config)
     max_model_len = getattr(text_config, "max_position_embeddings", None)
-    return AutoTokenizer.from_pretrained(model_dir), int(image_token_id), max_model_len
+    return AutoTokenizer.from_pretrained(model_dir), tokens, max_model_len
 
 
-def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int | None, max_model_len: int | None):
+def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: PromptTokens | int | None,
+                max_model_len: int | None):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         tok, image_token, context = tokenizer, image_token_id, max_model_len
         if tok is None:
@@ -228,7 +229,7 @@ def _router_ctx(config: RouterConfig, tokenizer: Any | None, image_token_id: int
     return ctx
 
 
-def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_id: int | None = None,
+def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_id: PromptTokens | int | None = None,
                max_model_len: int | None = None) -> web.Application:
     """``tokenizer`` / ``image_token_id`` / ``max_model_len`` inject what ``load_tokenizer`` gives
     (tests); else it is loaded here. An injected tokenizer without ``max_model_len`` leaves the

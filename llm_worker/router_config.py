@@ -46,11 +46,22 @@ class RouterConfig:
     nodes: tuple[NodeSpec, ...] = ()
     """Node groups (``llm_worker.nodes``), instead of ``encoders``/``prefill``/``decode``/``cache_url``:
     each request goes to one group, by where its images are (``routing``)."""
+    video_fps: float = 2.0
+    """Frames sampled per second of a video whose request names no ``mm_processor_kwargs.fps``."""
+    video_max_frames: int = 16
+    """Frames sampled at most from a video whose request names no ``mm_processor_kwargs.max_frames``."""
+    max_video_frames: int = 64
+    """The most ``max_frames`` a request may ask for."""
     routing: str = "cache"
     """``cache``: to the group whose host tier holds most of a request's image bytes (by load
     where none does); ``load``: by load alone."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.video_max_frames <= self.max_video_frames:
+            raise ValueError(f"video_max_frames={self.video_max_frames} must be within 1..max_video_frames="
+                             f"{self.max_video_frames}")
+        if not 0 < self.video_fps <= 120:
+            raise ValueError(f"video_fps={self.video_fps} must be within (0, 120]")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (None: no key needed)")
         if self.routing not in ROUTINGS:

@@ -5,6 +5,7 @@ over an engine, the cache and (``both``) an in-process encoder. Its HTTP face is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import uuid
@@ -18,11 +19,12 @@ import torch
 from mmcache_client import AsyncCacheClient, Key, content_hash
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from encoder_worker.media import MediaError, http_session, load_image
+from encoder_worker.media import MediaError, fetch_bytes, http_session, load_image
+from encoder_worker.video import FrameGroup, VideoSampling, decode_video
 from llm_worker.decode_loop import DecodeJob, DecodeLoop
 from llm_worker.embedding_lru import EmbeddingLRU
 from llm_worker.kv import kv_entry_fields, kv_namespace, read_prefill
-from llm_worker.prompt import expand_image_tokens, image_urls
+from llm_worker.prompt import expand_tokens, media_parts
 from llm_worker.sampling import SamplingParams
 from llm_worker.config import LLMServeConfig  # noqa: F401 - ROLES: the roles a worker serves
 
@@ -140,43 +142,52 @@ class LLMService:
         self.metrics.completion_tokens.inc(num_tokens)
 
     async def prefill(self, request_id: str, messages: Any, images: list[Key], sampling: SamplingParams,
-                      prompt_ids: list[int] | None = None) -> dict:
-        """``prompt_ids`` (the chat template's ids, one image token per image, as the router sends
-        them) or else ``messages`` (templated here)."""
+                      prompt_ids: list[int] | None = None, videos: list[list[Key]] = ()) -> dict:
+        """``prompt_ids`` (the chat template's ids, one placeholder per image and per video, as the
+        router sends them) or else ``messages`` (templated here). ``videos``: per video, the keys
+        of its frame groups (models with video tokens; LLaVA takes frames among the images)."""
+        engine = self.engine
+        if videos and engine.video_token_id is None:
+            raise ValueError(f"{engine.family.name} has no video tokens: send a video's frames among the images")
         if prompt_ids is not None:
-            num_parts = prompt_ids.count(self.engine.image_token_id)
-            what = "prompt_ids hold {} image tokens"
-        else:
-            num_parts = len(image_urls(messages))  # NOTE: validates the messages before any cache traffic
-            what = "the messages hold {} image parts"
-        if num_parts != len(images):
-            raise ValueError(what.format(num_parts) + f" but {len(images)} images were given")
-        kv = self.engine.kv_key(request_id)
+            found = (prompt_ids.count(engine.image_token_id),
+                     prompt_ids.count(engine.video_token_id) if engine.video_token_id is not None else 0)
+            what = "prompt_ids hold {} image and {} video placeholders"
+        else:  # NOTE: validates the messages before any cache traffic
+            parts = media_parts(messages)
+            if engine.video_token_id is None and any(p.kind == "video" for p in parts):
+                raise ValueError("send prompt_ids for a video on a model without video tokens (the router does)")
+            found = (sum(p.kind == "image" for p in parts), sum(p.kind == "video" for p in parts))
+            what = "the messages hold {} image and {} video parts"
+        if found != (len(images), len(videos)):
+            raise ValueError(what.format(*found) + f" but {len(images)} images and {len(videos)} videos were given")
+        kv = engine.kv_key(request_id)
         if await self.cache.exists(kv.namespace, kv.hash):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
         seed = sampling.resolved_seed()
+        pieces = list(images) + [g for v in videos for g in v]
         async with AsyncExitStack() as entries:  # NOTE: leases held until the prefill has copied them
-            embeddings = []
-            if images:  # NOTE: one round trip leases them all (and one releases them)
+            read = []
+            if pieces:  # NOTE: one round trip leases them all (and one releases them)
                 # NOTE: on a GPU, the sidecar's device tier hands its tensors over by CUDA IPC, or
                 # they come from the pinned arena (mmcache_client.device_entries)
-                device = self.engine.device
-                batch = await self.cache.get_many(images, device=device if device.type == "cuda" else None)
+                device = engine.device
+                batch = await self.cache.get_many(pieces, device=device if device.type == "cuda" else None)
                 entries.push_async_callback(batch.aclose)
-                for image, entry in zip(images, batch):
+                for key, entry in zip(pieces, batch):
                     if entry is None:
-                        raise NotInCache(f"image {image} is not in the cache")
-                    embeddings.append(entry.tensor)
-            counts = [int(e.shape[0]) for e in embeddings]
-            ids = self.engine.prompt_ids(messages, counts) if prompt_ids is None else \
-                expand_image_tokens(prompt_ids, self.engine.image_token_id, counts)
-            self.engine.check_max_tokens(len(ids), sampling)  # NOTE: decode would refuse it: spare the forward
-            result = await self.forward(self.engine.prefill, ids, embeddings, sampling, seed)
+                        raise NotInCache(f"image {key} is not in the cache")
+                    read.append(entry)
+            media = _Media.of(engine, read[:len(images)], _split(read[len(images):], [len(v) for v in videos]))
+            ids = engine.prompt_ids(messages, media.image_counts, media.video_counts) if prompt_ids is None else \
+                media.expand(engine, prompt_ids)
+            engine.check_max_tokens(len(ids), sampling)  # NOTE: decode would refuse it: spare the forward
+            result = await self.forward(media.prefill, engine, ids, sampling, seed)
         # NOTE: host-only (kv_entry_fields says persist=False): a hand-off never goes to disk.
         if not await self.cache.put(kv.namespace, kv.hash, **kv_entry_fields(result)):
             raise RequestConflict(f"request_id {request_id!r} already has a KV entry ({kv}) in the cache")
         self._count_prompt(len(ids), result.prefill_ms)
-        first = self.engine.first_output(result.first_token, sampling)
+        first = engine.first_output(result.first_token, sampling)
         return {"request_id": request_id, "kv": {"namespace": kv.namespace, "hash": kv.hash},
                 "first_token": result.first_token, "first_text": first.readable_text(),
                 "first_finish_reason": first.finish_reason, "prompt_tokens": len(ids),
@@ -203,45 +214,69 @@ class LLMService:
             await entry.aclose()
             raise
 
-    async def generate(self, messages: Any, sampling: SamplingParams, tenant: str | None = None) -> DecodeJob:
+    async def generate(self, messages: Any, sampling: SamplingParams, tenant: str | None = None,
+                       video: VideoSampling | None = None) -> DecodeJob:
         self.decode_loop.check_room()  # NOTE: before any image is fetched or encoded
-        urls = image_urls(messages)
-        if len(urls) > self.config.max_images_per_request:
-            raise ValueError(f"{len(urls)} images exceed max_images_per_request={self.config.max_images_per_request}")
-        loaded = await asyncio.gather(*(load_image(u, self.config.media, self._http) for u in urls),
+        parts = media_parts(messages)
+        if len(parts) > self.config.max_images_per_request:
+            raise ValueError(f"{len(parts)} images and videos exceed max_images_per_request="
+                             f"{self.config.max_images_per_request}")
+        video = video or self.config.video_sampling
+        loaded = await asyncio.gather(*(self._load(p.url, video) if p.kind == "video" else
+                                        load_image(p.url, self.config.media, self._http) for p in parts),
                                       return_exceptions=True)
-        for i, result in enumerate(loaded):
+        counters = {"image": 0, "video": 0}
+        for part, result in zip(parts, loaded):
             if isinstance(result, MediaError):
-                result.index = i
+                result.index, result.kind = counters[part.kind], part.kind
             if isinstance(result, BaseException):
                 raise result
-        images = [image for _, image in loaded]
+            counters[part.kind] += 1
         # NOTE: the in-process cache is keyed within a tenant too: no tenant reuses another's embedding.
         scope = f"{tenant}@" if tenant else ""
-        hashes = [scope + content_hash(raw) for raw, _ in loaded] if self.embedding_cache is not None else None
-        ids = self.engine.prompt_ids(messages, [self.encoder.num_image_tokens(im) for im in images])
-        self.engine.check_max_tokens(len(ids), sampling)
+        engine, encoder = self.engine, self.encoder
+        stills = [(scope + content_hash(r[0]), r[1]) for p, r in zip(parts, loaded) if p.kind == "image"]
+        clips = [[(scope + g.hash, g) for g in r] for p, r in zip(parts, loaded) if p.kind == "video"]
+        if engine.video_token_id is None:  # NOTE: frames as images, in prompt order
+            frames = [len(c) for c in clips]
+            ordered = iter(stills), iter(clips)
+            stills = [x for p in parts for x in ([next(ordered[0])] if p.kind == "image" else next(ordered[1]))]
+            clips = []
+            ids = engine.prompt_ids(messages, [encoder.num_image_tokens(im) for _, im in stills], (), frames)
+        else:
+            ids = engine.prompt_ids(messages, [encoder.num_image_tokens(im) for _, im in stills],
+                                    [sum(encoder.num_image_tokens(g) for _, g in c) for c in clips])
+        engine.check_max_tokens(len(ids), sampling)
         seed = sampling.resolved_seed()
 
         def encode_and_prefill():
-            return self.engine.prefill(ids, self._encode(images, hashes), sampling, seed)
+            encoded = self._encode([x for x in stills] + [x for c in clips for x in c])
+            media = _Media.of(engine, encoded[:len(stills)], _split(encoded[len(stills):], [len(c) for c in clips]))
+            return media.prefill(engine, ids, sampling, seed)
         result = await self.forward(encode_and_prefill)
         self._count_prompt(len(ids), result.prefill_ms)
-        state = self.engine.start(f"gen-{uuid.uuid4().hex}", result, sampling, seed)
+        state = engine.start(f"gen-{uuid.uuid4().hex}", result, sampling, seed)
         return await self.decode_loop.submit(state)
 
-    def _encode(self, images: list, hashes: list[str] | None) -> list[torch.Tensor]:
-        """Embeddings of ``images`` (on the forward thread); with an in-process cache, only its
-        misses are encoded, in one batch."""
-        if hashes is None:
-            return [e.embeddings for e in self.encoder.encode(images)]
-        out = [self.embedding_cache.get(h) for h in hashes]
+    async def _load(self, url: str, video: VideoSampling) -> list[FrameGroup]:
+        """A video's frame groups (fetched and decoded here, off the event loop)."""
+        limits = dataclasses.replace(self.config.media, max_bytes=self.config.video.max_bytes)
+        data = await fetch_bytes(url, limits, self._http)
+        clip = await asyncio.to_thread(decode_video, data, video, self.config.video, self.encoder.group_size)
+        return clip.groups
+
+    def _encode(self, items: list[tuple[str, Any]]) -> list:
+        """``EncodedImage`` of each ``(hash, image or frame group)`` (on the forward thread); with an
+        in-process cache, only its misses are encoded, in one batch."""
+        if self.embedding_cache is None:
+            return self.encoder.encode([item for _, item in items])
+        out = [self.embedding_cache.get(h) for h, _ in items]
         misses = [i for i, e in enumerate(out) if e is None]
-        self.counters["images"] += len(images)
+        self.counters["images"] += len(items)
         self.counters["encoded"] += len(misses)
-        for i, encoded in zip(misses, self.encoder.encode([images[i] for i in misses]) if misses else ()):
-            out[i] = encoded.embeddings
-            self.embedding_cache.put(hashes[i], encoded.embeddings)
+        for i, encoded in zip(misses, self.encoder.encode([items[i][1] for i in misses]) if misses else ()):
+            out[i] = encoded
+            self.embedding_cache.put(items[i][0], encoded)
         return out
 
     def stats(self) -> dict:
@@ -254,3 +289,65 @@ class LLMService:
             out["decode"] = {"running": loop.num_running, "waiting": loop.num_waiting, "steps": loop.steps,
                              "batched_tokens": loop.batched_tokens, "max_batch_size": loop.max_batch_size}
         return out
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(items[at:at + n])
+        at += n
+    return out
+
+
+@dataclasses.dataclass
+class _Media:
+    """A prompt's image and video embeddings (cache entries or ``EncodedImage``s) with the grids a
+    3-D-position model needs (from the ``image_grid_thw`` / ``video_grid_thw`` stored with them)."""
+
+    images: list[torch.Tensor]
+    videos: list[list[torch.Tensor]]
+    image_grids: list[list[int]] | None
+    video_grids: list[list[int]] | None
+
+    @classmethod
+    def of(cls, engine: Any, images: list, videos: list[list]) -> "_Media":
+        def tensor(item, name):
+            if hasattr(item, "extras"):  # an EncodedImage
+                return item.embeddings if name == "embeddings" else item.extras.get(name)
+            return item.tensor if name == "embeddings" else (item.get_tensor(name) if name in item.names else None)
+
+        def grid(item, name) -> list[int]:
+            g = tensor(item, name)
+            if g is None or tuple(g.shape) != (1, 3):
+                raise ValueError(f"{engine.family.name} needs {name} [1, 3] with each embedding; an entry has "
+                                 f"{None if g is None else list(g.shape)}")
+            return [int(x) for x in g[0].tolist()]
+        image_grids = video_grids = None
+        if engine.family.mrope:
+            image_grids = [grid(e, "image_grid_thw") for e in images]
+            video_grids = []
+            for groups in videos:
+                steps = [grid(g, "video_grid_thw") for g in groups]
+                if any(s[1:] != steps[0][1:] for s in steps):
+                    raise ValueError(f"the frame groups of a video differ in size: {steps}")
+                video_grids.append([sum(s[0] for s in steps), *steps[0][1:]])
+        return cls([tensor(e, "embeddings") for e in images], [[tensor(g, "embeddings") for g in v] for v in videos],
+                   image_grids, video_grids)
+
+    @property
+    def image_counts(self) -> list[int]:
+        return [int(e.shape[0]) for e in self.images]
+
+    @property
+    def video_counts(self) -> list[int]:
+        return [sum(int(g.shape[0]) for g in v) for v in self.videos]
+
+    def expand(self, engine: Any, prompt_ids: list[int]) -> list[int]:
+        ids = expand_tokens(prompt_ids, engine.image_token_id, self.image_counts, "image")
+        if engine.video_token_id is None:
+            return ids
+        return expand_tokens(ids, engine.video_token_id, self.video_counts, "video")
+
+    def prefill(self, engine: Any, ids: list[int], sampling: SamplingParams, seed: int):
+        return engine.prefill(ids, self.images, sampling, seed, image_grids=self.image_grids,
+                              video_embeddings=self.videos, video_grids=self.video_grids)

@@ -133,6 +133,7 @@ def _up(args: argparse.Namespace) -> int:
                          allow_private_urls=args.allow_private_urls, tenants=args.tenants, max_batch=args.max_batch,
                          encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule,
                          encoder_cache=args.encoder_cache, threads=args.threads, nice=tuple(args.nice),
+                         video_fps=args.video_fps, video_max_frames=args.video_max_frames,
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level,
                          cache_token=cache_token, api_key=api_key, nodes=args.nodes, remote=args.remote,
                          redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl,
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     u = sub.add_parser("up", help="run the whole stack: sidecar, encoders, prefill, decode, router (OpenAI API)",
                        formatter_class=HelpFormatter)
-    u.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face LLaVA directory")
+    u.add_argument("--model", default="tiny-llava", help="tiny-llava, tiny-qwen2-vl, or a local Hugging Face LLaVA or Qwen2-VL directory")
     u.add_argument("--data-dir", default="./mmcache-data", help="models, the cache's disk tier, its socket")
     u.add_argument("--host", default="127.0.0.1", help="the router's bind address (the sidecar, encoders and "
                    "workers stay on loopback)")
@@ -231,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="which queued images the encoders run first: arrival order (default), or those of the "
                         "request with the fewest images left, so that a one-image request does not wait behind five")
     u.add_argument("--encoder-cache", help="with --aggregated: an in-process LRU of embeddings this large, e.g. 2GiB")
+    u.add_argument("--video-fps", type=float, help="frames sampled per second of a video whose request names no "
+                   "mm_processor_kwargs.fps (default: 2)")
+    u.add_argument("--video-max-frames", type=int, help="most frames sampled from a video whose request names no "
+                   "mm_processor_kwargs.max_frames (default: 16)")
     u.add_argument("--threads", type=int, help="torch threads per worker process (default: torch's)")
     u.add_argument("--nice", type=_role_niceness, action="append", default=[], metavar="ROLE=N",
                    help="run ROLE's processes (encoder, prefill, decode, sidecar, router, both) at niceness N "

@@ -91,6 +91,11 @@ class StackConfig:
     """(role, niceness) pairs: the role's processes run at that CPU priority (0 normal, up to 19
     lowest); roles ``cache``, ``encoder``, ``prefill``, ``decode``, ``generate``, ``router``. For
     stages that share CPU cores: the stage nearest the first token first."""
+    video_fps: float | None = None
+    """The router's (and ``both`` workers') ``--video-fps``: frames per second sampled from a video
+    whose request names none; None: theirs (2)."""
+    video_max_frames: int | None = None
+    """Their ``--video-max-frames``; None: theirs (16)."""
     startup_timeout_s: float = 600.0
     log_level: str = "warning"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -271,16 +276,22 @@ class Stack:
                 *([] if c.http_images else ["--no-http"]),
                 *(["--allow-private-urls"] if c.allow_private_urls else [])]
 
+    def _video_args(self) -> list[str]:
+        """How videos are sampled by default (the router's and ``both`` workers' flags)."""
+        c = self.config
+        return [*(["--video-fps", str(c.video_fps)] if c.video_fps is not None else []),
+                *(["--video-max-frames", str(c.video_max_frames)] if c.video_max_frames is not None else [])]
+
     def start(self) -> str:
         c = self.config
         Path(c.data_dir).mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + c.startup_timeout_s
         router_args = ["router", "--model", c.model, "--data-dir", c.data_dir, "--host", c.host,
                        "--port", str(c.port), "--log-level", c.log_level,
-                       *(["--tenants", os.path.abspath(c.tenants)] if c.tenants else [])]
+                       *(["--tenants", os.path.abspath(c.tenants)] if c.tenants else []), *self._video_args()]
         if c.aggregated:
             workers = [self._spawn(f"both-{i}", "generate", "llm_worker.cli", *self._llm_args("both"),
-                                   *self._media_args()) for i in range(c.decode)]
+                                   *self._media_args(), *self._video_args()) for i in range(c.decode)]
             self._wait_ready(workers, deadline)
             router_args += [a for w in workers for a in ("--generate", w.url)]
         else:
