@@ -393,7 +393,7 @@ async def test_bad_input_is_a_4xx_naming_the_problem(stack, sidecar, images):
         ({**ok, "sampling": {"temperature": -1}}, 400, "temperature=-1"),
         ({**ok, "sampling": {"top_p": "high"}}, 400, "top_p='high'"),
         ({**ok, "sampling": {"beam_width": 4}}, 400, "unknown field(s) ['beam_width']"),
-        ({**ok, "images": []}, 400, "1 image parts but 0 images"),
+        ({**ok, "images": []}, 400, "1 image and 0 video parts but 0 images"),
         ({**ok, "images": [{"namespace": image["namespace"]}]}, 400, "images[0]"),
         ({**ok, "images": [{**image, "hash": "0" * 32}]}, 400, "(32 chars) must be 64 lowercase hex"),
         ({**ok, "images": [{**image, "hash": "0" * 64}]}, 409,
