@@ -1,0 +1,120 @@
+"""Video decoding and sampling (``encoder_worker.video``): frames at ``fps`` from the clip's start,
+at most ``max_frames``; temporal groups keyed by pixels and sampling, so overlapping clips share
+groups; every bound (bytes, pixels, seconds, frames decoded, decode time) and hostile input is a
+``MediaError`` naming it."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder_worker.media import MediaError
+from encoder_worker.video import VideoLimits, VideoSampling, decode_video
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from clips import feed, make_clip  # noqa: E402
+
+FRAMES = feed(40, size=(48, 64), seed=1)
+"""A 10 s feed at 4 fps."""
+
+
+def hashes(clip) -> list[str]:
+    return [g.hash for g in clip.groups]
+
+
+def test_frames_are_sampled_at_fps_from_the_start():
+    clip = decode_video(make_clip(FRAMES[:16]), VideoSampling(fps=2, max_frames=16), VideoLimits(), group_size=1)
+    assert clip.num_frames == 8 and clip.interval_s == 0.5
+    assert [np.asarray(g.frames[0]).tolist() for g in clip.groups] == [FRAMES[i].tolist() for i in range(0, 16, 2)]
+    every = decode_video(make_clip(FRAMES[:16]), VideoSampling(fps=4, max_frames=16), VideoLimits(), group_size=1)
+    assert every.num_frames == 16
+
+
+def test_a_long_clip_is_spread_over_max_frames():
+    clip = decode_video(make_clip(FRAMES), VideoSampling(fps=2, max_frames=5), VideoLimits(), group_size=1)
+    assert clip.num_frames == 5 and clip.interval_s == pytest.approx(2.0)
+    assert [np.asarray(g.frames[0]).tolist() for g in clip.groups] == [FRAMES[i].tolist() for i in range(0, 40, 8)]
+
+
+def test_groups_pad_the_last_with_its_last_frame():
+    clip = decode_video(make_clip(FRAMES[:10]), VideoSampling(fps=2, max_frames=16), VideoLimits(), group_size=2)
+    assert clip.num_frames == 5 and [g.num_frames for g in clip.groups] == [2, 2, 1]
+    last = clip.groups[-1]
+    assert np.array_equal(np.asarray(last.frames[0]), np.asarray(last.frames[1]))
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_overlapping_clips_share_the_groups_of_their_shared_frames(group_size):
+    sampling = VideoSampling(fps=2, max_frames=16)
+    a = decode_video(make_clip(FRAMES[:16]), sampling, VideoLimits(), group_size)
+    b = decode_video(make_clip(FRAMES[8:24]), sampling, VideoLimits(), group_size)
+    again = decode_video(make_clip(FRAMES[:16]), sampling, VideoLimits(), group_size)
+    assert hashes(again) == hashes(a)
+    shared = set(hashes(a)) & set(hashes(b))
+    assert len(shared) == len(hashes(a)) // 2 and hashes(b)[:len(shared)] == hashes(a)[-len(shared):]
+    other = decode_video(make_clip(FRAMES[:16]), VideoSampling(fps=4, max_frames=16), VideoLimits(), group_size)
+    assert not set(hashes(other)) & set(hashes(a))  # NOTE: another sampling: other keys
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(FRAMES[0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data, limits, sampling, message", [
+    (b"", VideoLimits(), VideoSampling(), "not a decodable video"),
+    (b"\x1aE\xdf\xa3" + b"\x00" * 200, VideoLimits(), VideoSampling(), "not a decodable video"),
+    (make_clip(FRAMES[:8])[:300], VideoLimits(), VideoSampling(), "not a decodable video"),
+    (make_clip(FRAMES[:8]), VideoLimits(max_bytes=1000), VideoSampling(), "over max_video_bytes=1000"),
+    (make_clip(FRAMES[:8]), VideoLimits(max_pixels=1000), VideoSampling(), "over max_video_pixels=1000"),
+    (make_clip(FRAMES), VideoLimits(max_seconds=5), VideoSampling(), "over max_video_seconds=5"),
+    (make_clip(FRAMES), VideoLimits(max_decoded_frames=10), VideoSampling(fps=0.1, max_frames=2),
+     "more than max_video_decoded_frames=10"),
+    (make_clip(FRAMES), VideoLimits(max_decode_s=1e-9), VideoSampling(), "over max_video_decode_s"),
+    (make_clip(FRAMES), VideoLimits(max_frames=4), VideoSampling(max_frames=8), "exceeds this server's limit of 4"),
+])
+def test_bounds_and_hostile_files_are_media_errors(data, limits, sampling, message):
+    with pytest.raises(MediaError, match=message):
+        decode_video(data, sampling, limits, group_size=2)
+
+
+def test_a_picture_is_not_a_video():
+    with pytest.raises(MediaError, match="not a (decodable )?video"):
+        decode_video(_png() + b"\x00" * 64, VideoSampling(), VideoLimits(), group_size=1)
+
+
+def test_a_truncated_clip_gives_its_frames_or_a_clear_error():
+    data = make_clip(FRAMES[:16])
+    for cut in (len(data) // 3, len(data) // 2, len(data) - 10):
+        try:
+            clip = decode_video(data[:cut], VideoSampling(fps=4, max_frames=16), VideoLimits(), group_size=1)
+        except MediaError as e:
+            assert "video" in str(e)
+        else:  # NOTE: what decoded is served; each frame is one the file holds
+            assert all(any(np.array_equal(np.asarray(g.frames[0]), f) for f in FRAMES[:16]) for g in clip.groups)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"fps": 0}, "fps=0 must be"),
+    ({"fps": "2"}, "fps='2' must be"),
+    ({"fps": float("nan")}, "must be a number"),
+    ({"max_frames": 0}, "max_frames=0 must be"),
+    ({"max_frames": True}, "max_frames=True must be"),
+    ({"max_frames": 65}, "exceeds this server's limit of 64"),
+    ({"min_pixels": 4}, "unknown option"),
+    ([2], "must be an object"),
+])
+def test_sampling_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        VideoSampling.from_options(options, VideoSampling(), 64)
+
+
+def test_sampling_options_fill_in_the_defaults():
+    assert VideoSampling.from_options({"fps": 1}, VideoSampling(fps=2, max_frames=8), 64) == VideoSampling(1, 8)
+    assert VideoSampling.from_options(None, VideoSampling(fps=3, max_frames=4), 64) == VideoSampling(3, 4)
