@@ -91,6 +91,11 @@ class VideoLimits:
     """Largest ``width * height`` of a frame."""
     max_decode_s: float = 30.0
     """Longest wall time decoding one clip may take."""
+    formats: tuple[str, ...] = ("matroska", "webm", "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "avi", "mpegts",
+                                "mpeg", "ogg", "flv", "gif")
+    """FFmpeg demuxers tried (its ``format_whitelist``); others are refused before they parse a
+    byte past the probe. NOTE: not playlists (``hls``, ``concat``), which open other files and
+    URLs, nor the image demuxers, which take a picture for a one-frame video."""
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_seconds", "max_frames", "max_decoded_frames", "max_pixels", "max_decode_s"):
@@ -144,9 +149,12 @@ def decode_video(data: bytes, sampling: VideoSampling, limits: VideoLimits, grou
         raise MediaError(f"max_frames={sampling.max_frames} exceeds this server's limit of {limits.max_frames}")
     t0 = time.monotonic()
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        # NOTE: the protocol whitelist is empty: no demuxer may open another file or URL
+        container = av.open(io.BytesIO(data), mode="r",
+                            options={"format_whitelist": ",".join(limits.formats), "protocol_whitelist": "none"})
     except Exception as exc:  # NOTE: av.error.* (InvalidDataError, ...), on any non-video bytes
-        raise MediaError(f"not a decodable video: {_reason(exc)}") from exc
+        raise MediaError(f"not a decodable video in an accepted format ({', '.join(limits.formats)}): "
+                         f"{_reason(exc)}") from exc
     try:
         if not container.streams.video:
             raise MediaError("not a video: the file has no video stream")

@@ -69,7 +69,11 @@ async def gather_stats(router: "Router") -> dict:
                      "encoder_cache_hits": sum(s.get("cache_hits", 0) for s in encoders),
                      "router_cache_hits": router_hits,
                      "encoder_joins": sum(s.get("single_flight_joins", 0) for s in encoders),
-                     "images": sum(s.get("images", 0) for s in encoders) + router_hits}
+                     "images": sum(s.get("images", 0) for s in encoders) + router_hits,
+                     "videos": sum(s.get("videos", 0) for s in encoders),
+                     "frames": sum(s.get("frames", 0) for s in encoders),
+                     "frames_encoded": sum(s.get("frames_encoded", 0) for s in encoders),
+                     "frames_reused": sum(s.get("frames_reused", 0) for s in encoders)}
     return out
 
 

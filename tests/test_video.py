@@ -69,6 +69,7 @@ def _png() -> bytes:
 
 @pytest.mark.parametrize("data, limits, sampling, message", [
     (b"", VideoLimits(), VideoSampling(), "not a decodable video"),
+    (make_clip(FRAMES[:8]), VideoLimits(formats=("avi",)), VideoSampling(), "accepted format \\(avi\\)"),
     (b"\x1aE\xdf\xa3" + b"\x00" * 200, VideoLimits(), VideoSampling(), "not a decodable video"),
     (make_clip(FRAMES[:8])[:300], VideoLimits(), VideoSampling(), "not a decodable video"),
     (make_clip(FRAMES[:8]), VideoLimits(max_bytes=1000), VideoSampling(), "over max_video_bytes=1000"),
@@ -84,9 +85,30 @@ def test_bounds_and_hostile_files_are_media_errors(data, limits, sampling, messa
         decode_video(data, sampling, limits, group_size=2)
 
 
-def test_a_picture_is_not_a_video():
-    with pytest.raises(MediaError, match="not a (decodable )?video"):
-        decode_video(_png() + b"\x00" * 64, VideoSampling(), VideoLimits(), group_size=1)
+@pytest.mark.parametrize("data", [
+    _png(),  # NOTE: FFmpeg's png_pipe demuxer would take it for a one-frame video
+    b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile:///etc/hostname\n#EXT-X-ENDLIST\n",
+    b"ffconcat version 1.0\nfile /etc/hostname\n",
+])
+def test_pictures_and_playlists_are_not_videos(data):
+    with pytest.raises(MediaError, match="not a decodable video in an accepted format"):
+        decode_video(data, VideoSampling(), VideoLimits(), group_size=1)
+
+
+def test_mp4_and_avi_decode_too():
+    import av
+
+    for fmt, codec in (("mp4", "mpeg4"), ("avi", "mjpeg")):
+        buf = io.BytesIO()
+        with av.open(buf, "w", format=fmt) as container:
+            stream = container.add_stream(codec, rate=4)
+            stream.width, stream.height = 64, 48
+            stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+            for frame in FRAMES[:8]:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        clip = decode_video(buf.getvalue(), VideoSampling(fps=2, max_frames=16), VideoLimits(), group_size=2)
+        assert clip.num_frames == 4 and len(clip.groups) == 2
 
 
 def test_a_truncated_clip_gives_its_frames_or_a_clear_error():
