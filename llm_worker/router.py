@@ -386,11 +386,11 @@ class Router:
                         parts: list[MediaPart], hashes: dict[int, str] | None, video: VideoSampling) -> TokenStream:
         t0 = time.perf_counter()
         with self._timed("encode"):
-            images, videos = await self._encode_media(parts, tenant, hashes, video)
+            images, videos, frames = await self._encode_media(parts, tenant, hashes, video)
         t1 = time.perf_counter()
-        if videos and self.tokens.video is None:  # NOTE: frames as images: one placeholder per frame
+        if frames and self.tokens.video is None:  # NOTE: frames as images: one placeholder per frame
             try:
-                ids = template_ids(self.tokenizer, req.messages, self.tokens, [len(v) for v in videos])
+                ids = template_ids(self.tokenizer, req.messages, self.tokens, frames)
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
         pieces = images + [item for v in videos for item in v]
@@ -411,21 +411,23 @@ class Router:
         return FirstTokenFirst(first, asyncio.ensure_future(self._open_stream("decode", "/v1/decode", body)))
 
     async def _encode_media(self, parts: list[MediaPart], tenant: str | None, hashes: dict[int, str] | None,
-                            video: VideoSampling) -> tuple[list[dict], list[list[dict]]]:
+                            video: VideoSampling) -> tuple[list[dict], list[list[dict]], list[int]]:
         """The request's images and videos encoded (in parallel): ``(items for the image tokens,
-        per video the items for its video tokens)``. A model without video tokens takes a video's
-        frames as images, in prompt order among the images (and then no videos are left)."""
+        per video the items for its video tokens, per video its groups)``. A model without video
+        tokens takes a video's frames as images, in prompt order among the images (and then no
+        videos are left)."""
         urls = [p.url for p in parts if p.kind == "image"]
         video_urls = [p.url for p in parts if p.kind == "video"]
         items, clips = await asyncio.gather(self.encode(urls, tenant, hashes),
                                             self.encode_videos(video_urls, video, tenant) if video_urls else _nothing())
         videos = [clip["items"] for clip in clips]
+        frames = [len(v) for v in videos]
         if not videos or self.tokens.video is not None:
-            return items, videos
+            return items, videos, frames
         images, still, clip = [], iter(items), iter(videos)
         for part in parts:
             images.extend([next(still)] if part.kind == "image" else next(clip))
-        return images, []
+        return images, [], frames
 
     async def _prefill(self, cid: str, ids: list[int], images: list[dict], videos: list[list[dict]], sampling: dict,
                        parts: list[MediaPart], tenant: str | None, video: VideoSampling) -> dict:
@@ -442,7 +444,7 @@ class Router:
         # NOTE: an image was evicted between encode and prefill: encode again (puts it back), once.
         logger.info("%s: an image left the cache before prefill; encoding again", cid)
         self._retried("prefill")
-        images, videos = await self._encode_media(parts, tenant, None, video)
+        images, videos, _ = await self._encode_media(parts, tenant, None, video)
         body["images"] = [key(it) for it in images]
         if videos:
             body["videos"] = [[key(it) for it in v] for v in videos]

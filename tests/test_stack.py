@@ -140,6 +140,37 @@ def test_greedy_epd_equals_aggregated_equals_generate(epd, aggregated, model_dir
     assert streamed == want
 
 
+def test_a_video_is_its_frames_as_images(epd, aggregated, model_dir):
+    """LLaVA has no video tokens: a video's sampled frames are images, each encoded (and cached)
+    once, in the prompt where the video was; EPD == aggregated == generate on those frames."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from clips import data_uri, feed, make_clip
+
+    source = feed(8, size=(48, 64), seed=11)  # NOTE: 2 s at 4 fps; sampled at 2 fps: 4 frames
+    still, still_image = image(600)
+    parts = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": {"url": still}},
+             {"type": "video_url", "video_url": {"url": data_uri(make_clip(source))}}]
+    extra = {"extra_body": {"return_token_ids": True, "mm_processor_kwargs": {"fps": 2, "max_frames": 8}}}
+    before = epd.stats()["totals"]
+    answers = [client(up).chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": parts}],
+                                                  max_tokens=MAX_TOKENS, temperature=0, **extra)
+               for up in (epd, aggregated)]
+    after = epd.stats()["totals"]
+    assert after["frames_encoded"] - before["frames_encoded"] == 4 and after["videos"] == before["videos"] + 1
+    assert answers[0].usage.prompt_tokens > 5 * 576
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    hf = [{"role": "user", "content": [{"type": "text", "text": "Describe."}, *({"type": "image"},) * 5]}]
+    frames = [Image.fromarray(f) for f in source[0:8:2]]
+    inputs = processor(text=processor.apply_chat_template(hf, add_generation_prompt=True),
+                       images=[still_image, *frames], return_tensors="pt")
+    want = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_TOKENS)[0, inputs["input_ids"].shape[1]:]
+    assert token_ids(answers[0]) == token_ids(answers[1]) == want.tolist()
+
+
 def test_a_second_request_for_the_same_image_encodes_nothing(epd):
     uri = image(300)[0]
     chat(epd, [uri])
