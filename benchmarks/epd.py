@@ -4,6 +4,7 @@ peak memory per worker process, for each request rate.
 
     python benchmarks/epd.py --profile tiny                  # seconds; CI runs it as a smoke test
     python benchmarks/epd.py --profile realistic             # CLIP-L/336 + a 0.13B Llama; tens of minutes on a CPU
+    python benchmarks/epd.py --profile tiny-qwen2-vl --workload video   # sliding-window clips (benchmarks/epd_video.py)
         [--rates 0.08,0.12] [--requests 32] [--reuse 0.5] [--systems epd,aggregated,aggregated-lru]
         [--ttft-slo S] [--tpot-slo S] [--out results/DIR] [--seed 0]
 
@@ -116,6 +117,8 @@ PROFILES = {
     # decode step waits behind whole prefills. ``--epd-flags`` overrides them. 32 requests per
     # rate: with 16 the median moved by 10-20% between runs of the same workload (the same
     # isolated 2-image request took 10.6-13.9 s on this machine).
+    "tiny-qwen2-vl": Profile(model="tiny-qwen2-vl", rates=(2.0, 4.0, 8.0), requests=24, output_mean=16,
+                             output_max=32, images_max=6, ttft_slo_s=0.5, tpot_slo_s=0.05, cache_capacity="512MiB"),
     "realistic": Profile(model="llava-clip-l336-small", rates=(0.08, 0.12), requests=32, output_mean=24,
                          output_max=48, images_max=6, ttft_slo_s=10.0, tpot_slo_s=0.25, cache_capacity="2GiB",
                          encoders=1, nice_epd=(("encoder", 10), ("decode", 19)), encoder_batch=1,
@@ -373,6 +376,9 @@ def plot(rows: list[dict], summary: dict, systems: list[str], out: Path, ttft_sl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="tiny")
+    p.add_argument("--workload", choices=("images", "video"), default="images",
+                   help="images: Poisson arrivals of image requests (default); video: a sliding-window captioner's "
+                        "clips, one after the other (benchmarks/epd_video.py)")
     p.add_argument("--rates", help="comma-separated request rates (req/s); default: the profile's")
     p.add_argument("--requests", type=int, help="requests per rate; default: the profile's")
     p.add_argument("--reuse", type=float, default=0.5, help="share of image references that repeat one")
@@ -424,6 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     from encoder_worker.models import ensure_model
 
     model_dir = ensure_model(profile.model, args.models_dir)
+    if args.workload == "video":
+        import epd_video
+
+        def flags_for(system: str) -> list[str]:
+            shape = [] if system.startswith("aggregated") else [*epd_shape_flags(profile), *epd_extra]
+            return [*shape, *(["--dtype", dtype] if dtype else [])]
+        return epd_video.run(args.profile, model_dir, [s for s in systems if s in epd_video.SYSTEMS], flags_for,
+                             profile.cache_capacity, out, args.seed)
     specs = [WorkloadSpec(rate=rate, num_requests=num_requests, reuse=args.reuse, images_max=profile.images_max,
                           output_tokens_mean=profile.output_mean, output_tokens_max=profile.output_max,
                           output_tokens_min=4, seed=args.seed + 1000 * i) for i, rate in enumerate(rates)]

@@ -94,6 +94,8 @@ class LLMService:
         self.encoder = encoder
         self.metrics = _Metrics()
         self.counters = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "active": 0}
+        if config.role == "both":
+            self.counters.update(videos=0, frames=0, frames_encoded=0)
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-forward")
         self.decode_loop = None if config.role == "prefill" else \
             DecodeLoop(engine, self.forward, config.max_batch, on_step=self._on_step, max_waiting=config.max_waiting)
@@ -237,6 +239,7 @@ class LLMService:
         engine, encoder = self.engine, self.encoder
         stills = [(scope + content_hash(r[0]), r[1]) for p, r in zip(parts, loaded) if p.kind == "image"]
         clips = [[(scope + g.hash, g) for g in r] for p, r in zip(parts, loaded) if p.kind == "video"]
+        self.counters["videos"] += len(clips)
         if engine.video_token_id is None:  # NOTE: frames as images, in prompt order
             frames = [len(c) for c in clips]
             ordered = iter(stills), iter(clips)
@@ -268,10 +271,15 @@ class LLMService:
     def _encode(self, items: list[tuple[str, Any]]) -> list:
         """``EncodedImage`` of each ``(hash, image or frame group)`` (on the forward thread); with an
         in-process cache, only its misses are encoded, in one batch."""
+        groups = [item for _, item in items if isinstance(item, FrameGroup)]
+        self.counters["frames"] += sum(g.num_frames for g in groups)
         if self.embedding_cache is None:
+            self.counters["frames_encoded"] += sum(g.num_frames for g in groups)
             return self.encoder.encode([item for _, item in items])
         out = [self.embedding_cache.get(h) for h, _ in items]
         misses = [i for i, e in enumerate(out) if e is None]
+        self.counters["frames_encoded"] += sum(items[i][1].num_frames for i in misses
+                                               if isinstance(items[i][1], FrameGroup))
         self.counters["images"] += len(items)
         self.counters["encoded"] += len(misses)
         for i, encoded in zip(misses, self.encoder.encode([items[i][1] for i in misses]) if misses else ()):
