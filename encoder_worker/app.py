@@ -85,6 +85,8 @@ async def encode_handler(request: web.Request) -> web.Response:
     if len(images) + len(videos) > service.config.max_images_per_request:
         raise ValueError(f"{len(images) + len(videos)} images and videos exceed max_images_per_request="
                          f"{service.config.max_images_per_request}")
+    if len(videos) > service.config.video.max_videos_per_request:
+        raise ValueError(f"{len(videos)} videos exceed max_videos_per_request={service.config.video.max_videos_per_request}")
     clips = []
     for k, video in enumerate(videos):
         if not isinstance(video, dict) or not isinstance(video.get("url"), str):

@@ -33,6 +33,8 @@ class EncoderServeConfig:
     media: MediaLimits = field(default_factory=MediaLimits)
     video: VideoLimits = field(default_factory=VideoLimits)
     """Bounds on each video (bytes, seconds, frames, pixels, decode time)."""
+    max_concurrent_decodes: int = 2
+    """Video decodes running at once in this worker; more wait their turn."""
     schedule: str = "fcfs"
     """Which queued misses run next: ``fcfs`` (arrival order) or ``sjf`` (those of the request
     with the fewest images left to encode first; see ``encoder_worker.batcher``)."""
@@ -59,6 +61,8 @@ class EncoderServeConfig:
             raise ValueError(f"schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}")
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms={self.max_queue_delay_ms} must be >= 0")
+        if self.max_concurrent_decodes < 1:
+            raise ValueError(f"max_concurrent_decodes={self.max_concurrent_decodes} must be >= 1")
         if self.max_queued_images < 1:
             raise ValueError(f"max_queued_images={self.max_queued_images} must be >= 1")
         if not 0.1 <= self.claim_ttl_s <= 600:

@@ -406,10 +406,15 @@ async def decode_fetched(url: str, data: bytes, limits: MediaLimits) -> Image.Im
     try:
         return await asyncio.to_thread(decode_image, data, limits)
     except MediaError as exc:
-        if not url[:8].lower().startswith(("http://", "https://")):
-            raise
-        # NOTE: what an open port sent is not for the client: "not an image" vs "cannot
-        # connect" would map the host's ports.
-        where = _describe(url)
-        logger.info("image fetch from %s: %s", where, exc)
-        raise MediaError(_unloadable(where)) from exc
+        raise uniform_fetch_error(url, exc) from exc
+
+
+def uniform_fetch_error(url: str, exc: MediaError) -> MediaError:
+    """``exc`` (a decode failure of what ``url`` gave) as the client may see it: for an http(s)
+    URL the one fetch message, since what an open port sent is not for the client ("not an
+    image" vs "cannot connect" would map the host's ports); the cause is logged here."""
+    if not url[:8].lower().startswith(("http://", "https://")):
+        return exc
+    where = _describe(url)
+    logger.info("media fetch from %s: %s", where, exc)
+    return MediaError(_unloadable(where), exc.index, exc.kind)

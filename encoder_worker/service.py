@@ -26,7 +26,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from encoder_worker.batcher import BatchStats, Job, SingleFlightBatcher
-from encoder_worker.media import MediaError, decode_fetched, fetch_bytes, http_session
+from encoder_worker.media import MediaError, decode_fetched, fetch_bytes, http_session, uniform_fetch_error
 from encoder_worker.video import Clip, FrameGroup, VideoSampling, decode_video
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCacheError, content_hash
 from encoder_worker.config import EncoderServeConfig
@@ -79,6 +79,8 @@ class EncodeService:
                                            max_queue_delay_ms=config.max_queue_delay_ms,
                                            max_queued=config.max_queued_images)
         self._http: aiohttp.ClientSession | None = None
+        self._decodes = asyncio.Semaphore(config.max_concurrent_decodes)
+        """Video decodes running at once (each takes a core for up to ``video.max_decode_s``)."""
 
     async def start(self) -> None:
         self._http = http_session(self.config.media)  # NOTE: refuses non-public addresses unless allowed
@@ -311,13 +313,26 @@ class EncodeService:
         return answer
 
     async def _load_videos(self, videos: list[tuple[str, VideoSampling]]) -> list[Clip]:
-        """Each video fetched (``config.video.max_bytes``), decoded and sampled off the event loop."""
-        limits = dataclasses.replace(self.config.media, max_bytes=self.config.video.max_bytes)
+        """Each video fetched (``config.video``'s byte bound and timeout) and decoded and sampled
+        off the event loop, at most ``config.max_concurrent_decodes`` at once in this worker."""
+        video = self.config.video
+        limits = dataclasses.replace(self.config.media, max_bytes=video.max_bytes, fetch_timeout_s=video.fetch_timeout_s)
         raws = await _gather_media((fetch_bytes(u, limits, self._http) for u, _ in videos), "video")
-        group_size = self.encoder.group_size
-        return await _gather_media((asyncio.to_thread(decode_video, raw, sampling, self.config.video, group_size)
-                                    for raw, (_, sampling) in zip(raws, videos)), "video")
+        return await _gather_media((self._decode_video(url, raw, sampling) for raw, (url, sampling) in zip(raws, videos)),
+                                   "video")
 
+    async def _decode_video(self, url: str, raw: bytes, sampling: VideoSampling) -> Clip:
+        async with self._decodes:
+            try:
+                clip = await asyncio.to_thread(decode_video, raw, sampling, self.config.video, self.encoder.group_size)
+                # NOTE: a frame the processor refuses (an aspect ratio past its bound) fails this
+                # request here, not the encoder batch it would share with others
+                self.encoder.num_image_tokens(clip.groups[0])
+            except MediaError as e:
+                raise uniform_fetch_error(url, e) from e
+            except ValueError as e:
+                raise MediaError(f"the video's frames cannot be encoded: {e}") from e
+        return clip
     async def _resolve(self, tenant: str | None, decoders: dict) -> tuple[dict[str, int], set[str]]:
         """For each hash of ``decoders`` (hash → (image index or None, coroutine function giving the
         item to encode)): its token count, looked up or encoded here; and the set of those that
@@ -349,6 +364,11 @@ class EncodeService:
             mark = self.batcher.mark()
             decoded = await asyncio.gather(*(decoders[h][1]() for h in misses), return_exceptions=True)
             for h, result in zip(misses, decoded):
+                if not isinstance(result, BaseException):
+                    try:  # NOTE: refused here, not in the encoder batch it would share with others
+                        self.encoder.num_image_tokens(result)
+                    except ValueError as e:
+                        result = MediaError(f"the image cannot be encoded: {e}")
                 if isinstance(result, MediaError):
                     result.index = decoders[h][0]
                 if isinstance(result, BaseException):

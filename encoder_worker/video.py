@@ -87,10 +87,20 @@ class VideoLimits:
     """Most frames sampled from one clip (a request's ``max_frames`` may not exceed it)."""
     max_decoded_frames: int = 36_000
     """Most frames decoded from one clip (sampled or not)."""
-    max_pixels: int = 4096 * 2304
-    """Largest ``width * height`` of a frame."""
+    max_pixels: int = 1920 * 1088
+    """Largest ``width * height`` of a frame (enforced by the decoder itself, before a frame is
+    allocated, as well as on each frame)."""
+    max_sampled_pixels: int = 64 * 1920 * 1088
+    """Most pixels of all frames sampled from one clip (the RGB frames held until encoded)."""
+    max_videos_per_request: int = 8
+    """Most video parts one request may hold."""
+    fetch_timeout_s: float = 60.0
+    """Whole http(s) fetch of a video, in seconds."""
     max_decode_s: float = 30.0
     """Longest wall time decoding one clip may take."""
+    codecs: tuple[str, ...] = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg",
+                               "ffv1", "gif", "theora", "png", "rawvideo")
+    """FFmpeg video decoders a clip may need; others (rarely used, rarely fuzzed) are refused."""
     formats: tuple[str, ...] = ("matroska", "webm", "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "avi", "mpegts",
                                 "mpeg", "ogg", "flv", "gif")
     """FFmpeg demuxers tried (its ``format_whitelist``); others are refused before they parse a
@@ -98,7 +108,8 @@ class VideoLimits:
     URLs, nor the image demuxers, which take a picture for a one-frame video."""
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_seconds", "max_frames", "max_decoded_frames", "max_pixels", "max_decode_s"):
+        for name in ("max_bytes", "max_seconds", "max_frames", "max_decoded_frames", "max_pixels", "max_decode_s",
+                     "max_sampled_pixels", "max_videos_per_request", "fetch_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"video limit {name}={getattr(self, name)!r} must be > 0")
 
@@ -150,7 +161,8 @@ def decode_video(data: bytes, sampling: VideoSampling, limits: VideoLimits, grou
     t0 = time.monotonic()
     try:
         # NOTE: the protocol whitelist is empty: no demuxer may open another file or URL
-        container = av.open(io.BytesIO(data), mode="r",
+        # NOTE: timeout: FFmpeg's interrupt callback bounds a probe that stalls
+        container = av.open(io.BytesIO(data), mode="r", timeout=limits.max_decode_s,
                             options={"format_whitelist": ",".join(limits.formats), "protocol_whitelist": "none"})
     except Exception as exc:  # NOTE: av.error.* (InvalidDataError, ...), on any non-video bytes
         raise MediaError(f"not a decodable video in an accepted format ({', '.join(limits.formats)}): "
@@ -159,6 +171,13 @@ def decode_video(data: bytes, sampling: VideoSampling, limits: VideoLimits, grou
         if not container.streams.video:
             raise MediaError("not a video: the file has no video stream")
         stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        if codec not in limits.codecs:
+            raise MediaError(f"video codec {codec!r} is not accepted ({', '.join(limits.codecs)})")
+        # NOTE: the decoder refuses a larger frame before allocating it (a stream may change size
+        # mid-way); one thread: a clip's decode takes one core, not all of them
+        stream.codec_context.options = {"max_pixels": str(limits.max_pixels)}
+        stream.codec_context.thread_count = 1
         width, height = stream.codec_context.width, stream.codec_context.height
         if width * height > limits.max_pixels:
             raise MediaError(f"video frames are {width}x{height} = {width * height} pixels, "
@@ -191,27 +210,42 @@ def _sample(container, stream, interval: float, max_frames: int, limits: VideoLi
             t0: float) -> tuple[list[np.ndarray], int, float, float]:
     """(sampled RGB frames, frames decoded, first frame's time, last frame's time)."""
     frames: list[np.ndarray] = []
-    decoded = 0
+    decoded = pixels = 0
     start = last_t = None
+    due = 0.0
+    """Time (from the first frame) of the next frame to sample."""
     rate = float(stream.average_rate) if stream.average_rate else 25.0
-    for frame in container.decode(stream):
-        decoded += 1
-        if decoded > limits.max_decoded_frames:
-            raise MediaError(f"video has more than max_video_decoded_frames={limits.max_decoded_frames} frames")
+    for packet in container.demux(stream):
+        # NOTE: checked per packet, not only per frame: packets that give no frame count too
         if time.monotonic() - t0 > limits.max_decode_s:
             raise MediaError(f"decoding the video took over max_video_decode_s={limits.max_decode_s:g} s")
-        t = frame.time if frame.time is not None else (decoded - 1) / rate
-        if start is None:
-            start = t
-        last_t = t
-        if t - start > limits.max_seconds:
-            raise MediaError(f"video lasts over max_video_seconds={limits.max_seconds:g}")
-        if frame.width * frame.height > limits.max_pixels:
-            raise MediaError(f"a video frame is {frame.width}x{frame.height}, over max_video_pixels={limits.max_pixels}")
-        if t - start >= len(frames) * interval - _TIME_SLACK_S:
+        for frame in packet.decode():
+            decoded += 1
+            if decoded > limits.max_decoded_frames:
+                raise MediaError(f"video has more than max_video_decoded_frames={limits.max_decoded_frames} frames")
+            t = frame.time if frame.time is not None else (decoded - 1) / rate
+            if start is None:
+                start = t
+            last_t = t
+            if t - start > limits.max_seconds:
+                raise MediaError(f"video lasts over max_video_seconds={limits.max_seconds:g}")
+            if frame.width * frame.height > limits.max_pixels:
+                raise MediaError(f"a video frame is {frame.width}x{frame.height}, over max_video_pixels="
+                                 f"{limits.max_pixels}")
+            if frames and (frame.height, frame.width) != frames[0].shape[:2]:
+                raise MediaError(f"the video's frames change size ({frames[0].shape[1]}x{frames[0].shape[0]} "
+                                 f"to {frame.width}x{frame.height})")
+            if t - start < due - _TIME_SLACK_S:
+                continue
+            pixels += frame.width * frame.height
+            if pixels > limits.max_sampled_pixels:
+                raise MediaError(f"the sampled frames hold over max_video_sampled_pixels={limits.max_sampled_pixels}")
             frames.append(frame.to_ndarray(format="rgb24"))
             if len(frames) == max_frames:
-                break
+                return frames, decoded, start, last_t
+            # NOTE: the next due time after this frame's, not after the last due one: after a gap
+            # in the timestamps, sampling goes on from here instead of catching up frame by frame
+            due = (math.floor((t - start) / interval + _TIME_SLACK_S) + 1) * interval
     return frames, decoded, start or 0.0, last_t or 0.0
 
 

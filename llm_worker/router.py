@@ -311,8 +311,8 @@ class Router:
         async def one(k: int, url: str) -> dict:
             key = url
             if url[:5].lower() == "data:":
-                try:
-                    key = content_hash(decode_data_uri(url, self.video_limits))
+                try:  # NOTE: off the event loop: a data: video may be hundreds of MiB
+                    key = await asyncio.to_thread(lambda: content_hash(decode_data_uri(url, self.video_limits)))
                 except MediaError:
                     pass  # NOTE: the encoder answers it with the reason
             body: dict[str, Any] = {"images": [], "videos": [{"url": url, **sampling.to_json()}]}
@@ -324,8 +324,10 @@ class Router:
                 e.message = _VIDEO_INDEX.sub(f"video {k}: ", e.message)
                 raise
             videos = doc.get("videos") if isinstance(doc, dict) else None
-            if not isinstance(videos, list) or len(videos) != 1 or not isinstance(videos[0].get("items"), list) \
-                    or not videos[0]["items"] or not isinstance(doc.get("namespace"), str):
+            if not isinstance(videos, list) or len(videos) != 1 or not isinstance(videos[0], dict) \
+                    or not isinstance(videos[0].get("items"), list) or not videos[0]["items"] \
+                    or not all(isinstance(it, dict) for it in videos[0]["items"]) \
+                    or not isinstance(doc.get("namespace"), str):
                 raise APIError(502, f"encoder answered {str(doc)[:200]!r} for a video", "encode")
             self.namespace = doc["namespace"]
             return {"frames": videos[0].get("frames"),
@@ -344,6 +346,10 @@ class Router:
         if len(parts) > self.config.max_images_per_request:
             raise APIError(400, f"{len(parts)} images and videos exceed max_images_per_request="
                                 f"{self.config.max_images_per_request}", param="messages")
+        num_videos = sum(p.kind == "video" for p in parts)
+        if num_videos > self.config.max_videos_per_request:
+            raise APIError(400, f"{num_videos} videos exceed max_videos_per_request="
+                                f"{self.config.max_videos_per_request}", param="messages")
         try:
             video = VideoSampling.from_options(req.mm_processor_kwargs, self.video_sampling,
                                                self.config.max_video_frames)

@@ -52,6 +52,8 @@ class RouterConfig:
     """Frames sampled at most from a video whose request names no ``mm_processor_kwargs.max_frames``."""
     max_video_frames: int = 64
     """The most ``max_frames`` a request may ask for."""
+    max_videos_per_request: int = 8
+    """Most video parts one request may hold."""
     routing: str = "cache"
     """``cache``: to the group whose host tier holds most of a request's image bytes (by load
     where none does); ``load``: by load alone."""

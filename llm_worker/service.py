@@ -19,7 +19,7 @@ import torch
 from mmcache_client import AsyncCacheClient, Key, content_hash
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from encoder_worker.media import MediaError, fetch_bytes, http_session, load_image
+from encoder_worker.media import MediaError, fetch_bytes, http_session, load_image, uniform_fetch_error
 from encoder_worker.video import FrameGroup, VideoSampling, decode_video
 from llm_worker.decode_loop import DecodeJob, DecodeLoop
 from llm_worker.embedding_lru import EmbeddingLRU
@@ -100,6 +100,8 @@ class LLMService:
         self.decode_loop = None if config.role == "prefill" else \
             DecodeLoop(engine, self.forward, config.max_batch, on_step=self._on_step, max_waiting=config.max_waiting)
         self._http: aiohttp.ClientSession | None = None
+        self._decodes = asyncio.Semaphore(1)
+        """``both``: video decodes at once (each takes a core for up to ``video.max_decode_s``)."""
         self.embedding_cache = EmbeddingLRU(config.encoder_cache_bytes) \
             if config.role == "both" and config.encoder_cache_bytes else None
         if self.embedding_cache is not None:
@@ -178,7 +180,8 @@ class LLMService:
                 entries.push_async_callback(batch.aclose)
                 for key, entry in zip(pieces, batch):
                     if entry is None:
-                        raise NotInCache(f"image {key} is not in the cache")
+                        raise NotInCache(f"{'image' if len(read) < len(images) else 'video frame group'} {key} "
+                                         "is not in the cache")
                     read.append(entry)
             media = _Media.of(engine, read[:len(images)], _split(read[len(images):], [len(v) for v in videos]))
             ids = engine.prompt_ids(messages, media.image_counts, media.video_counts) if prompt_ids is None else \
@@ -223,6 +226,9 @@ class LLMService:
         if len(parts) > self.config.max_images_per_request:
             raise ValueError(f"{len(parts)} images and videos exceed max_images_per_request="
                              f"{self.config.max_images_per_request}")
+        num_videos = sum(p.kind == "video" for p in parts)
+        if num_videos > self.config.video.max_videos_per_request:
+            raise ValueError(f"{num_videos} videos exceed max_videos_per_request={self.config.video.max_videos_per_request}")
         video = video or self.config.video_sampling
         loaded = await asyncio.gather(*(self._load(p.url, video) if p.kind == "video" else
                                         load_image(p.url, self.config.media, self._http) for p in parts),
@@ -262,20 +268,30 @@ class LLMService:
         return await self.decode_loop.submit(state)
 
     async def _load(self, url: str, video: VideoSampling) -> list[FrameGroup]:
-        """A video's frame groups (fetched and decoded here, off the event loop)."""
-        limits = dataclasses.replace(self.config.media, max_bytes=self.config.video.max_bytes)
+        """A video's frame groups (fetched and decoded here, off the event loop, one at a time)."""
+        limits = dataclasses.replace(self.config.media, max_bytes=self.config.video.max_bytes,
+                                     fetch_timeout_s=self.config.video.fetch_timeout_s)
         data = await fetch_bytes(url, limits, self._http)
-        clip = await asyncio.to_thread(decode_video, data, video, self.config.video, self.encoder.group_size)
+        async with self._decodes:
+            try:
+                clip = await asyncio.to_thread(decode_video, data, video, self.config.video, self.encoder.group_size)
+                self.encoder.num_image_tokens(clip.groups[0])
+            except MediaError as e:
+                raise uniform_fetch_error(url, e) from e
+            except ValueError as e:
+                raise MediaError(f"the video's frames cannot be encoded: {e}") from e
         return clip.groups
 
     def _encode(self, items: list[tuple[str, Any]]) -> list:
         """``EncodedImage`` of each ``(hash, image or frame group)`` (on the forward thread); with an
         in-process cache, only its misses are encoded, in one batch."""
         groups = [item for _, item in items if isinstance(item, FrameGroup)]
-        self.counters["frames"] += sum(g.num_frames for g in groups)
         if self.embedding_cache is None:
+            out = self.encoder.encode([item for _, item in items])
+            self.counters["frames"] += sum(g.num_frames for g in groups)
             self.counters["frames_encoded"] += sum(g.num_frames for g in groups)
-            return self.encoder.encode([item for _, item in items])
+            return out
+        self.counters["frames"] += sum(g.num_frames for g in groups)
         out = [self.embedding_cache.get(h) for h, _ in items]
         misses = [i for i, e in enumerate(out) if e is None]
         self.counters["frames_encoded"] += sum(items[i][1].num_frames for i in misses

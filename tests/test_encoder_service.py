@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from encoder_worker.media import MediaLimits
+from encoder_worker.video import FrameGroup
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
 from mmcache.config import ServeConfig
@@ -38,6 +39,8 @@ class CountingEncoder:
 
     namespace = "fake-encoder.v1"
     model_type = "fake"
+    group_size = 2
+    """Video frames per encoded group (as Qwen2-VL's temporal patch)."""
 
     def __init__(self):
         self.batches: list[int] = []
@@ -46,12 +49,19 @@ class CountingEncoder:
         self.entered = threading.Event()
         """Set when a batch reaches the model (before the gate)."""
 
+    def num_image_tokens(self, image) -> int:
+        img = image.frames[0] if isinstance(image, FrameGroup) else image
+        if img.width > 40 * img.height:
+            raise ValueError(f"absolute aspect ratio must be smaller than 40, got {img.width / img.height}")
+        return max(1, img.width // 8)
+
     def encode(self, images):
         self.entered.set()
         self.gate.wait(30)
         self.batches.append(len(images))
         out = []
         for img in images:
+            img = img.frames[0] if isinstance(img, FrameGroup) else img
             px = torch.from_numpy(np.asarray(img, dtype=np.float32))
             n = max(1, img.width // 8)
             emb = px.mean(dim=(0, 1)).repeat(n, 4)[:, :8].contiguous()
@@ -301,3 +311,41 @@ async def _until(cond, timeout=10.0):
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
         await asyncio.sleep(0.005)
+
+
+async def test_videos_reuse_shared_frames_and_a_bad_one_fails_only_its_request(encoder_client):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from clips import data_uri, feed, make_clip
+
+    source = feed(24, size=(32, 64), seed=5)
+    first = {"url": data_uri(make_clip(source[:16])), "fps": 2, "max_frames": 16}
+    overlapping = {"url": data_uri(make_clip(source[8:24])), "fps": 2, "max_frames": 16}
+    wide = {"url": data_uri(make_clip(feed(4, size=(8, 400), seed=6))), "fps": 2}  # NOTE: the fake refuses 50:1
+    stats = encoder_client.app[SERVICE].counters
+
+    async def post(body, status=200):
+        resp = await encoder_client.post("/v1/encode", json=body)
+        doc = await resp.json()
+        assert resp.status == status, doc
+        return doc
+    doc = await post({"videos": [first]})
+    assert [it["frames"] for it in doc["videos"][0]["items"]] == [2, 2, 2, 2] and doc["videos"][0]["frames"] == 8
+    assert (stats["frames_encoded"], stats["frames_reused"], stats["encoded"]) == (8, 0, 8)
+    again = await post({"videos": [first]})
+    assert all(it["cached"] for it in again["videos"][0]["items"])
+    assert (stats["frames_encoded"], stats["frames_reused"]) == (8, 8)
+    image = png_uri(40)
+    results = await asyncio.gather(post({"images": [image], "videos": [overlapping]}),
+                                   post({"images": [png_uri(41)], "videos": [first, wide]}, status=400))
+    assert [it["cached"] for it in results[0]["videos"][0]["items"]] == [True, True, False, False]
+    assert (stats["frames_encoded"], stats["frames_reused"]) == (12, 12)
+    assert results[1]["error"].startswith("video 1: the video's frames cannot be encoded")
+    doc = await post({"videos": [{"url": "data:video/mp4;base64,AAAA"}]}, status=400)
+    assert doc["error"].startswith("video 0: not a decodable video")
+    doc = await post({"videos": [first] * 9}, status=400)
+    assert "max_videos_per_request=8" in doc["error"]
+    doc = await post({"videos": [{**first, "max_frames": 65}]}, status=400)
+    assert doc["error"].startswith("video 0: max_frames=65 exceeds")

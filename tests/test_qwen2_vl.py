@@ -85,6 +85,7 @@ def run_engine(engine: LLMEngine, ids, image_embeddings, image_grids, videos=(),
     ([[1, 4, 6], [1, 8, 4], [1, 14, 14]], []),
     ([[1, 2, 20]], [[3, 4, 6]]),
     ([], [[5, 6, 4]]),
+    ([[1, 4, 4]], [[8, 4, 4]]),  # NOTE: more temporal steps than max(h, w) / merge
 ])
 def test_mrope_positions_equal_get_rope_index(hf, engine, grids):
     image_grids, video_grids = grids

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,9 @@ def _png() -> bytes:
      "more than max_video_decoded_frames=10"),
     (make_clip(FRAMES), VideoLimits(max_decode_s=1e-9), VideoSampling(), "over max_video_decode_s"),
     (make_clip(FRAMES), VideoLimits(max_frames=4), VideoSampling(max_frames=8), "exceeds this server's limit of 4"),
+    (make_clip(FRAMES), VideoLimits(codecs=("h264",)), VideoSampling(), "codec 'ffv1' is not accepted"),
+    (make_clip(FRAMES), VideoLimits(max_sampled_pixels=5 * 48 * 64), VideoSampling(fps=4, max_frames=16),
+     "over max_video_sampled_pixels"),
 ])
 def test_bounds_and_hostile_files_are_media_errors(data, limits, sampling, message):
     with pytest.raises(MediaError, match=message):
@@ -140,3 +144,46 @@ def test_sampling_options_are_checked(options, message):
 def test_sampling_options_fill_in_the_defaults():
     assert VideoSampling.from_options({"fps": 1}, VideoSampling(fps=2, max_frames=8), 64) == VideoSampling(1, 8)
     assert VideoSampling.from_options(None, VideoSampling(fps=3, max_frames=4), 64) == VideoSampling(3, 4)
+
+
+def test_a_stream_that_changes_size_is_refused_before_its_large_frame_is_decoded():
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in FRAMES[:4]:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    small = buf.getvalue()
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+        big = np.zeros((480, 640, 3), dtype=np.uint8)
+        for _ in range(4):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(big, format="rgb24")))
+        container.mux(stream.encode())
+    joined = small + buf.getvalue()  # NOTE: MPEG-TS concatenates: the stream grows mid-way
+    with pytest.raises(MediaError, match="change size|not a decodable video"):
+        decode_video(joined, VideoSampling(fps=4, max_frames=16), VideoLimits(), group_size=1)
+    with pytest.raises(MediaError, match="not a decodable video|over max_video_pixels"):
+        decode_video(joined, VideoSampling(fps=4, max_frames=16), VideoLimits(max_pixels=64 * 48), group_size=1)
+
+
+def test_sampling_goes_on_after_a_gap_instead_of_catching_up():
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "bgr0"
+        for pts in [0, 1, 2, 3, 12, 13, 14, 15]:  # NOTE: 0-0.75 s, then a 2.25 s gap, then 3-3.75 s
+            frame = av.VideoFrame.from_ndarray(FRAMES[pts], format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 4)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    clip = decode_video(buf.getvalue(), VideoSampling(fps=2, max_frames=16), VideoLimits(), group_size=1)
+    got = [next(i for i, f in enumerate(FRAMES) if np.array_equal(f, np.asarray(g.frames[0]))) for g in clip.groups]
+    assert got == [0, 2, 12, 14]
