@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -26,8 +25,8 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from encoder_worker.batcher import BatchStats, Job, SingleFlightBatcher
-from encoder_worker.media import MediaError, decode_fetched, fetch_bytes, http_session, uniform_fetch_error
-from encoder_worker.video import Clip, FrameGroup, VideoSampling, decode_video
+from encoder_worker.media import MediaError, decode_fetched, fetch_bytes, http_session
+from encoder_worker.video import Clip, FrameGroup, VideoSampling, load_video
 from mmcache_client import AsyncCacheClient, CacheFull, CacheUnavailable, MMCacheError, content_hash
 from encoder_worker.config import EncoderServeConfig
 
@@ -313,26 +312,11 @@ class EncodeService:
         return answer
 
     async def _load_videos(self, videos: list[tuple[str, VideoSampling]]) -> list[Clip]:
-        """Each video fetched (``config.video``'s byte bound and timeout) and decoded and sampled
-        off the event loop, at most ``config.max_concurrent_decodes`` at once in this worker."""
-        video = self.config.video
-        limits = dataclasses.replace(self.config.media, max_bytes=video.max_bytes, fetch_timeout_s=video.fetch_timeout_s)
-        raws = await _gather_media((fetch_bytes(u, limits, self._http) for u, _ in videos), "video")
-        return await _gather_media((self._decode_video(url, raw, sampling) for raw, (url, sampling) in zip(raws, videos)),
-                                   "video")
+        """Each video fetched, decoded and sampled (``video.load_video``), at most
+        ``config.max_concurrent_decodes`` decodes at once in this worker."""
+        return await _gather_media((load_video(url, sampling, self.config.media, self.config.video, self.encoder,
+                                               self._http, self._decodes) for url, sampling in videos), "video")
 
-    async def _decode_video(self, url: str, raw: bytes, sampling: VideoSampling) -> Clip:
-        async with self._decodes:
-            try:
-                clip = await asyncio.to_thread(decode_video, raw, sampling, self.config.video, self.encoder.group_size)
-                # NOTE: a frame the processor refuses (an aspect ratio past its bound) fails this
-                # request here, not the encoder batch it would share with others
-                self.encoder.num_image_tokens(clip.groups[0])
-            except MediaError as e:
-                raise uniform_fetch_error(url, e) from e
-            except ValueError as e:
-                raise MediaError(f"the video's frames cannot be encoded: {e}") from e
-        return clip
     async def _resolve(self, tenant: str | None, decoders: dict) -> tuple[dict[str, int], set[str]]:
         """For each hash of ``decoders`` (hash → (image index or None, coroutine function giving the
         item to encode)): its token count, looked up or encoded here; and the set of those that

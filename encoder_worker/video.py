@@ -22,17 +22,20 @@ FFmpeg's errors on hostile files included.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
 import math
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from blake3 import blake3
 from PIL import Image
 
-from encoder_worker.media import MediaError
+from encoder_worker.media import MediaError, MediaLimits, fetch_bytes, uniform_fetch_error
 
 _GROUP_HASH_FORMAT = b"mmcache-video-group/1"
 _TIME_SLACK_S = 1e-3
@@ -135,8 +138,6 @@ class Clip:
     """Frames sampled."""
     interval_s: float
     """Seconds between sampled frames."""
-    duration_s: float
-    """Seconds decoded."""
 
 
 def group_hash(frames: list[np.ndarray], interval_s: float, group_size: int) -> str:
@@ -188,7 +189,7 @@ def decode_video(data: bytes, sampling: VideoSampling, limits: VideoLimits, grou
         interval = 1.0 / sampling.fps
         if stated is not None and math.ceil(stated * sampling.fps - 1e-6) > sampling.max_frames:
             interval = stated / sampling.max_frames  # NOTE: only when fps would take too many
-        frames, decoded, start, last_t = _sample(container, stream, interval, sampling.max_frames, limits, t0)
+        frames = _sample(container, stream, interval, sampling.max_frames, limits, t0)
     except MediaError:
         raise
     except Exception as exc:  # NOTE: FFmpeg errors mid-stream: a corrupt or truncated file
@@ -203,15 +204,14 @@ def decode_video(data: bytes, sampling: VideoSampling, limits: VideoLimits, grou
         padded = real + [real[-1]] * (group_size - len(real))
         groups.append(FrameGroup(tuple(Image.fromarray(f) for f in padded), len(real),
                                  group_hash(padded, interval, group_size)))
-    return Clip(groups, len(frames), interval, last_t - start)
+    return Clip(groups, len(frames), interval)
 
 
-def _sample(container, stream, interval: float, max_frames: int, limits: VideoLimits,
-            t0: float) -> tuple[list[np.ndarray], int, float, float]:
-    """(sampled RGB frames, frames decoded, first frame's time, last frame's time)."""
+def _sample(container, stream, interval: float, max_frames: int, limits: VideoLimits, t0: float) -> list[np.ndarray]:
+    """The sampled RGB frames, every bound checked on the way."""
     frames: list[np.ndarray] = []
     decoded = pixels = 0
-    start = last_t = None
+    start = None
     due = 0.0
     """Time (from the first frame) of the next frame to sample."""
     rate = float(stream.average_rate) if stream.average_rate else 25.0
@@ -226,7 +226,6 @@ def _sample(container, stream, interval: float, max_frames: int, limits: VideoLi
             t = frame.time if frame.time is not None else (decoded - 1) / rate
             if start is None:
                 start = t
-            last_t = t
             if t - start > limits.max_seconds:
                 raise MediaError(f"video lasts over max_video_seconds={limits.max_seconds:g}")
             if frame.width * frame.height > limits.max_pixels:
@@ -242,11 +241,11 @@ def _sample(container, stream, interval: float, max_frames: int, limits: VideoLi
                 raise MediaError(f"the sampled frames hold over max_video_sampled_pixels={limits.max_sampled_pixels}")
             frames.append(frame.to_ndarray(format="rgb24"))
             if len(frames) == max_frames:
-                return frames, decoded, start, last_t
+                return frames
             # NOTE: the next due time after this frame's, not after the last due one: after a gap
             # in the timestamps, sampling goes on from here instead of catching up frame by frame
             due = (math.floor((t - start) / interval + _TIME_SLACK_S) + 1) * interval
-    return frames, decoded, start or 0.0, last_t or 0.0
+    return frames
 
 
 def _stated_seconds(container, stream) -> float | None:
@@ -260,3 +259,25 @@ def _stated_seconds(container, stream) -> float | None:
 
 def _reason(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__)[:200]
+
+
+async def load_video(url: str, sampling: VideoSampling, media: MediaLimits, limits: VideoLimits, encoder: Any,
+                     session: Any, gate: asyncio.Semaphore) -> Clip:
+    """The clip ``url`` names, for ``encoder``: fetched under ``media``'s address policy with
+    ``limits``' byte bound and timeout, decoded and sampled off the event loop while holding
+    ``gate`` (the worker's bound on decodes at once), in ``encoder.group_size`` groups.
+
+    A frame the processor refuses (an aspect ratio past its bound) is a ``MediaError`` here, so
+    it fails this request, not the encoder batch it would share with others; for an http(s)
+    URL a decode failure is the uniform fetch error (``media.uniform_fetch_error``)."""
+    fetch = dataclasses.replace(media, max_bytes=limits.max_bytes, fetch_timeout_s=limits.fetch_timeout_s)
+    data = await fetch_bytes(url, fetch, session)
+    async with gate:
+        try:
+            clip = await asyncio.to_thread(decode_video, data, sampling, limits, encoder.group_size)
+            encoder.num_image_tokens(clip.groups[0])
+        except MediaError as e:
+            raise uniform_fetch_error(url, e) from e
+        except ValueError as e:
+            raise MediaError(f"the video's frames cannot be encoded: {e}") from e
+    return clip

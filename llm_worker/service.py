@@ -19,8 +19,8 @@ import torch
 from mmcache_client import AsyncCacheClient, Key, content_hash
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from encoder_worker.media import MediaError, fetch_bytes, http_session, load_image, uniform_fetch_error
-from encoder_worker.video import FrameGroup, VideoSampling, decode_video
+from encoder_worker.media import MediaError, http_session, load_image
+from encoder_worker.video import FrameGroup, VideoSampling, load_video
 from llm_worker.decode_loop import DecodeJob, DecodeLoop
 from llm_worker.embedding_lru import EmbeddingLRU
 from llm_worker.kv import kv_entry_fields, kv_namespace, read_prefill
@@ -229,10 +229,10 @@ class LLMService:
         num_videos = sum(p.kind == "video" for p in parts)
         if num_videos > self.config.video.max_videos_per_request:
             raise ValueError(f"{num_videos} videos exceed max_videos_per_request={self.config.video.max_videos_per_request}")
-        video = video or self.config.video_sampling
-        loaded = await asyncio.gather(*(self._load(p.url, video) if p.kind == "video" else
-                                        load_image(p.url, self.config.media, self._http) for p in parts),
-                                      return_exceptions=True)
+        video, media = video or self.config.video_sampling, self.config.media
+        loaded = await asyncio.gather(*(
+            load_video(p.url, video, media, self.config.video, self.encoder, self._http, self._decodes)
+            if p.kind == "video" else load_image(p.url, media, self._http) for p in parts), return_exceptions=True)
         counters = {"image": 0, "video": 0}
         for part, result in zip(parts, loaded):
             if isinstance(result, MediaError):
@@ -244,7 +244,7 @@ class LLMService:
         scope = f"{tenant}@" if tenant else ""
         engine, encoder = self.engine, self.encoder
         stills = [(scope + content_hash(r[0]), r[1]) for p, r in zip(parts, loaded) if p.kind == "image"]
-        clips = [[(scope + g.hash, g) for g in r] for p, r in zip(parts, loaded) if p.kind == "video"]
+        clips = [[(scope + g.hash, g) for g in r.groups] for p, r in zip(parts, loaded) if p.kind == "video"]
         self.counters["videos"] += len(clips)
         if engine.video_token_id is None:  # NOTE: frames as images, in prompt order
             frames = [len(c) for c in clips]
@@ -259,28 +259,13 @@ class LLMService:
         seed = sampling.resolved_seed()
 
         def encode_and_prefill():
-            encoded = self._encode([x for x in stills] + [x for c in clips for x in c])
+            encoded = self._encode(stills + [x for c in clips for x in c])
             media = _Media.of(engine, encoded[:len(stills)], _split(encoded[len(stills):], [len(c) for c in clips]))
             return media.prefill(engine, ids, sampling, seed)
         result = await self.forward(encode_and_prefill)
         self._count_prompt(len(ids), result.prefill_ms)
         state = engine.start(f"gen-{uuid.uuid4().hex}", result, sampling, seed)
         return await self.decode_loop.submit(state)
-
-    async def _load(self, url: str, video: VideoSampling) -> list[FrameGroup]:
-        """A video's frame groups (fetched and decoded here, off the event loop, one at a time)."""
-        limits = dataclasses.replace(self.config.media, max_bytes=self.config.video.max_bytes,
-                                     fetch_timeout_s=self.config.video.fetch_timeout_s)
-        data = await fetch_bytes(url, limits, self._http)
-        async with self._decodes:
-            try:
-                clip = await asyncio.to_thread(decode_video, data, video, self.config.video, self.encoder.group_size)
-                self.encoder.num_image_tokens(clip.groups[0])
-            except MediaError as e:
-                raise uniform_fetch_error(url, e) from e
-            except ValueError as e:
-                raise MediaError(f"the video's frames cannot be encoded: {e}") from e
-        return clip.groups
 
     def _encode(self, items: list[tuple[str, Any]]) -> list:
         """``EncodedImage`` of each ``(hash, image or frame group)`` (on the forward thread); with an

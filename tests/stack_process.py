@@ -9,8 +9,19 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
+
+
+def up_for_tests(model_dir: str, *flags: str, prefix: str = "mmc-up-") -> "StackProcess":
+    """``mmcache up`` of ``model_dir`` as the tests run it (not started): a fresh short data dir
+    (the sidecar's AF_UNIX socket path must be short), port 0 (the router binds a free port and
+    reports it in its ready line; a port picked beforehand can be taken by one of the stack's own
+    connections first), a small host tier, one torch thread, no hub."""
+    data_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    return StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", "0", "--host-capacity", "256MiB",
+                        "--log-level", "warning", *flags, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
 
 
 class StackProcess:

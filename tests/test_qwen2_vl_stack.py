@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import sys
-import tempfile
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -22,7 +21,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from encoder_worker.models import ensure_model
-from stack_process import StackProcess
+from stack_process import StackProcess, up_for_tests
 from test_qwen2_vl import reference_video_pixels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -43,9 +42,7 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _up(model_dir: str, *flags: str) -> StackProcess:
-    data_dir = tempfile.mkdtemp(prefix="mmc-qwen-", dir="/tmp")
-    return StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", "0", "--host-capacity", "256MiB",
-                        "--log-level", "warning", *flags, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    return up_for_tests(model_dir, *flags, prefix="mmc-qwen-")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import concurrent.futures
 import io
 import os
 import signal
-import tempfile
 
 import huggingface_hub.constants
 import numpy as np
@@ -20,7 +19,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from encoder_worker.models import ensure_model
-from stack_process import StackProcess
+from stack_process import StackProcess, up_for_tests
 
 pytestmark = pytest.mark.slow  # NOTE: whole stacks as child processes: minutes in all
 
@@ -36,12 +35,7 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _up(model_dir: str, *flags: str) -> StackProcess:
-    data_dir = tempfile.mkdtemp(prefix="mmc-up-", dir="/tmp")  # NOTE: short, for the sidecar's AF_UNIX socket
-    # NOTE: port 0: the router binds a free port and reports it in its ready line; a port picked
-    # here beforehand can be taken by one of the stack's own connections before the router binds it.
-    return StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", "0",
-                     "--host-capacity", "256MiB", "--log-level", "warning", *flags,
-                     env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    return up_for_tests(model_dir, *flags)
 
 
 @pytest.fixture(scope="module")
