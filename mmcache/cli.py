@@ -5,6 +5,7 @@
     mmcache stats http://127.0.0.1:8470
     mmcache put URL NS/HASH file.safetensors       (or a .npy array; --hash-of IMAGE computes HASH)
     mmcache get URL NS/HASH -o out.safetensors
+    mmcache plan --profile P.json --workload image-heavy,rate=4 --workers 6 --slo-ttft 1 --slo-tpot 0.05
 """
 
 from __future__ import annotations
@@ -141,9 +142,25 @@ def _up(args: argparse.Namespace) -> int:
     return run(config)
 
 
+def _plan(argv: list[str]) -> int:
+    """``mmcache plan``: the planner is the LLM workers' (``llm_worker.planner``); run by module
+    name, as ``mmcache up`` runs the workers (mmcache imports no worker)."""
+    import subprocess
+
+    try:
+        return subprocess.call([sys.executable, "-m", "llm_worker.planner", *argv])
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # NOTE: its flags are the planner's own (mmcache plan --help lists them)
+        return _plan(argv[1:])
     parser = argparse.ArgumentParser(prog="mmcache", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("plan", add_help=False, help="find the allocation of encoders, prefill and decode workers with "
+                   "the most goodput under SLOs, by simulation with measured stage costs (mmcache plan --help)")
 
     s = sub.add_parser("serve", help="run the cache sidecar (HTTP API + local zero-copy socket)",
                        formatter_class=HelpFormatter)
