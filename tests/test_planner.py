@@ -1,0 +1,130 @@
+"""``mmcache plan``: its choice moves the way the workload does (more images: more encoders;
+longer outputs: more decode), and the command prints a ranking and flags ``mmcache up`` takes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm_worker.planner import plan, splits
+from llm_worker.simulator import SimConfig, requests_of
+from llm_worker.workload import generate, parse_spec
+from synthetic_profile import costs, profile_doc
+
+ROOT = Path(__file__).resolve().parents[1]
+ESTIMATED = ROOT / "benchmarks/profiles/llava-1.5-7b-a100-estimated.json"
+
+
+def best_epd(c, workload: str, workers: int, ttft: float, tpot: float):
+    requests = requests_of(generate(parse_spec(workload)), c)
+    ranking = plan(c, requests, workers, SimConfig(ttft_slo_s=ttft, tpot_slo_s=tpot), refine=0)
+    return next(r.allocation for r in ranking if not r.allocation.aggregated)
+
+
+def test_splits_cover_every_allocation():
+    assert splits(3) == [(1, 1, 1)]
+    assert len(splits(6)) == 10 and all(sum(s) == 6 and min(s) >= 1 for s in splits(6))
+
+
+def test_more_images_take_more_encoders():
+    c = costs(encode_ms=200, prefill_ms=30, step_ms=5, step_ms_at_64=20, hop_ms=0.5)
+    text = best_epd(c, "text-heavy,rate=6,requests=120,output_mean=16,output_max=32", 6, 1.0, 0.1)
+    images = best_epd(c, "image-heavy,rate=6,requests=120,output_mean=16,output_max=32", 6, 1.0, 0.1)
+    assert images.encoders > text.encoders, (text, images)
+    assert images.encoders >= 3
+
+
+def test_longer_outputs_take_more_decode():
+    # a decode step that grows with the batch: one decode worker saturates on long outputs
+    c = costs(encode_ms=20, prefill_ms=20, step_ms=10, step_ms_at_64=160, hop_ms=0.5)
+    short = best_epd(c, "default,rate=8,requests=150,images_max=2,images_mean=1.2,output_mean=8,output_max=16",
+                     6, 1.0, 0.05)
+    long = best_epd(c, "long-output,rate=8,requests=100", 6, 1.0, 0.05)
+    assert long.decode > short.decode, (short, long)
+    assert long.decode >= 3
+
+
+def test_bad_plans_are_refused():
+    c = costs()
+    requests = requests_of(generate(parse_spec("rate=2,requests=10")), c)
+    with pytest.raises(ValueError, match="at least 3 workers"):
+        plan(c, requests, 2, SimConfig())
+    with pytest.raises(ValueError, match="attainment"):
+        plan(c, requests, 3, SimConfig(), attainment=1.5)
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmcache.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_the_command_prints_a_ranking_and_the_winners_flags(tmp_path, monkeypatch):
+    out = tmp_path / "plan.json"
+    r = run_plan("--profile", str(ESTIMATED), "--workload", "image-heavy,rate=10,requests=60", "--workers", "4",
+                 "--slo-ttft", "0.5", "--slo-tpot", "0.05", "--json", str(out), "--top", "5")
+    assert r.returncode == 0, r.stderr
+    assert "estimated from published figures" in r.stdout  # every figure says what it stands on
+    assert "| 1 |" in r.stdout and "goodput" in r.stdout
+    winner = next(line for line in r.stdout.splitlines() if line.startswith("winner: mmcache up "))
+    flags = winner.removeprefix("winner: mmcache up ").split()
+    doc = json.loads(out.read_text())
+    assert doc["ranking"][0]["up_flags"] == flags
+    assert len(doc["ranking"]) >= len(splits(4)) + 1
+    # the flags are mmcache up's own: they parse into the stack it would start
+    alloc = doc["ranking"][0]
+    config = up_config(monkeypatch, flags)
+    if alloc["alloc_aggregated"]:
+        assert config.aggregated and config.decode == alloc["alloc_decode"]
+    else:
+        assert (config.encoders, config.prefill, config.decode, config.encoder_batch, config.max_batch) == \
+            (alloc["alloc_encoders"], alloc["alloc_prefill"], alloc["alloc_decode"], alloc["alloc_encoder_batch"],
+             alloc["alloc_decode_batch"])
+
+
+def up_config(monkeypatch, flags: list[str]):
+    import mmcache.cli
+    import mmcache.stack
+
+    seen = []
+    monkeypatch.setattr(mmcache.stack, "run", lambda config: seen.append(config) or 0)
+    assert mmcache.cli.main(["up", *flags]) == 0
+    return seen[0]
+
+
+def test_phases_get_role_switching_predicted():
+    r = run_plan("--profile", str(ESTIMATED), "--workload",
+                 "image-heavy,rate=12,requests=80+text-heavy,rate=30,requests=120", "--workers", "3",
+                 "--slo-ttft", "0.5", "--slo-tpot", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert "phase 0: SLO met" in r.stdout and "phase 1: SLO met" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "/nonexistent/p.json", "--workload", "rate=2", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "/nonexistent/p.json"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2,bogus=1", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "unknown field 'bogus'"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2", "--workers", "3", "--slo-ttft", "1"], "--slo-tpot"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=inf", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "finite rate"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2", "--workers", "2", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "at least 3 workers"),
+    (["--workers", "3"], "need --workload"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    r = run_plan(*args)
+    assert r.returncode == 2 and message in r.stderr, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_a_profile_that_is_not_one_is_named(tmp_path):
+    doc = profile_doc()
+    del doc["kv_get"]
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps(doc))
+    r = run_plan("--profile", str(bad), "--workload", "rate=2", "--workers", "3", "--slo-ttft", "1", "--slo-tpot", "1")
+    assert r.returncode == 2 and f"profile {bad}" in r.stderr and '"kv_get" missing' in r.stderr
