@@ -80,6 +80,8 @@ class _Pending:
 class BatchStats:
     size: int
     run_ms: float
+    wait_ms: float = 0.0
+    """The mean time the batch's items waited in the queue before the batch began."""
 
 
 class SingleFlightBatcher:
@@ -149,6 +151,12 @@ class SingleFlightBatcher:
         """Items waiting for the model (in flight, not yet running)."""
         return len(self._pending)
 
+    def oldest_wait_s(self) -> float:
+        """Seconds the oldest queued item has waited for the model (0 when none waits)."""
+        if not self._pending:
+            return 0.0
+        return time.monotonic() - next(iter(self._pending.values())).since
+
     def in_flight(self, key: Hashable) -> bool:
         """Whether ``key`` is being computed (queued or running) now: a submit of it joins."""
         return key in self._inflight
@@ -202,8 +210,8 @@ class SingleFlightBatcher:
         # NOTE: shield: one waiter giving up (client disconnect) must not cancel the shared work.
         return await asyncio.shield(self.enqueue(key, item, job))
 
-    def _pop(self) -> tuple[Hashable, Any]:
-        """The next queued item by the schedule; the queue must not be empty."""
+    def _pop(self) -> tuple[Hashable, Any, float]:
+        """The next queued item by the schedule, with when it was queued; the queue must not be empty."""
         head = next(iter(self._pending))
         key = head
         if self.schedule == "sjf" and len(self._pending) > 1 and \
@@ -211,7 +219,8 @@ class SingleFlightBatcher:
             # NOTE: an item shared by several requests ranks by its shortest; first of equals: submit order
             key = min(self._pending, key=lambda k: min(job.rank() for job in self._jobs[k]))
             self.overtakes += key != head
-        return key, self._pending.pop(key).item
+        pending = self._pending.pop(key)
+        return key, pending.item, pending.since
 
     async def _wait_pending(self, timeout: float | None) -> bool:
         """Whether something is queued, waiting up to ``timeout`` seconds (None: forever) for it."""
@@ -223,7 +232,7 @@ class SingleFlightBatcher:
                 return False
         return True
 
-    async def _next_batch(self) -> list[tuple[Hashable, Any]]:
+    async def _next_batch(self) -> list[tuple[Hashable, Any, float]]:
         await self._wait_pending(None)
         batch = [self._pop()]
         deadline = time.monotonic() + self.max_wait_ms / 1000
@@ -234,10 +243,12 @@ class SingleFlightBatcher:
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
-            keys = [k for k, _ in batch]
+            keys = [k for k, _, _ in batch]
+            now = time.monotonic()
+            wait_ms = sum(now - since for _, _, since in batch) * 1000 / len(batch)
             t0 = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.batch_fn, [item for _, item in batch])
+                results = await asyncio.to_thread(self.batch_fn, [item for _, item, _ in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             except Exception as e:  # every waiter of this batch gets the error; the loop goes on
@@ -246,7 +257,7 @@ class SingleFlightBatcher:
                     self._finish(key, error=e)
                 continue
             if self.on_batch is not None:
-                self.on_batch(BatchStats(len(batch), (time.perf_counter() - t0) * 1000))
+                self.on_batch(BatchStats(len(batch), (time.perf_counter() - t0) * 1000, wait_ms))
             for key, result in zip(keys, results):
                 try:
                     if self.after is not None:

@@ -113,7 +113,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 def _service(request: web.Request, role: str) -> LLMService:
     service = request.app[SERVICE]
-    if service.config.role != role:
+    # NOTE: an elastic worker gates its routes by its current role itself (llm_worker.elastic_app)
+    if service.config.role not in (role, "elastic"):
         raise WrongRole(f"{request.path} is served by {role} workers; this one is a {service.config.role} worker")
     return service
 

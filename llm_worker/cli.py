@@ -1,6 +1,7 @@
 """``mmcache-llm``: the LLM workers and the router.
 
     mmcache-llm serve --role prefill|decode|both --model tiny-llava --cache unix:///tmp/mmcache.sock
+    mmcache-llm serve --role elastic --initial-role encode|prefill|decode --cache unix:///tmp/mmcache.sock
     mmcache-llm router --encoder URL [--encoder URL] --prefill URL --decode URL --cache URL --port 8000
     mmcache-llm router --generate URL --port 8000        (the aggregated baseline behind the same API)
 """
@@ -16,12 +17,14 @@ from mmcache.serving.cli import HelpFormatter
 from encoder_worker.media import MediaLimits
 from encoder_worker.video import VideoSampling
 
-ROLES = ("prefill", "decode", "both")
+ROLES = ("prefill", "decode", "both", "elastic")
+ELASTIC_ROLES = ("encode", "prefill", "decode")
 
 
 def _serve(args: argparse.Namespace) -> int:
     from llm_worker.app import create_app
     from llm_worker.config import LLMServeConfig
+    from llm_worker.elastic_app import create_app as create_elastic_app
     from mmcache.serving.sizes import parse_size
     from mmcache.serving.security import resolve_secret
     from mmcache.serving import run_app
@@ -33,10 +36,13 @@ def _serve(args: argparse.Namespace) -> int:
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
                           allow_private_urls=args.allow_private_urls),
         encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
-        video_sampling=VideoSampling(args.video_fps, args.video_max_frames))
+        video_sampling=VideoSampling(args.video_fps, args.video_max_frames),
+        initial_role=args.initial_role, encoder_batch=args.encoder_batch, encoder_schedule=args.encoder_schedule)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # NOTE: handler_cancellation: a client that leaves frees its decode-batch row at once.
-    run_app(create_app(config), "mmcache-llm", config.host, config.port, handler_cancellation=True)
+    # NOTE: handler_cancellation: a client that leaves frees its decode-batch row at once (and a
+    # controller that gives up on a role switch puts the elastic worker back in its old role).
+    app = create_elastic_app(config) if config.role == "elastic" else create_app(config)
+    run_app(app, "mmcache-llm", config.host, config.port, handler_cancellation=True)
     return 0
 
 
@@ -56,7 +62,9 @@ def _router(args: argparse.Namespace) -> int:
         tenants=args.tenants, host=args.host, port=args.port,
         default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight,
         nodes=tuple(NodeSpec.parse(n) for n in args.node), routing=args.routing,
-        video_fps=args.video_fps, video_max_frames=args.video_max_frames, max_video_frames=args.max_video_frames)
+        video_fps=args.video_fps, video_max_frames=args.video_max_frames, max_video_frames=args.max_video_frames,
+        elastic=args.elastic, elastic_interval_s=args.elastic_interval, elastic_high_s=args.elastic_high,
+        elastic_low=args.elastic_low, elastic_cooldown_s=args.elastic_cooldown, elastic_sustain=args.elastic_sustain)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # NOTE: handler_cancellation: a client that leaves closes the decode stream, and decode drops the request.
     run_app(create_app(config), "mmcache-llm router", config.host, config.port, handler_cancellation=True)
@@ -77,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve a prefill, decode or aggregated (both) LLM worker", formatter_class=HelpFormatter)
     s.add_argument("--role", required=True, choices=ROLES,
-                   help="prefill: POST /v1/prefill; decode: POST /v1/decode; both: POST /v1/generate (no cache)")
+                   help="prefill: POST /v1/prefill; decode: POST /v1/decode; both: POST /v1/generate (no cache); "
+                        "elastic: holds the vision tower and the LLM, serves one of encode (POST /v1/encode), "
+                        "prefill, decode at a time and switches on POST /v1/role")
+    s.add_argument("--initial-role", choices=ELASTIC_ROLES, help="role elastic: the stage it serves first")
+    s.add_argument("--encoder-batch", type=int, default=8,
+                   help="role elastic: most images per encoder forward while it encodes (default: 8)")
+    s.add_argument("--encoder-schedule", choices=("fcfs", "sjf"), default="fcfs",
+                   help="role elastic: which queued images run first while it encodes (default: fcfs)")
     s.add_argument("--model", default="tiny-llava", help="tiny-llava or a local Hugging Face directory")
     s.add_argument("--cache", help="the sidecar: unix:///path.sock or http://host:port (prefill and decode)")
     s.add_argument("--data-dir", default="./mmcache-data", help="where built-in models are generated")
@@ -90,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode, both: most requests waiting to join the decode batch; more get 503 with "
                         "Retry-After (default: 256)")
     s.add_argument("--allowed-dir", action="append", default=[],
-                   help="role both: allow file:// images under this dir (repeatable)")
-    s.add_argument("--no-http", action="store_true", help="role both: refuse http(s):// image URLs")
+                   help="roles both, elastic: allow file:// images under this dir (repeatable)")
+    s.add_argument("--no-http", action="store_true", help="roles both, elastic: refuse http(s):// image URLs")
     s.add_argument("--allow-private-urls", action="store_true",
-                   help="role both: fetch http(s):// images from (and follow redirects to) private, loopback, "
+                   help="roles both, elastic: fetch http(s):// images from (and follow redirects to) private, loopback, "
                         "link-local and multicast addresses too (refused by default)")
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")
@@ -133,6 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per call to a worker")
     r.add_argument("--max-inflight", type=int, default=256,
                    help="most chat requests in progress; more get 503 with Retry-After (default: 256)")
+    r.add_argument("--elastic", action="store_true",
+                   help="every --encoder/--prefill/--decode worker is elastic (serve --role elastic): move "
+                        "workers between the stages as the load shifts; POST /v1/elastic/switch moves one by hand")
+    r.add_argument("--elastic-interval", type=float, default=1.0, metavar="S",
+                   help="with --elastic: seconds between polls of the workers' load (default: 1)")
+    r.add_argument("--elastic-high", type=float, default=0.5, metavar="S",
+                   help="with --elastic: a stage whose mean queue delay passes S seconds wants a worker (default: 0.5)")
+    r.add_argument("--elastic-low", type=float, default=0.5, metavar="F",
+                   help="with --elastic: a stage may give a worker while its busy fraction spread over one worker "
+                        "fewer stays under F and its queue delay under half of --elastic-high (default: 0.5)")
+    r.add_argument("--elastic-cooldown", type=float, default=5.0, metavar="S",
+                   help="with --elastic: seconds after a switch before the next (default: 5)")
+    r.add_argument("--elastic-sustain", type=int, default=2, metavar="N",
+                   help="with --elastic: polls in a row a stage must stay hot (and a donor idle) (default: 2)")
     _video_args(r, "")
     r.add_argument("--max-video-frames", type=int, default=64,
                    help="the most mm_processor_kwargs.max_frames a request may ask for (default: 64)")

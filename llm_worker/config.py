@@ -9,7 +9,9 @@ import torch
 from encoder_worker.media import MediaLimits
 from encoder_worker.video import VideoLimits, VideoSampling
 
-ROLES = ("prefill", "decode", "both")
+ROLES = ("prefill", "decode", "both", "elastic")
+ELASTIC_ROLES = ("encode", "prefill", "decode")
+"""The stages an ``elastic`` worker serves, one at a time (``llm_worker.elastic``)."""
 
 
 @dataclass(frozen=True)
@@ -17,9 +19,19 @@ class LLMServeConfig:
     """Everything ``mmcache-llm serve`` takes."""
 
     role: str
-    """``prefill``, ``decode`` or ``both`` (the aggregated baseline, no cache)."""
+    """``prefill``, ``decode``, ``both`` (the aggregated baseline, no cache) or ``elastic`` (holds the
+    vision tower and the language model; serves one of ``ELASTIC_ROLES`` at a time and switches
+    on ``POST /v1/role``: ``llm_worker.elastic_app``)."""
     cache_url: str | None = None
     """The sidecar: ``unix:///path.sock`` (zero-copy reads) or ``http://host:port``; unused by ``both``."""
+    initial_role: str | None = None
+    """``elastic`` only: the stage served first (``encode``, ``prefill`` or ``decode``)."""
+    encoder_batch: int = 8
+    """``elastic`` only: most images per encoder forward while it encodes."""
+    encoder_schedule: str = "fcfs"
+    """``elastic`` only: its encode queue's order, ``fcfs`` or ``sjf`` (``encoder_worker.batcher``)."""
+    load_window_s: float = 3.0
+    """``elastic`` only: seconds its ``busy`` load signal looks back (``llm_worker.load``)."""
     model: str = "tiny-llava"
     """``tiny-llava`` (built on first use into data_dir) or a local Hugging Face directory."""
     data_dir: str = "./mmcache-data"
@@ -53,6 +65,15 @@ class LLMServeConfig:
             raise ValueError(f"role={self.role!r} must be one of {', '.join(ROLES)}")
         if self.role != "both" and not self.cache_url:
             raise ValueError(f"role={self.role!r} needs cache_url (the sidecar's unix:// or http:// URL)")
+        if self.role == "elastic" and self.initial_role not in ELASTIC_ROLES:
+            raise ValueError(f"role='elastic' needs initial_role, one of {', '.join(ELASTIC_ROLES)}; "
+                             f"got {self.initial_role!r}")
+        if self.role != "elastic" and self.initial_role is not None:
+            raise ValueError(f"initial_role is for role='elastic' (this worker is a {self.role} worker)")
+        if self.encoder_batch < 1:
+            raise ValueError(f"encoder_batch={self.encoder_batch} must be >= 1")
+        if self.load_window_s <= 0:
+            raise ValueError(f"load_window_s={self.load_window_s} must be > 0")
         if self.max_batch < 1:
             raise ValueError(f"max_batch={self.max_batch} must be >= 1")
         if self.max_waiting < 0:

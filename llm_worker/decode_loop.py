@@ -76,6 +76,8 @@ class DecodeJob:
         self._events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self._release = release
         self._released: asyncio.Task | None = None
+        self.submitted_at = time.monotonic()
+        """When it was submitted: its wait to join the batch is measured from here."""
 
     def _publish(self) -> None:
         s = self.state
@@ -130,7 +132,8 @@ class DecodeLoop:
     """
 
     def __init__(self, engine: Any, run_forward: RunForward, max_batch: int,
-                 on_step: Callable[[int, float], None] | None = None, max_waiting: int = 256) -> None:
+                 on_step: Callable[[int, float], None] | None = None, max_waiting: int = 256,
+                 on_join: Callable[[float], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"{max_batch=} must be >= 1")
         if max_waiting < 0:
@@ -142,6 +145,8 @@ class DecodeLoop:
         self.max_waiting = max_waiting
         """Most requests waiting to join; ``submit`` refuses more (``QueueFull``)."""
         self._on_step = on_step
+        self._on_join = on_join
+        """Called with each request's wait to join the batch, in seconds, as it joins."""
         self._batch = engine.new_batch()
         self._waiting: deque[DecodeJob] = deque()
         self._running: list[DecodeJob] = []
@@ -165,6 +170,10 @@ class DecodeLoop:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    def oldest_wait_s(self) -> float:
+        """Seconds the oldest request waiting to join has waited (0 when none waits)."""
+        return time.monotonic() - self._waiting[0].submitted_at if self._waiting else 0.0
 
     def check_room(self) -> None:
         """Raise ``QueueFull`` unless one more request may wait to join (call before leasing its KV)."""
@@ -237,6 +246,10 @@ class DecodeLoop:
             leaving = [j for j in self._running if j.abandoned]
             room = self.max_batch - len(self._running) + len(leaving)
             joining = self._joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            if self._on_join is not None:
+                now = time.monotonic()
+                for job in joining:
+                    self._on_join(now - job.submitted_at)
             refused: list[tuple[DecodeJob, Exception]] = []
             size = 0
             try:

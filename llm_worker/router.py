@@ -33,6 +33,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llm_worker.backends import Backend, FirstTokenFirst, Pool, TokenStream, Unreachable, worker_error
+from llm_worker.elastic_controller import ElasticController
 from llm_worker.openai_api import APIError, ChatRequest
 from llm_worker.nodes import GroupStream, Inventory, NodeGroup, NodeSpec, choose, follow
 from llm_worker.prompt import MediaPart, PromptTokens, check_max_tokens, media_parts, template_ids
@@ -100,6 +101,8 @@ class Router:
         self.media_limits = MediaLimits()
         self.video_limits = MediaLimits(max_bytes=VideoLimits().max_bytes)
         """For hashing ``data:`` videos (routing keys): the encoders' default byte bound."""
+        self.elastic = ElasticController(self) if config.elastic else None
+        """``--elastic``: moves workers between the pools as the load shifts."""
 
     async def start(self) -> None:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
@@ -109,8 +112,12 @@ class Router:
                 group.cache = AsyncCacheClient(group.cache_url, token=self.config.cache_token, retries=0)
                 if len(self.groups) > 1 and self.config.routing == "cache":
                     self._follows.append(asyncio.create_task(follow(group, self.inventory)))
+        if self.elastic is not None:
+            self.elastic.start()
 
     async def close(self) -> None:
+        if self.elastic is not None:
+            await self.elastic.close()
         for task in self._follows:
             task.cancel()
         await asyncio.gather(*self._follows, return_exceptions=True)

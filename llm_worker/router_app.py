@@ -15,6 +15,7 @@ from aiohttp import web
 
 from llm_worker import openai_api as api
 from llm_worker.backends import TokenStream
+from llm_worker.elastic_controller import SwitchRefused
 from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_chat_request
 from llm_worker.prompt import PromptTokens
 from llm_worker.router import _RETRY_AFTER_S, Router, RouterConfig
@@ -149,6 +150,33 @@ async def stats_handler(request: web.Request) -> web.Response:
     return web.json_response(await request.app[ROUTER].stats())
 
 
+async def elastic_switch_handler(request: web.Request) -> web.Response:
+    """``POST /v1/elastic/switch {"url": WORKER, "role": "encode" | "prefill" | "decode"}``: an
+    operator's switch, through the controller's path and history: the record (``ok``), a 502
+    naming the worker's error when it could not switch, a 409 while another switch is under way
+    or for a stage's last worker."""
+    _operator_only(request)
+    controller = request.app[ROUTER].elastic
+    if controller is None:
+        raise APIError(404, "this router moves no workers: start it with --elastic")
+    try:
+        doc = await request.json()
+    except ValueError:
+        raise APIError(400, 'the body must be {"url": WORKER_URL, "role": "encode" | "prefill" | "decode"}') from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("url"), str) or not isinstance(doc.get("role"), str):
+        raise APIError(400, 'the body must be {"url": WORKER_URL, "role": "encode" | "prefill" | "decode"}')
+    backend = controller.find(doc["url"])
+    if backend is None:
+        raise APIError(404, f"{doc['url']} is none of this router's workers", param="url")
+    try:
+        record = await controller.switch(backend, doc["role"], {"manual": True})
+    except SwitchRefused as e:
+        raise APIError(e.status, str(e)) from None
+    if not record["ok"]:
+        raise APIError(502, f"{backend.url} could not switch to {doc['role']}: {record.get('error')}")
+    return web.json_response(record)
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     _operator_only(request)
     return metrics_response(request.app[ROUTER].metrics.registry)
@@ -243,6 +271,7 @@ def create_app(config: RouterConfig, tokenizer: Any | None = None, image_token_i
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", models_handler),
         web.get("/v1/stats", stats_handler),
+        web.post("/v1/elastic/switch", elastic_switch_handler),
         web.get("/metrics", metrics_handler),
         web.get("/healthz", healthz),
     ])

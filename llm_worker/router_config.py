@@ -57,8 +57,32 @@ class RouterConfig:
     routing: str = "cache"
     """``cache``: to the group whose host tier holds most of a request's image bytes (by load
     where none does); ``load``: by load alone."""
+    elastic: bool = False
+    """Every EPD worker is elastic (``mmcache-llm serve --role elastic``): a controller moves
+    workers between stages as the load shifts (``llm_worker.elastic_controller``)."""
+    elastic_interval_s: float = 1.0
+    """Seconds between the controller's polls of the workers' load."""
+    elastic_high_s: float = 0.5
+    """A stage whose mean queue delay exceeds this many seconds is hot (wants a worker)."""
+    elastic_low: float = 0.5
+    """A stage may give a worker while its busy fraction, spread over one worker fewer, stays
+    under this (0..1) and its queue delay under ``elastic_high_s / 2``."""
+    elastic_cooldown_s: float = 5.0
+    """Seconds after a switch before the next may start."""
+    elastic_sustain: int = 2
+    """Consecutive polls a stage must stay hot (and a donor idle) before a switch."""
 
     def __post_init__(self) -> None:
+        if self.elastic:
+            if self.generate or self.nodes:
+                raise ValueError("--elastic is for one EPD group (--encoder/--prefill/--decode), not --generate "
+                                 "or --node groups")
+            if self.elastic_interval_s <= 0 or self.elastic_high_s <= 0 or self.elastic_cooldown_s < 0:
+                raise ValueError("elastic_interval_s and elastic_high_s must be > 0, elastic_cooldown_s >= 0")
+            if not 0 < self.elastic_low <= 1:
+                raise ValueError(f"elastic_low={self.elastic_low} must be within (0, 1]")
+            if self.elastic_sustain < 1:
+                raise ValueError(f"elastic_sustain={self.elastic_sustain} must be >= 1")
         if not 1 <= self.video_max_frames <= self.max_video_frames:
             raise ValueError(f"video_max_frames={self.video_max_frames} must be within 1..max_video_frames="
                              f"{self.max_video_frames}")

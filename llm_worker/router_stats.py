@@ -58,6 +58,8 @@ async def gather_stats(router: "Router") -> dict:
     if len(router.groups) > 1:
         out["nodes"] = nodes
         out["routing"] = {"mode": router.config.routing, "inventory_events": router.inventory.events}
+    if router.elastic is not None:
+        out["elastic"] = router.elastic.stats([w for role in ("encoders", "prefill", "decode") for w in out.get(role, ())])
     processes = _stack_processes(router.config.data_dir)
     if processes is not None:
         out["processes"] = processes

@@ -24,6 +24,7 @@ from encoder_worker.video import FrameGroup, VideoSampling, load_video
 from llm_worker.decode_loop import DecodeJob, DecodeLoop
 from llm_worker.embedding_lru import EmbeddingLRU
 from llm_worker.kv import kv_entry_fields, kv_namespace, read_prefill
+from llm_worker.load import LoadMeter
 from llm_worker.prompt import expand_tokens, media_parts
 from llm_worker.sampling import SamplingParams
 from llm_worker.config import LLMServeConfig  # noqa: F401 - ROLES: the roles a worker serves
@@ -97,8 +98,11 @@ class LLMService:
         if config.role == "both":
             self.counters.update(videos=0, frames=0, frames_encoded=0)
         self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="llm-forward")
+        self.load: LoadMeter | None = None
+        """An elastic worker's load signals (``llm_worker.load``); None: not measured."""
         self.decode_loop = None if config.role == "prefill" else \
-            DecodeLoop(engine, self.forward, config.max_batch, on_step=self._on_step, max_waiting=config.max_waiting)
+            DecodeLoop(engine, self._step_forward, config.max_batch, on_step=self._on_step,
+                       max_waiting=config.max_waiting, on_join=self._on_join)
         self._http: aiohttp.ClientSession | None = None
         self._decodes = asyncio.Semaphore(1)
         """``both``: video decodes at once (each takes a core for up to ``video.max_decode_s``)."""
@@ -122,9 +126,13 @@ class LLMService:
         if self.cache is not None:
             await self.cache.close()
 
-    async def forward(self, fn, *args):
+    async def forward(self, fn, *args, queued: bool = True):
         """``fn(*args)`` on the forward thread. Returns (or raises) only once ``fn`` has ended, even
-        when cancelled: what ``fn`` reads (embeddings leased from the cache) stays valid until then."""
+        when cancelled: what ``fn`` reads (embeddings leased from the cache) stays valid until then.
+        With ``load``, its run counts as busy time and (``queued``: a prefill's, not a decode
+        step's) its wait for the thread as queue delay."""
+        if self.load is not None:
+            fn = self.load.metered(fn, wait=queued)
         future = asyncio.get_running_loop().run_in_executor(self._forward_thread, fn, *args)
         try:
             return await asyncio.shield(future)
@@ -132,9 +140,18 @@ class LLMService:
             await asyncio.wait([future])
             raise
 
+    async def _step_forward(self, fn, *args):
+        return await self.forward(fn, *args, queued=False)
+
     def _on_step(self, batch_size: int, step_ms: float) -> None:
         self.metrics.batch_size.observe(batch_size)
         self.metrics.step_seconds.observe(step_ms / 1e3)
+        if self.load is not None:
+            self.load.observe_step(step_ms / 1e3)
+
+    def _on_join(self, wait_s: float) -> None:
+        if self.load is not None:
+            self.load.observe_wait(wait_s)
 
     def _count_prompt(self, num_tokens: int, prefill_ms: float) -> None:
         self.counters["prompt_tokens"] += num_tokens
@@ -144,6 +161,8 @@ class LLMService:
     def count_completion(self, num_tokens: int) -> None:
         self.counters["completion_tokens"] += num_tokens
         self.metrics.completion_tokens.inc(num_tokens)
+        if self.load is not None:
+            self.load.observe_tokens(num_tokens)
 
     async def prefill(self, request_id: str, messages: Any, images: list[Key], sampling: SamplingParams,
                       prompt_ids: list[int] | None = None, videos: list[list[Key]] = ()) -> dict:

@@ -138,7 +138,10 @@ def _up(args: argparse.Namespace) -> int:
                          startup_timeout_s=args.startup_timeout, log_level=args.log_level,
                          cache_token=cache_token, api_key=api_key, nodes=args.nodes, remote=args.remote,
                          redis_cluster=args.redis_cluster, routing=args.routing, claim_ttl_s=args.claim_ttl,
-                         host_policy=args.host_policy, cache_device_capacity=args.cache_device_capacity)
+                         host_policy=args.host_policy, cache_device_capacity=args.cache_device_capacity,
+                         elastic=args.elastic, elastic_interval_s=args.elastic_interval,
+                         elastic_high_s=args.elastic_high, elastic_low=args.elastic_low,
+                         elastic_cooldown_s=args.elastic_cooldown, elastic_sustain=args.elastic_sustain)
     return run(config)
 
 
@@ -271,6 +274,21 @@ def main(argv: list[str] | None = None) -> int:
                         "or by load alone")
     u.add_argument("--claim-ttl", type=float, metavar="S",
                    help="the encoders' claim TTL: a dead encoder's claim is taken over after S seconds (default 30)")
+    u.add_argument("--elastic", action="store_true",
+                   help="the encoders, prefill and decode workers are elastic: each holds the vision tower and the "
+                        "LLM, and the router moves workers between the stages as the load shifts (image-heavy <-> "
+                        "text-only), draining each first; --encoders/--prefill/--decode are the starting shape")
+    u.add_argument("--elastic-interval", type=float, metavar="S",
+                   help="with --elastic: seconds between the router's polls of the workers' load (default 1)")
+    u.add_argument("--elastic-high", type=float, metavar="S",
+                   help="with --elastic: a stage whose mean queue delay passes S seconds wants a worker (default 0.5)")
+    u.add_argument("--elastic-low", type=float, metavar="F",
+                   help="with --elastic: a stage may give a worker while its busy fraction spread over one worker "
+                        "fewer stays under F (default 0.5)")
+    u.add_argument("--elastic-cooldown", type=float, metavar="S",
+                   help="with --elastic: seconds after a switch before the next (default 5)")
+    u.add_argument("--elastic-sustain", type=int, metavar="N",
+                   help="with --elastic: polls in a row a condition must hold before a switch (default 2)")
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)

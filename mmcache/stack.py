@@ -120,6 +120,16 @@ class StackConfig:
     """The router's ``--routing`` across node groups: ``cache`` or ``load``."""
     claim_ttl_s: float | None = None
     """The encoders' ``--claim-ttl``; None: theirs (30 s)."""
+    elastic: bool = False
+    """Every encoder, prefill and decode worker is elastic (``mmcache-llm serve --role elastic
+    --initial-role R``: holds the vision tower and the LLM, switches stage while serving), and
+    the router moves them as the load shifts (``--elastic``)."""
+    elastic_interval_s: float | None = None
+    """The router's ``--elastic-interval``; None: its default (1 s). Likewise the next four."""
+    elastic_high_s: float | None = None
+    elastic_low: float | None = None
+    elastic_cooldown_s: float | None = None
+    elastic_sustain: int | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -128,6 +138,18 @@ class StackConfig:
             raise ValueError("give --remote URL (your store) or --redis-cluster K (a demo cluster), not both")
         if self.redis_cluster is not None and not 1 <= self.redis_cluster <= 16:
             raise ValueError("--redis-cluster must be 1..16 masters")
+        if self.elastic and self.aggregated:
+            raise ValueError("--elastic is for the EPD stack: its workers switch between encode, prefill and "
+                             "decode (the --aggregated baseline has one stage)")
+        if self.elastic and self.claim_ttl_s is not None:
+            raise ValueError("--claim-ttl is for the EPD stack's encoders; elastic workers claim for 30 s")
+        if self.elastic and self.nodes > 1:
+            raise ValueError("--elastic moves workers within one node group: use it with --nodes 1")
+        knobs = (self.elastic_interval_s, self.elastic_high_s, self.elastic_low, self.elastic_cooldown_s,
+                 self.elastic_sustain)
+        if not self.elastic and any(k is not None for k in knobs):
+            raise ValueError("--elastic-interval, --elastic-high, --elastic-low, --elastic-cooldown and "
+                             "--elastic-sustain are for --elastic")
         if self.aggregated and (self.nodes > 1 or self.remote or self.redis_cluster):
             raise ValueError("--nodes, --remote and --redis-cluster are for the EPD stack (the baseline has no cache)")
         if self.remote:
@@ -240,6 +262,22 @@ class Stack:
                 *(["--schedule", c.encoder_schedule] if c.encoder_schedule else []),
                 *(["--claim-ttl", str(c.claim_ttl_s)] if c.claim_ttl_s else [])]
 
+    def _elastic_args(self, role: str, node: "_Node") -> list[str]:
+        """An elastic worker's flags: the LLM's, the encoder's (it may encode) and its first stage."""
+        c = self.config
+        return [*self._llm_args("elastic", node), "--initial-role", role, *self._media_args(),
+                *(["--encoder-batch", str(c.encoder_batch)] if c.encoder_batch else []),
+                *(["--encoder-schedule", c.encoder_schedule] if c.encoder_schedule else [])]
+
+    def _elastic_router_args(self) -> list[str]:
+        c = self.config
+        if not c.elastic:
+            return []
+        return ["--elastic", *(a for flag, value in (
+            ("--elastic-interval", c.elastic_interval_s), ("--elastic-high", c.elastic_high_s),
+            ("--elastic-low", c.elastic_low), ("--elastic-cooldown", c.elastic_cooldown_s),
+            ("--elastic-sustain", c.elastic_sustain)) if value is not None for a in (flag, str(value)))]
+
     def _nodes(self) -> list["_Node"]:
         c = self.config
         if c.nodes == 1:
@@ -321,6 +359,13 @@ class Stack:
         self._wait_ready([n.sidecar for n in nodes], deadline)
         for node in nodes:
             cache = f"unix://{node.socket}"
+            if c.elastic:  # NOTE: the process roles (niceness, stop order) are the workers' first stages
+                node.workers = [self._spawn(f"{node.prefix}{role}-{i}", role, "llm_worker.cli",
+                                            *self._elastic_args(stage, node))
+                                for role, stage, count in (("encoder", "encode", c.encoders),
+                                                           ("prefill", "prefill", c.prefill),
+                                                           ("decode", "decode", c.decode)) for i in range(count)]
+                continue
             node.workers = [self._spawn(f"{node.prefix}encoder-{i}", "encoder", "encoder_worker.cli", "serve",
                                         *self._worker_args(), "--cache", cache,
                                         *self._encoder_args(), *self._media_args()) for i in range(c.encoders)]
@@ -332,7 +377,8 @@ class Stack:
         flags = {"encoder": "encoder", "prefill": "prefill", "decode": "decode"}
         if len(nodes) == 1:
             node = nodes[0]
-            return [a for w in node.workers for a in ("--" + flags[w.role], w.url)] + ["--cache", f"unix://{node.socket}"]
+            return [a for w in node.workers for a in ("--" + flags[w.role], w.url)] + \
+                ["--cache", f"unix://{node.socket}", *self._elastic_router_args()]
         args = ["--routing", c.routing]
         for node in nodes:
             spec = ",".join([f"name={node.name}", f"cache=unix://{node.socket}",
@@ -440,6 +486,8 @@ def run(config: StackConfig) -> int:
         url = stack.start()
         mode = f"aggregated: {config.decode} both worker(s), no cache" if config.aggregated else \
             f"EPD: sidecar, {config.encoders} encoder(s), {config.prefill} prefill, {config.decode} decode"
+        if config.elastic:
+            mode += " (elastic: they switch stage as the load shifts)"
         if config.nodes > 1:
             mode += f", in each of {config.nodes} node groups (routing: {config.routing})"
         if config.remote or config.redis_cluster:
