@@ -128,3 +128,23 @@ def test_a_profile_that_is_not_one_is_named(tmp_path):
     bad.write_text(json.dumps(doc))
     r = run_plan("--profile", str(bad), "--workload", "rate=2", "--workers", "3", "--slo-ttft", "1", "--slo-tpot", "1")
     assert r.returncode == 2 and f"profile {bad}" in r.stderr and '"kv_get" missing' in r.stderr
+
+
+@pytest.mark.slow
+def test_measure_this_machine_then_plan_with_it(tmp_path_factory):
+    from encoder_worker.models import ensure_model
+
+    data_dir = str(tmp_path_factory.mktemp("models"))
+    ensure_model("tiny-llava", data_dir)
+    profile = tmp_path_factory.mktemp("plan") / "profile.json"
+    r = run_plan("--profile", str(profile), "--quick", "--model", "tiny-llava", "--data-dir", data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "profile: encode batch" in r.stderr  # progress a person can follow
+    from llm_worker.stage_costs import StageCosts
+
+    measured = StageCosts.load(profile)
+    assert measured.measured and measured.doc["device"] == "cpu"
+    r = run_plan("--profile", str(profile), "--workload", "default,rate=4,requests=40,images_max=4", "--workers", "3",
+                 "--slo-ttft", "1", "--slo-tpot", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "(measured: " in r.stdout and "1 shared device(s)" in r.stdout
