@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="roles both, elastic: allow file:// images under this dir (repeatable)")
     s.add_argument("--no-http", action="store_true", help="roles both, elastic: refuse http(s):// image URLs")
     s.add_argument("--allow-private-urls", action="store_true",
-                   help="roles both, elastic: fetch http(s):// images from (and follow redirects to) private, loopback, "
-                        "link-local and multicast addresses too (refused by default)")
+                   help="roles both, elastic: fetch http(s):// images from (and follow redirects to) private, "
+                        "loopback, link-local and multicast addresses too (refused by default)")
     s.add_argument("--cache-token", help="bearer token of the sidecar; visible in ps: prefer MMCACHE_TOKEN "
                    "or --cache-token-file")
     s.add_argument("--cache-token-file", metavar="PATH", help="read the sidecar's bearer token from this file")

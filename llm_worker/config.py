@@ -50,9 +50,9 @@ class LLMServeConfig:
     cache_token: str | None = None
     """Bearer token of the sidecar, if it has one."""
     media: MediaLimits = field(default_factory=MediaLimits)
-    """Limits on the images a ``both`` worker fetches itself."""
+    """Limits on the images a ``both`` (or an encoding ``elastic``) worker fetches itself."""
     video: VideoLimits = field(default_factory=VideoLimits)
-    """Limits on the videos a ``both`` worker fetches and decodes itself."""
+    """Limits on the videos a ``both`` (or an encoding ``elastic``) worker fetches and decodes itself."""
     video_sampling: VideoSampling = field(default_factory=VideoSampling)
     """``both``: how a video is sampled when the request names no ``video`` options."""
     max_video_groups: int = 4096

@@ -145,8 +145,8 @@ def _elastic_ctx(config: LLMServeConfig, encode_config: EncoderServeConfig, engi
         meter = LoadMeter(config.load_window_s)
         llm = LLMService(config, eng, AsyncCacheClient(config.cache_url, token=config.cache_token))
         llm.load = meter
-        encode = EncodeService(_MeteredEncoder(enc, meter), AsyncCacheClient(config.cache_url, token=config.cache_token),
-                               encode_config)
+        encode = EncodeService(_MeteredEncoder(enc, meter),
+                               AsyncCacheClient(config.cache_url, token=config.cache_token), encode_config)
         counted = encode.batcher.on_batch
 
         def on_batch(stats) -> None:  # NOTE: the batcher's hook, chained: an image's wait in its queue

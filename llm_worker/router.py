@@ -14,6 +14,10 @@ checked against the template's ids before any image is fetched and against the e
 (image tokens counted) once the encoders have answered; no ``max_tokens`` means the default,
 cut to what fits. A worker's 503 reaches the client as a 503 with its ``Retry-After``.
 
+Elastic (``--elastic``): every EPD worker can change stage while serving, and
+``llm_worker.elastic_controller`` moves workers between the pools as the load shifts; a worker
+that is draining answers 503, which is retried on another worker of the stage like any 5xx.
+
 Failures: a worker that cannot be reached (refused, reset, died mid-answer) is skipped for
 ``retry_down_s`` and the step is retried on another worker of its role; encoding and a prefill
 whose KV never reached decode are idempotent. Once tokens have been sent, a failure ends the

@@ -7,6 +7,9 @@ stack through the OpenAI client, a workload shifting from image-heavy to text-on
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
+import io
 import json
 import math
 import os
@@ -14,12 +17,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 
 import aiohttp
 import huggingface_hub.constants
+import numpy as np
+import openai
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
 from encoder_worker.models import ensure_model
 from llm_worker.config import LLMServeConfig
@@ -30,8 +39,9 @@ from llm_worker.load import LoadMeter
 from llm_worker.router import RouterConfig
 from llm_worker.router_app import ROUTER, create_app as create_router_app, load_tokenizer
 from mmcache.config import ServeConfig
-from mmcache.stack import Stack, StackConfig
+from mmcache.stack import Stack, StackConfig, _Node
 from sidecar import ThreadedSidecar
+from stack_process import up_for_tests
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -221,8 +231,6 @@ def test_configs_refuse_what_elastic_cannot_do():
 
 def test_up_elastic_starts_every_worker_elastic_and_the_router_with_the_knobs():
     stack = Stack(StackConfig(elastic=True, encoder_batch=2, elastic_high_s=0.05, elastic_sustain=3))
-    from mmcache.stack import _Node
-
     argv = stack._elastic_args("encode", _Node("", "/d", "/d/s.sock"))
     assert argv[:3] == ["serve", "--role", "elastic"] and argv[argv.index("--initial-role") + 1] == "encode"
     assert argv[argv.index("--cache") + 1] == "unix:///d/s.sock" and argv[argv.index("--encoder-batch") + 1] == "2"
@@ -383,8 +391,8 @@ async def test_a_switch_drains_a_streaming_decode_and_a_request_for_the_draining
             events = [json.loads(line[5:]) for line in (await stream.read()).decode().splitlines()
                       if line.startswith("data:") and line != "data: [DONE]"]
             stream.close()
-            streamed = [t for e in [json.loads(first.decode()[5:])] + events for t in e["choices"][0].get("token_ids") or []
-                        if e.get("choices")]
+            streamed = [t for e in [json.loads(first.decode()[5:])] + events if e.get("choices")
+                        for t in e["choices"][0].get("token_ids") or []]
             assert streamed == want and events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
             resp = await switch
             record = await resp.json()
@@ -476,3 +484,119 @@ async def test_a_switch_the_worker_refuses_puts_it_back(workers, tokenizer, mode
     finally:
         await server.close()
 
+# -- the whole stack through the OpenAI client (slow) --------------------------------------------
+
+ELASTIC_FLAGS = ("--elastic", "--encoders", "2", "--prefill", "1", "--decode", "1", "--elastic-interval", "0.5",
+                 "--elastic-high", "0.01", "--elastic-low", "0.9", "--elastic-cooldown", "2", "--elastic-sustain", "2")
+"""A hair trigger: on tiny-llava a queue delay is milliseconds, and a stage that gets no work at all
+(the encoders, once the requests carry no images) is the donor."""
+
+
+@pytest.fixture(scope="module")
+def elastic_stack(model_dir):
+    with up_for_tests(model_dir, *ELASTIC_FLAGS, prefix="mmc-el-") as up:
+        yield up
+    assert up.proc.returncode == 0, "\n".join(up.output[-30:])
+
+
+@pytest.fixture(scope="module")
+def aggregated_stack(model_dir):
+    with up_for_tests(model_dir, "--aggregated", prefix="mmc-el-agg-") as up:
+        yield up
+    assert up.proc.returncode == 0, "\n".join(up.output[-30:])
+
+
+def _image_uri(seed: int) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _images_prompt(i: int) -> list[dict]:
+    return [{"type": "text", "text": f"Describe picture set {i}."},
+            *({"type": "image_url", "image_url": {"url": _image_uri(5000 + 3 * i + j)}} for j in range(3))]
+
+
+def _openai_chat(up, content) -> list[int]:
+    """Greedy token ids of one request; any failure raises (no retries: every request must succeed)."""
+    client = openai.OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": content}],
+                                            max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    return answer.choices[0].to_dict()["token_ids"]
+
+
+def _assert_same_as_aggregated(aggregated_stack, answered: dict) -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        baseline = pool.map(lambda c: _openai_chat(aggregated_stack, c), [content for content, _ in answered.values()])
+        for (key, (_, token_ids)), want in zip(answered.items(), baseline):
+            assert token_ids == want, key
+
+
+def _switches(up) -> list[dict]:
+    return up.stats()["elastic"]["history"]
+
+
+@pytest.mark.slow
+def test_a_shift_from_images_to_text_moves_an_encoder_and_every_answer_stays_the_same(elastic_stack,
+                                                                                      aggregated_stack):
+    """Phase 1: concurrent requests of three images each; phase 2: text only, several at once,
+    until the controller has given an encoder to another stage (the encoders get no work), then
+    some more. Every request succeeds; greedy outputs equal the aggregated baseline's."""
+    answered: dict[str, tuple] = {}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        contents = {f"images-{i}": _images_prompt(i) for i in range(12)}
+        for key, ids in zip(contents, pool.map(lambda c: _openai_chat(elastic_stack, c), contents.values())):
+            answered[key] = (contents[key], ids)
+        deadline, after = time.monotonic() + 120, 3
+        for rnd in range(10_000):
+            contents = {f"text-{rnd}-{i}": f"Question {rnd}-{i}: tell me about the number {7 * i + rnd}."
+                        for i in range(8)}
+            for key, ids in zip(contents, pool.map(lambda c: _openai_chat(elastic_stack, c), contents.values())):
+                answered[key] = (contents[key], ids)
+            moved = [h for h in _switches(elastic_stack) if h["ok"] and h["from"] == "encode"]
+            after -= bool(moved)
+            if not after:
+                break
+            assert time.monotonic() < deadline, f"no encoder switched: {elastic_stack.stats()['elastic']}"
+    stats = elastic_stack.stats()
+    switch = moved[0]
+    assert switch["to"] in ("prefill", "decode") and switch["reason"]["donor"]["stage"] == "encode"
+    assert switch["reason"]["hot"]["queue_delay_s"] > 0.01 and isinstance(switch["drained_s"], float)
+    roles = {w["url"]: w["role"] for w in stats["elastic"]["workers"]}
+    assert len(stats["encoders"]) == 1 and roles[stats["encoders"][0]["url"]] == "encode"
+    assert all(w["healthy"] for role in ("encoders", "prefill", "decode") for w in stats[role])
+    assert stats["router"]["errors"] == 0
+    _assert_same_as_aggregated(aggregated_stack, answered)
+
+
+@pytest.mark.slow
+def test_a_switch_forced_while_requests_are_in_flight_loses_none(elastic_stack, aggregated_stack):
+    """``POST /v1/elastic/switch`` moves a worker while image and text requests are in flight."""
+    def force() -> dict:
+        stats = elastic_stack.stats()
+        stage, workers = max(((s, stats[k]) for s, k in (("encode", "encoders"), ("prefill", "prefill"),
+                                                         ("decode", "decode"))), key=lambda sw: len(sw[1]))
+        to = "decode" if stage != "decode" else "prefill"
+        req = urllib.request.Request(elastic_stack.url + "/v1/elastic/switch", method="POST",
+                                     data=json.dumps({"url": workers[-1]["url"], "role": to}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)
+
+    answered: dict[str, tuple] = {}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        contents = {f"mixed-{i}": _images_prompt(100 + i) if i % 2 else f"Mixed question {i}: why?" for i in range(18)}
+        futures = {key: pool.submit(_openai_chat, elastic_stack, c) for key, c in contents.items()}
+        for _ in range(40):  # NOTE: the controller may be switching a worker itself (409, or 404 for the
+            try:             # one it has out of every pool): again once it is done
+                record = force()
+                break
+            except urllib.error.HTTPError as e:
+                assert e.code in (404, 409), e.read()
+                time.sleep(0.25)
+        for key, future in futures.items():
+            answered[key] = (contents[key], future.result())
+    assert record["ok"] and record["reason"] == {"manual": True}
+    assert record in _switches(elastic_stack)
+    _assert_same_as_aggregated(aggregated_stack, answered)
