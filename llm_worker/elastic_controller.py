@@ -27,23 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from llm_worker.backends import Backend, Pool
-from llm_worker.config import ELASTIC_ROLES
+from llm_worker.elastic_policy import STAGES, Move, Policy, StageLoad, WorkerLoad
 
 if TYPE_CHECKING:
     from llm_worker.router import Router
 
 logger = logging.getLogger(__name__)
 
-STAGES = ELASTIC_ROLES
+__all__ = ["ElasticController", "Move", "Policy", "StageLoad", "SwitchRefused", "WorkerLoad"]
 
 
 class SwitchRefused(Exception):
@@ -52,95 +50,6 @@ class SwitchRefused(Exception):
     def __init__(self, message: str, status: int = 409):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class WorkerLoad:
-    url: str
-    queue_delay_s: float
-    busy: float
-    inflight: int
-
-
-@dataclass(frozen=True)
-class StageLoad:
-    """One stage's signals: ``size`` workers in its pool, ``workers`` those that answered."""
-
-    size: int
-    workers: tuple[WorkerLoad, ...] = ()
-
-    @property
-    def queue_delay_s(self) -> float:
-        return sum(w.queue_delay_s for w in self.workers) / len(self.workers) if self.workers else 0.0
-
-    @property
-    def busy(self) -> float:
-        return sum(w.busy for w in self.workers) / len(self.workers) if self.workers else 0.0
-
-    def busy_without_one(self) -> float:
-        """The busy fraction once one worker has gone (the same work on ``size - 1``)."""
-        return self.busy * self.size / (self.size - 1) if self.size > 1 else math.inf
-
-    def to_json(self) -> dict:
-        return {"workers": self.size, "answered": len(self.workers), "queue_delay_s": round(self.queue_delay_s, 6),
-                "busy": round(self.busy, 4)}
-
-
-@dataclass(frozen=True)
-class Move:
-    url: str
-    src: str
-    dst: str
-    reason: dict
-
-
-class Policy:
-    """When to move a worker, and which; ``decide`` once per tick (it counts the ticks a condition
-    has held), ``switched`` after each switch. No I/O: tested on synthetic signals."""
-
-    def __init__(self, high_s: float, low: float, cooldown_s: float, sustain: int) -> None:
-        self.high_s, self.low, self.cooldown_s, self.sustain = high_s, low, cooldown_s, sustain
-        self.hot_ticks = dict.fromkeys(STAGES, 0)
-        self.idle_ticks = dict.fromkeys(STAGES, 0)
-        self.last_switch_at = -math.inf
-
-    def is_hot(self, load: StageLoad) -> bool:
-        return bool(load.workers) and load.queue_delay_s > self.high_s
-
-    def can_give(self, load: StageLoad) -> bool:
-        return bool(load.workers) and load.size > 1 and load.busy_without_one() < self.low \
-            and load.queue_delay_s < self.high_s / 2
-
-    def decide(self, loads: dict[str, StageLoad], now: float) -> Move | None:
-        for stage in STAGES:
-            load = loads.get(stage, StageLoad(0))
-            self.hot_ticks[stage] = self.hot_ticks[stage] + 1 if self.is_hot(load) else 0
-            self.idle_ticks[stage] = self.idle_ticks[stage] + 1 if self.can_give(load) else 0
-        if now - self.last_switch_at < self.cooldown_s:
-            return None
-        hot = sorted((s for s in STAGES if self.hot_ticks[s] >= self.sustain),
-                     key=lambda s: -loads[s].queue_delay_s)
-        donors = sorted((s for s in STAGES if self.idle_ticks[s] >= self.sustain),
-                        key=lambda s: loads[s].busy_without_one())
-        for dst in hot:
-            for src in donors:
-                if src == dst:
-                    continue
-                worker = min(loads[src].workers, key=lambda w: (w.busy, w.inflight, w.url))
-                h, d = loads[dst], loads[src]
-                return Move(worker.url, src, dst, {
-                    "hot": {"stage": dst, "queue_delay_s": round(h.queue_delay_s, 6), "busy": round(h.busy, 4),
-                            "ticks": self.hot_ticks[dst], "high_s": self.high_s},
-                    "donor": {"stage": src, "queue_delay_s": round(d.queue_delay_s, 6), "busy": round(d.busy, 4),
-                              "busy_without_one": round(d.busy_without_one(), 4), "ticks": self.idle_ticks[src],
-                              "low": self.low, "worker_busy": round(worker.busy, 4)}})
-        return None
-
-    def switched(self, now: float) -> None:
-        """A switch ended (either way): the cooldown starts, and every condition must hold anew."""
-        self.last_switch_at = now
-        self.hot_ticks = dict.fromkeys(STAGES, 0)
-        self.idle_ticks = dict.fromkeys(STAGES, 0)
 
 
 class ElasticController:

@@ -1,21 +1,20 @@
 """When to switch a worker's role: the decision rule of role switching, shared by the router's
 controller (``llm_worker.elastic_controller``) and the simulator (``llm_worker.simulator``), so
-that what the planner predicts for ``--elastic`` is what the stack does.
+that what the planner predicts for ``--elastic`` is what the stack does. The signals are the
+workers' own (``llm_worker.load.LoadMeter``): per stage, the mean queue delay and busy fraction
+of the workers serving it.
 
-Every ``interval_s`` the controller samples each stage (encode, prefill, decode): its workers,
-its **queue delay** (the mean time work waited before its compute began over the last
-``window_s``: an image for its encoder batch, a prompt for the prefill worker's forward thread,
-a decode request for the time it lost to a shared batch) and its **busy fraction** (the share of
-the interval its workers' compute was busy). A stage is *hot* when its queue delay exceeds
-``high_s``. A stage can *give* a worker when it has more than one, its delay is under half of
-``high_s``, and its busy fraction spread over one worker fewer (``busy * n / (n - 1)``) stays
-under ``low``. Hysteresis: the same (donor, hot) pair must hold for ``sustain`` samples in a row,
-no switch starts within ``cooldown_s`` of the last one ending, and one switch at a time. The
-hottest stage takes from the idlest donor.
+A stage is *hot* when its queue delay exceeds ``high_s``; it can *give* a worker when it keeps
+at least one, its busy fraction spread over one worker fewer (``busy x n / (n - 1)``) stays under
+``low``, and its queue delay is under ``high_s / 2``. Hysteresis: both conditions must hold for
+``sustain`` ticks in a row, no switch within ``cooldown_s`` of the last one ending, one switch at
+a time (the caller does not decide while one runs). The hottest stage takes from the donor whose
+spread busy fraction is least, and of it the least busy worker.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 STAGES = ("encode", "prefill", "decode")
@@ -23,16 +22,18 @@ STAGES = ("encode", "prefill", "decode")
 
 @dataclass(frozen=True)
 class ElasticPolicy:
+    """The controller's settings (``mmcache up --elastic-*``), with the routers' defaults."""
+
     interval_s: float = 1.0
     """How often the controller samples the stages."""
-    window_s: float = 5.0
-    """Queue delays of the work that waited within this window count."""
+    window_s: float = 3.0
+    """The workers' load window (``LoadMeter``): busy looks back this far, delays fade at half of it."""
     high_s: float = 0.5
     """A stage whose mean queue delay exceeds this is hot."""
     low: float = 0.5
     """A stage may give a worker when its busy fraction over one worker fewer stays under this."""
     sustain: int = 2
-    """Samples in a row the same move must be called for."""
+    """Ticks in a row a condition must hold."""
     cooldown_s: float = 5.0
     """After a switch ends, how long before the next may start."""
 
@@ -42,54 +43,94 @@ class ElasticPolicy:
             raise ValueError("elastic policy: interval, window and high must be > 0, low in (0, 1], sustain >= 1, "
                              "cooldown >= 0")
 
+    def policy(self) -> "Policy":
+        return Policy(self.high_s, self.low, self.cooldown_s, self.sustain)
+
 
 @dataclass(frozen=True)
-class StageSignal:
-    workers: int
-    delay_s: float
+class WorkerLoad:
+    url: str
+    queue_delay_s: float
     busy: float
-
-    def as_dict(self) -> dict:
-        return {"workers": self.workers, "queue_delay_s": round(self.delay_s, 4), "busy": round(self.busy, 3)}
+    inflight: int
 
 
-def wanted_move(signals: dict[str, StageSignal], policy: ElasticPolicy) -> tuple[str, str] | None:
-    """(donor stage, hot stage) that these signals call for, or None."""
-    hot = [s for s in STAGES if s in signals and signals[s].delay_s > policy.high_s]
-    if not hot:
-        return None
-    target = max(hot, key=lambda s: signals[s].delay_s)
-    donors = []
-    for s in STAGES:
-        sig = signals.get(s)
-        if s == target or sig is None or sig.workers < 2 or sig.delay_s >= policy.high_s / 2:
-            continue
-        if sig.busy * sig.workers / (sig.workers - 1) < policy.low:
-            donors.append(s)
-    if not donors:
-        return None
-    return min(donors, key=lambda s: (signals[s].busy, -signals[s].workers)), target
+@dataclass(frozen=True)
+class StageLoad:
+    """One stage's signals: ``size`` workers in its pool, ``workers`` those that answered."""
+
+    size: int
+    workers: tuple[WorkerLoad, ...] = ()
+
+    @property
+    def queue_delay_s(self) -> float:
+        return sum(w.queue_delay_s for w in self.workers) / len(self.workers) if self.workers else 0.0
+
+    @property
+    def busy(self) -> float:
+        return sum(w.busy for w in self.workers) / len(self.workers) if self.workers else 0.0
+
+    def busy_without_one(self) -> float:
+        """The busy fraction once one worker has gone (the same work on ``size - 1``)."""
+        return self.busy * self.size / (self.size - 1) if self.size > 1 else math.inf
+
+    def to_json(self) -> dict:
+        return {"workers": self.size, "answered": len(self.workers), "queue_delay_s": round(self.queue_delay_s, 6),
+                "busy": round(self.busy, 4)}
 
 
-class Hysteresis:
-    """``wanted_move`` over time: a move only once it held ``sustain`` samples, outside the cooldown."""
+@dataclass(frozen=True)
+class Move:
+    url: str
+    src: str
+    dst: str
+    reason: dict
 
-    def __init__(self, policy: ElasticPolicy):
-        self.policy = policy
-        self._last: tuple[str, str] | None = None
-        self._count = 0
-        self._quiet_until = 0.0
 
-    def observe(self, now: float, signals: dict[str, StageSignal], switching: bool) -> tuple[str, str] | None:
-        move = wanted_move(signals, self.policy)
-        self._count = self._count + 1 if move is not None and move == self._last else (1 if move else 0)
-        self._last = move
-        if move is None or switching or now < self._quiet_until or self._count < self.policy.sustain:
+class Policy:
+    """When to move a worker, and which; ``decide`` once per tick (it counts the ticks a condition
+    has held), ``switched`` after each switch. No I/O: tested on synthetic signals."""
+
+    def __init__(self, high_s: float, low: float, cooldown_s: float, sustain: int) -> None:
+        self.high_s, self.low, self.cooldown_s, self.sustain = high_s, low, cooldown_s, sustain
+        self.hot_ticks = dict.fromkeys(STAGES, 0)
+        self.idle_ticks = dict.fromkeys(STAGES, 0)
+        self.last_switch_at = -math.inf
+
+    def is_hot(self, load: StageLoad) -> bool:
+        return bool(load.workers) and load.queue_delay_s > self.high_s
+
+    def can_give(self, load: StageLoad) -> bool:
+        return bool(load.workers) and load.size > 1 and load.busy_without_one() < self.low \
+            and load.queue_delay_s < self.high_s / 2
+
+    def decide(self, loads: dict[str, StageLoad], now: float) -> Move | None:
+        for stage in STAGES:
+            load = loads.get(stage, StageLoad(0))
+            self.hot_ticks[stage] = self.hot_ticks[stage] + 1 if self.is_hot(load) else 0
+            self.idle_ticks[stage] = self.idle_ticks[stage] + 1 if self.can_give(load) else 0
+        if now - self.last_switch_at < self.cooldown_s:
             return None
-        self._count = 0
-        self._last = None
-        return move
+        hot = sorted((s for s in STAGES if self.hot_ticks[s] >= self.sustain),
+                     key=lambda s: -loads[s].queue_delay_s)
+        donors = sorted((s for s in STAGES if self.idle_ticks[s] >= self.sustain),
+                        key=lambda s: loads[s].busy_without_one())
+        for dst in hot:
+            for src in donors:
+                if src == dst:
+                    continue
+                worker = min(loads[src].workers, key=lambda w: (w.busy, w.inflight, w.url))
+                h, d = loads[dst], loads[src]
+                return Move(worker.url, src, dst, {
+                    "hot": {"stage": dst, "queue_delay_s": round(h.queue_delay_s, 6), "busy": round(h.busy, 4),
+                            "ticks": self.hot_ticks[dst], "high_s": self.high_s},
+                    "donor": {"stage": src, "queue_delay_s": round(d.queue_delay_s, 6), "busy": round(d.busy, 4),
+                              "busy_without_one": round(d.busy_without_one(), 4), "ticks": self.idle_ticks[src],
+                              "low": self.low, "worker_busy": round(worker.busy, 4)}})
+        return None
 
     def switched(self, now: float) -> None:
-        """A switch ended (or failed) at ``now``: the cooldown starts."""
-        self._quiet_until = now + self.policy.cooldown_s
+        """A switch ended (either way): the cooldown starts, and every condition must hold anew."""
+        self.last_switch_at = now
+        self.hot_ticks = dict.fromkeys(STAGES, 0)
+        self.idle_ticks = dict.fromkeys(STAGES, 0)

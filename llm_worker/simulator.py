@@ -26,10 +26,10 @@ What it models, as the stack does it (file names say where):
   sharing: with ``k`` forwards at once on a device of capacity ``c``, each runs at ``min(1, c/k)``
   of its profiled speed). On a CPU machine every worker shares the one CPU, as ``mmcache up`` runs.
 - **Cache** (host tier): an LRU of embeddings in bytes; KV hand-off entries are not counted.
-- **Role switching** (``ElasticPolicy``): a controller samples per-stage queue delay and busy
-  fraction every interval and moves a worker from an idle stage to a hot one, with hysteresis
-  (``llm_worker.elastic_policy``); a switching worker takes no new work, drains, then serves its
-  new role.
+- **Role switching** (``ElasticPolicy``): each worker keeps the load meter the elastic workers
+  keep (``llm_worker.load.LoadMeter``, on the simulated clock: queue delay and busy fraction as
+  they define them), and every interval the router's rule (``llm_worker.elastic_policy.Policy``)
+  decides on them; a switching worker takes no new work, drains, then serves its new role.
 
 What it leaves out: HTTP and event-loop time beyond one hop per call, memory limits (a request
 is never refused for memory), prompts past the model's context are cut as the router cuts them
@@ -47,7 +47,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llm_worker.elastic_policy import ElasticPolicy, Hysteresis, StageSignal
+from llm_worker.elastic_policy import ElasticPolicy, StageLoad, WorkerLoad
+from llm_worker.load import LoadMeter
 from llm_worker.stage_costs import StageCosts
 
 STAGES = ("encode", "prefill", "decode")
@@ -314,7 +315,6 @@ class _Worker:
         self.tasks: deque = deque()
         self.busy = False
         self.busy_s = 0.0
-        self.window_busy_s = 0.0
         self._since = 0.0
         self.calls = 0  # router-side: calls in flight to it
         # encode
@@ -326,10 +326,11 @@ class _Worker:
         self.waiting: deque = deque()
         self.running: list[_Req] = []
         self.stepping = False
-        self.min_step_s = math.inf
+        self.prefill_since: deque = deque()  # when each queued prefill arrived
         # role switching
         self.draining_to: str | None = None
-        self.waits: deque = deque(maxlen=64)  # (time, queue delay s) of recent work
+        self.meter: LoadMeter | None = None
+        self._run = 0
 
     # -- the forward thread ------------------------------------------------------------------
 
@@ -344,13 +345,15 @@ class _Worker:
         work, done = self.tasks.popleft()
         self.busy = True
         self._since = self.sim.engine.now
+        if self.meter is not None:
+            self._run = self.meter.begin()
         device_s, tail_s = work()
         self.device.start(device_s, lambda: self.sim.engine.after(tail_s, self._done, done))
 
     def _done(self, done: Callable[[], None]) -> None:
-        took = self.sim.engine.now - self._since
-        self.busy_s += took
-        self.window_busy_s += took
+        self.busy_s += self.sim.engine.now - self._since
+        if self.meter is not None:
+            self.meter.end(self._run)
         self.busy = False
         self.free_at = self.sim.engine.now
         done()
@@ -361,8 +364,17 @@ class _Worker:
         return not self.busy and not self.tasks and not self.items and not self.running and not self.waiting \
             and not self.encoding and self.calls == 0
 
-    def queue_delay(self, wait_s: float) -> None:
-        self.waits.append((self.sim.engine.now, wait_s))
+    def waited(self, wait_s: float) -> None:
+        if self.meter is not None:
+            self.meter.observe_wait(wait_s)
+
+    def oldest_wait(self) -> float:
+        """What the worker's queue of its role has waited longest (the meter's ``oldest_wait``)."""
+        now = self.sim.engine.now
+        since = {"encode": self.items[0][2] if self.items else None,
+                 "prefill": self.prefill_since[0] if self.prefill_since else None,
+                 "decode": self.waiting[0].decode_start if self.waiting else None}.get(self.role)
+        return now - since if since is not None else 0.0
 
 
 class _Simulation:
@@ -388,7 +400,11 @@ class _Simulation:
             result.output_tokens = max(output, 0)
             self.requests.append(_Req(spec, result, prompt, max(output, 0)))
         self.switches: list[dict] = []
-        self.hysteresis = Hysteresis(config.elastic) if config.elastic else None
+        self.policy = config.elastic.policy() if config.elastic else None
+        if config.elastic is not None:
+            for w in self.workers:
+                w.meter = LoadMeter(config.elastic.window_s, clock=lambda: self.engine.now)
+                w.meter.oldest_wait = w.oldest_wait
 
     # -- running -----------------------------------------------------------------------------
 
@@ -396,7 +412,7 @@ class _Simulation:
         for req in self.requests:
             if req.result.error is None:
                 self.engine.at(req.spec.arrival_s, self.arrive, req)
-        if self.hysteresis is not None and self.requests:
+        if self.policy is not None and self.requests:
             self.engine.at(self.config.elastic.interval_s, self.tick)
         self.engine.run()
         span = max((r.spec.arrival_s + (r.result.e2e_s or 0.0) for r in self.requests), default=0.0)
@@ -491,7 +507,7 @@ class _Simulation:
         batch = [worker.items.popleft() for _ in range(min(self.alloc.encoder_batch, len(worker.items)))]
         now = self.engine.now
         for _, _, since in batch:
-            worker.queue_delay(now - since)
+            worker.waited(now - since)
         puts = sum(self.costs.kv_put_s(self.costs.embedding_bytes(self.costs.image_tokens(s))) for _, s, _ in batch)
 
         def done() -> None:
@@ -521,11 +537,11 @@ class _Simulation:
         self.engine.after(self.costs.hop_s + self.costs.cache_read_s(emb), self._prefill_queue, worker, req)
 
     def _prefill_queue(self, worker: _Worker, req: _Req) -> None:
-        since = self.engine.now
         kv_put = self.costs.kv_put_s(self.costs.kv_bytes(req.prompt_tokens))
+        worker.prefill_since.append(self.engine.now)
 
         def work() -> tuple[float, float]:
-            worker.queue_delay(self.engine.now - since)
+            worker.waited(self.engine.now - worker.prefill_since.popleft())
             return self.costs.prefill_s(req.prompt_tokens), 0.0
 
         def done() -> None:
@@ -561,11 +577,14 @@ class _Simulation:
 
         def work() -> tuple[float, float]:
             while worker.waiting and len(worker.running) < self.alloc.decode_batch:
-                worker.running.append(worker.waiting.popleft())
+                joined = worker.waiting.popleft()
+                worker.waited(self.engine.now - joined.decode_start)
+                worker.running.append(joined)
             batch = len(worker.running)
             context = sum(r.prompt_tokens + r.generated for r in worker.running) / batch
             step = self.costs.decode_step_s(batch, context)
-            worker.min_step_s = min(worker.min_step_s, self.costs.decode_step_s(1, context))
+            if worker.meter is not None:
+                worker.meter.observe_step(step)
             return step, 0.0
 
         def done() -> None:
@@ -576,8 +595,8 @@ class _Simulation:
                 if r.generated >= r.output_tokens:
                     r.result.e2e_s = self.engine.now - r.spec.arrival_s
                     worker.calls -= 1
-                    # NOTE: what sharing the batch cost it: the decode signal of role switching
-                    worker.queue_delay(self.engine.now - r.decode_start - (r.output_tokens - 1) * worker.min_step_s)
+                    if worker.meter is not None:
+                        worker.meter.observe_tokens(r.output_tokens)
                 else:
                     still.append(r)
             worker.running = still
@@ -622,43 +641,32 @@ class _Simulation:
 
     # -- role switching ----------------------------------------------------------------------
 
-    def signals(self) -> dict[str, StageSignal]:
-        policy = self.config.elastic
-        now = self.engine.now
-        out = {}
-        for stage in STAGES:
-            workers = self.pool(stage)
-            waits = [d for w in workers for t, d in w.waits if now - t <= policy.window_s]
-            busy = [min(1.0, w.window_busy_s / policy.interval_s) for w in workers]
-            out[stage] = StageSignal(len(workers), sum(waits) / len(waits) if waits else 0.0,
-                                     sum(busy) / len(busy) if busy else 0.0)
-        return out
+    def loads(self) -> dict[str, StageLoad]:
+        """Per stage, what the router's controller reads from its workers' ``/v1/stats``."""
+        return {stage: StageLoad(len(pool), tuple(WorkerLoad(str(w.index), w.meter.queue_delay_s(), w.meter.busy(),
+                                                             w.calls) for w in pool))
+                for stage in STAGES for pool in [self.pool(stage)]}
 
     def tick(self) -> None:
-        policy = self.config.elastic
-        signals = self.signals()
-        for w in self.workers:
-            w.window_busy_s = 0.0
         switching = any(w.draining_to for w in self.workers)
-        move = self.hysteresis.observe(self.engine.now, signals, switching)
+        # NOTE: as the controller: no decision while a switch is under way
+        move = None if switching else self.policy.decide(self.loads(), self.engine.now)
         if move is not None:
-            donor, hot = move
-            worker = min(self.pool(donor), key=lambda w: (w.calls + len(w.running) + len(w.items), w.index))
-            worker.draining_to = hot
-            self.switches.append({"at_s": round(self.engine.now, 3), "worker": worker.index, "from": donor,
-                                  "to": hot, "reason": {s: sig.as_dict() for s, sig in signals.items()}})
+            worker = self.workers[int(move.url)]
+            worker.draining_to = move.dst
+            self.switches.append({"at_s": round(self.engine.now, 3), "worker": worker.index, "from": move.src,
+                                  "to": move.dst, "reason": move.reason})
             self.maybe_switched(worker)
         if any(r.result.e2e_s is None and r.result.error is None for r in self.requests):
-            self.engine.after(policy.interval_s, self.tick)
+            self.engine.after(self.config.elastic.interval_s, self.tick)
 
     def maybe_switched(self, worker: _Worker) -> None:
         if worker.draining_to is None or not worker.idle():
             return
         worker.role, worker.draining_to = worker.draining_to, None
-        worker.waits.clear()
-        worker.min_step_s = math.inf
+        worker.meter.reset()
         self.switches[-1]["done_s"] = round(self.engine.now, 3)
-        self.hysteresis.switched(self.engine.now)
+        self.policy.switched(self.engine.now)
 
 
 def _weight(image_id: int, worker: int) -> bytes:

@@ -34,7 +34,7 @@ from encoder_worker.models import ensure_model
 from llm_worker.config import LLMServeConfig
 from llm_worker.elastic import ElasticRole, NotServing, SwitchInProgress
 from llm_worker.elastic_app import ELASTIC, LLM, METER, create_app as create_elastic_app
-from llm_worker.elastic_controller import Policy, StageLoad, WorkerLoad
+from llm_worker.elastic_policy import Policy, StageLoad, WorkerLoad
 from llm_worker.load import LoadMeter
 from llm_worker.router import RouterConfig
 from llm_worker.router_app import ROUTER, create_app as create_router_app, load_tokenizer

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from llm_worker.elastic_policy import ElasticPolicy, Hysteresis, StageSignal, wanted_move
+from llm_worker.elastic_policy import ElasticPolicy
 from llm_worker.simulator import Allocation, SimConfig, SimRequest, goodput, requests_of, simulate
 from llm_worker.stage_costs import ProfileError, StageCosts, interp
 from llm_worker.workload import concatenate, load_phases
@@ -164,38 +164,7 @@ def test_profile_files_load_with_a_named_error(tmp_path):
         StageCosts.load(tmp_path / "bad.json")
 
 
-# -- role switching ----------------------------------------------------------------------------
-
-
-def sig(workers, delay, busy) -> StageSignal:
-    return StageSignal(workers, delay, busy)
-
-
-def test_the_policy_moves_a_worker_from_an_idle_stage_to_a_hot_one():
-    policy = ElasticPolicy(high_s=0.5, low=0.5)
-    hot_prefill = {"encode": sig(2, 0.0, 0.1), "prefill": sig(1, 2.0, 1.0), "decode": sig(1, 0.0, 0.2)}
-    assert wanted_move(hot_prefill, policy) == ("encode", "prefill")
-    # the last worker of a stage is never taken
-    assert wanted_move({**hot_prefill, "encode": sig(1, 0.0, 0.0)}, policy) is None
-    # a busy donor keeps its workers: 0.3 x 2 / 1 = 0.6 >= 0.5
-    assert wanted_move({**hot_prefill, "encode": sig(2, 0.0, 0.3)}, policy) is None
-    # nothing hot, nothing moves
-    assert wanted_move({s: sig(2, 0.1, 0.9) for s in ("encode", "prefill", "decode")}, policy) is None
-
-
-def test_hysteresis_needs_a_sustained_call_and_keeps_a_cooldown():
-    policy = ElasticPolicy(high_s=0.5, low=0.5, sustain=2, cooldown_s=10)
-    h = Hysteresis(policy)
-    hot = {"encode": sig(2, 0.0, 0.1), "prefill": sig(1, 2.0, 1.0), "decode": sig(1, 0.0, 0.2)}
-    calm = {"encode": sig(2, 0.0, 0.1), "prefill": sig(1, 0.1, 0.5), "decode": sig(1, 0.0, 0.2)}
-    assert h.observe(1, hot, False) is None  # a one-sample spike
-    assert h.observe(2, calm, False) is None
-    assert h.observe(3, hot, False) is None
-    assert h.observe(4, hot, True) is None  # a switch is under way
-    assert h.observe(5, hot, False) == ("encode", "prefill")
-    h.switched(6)
-    assert h.observe(7, hot, False) is None and h.observe(8, hot, False) is None  # cooling down
-    assert h.observe(16, hot, False) == ("encode", "prefill")
+# -- role switching (the rule itself: tests/test_elastic.py) -------------------------------------
 
 
 def test_role_switching_follows_a_shift_from_images_to_text():
