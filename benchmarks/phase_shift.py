@@ -47,11 +47,11 @@ GPU_SHAPE = (2, 2, 2)
 """Six GPUs; the static shape is the split of six with the best attainment over both phases."""
 GPU_SLO = (0.5, 0.05)
 CPU_PROFILE = ROOT / "benchmarks/profiles/tiny-llava-cpu.json"
-CPU_WORKLOAD = ("image-heavy,rate=3,requests=36,output_min=4,output_mean=12,output_max=24,seed=1"
-                "+text-heavy,rate=6,requests=72,output_min=4,output_mean=12,output_max=24,seed=2")
+CPU_WORKLOAD = ("image-heavy,rate=8,requests=48,output_min=4,output_mean=12,output_max=24,seed=1"
+                "+text-heavy,rate=16,requests=96,output_min=4,output_mean=12,output_max=24,seed=2")
 CPU_SHAPE = (2, 1, 1)
-CPU_SLO = (1.0, 0.1)
-CPU_POLICY = ElasticPolicy(interval_s=0.5, window_s=3.0, high_s=0.2, low=0.5, sustain=2, cooldown_s=3.0)
+CPU_SLO = (0.5, 0.05)
+CPU_POLICY = ElasticPolicy(interval_s=0.5, window_s=3.0, high_s=0.05, low=0.5, sustain=2, cooldown_s=3.0)
 """Short intervals: the phases last seconds on this machine. Passed to ``mmcache up`` as flags."""
 
 

@@ -42,13 +42,14 @@ import torch
 from PIL import Image
 
 from encoder_worker.encoder import Encoder
+from encoder_worker.media import MediaLimits, decode_image
 from encoder_worker.models import ensure_model
 from llm_worker.engine import LLMEngine
 from llm_worker.kv import kv_entry_fields, kv_key, read_prefill
 from llm_worker.prompt import template_ids
 from llm_worker.sampling import SamplingParams
 from llm_worker.sequence import DecodeState
-from llm_worker.workload import VOCABULARY
+from llm_worker.workload import VOCABULARY, render_image
 from mmcache_client import CacheClient, content_hash
 
 PROFILE_FORMAT = "mmcache-profile/1"
@@ -115,7 +116,8 @@ def measure(model: str = "tiny-llava", data_dir: str = "./mmcache-data", *, devi
     (``kv_bytes_per_token``: the hand-off's K and V per prompt token, ``embedding_bytes_per_token``,
     ``max_model_len`` (0: unbounded), ``tokens_per_word`` of the workload's prompts,
     ``template_tokens`` around an empty user message); ``image_tokens`` (``image_sizes``,
-    ``tokens``); ``encode`` (``batch_sizes``, ``image_sizes``, ``ms[batch][size]``); ``prefill``
+    ``tokens``); ``encode`` (``batch_sizes``, ``image_sizes``, ``ms[batch][size]``); ``media``
+    (``image_sizes``, ``ms``: decoding and hashing one JPEG of that size, as workers do); ``prefill``
     (``tokens``, ``ms``); ``decode`` (``batch_sizes``, ``contexts``, ``ms[batch][context]``: one
     step); ``kv_put``, ``kv_get``, ``cache_read`` (``bytes``: whole entries, header included, and
     ``ms``); ``hop_ms``.
@@ -142,13 +144,19 @@ def measure(model: str = "tiny-llava", data_dir: str = "./mmcache-data", *, devi
     if not prefill_tokens or not contexts:
         raise ValueError(f"no prefill length or no decode context of the grid fits the model's {limit} positions")
     timer = _Timer(repeats, engine.device, progress, total=(
-        len(plan.encode_batch_sizes) * len(plan.image_sizes) + 3 * len(prefill_tokens)
+        (len(plan.encode_batch_sizes) + 1) * len(plan.image_sizes) + 3 * len(prefill_tokens)
         + len(plan.decode_batch_sizes) * len(contexts) + len(plan.cache_images) + 1))
 
     images = {size: _image(size) for size in plan.image_sizes}
     encode_ms = [[timer.ms("encode", f"batch {b} {w}x{h}", lambda: encoder.encode([images[(w, h)]] * b))
                   for w, h in plan.image_sizes] for b in plan.encode_batch_sizes]
     embedded = encoder.encode([images[plan.image_sizes[-1]]])[0]
+    # NOTE: what a worker does to an image's bytes before the encoder sees it (decode and hash),
+    # on JPEGs as the workload renders them
+    jpegs = {size: render_image(1, size, "jpeg", 0) for size in plan.image_sizes}
+    media_ms = [timer.ms("media", f"decode + hash {w}x{h} jpeg",
+                         lambda: (decode_image(jpegs[(w, h)], MediaLimits()), content_hash(jpegs[(w, h)])))
+                for w, h in plan.image_sizes]
 
     prompts = _prompts()
     prompt_ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -185,6 +193,7 @@ def measure(model: str = "tiny-llava", data_dir: str = "./mmcache-data", *, devi
                          "tokens": [encoder.num_image_tokens(images[s]) for s in plan.image_sizes]},
         "encode": {"batch_sizes": list(plan.encode_batch_sizes), "image_sizes": [list(s) for s in plan.image_sizes],
                    "ms": encode_ms},
+        "media": {"image_sizes": [list(s) for s in plan.image_sizes], "ms": media_ms},
         "prefill": {"tokens": prefill_tokens, "ms": prefill_ms},
         "decode": {"batch_sizes": list(plan.decode_batch_sizes), "contexts": contexts, "ms": decode_ms},
         "kv_put": {"bytes": kv_bytes, "ms": put_ms}, "kv_get": {"bytes": kv_bytes, "ms": get_ms},

@@ -11,7 +11,8 @@ What it models, as the stack does it (file names say where):
   not encoded again (single flight). Then prefill on the prefill worker with the fewest calls in
   flight, then decode on the next decode worker in turn (streams are not counted in flight).
   Every call to a worker costs one HTTP hop.
-- **Encoders** (``encoder_worker/batcher.py``): a queue of images; a batch starts with the oldest
+- **Encoders** (``encoder_worker/batcher.py``): a call's new images are decoded and hashed (on
+  the worker's device, beside its forward), then queued; a batch starts with the oldest
   and waits up to ``encoder_wait_s`` for company, up to ``encoder_batch`` images; after the forward
   each image is put into the cache, one after the other, before the next batch starts.
 - **Prefill** (``service.py``): the embeddings are read from the cache, the forward waits for the
@@ -476,6 +477,7 @@ class _Simulation:
                     self._prefill(req)
                 self.maybe_switched(worker)
 
+        new = []
         for image_id, size in items:
             if self._cached(image_id):  # NOTE: the encoder looks up too: it was stored meanwhile
                 req.result.hits += 1
@@ -486,12 +488,21 @@ class _Simulation:
                 worker.encoding[image_id].append(one_done)
                 continue
             worker.encoding[image_id] = [one_done]
-            worker.items.append((image_id, size, self.engine.now))
+            new.append((image_id, size))
         if left[0] == 0:
             left[0] = 1
             one_done()
             return
-        self._encoder_kick(worker)
+
+        def decoded() -> None:
+            worker.items.extend((image_id, size, self.engine.now) for image_id, size in new)
+            self._encoder_kick(worker)
+        # NOTE: its new images' bytes are decoded and hashed first (threads beside the forward: the device's)
+        media = sum(self.costs.media_s(size) for _, size in new)
+        if media > 0:
+            worker.device.start(media, decoded)
+        else:
+            decoded()
 
     def _encoder_kick(self, worker: _Worker) -> None:
         if worker.busy or worker.tasks or not worker.items:
@@ -607,6 +618,13 @@ class _Simulation:
 
     def _generate(self, worker: _Worker, req: _Req) -> None:
         worker.calls += 1
+        media = sum(self.costs.media_s(size) for size in req.spec.image_sizes)
+        if media > 0:  # NOTE: every image is fetched, decoded and hashed before the LRU is asked
+            worker.device.start(media, lambda: self._generate_loaded(worker, req))
+        else:
+            self._generate_loaded(worker, req)
+
+    def _generate_loaded(self, worker: _Worker, req: _Req) -> None:
         lru = self.lrus[worker.index]
         misses = []
         for image_id, size in zip(req.spec.image_ids, req.spec.image_sizes):

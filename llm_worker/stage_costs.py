@@ -78,6 +78,13 @@ class StageCosts:
         _grid(doc, "cache_read", "bytes")
         _grid2(doc, "encode", "batch_sizes", "image_sizes")
         _grid2(doc, "decode", "batch_sizes", "contexts")
+        media = doc.get("media")
+        if media is not None and (not isinstance(media, dict) or not _sizes(media.get("image_sizes"))
+                                  or not isinstance(media.get("ms"), list)
+                                  or len(media["ms"]) != len(media["image_sizes"])):
+            raise ProfileError('"media" must hold "image_sizes" [[w, h], ...] and as many "ms"')
+        for v in (media or {}).get("ms", ()):
+            _number(v, "media.ms")
         tokens = doc.get("image_tokens")
         if not isinstance(tokens, dict) or not _sizes(tokens.get("image_sizes")) \
                 or not isinstance(tokens.get("tokens"), list) or len(tokens["tokens"]) != len(tokens["image_sizes"]):
@@ -142,6 +149,15 @@ class StageCosts:
         per_size = [interp(e["batch_sizes"], [row[j] for row in e["ms"]], k) for j in order]
         xs = [pixels[j] for j in order]
         return sum(interp(xs, per_size, w * h) / k for w, h in sizes) / 1e3
+
+    def media_s(self, size: tuple[int, int]) -> float:
+        """Decoding and hashing one image of ``size`` (a worker's work before the encoder's);
+        0 for a profile that did not measure it."""
+        m = self.doc.get("media")
+        if m is None:
+            return 0.0
+        points = sorted(zip((w * h for w, h in m["image_sizes"]), m["ms"]))
+        return interp([p for p, _ in points], [t for _, t in points], size[0] * size[1]) / 1e3
 
     def prefill_s(self, tokens: int) -> float:
         g = self.doc["prefill"]

@@ -9,12 +9,15 @@ BIG = 1_000_000
 
 def profile_doc(*, encode_ms: float = 100.0, prefill_ms: float = 50.0, step_ms: float = 10.0,
                 step_ms_at_64: float | None = None, hop_ms: float = 0.0, put_ms: float = 0.0, get_ms: float = 0.0,
-                read_ms: float = 0.0, image_tokens: int = 576, max_model_len: int = BIG, device: str = "gpu") -> dict:
+                read_ms: float = 0.0, media_ms: float | None = None, image_tokens: int = 576,
+                max_model_len: int = BIG, device: str = "gpu") -> dict:
     """Encode ``encode_ms`` per image whatever the batch; prefill ``prefill_ms`` whatever the
     length; a decode step ``step_ms`` (at batch 1, rising linearly to ``step_ms_at_64``); fixed
-    put/get/read times; 1 token per word and no template tokens."""
+    put/get/read times; ``media_ms`` to decode and hash an image (None: not measured); 1 token per
+    word and no template tokens."""
     at_64 = step_ms if step_ms_at_64 is None else step_ms_at_64
-    return {"format": "mmcache-profile/1", "source": "synthetic", "model": "synthetic", "device": device,
+    media = {} if media_ms is None else {"media": {"image_sizes": [[336, 336]], "ms": [media_ms]}}
+    return {**media, "format": "mmcache-profile/1", "source": "synthetic", "model": "synthetic", "device": device,
             "model_facts": {"kv_bytes_per_token": 1000, "embedding_bytes_per_token": 100,
                             "max_model_len": max_model_len, "tokens_per_word": 1.0, "template_tokens": 0},
             "image_tokens": {"image_sizes": [[336, 336]], "tokens": [image_tokens]},

@@ -35,7 +35,7 @@ LLM_USES_ENCODER = {
     "llm_worker.cli": {"encoder_worker.media", "encoder_worker.video"},
     "llm_worker.engine": {"encoder_worker.namespace"},
     # NOTE: the planner's profiler times the encoder the workers run, on the model they build.
-    "llm_worker.plan_profile": {"encoder_worker.encoder", "encoder_worker.models"},
+    "llm_worker.plan_profile": {"encoder_worker.encoder", "encoder_worker.media", "encoder_worker.models"},
     # NOTE: an elastic worker holds the vision tower by definition (it switches between encode,
     # prefill and decode while serving): it runs the encoder's own service, batcher, config and
     # /v1/encode handler in process rather than a second copy of them.

@@ -36,6 +36,17 @@ def test_one_request_costs_the_sum_of_its_stages():
     assert r.prompt_tokens == 10 + 576 and r.hits == 0
 
 
+def test_decoding_an_image_comes_before_its_encode_and_shares_the_device():
+    c = costs(encode_ms=100, prefill_ms=50, step_ms=10, media_ms=20)
+    epd = simulate(c, Allocation(), [req(images=(1, 2), out=1)], NO_WAIT).requests[0]
+    assert epd.ttft_s == pytest.approx(.040 + .200 + .050)  # both decoded, then a batch of two
+    agg = simulate(c, Allocation(decode=1, aggregated=True), [req(images=(1, 2), out=1)], NO_WAIT).requests[0]
+    assert agg.ttft_s == pytest.approx(.040 + .200 + .050)
+    # a cached image is not decoded again by the encoder (the router found it)
+    again = simulate(c, Allocation(), [req(0, (1,), out=1), req(5, (1,), out=1)], NO_WAIT).requests[1]
+    assert again.ttft_s == pytest.approx(.050)
+
+
 def test_text_only_skips_the_encoders_and_aggregated_runs_in_one_worker():
     c = costs(encode_ms=100, prefill_ms=50, step_ms=10, hop_ms=1)
     text = simulate(c, Allocation(), [req(out=3)], NO_WAIT).requests[0]
