@@ -39,6 +39,8 @@ from llm_worker.stage_costs import ProfileError, StageCosts
 from llm_worker.workload import concatenate, load_phases
 
 PLACEMENTS = ("E|P|D", "EP|D", "E|PD", "ED|P", "EPD")
+MAX_WORKERS = 32
+"""Most workers searched: every split of N is N^2/2 allocations, each a dozen simulations."""
 ENCODER_BATCHES = (1, 4, 8, 16)
 DECODE_BATCHES = (16, 64, 128)
 
@@ -82,8 +84,9 @@ def plan(costs: StageCosts, requests: Sequence[SimRequest], workers: int, config
          progress: Callable[[int, int, str], None] | None = None) -> list[Candidate]:
     """Every candidate allocation of ``workers`` workers, best first (goodput, then attainment at
     the workload's rate, then median TTFT)."""
-    if workers < 3:
-        raise ValueError(f"--workers {workers}: EPD needs at least 3 workers (one per stage)")
+    if not 3 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers {workers}: EPD needs at least 3 workers (one per stage), and at most "
+                         f"{MAX_WORKERS} are searched")
     if devices is not None and devices < 1:
         raise ValueError("--devices must be >= 1")
     if not 0 < attainment <= 1:
@@ -102,8 +105,10 @@ def plan(costs: StageCosts, requests: Sequence[SimRequest], workers: int, config
 
     evaluate(first_round(workers, devices, capacity, encoder_batch, decode_batch), "allocations")
     best = sorted((c for c in seen.values() if not c.allocation.aggregated), key=lambda c: c.key)[:refine]
+    aggregated = [c.allocation for c in seen.values() if c.allocation.aggregated]
     evaluate([replace(c.allocation, encoder_batch=eb, decode_batch=db) for c in best
-              for eb in ENCODER_BATCHES for db in DECODE_BATCHES], "batch sizes")
+              for eb in ENCODER_BATCHES for db in DECODE_BATCHES]
+             + [replace(a, decode_batch=db) for a in aggregated for db in DECODE_BATCHES], "batch sizes")
     return sorted(seen.values(), key=lambda c: c.key)
 
 
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="measuring: a small grid (minutes for a large model)")
     args = p.parse_args(argv)
     if args.workload is None:
-        if args.workers or args.slo_ttft or args.slo_tpot:
+        if args.workers is not None or args.slo_ttft is not None or args.slo_tpot is not None:
             p.error("--workers and the SLOs need --workload (without it, --profile measures this machine)")
         return _measure(args)
     missing = [f for f, v in (("--profile", args.profile), ("--workers", args.workers), ("--slo-ttft", args.slo_ttft),
@@ -188,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         phases = load_phases(args.workload)
         if any(math.isinf(s.rate) for s in phases):
             raise ValueError("the workload needs a finite rate (goodput scales its arrivals)")
-        if args.slo_ttft <= 0 or args.slo_tpot <= 0:
-            raise ValueError("the SLOs must be > 0 seconds")
+        if not (0 < args.slo_ttft < math.inf and 0 < args.slo_tpot < math.inf):
+            raise ValueError("the SLOs must be finite numbers of seconds > 0")
+        if args.devices is not None and args.devices < 1:
+            raise ValueError("--devices must be >= 1")
+        if args.json:  # NOTE: refused now, not after minutes of simulation
+            with open(args.json, "a"):
+                pass
         workload = concatenate(phases)
         phase_of = [i for i, s in enumerate(phases) for _ in range(s.num_requests)]
         requests = requests_of(workload, costs, phase_of)
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {what} ({done}/{total})", file=sys.stderr, flush=True)
         ranking = plan(costs, requests, args.workers, config, devices=devices, attainment=args.attainment,
                        progress=progress)
-    except (ProfileError, ValueError) as e:
+    except (ProfileError, ValueError, OSError, ArithmeticError) as e:
         print(f"mmcache plan: error: {e}", file=sys.stderr)
         return 2
     print(f"\n{len(ranking)} allocations simulated in {time.perf_counter() - t0:.1f} s; predicted at the workload's "
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(phases) > 1:
         report = phase_report(costs, winner.allocation, requests, config, ElasticPolicy())
         doc["phases"] = report
-        print("\nrole switching (--elastic) on the winner, phase by phase:")
+        print(f"\nrole switching (--elastic) on the best EPD split ({winner.allocation.name}), phase by phase:")
         for ph in report["phases"]:
             s, e = ph["static"], ph["elastic"]
             print(f"  phase {ph['phase']}: SLO met {s['slo_attainment']:.0%} static, {e['slo_attainment']:.0%} elastic; "

@@ -11,8 +11,8 @@ What it models, as the stack does it (file names say where):
   not encoded again (single flight). Then prefill on the prefill worker with the fewest calls in
   flight, then decode on the next decode worker in turn (streams are not counted in flight).
   Every call to a worker costs one HTTP hop.
-- **Encoders** (``encoder_worker/batcher.py``): a call's new images are decoded and hashed (on
-  the worker's device, beside its forward), then queued; a batch starts with the oldest
+- **Encoders** (``encoder_worker/batcher.py``): a call's new images are decoded and hashed (host
+  work: on a CPU it shares the device with the forwards), then queued; a batch starts with the oldest
   and waits up to ``encoder_wait_s`` for company, up to ``encoder_batch`` images; after the forward
   each image is put into the cache, one after the other, before the next batch starts.
 - **Prefill** (``service.py``): the embeddings are read from the cache, the forward waits for the
@@ -48,11 +48,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llm_worker.elastic_policy import ElasticPolicy, StageLoad, WorkerLoad
+from llm_worker.elastic_policy import STAGES, ElasticPolicy, StageLoad, WorkerLoad
 from llm_worker.load import LoadMeter
 from llm_worker.stage_costs import StageCosts
 
-STAGES = ("encode", "prefill", "decode")
 _SHORT = {"encode": "E", "prefill": "P", "decode": "D"}
 
 
@@ -138,10 +137,12 @@ class Allocation:
 
 def _apportion(total: int, weights: list[int]) -> list[int]:
     """``total`` split in proportion to ``weights``, each at least 1 (largest remainders)."""
+    if total < len(weights):
+        raise ValueError(f"{total} devices cannot give each of {len(weights)} groups one")
     raw = [total * w / sum(weights) for w in weights]
     out = [max(1, int(r)) for r in raw]
-    while sum(out) > total:
-        out[max(range(len(out)), key=lambda i: (out[i] - raw[i], out[i]))] -= 1
+    while sum(out) > total:  # NOTE: only from a group that keeps at least one
+        out[max((i for i in range(len(out)) if out[i] > 1), key=lambda i: (out[i] - raw[i], out[i]))] -= 1
     while sum(out) < total:
         out[max(range(len(out)), key=lambda i: raw[i] - out[i])] += 1
     return out
@@ -400,6 +401,7 @@ class _Simulation:
                 result.error = f"the prompt's {prompt} tokens fill the model's context of {costs.max_model_len}"
             result.output_tokens = max(output, 0)
             self.requests.append(_Req(spec, result, prompt, max(output, 0)))
+        self.on_cpu = str(costs.doc.get("device", "")).startswith("cpu")
         self.switches: list[dict] = []
         self.policy = config.elastic.policy() if config.elastic else None
         if config.elastic is not None:
@@ -498,11 +500,7 @@ class _Simulation:
             worker.items.extend((image_id, size, self.engine.now) for image_id, size in new)
             self._encoder_kick(worker)
         # NOTE: its new images' bytes are decoded and hashed first (threads beside the forward: the device's)
-        media = sum(self.costs.media_s(size) for _, size in new)
-        if media > 0:
-            worker.device.start(media, decoded)
-        else:
-            decoded()
+        self._media(worker, sum(self.costs.media_s(size) for _, size in new), decoded)
 
     def _encoder_kick(self, worker: _Worker) -> None:
         if worker.busy or worker.tasks or not worker.items:
@@ -618,11 +616,19 @@ class _Simulation:
 
     def _generate(self, worker: _Worker, req: _Req) -> None:
         worker.calls += 1
-        media = sum(self.costs.media_s(size) for size in req.spec.image_sizes)
-        if media > 0:  # NOTE: every image is fetched, decoded and hashed before the LRU is asked
-            worker.device.start(media, lambda: self._generate_loaded(worker, req))
+        # NOTE: every image is fetched, decoded and hashed before the LRU is asked
+        self._media(worker, sum(self.costs.media_s(size) for size in req.spec.image_sizes),
+                    lambda: self._generate_loaded(worker, req))
+
+    def _media(self, worker: _Worker, seconds: float, then: Callable[[], None]) -> None:
+        """Image decoding: host CPU work. On a CPU profile it shares the worker's device (the CPU);
+        beside an accelerator it runs on the host, taking time but no accelerator."""
+        if seconds <= 0:
+            then()
+        elif self.on_cpu:
+            worker.device.start(seconds, then)
         else:
-            self._generate_loaded(worker, req)
+            self.engine.after(seconds, then)
 
     def _generate_loaded(self, worker: _Worker, req: _Req) -> None:
         lru = self.lrus[worker.index]

@@ -22,19 +22,23 @@ from pathlib import Path
 from typing import Any, Sequence
 
 FORMAT = "mmcache-profile/1"
+MAX_PROFILE_BYTES = 16 << 20
+MAX_GRID = 4096
+"""Most points on one axis of a grid (a measured grid has tens)."""
 
 
 def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """``ys`` at ``x``, piecewise linear over the ascending ``xs``; flat before the first point,
     the last segment's (non-negative) slope after the last."""
-    if len(xs) == 1 or x <= xs[0]:
+    if len(xs) == 1 or x <= xs[0] or xs[-1] == xs[0]:
         return float(ys[0])
     if x >= xs[-1]:
-        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+        i = max(j for j in range(len(xs)) if xs[j] < xs[-1])  # NOTE: equal points (sizes of one area) have no slope
+        slope = max(0.0, (ys[-1] - ys[i]) / (xs[-1] - xs[i]))
         return float(ys[-1] + slope * (x - xs[-1]))
     i = bisect.bisect_right(xs, x)
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-    return float(y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return float(y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
 class ProfileError(ValueError):
@@ -52,6 +56,8 @@ class StageCosts:
     @classmethod
     def load(cls, path: str | Path) -> "StageCosts":
         try:
+            if Path(path).stat().st_size > MAX_PROFILE_BYTES:
+                raise ProfileError(f"profile {path}: larger than {MAX_PROFILE_BYTES >> 20} MiB: not a profile")
             doc = json.loads(Path(path).read_text())
         except OSError as e:
             raise ProfileError(f"profile {path}: {e.strerror or e}") from None
@@ -71,7 +77,8 @@ class StageCosts:
             raise ProfileError('"model_facts" missing')
         for name in ("kv_bytes_per_token", "embedding_bytes_per_token", "max_model_len", "tokens_per_word",
                      "template_tokens"):
-            _number(facts.get(name), f"model_facts.{name}", positive=name != "template_tokens")
+            # NOTE: max_model_len 0: the model names no limit
+            _number(facts.get(name), f"model_facts.{name}", positive=name not in ("template_tokens", "max_model_len"))
         _grid(doc, "prefill", "tokens")
         _grid(doc, "kv_put", "bytes")
         _grid(doc, "kv_get", "bytes")
@@ -116,8 +123,9 @@ class StageCosts:
         return float(self.doc["model_facts"][name])
 
     @property
-    def max_model_len(self) -> int:
-        return int(self.fact("max_model_len"))
+    def max_model_len(self) -> int | float:
+        """The model's positions; inf when it names no limit (0 in the profile)."""
+        return int(self.fact("max_model_len")) or math.inf
 
     def text_tokens(self, words: int) -> int:
         """Prompt tokens of a user message of ``words`` words, chat template included."""
@@ -190,15 +198,15 @@ class StageCosts:
 
 
 def _number(value: Any, where: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value <= 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1e15 < value < 1e15 \
+            or not math.isfinite(value) or value < 0 or (positive and value <= 0):
         raise ProfileError(f"{where} must be a {'positive' if positive else 'non-negative'} number, not {value!r}")
     return float(value)
 
 
 def _axis(values: Any, where: str) -> list:
-    if not isinstance(values, list) or not values:
-        raise ProfileError(f"{where} must be a non-empty list")
+    if not isinstance(values, list) or not values or len(values) > MAX_GRID:
+        raise ProfileError(f"{where} must be a non-empty list of at most {MAX_GRID}")
     for v in values:
         _number(v, where, positive=True)
     if any(b <= a for a, b in zip(values, values[1:])):
@@ -207,8 +215,9 @@ def _axis(values: Any, where: str) -> list:
 
 
 def _sizes(values: Any) -> bool:
-    return isinstance(values, list) and bool(values) and all(
-        isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and x > 0 for x in s) for s in values)
+    return isinstance(values, list) and 0 < len(values) <= MAX_GRID and all(
+        isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                      and 0 < x < 1 << 20 for x in s) for s in values)
 
 
 def _grid(doc: dict, name: str, axis: str) -> None:

@@ -48,6 +48,12 @@ VOCABULARY: tuple[str, ...] = tuple(
 )
 
 
+MAX_REQUESTS = 10_000_000
+MAX_IMAGES = 1024
+MAX_TOKENS = 1_000_000
+"""Bounds of a spec: far past any real workload, short of what exhausts memory."""
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     """Parameters of one synthetic request stream; generate(spec) is a pure function of it."""
@@ -92,21 +98,26 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         # NOTE: accept lists of lists too; stored as tuples so that the spec stays hashable.
         object.__setattr__(self, "image_sizes", tuple((int(w), int(h)) for w, h in self.image_sizes))
+        for name, f in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                or (f.type == "int" and not isinstance(value, int))):
+                raise ValueError(f"{name}={value!r} must be {'an int' if f.type == 'int' else 'a number'}")
         _check(self.rate > 0, f"{self.rate=} must be > 0 (math.inf allowed)")
-        _check(self.num_requests >= 1, f"{self.num_requests=} must be >= 1")
-        _check(0 <= self.images_min <= self.images_max,
-               f"{self.images_min=} must be in [0, {self.images_max=}]")
+        _check(1 <= self.num_requests <= MAX_REQUESTS, f"{self.num_requests=} must be in [1, {MAX_REQUESTS}]")
+        _check(0 <= self.images_min <= self.images_max <= MAX_IMAGES,
+               f"{self.images_min=} must be in [0, {self.images_max=}], images_max at most {MAX_IMAGES}")
         _check(self.images_min <= self.images_mean <= self.images_max,
                f"{self.images_mean=} must be in [{self.images_min}, {self.images_max}]")
         _check(0.0 <= self.reuse <= 1.0, f"{self.reuse=} must be in [0, 1]")
         _check(self.zipf_s >= 0.0, f"{self.zipf_s=} must be >= 0")
-        _check(self.pool_size >= 1, f"{self.pool_size=} must be >= 1")
-        _check(self.prompt_words_mean >= 1, f"{self.prompt_words_mean=} must be >= 1")
-        _check(self.prompt_words_sigma >= 0, f"{self.prompt_words_sigma=} must be >= 0")
-        _check(1 <= self.output_tokens_min <= self.output_tokens_max,
-               f"{self.output_tokens_min=} must be in [1, {self.output_tokens_max=}]")
-        _check(self.output_tokens_mean > 0, f"{self.output_tokens_mean=} must be > 0")
-        _check(self.output_tokens_sigma >= 0, f"{self.output_tokens_sigma=} must be >= 0")
+        _check(1 <= self.pool_size <= MAX_REQUESTS, f"{self.pool_size=} must be in [1, {MAX_REQUESTS}]")
+        _check(1 <= self.prompt_words_mean <= MAX_TOKENS, f"{self.prompt_words_mean=} must be in [1, {MAX_TOKENS}]")
+        _check(0 <= self.prompt_words_sigma <= 4, f"{self.prompt_words_sigma=} must be in [0, 4]")
+        _check(1 <= self.output_tokens_min <= self.output_tokens_max <= MAX_TOKENS,
+               f"{self.output_tokens_min=} must be in [1, {self.output_tokens_max=}], at most {MAX_TOKENS}")
+        _check(0 < self.output_tokens_mean <= MAX_TOKENS, f"{self.output_tokens_mean=} must be in (0, {MAX_TOKENS}]")
+        _check(0 <= self.output_tokens_sigma <= 4, f"{self.output_tokens_sigma=} must be in [0, 4]")
         _check(len(self.image_sizes) > 0, f"{self.image_sizes=} must not be empty")
         for width, height in self.image_sizes:
             _check(width >= 8 and height >= 8, f"image size {(width, height)} must be >= 8x8")
@@ -191,6 +202,9 @@ class Workload:
         return data
 
     def data_uri(self, image_id: int) -> str:
+        if image_id in self.sources:
+            phase, local = self.sources[image_id]
+            return phase.data_uri(local)
         mime = IMAGE_FORMATS[self.spec.image_format][1]
         return f"data:{mime};base64,{base64.b64encode(self.image_bytes(image_id)).decode('ascii')}"
 
@@ -199,15 +213,18 @@ class Workload:
         Use {i: p.as_uri() for i, p in paths.items()} as image_urls for file:// URLs."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        return {image_id: self._write(directory, image_id) for image_id in self.image_size_by_id}
+
+    def _write(self, directory: Path, image_id: int) -> Path:
+        if image_id in self.sources:  # NOTE: a phase's image, as that phase renders it
+            phase, local = self.sources[image_id]
+            return phase._write(directory, local)
         extension = IMAGE_FORMATS[self.spec.image_format][2]
-        id_to_path = {}
-        for image_id, size in self.image_size_by_id.items():
-            path = directory / f"img-s{self.spec.seed}-{image_id:06d}.{extension}"
-            # NOTE: render_image directly rather than image_bytes: a bulk write would flush the LRU.
-            path.write_bytes(render_image(image_id, size, self.spec.image_format, self.spec.seed,
-                                          self.spec.jpeg_quality))
-            id_to_path[image_id] = path
-        return id_to_path
+        path = directory / f"img-s{self.spec.seed}-{image_id:06d}.{extension}"
+        # NOTE: render_image directly rather than image_bytes: a bulk write would flush the LRU.
+        path.write_bytes(render_image(image_id, self.image_size_by_id[image_id], self.spec.image_format,
+                                      self.spec.seed, self.spec.jpeg_quality))
+        return path
 
     def summary(self) -> dict[str, float | int]:
         duration_s = self.requests[-1].arrival_s
@@ -388,6 +405,8 @@ def load_phases(text: str) -> list[WorkloadSpec]:
     path = Path(text)
     if text.endswith(".json") or path.is_file():
         try:
+            if path.stat().st_size > 1 << 20:
+                raise ValueError("larger than 1 MiB: not a workload description")
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"workload file {text}: {e}") from None
@@ -397,7 +416,10 @@ def load_phases(text: str) -> list[WorkloadSpec]:
         if not docs or not all(isinstance(d, dict) for d in docs):
             raise ValueError(f"workload file {text}: want an object of workload fields or a list of them")
         return [spec_of(d) for d in docs]
-    return [parse_spec(part) for part in text.split("+")]
+    parts = text.split("+")
+    if any(not part.strip() for part in parts):
+        raise ValueError(f"workload {text!r}: an empty phase (phases are joined by +)")
+    return [parse_spec(part) for part in parts]
 
 
 def concatenate(specs: list[WorkloadSpec]) -> Workload:

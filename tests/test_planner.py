@@ -114,6 +114,19 @@ def test_phases_get_role_switching_predicted():
     (["--profile", str(ESTIMATED), "--workload", "rate=2", "--workers", "2", "--slo-ttft", "1",
       "--slo-tpot", "1"], "at least 3 workers"),
     (["--workers", "3"], "need --workload"),
+    (["--workers", "0"], "need --workload"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2", "--workers", "3", "--slo-ttft", "nan",
+      "--slo-tpot", "1"], "finite"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2,prompt_words=inf", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "prompt_words_mean=inf"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2,requests=2.5", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "num_requests"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2+", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "empty phase"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2", "--workers", "99", "--slo-ttft", "1",
+      "--slo-tpot", "1"], "at most 32"),
+    (["--profile", str(ESTIMATED), "--workload", "rate=2", "--workers", "3", "--slo-ttft", "1",
+      "--slo-tpot", "1", "--json", "/nonexistent-dir/plan.json"], "/nonexistent-dir/plan.json"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     r = run_plan(*args)
@@ -148,3 +161,12 @@ def test_measure_this_machine_then_plan_with_it(tmp_path_factory):
                  "--slo-ttft", "1", "--slo-tpot", "0.1")
     assert r.returncode == 0, r.stderr
     assert "(measured: " in r.stdout and "1 shared device(s)" in r.stdout
+
+
+def test_fewer_devices_than_workers_share_them():
+    requests = requests_of(generate(parse_spec("rate=4,requests=20,images_max=3")), costs())
+    for workers, devices in ((7, 3), (6, 3), (9, 4), (4, 1)):
+        ranking = plan(costs(), requests, workers, SimConfig(ttft_slo_s=1, tpot_slo_s=0.1), devices=devices, refine=0)
+        for c in ranking:
+            places = c.allocation.device_of()
+            assert {d for _, d in places} <= set(range(devices)) and len(places) == workers
