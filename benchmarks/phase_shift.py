@@ -130,8 +130,8 @@ def measured(model_dir: str, workload_text: str, shape: tuple[int, int, int], sl
 
 def _print(title: str, result: dict) -> None:
     names = [n for n in result if isinstance(result[n], dict) and "phases" in result[n]]
-    print(f"\n{title}; static: {result['shape']}" + (f", best static for the whole run: {result['whole_run_shape']}"
-                                                     if result.get("whole_run_shape") != result["shape"] else ""))
+    print(f"\n{title}; static: {result['shape']}" + (f", best static for the whole run: {result.get('whole_run_shape')}"
+                                                     if result.get("whole_run_shape", result["shape"]) != result["shape"] else ""))
     print("| phase | " + " | ".join(f"SLO met {n}" for n in names) + " | " +
           " | ".join(f"median TTFT s {n}" for n in names) + " |")
     print("|---|" + "---|" * 2 * len(names))

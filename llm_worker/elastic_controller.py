@@ -4,7 +4,8 @@ text-only) a worker of an idle stage is moved to the stage that is queueing.
 
 Each tick (``interval_s``) it polls every worker's ``GET /v1/stats`` ``"load"`` (concurrently,
 short timeout) and computes per stage the mean queue delay and busy fraction
-(``llm_worker.load``). ``Policy.decide`` then moves a worker when
+(``llm_worker.load``). ``Policy.decide`` (``llm_worker.elastic_policy``, shared with the simulator)
+then moves a worker when
 
 - a stage is *hot*: its queue delay > ``high_s``, for ``sustain`` ticks in a row, and
 - another stage can *give* one: it keeps at least one worker, its busy fraction spread over one
@@ -59,12 +60,17 @@ class ElasticController:
         c = router.config
         self.router = router
         self.interval_s = c.elastic_interval_s
-        self.policy = Policy(c.elastic_high_s, c.elastic_low, c.elastic_cooldown_s, c.elastic_sustain)
+        self.policy = c.elastic_policy.policy()
         self.history: deque[dict] = deque(maxlen=200)
         """``{"at", "url", "from", "to", "reason", "drained_s", "ok"}`` per switch (and ``error``)."""
         self.stages: dict[str, dict] = {}
         """The last tick's signals per stage."""
         self.ticks = 0
+        self.roles: dict[str, str] | None = None
+        """What each worker said it serves at the last poll (url -> role); None before the first."""
+        self._switches = 0
+        """Switches begun: a poll that overlapped one is stale for reconciling."""
+        self._restoring: set[str] = set()
         self.switching: Backend | None = None
         """The worker being switched (out of every pool meanwhile)."""
         self._lock = asyncio.Lock()
@@ -106,10 +112,13 @@ class ElasticController:
     async def tick(self) -> Move | None:
         """Poll, reconcile, decide; switch when the policy says so. The move made, if any."""
         self.ticks += 1
+        begun = self._switches
         polled = await self._poll()
-        if not self._lock.locked():
+        self.roles = {b.url: doc.get("role") for b, doc in polled.items() if doc and not doc.get("switching")}
+        if not self._lock.locked() and begun == self._switches:  # NOTE: a switch during the poll: stale roles
             self._reconcile(polled)
-        loads = {stage: StageLoad(len(pool), tuple(
+        # NOTE: a stage's size is the workers that answered serving it: a dead one gives nothing
+        loads = {stage: StageLoad(sum(self.roles.get(b.url) == stage for b in pool.backends), tuple(
             WorkerLoad(b.url, float(load.get("queue_delay_s", 0)), float(load.get("busy", 0)),
                        int(load.get("inflight", 0)))
             for b in pool.backends if (load := _load(polled.get(b), stage)) is not None))
@@ -127,15 +136,35 @@ class ElasticController:
         return move
 
     def _reconcile(self, polled: dict[Backend, dict | None]) -> None:
+        """A worker whose own role differs from its pool's: moved to the pool it serves, or, when it
+        is its pool's last, told to serve its pool's role again (a restarted worker comes back in
+        its first role; an operator may have switched it directly)."""
         for backend, doc in polled.items():
             role = doc.get("role") if doc else None
-            if role in STAGES and role != backend.role and not doc.get("switching") and role in self.pools \
-                    and len(self.pools[backend.role]) > 1:
+            if role not in STAGES or role == backend.role or doc.get("switching") or role not in self.pools:
+                continue
+            if len(self.pools[backend.role]) > 1:
                 logger.warning("elastic: %s serves %s, not %s: moving it to the %s pool", backend.url, role,
                                backend.role, role)
                 self.pools[backend.role].backends.remove(backend)
                 backend.role = role
                 self.pools[role].backends.append(backend)
+            elif backend.url not in self._restoring:
+                logger.warning("elastic: %s serves %s but is the last %s worker: switching it back", backend.url,
+                               role, backend.role)
+                self._restoring.add(backend.url)
+                asyncio.get_running_loop().create_task(self._restore(backend, backend.role))
+
+    async def _restore(self, backend: Backend, role: str) -> None:
+        """Tell ``backend`` to serve ``role`` again (it stays in that role's pool meanwhile)."""
+        try:
+            answer = await self._post_role(backend, role)
+            self.history.append({"at": time.time(), "url": backend.url, "from": None, "to": role,
+                                 "reason": {"restore": "the worker served another role than its pool's last"},
+                                 "drained_s": answer.get("drained_s"), "ok": answer.get("role") == role,
+                                 **({"error": answer["error"]} if "error" in answer else {})})
+        finally:
+            self._restoring.discard(backend.url)
 
     def find(self, url: str) -> Backend | None:
         url = url.rstrip("/")
@@ -151,14 +180,25 @@ class ElasticController:
             raise SwitchRefused(f"a switch of {self.switching.url if self.switching else 'a worker'} is under way")
         async with self._lock:
             src = backend.role
-            if to == src:
+            if to == src and (self.roles is None or self.roles.get(backend.url) in (None, to)):
                 return {"at": time.time(), "url": backend.url, "from": src, "to": to, "reason": reason,
                         "drained_s": 0.0, "ok": True, "noop": True}
             pool = self.pools[src]
             if backend not in pool.backends:
                 raise SwitchRefused(f"{backend.url} is not a {src} worker of this router", 404)
-            if len(pool) < 2:
-                raise SwitchRefused(f"{backend.url} is the last {src} worker: a stage keeps at least one")
+            if to != src:
+                others = [b for b in pool.backends if b is not backend
+                          and (self.roles is None or self.roles.get(b.url) == src)]
+                if not others:
+                    raise SwitchRefused(f"{backend.url} is the last {src} worker that answers: a stage keeps one")
+            self._switches += 1
+            if to == src:  # NOTE: the router's role and the worker's differ: tell the worker, keep the pool
+                answer = await self._post_role(backend, to)
+                record = {"at": time.time(), "url": backend.url, "from": (self.roles or {}).get(backend.url),
+                          "to": to, "reason": reason, "drained_s": answer.get("drained_s"),
+                          "ok": answer.get("role") == to, **({"error": answer["error"]} if "error" in answer else {})}
+                self.history.append(record)
+                return record
             pool.backends.remove(backend)  # NOTE: first: no new work reaches it while it drains
             self.switching = backend
             record: dict[str, Any] = {"at": time.time(), "url": backend.url, "from": src, "to": to, "reason": reason}
@@ -166,6 +206,8 @@ class ElasticController:
                 answer = await self._post_role(backend, to)
             except asyncio.CancelledError:
                 pool.backends.append(backend)
+                self.history.append({**record, "ok": False, "error": "cancelled (the router is stopping)"})
+                self.policy.switched(time.monotonic())
                 raise
             finally:
                 self.switching = None

@@ -38,10 +38,12 @@ class ElasticPolicy:
     """After a switch ends, how long before the next may start."""
 
     def __post_init__(self) -> None:
-        if not (self.interval_s > 0 and self.window_s > 0 and self.high_s > 0 and 0 < self.low <= 1
-                and self.sustain >= 1 and self.cooldown_s >= 0):
-            raise ValueError("elastic policy: interval, window and high must be > 0, low in (0, 1], sustain >= 1, "
-                             "cooldown >= 0")
+        finite = all(isinstance(v, (int, float)) and math.isfinite(v)
+                     for v in (self.interval_s, self.window_s, self.high_s, self.low, self.cooldown_s))
+        if not (finite and self.interval_s > 0 and self.window_s > 0 and self.high_s > 0 and 0 < self.low <= 1
+                and isinstance(self.sustain, int) and self.sustain >= 1 and self.cooldown_s >= 0):
+            raise ValueError("elastic settings: interval, window and high must be finite and > 0, low in (0, 1], "
+                             "sustain an int >= 1, cooldown finite and >= 0")
 
     def policy(self) -> "Policy":
         return Policy(self.high_s, self.low, self.cooldown_s, self.sustain)

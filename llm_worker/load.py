@@ -8,7 +8,7 @@
   - prefill: a prefill's wait for the forward thread (behind other prefills);
   - decode: a request's wait to join the batch, plus what it loses to sharing each step:
     ``EWMA(step time - the fastest step seen) x EWMA(tokens per request)``, i.e. how much
-    longer a request takes than it would alone in the batch.
+    longer a request takes than it would alone in the batch (a step of one request loses 0).
 - ``busy``: the fraction of the last ``window_s`` the compute ran (a run in progress counts).
 - ``inflight``: requests being served (the caller's count).
 
@@ -95,10 +95,12 @@ class LoadMeter:
     def observe_wait(self, wait_s: float) -> None:
         self._wait.add(max(0.0, wait_s), self._clock())
 
-    def observe_step(self, step_s: float) -> None:
-        """A decode step took ``step_s``: each request in it lost ``step_s - min_step_s``."""
+    def observe_step(self, step_s: float, batch_size: int = 2) -> None:
+        """A decode step of ``batch_size`` requests took ``step_s``: each lost ``step_s - min_step_s``
+        to sharing it. A request alone in its step shares nothing (a long context makes its step
+        slower than the fastest seen, not a queue)."""
         self.min_step_s = min(self.min_step_s, step_s)
-        self._step_loss.add(step_s - self.min_step_s, self._clock())
+        self._step_loss.add(step_s - self.min_step_s if batch_size > 1 else 0.0, self._clock())
 
     def observe_tokens(self, num_tokens: int) -> None:
         """A decode request ended after ``num_tokens`` tokens."""

@@ -20,7 +20,7 @@ from llm_worker.openai_api import APIError, ChatRequest, completion_id, parse_ch
 from llm_worker.prompt import PromptTokens
 from llm_worker.router import _RETRY_AFTER_S, Router, RouterConfig
 from mmcache.serving.app import metrics_response
-from mmcache.serving.security import bearer_matches, bearer_token
+from mmcache.serving.security import bearer_matches, bearer_token, is_loopback
 from mmcache.serving.tenants import DEFAULT, Tenants
 
 logger = logging.getLogger("llm_worker.router")
@@ -156,6 +156,10 @@ async def elastic_switch_handler(request: web.Request) -> web.Response:
     naming the worker's error when it could not switch, a 409 while another switch is under way
     or for a stage's last worker."""
     _operator_only(request)
+    # NOTE: a switch drains a worker: with no API key only a local operator may ask for one
+    if request.app[ROUTER].config.api_key is None and not is_loopback(request.remote or ""):
+        raise APIError(403, f"{request.path} moves workers: from {request.remote} it needs the router to have an "
+                            "API key (MMCACHE_API_KEY); without one only loopback clients may switch")
     controller = request.app[ROUTER].elastic
     if controller is None:
         raise APIError(404, "this router moves no workers: start it with --elastic")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm_worker.elastic_policy import ElasticPolicy
 from llm_worker.nodes import ROUTINGS, NodeSpec
 
 
@@ -77,12 +78,7 @@ class RouterConfig:
             if self.generate or self.nodes:
                 raise ValueError("--elastic is for one EPD group (--encoder/--prefill/--decode), not --generate "
                                  "or --node groups")
-            if self.elastic_interval_s <= 0 or self.elastic_high_s <= 0 or self.elastic_cooldown_s < 0:
-                raise ValueError("elastic_interval_s and elastic_high_s must be > 0, elastic_cooldown_s >= 0")
-            if not 0 < self.elastic_low <= 1:
-                raise ValueError(f"elastic_low={self.elastic_low} must be within (0, 1]")
-            if self.elastic_sustain < 1:
-                raise ValueError(f"elastic_sustain={self.elastic_sustain} must be >= 1")
+            self.elastic_policy  # NOTE: checks the settings (finite, in range) the way the simulator's are
         if not 1 <= self.video_max_frames <= self.max_video_frames:
             raise ValueError(f"video_max_frames={self.video_max_frames} must be within 1..max_video_frames="
                              f"{self.max_video_frames}")
@@ -111,6 +107,12 @@ class RouterConfig:
             raise ValueError(f"max_inflight={self.max_inflight} must be >= 1")
         if self.api_key == "":
             raise ValueError("api_key must not be empty (None: no key needed)")
+
+    @property
+    def elastic_policy(self) -> ElasticPolicy:
+        """The controller's settings, as the simulator takes them (``llm_worker.elastic_policy``)."""
+        return ElasticPolicy(interval_s=self.elastic_interval_s, high_s=self.elastic_high_s, low=self.elastic_low,
+                             sustain=self.elastic_sustain, cooldown_s=self.elastic_cooldown_s)
 
     @property
     def mode(self) -> str:

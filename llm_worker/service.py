@@ -147,7 +147,7 @@ class LLMService:
         self.metrics.batch_size.observe(batch_size)
         self.metrics.step_seconds.observe(step_ms / 1e3)
         if self.load is not None:
-            self.load.observe_step(step_ms / 1e3)
+            self.load.observe_step(step_ms / 1e3, batch_size)
 
     def _on_join(self, wait_s: float) -> None:
         if self.load is not None:

@@ -593,7 +593,7 @@ class _Simulation:
             context = sum(r.prompt_tokens + r.generated for r in worker.running) / batch
             step = self.costs.decode_step_s(batch, context)
             if worker.meter is not None:
-                worker.meter.observe_step(step)
+                worker.meter.observe_step(step, batch)
             return step, 0.0
 
         def done() -> None:

@@ -143,6 +143,8 @@ class StackConfig:
                              "decode (the --aggregated baseline has one stage)")
         if self.elastic and self.claim_ttl_s is not None:
             raise ValueError("--claim-ttl is for the EPD stack's encoders; elastic workers claim for 30 s")
+        if self.elastic and self.nice:
+            raise ValueError("--nice is by role, and an elastic worker changes role: not with --elastic")
         if self.elastic and self.nodes > 1:
             raise ValueError("--elastic moves workers within one node group: use it with --nodes 1")
         knobs = (self.elastic_interval_s, self.elastic_high_s, self.elastic_low, self.elastic_cooldown_s,

@@ -33,6 +33,7 @@ from PIL import Image
 from encoder_worker.models import ensure_model
 from llm_worker.config import LLMServeConfig
 from llm_worker.elastic import ElasticRole, NotServing, SwitchInProgress
+from llm_worker.elastic_controller import SwitchRefused
 from llm_worker.elastic_app import ELASTIC, LLM, METER, create_app as create_elastic_app
 from llm_worker.elastic_policy import Policy, StageLoad, WorkerLoad
 from llm_worker.load import LoadMeter
@@ -219,8 +220,13 @@ def test_configs_refuse_what_elastic_cannot_do():
         LLMServeConfig("elastic", initial_role="encode")
     with pytest.raises(ValueError, match="not --generate"):
         RouterConfig(generate=("http://a",), elastic=True)
-    with pytest.raises(ValueError, match="elastic_low"):
-        RouterConfig(encoders=("http://a",), prefill=("http://b",), decode=("http://c",), elastic=True, elastic_low=0)
+    epd = {"encoders": ("http://a",), "prefill": ("http://b",), "decode": ("http://c",), "elastic": True}
+    for bad in ({"elastic_low": 0}, {"elastic_interval_s": math.nan}, {"elastic_interval_s": math.inf},
+                {"elastic_high_s": math.nan}, {"elastic_cooldown_s": math.nan}, {"elastic_sustain": 0}):
+        with pytest.raises(ValueError, match="elastic settings"):
+            RouterConfig(**epd, **bad)
+    with pytest.raises(ValueError, match="--nice"):
+        StackConfig(elastic=True, nice=(("encoder", 10),))
     with pytest.raises(ValueError, match="--aggregated"):
         StackConfig(elastic=True, aggregated=True)
     with pytest.raises(ValueError, match="--nodes 1"):
@@ -440,6 +446,18 @@ async def test_the_switch_routes_refuse_what_they_cannot_do(router, workers):
 
 
 @module_loop
+async def test_without_an_api_key_only_local_clients_switch(router, workers, monkeypatch):
+    import llm_worker.router_app
+
+    monkeypatch.setattr(llm_worker.router_app, "is_loopback", lambda host: False)  # NOTE: as from another host
+    base = str(router.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/v1/elastic/switch", json={"url": workers["dec-b"][1], "role": "encode"}) as r:
+            assert r.status == 403 and "API key" in (await r.json())["error"]["message"]
+    assert router.app[ROUTER].elastic.find(workers["dec-b"][1]).role == "decode"
+
+
+@module_loop
 async def test_the_controller_moves_an_idle_worker_to_the_hot_stage(workers, tokenizer, model_dir):
     server = await _start_router(workers, tokenizer, model_dir, elastic=True, elastic_interval_s=3600,
                                  elastic_high_s=0.5, elastic_sustain=2, elastic_cooldown_s=0)
@@ -483,6 +501,65 @@ async def test_a_switch_the_worker_refuses_puts_it_back(workers, tokenizer, mode
         assert controller.history[-1] is record
     finally:
         await server.close()
+
+@module_loop
+async def test_a_last_worker_serving_another_role_is_switched_back(workers, tokenizer, model_dir):
+    """A restarted worker comes back in its first role; when it is its pool's last, the controller
+    tells it to serve the pool's role again instead of leaving the stage without a worker."""
+    server = await _start_router(workers, tokenizer, model_dir, elastic=True, elastic_interval_s=3600)
+    controller = server.app[ROUTER].elastic
+    base = str(server.make_url("")).rstrip("/")
+    pre_url = workers["pre"][1]
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(pre_url + "/v1/role", json={"role": "encode"}) as r:  # as a restart would
+                assert r.status == 200
+            await controller.tick()
+            await _until(lambda: workers["pre"][0].app[ELASTIC].role == "prefill")
+            assert controller.find(pre_url) in controller.pools["prefill"].backends
+            assert any(h.get("reason", {}).get("restore") for h in controller.history)
+            assert await _chat(http, base, "Hello again.")
+            # an operator's switch of the only answering decode worker is refused while the other is dead
+            dead = controller.find(workers["dec-b"][1])
+            good_url, dead.url = dead.url, "http://127.0.0.1:9"  # NOTE: nothing listens there
+            try:
+                await controller.tick()
+                assert controller.stages["decode"]["workers"] == 1
+                with pytest.raises(SwitchRefused, match="last decode worker that answers"):
+                    await controller.switch(controller.find(workers["dec-a"][1]), "prefill", {"manual": True})
+            finally:
+                dead.url = good_url
+    finally:
+        await server.close()
+        async with aiohttp.ClientSession() as http:
+            for name, (_, url) in workers.items():
+                async with http.post(url + "/v1/role", json={"role": ROLES[name]}) as r:
+                    assert r.status == 200
+
+
+@module_loop
+async def test_a_poll_that_overlapped_a_switch_does_not_undo_it(workers, tokenizer, model_dir):
+    server = await _start_router(workers, tokenizer, model_dir, elastic=True, elastic_interval_s=3600)
+    controller = server.app[ROUTER].elastic
+    try:
+        stale = await controller._poll()  # NOTE: taken before the switch: dec-b still says "decode"
+        backend = controller.find(workers["dec-b"][1])
+        real_poll = controller._poll
+
+        async def overlapping():
+            await controller.switch(backend, "encode", {"manual": True})
+            return stale
+        controller._poll = overlapping
+        await controller.tick()
+        controller._poll = real_poll
+        assert backend.role == "encode" and backend in controller.pools["encode"].backends
+    finally:
+        await server.close()
+        async with aiohttp.ClientSession() as http:
+            for name, (_, url) in workers.items():
+                async with http.post(url + "/v1/role", json={"role": ROLES[name]}) as r:
+                    assert r.status == 200
+
 
 # -- the whole stack through the OpenAI client (slow) --------------------------------------------
 
