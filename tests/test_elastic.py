@@ -310,6 +310,11 @@ async def router(workers, tokenizer, model_dir):
     server = await _start_router(workers, tokenizer, model_dir, elastic=True, elastic_interval_s=3600)
     yield server
     await server.close()
+    await _first_roles(workers)
+
+
+async def _first_roles(workers) -> None:
+    """Every worker back in its first role (what the module's tests start from)."""
     async with aiohttp.ClientSession() as http:
         for name, (_, url) in workers.items():
             async with http.post(url + "/v1/role", json={"role": ROLES[name]}) as r:
@@ -481,10 +486,7 @@ async def test_the_controller_moves_an_idle_worker_to_the_hot_stage(workers, tok
             assert await _chat(http, base, "Hello there.")
     finally:
         await server.close()
-        async with aiohttp.ClientSession() as http:
-            for name, (_, url) in workers.items():
-                async with http.post(url + "/v1/role", json={"role": ROLES[name]}) as r:
-                    assert r.status == 200
+        await _first_roles(workers)
         workers["pre"][0].app[METER].reset()
 
 
@@ -531,10 +533,7 @@ async def test_a_last_worker_serving_another_role_is_switched_back(workers, toke
                 dead.url = good_url
     finally:
         await server.close()
-        async with aiohttp.ClientSession() as http:
-            for name, (_, url) in workers.items():
-                async with http.post(url + "/v1/role", json={"role": ROLES[name]}) as r:
-                    assert r.status == 200
+        await _first_roles(workers)
 
 
 @module_loop
@@ -555,10 +554,7 @@ async def test_a_poll_that_overlapped_a_switch_does_not_undo_it(workers, tokeniz
         assert backend.role == "encode" and backend in controller.pools["encode"].backends
     finally:
         await server.close()
-        async with aiohttp.ClientSession() as http:
-            for name, (_, url) in workers.items():
-                async with http.post(url + "/v1/role", json={"role": ROLES[name]}) as r:
-                    assert r.status == 200
+        await _first_roles(workers)
 
 
 # -- the whole stack through the OpenAI client (slow) --------------------------------------------
