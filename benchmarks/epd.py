@@ -182,6 +182,13 @@ async def drive(url: str, model: str, workload: Workload) -> list[dict]:
     return rows
 
 
+def warm_up(url: str, model: str, spec: WorkloadSpec, requests: int = 1) -> None:
+    """``requests`` requests of ``spec``'s kind, all at once, with images of their own: a stack's
+    first forwards are slow, and that is no workload's cost."""
+    asyncio.run(drive(url, model, generate(replace(spec, num_requests=requests, seed=spec.seed + 999_999,
+                                                   rate=float("inf")))))
+
+
 def cache_counters(system: str, stats: dict) -> tuple[int, int]:
     """(image references, cache hits) so far, from the router's /v1/stats. A hit is a reference
     that did not need an encode of its own: for EPD, a cache hit or a wait on the encode of the
@@ -251,8 +258,7 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
     with StackProcess(*flags, env=env) as up:
         startup_s = time.perf_counter() - t0
         model = Path(model_dir).name
-        warmup = generate(replace(specs[0], num_requests=1, seed=specs[0].seed + 999_999, rate=float("inf")))
-        asyncio.run(drive(up.url, model, warmup))
+        warm_up(up.url, model, specs[0])
         for spec in specs:
             workload = generate(spec)
             before = cache_counters(system, up.stats())

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from epd import drive  # noqa: E402
+from epd import drive, warm_up  # noqa: E402
 from hostinfo import describe  # noqa: E402
 from stack_process import StackProcess  # noqa: E402
 
@@ -119,8 +119,7 @@ def measured(model_dir: str, workload_text: str, shape: tuple[int, int, int], sl
                      "--data-dir", tempfile.mkdtemp(dir=workdir), *extra]
             with StackProcess(*flags) as up:
                 model = Path(model_dir).name
-                warm = concatenate([replace(phases[0], num_requests=2, seed=999_999, rate=float("inf"))])
-                asyncio.run(drive(up.url, model, warm))  # NOTE: first forwards are slow; not the phases' cost
+                warm_up(up.url, model, phases[0], requests=2)
                 t0 = time.perf_counter()
                 rows = asyncio.run(drive(up.url, model, workload))
                 wall = time.perf_counter() - t0

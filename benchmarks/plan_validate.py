@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epd import drive, summarise  # noqa: E402
+from epd import drive, summarise, warm_up  # noqa: E402
 from hostinfo import describe  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -62,8 +62,7 @@ def measure(alloc: Allocation, model_dir: str, workload, workdir: Path) -> tuple
     with StackProcess(*flags) as up:
         startup = time.perf_counter() - t0
         model = Path(model_dir).name
-        warm = generate(replace(workload.spec, num_requests=1, seed=workload.spec.seed + 999_999, rate=float("inf")))
-        asyncio.run(drive(up.url, model, warm))
+        warm_up(up.url, model, workload.spec)
         rows = asyncio.run(drive(up.url, model, workload))
     return rows, startup
 

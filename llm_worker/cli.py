@@ -16,9 +16,9 @@ from mmcache.serving.cli import HelpFormatter
 
 from encoder_worker.media import MediaLimits
 from encoder_worker.video import VideoSampling
+from llm_worker.elastic_policy import STAGES, ElasticPolicy
 
 ROLES = ("prefill", "decode", "both", "elastic")
-ELASTIC_ROLES = ("encode", "prefill", "decode")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="prefill: POST /v1/prefill; decode: POST /v1/decode; both: POST /v1/generate (no cache); "
                         "elastic: holds the vision tower and the LLM, serves one of encode (POST /v1/encode), "
                         "prefill, decode at a time and switches on POST /v1/role")
-    s.add_argument("--initial-role", choices=ELASTIC_ROLES, help="role elastic: the stage it serves first")
+    s.add_argument("--initial-role", choices=STAGES, help="role elastic: the stage it serves first")
     s.add_argument("--encoder-batch", type=int, default=8,
                    help="role elastic: most images per encoder forward while it encodes (default: 8)")
     s.add_argument("--encoder-schedule", choices=("fcfs", "sjf"), default="fcfs",
@@ -151,17 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--elastic", action="store_true",
                    help="every --encoder/--prefill/--decode worker is elastic (serve --role elastic): move "
                         "workers between the stages as the load shifts; POST /v1/elastic/switch moves one by hand")
-    r.add_argument("--elastic-interval", type=float, default=1.0, metavar="S",
-                   help="with --elastic: seconds between polls of the workers' load (default: 1)")
-    r.add_argument("--elastic-high", type=float, default=0.5, metavar="S",
-                   help="with --elastic: a stage whose mean queue delay passes S seconds wants a worker (default: 0.5)")
-    r.add_argument("--elastic-low", type=float, default=0.5, metavar="F",
+    r.add_argument("--elastic-interval", type=float, default=ElasticPolicy.interval_s, metavar="S",
+                   help="with --elastic: seconds between polls of the workers' load (default: %(default)s)")
+    r.add_argument("--elastic-high", type=float, default=ElasticPolicy.high_s, metavar="S",
+                   help="with --elastic: a stage whose mean queue delay passes S seconds wants a worker "
+                        "(default: %(default)s)")
+    r.add_argument("--elastic-low", type=float, default=ElasticPolicy.low, metavar="F",
                    help="with --elastic: a stage may give a worker while its busy fraction spread over one worker "
-                        "fewer stays under F and its queue delay under half of --elastic-high (default: 0.5)")
-    r.add_argument("--elastic-cooldown", type=float, default=5.0, metavar="S",
-                   help="with --elastic: seconds after a switch before the next (default: 5)")
-    r.add_argument("--elastic-sustain", type=int, default=2, metavar="N",
-                   help="with --elastic: polls in a row a stage must stay hot (and a donor idle) (default: 2)")
+                        "fewer stays under F and its queue delay under half of --elastic-high (default: %(default)s)")
+    r.add_argument("--elastic-cooldown", type=float, default=ElasticPolicy.cooldown_s, metavar="S",
+                   help="with --elastic: seconds after a switch before the next (default: %(default)s)")
+    r.add_argument("--elastic-sustain", type=int, default=ElasticPolicy.sustain, metavar="N",
+                   help="with --elastic: polls in a row a stage must stay hot (and a donor idle) "
+                        "(default: %(default)s)")
     _video_args(r, "")
     r.add_argument("--max-video-frames", type=int, default=64,
                    help="the most mm_processor_kwargs.max_frames a request may ask for (default: 64)")

@@ -8,9 +8,11 @@ import torch
 
 from encoder_worker.media import MediaLimits
 from encoder_worker.video import VideoLimits, VideoSampling
+from llm_worker.elastic_policy import STAGES
 
 ROLES = ("prefill", "decode", "both", "elastic")
-ELASTIC_ROLES = ("encode", "prefill", "decode")
+ELASTIC_ROLES = STAGES
+"""The stages an elastic worker serves (``llm_worker.elastic_policy``)."""
 """The stages an ``elastic`` worker serves, one at a time (``llm_worker.elastic``)."""
 
 

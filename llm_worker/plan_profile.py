@@ -11,7 +11,7 @@ planner's simulator (``mmcache plan``):
   (``hop_ms``: a router → worker hop).
 
 Each figure is the median of ``repeats`` runs after untimed warm-up runs. The document's format is
-``PROFILE_FORMAT`` (see ``measure``); every list is sorted ascending and every time is in ms.
+``FORMAT`` (see ``measure``); every list is sorted ascending and every time is in ms.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 import http.client
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -49,10 +48,11 @@ from llm_worker.kv import kv_entry_fields, kv_key, read_prefill
 from llm_worker.prompt import template_ids
 from llm_worker.sampling import SamplingParams
 from llm_worker.sequence import DecodeState
+from llm_worker.stage_costs import FORMAT
 from llm_worker.workload import VOCABULARY, render_image
+from mmcache.serving.hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
-PROFILE_FORMAT = "mmcache-profile/1"
 CACHE_REPEATS = 20
 """Timed runs of a cache read or an HTTP hop at least: a fraction of a ms each, noisy in threes."""
 PUT_REPEATS = 5
@@ -177,9 +177,9 @@ def measure(model: str = "tiny-llava", data_dir: str = "./mmcache-data", *, devi
         hop_ms = _hop_ms(http_port, timer)
 
     return {
-        "format": PROFILE_FORMAT, "source": "measured", "model": str(model), "family": engine.family.name,
+        "format": FORMAT, "source": "measured", "model": str(model), "family": engine.family.name,
         "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "machine": describe_machine(),
+        "threads": torch.get_num_threads(), "machine": describe(torch=True),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(time.perf_counter() - t_start, 1),
         "model_facts": {
@@ -365,20 +365,6 @@ def _prompts(num_prompts: int = 16, num_words: int = 32) -> list[str]:
     rng = random.Random(0)
     return [" ".join(rng.choice(VOCABULARY) for _ in range(num_words)).capitalize() + "?"
             for _ in range(num_prompts)]
-
-
-def describe_machine() -> str:
-    """``Linux x86_64, <CPU>, 2 cores, 24 GiB, torch 2.x (2 threads), <GPU or no GPU>`` (as
-    ``benchmarks/hostinfo.describe``, which a worker may not import)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}")
 
 
 def write(doc: dict, path: str | os.PathLike) -> None:

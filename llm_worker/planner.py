@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +51,8 @@ class Candidate:
     allocation: Allocation
     goodput_rps: float = 0.0
     summary: dict | None = None
+    busy: dict[str, float] | None = None
+    """Per role, the share of the run its workers were busy (at the workload's rate)."""
 
     @property
     def key(self) -> tuple:
@@ -59,6 +62,7 @@ class Candidate:
 
     def row(self) -> dict:
         return {"allocation": self.allocation.name, "goodput_rps": self.goodput_rps, **(self.summary or {}),
+                "busy": self.busy,
                 "up_flags": self.allocation.up_flags(), **{f"alloc_{k}": v for k, v in asdict(self.allocation).items()}}
 
 
@@ -97,7 +101,8 @@ def plan(costs: StageCosts, requests: Sequence[SimRequest], workers: int, config
         todo = [a for a in allocs if a not in seen]
         for i, a in enumerate(todo):
             c = Candidate(a)
-            c.summary = simulate(costs, a, requests, config).summary(config.ttft_slo_s, config.tpot_slo_s)
+            result = simulate(costs, a, requests, config)
+            c.summary, c.busy = result.summary(config.ttft_slo_s, config.tpot_slo_s), result.busy
             c.goodput_rps = goodput(costs, a, requests, config, attainment)
             seen[a] = c
             if progress is not None:
@@ -168,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot", type=float, metavar="S", help="time per output token SLO, seconds")
     p.add_argument("--devices", type=int, metavar="G",
                    help="devices the workers share (default: 1 for a CPU profile, one per worker for a GPU one)")
+    p.add_argument("--device-capacity", type=float, default=1.0, metavar="C",
+                   help="forwards one device runs at full speed at once: 1 for a GPU, or a CPU whose cores the "
+                        "profile's one process filled (default 1)")
     p.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLOs (default 0.9)")
     p.add_argument("--cache-capacity", default="2GiB", help="the sidecar's host tier (default 2GiB)")
     p.add_argument("--top", type=int, default=10, help="rows of the ranking to print (default 10)")
@@ -197,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("the SLOs must be finite numbers of seconds > 0")
         if args.devices is not None and args.devices < 1:
             raise ValueError("--devices must be >= 1")
-        if args.json:  # NOTE: refused now, not after minutes of simulation
-            with open(args.json, "a"):
-                pass
+        folder = os.path.dirname(os.path.abspath(args.json)) if args.json else None
+        if folder is not None and not os.access(folder, os.W_OK):  # NOTE: refused now, not after the run
+            raise ValueError(f"--json {args.json}: cannot write into {folder}")
+        if not 0 < args.device_capacity < math.inf:
+            raise ValueError("--device-capacity must be a finite number > 0")
         workload = concatenate(phases)
         phase_of = [i for i, s in enumerate(phases) for _ in range(s.num_requests)]
         requests = requests_of(workload, costs, phase_of)
@@ -219,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             if time.perf_counter() - last[0] > 2 or done == total:
                 last[0] = time.perf_counter()
                 print(f"  {what} ({done}/{total})", file=sys.stderr, flush=True)
-        ranking = plan(costs, requests, args.workers, config, devices=devices, attainment=args.attainment,
-                       progress=progress)
+        ranking = plan(costs, requests, args.workers, config, devices=devices, capacity=args.device_capacity,
+                       attainment=args.attainment, progress=progress)
     except (ProfileError, ValueError, OSError, ArithmeticError) as e:
         print(f"mmcache plan: error: {e}", file=sys.stderr)
         return 2
@@ -231,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     epd = next(c for c in ranking if not c.allocation.aggregated)
     baseline = next(c for c in ranking if c.allocation.aggregated)
     print(f"\nwinner: mmcache up {' '.join(winner.allocation.up_flags())}")
+    print("  its workers busy, by role: " + ", ".join(f"{role} {share:.0%}" for role, share in winner.busy.items()))
     if winner is baseline:
         print(f"(the aggregated baseline predicts the most goodput for this workload; the best EPD split: "
               f"mmcache up {' '.join(epd.allocation.up_flags())}, {_fmt(epd.goodput_rps)} req/s)")

@@ -61,16 +61,16 @@ class RouterConfig:
     elastic: bool = False
     """Every EPD worker is elastic (``mmcache-llm serve --role elastic``): a controller moves
     workers between stages as the load shifts (``llm_worker.elastic_controller``)."""
-    elastic_interval_s: float = 1.0
+    elastic_interval_s: float = ElasticPolicy.interval_s
     """Seconds between the controller's polls of the workers' load."""
-    elastic_high_s: float = 0.5
+    elastic_high_s: float = ElasticPolicy.high_s
     """A stage whose mean queue delay exceeds this many seconds is hot (wants a worker)."""
-    elastic_low: float = 0.5
+    elastic_low: float = ElasticPolicy.low
     """A stage may give a worker while its busy fraction, spread over one worker fewer, stays
     under this (0..1) and its queue delay under ``elastic_high_s / 2``."""
-    elastic_cooldown_s: float = 5.0
+    elastic_cooldown_s: float = ElasticPolicy.cooldown_s
     """Seconds after a switch before the next may start."""
-    elastic_sustain: int = 2
+    elastic_sustain: int = ElasticPolicy.sustain
     """Consecutive polls a stage must stay hot (and a donor idle) before a switch."""
 
     def __post_init__(self) -> None:

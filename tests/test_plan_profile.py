@@ -13,7 +13,8 @@ import pytest
 from transformers import AutoConfig
 
 from encoder_worker.models import ensure_model
-from llm_worker.plan_profile import PROFILE_FORMAT, main, measure
+from llm_worker.plan_profile import main, measure
+from llm_worker.stage_costs import FORMAT, StageCosts
 
 TINY_GRID = dict(encode_batch_sizes=(2, 1), image_sizes=((336, 336), (64, 48)), prefill_tokens=(64, 16, 5000),
                  decode_batch_sizes=(3, 1), decode_contexts=(16, 40), cache_images=(1, 3))
@@ -42,7 +43,8 @@ def _ascending(values: list, strictly: bool = True) -> bool:
 
 def _check_schema(doc: dict) -> None:
     assert set(doc) >= KEYS and set(doc["model_facts"]) >= FACTS
-    assert doc["format"] == PROFILE_FORMAT and doc["source"] == "measured"
+    assert doc["format"] == FORMAT and doc["source"] == "measured"
+    assert StageCosts.from_doc(doc).measured  # NOTE: what the profiler writes, the planner reads
     assert (doc["family"], doc["device"], doc["dtype"]) == ("llava", "cpu", "float32")
     assert isinstance(doc["threads"], int) and "torch" in doc["machine"] and doc["elapsed_s"] > 0
     enc = doc["encode"]

@@ -73,6 +73,8 @@ def test_the_command_prints_a_ranking_and_the_winners_flags(tmp_path, monkeypatc
     flags = winner.removeprefix("winner: mmcache up ").split()
     doc = json.loads(out.read_text())
     assert doc["ranking"][0]["up_flags"] == flags
+    assert "its workers busy, by role: " in r.stdout
+    assert all(0 <= share <= 1 for row in doc["ranking"] for share in row["busy"].values())
     assert len(doc["ranking"]) >= len(splits(4)) + 1
     # the flags are mmcache up's own: they parse into the stack it would start
     alloc = doc["ranking"][0]

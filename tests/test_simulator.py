@@ -62,6 +62,7 @@ def test_a_saturated_encoder_serves_at_its_rate():
     ttfts = sorted(r.ttft_s for r in result.requests)
     assert ttfts == pytest.approx([k + 0.000001 * k + 0.000001 for k in range(1, n + 1)], rel=1e-3)
     assert result.summary()["throughput_rps"] == pytest.approx(1.0, rel=1e-3)
+    assert result.busy["encode"] == pytest.approx(1.0, rel=1e-3) and result.busy["prefill"] < 0.01
     # two encoders: twice the rate (each image owned by one of them)
     two = simulate(c, Allocation(encoders=2, encoder_batch=1), [req(images=(i,), out=1) for i in range(n)], NO_WAIT)
     assert max(r.ttft_s for r in two.requests) < 0.75 * n
