@@ -330,13 +330,16 @@ class DiskTier(DiskWriter, Tier):
         with self._lock:
             return list(self._index)
 
+    def inventory(self) -> list[tuple[str, int]]:
+        """``(key, nbytes)`` of every committed entry, a snapshot (unordered)."""
+        with self._lock:
+            return list(self._index.items())
+
     def usage_by_tenant(self) -> dict[str | None, list[int]]:
         """``{tenant: [entries, bytes]}`` over committed entries (None: the default tenant)."""
         from mmcache.host import _usage
 
-        with self._lock:
-            items = list(self._index.items())
-        return _usage(items)
+        return _usage(self.inventory())
 
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -334,11 +334,14 @@ class HostTier(HostRoom, Tier):
             entry = self._key_to_entry.get(key)
             return entry is not None and entry.sealed
 
+    def inventory(self) -> list[tuple[str, int]]:
+        """``(key, nbytes)`` of every sealed entry, a snapshot (unordered)."""
+        with self._lock:
+            return [(k, e.nbytes) for k, e in self._key_to_entry.items() if e.sealed]
+
     def usage_by_tenant(self) -> dict[str | None, list[int]]:
         """``{tenant: [entries, bytes]}`` over sealed entries (None: the default tenant)."""
-        with self._lock:
-            items = [(k, e.nbytes) for k, e in self._key_to_entry.items() if e.sealed]
-        return _usage(items)
+        return _usage(self.inventory())
 
     def persists(self, key: str) -> bool:
         with self._lock:

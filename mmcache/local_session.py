@@ -16,6 +16,7 @@ from typing import Any
 
 from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.host import EntryExists, Reservation
+from mmcache.listing import DEFAULT_LIST_LIMIT, list_page
 from mmcache.store import RETRY_AFTER_S, Lease, TieredStore
 from mmcache.serving.tenants import DEFAULT, Principal, Tenants
 from mmcache.tier import PutStatus
@@ -149,6 +150,9 @@ class LocalSession:
         if op == "unclaim":
             keys = [self._scoped(k) for k in _key_list(msg.get("keys"))]
             return {"released": store.claims.release(keys, msg.get("owner"))}
+        if op == "list":
+            return list_page(store, self.principal, namespace=msg.get("namespace"), after=msg.get("after"),
+                             limit=msg.get("limit", DEFAULT_LIST_LIMIT))
         if op == "stats":
             if not self.principal.trusted:
                 usage = store.usage_by_tenant()

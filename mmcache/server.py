@@ -20,6 +20,7 @@ from aiohttp import web
 from mmcache.claims import DEFAULT_TTL_MS
 from mmcache.config import ServeConfig
 from mmcache.serving.http_limits import HTTP_COUNTERS, HttpCounters, PinnedWriter, read_body
+from mmcache.listing import DEFAULT_LIST_LIMIT, list_page
 from mmcache.local_server import start_local_server
 from mmcache.remote_config import RemoteConfig
 from mmcache.metrics import Metrics
@@ -47,6 +48,7 @@ from mmcache.server_common import (
     _lease,
     _json_keys,
     _count,
+    _acting_for,
 )
 from mmcache.server_streams import batch_get, events
 from mmcache.serving.tenants import Forbidden, Tenants
@@ -128,6 +130,22 @@ async def lookup(request: web.Request) -> web.Response:
     tiers = await asyncio.to_thread(store.lookup, list(keys)) if store.remote is not None else store.lookup(list(keys))
     return web.json_response({"tiers": {keys[k]: t for k, t in tiers.items()},
                               "found": sum(t is not None for t in tiers.values())})
+
+
+async def list_entries(request: web.Request) -> web.Response:
+    """``GET /v1/entries?namespace=NS&after=KEY&limit=N``: one page of the caller's entries in
+    key order (``mmcache.listing``); ``next`` is the ``after`` of the next page, null at the end."""
+    query = request.query
+    unknown = sorted(set(query) - {"namespace", "after", "limit"})
+    if unknown:
+        raise ValueError(f"unknown query parameters {unknown}: namespace, after and limit are taken")
+    try:
+        limit = int(query.get("limit", DEFAULT_LIST_LIMIT))
+    except ValueError:
+        raise ValueError(f"limit={query.get('limit')[:40]!r} must be an integer") from None
+    page = await asyncio.to_thread(list_page, request.app[STORE], request[PRINCIPAL], namespace=query.get("namespace"),
+                                   after=query.get("after"), limit=limit, acting_for=_acting_for(request))
+    return web.json_response(page)
 
 
 async def claim(request: web.Request) -> web.Response:
@@ -241,6 +259,7 @@ def create_app(config: ServeConfig) -> web.Application:
         web.get(entry, get_entry, allow_head=False),
         web.head(entry, head_entry),
         web.delete(entry, delete_entry),
+        web.get("/v1/entries", list_entries),
         web.post("/v1/lookup", lookup),
         web.post("/v1/batch_get", batch_get),
         web.post("/v1/claims", claim),

@@ -405,6 +405,21 @@ class TieredStore(WriteDown):
         for t in self.durable:
             t.flush(timeout)
 
+    def list_entries(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[tuple[str, str, int]]:
+        """``(key, tier, nbytes)`` of up to ``limit`` local entries (host, then disk: the tier a
+        read would come from) whose key starts with ``prefix`` and sorts after ``after``, in key
+        order: one page of a listing (``GET /v1/entries``). The remote tier is not listed: it is
+        shared by many sidecars and evicts on its own. A scan of both indexes, O(entries ×
+        log(limit)): call it off the event loop."""
+        import heapq
+
+        found: dict[str, tuple[str, int]] = {}
+        for tier in (self.disk, self.host):  # NOTE: host last: an entry in both reads from host
+            for key, nbytes in tier.inventory():
+                if key > after and key.startswith(prefix):
+                    found[key] = (tier.name, nbytes)
+        return [(key, *found[key]) for key in heapq.nsmallest(limit, found)]
+
     def usage_by_tenant(self) -> dict[str | None, dict[str, dict[str, int]]]:
         """``{tenant: {tier: {"entries", "bytes"}}}`` for host and disk (None: the default
         tenant). A scan of both indexes: call it off the event loop."""

@@ -244,3 +244,26 @@ def test_tenants_file_checks(tmp_path):
     assert Tenants.load(str(p)).authenticate("tok-aaaaaaaaaaaaaaaa") == Principal("bob")
     with pytest.raises(ValueError, match="own token"):
         Tenants({"same-aaaaaaaaaaaaaaaa": "alice"}, admin_token="same-aaaaaaaaaaaaaaaa")
+
+
+def test_a_tenant_lists_its_own_entries_only(sidecar):
+    key = h("listed")
+    with CacheClient(sidecar.url, token=ALICE) as a, CacheClient(sidecar.url, token=BOB) as b:
+        a.put("listing", key, emb(1.0))
+        b.put("listing", key, emb(2.0))
+        b.put("listing-b", h("b-only"), emb(3.0))
+        assert [e["key"] for e in a.iter_entries("listing")] == [f"listing/{key}"]  # written without its tenant
+        assert all(e["key"].startswith(("listing", "tenants")) and "@" not in e["key"] for e in a.iter_entries())
+        assert {e["key"] for e in b.iter_entries()} >= {f"listing/{key}", f"listing-b/{h('b-only')}"}
+        assert not any("b-only" in e["key"] or e["key"].startswith("listing-b") for e in a.iter_entries())
+    with CacheClient(f"unix://{sidecar.sock}", token=BOB) as b:
+        assert [e["key"] for e in b.iter_entries("listing")] == [f"listing/{key}"]
+    with CacheClient(sidecar.url, token=ADMIN) as admin:  # the default tenant sees every tenant's, scoped
+        everything = {e["key"] for e in admin.iter_entries()}
+        assert {f"alice@listing/{key}", f"bob@listing/{key}"} <= everything
+        assert admin.list_entries("listing")["entries"] == []  # no unscoped entry in that namespace
+    status, _, data = request(sidecar, "GET", "/v1/entries?namespace=listing", token=ADMIN,
+                              headers={"X-MMCache-Tenant": "alice"})
+    assert status == 200 and [e["key"] for e in json.loads(data)["entries"]] == [f"alice@listing/{key}"]
+    status, _, data = request(sidecar, "GET", "/v1/entries", token=ALICE, headers={"X-MMCache-Tenant": "bob"})
+    assert status == 403 and "list" in json.loads(data)["error"]

@@ -25,7 +25,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Mapping
 
-from mmcache_client.keys import Key, validate_tenant
+from mmcache_client.keys import Key, validate_namespace, validate_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,19 @@ class Principal:
         if key.tenant is None and acting_for is not None:
             return key.scoped(validate_tenant(acting_for))
         return key
+
+    def list_prefix(self, namespace: str | None = None, acting_for: str | None = None) -> str:
+        """The stored-key prefix of what this principal may list: a tenant its own keys (of
+        ``namespace``); the default tenant everything, or ``namespace``'s unscoped keys, or those
+        of the tenant it acts for."""
+        if namespace is not None:
+            validate_namespace(namespace)
+        if not self.trusted:
+            if acting_for is not None:
+                raise Forbidden(f"tenant {self.tenant!r} may not list another tenant's keys")
+            return f"{self.tenant}@" + (f"{namespace}/" if namespace is not None else "")
+        scope = f"{validate_tenant(acting_for)}@" if acting_for is not None else ""
+        return scope + (f"{namespace}/" if namespace is not None else "")
 
     def shown(self, key: Key) -> str:
         """How ``key`` (in this principal's scope) is written back to it: without its own tenant."""

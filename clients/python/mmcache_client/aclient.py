@@ -270,6 +270,22 @@ class AsyncCacheClient:
     async def delete(self, namespace: str, hash_hex: str) -> bool:
         return await self._run(core.delete(_key_str(namespace, hash_hex)))
 
+    async def list_entries(self, namespace: str | None = None, *, after: str | None = None,
+                           limit: int = 1000) -> dict:
+        """See ``CacheClient.list_entries``."""
+        return await self._run(core.list_entries(namespace, after, limit))
+
+    async def iter_entries(self, namespace: str | None = None, *, page: int = 1000) -> AsyncIterator[dict]:
+        """See ``CacheClient.iter_entries``."""
+        after = None
+        while True:
+            answer = await self.list_entries(namespace, after=after, limit=page)
+            for entry in answer["entries"]:
+                yield entry
+            after = answer["next"]
+            if after is None:
+                return
+
     async def stats(self) -> dict:
         return await self._run(core.stats())
 

@@ -12,7 +12,7 @@ import random
 import socket
 import time
 import urllib.parse
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mmcache_client.device_entries import DeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import Entry, EntryBatch
@@ -292,6 +292,23 @@ class CacheClient:
 
     def delete(self, namespace: str, hash_hex: str) -> bool:
         return self._run(core.delete(_key_str(namespace, hash_hex)))
+
+    def list_entries(self, namespace: str | None = None, *, after: str | None = None, limit: int = 1000) -> dict:
+        """One page of the entries this client may see (local tiers, key order): ``{"entries":
+        [{"key", "tier", "nbytes"}, ...], "next": KEY | None}``; pass ``next`` as ``after`` for
+        the page after, None means the last. ``namespace`` None: every namespace."""
+        return self._run(core.list_entries(namespace, after, limit))
+
+    def iter_entries(self, namespace: str | None = None, *, page: int = 1000) -> Iterator[dict]:
+        """Every entry of ``namespace`` (or all), page by page: ``{"key", "tier", "nbytes"}``.
+        Entries stored while it runs may or may not be seen (each page is a fresh look)."""
+        after = None
+        while True:
+            answer = self.list_entries(namespace, after=after, limit=page)
+            yield from answer["entries"]
+            after = answer["next"]
+            if after is None:
+                return
 
     def stats(self) -> dict:
         return self._run(core.stats())

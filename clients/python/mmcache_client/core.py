@@ -161,6 +161,17 @@ def delete(key: str) -> Call:
                 lambda status, headers, data: status == 204, ok=(204,))
 
 
+def list_entries(namespace: str | None, after: str | None, limit: int) -> Call:
+    fields: dict[str, Any] = {"limit": int(limit)}
+    if namespace is not None:
+        fields["namespace"] = namespace
+    if after is not None:
+        fields["after"] = after
+    query = urllib.parse.urlencode(fields)
+    return Call("list", fields, lambda a: a, "GET", f"/v1/entries?{query}",
+                lambda status, headers, data: json.loads(data))
+
+
 def stats() -> Call:
     return Call("stats", {}, lambda a: a["stats"], "GET", "/v1/stats", lambda status, headers, data: json.loads(data))
 

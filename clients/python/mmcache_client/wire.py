@@ -32,7 +32,7 @@ MAX_ANSWER_BYTES = 16 << 20
 """Longest answer body a client accepts."""
 
 OPS = ("hello", "lookup", "lease", "release", "reserve", "seal", "abort", "delete", "stats", "claim", "unclaim",
-       "events", "lease_device", "release_device")
+       "events", "lease_device", "release_device", "list")
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 OP_NAMES = {i + 1: name for i, name in enumerate(OPS)}
 ONE_WAY = frozenset({OP_CODES["release"]})
