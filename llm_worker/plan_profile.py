@@ -51,6 +51,7 @@ from llm_worker.sequence import DecodeState
 from llm_worker.stage_costs import FORMAT
 from llm_worker.workload import VOCABULARY, render_image
 from mmcache.serving.hostinfo import describe
+from mmcache.serving.progress import Progress
 from mmcache_client import CacheClient, content_hash
 
 CACHE_REPEATS = 20
@@ -60,8 +61,9 @@ PUT_REPEATS = 5
 FIRST_WARMUPS = 3
 """Untimed runs before the first point of a stage (one before every other point)."""
 
-Progress = Callable[[int, int, str], None]
-"""``progress(done, total, what)`` after each measured point; ``what`` says which and its figure."""
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, what)``: once with ``done`` 0 when measuring starts (the model built and
+loaded), then after each measured point; ``what`` says which and its figure."""
 
 Size = tuple[int, int]
 
@@ -102,7 +104,7 @@ QUICK = Grid(encode_batch_sizes=(1, 2, 4), image_sizes=((336, 336), (1280, 720))
 
 
 def measure(model: str = "tiny-llava", data_dir: str = "./mmcache-data", *, device: str | None = None,
-            dtype: str | None = None, quick: bool = False, repeats: int = 3, progress: Progress | None = None,
+            dtype: str | None = None, quick: bool = False, repeats: int = 3, progress: ProgressFn | None = None,
             **grid: Any) -> dict:
     """Profile ``model`` (a built-in name, built into ``data_dir`` on first use, or a directory).
 
@@ -225,13 +227,15 @@ def _decode_ms(engine: LLMEngine, batch_sizes: tuple[int, ...], contexts: list[i
 class _Timer:
     """Medians of timed calls, with the progress report after each (one measured point)."""
 
-    def __init__(self, repeats: int, device: torch.device, progress: Progress | None, total: int) -> None:
+    def __init__(self, repeats: int, device: torch.device, progress: ProgressFn | None, total: int) -> None:
         self.repeats, self.progress, self.total, self.done = repeats, progress, total, 0
         # NOTE: CUDA calls return once queued; without a sync we would time the launch, not the work.
         self._sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         self.last: Any = None
         """What the last timed call returned."""
         self._stages: set[str] = set()
+        if progress is not None:
+            progress(0, total, f"measuring {total} points")
 
     def ms(self, stage: str, point: str, fn: Callable[[], Any], repeats: int | None = None) -> float:
         """The median ms of ``fn`` after its warm-up: first-call allocations, lazy inits, cold pages
@@ -414,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--dtype", help="float32, bfloat16, ... (default: the workers': float32 on the CPU)")
     parser.add_argument("--repeats", type=_positive, default=3, help="timed runs per point, after one warm-up")
+    parser.add_argument("--quiet", action="store_true",
+                        help="progress as plain lines (a line per point and one every 10 s), no bar on a terminal")
     for f in dataclasses.fields(Grid):
         parser.add_argument("--" + f.name.replace("_", "-"), type=_sizes if f.name == "image_sizes" else _ints,
                             help=f"comma-separated{' WxH' if f.name == 'image_sizes' else ''} "
@@ -429,12 +435,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plan_profile: error: cannot write --out {out}: {e}", file=sys.stderr)
         return 2
     grid = {f.name: getattr(args, f.name) for f in dataclasses.fields(Grid) if getattr(args, f.name) is not None}
+    shown: list[Progress] = []
 
     def progress(done: int, total: int, what: str) -> None:
-        print(f"profile: {what} ({done}/{total})", file=sys.stderr, flush=True)
+        # NOTE: made once measuring starts, not before: the model's build shows its own progress,
+        # and a bad argument should not print an empty count first.
+        if not shown:
+            shown.append(Progress("profile", total, unit="points", quiet=args.quiet))
+        # NOTE: each point's figure on a line of its own (above the bar on a terminal)
+        shown[0].note(f"{what} ({done}/{total})" if done else what)
+        if done:
+            shown[0].update(done - shown[0].done)
     try:
-        doc = measure(args.model, args.data_dir, device=args.device, dtype=args.dtype, quick=args.quick,
-                      repeats=args.repeats, progress=progress, **grid)
+        try:
+            doc = measure(args.model, args.data_dir, device=args.device, dtype=args.dtype, quick=args.quick,
+                          repeats=args.repeats, progress=progress, **grid)
+        finally:  # NOTE: the count's last line (or the bar's end) before any error, not after it
+            for display in shown:
+                display.close()
         write(doc, out)
     except (ValueError, OSError) as e:
         print(f"plan_profile: error: {e}", file=sys.stderr)

@@ -4,8 +4,10 @@ sidecar that is gone once the profile is taken. No speed relation is asserted: a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -13,8 +15,10 @@ import pytest
 from transformers import AutoConfig
 
 from encoder_worker.models import ensure_model
+from llm_worker import plan_profile
 from llm_worker.plan_profile import main, measure
 from llm_worker.stage_costs import FORMAT, StageCosts
+from mmcache.serving.progress import Progress
 
 TINY_GRID = dict(encode_batch_sizes=(2, 1), image_sizes=((336, 336), (64, 48)), prefill_tokens=(64, 16, 5000),
                  decode_batch_sizes=(3, 1), decode_contexts=(16, 40), cache_images=(1, 3))
@@ -97,7 +101,8 @@ def test_measure_returns_the_schema_and_stops_its_sidecar(data_dir, tmp_path, mo
     assert doc["cache_read"]["bytes"] == [one_image, 3 * one_image]
 
     total = seen[-1][1]
-    assert [s[0] for s in seen] == list(range(1, total + 1)) and {s[1] for s in seen} == {total}
+    assert [s[0] for s in seen] == list(range(total + 1)) and {s[1] for s in seen} == {total}
+    assert seen[0][2] == f"measuring {total} points"
     assert any(what.startswith("decode batch 3 context 40: ") for _, _, what in seen)
     assert sidecars, "no sidecar process was seen while the cache was measured"
     assert _children() == before and not os.listdir(tmp_path)
@@ -113,10 +118,34 @@ def test_cli_quick_writes_the_profile(data_dir, tmp_path, capsys):
     _check_schema(doc)
     assert doc["prefill"]["tokens"] == [32, 128, 512] and doc["decode"]["batch_sizes"] == [1, 4, 16]
     captured = capsys.readouterr()
+    # NOTE: the built model is reused: every line is the profiler's; stderr is no terminal here,
+    # so plain lines: one per point with its figure, count and total, then the count's last line
     lines = captured.err.splitlines()
-    assert lines and all(line.startswith("profile: ") for line in lines)
-    assert lines[-1].endswith(f"({len(lines)}/{len(lines)})") and "encode batch 4 1280x720: " in captured.err
+    assert lines and all(line.startswith("profile: ") for line in lines), lines
+    points = [line for line in lines if line.endswith(")") and " ms (" in line]
+    total = len(points)
+    assert [p.rsplit("(", 1)[1] for p in points] == [f"{i}/{total})" for i in range(1, total + 1)]
+    assert any(re.fullmatch(r"profile: encode batch 4 1280x720: [0-9.e+]+ ms \(\d+/\d+\)", p) for p in points)
+    assert re.match(rf"profile: {total}/{total} points \(100%\), [0-9.]+ points/s, \d+ s", lines[-1]), lines[-1]
     assert captured.out.strip() == str(out)
+
+
+def test_cli_progress_lines_every_interval(data_dir, tmp_path, capsys, monkeypatch):
+    """Between the points' own lines, a line with the count, rate and time left once the
+    interval has passed (a zero interval here: after every point); --quiet: plain lines too."""
+    monkeypatch.setattr(plan_profile, "Progress", functools.partial(Progress, interval_s=0.0))
+    out = tmp_path / "p.json"
+    args = ["--data-dir", data_dir, "--out", str(out), "--quiet", "--repeats", "1", "--encode-batch-sizes", "1",
+            "--image-sizes", "64x48", "--prefill-tokens", "16", "--decode-batch-sizes", "1", "--decode-contexts", "16",
+            "--cache-images", "1"]
+    assert main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    counts = [line for line in lines if re.match(r"profile: \d+/\d+ points \(\d+%\)", line)]
+    total = int(counts[-1].split()[1].split("/")[1])
+    assert lines[0] == f"profile: measuring {total} points"
+    assert len(counts) == total + 1  # one after each point, and the last line
+    assert re.search(r", ~\d+ s left$", counts[0]) and " left" not in counts[-1]
+    assert [line.endswith(f"({i}/{total})") for i, line in enumerate(lines[1:-1:2], 1)] == [True] * total
 
 
 @pytest.mark.parametrize("args, message", [
