@@ -5,6 +5,8 @@
     mmcache stats http://127.0.0.1:8470
     mmcache put URL NS/HASH file.safetensors       (or a .npy array; --hash-of IMAGE computes HASH)
     mmcache get URL NS/HASH -o out.safetensors
+    mmcache warm ./images --data-dir ./mmcache-data  (a running `mmcache up`'s encoders; or --model M --cache URL)
+    mmcache export http://127.0.0.1:8470 ./export [--namespace NS];  mmcache import ./export unix:///tmp/mmcache.sock
     mmcache plan --profile P.json --workload image-heavy,rate=4 --workers 6 --slo-ttft 1 --slo-tpot 0.05
 """
 
@@ -292,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)
+
+    from mmcache import portable, warm  # NOTE: light at import (no torch, no pyarrow until a command runs)
+
+    warm.configure(sub.add_parser(
+        "warm", formatter_class=HelpFormatter,
+        help="encode a corpus (a folder, a list of paths or URLs, a Parquet file) into the cache ahead of traffic"))
+    portable.configure_export(sub.add_parser(
+        "export", formatter_class=HelpFormatter,
+        help="write a sidecar's entries (a namespace or all) to a folder of safetensors shards + a Parquet manifest"))
+    portable.configure_import(sub.add_parser(
+        "import", formatter_class=HelpFormatter,
+        help="load an export into a sidecar, verifying every checksum and skipping keys it holds"))
 
     for name, fn, hlp in (("stats", _stats, "print a sidecar's stats"), ("put", _put, "store a file"),
                           ("get", _get, "fetch an entry")):

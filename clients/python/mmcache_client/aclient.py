@@ -38,6 +38,7 @@ class AsyncCacheClient:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._token = token
         self._local: AsyncLocalConnection | None = None
+        self._connecting: asyncio.Lock | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
@@ -71,11 +72,17 @@ class AsyncCacheClient:
         return call.http_result(*await self._request(call.method, call.path, call.body, call.headers, call.ok))
 
     async def _connect(self) -> AsyncLocalConnection:
-        """The local connection, opened (``hello``) on first use."""
+        """The local connection, opened (``hello``) on first use: once, however many tasks ask at
+        once (a second connection would strand the first's reservations: ``seal`` must go on the
+        connection that reserved)."""
         if self._local is None:
-            local = AsyncLocalConnection(self._target, self._unix_timeout, self._token)
-            await local.connect()
-            self._local = local
+            if self._connecting is None:
+                self._connecting = asyncio.Lock()
+            async with self._connecting:
+                if self._local is None:
+                    local = AsyncLocalConnection(self._target, self._unix_timeout, self._token)
+                    await local.connect()
+                    self._local = local
         return self._local
 
     async def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)):

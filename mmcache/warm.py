@@ -1,0 +1,834 @@
+"""``mmcache warm``: encode a corpus into the cache ahead of traffic.
+
+    mmcache warm ./catalog                                  # a running `mmcache up` in ./mmcache-data
+    mmcache warm urls.txt frames.parquet --data-dir /srv/mmcache
+    mmcache warm ./catalog --encoder http://127.0.0.1:8471 --cache unix:///run/mmcache.sock
+    mmcache warm ./catalog --model tiny-llava --cache unix:///run/mmcache.sock   # its own encoder
+
+Sources: a folder (walked recursively for image files), a text file with one path or URL per
+line (``#`` comments; relative paths are relative to the list's folder), a Parquet file with an
+image column (bytes, a path or URL string, or a ``{bytes, path}`` struct as Hugging Face image
+datasets store them; read in small batches, never whole), or one image file.
+
+The images go to the encoders of a running stack (``POST /v1/encode``, as the router sends
+them), which encode each image once and put it in the cache. Before any upload each image is
+hashed here (BLAKE3, the cache's key) and looked up in the cache in batches, so what is cached
+already costs a read and a hash, not an upload: a second run does only what is left, which is
+what makes a run resumable (the cache is the journal). Bounded: at most ``--memory`` bytes of
+image data are held at once (read, queued or in flight), at most ``--concurrency`` encode
+requests are in flight, each of at most ``--batch`` images.
+
+Per image failures (an unreadable or undecodable file, a URL that does not answer, an image
+over ``--max-image-bytes``) are named and the run goes on; pressure (503 + ``Retry-After``
+from an encoder whose queue or cache is full) is waited out, never a failure. At the end a
+summary goes to standard error and one JSON line to standard output; the exit status is 0 when
+every image is cached, 1 when some failed. Progress: a bar on a terminal (images, bytes, rate,
+hits, failures), plain lines every ``--interval`` seconds with ``--quiet`` or off a terminal.
+
+``mmcache`` imports no worker: with ``--model`` the encoder is started as a process by module
+name (``python -m encoder_worker.cli serve``) and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+"""What a folder source picks up (case-insensitive); other files are not images to warm."""
+DEFAULT_MAX_IMAGE_BYTES = 20 << 20
+"""The encoders' own default limit (``MediaLimits.max_bytes``): a bigger image would be refused."""
+_PATH_COLUMNS = ("path", "file", "filename", "file_name", "image_path", "url", "image_url", "uri")
+_IMAGE_ERROR = re.compile(r"^image (\d+): (.*)$", re.S)
+_MAX_LISTED_FAILURES = 20
+
+
+class WarmError(ValueError):
+    """The run cannot start or go on (a bad source, no encoder, a dead encoder): names why."""
+
+
+# ------------------------------------------------------------------------------- sources
+
+@dataclass
+class Item:
+    """One image of the corpus: ``name`` says where it came from (in failures), ``path``/``url``
+    or ``data`` how to read it."""
+
+    name: str
+    path: str | None = None
+    url: str | None = None
+    data: bytes | None = None
+    hash: str = ""
+    reserved: int = 0
+    """Bytes of the memory budget this item holds."""
+    size: int = 0
+    """Bytes read (0 until read)."""
+    owner: bool = False
+    """The first of this run's items with its hash (a later one with the same hash is a hit)."""
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def _walk(folder: Path) -> Iterator[Item]:
+    """Image files under ``folder``, recursively, in a stable (sorted) order; symlinked folders
+    are not followed (a loop would never end)."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                path = os.path.join(root, name)
+                yield Item(os.path.relpath(path, folder.parent), path=path)
+
+
+def _count_folder(folder: Path) -> int:
+    return sum(1 for root, _, files in os.walk(folder) for name in files
+               if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _list_lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def _from_list(path: Path) -> Iterator[Item]:
+    base = path.parent
+    for k, line in enumerate(_list_lines(path), 1):
+        if _is_url(line):
+            yield Item(line, url=line)
+        elif line.startswith("file://"):
+            yield Item(line, path=line[len("file://"):])
+        elif "://" in line:
+            yield Item(f"{path.name}:{k}: {line}", path=None)  # NOTE: fails as "unsupported", the run goes on
+        else:
+            yield Item(line, path=str(base / line))
+
+
+def _parquet_column(schema, column: str | None) -> tuple[str, str]:
+    """``(name, kind)`` of the image column: ``bytes``, ``text`` (paths or URLs) or ``struct``
+    (``{bytes, path}``). Named by ``column``, else found: the first binary column, else a
+    ``{bytes, path}`` struct, else a string column with a path-like name."""
+    import pyarrow as pa
+
+    def kind_of(typ) -> str | None:
+        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
+            return "bytes"
+        if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+            return "text"
+        if pa.types.is_struct(typ) and {typ.field(i).name for i in range(typ.num_fields)} & {"bytes", "path"}:
+            return "struct"
+        return None
+
+    fields = {f.name: f.type for f in schema}
+    if column is not None:
+        if column not in fields:
+            raise WarmError(f"the Parquet file has no column {column!r} (it has {', '.join(fields) or 'none'})")
+        kind = kind_of(fields[column])
+        if kind is None:
+            raise WarmError(f"column {column!r} is {fields[column]}: expected image bytes, a path/URL string or "
+                            "a {bytes, path} struct")
+        return column, kind
+    for wanted in ("bytes", "struct"):
+        for name, typ in fields.items():
+            if kind_of(typ) == wanted:
+                return name, wanted
+    for name, typ in fields.items():
+        if kind_of(typ) == "text" and name.lower() in _PATH_COLUMNS:
+            return name, "text"
+    raise WarmError(f"no image column found among {', '.join(fields) or 'none'}: name one with --column "
+                    "(binary image bytes, a path/URL string, or a {bytes, path} struct)")
+
+
+def _from_parquet(path: Path, column: str | None, rows_per_batch: int) -> Iterator[Item]:
+    """Rows of the image column, ``rows_per_batch`` at a time: a buffered read of column
+    chunks (``buffer_size``, no pre-buffering), so a file larger than memory is never held whole."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+    name, kind = _parquet_column(pf.schema_arrow, column)
+    base, row = path.parent, 0
+    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[name]):
+        for value in batch.column(0).to_pylist():
+            where = f"{path.name}[row {row}]"
+            row += 1
+            if kind == "struct" and isinstance(value, dict):
+                data, ref = value.get("bytes"), value.get("path")
+                value = data if data is not None else ref
+                where += f" {ref}" if ref else ""
+            if value is None:
+                yield Item(where)  # NOTE: fails as "no image in this row"
+            elif isinstance(value, (bytes, bytearray)):
+                yield Item(where, data=bytes(value))
+            elif _is_url(value):
+                yield Item(f"{where} {value}", url=value)
+            else:
+                yield Item(f"{where} {value}", path=str(base / value.removeprefix("file://")))
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def open_sources(sources: list[str], column: str | None = None, rows_per_batch: int = 16) -> tuple[Iterator[Item], int]:
+    """The items of every source in order, and how many there are. Each source is checked
+    before the run starts (so a typo fails at once, not after an hour)."""
+    plans: list[tuple[Path, str]] = []
+    total = 0
+    for text in sources:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            plans.append((path, "folder"))
+            total += _count_folder(path)
+        elif not path.is_file():
+            raise WarmError(f"source {text!r} is neither a folder nor a file")
+        elif path.suffix.lower() == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                _parquet_column(pq.ParquetFile(path).schema_arrow, column)
+            except WarmError:
+                raise
+            except Exception as e:  # pyarrow's own errors: not Parquet, truncated
+                raise WarmError(f"source {text!r} is not a readable Parquet file: {e}") from None
+            plans.append((path, "parquet"))
+            total += _parquet_rows(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            plans.append((path, "image"))
+            total += 1
+        else:
+            try:
+                total += sum(1 for _ in _list_lines(path))
+            except UnicodeDecodeError:
+                raise WarmError(f"source {text!r} is not a folder, an image, a Parquet file or a text list of "
+                                "paths/URLs") from None
+            plans.append((path, "list"))
+
+    def items() -> Iterator[Item]:
+        for path, kind in plans:
+            if kind == "folder":
+                yield from _walk(path)
+            elif kind == "parquet":
+                yield from _from_parquet(path, column, rows_per_batch)
+            elif kind == "image":
+                yield Item(str(path), path=str(path))
+            else:
+                yield from _from_list(path)
+    return items(), total
+
+
+# ------------------------------------------------------------------------------- memory
+
+class Budget:
+    """At most ``limit`` bytes held at once; one holder may exceed it alone (an image larger
+    than the budget still goes, by itself), so the run never deadlocks."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self.peak = 0
+        self._changed = asyncio.Condition()
+
+    def can_take(self, n: int) -> bool:
+        return self.held == 0 or self.held + n <= self.limit
+
+    async def acquire(self, n: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+
+    async def release(self, n: int) -> None:
+        if n <= 0:
+            return
+        async with self._changed:
+            self.held -= n
+            self._changed.notify_all()
+
+
+# ------------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    """Where the images go: encoders, the cache they write to, and the namespace they write."""
+
+    encoders: list[str]
+    cache: str
+    cache_token: str | None = None
+    namespace: str = ""
+    started: "StartedEncoder | None" = None
+
+
+def discover_stack(data_dir: str) -> tuple[list[str], str]:
+    """The encoders and the sidecar of the ``mmcache up`` running in ``data_dir`` (from its
+    status file), or WarmError saying why not."""
+    path = os.path.join(data_dir, "stack-status.json")  # NOTE: mmcache.stack.STATUS_FILE
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise WarmError(f"no running `mmcache up` in {data_dir!r} (no {path}): start one, pass its --data-dir, "
+                        "or name --encoder URL and --cache URL, or --model M and --cache URL") from None
+    except (OSError, ValueError) as e:
+        raise WarmError(f"cannot read {path}: {e}") from None
+    pid = doc.get("pid")
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        raise WarmError(f"the `mmcache up` that wrote {path} (pid {pid}) is not running") from None
+    except PermissionError:
+        pass
+    processes = [p for p in doc.get("processes", []) if p.get("url") and p.get("state") != "stopped"]
+    caches = [p["url"] for p in processes if p.get("role") == "cache"]
+    encoders = [p["url"] for p in processes if p.get("role") == "encoder"]
+    if len(caches) != 1:
+        raise WarmError(f"the stack in {data_dir!r} has {len(caches)} sidecars: name one with --cache URL and "
+                        "its node's encoders with --encoder URL" if caches else
+                        f"the stack in {data_dir!r} has no cache (an --aggregated stack has none to warm)")
+    if not encoders:
+        raise WarmError(f"the stack in {data_dir!r} has no encoder up")
+    return encoders, caches[0]
+
+
+class StartedEncoder:
+    """``python -m encoder_worker.cli serve`` for ``--model``, on a free loopback port; its
+    output goes to our standard error; stopped (SIGTERM, then SIGKILL) by ``stop``."""
+
+    def __init__(self, model: str, cache: str, data_dir: str, token: str | None, extra: list[str]):
+        env = {**os.environ}
+        if token:
+            env["MMCACHE_TOKEN"] = token
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "encoder_worker.cli", "serve", "--model", model, "--cache", cache,
+             "--data-dir", data_dir, "--host", "127.0.0.1", "--port", "0", "--log-level", "warning", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        self.url: str | None = None
+        self.tail: list[str] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        from mmcache.supervisor import READY
+
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            match = READY.match(line)
+            if match and self.url is None:
+                self.url = match["url"]
+                self._ready.set()
+                continue
+            self.tail = (self.tail + [line])[-20:]
+            print(f"[encoder] {line}", file=sys.stderr, flush=True)
+        self._ready.set()
+
+    def wait_ready(self, timeout_s: float) -> str:
+        self._ready.wait(timeout_s)
+        if self.url is None:
+            status = self.proc.poll()
+            self.stop()
+            raise WarmError(f"the encoder did not start ({'exit status ' + str(status) if status is not None else 'timed out'}):"
+                            "\n  " + "\n  ".join(self.tail[-10:]))
+        return self.url
+
+    def dead(self) -> bool:
+        return self.proc.poll() is not None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ------------------------------------------------------------------------------- the run
+
+@dataclass
+class Settings:
+    concurrency: int = 0
+    """Encode requests in flight at most (0: two per encoder)."""
+    batch: int = 8
+    batch_bytes: int = 16 << 20
+    memory_bytes: int = 256 << 20
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    lookup_batch: int = 64
+    fetch_concurrency: int = 8
+    tenant: str | None = None
+    max_wait_s: float = 600.0
+    """Longest one batch waits out pressure (503s) before its images are counted failed."""
+    fetch_timeout_s: float = 30.0
+
+
+@dataclass
+class Report:
+    images: int = 0
+    hits: int = 0
+    """Cached before the upload (or encoded by someone else meanwhile, or a duplicate)."""
+    encoded: int = 0
+    failures: list[dict] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_uploaded: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    peak_held_bytes: int = 0
+
+    def as_dict(self, namespace: str) -> dict:
+        return {"images": self.images, "hits": self.hits, "encoded": self.encoded, "failed": len(self.failures),
+                "namespace": namespace, "bytes_read": self.bytes_read, "bytes_uploaded": self.bytes_uploaded,
+                "retries": self.retries, "seconds": round(self.seconds, 3), "peak_held_bytes": self.peak_held_bytes,
+                "failures": self.failures[:100]}
+
+
+class _Fatal(Exception):
+    """The run stops: every encoder is gone."""
+
+
+class Warmer:
+    """One run: items → read (bounded) → hash → cache lookup in batches → encode the misses."""
+
+    def __init__(self, target: Target, settings: Settings, progress, session, cache_client):
+        self.target, self.settings, self.progress = target, settings, progress
+        self.session, self.cache = session, cache_client
+        self.report = Report()
+        self.budget = Budget(settings.memory_bytes)
+        self.queue: asyncio.Queue[Item | None] = asyncio.Queue()
+        self.inflight_hashes: set[str] = set()
+        self.encoder_load = {url: 0 for url in target.encoders}
+        self.scope = f"{settings.tenant}@{target.namespace}" if settings.tenant else target.namespace
+        self._failures_file = None
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    async def _done(self, item: Item, outcome: str, error: str | None = None) -> None:
+        """One image finished: counted, its memory given back."""
+        if item.owner:
+            self.inflight_hashes.discard(item.hash)
+            item.owner = False
+        item.data = None
+        await self.budget.release(item.reserved)
+        item.reserved = 0
+        if outcome == "failed":
+            failure = {"name": item.name, "error": error}
+            self.report.failures.append(failure)
+            if self._failures_file is not None:
+                self._failures_file.write(json.dumps(failure) + "\n")
+                self._failures_file.flush()
+            self.progress.note(f"failed: {item.name}: {error}")
+            self.progress.update(1, nbytes=item.size, failures=1)
+        elif outcome == "hit":
+            self.report.hits += 1
+            self.progress.update(1, nbytes=item.size, hits=1)
+        else:
+            self.report.encoded += 1
+            self.progress.update(1, nbytes=item.size, encoded=1)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def _read(self, item: Item) -> str | None:
+        """Fill ``item.data`` and ``item.hash``; an error message when it cannot be read."""
+        from mmcache_client import content_hash
+
+        limit = self.settings.max_image_bytes
+        try:
+            if item.data is None and item.path is not None:
+                item.data = await asyncio.to_thread(_read_file, item.path, limit)
+            elif item.data is None and item.url is not None:
+                item.data = await self._fetch(item.url, limit)
+            elif item.data is None:
+                return "no image here (an empty row, or an unsupported URL scheme: http(s):// and paths only)"
+        except (OSError, ValueError) as e:
+            return str(e) or type(e).__name__
+        except asyncio.TimeoutError:
+            return f"timed out after {self.settings.fetch_timeout_s:g} s"
+        except Exception as e:  # aiohttp.ClientError and kin: the URL failed, the run goes on
+            return f"{type(e).__name__}: {e}"
+        if len(item.data) > limit:
+            return f"{len(item.data)} bytes, over --max-image-bytes={limit}"
+        if not item.data:
+            return "empty file"
+        size = item.size = len(item.data)
+        item.hash = await asyncio.to_thread(content_hash, item.data) if size > 1 << 20 else content_hash(item.data)
+        self.report.bytes_read += size
+        # NOTE: the reservation was an estimate (a URL's size is known once fetched)
+        await self.budget.release(item.reserved - size)
+        item.reserved = min(item.reserved, size)
+        return None
+
+    async def _fetch(self, url: str, limit: int) -> bytes:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.settings.fetch_timeout_s)
+        async with self.session.get(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status} from {url}")
+            if resp.content_length is not None and resp.content_length > limit:
+                raise ValueError(f"Content-Length {resp.content_length}, over --max-image-bytes={limit}")
+            chunks, n = [], 0
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                n += len(chunk)
+                if n > limit:
+                    raise ValueError(f"over --max-image-bytes={limit}")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def _estimate(self, item: Item) -> int:
+        if item.data is not None:
+            return len(item.data)
+        if item.path is not None:
+            try:
+                return min(os.stat(item.path).st_size, self.settings.max_image_bytes)
+            except OSError:
+                return 0
+        return self.settings.max_image_bytes if item.url is not None else 0
+
+    # -- the feed: read, hash, look up ---------------------------------------------------------
+
+    async def feed(self, items: Iterator[Item]) -> None:
+        """Items in chunks of ``lookup_batch``: each read (a few at once), hashed, looked up
+        together; the misses queued for the encoders."""
+        iterator = iter(items)
+        sentinel = object()
+        reads = asyncio.Semaphore(self.settings.fetch_concurrency)
+
+        async def read(item: Item) -> tuple[Item, str | None]:
+            async with reads:
+                return item, await self._read(item)
+
+        carried: Item | None = None
+        while True:
+            chunk: list[asyncio.Task] = []
+            while len(chunk) < self.settings.lookup_batch:
+                if carried is not None:
+                    item, carried = carried, None
+                else:
+                    item = await asyncio.to_thread(next, iterator, sentinel)
+                    if item is sentinel:
+                        break
+                    self.report.images += 1
+                    item.reserved = self._estimate(item)
+                if chunk and not self.budget.can_take(item.reserved):
+                    carried = item  # NOTE: the chunk's own reads hold the budget: look them up first
+                    break
+                await self.budget.acquire(item.reserved)
+                chunk.append(asyncio.ensure_future(read(item)))
+            if not chunk:
+                return
+            ready: list[Item] = []
+            for item, error in await asyncio.gather(*chunk):
+                if error is not None:
+                    await self._done(item, "failed", error)
+                elif item.hash in self.inflight_hashes:  # NOTE: the same image twice: encoded once
+                    await self._done(item, "hit")
+                else:
+                    self.inflight_hashes.add(item.hash)
+                    item.owner = True
+                    ready.append(item)
+            if ready:
+                tiers = await self._lookup([f"{self.scope}/{i.hash}" for i in ready])
+                for item in ready:
+                    if tiers.get(f"{self.scope}/{item.hash}") is not None:
+                        await self._done(item, "hit")
+                    else:
+                        await self.queue.put(item)
+
+    async def _lookup(self, keys: list[str]) -> dict:
+        from mmcache_client import CacheUnavailable
+
+        for attempt in range(5):
+            try:
+                return await self.cache.lookup(keys)
+            except CacheUnavailable:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    # -- the senders: encode the misses --------------------------------------------------------
+
+    async def send_loop(self) -> None:
+        """Take a batch of queued misses (as many as are ready, up to ``batch`` images and
+        ``batch_bytes``), encode it, until the feed's end (None)."""
+        while True:
+            first = await self.queue.get()
+            if first is None:
+                await self.queue.put(None)  # NOTE: every sender sees the end
+                return
+            batch, nbytes = [first], len(first.data)
+            while len(batch) < self.settings.batch:
+                try:
+                    nxt = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if nxt is None:
+                    await self.queue.put(None)
+                    break
+                if nbytes + len(nxt.data) > self.settings.batch_bytes:
+                    await self.queue.put(nxt)  # NOTE: the next batch starts with it
+                    break
+                batch.append(nxt)
+                nbytes += len(nxt.data)
+            await self._encode(batch)
+
+    async def _encode(self, batch: list[Item]) -> None:
+        """Encode ``batch``; a bad image named by the encoder is failed and the rest sent again;
+        503s are waited out (up to ``max_wait_s``); an encoder that does not answer is retried
+        on another."""
+        deadline = time.monotonic() + self.settings.max_wait_s
+        unreachable = 0
+        while batch:
+            url = min(self.encoder_load, key=self.encoder_load.get)
+            body = {"images": [_data_uri(i.data) for i in batch]}
+            if self.settings.tenant:
+                body["tenant"] = self.settings.tenant
+            payload = json.dumps(body)
+            del body
+            self.encoder_load[url] += 1
+            try:
+                status, doc, retry_after = await self._post(url, payload)
+            except Exception as e:  # noqa: BLE001 - connection refused/reset, timeouts: the encoder is away
+                status, doc, retry_after = None, {"error": f"{type(e).__name__}: {e}"}, min(0.1 * 2 ** unreachable, 5.0)
+            finally:
+                self.encoder_load[url] -= 1
+            self.report.bytes_uploaded += len(payload)
+            del payload
+            if status == 200:
+                items = doc.get("items", [])
+                for item, answer in zip(batch, items):
+                    if answer.get("hash") != item.hash:
+                        await self._done(item, "failed", f"the encoder answered hash {answer.get('hash')!r}")
+                    else:
+                        await self._done(item, "hit" if answer.get("cached") else "encoded")
+                for item in batch[len(items):]:
+                    await self._done(item, "failed", "the encoder answered fewer items than it was sent")
+                return
+            message = str(doc.get("error", doc))
+            if status in (400, 413):
+                match = _IMAGE_ERROR.match(message)
+                if match and int(match[1]) < len(batch):
+                    bad = batch.pop(int(match[1]))
+                    await self._done(bad, "failed", match[2])
+                    continue
+                if len(batch) > 1:  # NOTE: which one is bad is not said: each alone
+                    await asyncio.gather(*(self._encode([item]) for item in batch))
+                    return
+                await self._done(batch[0], "failed", f"HTTP {status}: {message}")
+                return
+            if status == 503 or status is None:
+                if status is None:
+                    unreachable += 1
+                    if self.target.started is not None and self.target.started.dead():
+                        raise _Fatal(f"the encoder this run started exited ({message})")
+                    if unreachable > 5 * len(self.encoder_load):
+                        raise _Fatal(f"no encoder answers: last {url}: {message}")
+                self.report.retries += 1
+                if time.monotonic() + retry_after > deadline:
+                    for item in batch:
+                        await self._done(item, "failed", f"the stack stayed busy for {self.settings.max_wait_s:g} s: "
+                                                         f"{message}")
+                    return
+                await asyncio.sleep(retry_after)
+                continue
+            for item in batch:  # 5xx: a bug or a broken encoder; named, the run goes on
+                await self._done(item, "failed", f"HTTP {status}: {message}")
+            return
+
+    async def _post(self, url: str, payload: str) -> tuple[int, dict, float]:
+        async with self.session.post(f"{url}/v1/encode", data=payload,
+                                     headers={"Content-Type": "application/json"}) as resp:
+            try:
+                doc = await resp.json(content_type=None)
+            except ValueError:
+                doc = {"error": (await resp.text())[:500]}
+            try:
+                retry_after = float(resp.headers.get("Retry-After", "1"))
+            except ValueError:
+                retry_after = 1.0
+            return resp.status, doc if isinstance(doc, dict) else {"error": str(doc)[:500]}, max(retry_after, 0.05)
+
+    async def run(self, items: Iterator[Item], failures_path: str | None = None) -> Report:
+        start = time.monotonic()
+        senders = self.settings.concurrency or 2 * len(self.target.encoders)
+        if failures_path:
+            self._failures_file = open(failures_path, "w")
+        tasks = [asyncio.ensure_future(self.send_loop()) for _ in range(senders)]
+        feed = asyncio.ensure_future(self.feed(items))
+        try:
+            pending = {feed, *tasks}
+            while not feed.done():  # NOTE: a sender that fails (every encoder gone) ends the run now
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()
+            await self.queue.put(None)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in (feed, *tasks):
+                task.cancel()
+            if self._failures_file is not None:
+                self._failures_file.close()
+            self.report.seconds = time.monotonic() - start
+            self.report.peak_held_bytes = self.budget.peak
+        return self.report
+
+
+def _read_file(path: str, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    return data
+
+
+def _data_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
+
+
+# ------------------------------------------------------------------------------- the command
+
+async def _namespace(session, encoders: list[str]) -> str:
+    """The namespace every encoder writes (they must agree: one model, one salt)."""
+    found = {}
+    for url in encoders:
+        try:
+            async with session.get(f"{url}/v1/models") as resp:
+                doc = await resp.json(content_type=None)
+            found[url] = doc["data"][0]["namespace"]
+        except Exception as e:  # noqa: BLE001
+            raise WarmError(f"encoder {url} does not answer GET /v1/models: {type(e).__name__}: {e}") from None
+    if len(set(found.values())) != 1:
+        raise WarmError(f"the encoders write different namespaces ({found}): warm one model at a time")
+    return next(iter(found.values()))
+
+
+async def warm(sources: list[str], target: Target, settings: Settings, *, column: str | None = None,
+               quiet: bool = False, interval_s: float = 10.0, failures_path: str | None = None,
+               stream=None) -> dict:
+    """One run (the command without its argument parsing): the summary as a dict."""
+    import aiohttp
+
+    from mmcache.serving.progress import Progress
+    from mmcache_client import AsyncCacheClient
+
+    items, total = open_sources(sources, column)
+    connector = aiohttp.TCPConnector(limit=max(settings.concurrency, 2 * len(target.encoders)) + settings.fetch_concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
+                                     read_bufsize=1 << 20) as session, \
+            AsyncCacheClient(target.cache, token=target.cache_token) as cache:
+        target.namespace = await _namespace(session, target.encoders)
+        with Progress("warm", total=total, unit="images", counters=("hits", "encoded", "failures"),
+                      quiet=quiet, interval_s=interval_s, stream=stream) as progress:
+            warmer = Warmer(target, settings, progress, session, cache)
+            try:
+                report = await warmer.run(items, failures_path)
+            except _Fatal as e:
+                raise WarmError(str(e)) from None
+    return report.as_dict(target.namespace)
+
+
+def _summary_lines(summary: dict) -> list[str]:
+    lines = [f"warm: {summary['images']} images in {summary['seconds']:.1f} s: {summary['hits']} already cached, "
+             f"{summary['encoded']} encoded, {summary['failed']} failed (namespace {summary['namespace']})"]
+    for failure in summary["failures"][:_MAX_LISTED_FAILURES]:
+        lines.append(f"  failed: {failure['name']}: {failure['error']}")
+    if summary["failed"] > _MAX_LISTED_FAILURES:
+        lines.append(f"  ... and {summary['failed'] - _MAX_LISTED_FAILURES} more (--failures FILE lists them all)")
+    return lines
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from mmcache.serving.security import resolve_secret
+    from mmcache.serving.sizes import parse_size
+
+    token = resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token")
+    settings = Settings(concurrency=args.concurrency, batch=args.batch, batch_bytes=parse_size(args.batch_bytes),
+                        memory_bytes=parse_size(args.memory), max_image_bytes=parse_size(args.max_image_bytes),
+                        tenant=args.tenant, max_wait_s=args.max_wait, fetch_timeout_s=args.fetch_timeout)
+    for name in ("concurrency", "batch"):
+        if getattr(args, name) < (0 if name == "concurrency" else 1):
+            raise WarmError(f"--{name}={getattr(args, name)} must be at least {0 if name == 'concurrency' else 1}")
+    if settings.tenant is not None:
+        from mmcache_client.keys import validate_tenant
+
+        validate_tenant(settings.tenant)
+    started = None
+    if args.model:
+        if not args.cache:
+            raise WarmError("--model starts an encoder for the cache named by --cache URL: name it")
+        if args.encoder:
+            raise WarmError("--model starts an encoder; --encoder names running ones: one or the other")
+        started = StartedEncoder(args.model, args.cache, args.data_dir, token, ["--max-batch", str(args.batch)])
+        encoders, cache = [started.wait_ready(args.startup_timeout)], args.cache
+    elif args.encoder:
+        if not args.cache:
+            raise WarmError("--encoder needs --cache URL: the sidecar those encoders write to")
+        encoders, cache = list(args.encoder), args.cache
+    else:
+        encoders, cache = discover_stack(args.data_dir)
+        cache = args.cache or cache
+    try:
+        summary = asyncio.run(warm(args.sources, Target(encoders, cache, token, started=started), settings,
+                                   column=args.column, quiet=args.quiet, interval_s=args.interval,
+                                   failures_path=args.failures))
+    finally:
+        if started is not None:
+            started.stop()
+    for line in _summary_lines(summary):
+        print(line, file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "failures"} | {"failures": summary["failures"][:20]}))
+    return 1 if summary["failed"] else 0
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """``mmcache warm``'s arguments (``mmcache.cli``)."""
+    p.description = __doc__
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder of images (recursive), a text file of paths/URLs (one per line), a Parquet file "
+                        "with an image column, or an image file")
+    where = p.add_argument_group("where the images go (default: the `mmcache up` running in --data-dir)")
+    where.add_argument("--data-dir", default="./mmcache-data",
+                       help="a running `mmcache up`'s data dir: its encoders and sidecar are used; with --model, "
+                            "where the built-in model is built")
+    where.add_argument("--encoder", action="append", default=[], metavar="URL",
+                       help="an encoder's URL (repeatable), with --cache")
+    where.add_argument("--cache", metavar="URL", help="the sidecar the encoders write to: unix:///path.sock or "
+                       "http://host:port")
+    where.add_argument("--model", help="start an encoder for this model (tiny-llava, tiny-qwen2-vl, a local "
+                       "directory) writing to --cache, and stop it at the end")
+    where.add_argument("--tenant", help="warm this tenant's scope of the cache (the router's tenants)")
+    where.add_argument("--token", help="the sidecar's bearer token (or MMCACHE_TOKEN, or --token-file)")
+    where.add_argument("--token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
+    where.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
+                       help="with --model: seconds for the encoder to come up (a first run builds the model)")
+    p.add_argument("--column", help="the Parquet file's image column (default: the first binary column, a "
+                   "{bytes, path} struct, or a path/url string column)")
+    p.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="encode requests in flight at most (default: two per encoder)")
+    p.add_argument("--batch", type=int, default=8, metavar="N", help="most images per encode request (default 8)")
+    p.add_argument("--batch-bytes", default="16MiB", metavar="SIZE", help="most image bytes per encode request")
+    p.add_argument("--memory", default="256MiB", metavar="SIZE",
+                   help="most image bytes held at once: read, queued and in flight (default 256MiB)")
+    p.add_argument("--max-image-bytes", default="20MiB", metavar="SIZE",
+                   help="larger images fail without an upload (default 20MiB, the encoders' own limit)")
+    p.add_argument("--fetch-timeout", type=float, default=30.0, metavar="S", help="seconds per image URL fetched")
+    p.add_argument("--max-wait", type=float, default=600.0, metavar="S",
+                   help="longest a batch waits out a busy stack (503s) before its images count as failed")
+    p.add_argument("--failures", metavar="FILE", help="write every failure here, one JSON object per line")
+    p.add_argument("--quiet", action="store_true", help="plain progress lines instead of a bar")
+    p.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between plain progress lines")
+    p.set_defaults(fn=run_command)
