@@ -518,3 +518,16 @@ def test_a_timeout_keeps_the_session_and_its_leases(sidecar):
             assert torch.equal(e2.tensor, t * 2)
         assert leases(sidecar) >= 1
         entry.close()
+
+
+async def test_concurrent_first_puts_share_one_local_connection(tmp_path):
+    """Tasks that put at once through a fresh async client open one connection between them:
+    with one each, a put's ``seal`` went on another task's connection and found no reservation."""
+    from sidecar import unix_sidecar
+
+    with unix_sidecar(str(tmp_path)) as sc:
+        async with AsyncCacheClient(sc.unix_url) as c:
+            created = await asyncio.gather(*(c.put("conc", content_hash(f"c{i}".encode()),
+                                                   np.full((4, 8), i, dtype=np.float32)) for i in range(16)))
+        assert all(created)
+        assert sc.store.stats()["host"]["entries"] == 16
