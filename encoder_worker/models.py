@@ -7,17 +7,20 @@ with a tokenizer trained here with the ``tokenizers`` library, a chat template a
 processor config, so ``from_pretrained(dir)`` of the model, tokenizer and processor all work.
 
 Same seed → bit-identical files. ``ensure_model`` builds a built-in model once into the data dir
-(built in a temp dir, then renamed: a crash never leaves a half-written model behind).
+(built in a temp dir, then renamed: a crash never leaves a half-written model behind), showing its
+steps on standard error (``mmcache.serving.progress``: a bar on a terminal, plain lines in a
+worker's log), as it shows a wait on another process's build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,8 +36,12 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.utils import logging as hf_logging
 
-logger = logging.getLogger(__name__)
+from mmcache.serving.progress import Progress, human_bytes
+
+Steps = Callable[[int, int, str], None]
+"""``progress(done, total, what)`` after each step of a build; ``what`` says what was done."""
 
 TOKENIZER_VOCAB_SIZE = 512
 """Target vocabulary size of the built-in BPE tokenizers (256 byte symbols + specials + merges)."""
@@ -97,10 +104,21 @@ def _train_bpe(special_tokens: list[str], bos_token: str | None) -> Tokenizer:
     return tok
 
 
-def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Write a tiny LLaVA-1.5 checkpoint (model, tokenizer, processor) into ``out_dir``; return it."""
+TINY_STEPS = 4
+"""Steps of ``build_tiny_llava`` and ``build_tiny_qwen2_vl``: the tokenizer trained, the weights
+made, the weights saved, the processor and tokenizer saved."""
+
+
+def _no_steps(done: int, total: int, what: str) -> None:
+    pass
+
+
+def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0, progress: Steps | None = None) -> str:
+    """Write a tiny LLaVA-1.5 checkpoint (model, tokenizer, processor) into ``out_dir``; return it.
+    ``progress``: called after each of its ``TINY_STEPS`` steps."""
     from transformers import CLIPImageProcessorPil
 
+    step = progress or _no_steps
     out = Path(out_dir)
     tok = _train_bpe(["<unk>", "<s>", "</s>", "<pad>", "<image>"], bos_token="<s>")
     tokenizer = PreTrainedTokenizerFast(
@@ -118,7 +136,8 @@ def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> str:
         vision_config=vision_config, text_config=text_config, image_token_index=ids["<image>"],
         image_seq_length=576, projector_hidden_act="gelu", vision_feature_layer=-2,
         vision_feature_select_strategy="default")
-    _save_seeded(LlavaForConditionalGeneration, config, seed, out)
+    step(1, TINY_STEPS, f"tokenizer trained ({tok.get_vocab_size()} tokens)")
+    _save_seeded(LlavaForConditionalGeneration, config, seed, out, step, 2)
 
     # NOTE: the PIL backend is named explicitly: it exists without torchvision, and saves as
     # "CLIPImageProcessor", so loaders pick whichever backend their machine has.
@@ -131,29 +150,33 @@ def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> str:
         chat_template=_LLAVA_CHAT_TEMPLATE)
     processor.save_pretrained(out)  # processor_config.json, tokenizer files, chat_template.jinja
     image_processor.save_pretrained(out)  # preprocessor_config.json too, as llava-hf checkpoints have
+    step(4, TINY_STEPS, "processor and tokenizer saved")
     return str(out)
 
 
-def build_llava_clip_l336_small(out_dir: str | os.PathLike, seed: int = 0) -> str:
+def build_llava_clip_l336_small(out_dir: str | os.PathLike, seed: int = 0, progress: Steps | None = None) -> str:
     """CLIP ViT-L/14-336 (random, bf16) in front of a small Llama (~0.13B: hidden 1024, 12 layers,
     GQA 16/4 heads, MLP 2816): the EPD benchmark's ``realistic`` profile, where an image costs
     about what the prompt's prefill costs, as in the small LLaVA-style models (a 0.3-0.4B vision
     tower before a 0.5B language model)."""
     return build_llava_clip_l336(out_dir, seed, text_hidden=1024, text_layers=12, text_heads=16, text_kv_heads=4,
-                                 text_intermediate=2816, text_positions=8192)
+                                 text_intermediate=2816, text_positions=8192, progress=progress)
 
 
 def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden: int = 4096, text_layers: int = 1,
                           text_heads: int = 1, text_kv_heads: int = 1, text_intermediate: int = 256,
-                          text_positions: int = 4096) -> str:
+                          text_positions: int = 4096, progress: Steps | None = None) -> str:
     """Write a LLaVA-1.5-7B-shaped vision side with seeded random weights into ``out_dir``; return it.
 
     The vision tower is CLIP ViT-L/14 at 336 px (hidden 1024, 24 layers, 16 heads, MLP 4096, 577
     positions → 576 image tokens) and the projector is the 2-layer gelu MLP into ``text_hidden``,
     as in llava-1.5-7b; saved in bf16 (~0.65 GB). For sizing and benchmarks: the encode cost and
-    the entry size are a real 7B LLaVA's, the embeddings are noise.
+    the entry size are a real 7B LLaVA's, the embeddings are noise. ``progress``: after each of
+    ``TINY_STEPS`` + 2 steps.
     """
-    out = Path(build_tiny_llava(out_dir, seed))
+    step = progress or _no_steps
+    total = TINY_STEPS + 2
+    out = Path(build_tiny_llava(out_dir, seed, lambda done, _, what: step(done, total, what)))
     # NOTE: tiny-llava's tokenizer, chat template and image processor are kept as written above; its
     # model files are overwritten below. The text model is one layer with a single 64-wide attention
     # head and a 256-wide MLP: the projector needs its hidden size, nothing needs its quality, and a
@@ -175,18 +198,23 @@ def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
+    step(TINY_STEPS + 1, total, f"CLIP ViT-L/14-336 weights made ({_parameters(model)}, seed {seed})")
     # NOTE: initialised in float32 (same values as a float32 build), then rounded once to bf16.
-    model.to(torch.bfloat16).save_pretrained(out)
+    with _no_hf_bars():
+        model.to(torch.bfloat16).save_pretrained(out)
+    step(total, total, f"weights saved in bfloat16 ({_weights_size(out)})")
     return str(out)
 
 
-def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> str:
+def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0, progress: Steps | None = None) -> str:
     """Write a tiny Qwen2-VL checkpoint (model, tokenizer, image processor) into ``out_dir``.
 
-    Images are resized to at most 28*28*64 pixels, so at most 64 image tokens each.
+    Images are resized to at most 28*28*64 pixels, so at most 64 image tokens each. ``progress``:
+    called after each of its ``TINY_STEPS`` steps.
     """
     from transformers import Qwen2VLImageProcessorPil
 
+    step = progress or _no_steps
     out = Path(out_dir)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -209,23 +237,52 @@ def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> str:
                                           "mrope_section": [4, 6, 6]}),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    _save_seeded(Qwen2VLForConditionalGeneration, config, seed, out)
+    step(1, TINY_STEPS, f"tokenizer trained ({tok.get_vocab_size()} tokens)")
+    _save_seeded(Qwen2VLForConditionalGeneration, config, seed, out, step, 2)
     # NOTE: no Qwen2VLProcessor: in transformers 5 it requires a video processor, which needs
     # torchvision. The image processor and tokenizer are saved on their own.
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    step(4, TINY_STEPS, "image processor and tokenizer saved")
     return str(out)
 
 
-def _save_seeded(model_class: type, config, seed: int, out: Path) -> None:
+def _save_seeded(model_class: type, config, seed: int, out: Path, step: Steps, first_step: int) -> None:
+    """Steps ``first_step`` (the weights made) and ``first_step + 1`` (saved) of ``TINY_STEPS``."""
     # NOTE: fork_rng keeps the caller's global RNG untouched by the seeding.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
-    model.save_pretrained(out)
+    step(first_step, TINY_STEPS, f"weights made ({model_class.__name__}, {_parameters(model)}, seed {seed})")
+    with _no_hf_bars():
+        model.save_pretrained(out)
+    step(first_step + 1, TINY_STEPS, f"weights saved ({_weights_size(out)})")
 
 
-BUILTIN_MODELS: dict[str, Callable[[str | os.PathLike, int], str]] = {
+def _parameters(model: torch.nn.Module) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e9:.2f}B parameters" if n >= 1e9 else f"{n / 1e6:.1f}M parameters"
+
+
+def _weights_size(out: Path) -> str:
+    return human_bytes(sum(f.stat().st_size for f in out.glob("*.safetensors")))
+
+
+@contextlib.contextmanager
+def _no_hf_bars() -> Iterator[None]:
+    """transformers' own "Writing model shards" bar off while a build saves: the build's steps
+    are its progress. NOTE: the switch is process-wide; a build is a start-up step, nothing else
+    saves meanwhile."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+BUILTIN_MODELS: dict[str, Callable[[str | os.PathLike, int, Steps | None], str]] = {
     "tiny-llava": build_tiny_llava,
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
     "llava-clip-l336-random": build_llava_clip_l336,
@@ -238,7 +295,8 @@ def ensure_model(name_or_dir: str | os.PathLike, data_dir: str | os.PathLike) ->
 
     A built-in name is built into ``<data_dir>/models/<name>`` on first use and reused after; an
     existing directory is returned as is. Built-in names win over same-named relative paths
-    (pass ``./tiny-llava`` for the directory).
+    (pass ``./tiny-llava`` for the directory). A build shows its steps on standard error, and a
+    process that waits for another one's build says so when it starts and ends waiting.
     """
     name = os.fspath(name_or_dir)
     builder = BUILTIN_MODELS.get(name)
@@ -254,15 +312,45 @@ def ensure_model(name_or_dir: str | os.PathLike, data_dir: str | os.PathLike) ->
     # NOTE: the workers of one stack start together; one builds while the others wait on the
     # lock and then find the directory (the rename keeps a killed build from leaving half a model).
     with open(target.parent / f".{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock, name, target)
         if target.is_dir():
             return str(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
         try:
-            logger.info("building built-in model %s into %s", name, target)
-            builder(tmp, 0)
+            with Progress(f"model {name}", unit="steps") as progress:
+                progress.note(f"building into {target} (first use: seeded random weights, built once)")
+                builder(tmp, 0, progress=_timed(progress.callback()))
             tmp.chmod(0o755)
             os.rename(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _lock(lock, name: str, target: Path) -> None:
+    """``lock`` held exclusively; a wait for another process's build is said, once at its start
+    and once at its end (``mmcache up``'s workers log a line each, not a line a second)."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    # NOTE: two notes only, no count: a Progress without a bar, never closed (its last line would
+    # count nothing).
+    waiting = Progress(f"model {name}", bar=False)
+    waiting.note(f"waiting for another process building it into {target}")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    waited = f"{waiting.elapsed_s():.1f} s"
+    waiting.note(f"built by the other process; waited {waited}" if target.is_dir() else
+                 f"the other process left no model after {waited} (it failed or was killed); building it here")
+
+
+def _timed(report: Steps) -> Steps:
+    """``report`` with each step's seconds appended to its ``what``."""
+    last = [time.monotonic()]
+
+    def step(done: int, total: int, what: str) -> None:
+        now = time.monotonic()
+        report(done, total, f"{what}, {now - last[0]:.1f} s")
+        last[0] = now
+    return step

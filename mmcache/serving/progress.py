@@ -51,6 +51,14 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def _isatty(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal; a closed or odd stream is not (and must not fail the job)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class Progress:
     """A count towards an optional ``total``, plus bytes and named counters; a bar or plain lines.
 
@@ -76,8 +84,7 @@ class Progress:
         self._lock = threading.Lock()
         self._closed = False
         if bar is None:
-            isatty = getattr(self.stream, "isatty", None)
-            bar = not quiet and callable(isatty) and isatty()
+            bar = not quiet and _isatty(self.stream)
         self._bar = None
         if bar:
             from tqdm import tqdm  # NOTE: only on a terminal; plain lines need nothing
@@ -116,7 +123,10 @@ class Progress:
         """One line of its own (a failure named, a phase begun) that does not break the bar."""
         with self._lock:
             if self._bar is not None:
-                self._bar.write(f"{self.what}: {text}", file=self.stream)
+                try:
+                    self._bar.write(f"{self.what}: {text}", file=self.stream)
+                except (OSError, ValueError):  # NOTE: as in _print (tqdm guards only the bar's own writes)
+                    pass
             else:
                 self._print(f"{self.what}: {text}")
 

@@ -1,0 +1,249 @@
+"""``mmcache.serving.progress.Progress`` (plain lines with an injected clock, the tqdm bar, the
+callback adapter, threads, a closed stream) and the progress of the built-in models' build on
+first use (``encoder_worker.models.ensure_model``: its steps, and a wait on another build)."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from transformers.utils import logging as hf_logging
+
+from encoder_worker import models
+from encoder_worker.models import TINY_STEPS, ensure_model
+from mmcache.serving.progress import Progress, human_bytes
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _plain(**kwargs) -> tuple[Progress, io.StringIO, Clock]:
+    stream, clock = io.StringIO(), Clock()
+    return Progress(stream=stream, clock=clock, **kwargs), stream, clock
+
+
+def _lines(stream: io.StringIO) -> list[str]:
+    return stream.getvalue().splitlines()
+
+
+# -- plain lines -------------------------------------------------------------------------------
+
+def test_a_plain_line_holds_count_total_bytes_rates_counters_and_time_left():
+    p, stream, clock = _plain(what="warm", total=500, unit="images", counters=("hits", "failures"))
+    clock.now += 10
+    p.update(120, nbytes=36 << 20, hits=80, failures=2)
+    assert _lines(stream) == ["warm: 120/500 images (24%), 36 MiB, 12 images/s, 3.6 MiB/s, hits 80, failures 2, "
+                              "10 s, ~32 s left"]
+
+
+def test_counters_named_show_while_zero_in_order_others_once_counted():
+    p, stream, clock = _plain(what="export", unit="entries", counters=("skipped", "failures"))
+    clock.now += 10
+    p.update(4, retried=1)
+    # NOTE: no total: no percentage and no time left; no bytes moved: no byte figures
+    assert _lines(stream) == ["export: 4 entries, 0.4 entries/s, skipped 0, failures 0, retried 1, 10 s"]
+
+
+def test_lines_come_once_per_interval_and_once_at_the_end():
+    p, stream, clock = _plain(what="job", total=100, interval_s=10)
+    for _ in range(9):
+        clock.now += 1
+        p.update(1)
+    assert _lines(stream) == []  # 9 s: none yet
+    clock.now += 1
+    p.update(1)
+    assert _lines(stream) == ["job: 10/100 items (10%), 1 items/s, 10 s, ~1 min 30 s left"]
+    clock.now += 9.5
+    p.update(5)
+    assert len(_lines(stream)) == 1  # 9.5 s since the last line
+    clock.now += 0.5
+    p.update(5)
+    assert _lines(stream)[-1] == "job: 20/100 items (20%), 1 items/s, 20 s, ~1 min 20 s left"
+    clock.now += 3
+    p.close()
+    p.close()  # idempotent: one last line
+    assert _lines(stream)[2:] == ["job: 20/100 items (20%), 0.87 items/s, 23 s, ~1 min 32 s left"]
+
+
+def test_the_context_manager_prints_the_last_line_even_on_an_error():
+    stream, clock = io.StringIO(), Clock()
+    with pytest.raises(RuntimeError):
+        with Progress("job", total=3, stream=stream, clock=clock) as p:
+            p.update(3, nbytes=1536)
+            clock.now += 3600 * 2 + 65
+            raise RuntimeError("boom")
+    assert _lines(stream) == ["job: 3/3 items (100%), 1.5 KiB, 0.000413 items/s, 0 B/s, 2 h 01 min"]
+
+
+def test_set_total_and_note():
+    p, stream, clock = _plain(what="import", unit="entries")
+    p.note("reading archive.tar")
+    p.set_total(8)
+    clock.now += 2
+    p.update(2)
+    p.close()
+    assert _lines(stream) == ["import: reading archive.tar", "import: 2/8 entries (25%), 1 entries/s, 2 s, ~6 s left"]
+
+
+def test_callback_sets_count_and_total_and_says_what():
+    p, stream, clock = _plain(what="profile", unit="points")
+    report = p.callback()
+    report(1, 4, "encode batch 1: 3.2 ms")
+    clock.now += 4
+    report(3, 4, "prefill 32 tokens: 1.1 ms")
+    p.close()
+    assert _lines(stream) == ["profile: 1/4 points: encode batch 1: 3.2 ms",
+                              "profile: 3/4 points: prefill 32 tokens: 1.1 ms",
+                              "profile: 3/4 points (75%), 0.75 points/s, 4 s, ~1 s left"]
+    q, stream, _ = _plain(what="model x", unit="steps")
+    q.callback(counted=False)(1, 2, "tokenizer trained")
+    assert _lines(stream) == ["model x: tokenizer trained"] and (q.done, q.total) == (1, 2)
+
+
+def test_human_bytes():
+    assert [human_bytes(n) for n in (0, 1023, 1536, 34.2 * 2**20, 3 * 2**40, 5000 * 2**40)] == \
+        ["0 B", "1023 B", "1.5 KiB", "34.2 MiB", "3 TiB", "5e+03 TiB"]
+
+
+# -- bar or lines ------------------------------------------------------------------------------
+
+def test_bar_writes_tqdm_output_to_the_stream():
+    stream = io.StringIO()
+    with Progress("warm", total=5, unit="images", counters=("hits",), stream=stream, bar=True) as p:
+        p.update(2, nbytes=2048, hits=1)
+        p.note("image 3 failed: bad JPEG")
+        p.update(3, hits=2)
+    text = stream.getvalue()
+    assert "\r" in text and "|" in text  # a bar redrawn in place, not lines
+    assert "warm: image 3 failed: bad JPEG\n" in text  # the note on a line of its own
+    last = text.rsplit("\r", 1)[1]
+    assert last.startswith("warm: 100%|") and "5/5" in last and "hits 3" in last and "KiB" in last
+    assert last.endswith("\n")
+
+
+def test_a_terminal_gets_a_bar_unless_quiet():
+    terminal = Terminal()
+    with Progress("job", total=2, stream=terminal, clock=Clock()) as p:
+        p.update(2)
+    assert "|" in terminal.getvalue() and "\r" in terminal.getvalue()
+    terminal, clock = Terminal(), Clock()
+    with Progress("job", total=2, stream=terminal, quiet=True, clock=clock) as p:
+        p.update(2)
+        clock.now += 1
+    assert terminal.getvalue() == "job: 2/2 items (100%), 2 items/s, 1 s\n"
+
+
+def test_updates_from_several_threads_add_up():
+    p, stream, _ = _plain(what="warm", counters=("hits",))
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(2000):
+            p.update(1, nbytes=3, hits=1)
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    p.close()
+    assert (p.done, p.nbytes, p.counters) == (16000, 48000, {"hits": 16000})
+    assert _lines(stream)[-1].startswith("warm: 16000 items, 46.9 KiB, ")
+
+
+@pytest.mark.parametrize("bar", [None, False, True])
+def test_a_closed_stream_does_not_fail_the_job(bar):
+    stream = io.StringIO()
+    stream.close()
+    p = Progress("job", total=3, stream=stream, bar=bar, interval_s=0)
+    p.update(1, nbytes=10, hits=1)
+    p.note("a note")
+    p.callback()(2, 3, "a point")
+    p.set_total(4)
+    p.close()
+    assert p.done == 2
+
+
+# -- the built-in model's build on first use ---------------------------------------------------
+
+STEP = r"model tiny-llava: (\d)/4 steps: (.+), \d+\.\d s"
+
+
+def test_ensure_model_shows_its_build_steps(tmp_path, capsys):
+    assert hf_logging.is_progress_bar_enabled()
+    target = tmp_path / "models" / "tiny-llava"
+    assert ensure_model("tiny-llava", tmp_path) == str(target)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"model tiny-llava: building into {target} (first use: seeded random weights, built once)"
+    steps = [re.fullmatch(STEP, line) for line in lines[1:-1]]
+    assert all(steps), lines
+    assert [int(m[1]) for m in steps] == list(range(1, TINY_STEPS + 1))
+    assert [m[2].split(" (")[0] for m in steps] == ["tokenizer trained", "weights made", "weights saved",
+                                                    "processor and tokenizer saved"]
+    assert re.fullmatch(r"weights saved \(\d\.\d+ MiB\)", steps[2][2])
+    assert "LlavaForConditionalGeneration" in steps[1][2] and "seed 0" in steps[1][2]
+    assert re.match(r"model tiny-llava: 4/4 steps \(100%\), ", lines[-1])
+    assert hf_logging.is_progress_bar_enabled()  # transformers' own bar: off while saving, back on after
+    ensure_model("tiny-llava", tmp_path)
+    assert capsys.readouterr().err == ""  # built once: nothing to show after
+
+
+def _waiting_on_a_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other_builds: bool) -> tuple[str, Path]:
+    """``ensure_model`` in a thread while the test holds the build lock as another process would;
+    (its answer, its stderr lines' text) once the test releases the lock, having built the model
+    (a directory is enough) if ``other_builds``."""
+    real_flock = fcntl.flock
+    blocked = threading.Event()
+
+    def flock(fd, operation):
+        if operation == fcntl.LOCK_EX:  # NOTE: the blocking wait, after the non-blocking try failed
+            blocked.set()
+        return real_flock(fd, operation)
+    monkeypatch.setattr(models.fcntl, "flock", flock)
+    target = tmp_path / "models" / "tiny-llava"
+    target.parent.mkdir(parents=True)
+    got: dict[str, str] = {}
+    with open(target.parent / ".tiny-llava.lock", "a") as lock:
+        real_flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: got.update(dir=ensure_model("tiny-llava", tmp_path)))
+        waiter.start()
+        assert blocked.wait(60)
+        if other_builds:
+            target.mkdir()
+    waiter.join(120)
+    assert not waiter.is_alive() and got["dir"] == str(target)
+    return got["dir"], target
+
+
+def test_ensure_model_says_it_waits_for_another_build(tmp_path, capsys, monkeypatch):
+    _, target = _waiting_on_a_build(tmp_path, monkeypatch, other_builds=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"model tiny-llava: waiting for another process building it into {target}"
+    assert re.fullmatch(r"model tiny-llava: built by the other process; waited \d+\.\d s", lines[1])
+    assert len(lines) == 2 and not any((target.parent).glob(".tiny-llava.tmp-*"))
+
+
+def test_ensure_model_builds_when_the_other_build_left_nothing(tmp_path, capsys, monkeypatch):
+    _, target = _waiting_on_a_build(tmp_path, monkeypatch, other_builds=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("model tiny-llava: waiting for another process building it")
+    assert "left no model" in lines[1] and lines[1].endswith("building it here")
+    assert lines[2].startswith("model tiny-llava: building into ")
+    assert sum(bool(re.fullmatch(STEP, line)) for line in lines) == TINY_STEPS
+    assert (target / "model.safetensors").is_file()
