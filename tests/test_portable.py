@@ -1,0 +1,370 @@
+"""``mmcache export`` / ``mmcache import`` (issue 23 item 2): a sidecar's entries to a folder of
+safetensors shards + a Parquet manifest, and back into a fresh sidecar bit for bit; a shard that
+fails any check is refused whole and named, the others imported. Real sidecars (threaded, with a
+Unix socket), tiny entries, several shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import blake3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import xxhash
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mmcache.export_format import MANIFEST, MANIFEST_KEY, SHARD_FORMAT
+from mmcache.portable import export_entries, import_export
+from mmcache.serving.progress import Progress
+from mmcache_client import CacheClient, CacheFull, content_hash
+from mmcache_client.format import read_entry
+from sidecar import unix_sidecar
+
+SHARD_SIZE = 4096
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def h(i) -> str:
+    return content_hash(f"portable-{i}".encode())
+
+
+def fill(client: CacheClient, n: int = 24, namespaces=("ns-a", "ns-b")) -> None:
+    """Entries of every dtype, some with ``image_grid_thw`` and metadata of their own, one larger
+    than a shard."""
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        rows = 64 if i == 5 else 3 + i % 7
+        emb = torch.randn(rows, 32, generator=gen).to(DTYPES[i % 3])
+        extras = {"image_grid_thw": torch.tensor([[1, 2 * (i + 1), 4]])} if i % 4 == 1 else None
+        client.put(namespaces[i % len(namespaces)], h(i), emb, metadata={"model": f"tiny-{i % 2}"},
+                   extras=extras, encode_ms=1.5 * i)
+
+
+def blobs(url: str, namespace: str | None = None) -> dict[str, bytes]:
+    """Every entry a client sees, as its whole safetensors bytes."""
+    with CacheClient(url) as c:
+        keys = [e["key"] for e in c.iter_entries(namespace)]
+        with c.get_many(keys) as entries:
+            return {k: bytes(e.buffer) for k, e in zip(keys, entries)}
+
+
+def quiet(what: str) -> Progress:
+    return Progress(what, stream=io.StringIO(), bar=False)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    with unix_sidecar(str(tmp_path_factory.mktemp("source"))) as sc:
+        with CacheClient(sc.unix_url) as c:
+            fill(c)
+        sc.blobs = blobs(sc.url)
+        yield sc
+
+
+@pytest.fixture(scope="module")
+def exported(source, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exports") / "all")
+    with CacheClient(source.url) as c:
+        summary = export_entries(c, out, shard_size_bytes=SHARD_SIZE)
+    return out, summary
+
+
+@pytest.fixture
+def target(tmp_path):
+    with unix_sidecar(str(tmp_path / "target")) as sc:
+        yield sc
+
+
+def shards_of(out: str) -> list[str]:
+    return sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+
+
+def test_export_then_import_gives_back_every_entry_bit_for_bit_and_again_skips_all(source, target, tmp_path):
+    # exported over the Unix socket (zero-copy views) here, over HTTP in the module's export
+    out = str(tmp_path / "export")
+    with CacheClient(source.unix_url) as c:
+        summary = export_entries(c, out, shard_size_bytes=SHARD_SIZE)
+    assert summary["entries"] == len(source.blobs) == 24 and summary["gone"] == 0
+    assert summary["shards"] == len(shards_of(out)) > 3
+    with CacheClient(target.unix_url) as c:
+        first = import_export(out, c, progress=quiet("import"))
+        again = import_export(out, c)
+    assert (first["imported"], first["skipped"], first["refused"]) == (24, 0, 0)
+    assert (again["imported"], again["skipped"], again["refused"]) == (0, 24, 0)
+    assert blobs(target.url) == source.blobs
+
+
+def test_import_over_http_of_an_http_export(source, exported, target):
+    out, summary = exported
+    with CacheClient(target.url) as c:
+        result = import_export(out, c, durable=True)
+    assert result["imported"] == summary["entries"] == 24 and result["bytes"] == summary["bytes"]
+    got = blobs(target.url)
+    assert got == source.blobs
+    with CacheClient(target.url) as c, c.get("ns-b", h(1)) as e:  # an extra and metadata of its own survive
+        assert e.metadata["model"] == "tiny-1" and e.metadata["encode_ms"] == 1.5
+        assert e.get_array("image_grid_thw").tolist() == [[1, 4, 4]]
+
+
+def test_an_export_is_plain_safetensors_and_parquet(source, exported):
+    out, summary = exported
+    table = pq.read_table(os.path.join(out, MANIFEST))
+    assert table.column_names == ["key", "namespace", "hash", "tenant", "num_tokens", "dtype", "shape", "checksum",
+                                  "encode_ms", "created_at", "nbytes", "shard", "tensors", "metadata"]
+    info = json.loads(pq.read_metadata(os.path.join(out, MANIFEST)).metadata[MANIFEST_KEY])
+    assert info["format"] == "mmcache-export/1" and info["entries"] == 24 and info["source"] == source.url
+    assert [s["name"] for s in info["shards"]] == shards_of(out)
+    rows = table.to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(source.blobs)
+    for shard in info["shards"]:
+        path = os.path.join(out, shard["name"])
+        data = open(path, "rb").read()
+        assert (len(data), blake3.blake3(data).hexdigest()) == (shard["bytes"], shard["blake3"])
+        mine = [r for r in rows if r["shard"] == shard["name"]]
+        assert len(mine) == shard["entries"]
+        assert len(data) <= SHARD_SIZE or len(mine) == 1  # an entry larger than a shard has one of its own
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata() == {"format": SHARD_FORMAT}
+        tensors = load_file(path)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        for r in mine:
+            with CacheClient(source.url) as c, c.get(r["namespace"], r["hash"]) as e:
+                for name in e.names:
+                    assert torch.equal(tensors[f"{r['key']}/{name}"], e.get_tensor(name))
+                assert r["tensors"] == [f"{r['key']}/{n}" for n in e.names]
+                assert json.loads(r["metadata"]) == read_entry(bytes(e.buffer)).metadata
+                assert (r["encode_ms"], r["created_at"]) == (e.metadata["encode_ms"], e.metadata["created_at"])
+                assert (r["dtype"], r["shape"], r["num_tokens"]) == (
+                    {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[e.tensor.dtype],
+                    list(e.tensor.shape), e.tensor.shape[0])
+            start, end = header[f"{r['key']}/embeddings"]["data_offsets"]
+            assert (8 + header_len + start) % 8 == 0  # numpy.frombuffer can view it in place
+            last = header[r["tensors"][-1]]["data_offsets"][1]
+            assert xxhash.xxh3_64_hexdigest(data[8 + header_len + start : 8 + header_len + last]) == r["checksum"]
+            assert last - start == r["nbytes"]
+            view = np.frombuffer(data, dtype=np.uint8, count=end - start, offset=8 + header_len + start)
+            assert view.tobytes() == tensors[f"{r['key']}/embeddings"].view(torch.uint8).flatten().numpy().tobytes()
+    assert sum(r["nbytes"] for r in rows) == summary["bytes"]
+
+
+def test_a_namespace_alone(source, exported, target, tmp_path):
+    out = str(tmp_path / "ns-b")
+    with CacheClient(source.url) as c:
+        summary = export_entries(c, out, namespace="ns-b", shard_size_bytes=SHARD_SIZE)
+    assert summary["entries"] == 12
+    assert set(pq.read_table(os.path.join(out, MANIFEST)).column("namespace").to_pylist()) == {"ns-b"}
+    with CacheClient(target.unix_url) as c:
+        result = import_export(exported[0], c, namespace="ns-a")
+        assert result["imported"] == 12 and result["skipped"] == 0
+        assert blobs(target.url) == {k: v for k, v in source.blobs.items() if k.startswith("ns-a/")}
+        with pytest.raises(ValueError, match="namespace"):
+            import_export(exported[0], c, namespace="bad/ns")
+
+
+def rewrite_shard_table(out: str, shard: str) -> None:
+    """Make the manifest agree with ``shard`` as it now is (size, BLAKE3): a tamperer who knows
+    the format, so that the checks behind the shard table have to catch it."""
+    path = os.path.join(out, MANIFEST)
+    table = pq.read_table(path)
+    info = json.loads(pq.read_metadata(path).metadata[MANIFEST_KEY])
+    data = open(os.path.join(out, shard), "rb").read()
+    for rec in info["shards"]:
+        if rec["name"] == shard:
+            rec["bytes"], rec["blake3"] = len(data), blake3.blake3(data).hexdigest()
+    with pq.ParquetWriter(path, table.schema) as w:
+        w.write_table(table)
+        w.add_key_value_metadata({MANIFEST_KEY.decode(): json.dumps(info)})
+
+
+def tamper(out: str, shard: str, how: str) -> None:
+    """``data``: flip the last byte of the shard (its last entry's); ``header``: give an entry's
+    embeddings another dtype of the same size, so that the header still tiles the data."""
+    path = os.path.join(out, shard)
+    data = bytearray(open(path, "rb").read())
+    header_len = int.from_bytes(data[:8], "little")
+    if how.startswith("data"):
+        data[-1] ^= 0x01
+    else:
+        header = json.loads(data[8 : 8 + header_len])
+        rec = next(rec for name, rec in header.items() if name.endswith("/embeddings"))
+        rec["dtype"] = {"F16": "BF16", "BF16": "F16", "F32": "I32"}[rec["dtype"]]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(8 + len(text)) % 8)
+        data[: 8 + header_len] = len(text).to_bytes(8, "little") + text
+    open(path, "wb").write(bytes(data))
+    if how.endswith("+manifest"):
+        rewrite_shard_table(out, shard)
+
+
+@pytest.mark.parametrize("how, why", [
+    ("data", "BLAKE3"), ("header", "BLAKE3"),
+    ("data+manifest", "checksum"), ("header+manifest", "in the shard, the manifest says")])
+def test_a_tampered_shard_is_refused_whole_and_named_and_the_others_imported(source, exported, target, tmp_path,
+                                                                              how, why):
+    out = str(tmp_path / "copy")
+    shutil.copytree(exported[0], out)
+    victim = shards_of(out)[1]
+    tamper(out, victim, how)
+    rows = pq.read_table(os.path.join(out, MANIFEST)).to_pylist()
+    lost = {r["key"] for r in rows if r["shard"] == victim}
+    assert lost
+    progress = quiet("import")
+    with CacheClient(target.unix_url) as c:
+        result = import_export(out, c, progress=progress)
+    assert result["refused_shards"] == [victim] and result["refused"] == len(lost)
+    assert result["imported"] == len(rows) - len(lost)
+    said = progress.stream.getvalue()
+    assert os.path.join(out, victim) in said and "refused" in said and why in said, said
+    got = blobs(target.url)
+    assert not lost & set(got)  # nothing of the refused shard
+    assert got == {k: v for k, v in source.blobs.items() if k not in lost}
+
+
+def test_a_missing_garbled_or_foreign_manifest_is_a_clear_error(exported, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(exported[0], out)
+    manifest = os.path.join(out, MANIFEST)
+    with CacheClient("http://127.0.0.1:9") as c:  # never reached: the manifest is read first
+        os.rename(manifest, manifest + ".away")
+        with pytest.raises(ValueError, match=f"{manifest}: missing"):
+            import_export(out, c)
+        with open(manifest, "wb") as f:
+            f.write(os.urandom(4096))
+        with pytest.raises(ValueError, match=f"{manifest}: not a readable Parquet"):
+            import_export(out, c)
+        pq.write_table(pq.read_table(manifest + ".away"), manifest)  # rows, but no mmcache.export metadata
+        with pytest.raises(ValueError, match="not an mmcache export"):
+            import_export(out, c)
+        os.replace(manifest + ".away", manifest)
+        info = json.loads(pq.read_metadata(manifest).metadata[MANIFEST_KEY])
+        table = pq.read_table(manifest)
+        with pq.ParquetWriter(manifest, table.schema) as w:
+            w.write_table(table)
+            w.add_key_value_metadata({MANIFEST_KEY.decode(): json.dumps({**info, "format": "mmcache-export/9"})})
+        with pytest.raises(ValueError, match="'mmcache-export/9'"):
+            import_export(out, c)
+        with pytest.raises(ValueError, match="no such folder"):
+            import_export(str(tmp_path / "nowhere"), c)
+
+
+def test_export_goes_into_a_new_or_empty_folder_only(source, tmp_path):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with CacheClient(source.url) as c:
+        with pytest.raises(ValueError, match=f"{busy} is not empty"):
+            export_entries(c, str(busy))
+        with pytest.raises(ValueError, match="not a folder"):
+            export_entries(c, str(busy / "notes.txt"))
+        assert export_entries(c, str(empty), namespace="ns-a")["entries"] == 12
+    assert os.listdir(busy) == ["notes.txt"]
+
+
+def test_an_entry_deleted_between_listing_and_fetch_is_counted_gone(tmp_path):
+    class DeletesAfterListing(CacheClient):
+        def iter_entries(self, namespace=None, *, page=1000):
+            listed = list(super().iter_entries(namespace, page=page))
+            assert self.delete("ns-a", h(0))
+            yield from listed
+
+    with unix_sidecar(str(tmp_path / "s")) as sc:
+        with CacheClient(sc.unix_url) as c:
+            fill(c, n=4, namespaces=("ns-a",))
+        for url in (sc.unix_url, sc.url):
+            with DeletesAfterListing(url) as c:
+                summary = export_entries(c, str(tmp_path / url[:4]))
+                c.put("ns-a", h(0), np.ones((2, 4), dtype=np.float32))  # back for the next round
+            assert (summary["entries"], summary["gone"]) == (3, 1)
+            keys = pq.read_table(os.path.join(tmp_path / url[:4], MANIFEST)).column("key").to_pylist()
+            assert f"ns-a/{h(0)}" not in keys and len(keys) == 3
+
+
+def test_a_full_cache_is_waited_out_not_a_failure(exported, target):
+    class FullOnce(CacheClient):
+        refusals = 0
+
+        def put_blob(self, *args, **kw):
+            if FullOnce.refusals < 2:
+                FullOnce.refusals += 1
+                raise CacheFull("everything is leased", retry_after_s=0.01)
+            return super().put_blob(*args, **kw)
+
+    with FullOnce(target.url) as c:
+        result = import_export(exported[0], c)
+    assert FullOnce.refusals == 2 and result["imported"] == 24 and result["failed"] == 0
+
+
+ADMIN, ALICE, BOB = "admin-token-0123456789abcdef", "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+def test_tenants_export_and_import_as_the_caller_may(tmp_path):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'"{ALICE}" = "alice"\n"{BOB}" = "bob"\n')
+    tenants.chmod(0o600)
+    settings = {"tenants": str(tenants), "token": ADMIN}
+    with unix_sidecar(str(tmp_path / "a"), **settings) as a, unix_sidecar(str(tmp_path / "b"), **settings) as b:
+        with CacheClient(a.url, token=ALICE) as alice, CacheClient(a.url, token=ADMIN) as admin:
+            alice.put("tn", h("t1"), np.full((3, 8), 1.0, dtype=np.float32))
+            alice.put("tn", h("t2"), np.full((3, 8), 2.0, dtype=np.float32))
+            admin.put("tn", h("t3"), np.full((3, 8), 3.0, dtype=np.float32))
+            everything = export_entries(admin, str(tmp_path / "all"))  # the default tenant: every tenant's, scoped
+            alices = export_entries(alice, str(tmp_path / "alice"))  # a tenant: its own, written plain
+            only = export_entries(admin, str(tmp_path / "only"), namespace="alice@tn")
+        assert (everything["entries"], alices["entries"], only["entries"]) == (3, 2, 2)
+        rows = pq.read_table(str(tmp_path / "all" / MANIFEST)).to_pylist()
+        assert sorted((r["tenant"] or "", r["namespace"]) for r in rows) == [("", "tn"), ("alice", "tn"), ("alice", "tn")]
+        assert {r["key"] for r in pq.read_table(str(tmp_path / "alice" / MANIFEST)).to_pylist()} == {
+            f"tn/{h('t1')}", f"tn/{h('t2')}"}
+        with CacheClient(b.unix_url) as local:  # the default tenant puts each back in its tenant's scope
+            assert import_export(str(tmp_path / "all"), local, namespace="alice@tn")["imported"] == 2
+            assert import_export(str(tmp_path / "all"), local)["imported"] == 1
+        with CacheClient(b.url, token=BOB) as bob:  # a tenant's export goes into whoever imports it
+            assert import_export(str(tmp_path / "alice"), bob)["imported"] == 2
+        for src_token, dst_token, key in ((ALICE, ALICE, h("t1")), (ALICE, BOB, h("t2")), (ADMIN, ADMIN, h("t3"))):
+            with CacheClient(a.url, token=src_token) as src, CacheClient(b.url, token=dst_token) as dst, \
+                    src.get("tn", key) as x, dst.get("tn", key) as y:
+                assert bytes(x.buffer) == bytes(y.buffer)
+        with CacheClient(b.url, token=ALICE) as alice_b:
+            assert {e["key"] for e in alice_b.iter_entries()} == {f"tn/{h('t1')}", f"tn/{h('t2')}"}
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmcache.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_the_cli_end_to_end(source, target, tmp_path):
+    out = str(tmp_path / "cli-export")
+    done = run_cli("export", source.url, out, "--shard-size", "4KiB")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["entries"], summary["out"]) == (24, out) and summary["shards"] == len(shards_of(out))
+    assert "export: 24 entries" in done.stderr  # plain progress lines where standard error is no terminal
+    done = run_cli("import", out, target.unix_url)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["imported"] == 24
+    assert "import: 24/24 entries (100%)" in done.stderr and "imported 24, skipped 0, refused 0" in done.stderr
+    assert blobs(target.url) == source.blobs
+    victim = shards_of(out)[0]
+    tamper(out, victim, "data")
+    done = run_cli("import", out, target.url, "--quiet")
+    assert done.returncode == 1
+    answer = json.loads(done.stdout)
+    assert answer["refused_shards"] == [victim] and answer["imported"] == 0 and answer["skipped"] > 0
+    assert os.path.join(out, victim) in done.stderr and f"refused 1 shard(s), nothing of them imported: {victim}" \
+        in done.stderr
+    done = run_cli("export", source.url, out)
+    assert done.returncode == 2 and f"mmcache export: error: {out} is not empty" in done.stderr
+    done = run_cli("import", str(tmp_path), target.url)
+    assert done.returncode == 2 and "manifest.parquet: missing" in done.stderr
