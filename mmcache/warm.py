@@ -156,14 +156,16 @@ def _parquet_column(schema, column: str | None) -> tuple[str, str]:
 
 
 def _from_parquet(path: Path, column: str | None, rows_per_batch: int) -> Iterator[Item]:
-    """Rows of the image column, ``rows_per_batch`` at a time: a buffered read of column
-    chunks (``buffer_size``, no pre-buffering), so a file larger than memory is never held whole."""
+    """Rows of the image column, ``rows_per_batch`` at a time: a buffered read (``buffer_size``,
+    no pre-buffering), one row group after another, so a file larger than memory is never held
+    whole. NOTE: pyarrow decodes a row group's column at once: the memory this takes is about one
+    row group of the image column (writers keep them to ~100 MB; HF datasets to far less)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     name, kind = _parquet_column(pf.schema_arrow, column)
     base, row = path.parent, 0
-    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[name]):
+    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[name], use_threads=False):
         for value in batch.column(0).to_pylist():
             where = f"{path.name}[row {row}]"
             row += 1
