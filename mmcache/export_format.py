@@ -1,5 +1,5 @@
-"""The export format of ``mmcache export`` / ``mmcache import`` (``mmcache.portable``): writing it,
-and checking an untrusted one before anything of it is imported.
+"""The export format of ``mmcache export`` / ``mmcache import`` (``mmcache.portable``), and writing
+it; ``mmcache.export_reader`` reads and checks one.
 
 A folder, readable by plain ``safetensors`` and ``pyarrow``:
 
@@ -23,19 +23,16 @@ Readers map shards (``mmap``), never read them whole. Heavy modules load inside 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any, Iterator
 
 EXPORT_FORMAT = "mmcache-export/1"
 SHARD_FORMAT = "mmcache-export-shard/1"
 MANIFEST = "manifest.parquet"
 MANIFEST_KEY = b"mmcache.export"
 DEFAULT_SHARD_SIZE = "1GiB"
+DEFAULT_SHARD_SIZE_BYTES = 1 << 30
 SHARD_ALIGNMENT = 8
 MAX_SHARD_HEADER_BYTES = 16 << 20
 """A shard closes before its header passes this (~80k tensors); a reader refuses a larger one.
@@ -83,7 +80,8 @@ class ShardWriter:
             at += pad
         for info in sorted(view.parsed.tensors.values(), key=lambda t: t.start):
             n = info.end - info.start
-            records[f"{key}/{info.name}"] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [at, at + n]}
+            records[f"{key}/{info.name}"] = {"dtype": info.dtype, "shape": list(info.shape),
+                                             "data_offsets": [at, at + n]}
             at += n
         chars = sum(len(json.dumps(name)) + len(json.dumps(rec, **_JSON)) + 2 for name, rec in records.items())
         return records, chars
@@ -129,6 +127,8 @@ class ShardWriter:
                 hasher.update(part)
                 f.write(part)
             size = f.tell()
+            f.flush()
+            os.fsync(f.fileno())  # NOTE: before the manifest names it: a finished export is whole on disk
         os.replace(tmp, self.path)
         self.discard()
         return {"name": self.name, "bytes": size, "blake3": hasher.hexdigest(), "entries": self.entries}
@@ -167,8 +167,14 @@ class ShardSet:
         return self.table
 
     def discard(self) -> None:
+        """Remove every shard written so far (a failed export leaves its folder as it found it)."""
         if self.current is not None:
             self.current.discard()
+            self.current = None
+        for rec in self.table:
+            path = os.path.join(self.out_dir, rec["name"])
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def entry_row(key: str, view, shard: str, names: list[str]) -> dict:
@@ -217,289 +223,11 @@ class ManifestWriter:
         self._flush()
         self._writer.add_key_value_metadata({MANIFEST_KEY.decode(): json.dumps({"format": EXPORT_FORMAT, **info})})
         self._writer.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(self._tmp, self.path)
 
     def discard(self) -> None:
         self._writer.close()
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
-
-
-# ------------------------------------------------------------------------------------ reading
-
-class Manifest:
-    """An opened, checked ``manifest.parquet``: ``info`` (its ``mmcache.export`` document),
-    ``shards`` (name → shard table record) and its rows, read a batch at a time."""
-
-    def __init__(self, path: str, parquet_file, info: dict, shards: dict[str, dict]):
-        self.path, self._file, self.info, self.shards = path, parquet_file, info, shards
-
-    def _batches(self, columns: list[str] | None = None) -> Iterator[list[dict]]:
-        import pyarrow as pa
-
-        try:
-            for batch in self._file.iter_batches(batch_size=4096, columns=columns):
-                yield batch.to_pylist()
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{self.path}: unreadable rows: {e}") from None
-
-    def count(self, namespace: str | None) -> int:
-        """How many rows an import of ``namespace`` (None: all) takes."""
-        if namespace is None:
-            return self._file.metadata.num_rows
-        return sum(1 for rows in self._batches(["namespace", "tenant"]) for r in rows
-                   if (f"{r['tenant']}@{r['namespace']}" if r["tenant"] else r["namespace"]) == namespace)
-
-    def rows_by_shard(self) -> Iterator[tuple[str, list[dict]]]:
-        """(shard name, its rows), shard after shard; rows of one shard lie together (as written)."""
-        seen: set = set()
-        current: Any = _NO_SHARD
-        rows: list[dict] = []
-        for batch in self._batches():
-            for row in batch:
-                if row["shard"] != current:
-                    if current is not _NO_SHARD:
-                        yield current, rows
-                    if row["shard"] in seen:
-                        raise ValueError(f"{self.path}: the rows of {row['shard']!r} are not together; "
-                                         "not a manifest that mmcache export wrote")
-                    current, rows = row["shard"], []
-                    seen.add(current)
-                rows.append(row)
-        if current is not _NO_SHARD:
-            yield current, rows
-
-
-_NO_SHARD = object()
-
-
-def open_manifest(in_dir: str) -> Manifest:
-    """The export's manifest, checked (format, columns, shard table); ``ValueError`` naming it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = os.path.join(in_dir, MANIFEST)
-    if not os.path.isdir(in_dir):
-        raise ValueError(f"{in_dir}: no such folder")
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: missing: not an mmcache export, or an unfinished one (the manifest is written last)")
-    try:
-        pf = pq.ParquetFile(path)
-        raw = (pf.metadata.metadata or {}).get(MANIFEST_KEY)
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable Parquet manifest: {e}") from None
-    if raw is None:
-        raise ValueError(f"{path}: no {MANIFEST_KEY.decode()!r} metadata: not an mmcache export manifest")
-    try:
-        info = json.loads(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: its {MANIFEST_KEY.decode()!r} metadata is not JSON: {e}") from None
-    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
-        fmt = info.get("format") if isinstance(info, dict) else None
-        raise ValueError(f"{path}: format {fmt!r}; this mmcache reads {EXPORT_FORMAT!r}")
-    want = manifest_schema()
-    have = pf.schema_arrow
-    for field in want:
-        if have.get_field_index(field.name) < 0 or not have.field(field.name).type.equals(field.type):
-            got = have.field(field.name).type if have.get_field_index(field.name) >= 0 else "missing"
-            raise ValueError(f"{path}: column {field.name!r} is {got}, expected {field.type}")
-    shards: dict[str, dict] = {}
-    for rec in info.get("shards") if isinstance(info.get("shards"), list) else [None]:
-        if (not isinstance(rec, dict) or not isinstance(rec.get("name"), str) or not SHARD_NAME.fullmatch(rec["name"])
-                or not _is_count(rec.get("bytes")) or not _is_count(rec.get("entries"))
-                or not isinstance(rec.get("blake3"), str) or not re.fullmatch(r"[0-9a-f]{64}", rec["blake3"])):
-            raise ValueError(f"{path}: bad shard table record {str(rec)[:200]}")
-        shards[rec["name"]] = rec
-    return Manifest(path, pf, info, shards)
-
-
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-class ShardRefused(ValueError):
-    """A shard failed a check; nothing of it may be imported. The message names the shard file."""
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-class CheckedShard:
-    """A mapped shard whose every entry passed ``open_shard``'s checks; ``blob(row)`` builds the
-    entry (a safetensors blob to ``put_blob``) from it. A context manager: unmaps on exit."""
-
-    def __init__(self, path: str, mm: mmap.mmap, spans: dict[str, list[tuple[str, _Tensor]]]):
-        self.path, self._mm, self._spans = path, mm, spans
-
-    def blob(self, row: dict) -> bytearray:
-        """The entry of ``row`` as the sidecar held it (its metadata, tensors in their order)."""
-        return _entry_blob(self._mm, self._spans[row["key"]], row["metadata"])
-
-    def close(self) -> None:
-        self._mm.close()
-
-    def __enter__(self) -> "CheckedShard":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _entry_blob(mm: mmap.mmap, tensors: list[tuple[str, _Tensor]], metadata_json: str) -> bytearray:
-    """A safetensors entry: ``metadata_json`` as ``__metadata__``, then ``tensors`` (short names)
-    with their bytes from the shard, in their order (so the data section is the entry's)."""
-    base, end = tensors[0][1].start, tensors[-1][1].end
-    header: dict[str, Any] = {"__metadata__": json.loads(metadata_json)}
-    for name, t in tensors:
-        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start - base, t.end - base]}
-    text = json.dumps(header, **_JSON).encode()
-    text += b" " * (-(8 + len(text)) % 64)
-    blob = bytearray(8 + len(text) + end - base)
-    struct.pack_into("<Q", blob, 0, len(text))
-    blob[8 : 8 + len(text)] = text
-    blob[8 + len(text) :] = mm[base:end]
-    return blob
-
-
-def open_shard(in_dir: str, name: str, table_rec: dict | None, rows: list[dict]) -> CheckedShard:
-    """Map shard ``name`` and check all of it against the manifest before anything is imported:
-    its size and BLAKE3 (the shard table), its header (untrusted: bounded, offsets inside the
-    file, tensors tiling the data), and every entry of ``rows``: key, tensors, dtype, shape, a
-    valid entry whose bytes hash to its checksum. Any mismatch: ``ShardRefused`` naming the file."""
-    import blake3
-
-    path = os.path.join(in_dir, str(name))
-    if table_rec is None:
-        raise ShardRefused(f"{path}: refused: not in the manifest's shard table")
-    if table_rec["entries"] != len(rows):
-        raise ShardRefused(f"{path}: refused: the shard table says {table_rec['entries']} entries, "
-                           f"the manifest has {len(rows)} rows for it")
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != table_rec["bytes"]:
-                raise ShardRefused(f"{path}: refused: {size} bytes, the manifest says {table_rec['bytes']}")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    except OSError as e:
-        raise ShardRefused(f"{path}: refused: {e.strerror or e}") from None
-    if mm is None:
-        raise ShardRefused(f"{path}: refused: empty")
-    try:
-        digest = blake3.blake3(mm).hexdigest()
-        if digest != table_rec["blake3"]:
-            raise ShardRefused(f"{path}: refused: its BLAKE3 is {digest}, the manifest says {table_rec['blake3']} "
-                               "(changed or damaged since the export)")
-        tensors = _shard_tensors(path, mm)
-        return CheckedShard(path, mm, _check_entries(path, mm, tensors, rows))
-    except BaseException:
-        mm.close()
-        raise
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k[:200]!r}")
-        out[k] = v
-    return out
-
-
-def _shard_tensors(path: str, mm: mmap.mmap) -> dict[str, _Tensor]:
-    """The shard's header, validated as untrusted input: name → tensor (absolute offsets)."""
-    from mmcache_client.format import DTYPES
-
-    def refuse(why: str) -> ShardRefused:
-        return ShardRefused(f"{path}: refused: header: {why}")
-
-    size = len(mm)
-    if size < 8:
-        raise refuse(f"{size} bytes, shorter than the header length")
-    (n,) = struct.unpack_from("<Q", mm, 0)
-    if n > MAX_SHARD_HEADER_BYTES or 8 + n > size:
-        raise refuse(f"length {n} is past the {MAX_SHARD_HEADER_BYTES}-byte limit or the {size}-byte file")
-    try:
-        header = json.loads(mm[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as e:
-        raise refuse(f"not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise refuse("not a JSON object")
-    meta = header.pop("__metadata__", None)
-    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
-        raise refuse(f"__metadata__ format is not {SHARD_FORMAT!r}")
-    data_start, tensors = 8 + n, {}
-    for name, rec in header.items():
-        ok = isinstance(rec, dict) and set(rec) == {"dtype", "shape", "data_offsets"} and rec["dtype"] in DTYPES
-        shape, offsets = (rec.get("shape"), rec.get("data_offsets")) if ok else (None, None)
-        ok = ok and isinstance(shape, list) and len(shape) <= 8 and all(_is_count(d) for d in shape)
-        ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
-        if not ok or offsets[1] - offsets[0] != math.prod(shape) * DTYPES[rec["dtype"]].itemsize:
-            raise refuse(f"tensor {name[:200]!r}: bad record {str(rec)[:200]}")
-        tensors[name] = _Tensor(rec["dtype"], tuple(shape), data_start + offsets[0], data_start + offsets[1])
-    at = data_start
-    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-        if t.start != at:
-            raise refuse(f"tensor {name[:200]!r} starts at {t.start - data_start}, expected {at - data_start}")
-        at = t.end
-    if at != size:
-        raise refuse(f"the tensors end at byte {at}, the file at {size}")
-    return tensors
-
-
-def _check_entries(path: str, mm: mmap.mmap, tensors: dict[str, _Tensor],
-                   rows: list[dict]) -> dict[str, list[tuple[str, _Tensor]]]:
-    """Every row's entry, checked in the shard: key → its tensors (short name, location)."""
-    from mmcache_client import Key
-    from mmcache_client.format import EntryFormatError, read_entry
-
-    spans: dict[str, list[tuple[str, _Tensor]]] = {}
-    for row in rows:
-        key = row["key"]
-
-        def refuse(why: str) -> ShardRefused:
-            return ShardRefused(f"{path}: refused: entry {str(key)[:300]!r}: {why}")
-
-        try:
-            if Key(row["namespace"], row["hash"], row["tenant"]).to_string() != key:
-                raise refuse("the key does not match its namespace, hash and tenant")
-        except (ValueError, TypeError) as e:
-            raise refuse(f"bad key: {e}") from None
-        if key in spans:
-            raise refuse("listed twice")
-        names = row["tensors"] or []
-        entry: list[tuple[str, _Tensor]] = []
-        for name in names:
-            short = name[len(key) + 1 :] if name.startswith(key + "/") else None
-            t = tensors.pop(name, None)  # NOTE: popped: one tensor belongs to one entry
-            if short in (None, "", "__metadata__") or t is None:
-                raise refuse(f"tensor {name[:300]!r} is not in the shard or not the entry's")
-            if entry and entry[-1][1].end != t.start:
-                raise refuse(f"tensor {name[:300]!r} does not follow the one before it")
-            entry.append((short, t))
-        emb = dict(entry).get("embeddings")
-        if emb is None:
-            raise refuse("no embeddings tensor")
-        if (emb.dtype, list(emb.shape), emb.shape[0]) != (row["dtype"], row["shape"], row["num_tokens"]):
-            raise refuse(f"embeddings are {emb.dtype} {list(emb.shape)} in the shard, the manifest says "
-                         f"{row['dtype']} {row['shape']} ({row['num_tokens']} tokens)")
-        if entry[-1][1].end - entry[0][1].start != row["nbytes"]:
-            raise refuse(f"{entry[-1][1].end - entry[0][1].start} bytes in the shard, the manifest says {row['nbytes']}")
-        spans[key] = entry
-        try:
-            view = read_entry(_entry_blob(mm, entry, row["metadata"]), verify=True)  # checksum: xxh3 of the entry's bytes
-        except (EntryFormatError, ValueError, TypeError) as e:
-            raise refuse(str(e)) from None
-        meta = view.metadata
-        if (meta["checksum"], meta["namespace"], meta["hash"]) != (row["checksum"], row["namespace"], row["hash"]):
-            raise refuse("its metadata contradicts the manifest (checksum, namespace or hash)")
-        if (float(meta["encode_ms"]), float(meta["created_at"])) != (row["encode_ms"], row["created_at"]):
-            raise refuse("its metadata contradicts the manifest (encode_ms or created_at)")
-    for name, t in tensors.items():  # what is left must be padding
-        if not (name.startswith(PAD_PREFIX) and t.dtype == "U8" and len(t.shape) == 1 and t.shape[0] < SHARD_ALIGNMENT):
-            raise ShardRefused(f"{path}: refused: tensor {name[:300]!r} belongs to no entry of the manifest")
-    return spans

@@ -1,14 +1,15 @@
 """``mmcache export`` / ``mmcache import`` (issue 23): a sidecar's entries to a folder and back.
 
-An export folder (``mmcache.export_format`` holds the format; plain ``safetensors`` and ``pyarrow``
-read it)::
+An export folder (``mmcache.export_format`` describes and writes it, ``mmcache.export_reader``
+checks it; plain ``safetensors`` and ``pyarrow`` read it)::
 
     shard-00000.safetensors, ...   the entries' tensors, each shard at most --shard-size
     manifest.parquet               one row per entry, and the shard table; written last
 
 ``export`` walks the sidecar's listing page by page and fetches in batches bounded in bytes, so
 its memory stays bounded by one batch and one shard's header whatever the cache holds; an entry
-listed and then gone (evicted, deleted) is counted, not an error. ``import`` checks each shard
+listed and then gone (evicted, deleted) is counted, not an error; an export that fails removes
+what it wrote (the folder was new or empty). ``import`` checks each shard
 whole before putting any of it (``open_shard``), skips the keys the target holds, waits out a
 full cache (``CacheFull``: the sidecar's pressure is an answer, never a failure) and gives back
 each entry bit for bit: the same tensor bytes, dtypes, shapes and metadata (checksum,
@@ -29,8 +30,9 @@ import sys
 import time
 from typing import Any, Iterator
 
-from mmcache.export_format import (DEFAULT_SHARD_SIZE, MANIFEST, ManifestWriter, ShardRefused, ShardSet,
-                                   entry_row, open_manifest, open_shard)
+from mmcache.export_format import (DEFAULT_SHARD_SIZE, DEFAULT_SHARD_SIZE_BYTES, MANIFEST, ManifestWriter, ShardSet,
+                                   entry_row)
+from mmcache.export_reader import ShardRefused, open_manifest, open_shard, scoped_namespace
 from mmcache.serving.progress import Progress
 from mmcache.serving.security import resolve_secret
 from mmcache.serving.sizes import parse_size
@@ -46,7 +48,7 @@ LOOKUP_BATCH_KEYS = 1000
 # ------------------------------------------------------------------------------------ export
 
 def export_entries(client, out_dir: str, *, namespace: str | None = None,
-                   shard_size_bytes: int = parse_size(DEFAULT_SHARD_SIZE), progress: Progress | None = None) -> dict:
+                   shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES, progress: Progress | None = None) -> dict:
     """Write what ``client`` may see (of ``namespace``: ``NS``, or ``TENANT@NS`` for the default
     tenant) into ``out_dir`` (new or empty); returns the summary (entries, bytes, shards, gone)."""
     from mmcache_client import CorruptEntry
@@ -55,7 +57,7 @@ def export_entries(client, out_dir: str, *, namespace: str | None = None,
     if shard_size_bytes <= 0:
         raise ValueError(f"{shard_size_bytes=} must be > 0")
     listed_ns, prefix = _listing_scope(namespace)
-    _prepare_out(out_dir)
+    created = _prepare_out(out_dir)
     progress = progress or _silent("export")
     shards = ShardSet(out_dir, shard_size_bytes)
     manifest = ManifestWriter(out_dir)
@@ -84,6 +86,8 @@ def export_entries(client, out_dir: str, *, namespace: str | None = None,
     except BaseException:
         shards.discard()
         manifest.discard()
+        if created:
+            os.rmdir(out_dir)
         raise
     return {"entries": entries, "bytes": nbytes, "shards": len(table), "gone": gone, "out": out_dir}
 
@@ -116,15 +120,17 @@ def _listed_batches(client, namespace: str | None, prefix: str | None) -> Iterat
         yield batch
 
 
-def _prepare_out(out_dir: str) -> None:
+def _prepare_out(out_dir: str) -> bool:
+    """Check that ``out_dir`` is empty, or create it (True)."""
     if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir):
             raise ValueError(f"{out_dir} exists and is not a folder")
         if os.listdir(out_dir):
             raise ValueError(f"{out_dir} is not empty: an export goes into a new or an empty folder")
-        return
+        return False
     # NOTE: 0700 like the sidecar's data dir: whoever reads the shards reads every embedding.
     os.makedirs(out_dir, mode=0o700)
+    return True
 
 
 # ------------------------------------------------------------------------------------ import
@@ -134,32 +140,28 @@ def import_export(in_dir: str, client, *, namespace: str | None = None, durable:
     """Put the entries of the export in ``in_dir`` (of ``namespace`` only: ``NS`` or
     ``TENANT@NS``) through ``client``; returns the summary. Shards that fail their checks are
     refused whole and named in ``refused_shards``; keys the target holds are skipped."""
-    manifest = open_manifest(in_dir)
     if namespace is not None:
         _listing_scope(namespace)  # validates it
     progress = progress or _silent("import")
-    progress.set_total(manifest.count(namespace))
     summary: dict[str, Any] = {"imported": 0, "skipped": 0, "refused": 0, "failed": 0, "bytes": 0,
                                "refused_shards": [], "dir": in_dir}
-    for shard_name, rows in manifest.rows_by_shard():
-        chosen = [r for r in rows if namespace is None or _scoped_namespace(r) == namespace]
-        if not chosen:
-            continue
-        try:
-            shard = open_shard(in_dir, shard_name, manifest.shards.get(shard_name), rows)
-        except ShardRefused as e:
-            summary["refused"] += len(chosen)
-            summary["refused_shards"].append(shard_name)
-            progress.note(str(e))
-            progress.update(len(chosen), refused=len(chosen))
-            continue
-        with shard:
-            _put_shard(client, shard, chosen, durable, progress, summary)
+    with open_manifest(in_dir) as manifest:
+        progress.set_total(manifest.count(namespace))
+        for shard_name, rows in manifest.rows_by_shard():
+            chosen = [r for r in rows if namespace is None or scoped_namespace(r) == namespace]
+            if not chosen:
+                continue
+            try:
+                shard = open_shard(in_dir, shard_name, manifest.shards.get(shard_name), rows)
+            except ShardRefused as e:
+                summary["refused"] += len(chosen)
+                summary["refused_shards"].append(shard_name)
+                progress.note(str(e))
+                progress.update(len(chosen), refused=len(chosen))
+                continue
+            with shard:
+                _put_shard(client, shard, chosen, durable, progress, summary)
     return summary
-
-
-def _scoped_namespace(row: dict) -> str:
-    return f"{row['tenant']}@{row['namespace']}" if row["tenant"] else row["namespace"]
 
 
 def _put_shard(client, shard, rows: list[dict], durable: bool, progress: Progress, summary: dict) -> None:
@@ -174,7 +176,7 @@ def _put_shard(client, shard, rows: list[dict], durable: bool, progress: Progres
                 progress.update(1, skipped=1)
                 continue
             try:
-                created = _put_patiently(client, _scoped_namespace(row), row["hash"], shard.blob(row), durable)
+                created = _put_patiently(client, scoped_namespace(row), row["hash"], shard.blob(row), durable)
             except EntryTooLarge as e:  # the target's --max-entry-size is smaller than the source's
                 summary["failed"] += 1
                 progress.note(f"{row['key']}: not imported: {e}")

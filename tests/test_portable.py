@@ -22,9 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mmcache.export_format import MANIFEST, MANIFEST_KEY, SHARD_FORMAT
+from mmcache import portable
 from mmcache.portable import export_entries, import_export
 from mmcache.serving.progress import Progress
-from mmcache_client import CacheClient, CacheFull, content_hash
+from mmcache_client import CacheClient, CacheFull, CacheUnavailable, content_hash
 from mmcache_client.format import read_entry
 from sidecar import unix_sidecar
 
@@ -122,6 +123,8 @@ def test_an_export_is_plain_safetensors_and_parquet(source, exported):
     info = json.loads(pq.read_metadata(os.path.join(out, MANIFEST)).metadata[MANIFEST_KEY])
     assert info["format"] == "mmcache-export/1" and info["entries"] == 24 and info["source"] == source.url
     assert [s["name"] for s in info["shards"]] == shards_of(out)
+    assert sorted(os.listdir(out)) == [MANIFEST, *shards_of(out)]  # no temp file left
+    assert any(s["bytes"] > SHARD_SIZE and s["entries"] == 1 for s in info["shards"])  # the 8 KiB entry
     rows = table.to_pylist()
     assert sorted(r["key"] for r in rows) == sorted(source.blobs)
     for shard in info["shards"]:
@@ -187,11 +190,18 @@ def rewrite_shard_table(out: str, shard: str) -> None:
 
 def tamper(out: str, shard: str, how: str) -> None:
     """``data``: flip the last byte of the shard (its last entry's); ``header``: give an entry's
-    embeddings another dtype of the same size, so that the header still tiles the data."""
+    embeddings another dtype of the same size, so that the header still tiles the data;
+    ``length``: a header length past the file; ``missing``: no shard at all. ``+manifest``: the
+    shard table made to agree with the shard as it now is."""
     path = os.path.join(out, shard)
+    if how == "missing":
+        os.unlink(path)
+        return
     data = bytearray(open(path, "rb").read())
     header_len = int.from_bytes(data[:8], "little")
-    if how.startswith("data"):
+    if how.startswith("length"):
+        data[:8] = (1 << 40).to_bytes(8, "little")
+    elif how.startswith("data"):
         data[-1] ^= 0x01
     else:
         header = json.loads(data[8 : 8 + header_len])
@@ -207,7 +217,8 @@ def tamper(out: str, shard: str, how: str) -> None:
 
 @pytest.mark.parametrize("how, why", [
     ("data", "BLAKE3"), ("header", "BLAKE3"),
-    ("data+manifest", "checksum"), ("header+manifest", "in the shard, the manifest says")])
+    ("data+manifest", "checksum"), ("header+manifest", "in the shard, the manifest says"),
+    ("length+manifest", "header: length 1099511627776"), ("missing", "No such file")])
 def test_a_tampered_shard_is_refused_whole_and_named_and_the_others_imported(source, exported, target, tmp_path,
                                                                               how, why):
     out = str(tmp_path / "copy")
@@ -305,6 +316,43 @@ def test_a_full_cache_is_waited_out_not_a_failure(exported, target):
     assert FullOnce.refusals == 2 and result["imported"] == 24 and result["failed"] == 0
 
 
+def test_an_entry_too_large_for_the_target_fails_alone(exported, tmp_path):
+    with unix_sidecar(str(tmp_path / "small"), max_entry_size_bytes=4096) as small, CacheClient(small.url) as c:
+        progress = quiet("import")
+        result = import_export(exported[0], c, progress=progress)
+    assert (result["imported"], result["failed"], result["refused"]) == (23, 1, 0)
+    assert f"ns-b/{h(5)}: not imported" in progress.stream.getvalue()  # the 8 KiB one
+
+
+def test_a_failed_export_leaves_the_folder_as_it_found_it(source, tmp_path, monkeypatch):
+    written: list[list[str]] = []
+
+    class FailsLater(CacheClient):
+        def get_many(self, keys, **kw):
+            if len(written) == 3:
+                written.append(sorted(os.listdir(self.out)))
+                raise CacheUnavailable("the sidecar went away")
+            written.append([])
+            return super().get_many(keys, **kw)
+
+    monkeypatch.setattr(portable, "FETCH_BATCH_KEYS", 4)  # several batches, shards closed before it fails
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (empty, tmp_path / "new"):
+        written.clear()
+        with FailsLater(source.url) as c, pytest.raises(CacheUnavailable):
+            c.out = out
+            export_entries(c, str(out), shard_size_bytes=1024)
+        assert "shard-00001.safetensors" in written[-1] and "manifest.parquet.tmp" in written[-1]
+        assert not os.path.exists(out) if out.name == "new" else os.listdir(out) == []
+
+
+def test_importing_the_module_loads_no_pyarrow_or_safetensors():
+    code = "import sys, mmcache.portable; print(sorted(m for m in ('pyarrow', 'safetensors') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 ADMIN, ALICE, BOB = "admin-token-0123456789abcdef", "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
 
 
@@ -323,7 +371,8 @@ def test_tenants_export_and_import_as_the_caller_may(tmp_path):
             only = export_entries(admin, str(tmp_path / "only"), namespace="alice@tn")
         assert (everything["entries"], alices["entries"], only["entries"]) == (3, 2, 2)
         rows = pq.read_table(str(tmp_path / "all" / MANIFEST)).to_pylist()
-        assert sorted((r["tenant"] or "", r["namespace"]) for r in rows) == [("", "tn"), ("alice", "tn"), ("alice", "tn")]
+        assert sorted((r["tenant"] or "", r["namespace"]) for r in rows) == [
+            ("", "tn"), ("alice", "tn"), ("alice", "tn")]
         assert {r["key"] for r in pq.read_table(str(tmp_path / "alice" / MANIFEST)).to_pylist()} == {
             f"tn/{h('t1')}", f"tn/{h('t2')}"}
         with CacheClient(b.unix_url) as local:  # the default tenant puts each back in its tenant's scope
@@ -366,5 +415,3 @@ def test_the_cli_end_to_end(source, target, tmp_path):
         in done.stderr
     done = run_cli("export", source.url, out)
     assert done.returncode == 2 and f"mmcache export: error: {out} is not empty" in done.stderr
-    done = run_cli("import", str(tmp_path), target.url)
-    assert done.returncode == 2 and "manifest.parquet: missing" in done.stderr
