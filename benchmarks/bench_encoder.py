@@ -61,6 +61,7 @@ from encoder_worker.config import EncoderServeConfig
 from encoder_worker.app import create_app as create_encoder_app
 from mmcache.config import ServeConfig
 from mmcache.server import create_app as create_sidecar_app
+from mmcache.serving.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,11 @@ class ForeignLoad:
         return max(0.0, (self._busy_s() - self._busy0) - (self._own_s() - self._own0)) / elapsed
 
 
-def bench_encode(encoder: Encoder, images: list[Image.Image], batch_sizes, repeats: int) -> list[dict]:
+def bench_encode(encoder: Encoder, images: list[Image.Image], batch_sizes, repeats: int,
+                 name: str = "encode") -> list[dict]:
     """Median per batch size; the sizes take turns within each repeat, so that a burst of load
-    from elsewhere lands on all of them rather than on one."""
+    from elsewhere lands on all of them rather than on one. Progress on stderr as ``name``: batches
+    timed, and each batch over a second (the slow model) on a line of its own."""
     pool = iter(range(10**9))
 
     def next_batch(size: int) -> list[Image.Image]:  # consecutive calls see different images
@@ -170,13 +173,15 @@ def bench_encode(encoder: Encoder, images: list[Image.Image], batch_sizes, repea
     encoder.encode(next_batch(1))  # warm-up: first-call allocations and kernel selection, untimed
     encode_ms = {size: [] for size in batch_sizes}
     pre_ms = {size: [] for size in batch_sizes}
-    for rep in range(repeats):
-        for size in batch_sizes:
-            batch = next_batch(size)
-            encode_ms[size].append(timed_ms(lambda: encoder.encode(batch)))
-            pre_ms[size].append(timed_ms(lambda: encoder.image_processor(images=batch, return_tensors="pt")))
-            if encode_ms[size][-1] > 1000:  # progress, for the slow model
-                print(f"  repeat {rep + 1}/{repeats}, batch {size:>2}: {encode_ms[size][-1]:,.0f} ms", flush=True)
+    with Progress(name, total=repeats * len(batch_sizes), unit="batches", counters=("images",)) as progress:
+        for rep in range(repeats):
+            for size in batch_sizes:
+                batch = next_batch(size)
+                encode_ms[size].append(timed_ms(lambda: encoder.encode(batch)))
+                pre_ms[size].append(timed_ms(lambda: encoder.image_processor(images=batch, return_tensors="pt")))
+                if encode_ms[size][-1] > 1000:
+                    progress.note(f"repeat {rep + 1}/{repeats}, batch {size:>2}: {encode_ms[size][-1]:,.0f} ms")
+                progress.update(1, images=size)
     return [{"batch": size, "encode_ms": statistics.median(encode_ms[size]), "pre_ms": statistics.median(pre_ms[size]),
              "n": repeats} for size in batch_sizes]
 
@@ -239,7 +244,9 @@ class ServiceStack:
         self._loop.close()
 
 
-def bench_service(encoder: Encoder, raws: list[bytes]) -> dict:
+def bench_service(encoder: Encoder, raws: list[bytes], name: str = "service") -> dict:
+    """Each image of ``raws`` POSTed twice (a miss, then a hit); medians. Progress on stderr as
+    ``name``: images done, and each miss over a second on a line of its own."""
     entry_bytes = encoder.num_image_tokens(decode(raws[0])) * encoder.hidden_size * encoder.dtype.itemsize
     with tempfile.TemporaryDirectory(prefix="mmc-bench-", dir="/tmp") as tmp:
         stack = ServiceStack(tmp, encoder, entry_bytes).start()
@@ -256,15 +263,17 @@ def bench_service(encoder: Encoder, raws: list[bytes]) -> dict:
             conn.request("GET", "/healthz")  # opens the keep-alive connection, untimed
             conn.getresponse().read()
             miss_ms, hit_ms = [], []
-            for raw in raws:
-                uri = "data:image/png;base64," + base64.b64encode(raw).decode()
-                box = {}
-                miss_ms.append(timed_ms(lambda: box.update(miss=post(uri))))
-                hit_ms.append(timed_ms(lambda: box.update(hit=post(uri))))
-                if box["miss"]["cached"] or not box["hit"]["cached"]:
-                    raise RuntimeError(f"expected a miss then a hit, got {box}")
-                if miss_ms[-1] > 1000:  # progress, for the slow model
-                    print(f"  image {len(miss_ms)}: miss {miss_ms[-1]:,.0f} ms, hit {hit_ms[-1]:,.2f} ms", flush=True)
+            with Progress(name, total=len(raws), unit="images") as progress:
+                for raw in raws:
+                    uri = "data:image/png;base64," + base64.b64encode(raw).decode()
+                    box = {}
+                    miss_ms.append(timed_ms(lambda: box.update(miss=post(uri))))
+                    hit_ms.append(timed_ms(lambda: box.update(hit=post(uri))))
+                    if box["miss"]["cached"] or not box["hit"]["cached"]:
+                        raise RuntimeError(f"expected a miss then a hit, got {box}")
+                    if miss_ms[-1] > 1000:
+                        progress.note(f"image {len(miss_ms)}: miss {miss_ms[-1]:,.0f} ms, hit {hit_ms[-1]:,.2f} ms")
+                    progress.update(1)
         finally:
             conn.close()
             stack.stop()
@@ -312,10 +321,10 @@ def main() -> int:
         gflop = llava_gflop_per_image(AutoConfig.from_pretrained(model_dir, local_files_only=True))
         print(f"{name}: {str(plan.dtype).removeprefix('torch.')}, {gflop:,.1f} GFLOP/image, "
               f"ready in {time.perf_counter() - t0:.1f} s (build on first use + load)", flush=True)
-        rows = bench_encode(encoder, images, batch_sizes, repeats)
+        rows = bench_encode(encoder, images, batch_sizes, repeats, f"{name} encode")
         num_service = args.service_images or plan.service_images
         service_raws = [png_bytes(10_000 * (i + 1) + seed) for seed in range(num_service)]  # new to the cache
-        service = bench_service(encoder, service_raws)
+        service = bench_service(encoder, service_raws, f"{name} service")
         results.append({"name": name, "dtype": plan.dtype, "gflop": gflop, "rows": rows, "service": service,
                         "foreign": load.share()})
         print(f"  other processes used {100 * results[-1]['foreign']:.0f}% of the CPUs meanwhile\n")

@@ -50,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 from workload import Workload, WorkloadSpec, generate
 
+from mmcache.serving.progress import Progress
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from stack_process import StackProcess  # noqa: E402 - the stack as a child process (the tests' helper)
 
@@ -144,7 +146,8 @@ def _gpu_count() -> int:
 # -- driving one stack ---------------------------------------------------------------------
 
 
-async def _one_request(client, model: str, messages: list, max_tokens: int, delay: float, t0: float) -> dict:
+async def _one_request(client, model: str, messages: list, max_tokens: int, delay: float, t0: float,
+                       progress: Progress | None) -> dict:
     await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
     sent = time.perf_counter()
     first = end = None
@@ -163,30 +166,40 @@ async def _one_request(client, model: str, messages: list, max_tokens: int, dela
     except Exception as e:  # NOTE: a failed request is data (it misses the SLO), not a crash
         error = f"{type(e).__name__}: {e}"[:300]
     ok = error is None and first is not None
+    if progress is not None:  # NOTE: once per request, after its clock stopped
+        progress.update(1, errors=int(error is not None))
     return {"sent_s": sent - t0, "ttft_s": first - sent if ok else None, "e2e_s": end - sent if ok else None,
             "tpot_s": (end - first) / (tokens - 1) if ok and tokens > 1 else None,
             "completion_tokens": tokens, "prompt_tokens": prompt_tokens, "error": error}
 
 
-async def drive(url: str, model: str, workload: Workload) -> list[dict]:
-    """Every request of ``workload`` at its arrival time; per-request records."""
+async def drive(url: str, model: str, workload: Workload, progress: Progress | None = None) -> list[dict]:
+    """Every request of ``workload`` at its arrival time; per-request records. ``progress``:
+    counts each request as it completes, failed ones as ``errors`` too."""
     import openai
 
     payloads = [r.to_openai_messages(workload) for r in workload.requests]  # NOTE: images rendered before t0
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600) as client:
         t0 = time.perf_counter()
-        rows = await asyncio.gather(*(_one_request(client, model, m, r.max_tokens, r.arrival_s, t0)
+        rows = await asyncio.gather(*(_one_request(client, model, m, r.max_tokens, r.arrival_s, t0, progress)
                                       for r, m in zip(workload.requests, payloads)))
     for r, row in zip(workload.requests, rows):
         row.update(index=r.index, arrival_s=r.arrival_s, images=len(r.image_ids), max_tokens=r.max_tokens)
     return rows
 
 
-def warm_up(url: str, model: str, spec: WorkloadSpec, requests: int = 1) -> None:
+def warm_up(url: str, model: str, spec: WorkloadSpec, requests: int = 1, label: str = "warm-up") -> None:
     """``requests`` requests of ``spec``'s kind, all at once, with images of their own: a stack's
-    first forwards are slow, and that is no workload's cost."""
-    asyncio.run(drive(url, model, generate(replace(spec, num_requests=requests, seed=spec.seed + 999_999,
-                                                   rate=float("inf")))))
+    first forwards are slow, and that is no workload's cost. Progress on stderr as ``label``."""
+    with Progress(label, total=requests, unit="requests", counters=("errors",)) as progress:
+        asyncio.run(drive(url, model, generate(replace(spec, num_requests=requests, seed=spec.seed + 999_999,
+                                                       rate=float("inf"))), progress))
+
+
+def run_progress(label: str, workload: Workload) -> Progress:
+    """The progress of one measured run on stderr (stdout stays the results): requests completed
+    of the workload's, failed ones as ``errors``."""
+    return Progress(label, total=len(workload.requests), unit="requests", counters=("errors",))
 
 
 def cache_counters(system: str, stats: dict) -> tuple[int, int]:
@@ -235,8 +248,10 @@ def epd_shape_flags(profile: Profile) -> list[str]:
 
 
 def run_system(system: str, profile: Profile, model_dir: str, specs: list[WorkloadSpec], dtype: str | None,
-               workdir: Path, extra_flags: tuple[str, ...] = (), nodes: int = 1) -> tuple[list[dict], dict]:
-    """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "shared_mib", "startup_s"})."""
+               workdir: Path, extra_flags: tuple[str, ...] = (), nodes: int = 1,
+               run: str = "") -> tuple[list[dict], dict]:
+    """Start ``system``, warm it up, run each spec; (rows, {"memory_mib", "shared_mib", "startup_s"}).
+    ``run`` (e.g. ``run 2/6``) names the run in the progress lines."""
     flags = [*SYSTEMS.get(system, NODE_SYSTEMS.get(system, ())), "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"{system}-", dir=workdir),
              "--port", "0", "--host-capacity", profile.cache_capacity, "--log-level", "warning"]
     if not system.startswith("aggregated"):
@@ -258,13 +273,15 @@ def run_system(system: str, profile: Profile, model_dir: str, specs: list[Worklo
     with StackProcess(*flags, env=env) as up:
         startup_s = time.perf_counter() - t0
         model = Path(model_dir).name
-        warm_up(up.url, model, specs[0])
+        name = f"{system} ({run})" if run else system
+        warm_up(up.url, model, specs[0], label=f"{name} warm-up")
         for spec in specs:
             workload = generate(spec)
             before = cache_counters(system, up.stats())
-            t = time.perf_counter()
-            got = asyncio.run(drive(up.url, model, workload))
-            wall = time.perf_counter() - t
+            with run_progress(f"{name} rate {spec.rate:g}/s", workload) as progress:
+                t = time.perf_counter()
+                got = asyncio.run(drive(up.url, model, workload, progress))
+                wall = time.perf_counter() - t
             after = cache_counters(system, up.stats())
             refs, hits = after[0] - before[0], after[1] - before[1]
             for row in got:
@@ -461,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             # NOTE: a fresh stack per (rate, system), the systems taking turns per rate in an order
             # that rotates with the rate: this shared machine's speed drifts by tens of percent
             # over minutes, and running each system's rates back to back would bill the drift to it.
-            for system in systems[i % len(systems):] + systems[:i % len(systems)]:
+            for j, system in enumerate(systems[i % len(systems):] + systems[:i % len(systems)]):
                 extra = epd_extra if not system.startswith("aggregated") else ()
-                got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra, args.nodes)
+                run = f"run {i * len(systems) + j + 1}/{len(specs) * len(systems)}"
+                got, info = run_system(system, profile, model_dir, [spec], dtype, Path(workdir), extra, args.nodes,
+                                       run)
                 rows += got
                 extras[system]["startup_s"].append(info["startup_s"])
                 for what in ("memory_mib", "shared_mib"):

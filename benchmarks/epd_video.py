@@ -32,6 +32,8 @@ from clips import data_uri, feed, make_clip
 from hostinfo import describe
 from stack_process import StackProcess
 
+from mmcache.serving.progress import Progress
+
 
 @dataclass(frozen=True)
 class VideoShape:
@@ -73,7 +75,9 @@ def _frames(system: str, stats: dict) -> tuple[int, int]:
 
 
 def run_system(system: str, model_dir: str, shape: VideoShape, clips: list[bytes], flags: list[str],
-               workdir: Path, cache_capacity: str) -> list[dict]:
+               workdir: Path, cache_capacity: str, run: str = "") -> list[dict]:
+    """``system`` started fresh, warmed up on another feed, then asked each clip in turn; a row per
+    clip. Progress on stderr: windows answered (``run``, e.g. ``run 1/2``, names the run)."""
     import openai
 
     args = [*SYSTEMS[system], "--model", model_dir, "--data-dir", tempfile.mkdtemp(prefix=f"video-{system}-", dir=workdir),
@@ -101,14 +105,17 @@ def run_system(system: str, model_dir: str, shape: VideoShape, clips: list[bytes
         # NOTE: warm-up on another feed (its frames share nothing with the measured windows)
         ask(make_clip(feed(int(shape.window_s * shape.source_fps), size=shape.frame_size, seed=12345),
                       fps=shape.source_fps))
-        for i, clip in enumerate(clips):
-            before = _frames(system, up.stats())
-            ttft, e2e = ask(clip)
-            after = _frames(system, up.stats())
-            rows.append({"system": system, "window": i, "ttft_s": ttft, "e2e_s": e2e,
-                         "frames": after[0] - before[0], "frames_encoded": after[1] - before[1]})
-            print(f"  {system:15s} window {i}: {rows[-1]['frames_encoded']}/{rows[-1]['frames']} frames encoded, "
-                  f"TTFT {ttft:.3f} s", flush=True)
+        with Progress(f"{system} ({run})" if run else system, total=len(clips), unit="windows",
+                      counters=("frames encoded",)) as progress:
+            for i, clip in enumerate(clips):
+                before = _frames(system, up.stats())
+                ttft, e2e = ask(clip)
+                after = _frames(system, up.stats())
+                rows.append({"system": system, "window": i, "ttft_s": ttft, "e2e_s": e2e,
+                             "frames": after[0] - before[0], "frames_encoded": after[1] - before[1]})
+                progress.update(1, **{"frames encoded": rows[-1]["frames_encoded"]})
+                print(f"  {system:15s} window {i}: {rows[-1]['frames_encoded']}/{rows[-1]['frames']} frames encoded, "
+                      f"TTFT {ttft:.3f} s", flush=True)
     return rows
 
 
@@ -152,8 +159,9 @@ def run(profile: str, model_dir: str, systems: list[str], flags_for, cache_capac
     print(f"machine: {describe()}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmc-video-", dir="/tmp") as workdir:
-        for system in systems:
-            rows += run_system(system, model_dir, shape, clips, flags_for(system), Path(workdir), cache_capacity)
+        for k, system in enumerate(systems, 1):
+            rows += run_system(system, model_dir, shape, clips, flags_for(system), Path(workdir), cache_capacity,
+                               f"run {k}/{len(systems)}")
     summary = summarise(rows)
     print_table(summary, shape)
     out.mkdir(parents=True, exist_ok=True)

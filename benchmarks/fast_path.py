@@ -42,6 +42,7 @@ from hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
 from mmcache.config import parse_size
+from mmcache.serving.progress import Progress, human_bytes
 
 NS = "bench"
 HIDDEN = 4096
@@ -276,7 +277,13 @@ def lines(sizes: list[int], repeats: int, use_redis: bool = True, host_bytes: in
         unix = CacheClient(f"unix://{sidecar.sock}")
         http = CacheClient(f"http://127.0.0.1:{sidecar.port}")
         try:
-            rows = [bench_size(unix, http, redis_server.client if redis_server else None, n, repeats) for n in sizes]
+            rows = []
+            # NOTE: progress on stderr per entry size, never inside a timed loop
+            with Progress("fast path", total=len(sizes), unit="sizes") as progress:
+                for n in sizes:
+                    rows.append(bench_size(unix, http, redis_server.client if redis_server else None, n, repeats))
+                    progress.note(f"{human_bytes(n)} entries measured")
+                    progress.update(1)
         finally:
             unix.close()
             http.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from epd import drive, warm_up  # noqa: E402
+from epd import drive, run_progress, warm_up  # noqa: E402
 from hostinfo import describe  # noqa: E402
 from stack_process import StackProcess  # noqa: E402
 
@@ -113,16 +113,18 @@ def measured(model_dir: str, workload_text: str, shape: tuple[int, int, int], sl
     e, p, d = shape
     out: dict = {"shape": f"E{e} P{p} D{d}"}
     with tempfile.TemporaryDirectory(prefix="mmc-shift-", dir="/tmp") as workdir:
-        for name, extra in (("static", []), ("elastic", ["--elastic", *_policy_flags(policy)])):
+        for k, (name, extra) in enumerate((("static", []), ("elastic", ["--elastic", *_policy_flags(policy)])), 1):
             flags = ["--encoders", str(e), "--prefill", str(p), "--decode", str(d), "--encoder-batch", "1",
                      "--model", model_dir, "--port", "0", "--log-level", "warning",
                      "--data-dir", tempfile.mkdtemp(dir=workdir), *extra]
             with StackProcess(*flags) as up:
                 model = Path(model_dir).name
-                warm_up(up.url, model, phases[0], requests=2)
-                t0 = time.perf_counter()
-                rows = asyncio.run(drive(up.url, model, workload))
-                wall = time.perf_counter() - t0
+                label = f"{name} E{e} P{p} D{d} (run {k}/2)"
+                warm_up(up.url, model, phases[0], requests=2, label=f"{label} warm-up")
+                with run_progress(label, workload) as progress:
+                    t0 = time.perf_counter()
+                    rows = asyncio.run(drive(up.url, model, workload, progress))
+                    wall = time.perf_counter() - t0
                 stats = up.stats()
             out[name] = {"phases": per_phase(rows, phase_of, *slo), "wall_s": round(wall, 1),
                          "switches": (stats.get("elastic") or {}).get("history", []),

@@ -29,7 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epd import drive, summarise, warm_up  # noqa: E402
+from epd import drive, run_progress, summarise, warm_up  # noqa: E402
 from hostinfo import describe  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -55,15 +55,19 @@ def parse_allocation(text: str, capacity: float) -> Allocation:
     return Allocation(e, p, d, eb, db, placement="EPD", devices=1, device_capacity=capacity)
 
 
-def measure(alloc: Allocation, model_dir: str, workload, workdir: Path) -> tuple[list[dict], float]:
+def measure(alloc: Allocation, model_dir: str, workload, workdir: Path, run: str = "") -> tuple[list[dict], float]:
+    """One measured run of ``workload`` on ``alloc``'s stack: (rows, start-up s). ``run`` (e.g.
+    ``run 2/5``) names it in the progress lines on stderr."""
     flags = [*alloc.up_flags(), "--model", model_dir, "--port", "0", "--log-level", "warning",
              "--data-dir", tempfile.mkdtemp(prefix="plan-", dir=workdir)]
     t0 = time.perf_counter()
     with StackProcess(*flags) as up:
         startup = time.perf_counter() - t0
         model = Path(model_dir).name
-        warm_up(up.url, model, workload.spec)
-        rows = asyncio.run(drive(up.url, model, workload))
+        name = f"{alloc.name} ({run})" if run else alloc.name
+        warm_up(up.url, model, workload.spec, label=f"{name} warm-up")
+        with run_progress(name, workload) as progress:
+            rows = asyncio.run(drive(up.url, model, workload, progress))
     return rows, startup
 
 
@@ -99,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"workload: {args.workload}; {len(workload.requests)} requests, {workload.num_image_refs()} images")
     rows, lengths = [], None
     with tempfile.TemporaryDirectory(prefix="mmc-plan-", dir="/tmp") as workdir:
-        for alloc in allocations:
-            got, startup = measure(alloc, model_dir, workload, Path(workdir))
+        for k, alloc in enumerate(allocations, 1):
+            got, startup = measure(alloc, model_dir, workload, Path(workdir), f"run {k}/{len(allocations)}")
             if lengths is None:
                 lengths = [max(1, r["completion_tokens"]) if r["error"] is None else w.max_tokens
                            for r, w in zip(got, workload.requests)]

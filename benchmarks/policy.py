@@ -41,6 +41,7 @@ GDSF's inflation).
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import json
 import math
@@ -56,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 
 from mmcache.policies import EvictionPolicy, make_policy
+from mmcache.serving.progress import Progress
 
 HIDDEN = 4096
 FP16_BYTES = 2
@@ -343,16 +345,25 @@ def gap_closed(result: SimResult, lru: SimResult, best: SimResult) -> float:
     return (result.byte_hit_ratio - lru.byte_hit_ratio) / gap if gap > 0 else math.nan
 
 
-def run_capacity(trace: Trace, capacity_bytes: int) -> list[SimResult]:
-    """Every policy and reference at one capacity, in table order."""
-    return [
-        simulate("lru", trace, capacity_bytes),
-        simulate("gdsf", trace, capacity_bytes),
-        simulate("cost-lfu", trace, capacity_bytes),
-        static_popularity(trace, capacity_bytes),
-        belady(trace, capacity_bytes),
-        belady_size(trace, capacity_bytes),
-    ]
+RUNS = (
+    ("lru", functools.partial(simulate, "lru")),
+    ("gdsf", functools.partial(simulate, "gdsf")),
+    ("cost-lfu", functools.partial(simulate, "cost-lfu")),
+    ("static-popularity", static_popularity),
+    ("belady", belady),
+    ("belady-size", belady_size),
+)
+"""Every policy and reference, in table order: (name, run(trace, capacity_bytes))."""
+
+
+def run_capacity(trace: Trace, capacity_bytes: int, progress: Progress | None = None) -> list[SimResult]:
+    """Every policy and reference at one capacity, in table order; ``progress`` counts each run."""
+    results = []
+    for _, run in RUNS:
+        results.append(run(trace, capacity_bytes))
+        if progress is not None:
+            progress.update(1)
+    return results
 
 
 def describe_trace(trace: Trace) -> str:
@@ -417,12 +428,14 @@ def main(argv: list[str] | None = None) -> int:
           "  next use, may bypass; belady-size: evicts the largest size * next-use distance;\n"
           "  static-popularity: pins the truly most popular images (a ceiling for online policies)")
     tables, verdicts = [], []
-    for fraction in args.capacities:
-        rows = run_capacity(trace, int(trace.pool_bytes * fraction))
-        closed = print_table(fraction, rows)
-        verdicts.append((fraction, closed))
-        tables.append({"capacity_fraction": fraction, "gap_closed": closed,
-                       "results": [r.to_dict() for r in rows]})
+    # NOTE: progress on stderr, counted per simulated run (a policy at a capacity), never per request
+    with Progress("policy", total=len(args.capacities) * len(RUNS), unit="runs") as progress:
+        for fraction in args.capacities:
+            rows = run_capacity(trace, int(trace.pool_bytes * fraction), progress)
+            closed = print_table(fraction, rows)
+            verdicts.append((fraction, closed))
+            tables.append({"capacity_fraction": fraction, "gap_closed": closed,
+                           "results": [r.to_dict() for r in rows]})
     passed = {}
     print()
     for name in COST_AWARE:

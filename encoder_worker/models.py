@@ -176,7 +176,7 @@ def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden
     """
     step = progress or _no_steps
     total = TINY_STEPS + 2
-    out = Path(build_tiny_llava(out_dir, seed, lambda done, _, what: step(done, total, what)))
+    out = Path(build_tiny_llava(out_dir, seed, lambda done, _, what: step(done, total, f"tiny-llava base: {what}")))
     # NOTE: tiny-llava's tokenizer, chat template and image processor are kept as written above; its
     # model files are overwritten below. The text model is one layer with a single 64-wide attention
     # head and a 256-wide MLP: the projector needs its hidden size, nothing needs its quality, and a

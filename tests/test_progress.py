@@ -4,18 +4,25 @@ first use (``encoder_worker.models.ensure_model``: its steps, and a wait on anot
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import importlib.util
 import io
+import json
 import re
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from transformers.utils import logging as hf_logging
 
 from encoder_worker import models
 from encoder_worker.models import TINY_STEPS, ensure_model
 from mmcache.serving.progress import Progress, human_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Clock:
@@ -247,3 +254,70 @@ def test_ensure_model_builds_when_the_other_build_left_nothing(tmp_path, capsys,
     assert lines[2].startswith("model tiny-llava: building into ")
     assert sum(bool(re.fullmatch(STEP, line)) for line in lines) == TINY_STEPS
     assert (target / "model.safetensors").is_file()
+
+
+# -- the benchmarks' runs ----------------------------------------------------------------------
+
+def _chat_server() -> web.Application:
+    """An OpenAI-style streaming chat endpoint answering one token, and HTTP 500 to every request
+    whose prompt text has an odd length: requests that fail as a stack's can."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        text = "".join(part.get("text", "") for m in body["messages"] for part in
+                       (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
+        if len(text) % 2:
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+        for data in ({**chunk, "choices": [{"index": 0, "delta": {"content": "a"}, "token_ids": [5],
+                                            "finish_reason": None}]},
+                     {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1,
+                                                        "total_tokens": 4}}):
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+def test_the_benchmarks_drive_counts_each_request_and_its_errors():
+    """``benchmarks/epd.py``'s ``drive`` (plan_validate and phase_shift drive through it too):
+    one update per completed request, failures counted as ``errors``, as its rows say."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import epd
+    from llm_worker.workload import WorkloadSpec, generate
+
+    workload = generate(WorkloadSpec(rate=float("inf"), num_requests=12, images_max=1, images_mean=1,
+                                     output_tokens_max=8, seed=3))
+    stream = io.StringIO()
+    progress = Progress("epd (run 1/3) rate 4/s", total=len(workload.requests), unit="requests",
+                        counters=("errors",), stream=stream)
+
+    async def run() -> list[dict]:
+        runner = web.AppRunner(_chat_server(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            return await epd.drive(f"http://127.0.0.1:{runner.addresses[0][1]}", "m", workload, progress)
+        finally:
+            await runner.cleanup()
+    rows = asyncio.run(run())
+    progress.close()
+    errors = sum(r["error"] is not None for r in rows)
+    assert 0 < errors < len(rows) and all(r["ttft_s"] > 0 for r in rows if r["error"] is None)
+    assert (progress.done, progress.counters) == (12, {"errors": errors})
+    assert re.fullmatch(rf"epd \(run 1/3\) rate 4/s: 12/12 requests \(100%\), [0-9.e+]+ requests/s, "
+                        rf"errors {errors}, \d+ s\n", stream.getvalue())
+
+
+def test_the_policy_benchmark_counts_its_runs_on_stderr(capsys):
+    spec = importlib.util.spec_from_file_location("policy_bench_progress", ROOT / "benchmarks" / "policy.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # NOTE: dataclasses look their module up while being built
+    spec.loader.exec_module(bench)
+    assert bench.main(["--requests", "3000", "--pool", "200", "--capacities", "0.05,0.2"]) == 0
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"policy: 12/12 runs \(100%\), [0-9.e+]+ runs/s, \d+ s\n", captured.err)
+    assert "capacity 0.05 of pool" in captured.out and "policy:" not in captured.out
