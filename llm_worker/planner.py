@@ -156,8 +156,7 @@ def _measure(args: argparse.Namespace) -> int:
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
         if value:
             argv += [flag, value]
-    if args.quick:
-        argv.append("--quick")
+    argv += [flag for flag, on in (("--quick", args.quick), ("--quiet", args.quiet)) if on]
     return plan_profile.main(argv)
 
 
@@ -185,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="measuring: cpu, cuda, cuda:N (default: cuda when visible)")
     p.add_argument("--dtype", help="measuring: weights dtype (default: float32 on a CPU)")
     p.add_argument("--quick", action="store_true", help="measuring: a small grid (minutes for a large model)")
+    p.add_argument("--quiet", action="store_true", help="measuring: plain progress lines instead of a bar")
     args = p.parse_args(argv)
     if args.workload is None:
         if args.workers is not None or args.slo_ttft is not None or args.slo_tpot is not None:

@@ -172,3 +172,13 @@ def test_fewer_devices_than_workers_share_them():
         for c in ranking:
             places = c.allocation.device_of()
             assert {d for _, d in places} <= set(range(devices)) and len(places) == workers
+
+
+def test_profile_alone_measures_with_the_flags_passed_on(monkeypatch, tmp_path):
+    """``mmcache plan --profile P`` alone runs the profiler, with --quick and --quiet passed on."""
+    from llm_worker import plan_profile, planner
+
+    seen = []
+    monkeypatch.setattr(plan_profile, "main", lambda argv: seen.append(argv) or 0)
+    assert planner.main(["--profile", str(tmp_path / "p.json"), "--quick", "--quiet"]) == 0
+    assert seen and {"--quick", "--quiet"} <= set(seen[0]) and str(tmp_path / "p.json") in seen[0]
