@@ -43,197 +43,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-"""What a folder source picks up (case-insensitive); other files are not images to warm."""
+from mmcache.warm_sources import Item, WarmError, open_sources, read_file
+
+__all__ = ["Budget", "Settings", "Target", "WarmError", "open_sources", "warm"]
+
 DEFAULT_MAX_IMAGE_BYTES = 20 << 20
 """The encoders' own default limit (``MediaLimits.max_bytes``): a bigger image would be refused."""
-_PATH_COLUMNS = ("path", "file", "filename", "file_name", "image_path", "url", "image_url", "uri")
 _IMAGE_ERROR = re.compile(r"^image (\d+): (.*)$", re.S)
 _MAX_LISTED_FAILURES = 20
-
-
-class WarmError(ValueError):
-    """The run cannot start or go on (a bad source, no encoder, a dead encoder): names why."""
-
-
-# ------------------------------------------------------------------------------- sources
-
-@dataclass
-class Item:
-    """One image of the corpus: ``name`` says where it came from (in failures), ``path``/``url``
-    or ``data`` how to read it."""
-
-    name: str
-    path: str | None = None
-    url: str | None = None
-    data: bytes | None = None
-    hash: str = ""
-    reserved: int = 0
-    """Bytes of the memory budget this item holds."""
-    size: int = 0
-    """Bytes read (0 until read)."""
-    owner: bool = False
-    """The first of this run's items with its hash (a later one with the same hash is a hit)."""
-
-
-def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
-
-
-def _walk(folder: Path) -> Iterator[Item]:
-    """Image files under ``folder``, recursively, in a stable (sorted) order; symlinked folders
-    are not followed (a loop would never end)."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                path = os.path.join(root, name)
-                yield Item(os.path.relpath(path, folder.parent), path=path)
-
-
-def _count_folder(folder: Path) -> int:
-    return sum(1 for root, _, files in os.walk(folder) for name in files
-               if Path(name).suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _list_lines(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield line
-
-
-def _from_list(path: Path) -> Iterator[Item]:
-    base = path.parent
-    for k, line in enumerate(_list_lines(path), 1):
-        if _is_url(line):
-            yield Item(line, url=line)
-        elif line.startswith("file://"):
-            yield Item(line, path=line[len("file://"):])
-        elif "://" in line:
-            yield Item(f"{path.name}:{k}: {line}", path=None)  # NOTE: fails as "unsupported", the run goes on
-        else:
-            yield Item(line, path=str(base / line))
-
-
-def _parquet_column(schema, column: str | None) -> tuple[str, str]:
-    """``(name, kind)`` of the image column: ``bytes``, ``text`` (paths or URLs) or ``struct``
-    (``{bytes, path}``). Named by ``column``, else found: the first binary column, else a
-    ``{bytes, path}`` struct, else a string column with a path-like name."""
-    import pyarrow as pa
-
-    def kind_of(typ) -> str | None:
-        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
-            return "bytes"
-        if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-            return "text"
-        if pa.types.is_struct(typ) and {typ.field(i).name for i in range(typ.num_fields)} & {"bytes", "path"}:
-            return "struct"
-        return None
-
-    fields = {f.name: f.type for f in schema}
-    if column is not None:
-        if column not in fields:
-            raise WarmError(f"the Parquet file has no column {column!r} (it has {', '.join(fields) or 'none'})")
-        kind = kind_of(fields[column])
-        if kind is None:
-            raise WarmError(f"column {column!r} is {fields[column]}: expected image bytes, a path/URL string or "
-                            "a {bytes, path} struct")
-        return column, kind
-    for wanted in ("bytes", "struct"):
-        for name, typ in fields.items():
-            if kind_of(typ) == wanted:
-                return name, wanted
-    for name, typ in fields.items():
-        if kind_of(typ) == "text" and name.lower() in _PATH_COLUMNS:
-            return name, "text"
-    raise WarmError(f"no image column found among {', '.join(fields) or 'none'}: name one with --column "
-                    "(binary image bytes, a path/URL string, or a {bytes, path} struct)")
-
-
-def _from_parquet(path: Path, column: str | None, rows_per_batch: int) -> Iterator[Item]:
-    """Rows of the image column, ``rows_per_batch`` at a time: a buffered read (``buffer_size``,
-    no pre-buffering), one row group after another, so a file larger than memory is never held
-    whole. NOTE: pyarrow decodes a row group's column at once: the memory this takes is about one
-    row group of the image column (writers keep them to ~100 MB; HF datasets to far less)."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
-    name, kind = _parquet_column(pf.schema_arrow, column)
-    base, row = path.parent, 0
-    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[name], use_threads=False):
-        for value in batch.column(0).to_pylist():
-            where = f"{path.name}[row {row}]"
-            row += 1
-            if kind == "struct" and isinstance(value, dict):
-                data, ref = value.get("bytes"), value.get("path")
-                value = data if data is not None else ref
-                where += f" {ref}" if ref else ""
-            if value is None:
-                yield Item(where)  # NOTE: fails as "no image in this row"
-            elif isinstance(value, (bytes, bytearray)):
-                yield Item(where, data=bytes(value))
-            elif _is_url(value):
-                yield Item(f"{where} {value}", url=value)
-            else:
-                yield Item(f"{where} {value}", path=str(base / value.removeprefix("file://")))
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
-
-
-def open_sources(sources: list[str], column: str | None = None, rows_per_batch: int = 16) -> tuple[Iterator[Item], int]:
-    """The items of every source in order, and how many there are. Each source is checked
-    before the run starts (so a typo fails at once, not after an hour)."""
-    plans: list[tuple[Path, str]] = []
-    total = 0
-    for text in sources:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            plans.append((path, "folder"))
-            total += _count_folder(path)
-        elif not path.is_file():
-            raise WarmError(f"source {text!r} is neither a folder nor a file")
-        elif path.suffix.lower() == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-
-                _parquet_column(pq.ParquetFile(path).schema_arrow, column)
-            except WarmError:
-                raise
-            except Exception as e:  # pyarrow's own errors: not Parquet, truncated
-                raise WarmError(f"source {text!r} is not a readable Parquet file: {e}") from None
-            plans.append((path, "parquet"))
-            total += _parquet_rows(path)
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            plans.append((path, "image"))
-            total += 1
-        else:
-            try:
-                total += sum(1 for _ in _list_lines(path))
-            except UnicodeDecodeError:
-                raise WarmError(f"source {text!r} is not a folder, an image, a Parquet file or a text list of "
-                                "paths/URLs") from None
-            plans.append((path, "list"))
-
-    def items() -> Iterator[Item]:
-        for path, kind in plans:
-            if kind == "folder":
-                yield from _walk(path)
-            elif kind == "parquet":
-                yield from _from_parquet(path, column, rows_per_batch)
-            elif kind == "image":
-                yield Item(str(path), path=str(path))
-            else:
-                yield from _from_list(path)
-    return items(), total
 
 
 # ------------------------------------------------------------------------------- memory
@@ -256,6 +75,12 @@ class Budget:
             self.held += n
             self.peak = max(self.peak, self.held)
 
+    def force(self, n: int) -> None:
+        """Count ``n`` more bytes held now, without waiting (an item turned out larger than its
+        reservation: the bytes are here already; later acquires wait for them)."""
+        self.held += n
+        self.peak = max(self.peak, self.held)
+
     async def release(self, n: int) -> None:
         if n <= 0:
             return
@@ -275,6 +100,8 @@ class Target:
     cache_token: str | None = None
     namespace: str = ""
     started: "StartedEncoder | None" = None
+    token_tenant: str | None = None
+    """The tenant the cache token belongs to (the sidecar scopes every key it names to it)."""
 
 
 def discover_stack(data_dir: str) -> tuple[list[str], str]:
@@ -374,8 +201,9 @@ class Settings:
     lookup_batch: int = 64
     fetch_concurrency: int = 8
     tenant: str | None = None
-    max_wait_s: float = 600.0
-    """Longest one batch waits out pressure (503s) before its images are counted failed."""
+    max_wait_s: float = 0.0
+    """Longest one batch waits out pressure (503s) before its images are counted failed; 0: as
+    long as it lasts (pressure is an answer to wait on, not a failure)."""
     fetch_timeout_s: float = 30.0
 
 
@@ -414,7 +242,10 @@ class Warmer:
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue()
         self.inflight_hashes: set[str] = set()
         self.encoder_load = {url: 0 for url in target.encoders}
-        self.scope = f"{settings.tenant}@{target.namespace}" if settings.tenant else target.namespace
+        # NOTE: a tenant's token names plain keys (the sidecar adds its tenant); a trusted one
+        # names the tenant it warms for
+        self.scope = f"{settings.tenant}@{target.namespace}" if settings.tenant and not target.token_tenant \
+            else target.namespace
         self._failures_file = None
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -449,29 +280,35 @@ class Warmer:
         from mmcache_client import content_hash
 
         limit = self.settings.max_image_bytes
+        if item.error is not None:
+            return item.error
         try:
             if item.data is None and item.path is not None:
-                item.data = await asyncio.to_thread(_read_file, item.path, limit)
+                item.data = await asyncio.to_thread(read_file, item.path, limit)
             elif item.data is None and item.url is not None:
                 item.data = await self._fetch(item.url, limit)
             elif item.data is None:
-                return "no image here (an empty row, or an unsupported URL scheme: http(s):// and paths only)"
+                return "nothing to read"
         except (OSError, ValueError) as e:
-            return str(e) or type(e).__name__
+            return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
         except asyncio.TimeoutError:
             return f"timed out after {self.settings.fetch_timeout_s:g} s"
         except Exception as e:  # aiohttp.ClientError and kin: the URL failed, the run goes on
             return f"{type(e).__name__}: {e}"
-        if len(item.data) > limit:
-            return f"{len(item.data)} bytes, over --max-image-bytes={limit}"
-        if not item.data:
-            return "empty file"
         size = item.size = len(item.data)
+        # NOTE: the reservation was an estimate (a URL's size is known once fetched, a file may
+        # have grown): held bytes are counted as they are, never fewer
+        if size > item.reserved:
+            self.budget.force(size - item.reserved)
+        else:
+            await self.budget.release(item.reserved - size)
+        item.reserved = size
+        if size > limit:
+            return f"over --max-image-bytes={limit}"
+        if not size:
+            return "empty file"
         item.hash = await asyncio.to_thread(content_hash, item.data) if size > 1 << 20 else content_hash(item.data)
         self.report.bytes_read += size
-        # NOTE: the reservation was an estimate (a URL's size is known once fetched)
-        await self.budget.release(item.reserved - size)
-        item.reserved = min(item.reserved, size)
         return None
 
     async def _fetch(self, url: str, limit: int) -> bytes:
@@ -497,7 +334,7 @@ class Warmer:
         if item.path is not None:
             try:
                 return min(os.stat(item.path).st_size, self.settings.max_image_bytes)
-            except OSError:
+            except (OSError, ValueError):  # NOTE: ValueError: a NUL in the path; the read names it
                 return 0
         return self.settings.max_image_bytes if item.url is not None else 0
 
@@ -593,7 +430,7 @@ class Warmer:
         """Encode ``batch``; a bad image named by the encoder is failed and the rest sent again;
         503s are waited out (up to ``max_wait_s``); an encoder that does not answer is retried
         on another."""
-        deadline = time.monotonic() + self.settings.max_wait_s
+        deadline = time.monotonic() + self.settings.max_wait_s if self.settings.max_wait_s > 0 else float("inf")
         unreachable = 0
         while batch:
             url = min(self.encoder_load, key=self.encoder_load.get)
@@ -691,12 +528,6 @@ class Warmer:
         return self.report
 
 
-def _read_file(path: str, limit: int) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    return data
-
-
 def _data_uri(data: bytes) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(data).decode("ascii")
 
@@ -727,12 +558,18 @@ async def warm(sources: list[str], target: Target, settings: Settings, *, column
     from mmcache.serving.progress import Progress
     from mmcache_client import AsyncCacheClient
 
-    items, total = open_sources(sources, column)
+    items, total = open_sources(sources, column, memory_bytes=settings.memory_bytes)
     connector = aiohttp.TCPConnector(limit=max(settings.concurrency, 2 * len(target.encoders)) + settings.fetch_concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
                                      read_bufsize=1 << 20) as session, \
             AsyncCacheClient(target.cache, token=target.cache_token) as cache:
         target.namespace = await _namespace(session, target.encoders)
+        target.token_tenant = (await cache.stats()).get("tenant")
+        if target.token_tenant:
+            if settings.tenant not in (None, target.token_tenant):
+                raise WarmError(f"the cache token is tenant {target.token_tenant!r}'s: it cannot warm tenant "
+                                f"{settings.tenant!r}'s scope (use that tenant's token, or the sidecar's own)")
+            settings.tenant = target.token_tenant  # NOTE: the encoders must write where the lookups look
         with Progress("warm", total=total, unit="images", counters=("hits", "encoded", "failures"),
                       quiet=quiet, interval_s=interval_s, stream=stream) as progress:
             warmer = Warmer(target, settings, progress, session, cache)
@@ -828,8 +665,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", default="20MiB", metavar="SIZE",
                    help="larger images fail without an upload (default 20MiB, the encoders' own limit)")
     p.add_argument("--fetch-timeout", type=float, default=30.0, metavar="S", help="seconds per image URL fetched")
-    p.add_argument("--max-wait", type=float, default=600.0, metavar="S",
-                   help="longest a batch waits out a busy stack (503s) before its images count as failed")
+    p.add_argument("--max-wait", type=float, default=0.0, metavar="S",
+                   help="longest a batch waits out a busy stack (503s) before its images count as failed "
+                        "(default 0: as long as the stack is busy)")
     p.add_argument("--failures", metavar="FILE", help="write every failure here, one JSON object per line")
     p.add_argument("--quiet", action="store_true", help="plain progress lines instead of a bar")
     p.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between plain progress lines")

@@ -163,7 +163,48 @@ def test_a_list_of_paths_and_urls(tmp_path):
     assert total == len(items) == 5
     assert items[0].path == str(tmp_path / "a.png")  # relative to the list's folder
     assert items[1].url == "https://example.com/b.png" and items[2].path == "/abs/c.png"
-    assert items[3].path == "/abs/d.png" and items[4].path is None and items[4].url is None
+    assert items[3].path == "/abs/d.png" and "unsupported URL scheme" in items[4].error
+
+
+def test_odd_list_lines_are_read_as_meant(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(1))
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeffa.png\nHTTPS://Example.com/B.png\ndata:image/png;base64,aGVsbG8=\ndata:,x\n".encode())
+    items = list(warm.open_sources([str(listing)])[0])
+    assert items[0].path == str(tmp_path / "a.png")  # the BOM is not part of the path
+    assert items[1].url == "HTTPS://Example.com/B.png" and items[2].data == b"hello"
+    assert "base64" in items[3].error
+
+
+def test_a_parquet_row_group_larger_than_the_memory_budget_is_refused_up_front(tmp_path):
+    rows = [png(i, size=(64, 64)) for i in range(20)]
+    pq.write_table(pa.table({"image": rows}), tmp_path / "one-group.parquet")  # pyarrow's default: one row group
+    with pytest.raises(warm.WarmError, match=r"one-group.parquet: a row group of column 'image' holds .* --memory"):
+        warm.open_sources([str(tmp_path / "one-group.parquet")], memory_bytes=100_000)
+    assert warm.open_sources([str(tmp_path / "one-group.parquet")], memory_bytes=10 << 20)[1] == 20
+
+
+def test_a_struct_column_of_the_wrong_types_is_refused_by_name(tmp_path):
+    pq.write_table(pa.table({"img": [{"bytes": 1, "path": 2}]}), tmp_path / "s.parquet")
+    with pytest.raises(warm.WarmError, match="no image column"):
+        warm.open_sources([str(tmp_path / "s.parquet")])
+    with pytest.raises(warm.WarmError, match="column 'img' is struct"):
+        warm.open_sources([str(tmp_path / "s.parquet")], column="img")
+
+
+def test_a_folder_with_a_link_loop_a_fifo_and_a_nul_path(tmp_path, sidecar, encoder):
+    hashes = corpus(tmp_path / "imgs", 4)
+    os.symlink(tmp_path / "imgs", tmp_path / "imgs" / "loop")  # a link back up: walked once
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")  # would block a plain open() forever
+    items = list(warm.open_sources([str(tmp_path / "imgs")])[0])
+    assert len(items) == 5 and not any("loop" in i.name for i in items)
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/img1.png\nbad\x00name.png\n")
+    summary = run_warm([tmp_path / "imgs", listing], sidecar, [encoder])
+    errors = {f["name"]: f["error"] for f in summary["failures"]}
+    assert errors["imgs/pipe.png"] == "not a regular file" and "null" in errors["bad\x00name.png"]
+    assert summary["encoded"] == 4 and summary["hits"] == 1
+    assert all(t is not None for t in cached(sidecar, hashes).values())
 
 
 def test_parquet_image_columns_are_found_or_named(tmp_path):
@@ -274,6 +315,30 @@ def test_pressure_is_waited_out_not_failed(tmp_path, sidecar):
         enc.close()
 
 
+def test_a_tenants_token_warms_its_own_scope_and_resumes(tmp_path):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('"alice-token-0123456789" = "alice"\n')
+    tenants.chmod(0o600)
+    with unix_sidecar(str(tmp_path / "cache"), tenants=str(tenants), token="admin-token-0123456789") as sc:
+        enc = FakeEncoder(sc.unix_url)
+        try:
+            hashes = corpus(tmp_path / "imgs", 3)
+
+            def run(**kw):
+                target = warm.Target([enc.url], sc.url, cache_token="alice-token-0123456789")
+                return asyncio.run(warm.warm([str(tmp_path / "imgs")], target, warm.Settings(**kw), quiet=True,
+                                             stream=io.StringIO()))
+            assert run()["encoded"] == 3
+            again = run()
+            assert (again["hits"], again["bytes_uploaded"]) == (3, 0)  # found in alice's scope: nothing sent
+            assert all(t is not None for t in cached(sc, hashes, scope=f"alice@{FAKE_NS}").values())
+            assert all(t is None for t in cached(sc, hashes).values())
+            with pytest.raises(warm.WarmError, match="tenant 'alice'.*cannot warm tenant 'bob'"):
+                run(tenant="bob")
+        finally:
+            enc.close()
+
+
 def test_a_stack_that_stays_busy_fails_its_images_after_max_wait(tmp_path, sidecar):
     enc = FakeEncoder(sidecar.unix_url, busy=10_000)
     try:
@@ -330,7 +395,7 @@ def test_duplicates_urls_parquet_and_a_tenant(tmp_path, sidecar, encoder):
 
 def test_memory_stays_within_the_budget(tmp_path, sidecar, encoder):
     rows = [png(200 + i, size=(160, 160)) for i in range(40)]  # ~77 KB each, 3 MB in all
-    pq.write_table(pa.table({"image": rows}), tmp_path / "c.parquet", row_group_size=8)
+    pq.write_table(pa.table({"image": rows}), tmp_path / "c.parquet", row_group_size=4)
     summary = run_warm([tmp_path / "c.parquet"], sidecar, [encoder], memory_bytes=400_000, batch=2)
     assert summary["encoded"] == 40 and summary["failed"] == 0
     assert summary["peak_held_bytes"] <= 400_000 + max(map(len, rows))
