@@ -15,8 +15,6 @@ import http.server
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
