@@ -335,6 +335,30 @@ class DiskTier(DiskWriter, Tier):
         with self._lock:
             return list(self._index.items())
 
+    def list_range(self, prefix: str, after: str, limit: int) -> list[tuple[str, int]]:
+        """``(key, nbytes)`` of up to ``limit`` committed entries whose key starts with
+        ``prefix`` and sorts after ``after``, in key order: an LMDB cursor from the first such
+        key (keys are ASCII, so byte order is key order), O(log entries + limit)."""
+        out: list[tuple[str, int]] = []
+        start = max(prefix, after)
+        with self._env.begin() as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(start.encode()):
+                return out
+            for raw in cursor.iternext(keys=True, values=False):
+                key = raw.decode("utf-8", "replace")
+                if not key.startswith(prefix):
+                    break
+                if key <= after:
+                    continue
+                with self._lock:
+                    nbytes = self._index.get(key)
+                if nbytes is not None:  # NOTE: committed and not being deleted
+                    out.append((key, nbytes))
+                    if len(out) == limit:
+                        break
+        return out
+
     def usage_by_tenant(self) -> dict[str | None, list[int]]:
         """``{tenant: [entries, bytes]}`` over committed entries (None: the default tenant)."""
         from mmcache.host import _usage

@@ -409,16 +409,16 @@ class TieredStore(WriteDown):
         """``(key, tier, nbytes)`` of up to ``limit`` local entries (host, then disk: the tier a
         read would come from) whose key starts with ``prefix`` and sorts after ``after``, in key
         order: one page of a listing (``GET /v1/entries``). The remote tier is not listed: it is
-        shared by many sidecars and evicts on its own. A scan of both indexes, O(entries ×
-        log(limit)): call it off the event loop."""
+        shared by many sidecars and evicts on its own. Disk pages come from an LMDB cursor
+        (O(log entries + limit)); the host index, bounded by the arena, is filtered whole. Off
+        the event loop."""
         import heapq
 
-        found: dict[str, tuple[str, int]] = {}
-        for tier in (self.disk, self.host):  # NOTE: host last: an entry in both reads from host
-            for key, nbytes in tier.inventory():
-                if key > after and key.startswith(prefix):
-                    found[key] = (tier.name, nbytes)
-        return [(key, *found[key]) for key in heapq.nsmallest(limit, found)]
+        found = {key: ("disk", nbytes) for key, nbytes in self.disk.list_range(prefix, after, limit)}
+        hosted = ((key, nbytes) for key, nbytes in self.host.inventory() if key > after and key.startswith(prefix))
+        for key, nbytes in heapq.nsmallest(limit, hosted):
+            found[key] = ("host", nbytes)  # NOTE: an entry in both reads from host
+        return [(key, *found[key]) for key in sorted(found)[:limit]]
 
     def usage_by_tenant(self) -> dict[str | None, dict[str, dict[str, int]]]:
         """``{tenant: {tier: {"entries", "bytes"}}}`` for host and disk (None: the default
