@@ -1,10 +1,11 @@
 """The sidecar's streaming routes: ``GET /v1/events`` (server-sent inventory events, with a
 heartbeat and a write timeout) and ``POST /v1/batch_get`` (an Arrow IPC stream, one row per
-found entry, in bounded memory)."""
+found entry, in bounded memory; ``"promote": false`` for a scan that must not promote)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from mmcache.server_common import (
     EVENT_WRITE_TIMEOUT_S,
     PRINCIPAL,
     _ARROW_CONTENT_TYPE,
+    _BODY,
     _lease,
     _json_keys,
 )
@@ -83,6 +85,13 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _lease_in_place(store, key: str, owner):
+    """``_lease`` without promotion (a lower tier's entry is read where it is)."""
+    if store.host.contains(key):
+        return store.lease(key, owner, promote=False)
+    return await asyncio.to_thread(functools.partial(store.lease, key, owner, promote=False))
+
+
 _BATCH_SCHEMA = pa.schema([("key", pa.string()), ("tier", pa.string()), ("entry", pa.large_binary())])
 
 
@@ -112,9 +121,14 @@ async def batch_get(request: web.Request) -> web.StreamResponse:
     """One Arrow IPC stream (columns ``key``, ``tier``, ``entry``: the safetensors blob), sent as
     record batches of about ``batch_get_budget_bytes`` each: entries are leased until copied into
     their batch, and a batch is sent before the next is gathered, so memory is bounded by the
-    budget, not by the answer. Misses are left out."""
+    budget, not by the answer. Misses are left out. ``"promote": false`` in the body (a scan: an
+    export) serves a lower tier's entries in place instead of promoting them into host, so the
+    scan leaves host's hot set as it was."""
     store, config = request.app[STORE], request.app[CONFIG]
     keys = await _json_keys(request)
+    promote = request[_BODY].get("promote", True)
+    if not isinstance(promote, bool):
+        raise ValueError('"promote" must be true or false')
     owner = ("http-batch", id(request))
     response = web.StreamResponse(headers={"Content-Type": _ARROW_CONTENT_TYPE})
     writer = PinnedWriter(request, response, config.write_timeout_s, request.app[HTTP_COUNTERS])
@@ -136,7 +150,7 @@ async def batch_get(request: web.Request) -> web.StreamResponse:
     try:
         gathered = 0
         for key in keys:
-            lease = await _lease(store, key, owner)
+            lease = await (_lease(store, key, owner) if promote else _lease_in_place(store, key, owner))
             if lease is None:
                 continue
             leases.append(lease)

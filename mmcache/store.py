@@ -5,8 +5,9 @@ The store knows tiers only through ``mmcache.tier.Tier``; the one it treats spec
 Every tier below it is a *lower* tier (disk today; a remote store plugs in the same way).
 
 - ``lease``: host → each lower tier in turn. A lower hit is verified (by the tier), promoted into
-  host and leased there; when host has no room it is served in place from the lower tier (an LMDB
-  view under a read transaction), never reported as a miss.
+  host and leased there; when host has no room (or the reader asks ``promote=False``: a scan) it
+  is served in place from the lower tier (an LMDB view under a read transaction), never reported
+  as a miss.
 - Puts land in host (visible once sealed) and are written through to the lower tiers behind, the
   host entry pinned until they hold it (``clean``), so it is never evicted unpersisted. A put
   that host cannot take lands in the lower tier and is acknowledged once readable there. An entry
@@ -270,10 +271,11 @@ class TieredStore(WriteDown):
     def abort(self, res: Reservation) -> None:
         self.host.abort(res)
 
-    def lease(self, key: Key | str, owner: Owner) -> Lease | None:
+    def lease(self, key: Key | str, owner: Owner, *, promote: bool = True) -> Lease | None:
         """Pin ``key`` for ``owner`` (promoting it into host where there is room); None on a miss.
         May copy (promotion) and verify a checksum: call it off the event loop unless
-        ``host.contains(key)``."""
+        ``host.contains(key)``. ``promote=False`` (a sequential scan: an export) serves a lower
+        tier's entry in place, as when host has no room, so the scan leaves host's hot set be."""
         key = _key_str(key)
         tl = self.host.lease(key, owner)
         if tl is not None:
@@ -284,7 +286,7 @@ class TieredStore(WriteDown):
             below = tier.lease(key, owner)
             if below is None:
                 continue
-            promoted = self._promote(key, below, owner)
+            promoted = self._promote(key, below, owner) if promote else None
             if promoted is not None:
                 tier.release(below)
                 if not tier.durable and self.host.persists(key):  # a remote hit lands on disk too

@@ -246,3 +246,47 @@ class _CountingSocket:
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
+
+
+def test_get_many_over_http_without_promotion_reads_disk_in_place(tmp_path):
+    """``promote=False`` (a scan: ``mmcache export``): disk entries come back whole, host's keys
+    stay as they were and nothing is promoted; the default still promotes."""
+    import http.client
+    import json
+
+    with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=1 << 20) as sc:
+        with CacheClient(sc.url) as c:
+            for i in range(24):
+                assert c.put(NS, h(i), emb(i, n=1024), durable=True)
+            keys = [f"{NS}/{h(i)}" for i in range(24)]
+            before = c.lookup(keys)
+            on_disk = [k for k in keys if before[k] == "disk"]
+            assert on_disk and "host" in before.values()
+            with c.get_many(keys, promote=False) as entries:
+                assert [float(e.array[0, 0]) for e in entries] == [float(i) for i in range(24)]
+                assert {e.tier for e, k in zip(entries, keys) if k in on_disk} == {"disk"}
+            assert c.lookup(keys) == before and sc.store.stats()["host"]["promotions"] == 0
+            with c.get_many(on_disk[:1]) as entries:  # the default promotes as before
+                assert entries[0] is not None
+            assert sc.store.stats()["host"]["promotions"] == 1
+        conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=30)
+        conn.request("POST", "/v1/batch_get", body=json.dumps({"keys": keys[:1], "promote": "no"}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 400 and "promote" in json.loads(resp.read())["error"]
+        conn.close()
+
+
+async def test_async_get_many_over_http_without_promotion(tmp_path):
+    with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=1 << 20) as sc:
+        with CacheClient(sc.url) as c:
+            for i in range(24):
+                assert c.put(NS, h(i), emb(i, n=1024), durable=True)
+            keys = [f"{NS}/{h(i)}" for i in range(24)]
+            before = c.lookup(keys)
+            assert "disk" in before.values()
+        async with AsyncCacheClient(sc.url) as a:
+            async with await a.get_many(keys, promote=False) as entries:
+                assert [float(e.array[0, 0]) for e in entries] == [float(i) for i in range(24)]
+        with CacheClient(sc.url) as c:
+            assert c.lookup(keys) == before and sc.store.stats()["host"]["promotions"] == 0

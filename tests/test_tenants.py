@@ -267,3 +267,37 @@ def test_a_tenant_lists_its_own_entries_only(sidecar):
     assert status == 200 and [e["key"] for e in json.loads(data)["entries"]] == [f"alice@listing/{key}"]
     status, _, data = request(sidecar, "GET", "/v1/entries", token=ALICE, headers={"X-MMCache-Tenant": "bob"})
     assert status == 403 and "list" in json.loads(data)["error"]
+
+
+def test_the_default_tenant_acts_for_a_tenant_on_every_single_key_route_over_http(sidecar):
+    """``tenant@ns`` over HTTP: the SDK sends ``/v1/entries/ns/hash`` with ``X-MMCache-Tenant``
+    ('@' is no namespace character on a path) on PUT, GET, HEAD and DELETE."""
+    key = h("acted-over-http")
+    with CacheClient(sidecar.url, token=ADMIN) as admin, CacheClient(sidecar.url, token=ALICE) as a:
+        assert admin.put(f"alice@{NS}", key, emb(9.0))
+        assert admin.put_blob(f"alice@{NS}", h("blob-over-http"), encode_entry(NS, h("blob-over-http"),
+                                                                                {"embeddings": emb(9.5)}))
+        assert not admin.put(f"alice@{NS}", key, emb(10.0))  # the first put is kept
+        with admin.get(f"alice@{NS}", key) as e:
+            assert e.key == f"alice@{NS}/{key}" and float(e.array[0, 0]) == 9.0
+        assert admin.exists(f"alice@{NS}", key) and not admin.exists(f"bob@{NS}", key)
+        assert admin.get(NS, key) is None and not admin.exists(NS, key)  # the default tenant's own scope
+        with a.get(NS, key) as e, a.get(NS, h("blob-over-http")) as b:  # alice sees it with her own token
+            assert float(e.array[0, 0]) == 9.0 and float(b.array[0, 0]) == 9.5
+        assert admin.delete(f"alice@{NS}", key) and not admin.delete(f"alice@{NS}", key)
+        assert a.get(NS, key) is None and not a.exists(NS, key)
+    with CacheClient(sidecar.url, token=ALICE) as a, pytest.raises(SDKForbidden):
+        a.get(f"bob@{NS}", key)  # a tenant may not act for another
+
+
+async def test_the_async_sdk_acts_for_a_tenant_over_http(sidecar):
+    key = h("acted-async")
+    async with AsyncCacheClient(sidecar.url, token=ADMIN) as admin:
+        assert await admin.put(f"alice@{NS}", key, emb(11.0))
+        async with await admin.get(f"alice@{NS}", key) as e:
+            assert float(e.array[0, 0]) == 11.0
+        assert await admin.exists(f"alice@{NS}", key)
+        with CacheClient(sidecar.url, token=ALICE) as a, a.get(NS, key) as mine:
+            assert float(mine.array[0, 0]) == 11.0
+        assert await admin.delete(f"alice@{NS}", key)
+        assert not await admin.exists(f"alice@{NS}", key)

@@ -141,10 +141,11 @@ class AsyncCacheClient:
             if loc is None:
                 return None
             return await self._entry(self._local, key, loc)
-        return core.http_entry(key, *await self._request("GET", f"/v1/entries/{key}"), AsyncEntry)
+        path, headers = core.entry_route(key)
+        return core.http_entry(key, *await self._request("GET", path, headers=headers), AsyncEntry)
 
-    async def get_many(self, keys, *, device: Any = None) -> AsyncEntryBatch | AsyncDeviceBatch:
-        """See ``CacheClient.get_many``: ``async with await client.get_many(keys) as entries``."""
+    async def get_many(self, keys, *, device: Any = None, promote: bool = True) -> AsyncEntryBatch | AsyncDeviceBatch:
+        """See ``CacheClient.get_many`` (``promote`` too): ``async with await client.get_many(keys) as entries``."""
         keys = _keys(keys)
         dev = cuda_device(device)
         if dev is not None:
@@ -154,7 +155,7 @@ class AsyncCacheClient:
         if self.scheme == "unix":
             locs = (await self._call("lease", keys=keys))["leases"]
             return core.local_batch(self._local, keys, locs, AsyncEntryBatch, AsyncEntry, _async_release)
-        _, _, data = await self._request("POST", "/v1/batch_get", *core.batch_get(keys))
+        _, _, data = await self._request("POST", "/v1/batch_get", *core.batch_get(keys, promote))
         return AsyncEntryBatch(core.entries_from_arrow(keys, data, AsyncEntry))
 
     async def _get_many_on(self, keys: list[str], dev: Any) -> AsyncDeviceBatch:

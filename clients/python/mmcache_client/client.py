@@ -191,14 +191,17 @@ class CacheClient:
             if loc is None:
                 return None
             return self._entry(self._local, key, loc)
-        return core.http_entry(key, *self._request("GET", f"/v1/entries/{key}"))
+        path, headers = core.entry_route(key)
+        return core.http_entry(key, *self._request("GET", path, headers=headers))
 
-    def get_many(self, keys, *, device: Any = None) -> EntryBatch | DeviceBatch:
+    def get_many(self, keys, *, device: Any = None, promote: bool = True) -> EntryBatch | DeviceBatch:
         """Every key's entry (``"ns/hash"`` strings or ``Key``s), in key order, None for a miss:
         ``with client.get_many(keys) as entries: ...``. Over ``unix://`` all are leased in one
         round trip and released in one when the batch closes; over HTTP one ``POST
         /v1/batch_get`` brings them (owned, verified bytes). A key may repeat. ``device``: as
-        for ``get``, a ``DeviceBatch`` of ``DeviceEntry``."""
+        for ``get``, a ``DeviceBatch`` of ``DeviceEntry``. ``promote=False`` (a scan over many
+        entries: an export) asks HTTP to read disk entries in place rather than promote them
+        into host, so the scan leaves the hot set be; a Unix socket's lease has no such flag."""
         keys = _keys(keys)
         dev = cuda_device(device)
         if dev is not None:
@@ -208,7 +211,7 @@ class CacheClient:
         if self.scheme == "unix":
             locs = self._call("lease", keys=keys)["leases"]
             return core.local_batch(self._local, keys, locs, EntryBatch, Entry, _sync_release)
-        _, _, data = self._request("POST", "/v1/batch_get", *core.batch_get(keys))
+        _, _, data = self._request("POST", "/v1/batch_get", *core.batch_get(keys, promote))
         return EntryBatch(core.entries_from_arrow(keys, data, Entry))
 
     def _get_many_on(self, keys: list[str], dev: Any) -> DeviceBatch:

@@ -69,6 +69,21 @@ def key_strs(keys) -> list[str]:
     return out
 
 
+TENANT_HEADER = "X-MMCache-Tenant"
+
+
+def entry_route(key: "Key | str") -> tuple[str, dict]:
+    """The HTTP path of one key's single-key routes (GET, HEAD, PUT, DELETE) and its headers: a
+    tenant's key (``tenant@ns/hash``, the default tenant acting for a tenant) goes as
+    ``/v1/entries/ns/hash`` with ``X-MMCache-Tenant: tenant``, as the server wants it ('@' is no
+    namespace character on a path)."""
+    if isinstance(key, str) and "@" not in key:  # NOTE: the common case; a validated key string
+        return f"/v1/entries/{key}", {}
+    k = key if isinstance(key, Key) else Key.from_string(key)
+    path = f"/v1/entries/{k.namespace}/{k.hash}"
+    return path, ({TENANT_HEADER: k.tenant} if k.tenant is not None else {})
+
+
 def parse_url(url: str) -> tuple[str, str]:
     """``unix:///run/x.sock`` → (unix, path); ``http://h:p`` → (http, url). ValueError otherwise."""
     parsed = urllib.parse.urlparse(url)
@@ -126,8 +141,9 @@ def _json_field(name: str) -> Callable[[int, dict, bytes], Any]:
 
 
 def exists(key: str) -> Call:
+    path, headers = entry_route(key)
     return Call("lookup", {"keys": [key]}, lambda a: a["tiers"][key] is not None,
-                "HEAD", f"/v1/entries/{key}", lambda status, headers, data: status == 200)
+                "HEAD", path, lambda status, headers, data: status == 200, headers=headers)
 
 
 def lookup(keys: list[str], detail: bool) -> Call:
@@ -157,8 +173,9 @@ def release_claims(keys, owner: str) -> Call:
 
 
 def delete(key: str) -> Call:
-    return Call("delete", {"key": key}, lambda a: a["deleted"], "DELETE", f"/v1/entries/{key}",
-                lambda status, headers, data: status == 204, ok=(204,))
+    path, headers = entry_route(key)
+    return Call("delete", {"key": key}, lambda a: a["deleted"], "DELETE", path,
+                lambda status, headers, data: status == 204, headers=headers, ok=(204,))
 
 
 def list_entries(namespace: str | None, after: str | None, limit: int) -> Call:
@@ -189,9 +206,10 @@ def check_put(durable: bool, persist: bool) -> None:
 
 
 def http_put(key: Key, plan: EntryPlan, durable: bool, persist: bool) -> tuple[str, bytes, dict]:
-    """The PUT's path, body and headers."""
+    """The PUT's path, body and headers (``entry_route``: a tenant's key by header)."""
     q = "?durable=1" if durable else ("?persist=0" if not persist else "")
-    return f"/v1/entries/{key}{q}", plan.to_bytes(), {"Content-Type": "application/vnd.safetensors"}
+    path, headers = entry_route(key)
+    return path + q, plan.to_bytes(), {"Content-Type": "application/vnd.safetensors", **headers}
 
 
 def reserve_fields(key: Key, plan: EntryPlan, persist: bool) -> dict:
@@ -228,9 +246,9 @@ def http_entry(key: str, status: int, headers: Mapping[str, str], data: bytes, e
     return entry_type(key, headers.get("X-MMCache-Tier", "remote"), view)
 
 
-def batch_get(keys: list[str]) -> tuple[str, dict]:
-    """``POST /v1/batch_get``'s body and headers."""
-    return json.dumps({"keys": keys}), JSON
+def batch_get(keys: list[str], promote: bool = True) -> tuple[str, dict]:
+    """``POST /v1/batch_get``'s body and headers (``promote=False``: a scan, see ``get_many``)."""
+    return json.dumps({"keys": keys} if promote else {"keys": keys, "promote": False}), JSON
 
 
 def entries_from_arrow(keys: list[str], data: bytes, entry_type) -> list:
