@@ -15,9 +15,11 @@ A folder, readable by plain ``safetensors`` and ``pyarrow``:
   "shards": [{"name", "bytes", "blake3", "entries"}]}``. Written last (temp + rename): a folder
   without it is an incomplete export.
 
-Shards are written in bounded memory: tensor bytes stream to a temp data file and only the header
-is kept; ``close`` writes header + data into the shard (hashing it) and renames it in place.
-Readers map shards (``mmap``), never read them whole. Heavy modules load inside functions.
+Every file is created 0600 (``create_private``), whatever the folder's mode: whoever reads an
+export reads every embedding in it. Shards are written in bounded memory: tensor bytes stream to a
+temp data file and only the header is kept; ``close`` writes header + data into the shard (hashing
+it) and renames it in place. Readers map shards (``mmap``), never read them whole. Heavy modules
+load inside functions.
 """
 
 from __future__ import annotations
@@ -37,10 +39,26 @@ SHARD_ALIGNMENT = 8
 MAX_SHARD_HEADER_BYTES = 16 << 20
 """A shard closes before its header passes this (~80k tensors); a reader refuses a larger one.
 safetensors itself refuses headers over 100 MB."""
+MAX_SHARD_ENTRIES = MAX_SHARD_HEADER_BYTES // 100
+"""Each entry takes over 100 bytes of its shard's header (its key is over 64 characters), so a
+shard holds fewer entries than this; a reader refuses a shard table record that says more."""
 PAD_PREFIX = "__pad__/"
 SHARD_NAME = re.compile(r"shard-[0-9]{5,9}\.safetensors")
 _COPY_CHUNK_BYTES = 4 << 20
 _JSON = {"separators": (",", ":")}
+
+
+def create_private(path: str, mode: str = "wb"):
+    """A new file, mode 0600 whatever the folder's mode or the umask lets through (whoever reads
+    an export reads every embedding in it); never an existing file or a link followed."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def manifest_schema():
@@ -63,7 +81,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, name: str):
         self.name, self.path = name, os.path.join(out_dir, name)
-        self._data = open(self.path + ".data.tmp", "w+b")
+        self._data = create_private(self.path + ".data.tmp", "w+b")
         self._records: dict[str, dict] = {}
         self._header_chars = len(json.dumps({"__metadata__": {"format": SHARD_FORMAT}}, **_JSON))
         self.data_bytes = 0
@@ -116,7 +134,7 @@ class ShardWriter:
         header += b" " * (-(8 + len(header)) % SHARD_ALIGNMENT)
         hasher = blake3.blake3()
         tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
+        with create_private(tmp) as f:
             for part in (struct.pack("<Q", len(header)), header):
                 f.write(part)
                 hasher.update(part)
@@ -177,13 +195,21 @@ class ShardSet:
                 os.unlink(path)
 
 
-def entry_row(key: str, view, shard: str, names: list[str]) -> dict:
-    """The manifest row of the entry ``view`` (listed as ``key``) written into ``shard``."""
+def check_listed(key: str, view) -> None:
+    """``CorruptEntry`` unless the entry ``view`` names the key it was listed as (checked before
+    it is added to a shard)."""
     from mmcache_client import CorruptEntry, Key
 
     k, meta = Key.from_string(key), view.metadata
     if meta["namespace"] != k.namespace or meta["hash"] != k.hash:
         raise CorruptEntry(f"{key}: its metadata names {meta['namespace']}/{meta['hash']}")
+
+
+def entry_row(key: str, view, shard: str, names: list[str]) -> dict:
+    """The manifest row of the entry ``view`` (listed as ``key``, ``check_listed``) written into ``shard``."""
+    from mmcache_client import Key
+
+    k, meta = Key.from_string(key), view.metadata
     emb = view.parsed.tensors["embeddings"]
     return {"key": key, "namespace": k.namespace, "hash": k.hash, "tenant": k.tenant, "num_tokens": emb.shape[0],
             "dtype": emb.dtype, "shape": list(emb.shape), "checksum": meta["checksum"],
@@ -204,7 +230,13 @@ class ManifestWriter:
         self.path = os.path.join(out_dir, MANIFEST)
         self._tmp = self.path + ".tmp"
         self._schema = manifest_schema()
-        self._writer = pq.ParquetWriter(self._tmp, self._schema)
+        self._file = create_private(self._tmp)
+        try:
+            self._writer = pq.ParquetWriter(self._file, self._schema)
+        except BaseException:
+            self._file.close()
+            os.unlink(self._tmp)
+            raise
         self._rows: list[dict] = []
 
     def add(self, row: dict) -> None:
@@ -223,11 +255,13 @@ class ManifestWriter:
         self._flush()
         self._writer.add_key_value_metadata({MANIFEST_KEY.decode(): json.dumps({"format": EXPORT_FORMAT, **info})})
         self._writer.close()
-        with open(self._tmp, "rb") as f:
-            os.fsync(f.fileno())
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
         os.replace(self._tmp, self.path)
 
     def discard(self) -> None:
         self._writer.close()
+        self._file.close()
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)

@@ -9,11 +9,13 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
 import blake3
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,7 +23,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mmcache.export_format import MANIFEST, MANIFEST_KEY, SHARD_FORMAT
+from mmcache.export_format import MANIFEST, MANIFEST_KEY, SHARD_FORMAT, manifest_schema
 from mmcache import portable
 from mmcache.portable import export_entries, import_export
 from mmcache.serving.progress import Progress
@@ -388,9 +390,9 @@ def test_tenants_export_and_import_as_the_caller_may(tmp_path):
             assert {e["key"] for e in alice_b.iter_entries()} == {f"tn/{h('t1')}", f"tn/{h('t2')}"}
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmcache.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmcache.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_the_cli_end_to_end(source, target, tmp_path):
@@ -415,3 +417,279 @@ def test_the_cli_end_to_end(source, target, tmp_path):
         in done.stderr
     done = run_cli("export", source.url, out)
     assert done.returncode == 2 and f"mmcache export: error: {out} is not empty" in done.stderr
+
+
+# ------------------------------------------------------------------------------------ hostile input and edges
+
+def rewrite_manifest(out: str, rows=None, info=None) -> tuple[list[dict], dict]:
+    """Read the manifest's rows and info; write back ``rows`` / ``info`` where given."""
+    path = os.path.join(out, MANIFEST)
+    table = pq.read_table(path)
+    old_rows, old_info = table.to_pylist(), json.loads(pq.read_metadata(path).metadata[MANIFEST_KEY])
+    if rows is not None or info is not None:
+        new = pa.Table.from_pylist(old_rows if rows is None else rows, schema=manifest_schema())
+        with pq.ParquetWriter(path, new.schema) as w:
+            w.write_table(new)
+            w.add_key_value_metadata({MANIFEST_KEY.decode(): json.dumps(old_info if info is None else info)})
+    return old_rows, old_info
+
+
+def copy_of(exported, tmp_path, name: str = "copy") -> str:
+    out = str(tmp_path / name)
+    shutil.copytree(exported[0], out)
+    return out
+
+
+def test_tenants_export_and_import_over_http_and_a_tenant_importing_others_rows(tmp_path):
+    """An admin export of several tenants imports over HTTP (each key through ``X-MMCache-Tenant``);
+    a tenant's token importing it fails the other tenants' rows one by one, named, and goes on."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'"{ALICE}" = "alice"\n"{BOB}" = "bob"\n')
+    tenants.chmod(0o600)
+    settings = {"tenants": str(tenants), "token": ADMIN}
+    with unix_sidecar(str(tmp_path / "a"), **settings) as a, unix_sidecar(str(tmp_path / "b"), **settings) as b, \
+            unix_sidecar(str(tmp_path / "c"), **settings) as c:
+        with CacheClient(a.url, token=ALICE) as alice, CacheClient(a.url, token=BOB) as bob, \
+                CacheClient(a.url, token=ADMIN) as admin:
+            alice.put("tn", h("t1"), np.full((3, 8), 1.0, dtype=np.float32))
+            bob.put("tn", h("t2"), np.full((3, 8), 2.0, dtype=np.float32))
+            admin.put("tn", h("t3"), np.full((3, 8), 3.0, dtype=np.float32))
+            assert export_entries(admin, str(tmp_path / "all"))["entries"] == 3
+        with CacheClient(b.url, token=ADMIN) as admin_b:
+            result = import_export(str(tmp_path / "all"), admin_b)
+            assert (result["imported"], result["failed"], result["refused"]) == (3, 0, 0)
+            assert import_export(str(tmp_path / "all"), admin_b)["skipped"] == 3
+        for token, key in ((ALICE, h("t1")), (BOB, h("t2")), (ADMIN, h("t3"))):
+            with CacheClient(a.url, token=token) as src, CacheClient(b.url, token=token) as dst, \
+                    src.get("tn", key) as x, dst.get("tn", key) as y:
+                assert bytes(x.buffer) == bytes(y.buffer)
+        done = run_cli("import", str(tmp_path / "all"), c.url, env={"MMCACHE_TOKEN": ALICE})
+        assert done.returncode == 1, done.stderr
+        answer = json.loads(done.stdout)
+        assert (answer["imported"], answer["failed"], answer["refused"]) == (1, 2, 0)  # the default's row: hers now
+        for who, key in (("alice", h("t1")), ("bob", h("t2"))):
+            assert f"{who}@tn/{key}: not imported" in done.stderr and "another tenant" in done.stderr
+        assert "2 entries not imported" in done.stderr and "Traceback" not in done.stderr
+        with CacheClient(c.url, token=ALICE) as alice_c:
+            assert [e["key"] for e in alice_c.iter_entries()] == [f"tn/{h('t3')}"]
+
+
+def test_a_tenant_naming_a_tenants_namespace_is_told_why(tmp_path):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'"{ALICE}" = "alice"\n"{BOB}" = "bob"\n')
+    tenants.chmod(0o600)
+    with unix_sidecar(str(tmp_path / "a"), tenants=str(tenants), token=ADMIN) as a:
+        with CacheClient(a.url, token=BOB) as bob:
+            bob.put("ns1", h("b1"), np.full((3, 8), 1.0, dtype=np.float32))
+        for url in (a.url, a.unix_url):
+            with CacheClient(url, token=ALICE) as alice:
+                with pytest.raises(ValueError, match="tenant 'alice''s, which may not name a tenant's namespace"):
+                    export_entries(alice, str(tmp_path / "x"), namespace="bob@ns1")
+                assert not os.path.exists(tmp_path / "x")
+        done = run_cli("export", a.url, str(tmp_path / "x"), "--namespace", "bob@ns1", env={"MMCACHE_TOKEN": ALICE})
+        assert done.returncode == 2 and "may not name a tenant's namespace" in done.stderr
+        with CacheClient(a.url, token=ADMIN) as admin:  # the sidecar's own token may
+            assert export_entries(admin, str(tmp_path / "y"), namespace="bob@ns1")["entries"] == 1
+
+
+def test_a_row_with_no_shard_refuses_the_manifest_naming_the_row(exported, target, tmp_path):
+    out = copy_of(exported, tmp_path)
+    rows, _ = rewrite_manifest(out)
+    rows[3]["shard"] = None
+    rewrite_manifest(out, rows)
+    with CacheClient(target.unix_url) as c:
+        with pytest.raises(ValueError, match=r"row 3 \(key '.*'\): shard 'None' is not a shard file name"):
+            import_export(out, c)
+        assert list(c.iter_entries()) == []  # surveyed before anything is imported
+    done = run_cli("import", out, target.unix_url)
+    assert done.returncode == 2 and "shard 'None' is not a shard file name" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_fifo_as_a_shard_or_as_the_manifest_is_refused_not_waited_on(exported, target, tmp_path):
+    out = copy_of(exported, tmp_path)
+    victim = shards_of(out)[1]
+    lost = {r["key"] for r in rewrite_manifest(out)[0] if r["shard"] == victim}
+    os.unlink(os.path.join(out, victim))
+    os.mkfifo(os.path.join(out, victim))
+    done = run_cli("import", out, target.unix_url, timeout=60)
+    assert done.returncode == 1, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["refused_shards"] == [victim] and answer["imported"] == 24 - len(lost)
+    assert f"{os.path.join(out, victim)}: refused: not a regular file (a FIFO)" in done.stderr
+    os.unlink(os.path.join(out, MANIFEST))
+    os.mkfifo(os.path.join(out, MANIFEST))
+    done = run_cli("import", out, target.unix_url, timeout=60)
+    assert done.returncode == 2
+    assert f"{os.path.join(out, MANIFEST)}: refused: not a regular file (a FIFO)" in done.stderr
+
+
+def test_a_key_in_two_shards_refuses_the_later_shard(source, exported, target, tmp_path):
+    """Two valid shards holding the same key with different content: the later one is refused,
+    naming the key; the first one's entry goes in."""
+    out = copy_of(exported, tmp_path)
+    key = f"ns-a/{h(0)}"
+    with unix_sidecar(str(tmp_path / "other")) as other:
+        with CacheClient(other.unix_url) as c:
+            c.put("ns-a", h(0), np.full((5, 8), 7.0, dtype=np.float32))
+            c.put("ns-a", h("only-here"), np.full((5, 8), 8.0, dtype=np.float32))
+            export_entries(c, str(tmp_path / "other-export"))
+    extra_rows, extra_info = rewrite_manifest(str(tmp_path / "other-export"))
+    rows, info = rewrite_manifest(out)
+    earlier = next(r["shard"] for r in rows if r["key"] == key)
+    late = "shard-00099.safetensors"
+    shutil.copy(tmp_path / "other-export" / extra_info["shards"][0]["name"], os.path.join(out, late))
+    info["shards"].append({**extra_info["shards"][0], "name": late})
+    info["entries"] += len(extra_rows)
+    rows += [{**r, "shard": late, "tensors": list(r["tensors"])} for r in extra_rows]
+    rewrite_manifest(out, rows, info)
+    progress = quiet("import")
+    with CacheClient(target.unix_url) as c:
+        result = import_export(out, c, progress=progress)
+    assert result["refused_shards"] == [late] and result["refused"] == 2 and result["imported"] == 24
+    assert f"{os.path.join(out, late)}: refused: entry {key!r} is in {earlier} already" in progress.stream.getvalue()
+    assert blobs(target.url) == source.blobs  # the first shard's content, nothing of the later one
+
+
+def test_the_manifests_counts_are_checked(exported, target, tmp_path):
+    out = copy_of(exported, tmp_path)
+    rows, info = rewrite_manifest(out)
+    victim = shards_of(out)[2]
+    lost = [r for r in rows if r["shard"] == victim]
+    rewrite_manifest(out, [r for r in rows if r["shard"] != victim])  # its rows removed, the rest as it was
+    progress = quiet("import")
+    with CacheClient(target.unix_url) as c:
+        result = import_export(out, c, progress=progress)
+    assert result["refused_shards"] == [victim] and result["refused"] == len(lost)
+    assert result["imported"] == 24 - len(lost)
+    said = progress.stream.getvalue()
+    assert f"{os.path.join(out, victim)}: refused: the shard table says {len(lost)} entries, the manifest has no rows" \
+        in said
+    assert result["problems"] == [f"{os.path.join(out, MANIFEST)}: says 24 entries but has {24 - len(lost)} rows "
+                                  "(rows added or removed since the export)"]
+    done = run_cli("import", out, target.unix_url)
+    assert done.returncode == 1 and "says 24 entries but has" in done.stderr
+    rewrite_manifest(out, rows, {**info, "entries": 23})  # the rows back; the count alone lies
+    with CacheClient(target.unix_url) as c:
+        result = import_export(out, c)
+    assert result["problems"] and result["refused_shards"] == [] and result["imported"] == len(lost)
+
+
+def test_a_shard_with_more_rows_than_its_table_says_is_never_held(exported, target, tmp_path):
+    """A crafted manifest with many rows for one shard: counted as they stream, never held."""
+    import tracemalloc
+
+    from mmcache.export_reader import open_manifest
+
+    out = copy_of(exported, tmp_path)
+    rows, info = rewrite_manifest(out)
+    first = shards_of(out)[0]
+    many = 200_000
+    table = pa.Table.from_pylist([dict(rows[0], shard=first)], schema=manifest_schema()).take([0] * many)
+    path = os.path.join(out, MANIFEST)
+    with pq.ParquetWriter(path, table.schema) as w:
+        w.write_table(table)
+        w.add_key_value_metadata({MANIFEST_KEY.decode(): json.dumps({**info, "entries": many})})
+    with open_manifest(out) as manifest:
+        tracemalloc.start()
+        try:
+            got = [(name, rows_, n, why) for name, rows_, n, why in manifest.rows_by_shard()]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert len(got) == 1 and got[0][0] == first and got[0][1] is None and got[0][2] == many
+    assert "more rows for it than the shard table's" in got[0][3]
+    assert peak < 64 << 20, peak  # held, 200k rows would take several hundred MiB
+    with CacheClient(target.unix_url) as c:
+        result = import_export(out, c)
+    assert result["refused_shards"][-1] == first and sorted(result["refused_shards"]) == shards_of(out)  # others: no rows
+    assert result["refused"] == many + sum(s["entries"] for s in info["shards"][1:]) and result["imported"] == 0
+
+
+def test_refusal_messages_say_it_once(exported, target, tmp_path):
+    out = copy_of(exported, tmp_path)
+    rows, _ = rewrite_manifest(out)
+    last = len(rows) - 1
+    victims = [rows[0]["shard"], rows[last]["shard"]]
+    assert victims[0] != victims[1]
+    rows[0]["key"] = f"ns-a/{h('elsewhere')}"  # not its namespace and hash
+    rows[last]["namespace"] = None
+    rewrite_manifest(out, rows)
+    progress = quiet("import")
+    with CacheClient(target.unix_url) as c:
+        assert import_export(out, c, progress=progress)["refused_shards"] == victims
+    for victim, why in zip(victims, ("the key does not match its namespace", "bad key: namespace must be a str")):
+        said = [line for line in progress.stream.getvalue().splitlines() if victim in line]
+        assert len(said) == 1 and said[0].count("refused") == 1 and said[0].count(victim) == 1, said
+        assert why in said[0]
+
+
+def test_export_files_are_private_whatever_the_folder(source, tmp_path):
+    old = os.umask(0o022)
+    try:
+        existing = tmp_path / "existing"
+        existing.mkdir()
+        existing.chmod(0o755)
+        with CacheClient(source.url) as c:
+            export_entries(c, str(existing), namespace="ns-a", shard_size_bytes=SHARD_SIZE)
+            export_entries(c, str(tmp_path / "new"), namespace="ns-a", shard_size_bytes=SHARD_SIZE)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(existing).st_mode) == 0o755  # the caller's folder: left as it was
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+    for folder in (existing, tmp_path / "new"):
+        names = os.listdir(folder)
+        assert MANIFEST in names and len(names) > 2
+        assert {name: stat.S_IMODE(os.stat(folder / name).st_mode) for name in names} == dict.fromkeys(names, 0o600)
+
+
+class DamagesOnTheWire(CacheClient):
+    """Flips a byte of one entry's tensor data in every ``batch_get`` answer that carries it."""
+
+    pattern = np.full((4, 8), 12345.678, dtype=np.float32).tobytes()
+
+    def _request(self, method, path, body=None, headers=None, ok=(200,)):
+        status, hdrs, data = super()._request(method, path, body, headers, ok)
+        at = bytes(data).find(self.pattern) if path == "/v1/batch_get" else -1
+        if at >= 0:
+            data = bytearray(data)
+            data[at + 5] ^= 0x40
+        return status, hdrs, data
+
+
+def test_a_corrupt_entry_is_left_out_counted_and_named(tmp_path, monkeypatch, capsys):
+    from mmcache import cli
+
+    with unix_sidecar(str(tmp_path / "s")) as sc:
+        with CacheClient(sc.unix_url) as c:
+            fill(c, n=6, namespaces=("ns-a",))
+            c.put("ns-a", h("damaged"), np.full((4, 8), 12345.678, dtype=np.float32))
+        with DamagesOnTheWire(sc.url) as c:
+            progress = quiet("export")
+            summary = export_entries(c, str(tmp_path / "out"), progress=progress)
+        assert (summary["entries"], summary["corrupt"], summary["gone"]) == (6, 1, 0)
+        assert f"ns-a/{h('damaged')}: not exported: corrupt:" in progress.stream.getvalue()
+        keys = pq.read_table(str(tmp_path / "out" / MANIFEST)).column("key").to_pylist()
+        assert len(keys) == 6 and f"ns-a/{h('damaged')}" not in keys
+        monkeypatch.setattr(portable, "_client", lambda args: DamagesOnTheWire(args.url))
+        assert cli.main(["export", sc.url, str(tmp_path / "cli"), "--quiet"]) == 1
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["corrupt"] == 1
+        assert "left out 1 corrupt entry" in captured.err and f"ns-a/{h('damaged')}: not exported" in captured.err
+        with CacheClient(sc.unix_url) as c:  # what was exported imports whole
+            c.delete("ns-a", h(0))
+            assert import_export(str(tmp_path / "cli"), c)["imported"] == 1
+
+
+def test_an_export_over_http_promotes_nothing_into_host(tmp_path):
+    """A scan of every entry leaves host's keys as they were: disk entries are read in place."""
+    with unix_sidecar(str(tmp_path / "s"), host_capacity_bytes=1 << 20) as sc:
+        with CacheClient(sc.url) as c:
+            for i in range(40):
+                c.put("ns", h(i), np.full((64, 256), i, dtype=np.float32), durable=True)
+            keys = [e["key"] for e in c.iter_entries()]
+            before = c.lookup(keys)
+            promotions = c.stats()["host"]["promotions"]
+            assert 0 < list(before.values()).count("host") < 40 and "disk" in before.values()
+            assert export_entries(c, str(tmp_path / "out"))["entries"] == 40
+            assert c.lookup(keys) == before and c.stats()["host"]["promotions"] == promotions
