@@ -29,7 +29,7 @@ from mmcache_client.wire import OP_CODES, OP_NAMES, LeaseLoc
 logger = logging.getLogger(__name__)
 
 MAX_KEYS_PER_MESSAGE = 4096
-_LEASE, _RELEASE = OP_CODES["lease"], OP_CODES["release"]
+_LEASE, _RELEASE, _SCAN = OP_CODES["lease"], OP_CODES["release"], OP_CODES["scan"]
 PROTOCOL = 2
 """The framing's version, in ``hello``: 1 was JSON lines."""
 _SCOPE_CACHE_KEYS = 8192
@@ -94,8 +94,8 @@ class LocalSession:
             raise ProtocolError(f"unknown op code {code}")
         with _OPS_LOCK:
             self.ops[op] = self.ops.get(op, 0) + 1
-        if code == _LEASE:
-            return self._lease_batch([self._scoped(k) for k in _key_list(wire.parse_keys(body))])
+        if code == _LEASE or code == _SCAN:
+            return self._lease_batch([self._scoped(k) for k in _key_list(wire.parse_keys(body))], promote=code == _LEASE)
         if code == _RELEASE:
             self._release_batch(_key_list(wire.parse_keys(body)))
             return b""
@@ -203,7 +203,7 @@ class LocalSession:
             self._scope[text] = scoped
         return scoped
 
-    def _lease_batch(self, keys: list[str]) -> bytes:
+    def _lease_batch(self, keys: list[str], promote: bool = True) -> bytes:
         """A ``lease`` message (every key already valid): host hits in one go under host's
         lock, each packed straight into its record; the rest leased one by one below."""
         store, owner = self.store, self.owner
@@ -216,7 +216,7 @@ class LocalSession:
                 if hit is not None:
                     records.append(wire.pack_lease_record(hit[0], hit[1], _HOST, hit[2]))
                     continue
-                loc = self._lease(key)
+                loc = self._lease(key, promote)
                 if loc is None:
                     records.append(_MISS_RECORD)
                     continue
@@ -235,8 +235,8 @@ class LocalSession:
                 host_leases.setdefault(key, []).append(hit[0])
         return b"".join(records) + b"".join(tail)
 
-    def _lease(self, key: str) -> LeaseLoc | None:
-        lease = self.store.lease(key, self.owner)
+    def _lease(self, key: str, promote: bool = True) -> LeaseLoc | None:
+        lease = self.store.lease(key, self.owner, promote=promote)
         if lease is None:
             return None
         if lease.served_from == "host":  # NOTE: promoted into host by this read

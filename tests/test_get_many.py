@@ -221,7 +221,7 @@ def test_a_batch_that_fails_below_host_gives_back_its_host_leases(sidecar, monke
             c.put(NS, h(i), emb(i))
         wait_until(lambda: leases(sidecar) == 0, 5, "the puts' write-through")
 
-        def broken(key, owner):
+        def broken(key, owner, promote=True):
             raise ValueError("the disk read failed")
         monkeypatch.setattr(sidecar.store, "lease", broken)
         keys = [f"{NS}/{h(0)}", f"{NS}/{h(1)}", f"{NS}/{h('big')}", f"{NS}/{h(2)}", f"{NS}/{h(0)}"]

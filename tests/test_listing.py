@@ -98,3 +98,21 @@ def test_bad_arguments_over_the_socket_raise_bad_request(sidecar):
         with pytest.raises(BadRequest, match="namespace"):
             c.list_entries("bad/ns")
         assert c.stats()["host"]["entries"] >= 1  # the connection still serves
+
+
+async def test_an_async_scan_reads_lower_tiers_in_place(tmp_path):
+    """``get_many(promote=False)`` over the socket (the ``scan`` lease): disk entries come back
+    read where they lie, and host's keys stay as they were."""
+    with unix_sidecar(str(tmp_path), host_capacity_bytes=1 << 20) as sc:
+        with CacheClient(sc.unix_url) as c:
+            for i in range(40):
+                c.put("scan", h(f"s{i}"), np.full((64, 256), i, dtype=np.float32), durable=True)
+            keys = [e["key"] for e in c.iter_entries("scan")]
+            before = c.lookup(keys)
+        async with AsyncCacheClient(sc.unix_url) as a:
+            for i in range(0, 40, 4):
+                async with await a.get_many(keys[i:i + 4], promote=False) as entries:
+                    assert [e.tier for e in entries] == [before[k] for k in keys[i:i + 4]]
+                    assert all(float(e.array[0, 0]) == float(e.array[-1, -1]) for e in entries)
+        with CacheClient(sc.unix_url) as c:
+            assert c.lookup(keys) == before and c.stats()["host"]["promotions"] == 0

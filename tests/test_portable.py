@@ -681,10 +681,14 @@ def test_a_corrupt_entry_is_left_out_counted_and_named(tmp_path, monkeypatch, ca
             assert import_export(str(tmp_path / "cli"), c)["imported"] == 1
 
 
-def test_an_export_over_http_promotes_nothing_into_host(tmp_path):
-    """A scan of every entry leaves host's keys as they were: disk entries are read in place."""
+@pytest.mark.parametrize("transport", ["http", "unix"])
+def test_an_export_promotes_nothing_into_host(tmp_path, transport, monkeypatch):
+    """A scan of every entry leaves host's keys as they were: disk entries are read in place
+    (HTTP: ``batch_get`` with ``promote: false``; the socket: the ``scan`` lease). Small fetch
+    batches: with all 40 leased at once a promotion would find no room anyway."""
+    monkeypatch.setattr(portable, "FETCH_BATCH_KEYS", 4)
     with unix_sidecar(str(tmp_path / "s"), host_capacity_bytes=1 << 20) as sc:
-        with CacheClient(sc.url) as c:
+        with CacheClient(sc.url if transport == "http" else sc.unix_url) as c:
             for i in range(40):
                 c.put("ns", h(i), np.full((64, 256), i, dtype=np.float32), durable=True)
             keys = [e["key"] for e in c.iter_entries()]

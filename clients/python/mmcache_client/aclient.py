@@ -153,7 +153,7 @@ class AsyncCacheClient:
         if not keys:
             return AsyncEntryBatch([])
         if self.scheme == "unix":
-            locs = (await self._call("lease", keys=keys))["leases"]
+            locs = (await self._call("lease" if promote else "scan", keys=keys))["leases"]
             return core.local_batch(self._local, keys, locs, AsyncEntryBatch, AsyncEntry, _async_release)
         _, _, data = await self._request("POST", "/v1/batch_get", *core.batch_get(keys, promote))
         return AsyncEntryBatch(core.entries_from_arrow(keys, data, AsyncEntry))

@@ -55,7 +55,7 @@ class AsyncLocalConnection:
         if op == "release":
             self.release(fields["keys"])
             return {}
-        if op == "lease":
+        if op in wire.LEASE_OPS:
             code, body = await self._call(OP_CODES[op], wire.keys_body(fields["keys"]), op, fields)
             if code == ERROR:
                 answer_fields(code, body)
@@ -117,7 +117,7 @@ class AsyncLocalConnection:
         code, body = task.result()
         if code == ERROR:
             return
-        if op == "lease":
+        if op in wire.LEASE_OPS:
             try:
                 locs = wire.unpack_leases(body, fields["keys"])
             except ValueError:

@@ -200,8 +200,8 @@ class CacheClient:
         round trip and released in one when the batch closes; over HTTP one ``POST
         /v1/batch_get`` brings them (owned, verified bytes). A key may repeat. ``device``: as
         for ``get``, a ``DeviceBatch`` of ``DeviceEntry``. ``promote=False`` (a scan over many
-        entries: an export) asks HTTP to read disk entries in place rather than promote them
-        into host, so the scan leaves the hot set be; a Unix socket's lease has no such flag."""
+        entries: an export) reads disk entries in place rather than promote them into host, so
+        the scan leaves the hot set be (both transports)."""
         keys = _keys(keys)
         dev = cuda_device(device)
         if dev is not None:
@@ -209,7 +209,7 @@ class CacheClient:
         if not keys:
             return EntryBatch([])
         if self.scheme == "unix":
-            locs = self._call("lease", keys=keys)["leases"]
+            locs = self._call("lease" if promote else "scan", keys=keys)["leases"]
             return core.local_batch(self._local, keys, locs, EntryBatch, Entry, _sync_release)
         _, _, data = self._request("POST", "/v1/batch_get", *core.batch_get(keys, promote))
         return EntryBatch(core.entries_from_arrow(keys, data, Entry))

@@ -173,8 +173,8 @@ class LocalConnection:
         open entries rely on); the late answer is skipped by id on the next call, and the leases
         or reservation it granted are given back then, not pinned for the connection's life.
         """
-        if op == "lease":
-            return {"leases": self.lease(fields["keys"])}
+        if op in wire.LEASE_OPS:
+            return {"leases": self.lease(fields["keys"], op)}
         if op == "release":
             self.release(fields["keys"])
             return {}
@@ -183,10 +183,11 @@ class LocalConnection:
             code, body = self._exchange(OP_CODES[op], wire.json_body(fields), op, fields, spin_s)
         return answer_fields(code, body)
 
-    def lease(self, keys: list[str]) -> list[LeaseLoc | None]:
-        """Lease ``keys`` in one round trip: per key its place (and layout), or None."""
+    def lease(self, keys: list[str], op: str = "lease") -> list[LeaseLoc | None]:
+        """Lease ``keys`` in one round trip: per key its place (and layout), or None. ``op``
+        ``scan``: lower tiers' entries are read where they lie, not promoted."""
         with self._lock:
-            code, body = self._exchange(_LEASE, wire.keys_body(keys), "lease", keys)
+            code, body = self._exchange(OP_CODES[op], wire.keys_body(keys), op, keys)
         if code == ERROR:
             answer_fields(code, body)
         try:
@@ -300,7 +301,7 @@ class LocalConnection:
         """A call whose caller timed out was answered after all: undo what it obtained."""
         if code == ERROR:
             return
-        if op == "lease":
+        if op in wire.LEASE_OPS:
             keys = [k for k, loc in zip(what, wire.unpack_leases(body, what)) if loc is not None]
             if keys:
                 self._releases.append(wire.frame(next(self._ids) & _ID_MASK, _RELEASE, wire.keys_body(keys)))

@@ -32,9 +32,12 @@ MAX_ANSWER_BYTES = 16 << 20
 """Longest answer body a client accepts."""
 
 OPS = ("hello", "lookup", "lease", "release", "reserve", "seal", "abort", "delete", "stats", "claim", "unclaim",
-       "events", "lease_device", "release_device", "list")
+       "events", "lease_device", "release_device", "list", "scan")
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
 OP_NAMES = {i + 1: name for i, name in enumerate(OPS)}
+LEASE_OPS = ("lease", "scan")
+"""Binary lease messages: ``lease`` (a lower tier's entry is promoted into host where there is
+room) and ``scan`` (read where it lies: a sequential scan, an export, leaves host's hot set be)."""
 ONE_WAY = frozenset({OP_CODES["release"]})
 """Ops the sidecar does not answer (a failed one is logged and counted)."""
 OK, ERROR = 0, 1
