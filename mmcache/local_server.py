@@ -17,6 +17,8 @@ a JSON object in, a JSON object out:
 - ``lease keys`` → a record per key (a miss, or a lease: ``offset`` -1 means host had no room and
   the entry is read in place from LMDB (``lmdb_path``) by its stored key, pinned there until
   released)
+- ``scan keys``: as ``lease``, but an entry below host is read where it lies, never promoted
+  (a sequential scan such as an export leaves host's hot set be)
 - ``release keys`` (one-way)
 - ``reserve {key, nbytes, encode_ms, persist}`` → ``offset`` (``status`` ``exists`` /
   ``no_space`` (+ ``retry_after_s``) / ``too_large`` (+ ``capacity_bytes``) instead)
