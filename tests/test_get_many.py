@@ -248,6 +248,15 @@ class _CountingSocket:
         return getattr(self._sock, name)
 
 
+def _spilled(sc) -> tuple[list[str], dict]:
+    """24 entries of 256 KiB into a sidecar with 1 MiB of host: most on disk only; their keys and tiers."""
+    with CacheClient(sc.url) as c:
+        for i in range(24):
+            assert c.put(NS, h(i), emb(i, n=1024), durable=True)
+        keys = [f"{NS}/{h(i)}" for i in range(24)]
+        return keys, c.lookup(keys)
+
+
 def test_get_many_over_http_without_promotion_reads_disk_in_place(tmp_path):
     """``promote=False`` (a scan: ``mmcache export``): disk entries come back whole, host's keys
     stay as they were and nothing is promoted; the default still promotes."""
@@ -255,11 +264,8 @@ def test_get_many_over_http_without_promotion_reads_disk_in_place(tmp_path):
     import json
 
     with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=1 << 20) as sc:
+        keys, before = _spilled(sc)
         with CacheClient(sc.url) as c:
-            for i in range(24):
-                assert c.put(NS, h(i), emb(i, n=1024), durable=True)
-            keys = [f"{NS}/{h(i)}" for i in range(24)]
-            before = c.lookup(keys)
             on_disk = [k for k in keys if before[k] == "disk"]
             assert on_disk and "host" in before.values()
             with c.get_many(keys, promote=False) as entries:
@@ -279,12 +285,8 @@ def test_get_many_over_http_without_promotion_reads_disk_in_place(tmp_path):
 
 async def test_async_get_many_over_http_without_promotion(tmp_path):
     with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=1 << 20) as sc:
-        with CacheClient(sc.url) as c:
-            for i in range(24):
-                assert c.put(NS, h(i), emb(i, n=1024), durable=True)
-            keys = [f"{NS}/{h(i)}" for i in range(24)]
-            before = c.lookup(keys)
-            assert "disk" in before.values()
+        keys, before = _spilled(sc)
+        assert "disk" in before.values()
         async with AsyncCacheClient(sc.url) as a:
             async with await a.get_many(keys, promote=False) as entries:
                 assert [float(e.array[0, 0]) for e in entries] == [float(i) for i in range(24)]
