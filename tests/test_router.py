@@ -170,7 +170,7 @@ async def test_images_split_in_order_and_unreachable_encoder_passed_over(router)
     assert doc["choices"][0]["message"]["content"] == "t0 t1 t2 " and doc["usage"]["prompt_tokens"] == 600
     # NOTE: each image went to the encoder owning its key (the dead encoder's to another one):
     # together they saw every image once, each run in the request's order.
-    runs = script.encoded["enc-a"] + script.encoded["enc-b"]
+    runs = script.encoded.get("enc-a", []) + script.encoded.get("enc-b", [])  # NOTE: one may have had none
     assert sorted(u for run in runs for u in run) == sorted(images)
     assert all(run == sorted(run, key=images.index) for run in runs)
     prefill = script.prefills[-1]
