@@ -211,8 +211,8 @@ def _check_row_groups(path: Path, pf, name: str, memory_bytes: int) -> None:
     if largest > memory_bytes:
         raise WarmError(
             f"{path}: a row group of column {name!r} holds {largest / 2**20:.0f} MiB, and pyarrow reads a row group "
-            f"whole: more than --memory={memory_bytes / 2**20:.0f} MiB. Pass --memory {2 * largest / 2**20:.0f}MiB "
-            "(reading takes about twice the row group), or rewrite the file with smaller row groups "
+            f"whole: more than --memory={memory_bytes / 2**20:.0f} MiB. Pass --memory {largest / 2**20 + 1:.0f}MiB or "
+            "more (reading a row group takes a few times its size), or rewrite the file with smaller row groups "
             "(pyarrow.parquet.write_table(..., row_group_size=N))")
 
 
@@ -223,30 +223,41 @@ def _from_parquet(path: Path, column: str | None, rows_per_batch: int) -> Iterat
 
     pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     name, kind = _parquet_column(pf.schema_arrow, column)
-    base, row = path.parent, 0
-    for batch in pf.iter_batches(batch_size=rows_per_batch, columns=[name], use_threads=False):
-        for value in batch.column(0).to_pylist():
-            where = f"{path.name}[row {row}]"
-            row += 1
-            if kind == "struct" and isinstance(value, dict):
-                data, ref = value.get("bytes"), value.get("path")
-                if data is not None:
-                    yield Item(f"{where} {ref}" if ref else where, data=bytes(data))
-                    continue
-                value = ref
-            if value is None:
-                yield Item(where, error="no image in this row")
-            elif isinstance(value, (bytes, bytearray)):
-                yield Item(where, data=bytes(value))
-            elif is_url(value):
-                yield Item(f"{where} {value[:200]}", url=value)
-            elif _is_data_uri(value):
-                try:
-                    yield Item(f"{where} data: URI", data=decode_data_uri(value))
-                except ValueError as e:
-                    yield Item(f"{where} data: URI", error=str(e))
-            else:
-                yield Item(f"{where} {value[:200]}", path=str(base / value.removeprefix("file://")))
+    row = 0
+    # NOTE: row group by row group, not iter_batches: that reads ahead across row groups (its
+    # peak grew with the file: +98 MB over a 74 MB file of 3 MB row groups; this: +27 MB)
+    for group in range(pf.num_row_groups):
+        table = pf.read_row_group(group, columns=[name], use_threads=False)
+        for start in range(0, table.num_rows, rows_per_batch):
+            yield from _rows(table.slice(start, rows_per_batch).column(0).to_pylist(), path, kind, row)
+            row += min(rows_per_batch, table.num_rows - start)
+        del table
+
+
+def _rows(values: list, path: Path, kind: str, row: int) -> Iterator[Item]:
+    base = path.parent
+    for value in values:
+        where = f"{path.name}[row {row}]"
+        row += 1
+        if kind == "struct" and isinstance(value, dict):
+            data, ref = value.get("bytes"), value.get("path")
+            if data is not None:
+                yield Item(f"{where} {ref}" if ref else where, data=bytes(data))
+                continue
+            value = ref
+        if value is None:
+            yield Item(where, error="no image in this row")
+        elif isinstance(value, (bytes, bytearray)):
+            yield Item(where, data=bytes(value))
+        elif is_url(value):
+            yield Item(f"{where} {value[:200]}", url=value)
+        elif _is_data_uri(value):
+            try:
+                yield Item(f"{where} data: URI", data=decode_data_uri(value))
+            except ValueError as e:
+                yield Item(f"{where} data: URI", error=str(e))
+        else:
+            yield Item(f"{where} {value[:200]}", path=str(base / value.removeprefix("file://")))
 
 
 # ------------------------------------------------------------------------------- all
