@@ -389,7 +389,7 @@ def test_data_start_aligned_for_any_header_length(meta_len, dtype):
 
 def test_view_tensor_without_torch(monkeypatch):
     v = read_entry(encode_entry(NS, H, {"embeddings": torch_embeddings("F32")}))
-    monkeypatch.setattr(F, "torch", None)
+    monkeypatch.setattr(F, "_torch", lambda: None)
     with pytest.raises(RuntimeError, match="torch"):
         v.tensor
     assert v.array.shape == (5, 8)

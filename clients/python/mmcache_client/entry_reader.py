@@ -7,7 +7,7 @@ import json
 import math
 import struct
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,10 +16,24 @@ from mmcache_client.entry_spec import (DTYPES, EMBEDDING_DTYPES, FORMAT_VERSION,
                                        TensorInfo, TruncatedEntry, UnsupportedDtype, checksum)
 from mmcache_client.keys import validate_hash, validate_namespace
 
-try:  # torch is optional for the SDK
+
+if TYPE_CHECKING:
     import torch
-except ImportError:  # pragma: no cover - exercised only where torch is absent
-    torch = None
+
+_TORCH = None
+
+
+def _torch():
+    """torch, imported on first use: optional for the SDK, and ~1 s and ~200 MB to import, which
+    a client that reads numpy views (``mmcache warm``, the CLI) never pays. None where absent."""
+    global _TORCH
+    if _TORCH is None:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - exercised only where torch is absent
+            return None
+        _TORCH = torch
+    return _TORCH
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -150,6 +164,7 @@ def view_array(buf: Any, info: TensorInfo) -> np.ndarray:
 
 def view_tensor(buf: Any, info: TensorInfo) -> "torch.Tensor":
     """A torch view of one tensor in place. Needs torch."""
+    torch = _torch()
     if torch is None:
         raise RuntimeError("torch is not installed; use .array for a numpy view")
     tdtype = getattr(torch, DTYPES[info.dtype].torch_name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import struct
 import time
 from dataclasses import dataclass, field
@@ -18,10 +19,13 @@ from mmcache_client.entry_spec import (DATA_ALIGNMENT, DTYPES, EMBEDDING_DTYPES,
                                        MAX_TENSORS, _NUMPY_TO_DTYPE, BadHeader, UnsupportedDtype)
 from mmcache_client.keys import validate_hash, validate_namespace
 
-try:  # torch is optional for the SDK
-    import torch
-except ImportError:  # pragma: no cover - exercised only where torch is absent
-    torch = None
+
+
+def _torch_tensor(x: Any):
+    """torch when ``x`` is a torch tensor, else None. A caller holding a tensor imported torch
+    already, so the SDK never imports it to find out (it is optional, and heavy to import)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,8 @@ class _Source:
 
 
 def _dtype_name(x: Any) -> str:
-    if torch is not None and isinstance(x, torch.Tensor):
+    torch = _torch_tensor(x)
+    if torch is not None:
         for name, dt in DTYPES.items():
             if getattr(torch, dt.torch_name) == x.dtype:
                 return name
@@ -145,7 +150,8 @@ def _host_bytes(data: Any) -> np.ndarray | None:
         if data.flags.c_contiguous and data.dtype.byteorder in ("=", "<", "|"):
             return data.reshape(-1).view(np.uint8)
         return None
-    if torch is not None and isinstance(data, torch.Tensor) and data.device.type == "cpu" and data.is_contiguous():
+    torch = _torch_tensor(data)
+    if torch is not None and data.device.type == "cpu" and data.is_contiguous():
         return data.detach().reshape(-1).view(torch.uint8).numpy()
     return None
 
@@ -154,7 +160,8 @@ def _copy_into(mv: memoryview, start: int, src: _Source) -> None:
     if src.nbytes == 0:
         return
     data = src.data
-    if torch is not None and isinstance(data, torch.Tensor):
+    torch = _torch_tensor(data)
+    if torch is not None:
         tdtype = getattr(torch, DTYPES[src.dtype].torch_name)
         dst = torch.frombuffer(mv, dtype=tdtype, count=math.prod(src.shape), offset=start)
         dst.view(src.shape).copy_(data.detach())
