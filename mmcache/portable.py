@@ -76,6 +76,7 @@ def export_entries(client, out_dir: str, *, namespace: str | None = None,
     shards = ShardSet(out_dir, shard_size_bytes)
     manifest = ManifestWriter(out_dir)
     entries = nbytes = gone = corrupt = 0
+    local = getattr(client, "scheme", "unix") == "unix"
     try:
         for batch in _listed_batches(client, listed_ns, prefix):
             for item, entry in _fetched(client, batch):
@@ -84,10 +85,10 @@ def export_entries(client, out_dir: str, *, namespace: str | None = None,
                     gone += 1
                     progress.update(1, gone=1)
                     continue
-                try:  # NOTE: over HTTP the SDK verified it already; arena views are checked here
+                try:  # NOTE: over HTTP the SDK verified the bytes it got; views of the arena and LMDB are checked here
                     if isinstance(entry, CorruptEntry):
                         raise entry
-                    view = read_entry(entry.buffer, verify=True)
+                    view = read_entry(entry.buffer, verify=local)
                     check_listed(key, view)
                 except (CorruptEntry, EntryFormatError) as e:
                     corrupt += 1

@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 
 import aiohttp
-import huggingface_hub.constants
 import numpy as np
 import openai
 import pytest
@@ -30,7 +29,6 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from encoder_worker.models import ensure_model
 from llm_worker.config import LLMServeConfig
 from llm_worker.elastic import ElasticRole, NotServing, SwitchInProgress
 from llm_worker.elastic_controller import SwitchRefused
@@ -252,13 +250,6 @@ def test_up_elastic_refuses_other_shapes_clearly(tmp_path, flags, message):
 
 
 # -- elastic workers in process behind a router --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
-
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):

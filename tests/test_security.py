@@ -14,13 +14,11 @@ import subprocess
 import sys
 import tempfile
 
-import huggingface_hub.constants
 import lmdb
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from encoder_worker.models import ensure_model
 from llm_worker.router import RouterConfig
 from llm_worker.router_app import create_app as create_router_app
 from mmcache.config import ServeConfig
@@ -306,13 +304,6 @@ def _children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             out += map(int, f.read().split())
     return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ import threading
 import urllib.error
 import urllib.request
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 from aiohttp import web
@@ -34,7 +33,6 @@ from encoder_worker.cli import main as encoder_main
 import encoder_worker.ssrf as ssrf
 from encoder_worker.media import MAX_REDIRECTS, MediaError, MediaLimits, fetch_bytes, http_session, load_image
 from encoder_worker.ssrf import CheckingResolver, address_is_public
-from encoder_worker.models import ensure_model
 from llm_worker.cli import main as llm_main
 from mmcache.config import ServeConfig
 from mmcache.stack import LOOPBACK, Stack, StackConfig
@@ -364,13 +362,6 @@ def image_server():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture(scope="module")

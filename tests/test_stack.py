@@ -11,27 +11,17 @@ import io
 import os
 import signal
 
-import huggingface_hub.constants
 import numpy as np
 import openai
 import pytest
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from encoder_worker.models import ensure_model
 from stack_process import StackProcess, up_for_tests
 
 pytestmark = pytest.mark.slow  # NOTE: whole stacks as child processes: minutes in all
 
 MAX_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """tiny-llava, built once and shared by the stacks (``--model DIR``)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
 
 
 def _up(model_dir: str, *flags: str) -> StackProcess:

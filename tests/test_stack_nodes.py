@@ -18,7 +18,7 @@ import pytest
 from stack_process import StackProcess
 from mmcache_client import CacheClient, content_hash
 from redis_servers import needs_redis
-from test_stack import chat, image, model_dir, token_ids  # noqa: F401 - model_dir is a fixture
+from test_stack import chat, image, token_ids
 
 pytestmark = [needs_redis, pytest.mark.slow]  # NOTE: two node groups and a redis cluster
 

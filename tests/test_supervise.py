@@ -16,13 +16,11 @@ import threading
 import time
 import urllib.request
 
-import huggingface_hub.constants
 import numpy as np
 import openai
 import pytest
 from PIL import Image
 
-from encoder_worker.models import ensure_model
 from mmcache import data_dir as data_dir_mod
 from mmcache.stack import ARENA_RECORD, STATUS_FILE, remove_dead_arena
 from stack_process import StackProcess
@@ -203,13 +201,6 @@ def test_a_dead_sidecars_arena_is_removed_and_nothing_else(tmp_path):
 
 
 # -- under `mmcache up` ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
-
 
 def image(seed: int) -> str:
     buf = io.BytesIO()

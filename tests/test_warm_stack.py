@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 
-import huggingface_hub
 import numpy as np
 import openai
 import pyarrow as pa
@@ -21,7 +20,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from encoder_worker.models import ensure_model
 from mmcache_client import CacheClient, content_hash
 from sidecar import SidecarProcess
 from stack_process import up_for_tests
@@ -33,13 +31,6 @@ def png(seed: int, size=(48, 48)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        return ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
 
 
 def mmcache_warm(*args: str) -> tuple[int, dict, str]:
