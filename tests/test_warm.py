@@ -49,8 +49,9 @@ class FakeEncoder:
         self.requests: list[int] = []  # images per request
         self.encoded = 0
         self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.closed = False
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
 
     async def _start(self):
@@ -90,14 +91,19 @@ class FakeEncoder:
         return web.json_response({"namespace": FAKE_NS, "items": items})
 
     def close(self):
-        if not self.loop.is_running():
+        # NOTE: idempotent by a flag, not by loop.is_running(): the loop stops a moment after
+        # call_soon_threadsafe(stop), so a second close could schedule onto a loop about to stop.
+        if self.closed:
             return
+        self.closed = True
 
         async def stop():
             await self.runner.cleanup()
             await self.cache.close()
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
 
 
 @pytest.fixture
