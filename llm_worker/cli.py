@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from mmcache.serving.cli import HelpFormatter
+from mmcache.serving.cli import HelpFormatter, add_elastic_tuning
 
 from encoder_worker.media import MediaLimits
 from encoder_worker.video import VideoSampling
@@ -151,19 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--elastic", action="store_true",
                    help="every --encoder/--prefill/--decode worker is elastic (serve --role elastic): move "
                         "workers between the stages as the load shifts; POST /v1/elastic/switch moves one by hand")
-    r.add_argument("--elastic-interval", type=float, default=ElasticPolicy.interval_s, metavar="S",
-                   help="with --elastic: seconds between polls of the workers' load (default: %(default)s)")
-    r.add_argument("--elastic-high", type=float, default=ElasticPolicy.high_s, metavar="S",
-                   help="with --elastic: a stage whose mean queue delay passes S seconds wants a worker "
-                        "(default: %(default)s)")
-    r.add_argument("--elastic-low", type=float, default=ElasticPolicy.low, metavar="F",
-                   help="with --elastic: a stage may give a worker while its busy fraction spread over one worker "
-                        "fewer stays under F and its queue delay under half of --elastic-high (default: %(default)s)")
-    r.add_argument("--elastic-cooldown", type=float, default=ElasticPolicy.cooldown_s, metavar="S",
-                   help="with --elastic: seconds after a switch before the next (default: %(default)s)")
-    r.add_argument("--elastic-sustain", type=int, default=ElasticPolicy.sustain, metavar="N",
-                   help="with --elastic: polls in a row a stage must stay hot (and a donor idle) "
-                        "(default: %(default)s)")
+    add_elastic_tuning(r, {"interval": ElasticPolicy.interval_s, "high": ElasticPolicy.high_s, "low": ElasticPolicy.low,
+                           "cooldown": ElasticPolicy.cooldown_s, "sustain": ElasticPolicy.sustain})
     _video_args(r, "")
     r.add_argument("--max-video-frames", type=int, default=64,
                    help="the most mm_processor_kwargs.max_frames a request may ask for (default: 64)")

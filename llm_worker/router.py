@@ -253,7 +253,7 @@ class Router:
                 try:
                     hashes[i] = content_hash(decode_data_uri(url, self.media_limits))
                 except MediaError:
-                    pass
+                    pass  # NOTE: not looked up here; the encoder answers it with the reason
         return hashes
 
     async def _cached(self, hashes: dict[int, str], tenant: str | None) -> dict[int, dict]:

@@ -19,7 +19,7 @@ import os
 import sys
 
 from mmcache.config import ServeConfig
-from mmcache.serving.cli import HelpFormatter
+from mmcache.serving.cli import ROUTER_ELASTIC_DEFAULTS, HelpFormatter, add_elastic_tuning
 from mmcache.policies import POLICIES
 from mmcache.serving.security import make_private_dir, resolve_secret
 from mmcache_client.errors import MMCacheError
@@ -280,17 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the encoders, prefill and decode workers are elastic: each holds the vision tower and the "
                         "LLM, and the router moves workers between the stages as the load shifts (image-heavy <-> "
                         "text-only), draining each first; --encoders/--prefill/--decode are the starting shape")
-    u.add_argument("--elastic-interval", type=float, metavar="S",
-                   help="with --elastic: seconds between the router's polls of the workers' load (default 1)")
-    u.add_argument("--elastic-high", type=float, metavar="S",
-                   help="with --elastic: a stage whose mean queue delay passes S seconds wants a worker (default 0.5)")
-    u.add_argument("--elastic-low", type=float, metavar="F",
-                   help="with --elastic: a stage may give a worker while its busy fraction spread over one worker "
-                        "fewer stays under F (default 0.5)")
-    u.add_argument("--elastic-cooldown", type=float, metavar="S",
-                   help="with --elastic: seconds after a switch before the next (default 5)")
-    u.add_argument("--elastic-sustain", type=int, metavar="N",
-                   help="with --elastic: polls in a row a condition must hold before a switch (default 2)")
+    add_elastic_tuning(u, ROUTER_ELASTIC_DEFAULTS, passed_on=True)
     u.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for the stack to come up")
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)

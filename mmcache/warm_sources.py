@@ -110,7 +110,7 @@ def _walk(folder: Path) -> Iterator[Item]:
         st = os.stat(folder)
         seen.add((st.st_dev, st.st_ino))
     except OSError:
-        pass
+        pass  # NOTE: os.walk below reports the folder's error through onerror
     for root, dirs, files in os.walk(folder, onerror=errors.append, followlinks=True):
         while errors:
             e = errors.pop(0)

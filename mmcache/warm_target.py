@@ -47,7 +47,7 @@ def discover_stack(data_dir: str) -> tuple[list[str], str]:
     except (TypeError, ValueError, ProcessLookupError):
         raise WarmError(f"the `mmcache up` that wrote {path} (pid {pid}) is not running") from None
     except PermissionError:
-        pass
+        pass  # NOTE: it runs, as another user
     processes = [p for p in doc.get("processes", []) if p.get("url") and p.get("state") != "stopped"]
     caches = [p["url"] for p in processes if p.get("role") == "cache"]
     encoders = [p["url"] for p in processes if p.get("role") == "encoder"]

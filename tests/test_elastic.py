@@ -241,6 +241,36 @@ def test_up_elastic_starts_every_worker_elastic_and_the_router_with_the_knobs():
     assert stack._elastic_router_args() == ["--elastic", "--elastic-high", "0.05", "--elastic-sustain", "3"]
 
 
+def test_elastic_flags_are_one_set_whose_defaults_are_the_routers(capsys):
+    """``mmcache up`` names the router's defaults in its help without importing the workers;
+    unset there, a flag stays None so the router's own default holds."""
+    import argparse
+
+    from llm_worker.cli import main as router_main
+    from llm_worker.elastic_policy import ElasticPolicy
+    from mmcache.cli import main as mmcache_main
+    from mmcache.serving.cli import ROUTER_ELASTIC_DEFAULTS, add_elastic_tuning
+
+    policy = ElasticPolicy()
+    assert ROUTER_ELASTIC_DEFAULTS == {"interval": policy.interval_s, "high": policy.high_s, "low": policy.low,
+                                       "cooldown": policy.cooldown_s, "sustain": policy.sustain}
+    up, router = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_elastic_tuning(up, ROUTER_ELASTIC_DEFAULTS, passed_on=True)
+    add_elastic_tuning(router, ROUTER_ELASTIC_DEFAULTS)
+    assert vars(up.parse_args([])) == dict.fromkeys(vars(up.parse_args([])), None)
+    assert vars(router.parse_args(["--elastic-low", "0.25"]))["elastic_low"] == 0.25
+    assert vars(router.parse_args([]))["elastic_sustain"] == policy.sustain
+    with pytest.raises(SystemExit):
+        mmcache_main(["up", "--help"])
+    up_help = " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        router_main(["router", "--help"])
+    router_help = " ".join(capsys.readouterr().out.split())
+    for text in ("stays under F and its queue delay under half of --elastic-high (default: 0.5)",
+                 "--elastic-sustain N with --elastic: polls in a row a stage must stay hot"):
+        assert text in up_help and text in router_help
+
+
 @pytest.mark.parametrize("flags, message", [(["--elastic", "--aggregated"], "--elastic is for the EPD stack"),
                                             (["--elastic", "--nodes", "2"], "use it with --nodes 1")])
 def test_up_elastic_refuses_other_shapes_clearly(tmp_path, flags, message):

@@ -98,6 +98,17 @@ def test_the_context_manager_prints_the_last_line_even_on_an_error():
     assert _lines(stream) == ["job: 3/3 items (100%), 1.5 KiB, 0.000413 items/s, 0 B/s, 2 h 01 min"]
 
 
+def test_a_job_that_fails_before_counting_anything_ends_with_its_error_alone():
+    stream = io.StringIO()
+    with pytest.raises(ValueError):
+        with Progress("export", unit="entries", stream=stream, clock=Clock()):
+            raise ValueError("out exists and is not a folder")
+    assert stream.getvalue() == ""
+    with Progress("export", unit="entries", stream=stream, clock=Clock()):
+        pass  # NOTE: nothing to do is a finished job, and says so
+    assert _lines(stream) == ["export: 0 entries, 0 entries/s, 0 s"]
+
+
 def test_set_total_and_note():
     p, stream, clock = _plain(what="import", unit="entries")
     p.note("reading archive.tar")

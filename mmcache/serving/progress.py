@@ -184,8 +184,8 @@ class Progress:
         except (OSError, ValueError):  # NOTE: a closed pipe must not fail the job it reports on
             pass
 
-    def close(self) -> None:
-        """The bar finished, or the last plain line; idempotent."""
+    def close(self, *, final_line: bool = True) -> None:
+        """The bar finished, or the last plain line (unless not ``final_line``); idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -193,11 +193,12 @@ class Progress:
             if self._bar is not None:
                 self._bar.set_postfix_str(self._postfix(), refresh=False)
                 self._bar.close()
-            else:
+            elif final_line:
                 self._print(self.line())
 
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # NOTE: a job that failed before counting anything ends with its error alone, not "0 items"
+        self.close(final_line=exc_type is None or self.done > 0)
