@@ -202,6 +202,7 @@ def build_llava_clip_l336(out_dir: str | os.PathLike, seed: int = 0, text_hidden
     # NOTE: initialised in float32 (same values as a float32 build), then rounded once to bf16.
     with _no_hf_bars():
         model.to(torch.bfloat16).save_pretrained(out)
+    _vision_tower_in_vllm_layout(out)
     step(total, total, f"weights saved in bfloat16 ({_weights_size(out)})")
     return str(out)
 
@@ -256,7 +257,39 @@ def _save_seeded(model_class: type, config, seed: int, out: Path, step: Steps, f
     step(first_step, TINY_STEPS, f"weights made ({model_class.__name__}, {_parameters(model)}, seed {seed})")
     with _no_hf_bars():
         model.save_pretrained(out)
+    _vision_tower_in_vllm_layout(out)
     step(first_step + 1, TINY_STEPS, f"weights saved ({_weights_size(out)})")
+
+
+def _vision_tower_in_vllm_layout(out: Path) -> None:
+    """Rename a LLaVA checkpoint's CLIP tower keys ``vision_tower.*`` (as transformers 5.x saves
+    them) to ``vision_tower.vision_model.*`` (the llava-hf layout), in place.
+
+    NOTE: vLLM loads the tower only under the llava-hf names, and transformers reads both (its
+    conversion mapping strips ``vision_model``), so one checkpoint serves mmcache's own workers
+    and ``vllm serve``. A checkpoint with no such keys (Qwen2-VL) is left as is."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def renamed(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key[len("vision_tower."):]
+        return key
+
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            metadata, keys = f.metadata(), list(f.keys())
+        if all(renamed(k) == k for k in keys):
+            continue
+        tensors = load_file(path)
+        save_file({renamed(k): v for k, v in tensors.items()}, path, metadata=metadata)
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {renamed(k): v for k, v in doc.get("weight_map", {}).items()}
+        index.write_text(json.dumps(doc, indent=2))
 
 
 def _parameters(model: torch.nn.Module) -> str:

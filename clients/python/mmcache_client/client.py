@@ -214,6 +214,27 @@ class CacheClient:
         _, _, data = self._request("POST", "/v1/batch_get", *core.batch_get(keys, promote))
         return EntryBatch(core.entries_from_arrow(keys, data, Entry))
 
+    def get_tensors(self, keys, *, device: Any = None) -> list:
+        """Each key's ``embeddings`` as a tensor (None for a miss), in key order, for holders that
+        drop references rather than close entries (vLLM's encoder cache). Over ``unix://`` all
+        are leased in one round trip and each tensor views the arena in place and owns its lease,
+        given back when the last tensor sharing its memory is garbage
+        (``mmcache_client.leased_tensors``); over HTTP, or from disk in place, they are copies.
+        ``device``: copies on that GPU, as ``get_many(device=...)`` makes them."""
+        from mmcache_client import leased_tensors
+
+        keys = _keys(keys)
+        if not keys:
+            return []
+        if cuda_device(device) is not None:
+            with self.get_many(keys, device=device) as batch:
+                return leased_tensors.device_tensors(batch)
+        if self.scheme == "unix":
+            locs = self._call("lease", keys=keys)["leases"]
+            return leased_tensors.local_tensors(self._local, keys, locs)
+        with self.get_many(keys) as batch:
+            return [None if e is None else e.tensor for e in batch]
+
     def _get_many_on(self, keys: list[str], dev: Any) -> DeviceBatch:
         """``get_many(keys, device=dev)``: see ``mmcache_client.device_entries``."""
         on_device: list = [None] * len(keys)

@@ -23,6 +23,7 @@ Two choices keep a get at the socket's floor:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -142,6 +143,8 @@ class LocalConnection:
         self._releases: list[bytes] = []
         """Release frames queued to ride on the next request (see the module doc)."""
         self._queued_keys = 0
+        self._orphans: collections.deque[str] = collections.deque()
+        """Leases given back by finalizers (``release_soon``), taken into the next release frame."""
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.state = SessionState()
@@ -209,11 +212,18 @@ class LocalConnection:
         if first:
             _FLUSHER.schedule(self)
 
+    def release_soon(self, name: str) -> None:
+        """Give one lease back from a finalizer (``mmcache_client.leased_tensors``): no lock and
+        no I/O here, since a finalizer may run on any thread, even inside a call on this very
+        connection; the flusher sends it within ``RELEASE_DELAY_S``, or the next request does."""
+        self._orphans.append(name)
+        _FLUSHER.schedule(self)
+
     def flush_releases(self) -> None:
         """Send the queued releases now (the flusher's, or a caller's that must see them done
         from another connection at once)."""
         with self._lock:
-            if self._releases and not self.state.lost and self._sock.fileno() != -1:
+            if (self._releases or self._orphans) and not self.state.lost and self._sock.fileno() != -1:
                 with contextlib.suppress(CacheUnavailable, CacheTimeout):
                     self._send_releases()
 
@@ -228,6 +238,12 @@ class LocalConnection:
             raise CacheUnavailable(f"unix://{self.path}: {e}") from e
 
     def _take_releases(self) -> bytes:
+        if self._orphans:
+            names = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    names.append(self._orphans.popleft())
+            self._releases.append(wire.frame(next(self._ids) & _ID_MASK, _RELEASE, wire.keys_body(names)))
         if not self._releases:
             return b""
         data = b"".join(self._releases)
