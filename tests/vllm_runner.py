@@ -3,7 +3,7 @@
     python tests/vllm_runner.py --model DIR [--ec JSON]
 
 reads one JSON request per line, ``{"images": [PATH, ...], "max_tokens": N, "uuids": [...]}``
-(one prompt per image, all in one ``generate`` call), and answers one JSON line per request:
+(one prompt per image, all in one ``generate`` call), and answers one line per request (``@@mmcache-test`` and JSON):
 ``{"tokens": [[id, ...], ...]}``, or ``{"error": "..."}``. It prints ``{"ready": true}`` once the
 engine is up. The engine runs on the CPU (``VLLM_CPU_*`` set here), greedy, in float32.
 """
@@ -18,6 +18,14 @@ import sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+MARK = "@@mmcache-test "
+"""Answers start with it: vLLM's processes print to standard output too."""
+
+
+def answer(doc: dict) -> None:
+    print(MARK + json.dumps(doc), flush=True)
+
 
 PROMPT = "USER: <image>\nWhat is in this picture? ASSISTANT:"
 
@@ -38,7 +46,7 @@ def main() -> None:
         kwargs["ec_transfer_config"] = json.loads(args.ec)
     llm = LLM(model=args.model, enforce_eager=True, max_model_len=args.max_model_len, dtype=args.dtype,
               limit_mm_per_prompt={"image": 1}, seed=0, **kwargs)
-    print(json.dumps({"ready": True}), flush=True)
+    answer({"ready": True})
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -53,9 +61,9 @@ def main() -> None:
                 prompts.append(prompt)
             outs = llm.generate(prompts, SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0.0),
                                 use_tqdm=False)
-            print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs]}), flush=True)
+            answer({"tokens": [list(o.outputs[0].token_ids) for o in outs]})
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
-            print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+            answer({"error": f"{type(e).__name__}: {e}"})
     del llm
 
 
