@@ -42,10 +42,13 @@ def ec_config(url: str, role: str = "ec_both", connector: str = "MMCacheECConnec
 class Engine:
     """One ``vllm.LLM`` in a subprocess. ``generate(images)`` → token ids per image (greedy)."""
 
-    def __init__(self, model: str, ec: dict | None = None, env: dict | None = None, name: str = "engine"):
-        cmd = [sys.executable, str(RUNNER), "--model", model]
+    def __init__(self, model: str, ec: dict | None = None, env: dict | None = None, name: str = "engine",
+                 dtype: str = "float32", engine_args: dict | None = None):
+        cmd = [sys.executable, str(RUNNER), "--model", model, "--dtype", dtype]
         if ec is not None:
             cmd += ["--ec", json.dumps(ec)]
+        if engine_args:
+            cmd += ["--engine-args", json.dumps(engine_args)]
         path = os.pathsep.join(p for p in (str(HERE / "vllm_env"), os.environ.get("PYTHONPATH")) if p)
         self.name = name
         self.log: list[str] = []

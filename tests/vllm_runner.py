@@ -36,12 +36,13 @@ def main() -> None:
     p.add_argument("--ec", default=None, help="ec_transfer_config as JSON")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--engine-args", default=None, help="more vllm.LLM arguments, as JSON")
     args = p.parse_args()
 
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    kwargs = {}
+    kwargs = json.loads(args.engine_args) if args.engine_args else {}
     if args.ec:
         kwargs["ec_transfer_config"] = json.loads(args.ec)
     llm = LLM(model=args.model, enforce_eager=True, max_model_len=args.max_model_len, dtype=args.dtype,

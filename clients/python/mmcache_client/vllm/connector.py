@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+SAVE_TIMEOUT_MS = 5000.0
+"""The longest one save may take (the saver's calls are off the forward path)."""
+
 
 class MMCacheECConnectorMetadata(ECConnectorMetadata):
     """Scheduler → workers, per step: ``loads``, and ``encode_list`` (the step's
@@ -99,17 +102,21 @@ class MMCacheECConnector(ECConnectorBase):
         self.counters = Counters()
         s = self.settings
         side = "scheduler" if role == ECConnectorRole.SCHEDULER else f"worker {socket.gethostname()}:{os.getpid()}"
-        link = CacheLink(s.url, s.token, s.timeout_ms, self.counters, f"EC connector ({side})")
+        is_scheduler = role == ECConnectorRole.SCHEDULER
+        link = CacheLink(s.url, s.token, s.timeout_ms, self.counters, f"EC connector ({side})", loud=is_scheduler)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
-        if role == ECConnectorRole.SCHEDULER:
+        self._failed_hooks: set[str] = set()
+        if is_scheduler:
             self._scheduler = SchedulerSide(link, self.namespace, self.counters, is_producer=self.is_producer,
                                             is_consumer=self.is_consumer, claim_owner=self.claim_owner,
                                             claim_ttl_ms=s.claim_ttl_ms)
         else:
             saver = None
             if self.is_producer:
-                save_link = CacheLink(s.url, s.token, max(s.timeout_ms, 1000.0), self.counters, f"EC saver ({side})")
+                # NOTE: saves are off the forward path, and a durable one waits for the disk commit
+                save_link = CacheLink(s.url, s.token, max(s.timeout_ms, SAVE_TIMEOUT_MS), self.counters,
+                                      f"EC saver ({side})", loud=False)
                 saver = SaveQueue(save_link, self.namespace, capacity=s.save_queue, durable=s.durable,
                                   claim_owner=self.claim_owner, counters=self.counters)
             self._worker = WorkerSide(link, saver, self.namespace, self.counters, device=_load_device(),
@@ -118,17 +125,22 @@ class MMCacheECConnector(ECConnectorBase):
         logger.info("mmcache EC connector (%s, %s): %s, namespace %s", side, ec.ec_role, s.url, self.namespace)
 
     # ------------------------------------------------------------------ scheduler side
+    # NOTE: the scheduler's hooks are a containment boundary: an outage is already a miss inside
+    # the sides, and anything else (a bug of ours) is logged with its traceback, counted, and
+    # answered as a miss: no exception of ours may stop vLLM's scheduler.
     def has_cache_item(self, identifier: str) -> bool:
-        return self._scheduler.has_cache_item(identifier)
+        return self._contained("has_cache_item", False, self._scheduler.has_cache_item, identifier)
 
     def ensure_cache_available(self, request: "Request", num_computed_tokens: int) -> bool:
-        return self._scheduler.ensure_cache_available(request, num_computed_tokens)
+        return self._contained("ensure_cache_available", True, self._scheduler.ensure_cache_available, request,
+                               num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", index: int) -> None:
-        self._scheduler.update_state_after_alloc(request, index)
+        self._contained("update_state_after_alloc", None, self._scheduler.update_state_after_alloc, request, index)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> ECConnectorMetadata:
-        return MMCacheECConnectorMetadata(self._scheduler.take_loads(), scheduler_output.scheduled_encoder_inputs)
+        loads = self._contained("build_connector_meta", [], self._scheduler.take_loads)
+        return MMCacheECConnectorMetadata(loads, scheduler_output.scheduled_encoder_inputs)
 
     def update_connector_output(self, connector_output: "ECConnectorOutput") -> None:
         meta = connector_output.ec_connector_worker_meta
@@ -136,7 +148,7 @@ class MMCacheECConnector(ECConnectorBase):
             self._scheduler.worker_report(meta.counters, meta.vanished)
 
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
-        self._scheduler.request_finished(request)
+        self._contained("request_finished", None, self._scheduler.request_finished, request)
         return False, None
 
     def get_ec_connector_stats(self) -> ECConnectorStats | None:
@@ -158,7 +170,7 @@ class MMCacheECConnector(ECConnectorBase):
 
     def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs: Any) -> None:
         if self.is_producer:
-            self._worker.save(encoder_cache, mm_hash)
+            self._contained("save_caches", None, self._worker.save, encoder_cache, mm_hash)
 
     def build_connector_worker_meta(self) -> ECConnectorWorkerMetadata | None:
         counters, vanished = self._worker.take_report()
@@ -169,6 +181,18 @@ class MMCacheECConnector(ECConnectorBase):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    def _contained(self, hook: str, default: Any, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 - see the NOTE above: logged with its traceback, counted
+            self.counters.add("errors")
+            if hook not in self._failed_hooks:
+                self._failed_hooks.add(hook)
+                logger.exception("mmcache EC connector: %s failed; answered as a miss (logged once per hook)", hook)
+            return default
 
 
 def _load_device() -> Any:

@@ -8,10 +8,11 @@ from typing import Iterable
 COUNTS = (
     "lookups", "hits", "misses", "lookup_errors", "loads", "loaded_bytes", "load_errors", "vanished",
     "rejected", "saves", "saved_bytes", "saves_existing", "saves_dropped", "save_errors", "claims_won",
-    "claims_waited", "claim_timeouts", "outages",
+    "claims_waited", "claim_timeouts", "outages", "errors",
 )
 """Integer counters. ``vanished``: items the scheduler found that the worker did not (encoded
-locally instead); ``rejected``: entries whose shape or dtype is not what vLLM expects."""
+locally instead); ``rejected``: entries whose shape or dtype is not what vLLM expects; ``errors``: a hook of ours that failed
+(a bug: logged with its traceback) and was answered as a miss."""
 TIMES = ("lookup_ms", "load_ms", "save_ms")
 """Summed milliseconds (averaged per call when reduced)."""
 

@@ -36,8 +36,11 @@ class CacheLink:
     shared."""
 
     def __init__(self, url: str, token: str | None, timeout_ms: float, counters: Counters, role: str,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, loud: bool = True):
         self.url, self.role = url, role
+        self._log_level = logging.WARNING if loud else logging.DEBUG
+        """NOTE: one engine has several links (the scheduler's, each worker's load and save links,
+        in other processes); only the scheduler's is loud, so an outage is logged once."""
         self._token, self._timeout_s = token, timeout_ms / 1000.0
         self.counters = counters
         self._clock = clock
@@ -77,7 +80,7 @@ class CacheLink:
                 self.up = False
                 self._backoff_s = BACKOFF_FIRST_S
                 self.counters.add("outages")
-                logger.warning("mmcache %s: the sidecar at %s is unreachable (%s: %s); vLLM goes on without "
+                logger.log(self._log_level, "mmcache %s: the sidecar at %s is unreachable (%s: %s); vLLM goes on without "
                                "the cache (items are encoded here, saves dropped) and retries with backoff",
                                self.role, self.url, what, error)
             else:
@@ -90,7 +93,7 @@ class CacheLink:
             with self._lock:
                 if not self.up:
                     self.up = True
-                    logger.warning("mmcache %s: the sidecar at %s answers again; the cache is back in use",
+                    logger.log(self._log_level, "mmcache %s: the sidecar at %s answers again; the cache is back in use",
                                    self.role, self.url)
 
     def close_client(self) -> None:

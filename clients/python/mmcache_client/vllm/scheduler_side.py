@@ -92,13 +92,16 @@ class SchedulerSide:
         unknown = sorted({ident for _, ident, _ in pending if self._stale(ident, now)})
         if unknown:
             self._ask(unknown, now)
+        if self.is_producer:
+            for _, ident, _ in pending:
+                answer = self._answers.get(ident)
+                if answer is not None and answer.state == "won":
+                    self._claimed.setdefault(request.request_id, set()).add(ident)
         if not self.is_consumer or not self.is_producer:
-            return True
+            return True  # NOTE: only an engine that can both load and encode waits on a claim
         ready = True
         for _, ident, _ in pending:
             answer = self._answers.get(ident)
-            if answer is not None and answer.state == "won":
-                self._claimed.setdefault(request.request_id, set()).add(ident)
             if answer is None or answer.state != "wait":
                 self._waiting_since.pop((request.request_id, ident), None)
                 continue
@@ -165,6 +168,9 @@ class SchedulerSide:
         except MMCacheError as e:
             logger.debug("mmcache: giving back claims failed: %s", e)
 
+    def close(self) -> None:
+        self._link.close()
+
     # ------------------------------------------------------------------ the round trip
     def _stale(self, ident: str, now: float) -> bool:
         answer = self._answers.get(ident)
@@ -198,9 +204,11 @@ class SchedulerSide:
             state = _state(got.get(key), claiming)
             previous = self._answers.get(ident)
             if state == "wait":
-                poll = min(previous.poll_s * 2, POLL_MAX_S) if previous and previous.state == "wait" else POLL_FIRST_S
+                polling = previous is not None and previous.state == "wait"
+                poll = min(previous.poll_s * 2, POLL_MAX_S) if polling else POLL_FIRST_S
                 self._answers[ident] = _Answer("wait", now + poll, poll)
-                self._counters.add("claims_waited")
+                if not polling:
+                    self._counters.add("claims_waited")
                 continue
             self._answers[ident] = _Answer(state, now + ANSWER_TTL_S)
             self._counters.add("hits" if state == "hit" else "misses")
