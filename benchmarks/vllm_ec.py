@@ -18,7 +18,8 @@ items of 1 MiB (256 × 2048 bf16) and 4.5 MiB (576 × 4096 bf16, a LLaVA-1.5-7B 
 - beside them, the published Mooncake figure: 4 × 1 MiB full hit, 1.14 ms p50 (vLLM PR #56242).
 
 **End to end.** vLLM-CPU serving a LLaVA whose vision tower is CLIP ViT-L/14-336 (random weights,
-so an image costs what it does in life) in front of a one-layer language model, two instances,
+so an image costs what it does in life) in front of a one-layer language model of hidden 4096
+(the built-in ``llava-clip-l336-random``: entries of 576 × 4096 bf16, 4.5 MiB), two instances,
 requests sent one at a time alternately, half of them reusing an image first sent to the other
 instance (each image twice): no connector, ``ECExampleConnector`` (ec_both on both, one shared
 folder) and mmcache (ec_both on both, one sidecar). Time to first token (a one-token answer) per
@@ -181,17 +182,13 @@ def bench_e2e(data_dir: Path, n_requests: int, dtype: str) -> list[tuple[str, li
     import numpy as np
     from PIL import Image
 
-    from encoder_worker.models import build_llava_clip_l336
+    from encoder_worker.models import ensure_model
     from sidecar import SidecarProcess
     from vllm_engines import Engine, ec_config
 
-    model = data_dir / "llava-clip-l336-tiny-lm"
-    if not model.is_dir():
-        print(f"building {model} (CLIP ViT-L/14-336, random weights, once) ...", flush=True)
-        tmp = Path(tempfile.mkdtemp(dir=data_dir))
-        build_llava_clip_l336(tmp, text_hidden=1024, text_layers=1, text_heads=16, text_kv_heads=4,
-                              text_intermediate=256)
-        tmp.rename(model)
+    # NOTE: CLIP ViT-L/14-336 (random, bf16) before a one-layer language model of hidden 4096:
+    # an image costs its real encode, an entry is a real 7B LLaVA's (576 x 4096 bf16, 4.5 MiB).
+    model = Path(ensure_model("llava-clip-l336-random", data_dir))
     images_dir = data_dir / "images"
     images_dir.mkdir(exist_ok=True)
     schedule = _schedule(n_requests)

@@ -149,11 +149,14 @@ def test_llava_batch_matches_single(llava_encoder: Encoder) -> None:
 
 
 def test_llava_hub_layout_and_shards_load_the_same(tmp_path: Path, llava_dir: str, llava_encoder: Encoder) -> None:
-    """llava-hf hub checkpoints name tensors vision_tower.vision_model.* and come in shards."""
+    """The CLIP tower's tensors are named vision_tower.vision_model.* in llava-hf hub checkpoints (and
+    the built-in models, for vLLM) and vision_tower.* where transformers 5.x saved them; either
+    way, in shards or not, they load the same."""
+    assert any(k.startswith("vision_tower.vision_model.") for k in load_file(Path(llava_dir) / "model.safetensors"))
     hub_dir = _copy_model(llava_dir, tmp_path / "hub")
     tensors = load_file(hub_dir / "model.safetensors")
     (hub_dir / "model.safetensors").unlink()
-    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()}
+    renamed = {k.replace("vision_tower.vision_model.", "vision_tower.", 1): v for k, v in tensors.items()}
     names = sorted(renamed)
     weight_map = {}
     for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):

@@ -125,3 +125,15 @@ def test_a_closed_client_keeps_the_views_readable_until_they_go(sidecar):
     assert _leases(sidecar) == 1
     del t
     assert settled(lambda: _leases(sidecar) == 0)
+
+
+@pytest.mark.gpu
+def test_device_tensors_are_copies_of_their_own_on_the_gpu(sidecar):
+    """``device=``: the SDK's pinned-arena copy path (a view of a device tier would be cloned);
+    no host lease outlives the call."""
+    with CacheClient(sidecar.unix_url) as c:
+        keys = _put(c, 2, dtype=torch.float16)
+        _quiet(sidecar)
+        a, b = c.get_tensors(keys, device="cuda")
+        assert a.is_cuda and torch.equal(b.cpu().float(), _value(16, 32, 1))
+        assert _leases(sidecar) == 0

@@ -2,7 +2,8 @@
 build) serving tiny-llava, greedy outputs compared with vLLM's own without any connector.
 
 Each engine runs in a process of its own (``tests/vllm_engines.py``); engines take ~20 s to start
-on a 2-core machine, so engines are shared within a test where a story allows it.
+on a 2-core machine, so engines are shared within a test where a story allows it. Marked ``slow``
+too: ``python -m pytest -m vllm`` runs just these.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from redis_servers import RedisClusterProcs, needs_redis
 from sidecar import SidecarProcess, settled
 from vllm_engines import Engine, ec_config, needs_vllm
 
-pytestmark = [pytest.mark.vllm, needs_vllm]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, needs_vllm]
 
 IMAGES = 12
 
