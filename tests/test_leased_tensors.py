@@ -46,7 +46,14 @@ def _put(client, n: int, rows: int = 16, cols: int = 32, dtype=torch.bfloat16) -
     return keys
 
 
-def test_views_hold_their_lease_until_the_last_reference_goes(sidecar):
+@pytest.mark.parametrize("holder", ["storage", "numpy"])
+def test_views_hold_their_lease_until_the_last_reference_goes(sidecar, holder, monkeypatch):
+    """Both ways a lease is tied to the memory: a finalizer on the tensor's storage (this torch)
+    or on a numpy array of the bytes (a torch without one Python object per storage)."""
+    from mmcache_client import leased_tensors
+
+    assert leased_tensors._storage_lives_with_its_views()
+    monkeypatch.setattr(leased_tensors, "_STORAGE_CHECK", [holder == "storage"])
     with CacheClient(sidecar.unix_url) as c:
         keys = _put(c, 3)
         _quiet(sidecar)

@@ -7,10 +7,12 @@ anything: vLLM's encoder cache is a ``dict[str, torch.Tensor]`` whose entries ar
 and slices included) is garbage. So the bytes stay put exactly as long as anything can read
 them, whoever drops the last reference and on whatever thread.
 
-How: each tensor is made over a numpy array of its own bytes (a slice of the arena's memoryview,
-so the mapping cannot be unmapped under it); torch keeps that array alive for the storage's
-life, and a ``weakref.finalize`` on the array queues the release (``release_soon``: no lock, no
-I/O: a finalizer may run on any thread, even one inside a call on the same connection).
+How: each tensor gets a storage of its own over its bytes (``torch.frombuffer`` of a slice of the
+arena's memoryview, which torch keeps for the storage's life, so the mapping cannot be unmapped
+under it), and a ``weakref.finalize`` on that storage queues the release (``release_soon``: no
+lock, no I/O: a finalizer may run on any thread, even one inside a call on the same connection).
+torch keeps one Python object per storage while the storage lives (checked once at first use;
+where it did not, a numpy array of the bytes would hold the lease instead).
 
 Entries served from LMDB in place (the host tier had no room) and entries over HTTP are copied
 into tensors of their own and their leases (if any) given back at once. On a GPU, the SDK's
@@ -21,6 +23,7 @@ device tier is cloned, since its lease is the batch's.
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 import weakref
 from typing import Any
@@ -39,23 +42,56 @@ def _torch():
     return torch
 
 
-def arena_tensor(conn: Any, key: str, loc: wire.LeaseLoc) -> Any:
-    """The ``embeddings`` of an arena lease as a tensor that owns the lease (see the module doc)."""
+_TORCH_DTYPES: dict[str, Any] = {}
+
+
+def arena_tensor(conn: Any, name: str, loc: wire.LeaseLoc) -> Any:
+    """The ``embeddings`` of an arena lease (released as ``name``) as a tensor that owns the lease
+    (see the module doc). Call it with torch's non-writable-buffer warning silenced
+    (``local_tensors``)."""
     torch = _torch()
     lay = loc.layout
-    dt = DTYPES[lay.dtype]
+    dtype = _TORCH_DTYPES.get(lay.dtype)
+    if dtype is None:
+        dtype = _TORCH_DTYPES[lay.dtype] = getattr(torch, DTYPES[lay.dtype].torch_name)
     count = lay.rows * lay.cols
-    raw = np.frombuffer(conn.arena.view(loc.offset + lay.start, count * dt.itemsize), dtype=dt.numpy, count=count)
-    with warnings.catch_warnings():
-        # NOTE: readers map the arena read-only on purpose; torch warns about non-writable arrays.
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.from_numpy(raw)
-    if lay.dtype == "BF16":
-        flat = flat.view(torch.bfloat16)  # numpy has no bf16: the raw bits came as uint16
-    tensor = flat.view(lay.rows, lay.cols)
+    view = conn.arena.view(loc.offset + lay.start, count * DTYPES[lay.dtype].itemsize)
     conn.state.ref()
-    weakref.finalize(raw, _give_back, conn, wire.release_name(key, loc))
-    return tensor
+    if _storage_lives_with_its_views():
+        # NOTE: torch keeps ``view`` (a slice of the arena's memoryview, an export that keeps the
+        # mapping mapped) for the storage's life, and one Python object per storage for as long
+        # as the storage lives (checked once below): its finalizer runs when the last view goes.
+        flat = torch.frombuffer(view, dtype=dtype, count=count)
+        weakref.finalize(flat.untyped_storage(), _give_back, conn, name)
+    else:  # an older torch: a numpy array of its own bytes is what the storage keeps alive
+        raw = np.frombuffer(view, dtype=DTYPES[lay.dtype].numpy, count=count)
+        weakref.finalize(raw, _give_back, conn, name)
+        flat = torch.from_numpy(raw)
+        flat = flat.view(dtype) if flat.dtype != dtype else flat
+    return flat.view(lay.rows, lay.cols)
+
+
+_STORAGE_CHECK: list[bool] = []
+
+
+def _storage_lives_with_its_views() -> bool:
+    """Whether this torch keeps one Python object per storage for the storage's whole life (so a
+    finalizer on it runs exactly when the last tensor viewing the storage goes): checked once."""
+    if not _STORAGE_CHECK:
+        torch = _torch()
+        fired: list[int] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            base = torch.frombuffer(bytearray(64), dtype=torch.uint8)
+        weakref.finalize(base.untyped_storage(), fired.append, 1)
+        piece = base[8:16].view(torch.int16)
+        del base
+        gc.collect()
+        early = bool(fired)
+        del piece
+        gc.collect()
+        _STORAGE_CHECK.append(not early and fired == [1])
+    return _STORAGE_CHECK[0]
 
 
 def _give_back(conn: Any, name: str) -> None:
@@ -70,30 +106,37 @@ def local_tensors(conn: Any, keys: list[str], locs: list) -> list:
     """One lease answer as tensors (None per miss). On an error every lease not yet handed to a
     tensor is given back before it propagates."""
     out: list = []
-    pending = [wire.release_name(k, loc) for k, loc in zip(keys, locs) if loc is not None]
+    done = 0
     try:
-        for key, loc in zip(keys, locs):
-            if loc is None:
-                out.append(None)
-                continue
-            name = wire.release_name(key, loc)
-            if loc.offset >= 0 and loc.layout is not None:
-                out.append(arena_tensor(conn, key, loc))
-            else:  # in place in LMDB (or an arena entry with no layout): an owned copy
-                view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
-                try:
-                    out.append(view.tensor.clone())
-                finally:
-                    if end_local is not None:
-                        end_local()
-                    conn.release([name])
-            pending.remove(name)
+        with warnings.catch_warnings():
+            # NOTE: readers map the arena read-only on purpose; torch warns about non-writable arrays.
+            warnings.simplefilter("ignore", UserWarning)
+            for key, loc in zip(keys, locs):
+                if loc is None:
+                    out.append(None)
+                elif loc.offset >= 0 and loc.layout is not None:
+                    out.append(arena_tensor(conn, wire.release_name(key, loc), loc))
+                else:  # in place in LMDB (or an arena entry with no layout): an owned copy
+                    out.append(_copied(conn, key, loc))
+                done += 1
     except BaseException:
+        pending = [wire.release_name(k, loc) for k, loc in zip(keys[done:], locs[done:]) if loc is not None]
         if pending and not conn.state.lost:
             with contextlib.suppress(MMCacheError):
                 conn.release(pending)
         raise
     return out
+
+
+def _copied(conn: Any, key: str, loc: wire.LeaseLoc) -> Any:
+    """An entry read in place from LMDB, copied; its read transaction and lease end now."""
+    view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
+    try:
+        return view.tensor.clone()
+    finally:
+        if end_local is not None:
+            end_local()
+        conn.release([wire.release_name(key, loc)])
 
 
 def device_tensors(batch: Any) -> list:

@@ -63,19 +63,20 @@ class WorkerSide:
         by_hash = dict(zip(hashes, tensors)) if tensors is not None else {}
         if tensors is None:
             self._counters.add("load_errors")
+        loaded = loaded_bytes = 0
         for item in todo:
             tensor = by_hash.get(item.hash)
-            why = None if tensor is not None else "not in the cache any more"
-            if tensor is not None:
-                why = self._unfit(tensor, item)
-                if why is not None:
-                    self._counters.add("rejected")
+            why = "not in the cache any more" if tensor is None else self._unfit(tensor, item)
             if why is None:
                 encoder_cache[item.mm_hash] = tensor
-                self._counters.add("loads")
-                self._counters.add("loaded_bytes", tensor.numel() * tensor.element_size())
+                loaded += 1
+                loaded_bytes += tensor.numel() * tensor.element_size()
                 continue
+            if tensor is not None:
+                self._counters.add("rejected")
             self._encode_here(item, why, encode_list)
+        self._counters.add("loads", loaded)
+        self._counters.add("loaded_bytes", loaded_bytes)
         del tensors, by_hash  # NOTE: leases of entries not handed to vLLM go back now
 
     def _unfit(self, tensor: Any, item: LoadItem) -> str | None:
