@@ -62,7 +62,8 @@ class EncodeService:
         self.metrics = _Metrics()
         self.counters = {"images": 0, "cache_hits": 0, "encoded": 0, "requests": 0, "batches": 0,
                          "videos": 0, "frames": 0, "frames_encoded": 0, "frames_reused": 0,
-                         "claims_won": 0, "claims_waited": 0, "claims_taken_over": 0, "claims_unavailable": 0}
+                         "claims_won": 0, "claims_waited": 0, "claims_taken_over": 0, "claims_unavailable": 0,
+                         "claim_waits_ended": 0}
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         """This worker's name on its claims."""
         self._held: dict[str, str] = {}
@@ -200,6 +201,7 @@ class EncodeService:
         futures: dict[str, asyncio.Future] = {}
         won_here: list[str] = []
         waited: set[str] = set()
+        waited_since: dict[str, float] = {}
         pending = list(misses)
         try:
             while pending:
@@ -209,6 +211,13 @@ class EncodeService:
                 states = await self._claim_states([f"{scope}/{h}" for h in fresh]) \
                     if self.config.claims and fresh else {}
                 state = {h: (states.get(f"{scope}/{h}") or {"state": "unclaimed"}) for h in fresh}
+                now = asyncio.get_running_loop().time()
+                for h in fresh:
+                    if state[h]["state"] == "wait" and now - waited_since.setdefault(h, now) >= self.config.claim_ttl_s:
+                        # NOTE: waited as long as this encoder would hold a claim itself: encode it
+                        # here, whatever TTL the owner asked for
+                        state[h] = {"state": "unclaimed"}
+                        self.counters["claim_waits_ended"] += 1
                 won = [h for h in fresh if state[h]["state"] in ("won", "unclaimed")]
                 found = [h for h in fresh if state[h]["state"] == "exists"]
                 waits = [h for h in fresh if state[h]["state"] == "wait"]
@@ -237,8 +246,10 @@ class EncodeService:
                     vanished = [h for h in found + finished if h not in cached]  # NOTE: evicted at once: again
                 pending = waits + vanished
                 if waits and not vanished:
+                    mine_left = min(self.config.claim_ttl_s - (now - waited_since[h]) for h in waits)
                     await self._wait_stored([f"{scope}/{h}" for h in waits],
-                                            min(int(state[h].get("ttl_ms", self._ttl_ms)) for h in waits) / 1000)
+                                            min(min(int(state[h].get("ttl_ms", self._ttl_ms)) for h in waits) / 1000,
+                                                max(0.0, mine_left)))
             names = list(futures)
             results = await asyncio.gather(*(futures[h] for h in names), return_exceptions=True)
         except BaseException:

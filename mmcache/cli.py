@@ -41,6 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
         "remote": args.remote, "remote_ttl_s": args.remote_ttl, "remote_timeout_ms": args.remote_timeout_ms,
         "remote_required": args.remote_required or None, "node": args.node,
         "device_capacity_bytes": args.device_capacity, "device": args.device,
+        "max_claims": args.max_claims, "max_claims_per_owner": args.max_claims_per_owner,
+        "claim_ttl_max_s": args.claim_ttl_max,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config,
                                       warn=lambda text: print(f"mmcache serve: warning: {text}", file=sys.stderr))
@@ -203,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--remote-ttl", type=float, metavar="S", help="expire remote entries after S seconds")
     s.add_argument("--remote-timeout-ms", type=float, metavar="MS",
                    help="longest wait for one remote call (default 200); past it: a miss or a dropped write")
+    s.add_argument("--max-claims", type=int, metavar="N",
+                   help="live claims at most, all owners (default 100000); past it: 429 with Retry-After")
+    s.add_argument("--max-claims-per-owner", type=int, metavar="M",
+                   help="live claims of one owner at most (default 4096); past it: 429 with Retry-After")
+    s.add_argument("--claim-ttl-max", type=float, metavar="S",
+                   help="longest claim TTL granted, longer asks are clamped (default 120)")
     s.add_argument("--node", metavar="NAME",
                    help="this sidecar's name in inventory events (default hostname:port)")
     s.add_argument("--remote-required", action="store_true",

@@ -81,6 +81,12 @@ class ServeConfig:
     """GPU memory of the device tier above host (0: none, and no CUDA context)."""
     device: str = "cuda:0"
     """The GPU of the device tier."""
+    max_claims: int = 100_000
+    """Live claims at most (all owners); one more is refused with 429 and ``Retry-After``."""
+    max_claims_per_owner: int = 4096
+    """Live claims of one owner at most (a small share of ``max_claims``); past it: 429."""
+    claim_ttl_max_s: float = 120.0
+    """Longest claim TTL granted; a longer ask is clamped, so nobody makes encoders wait longer."""
 
     def __post_init__(self) -> None:
         if not 0 < self.remote_timeout_ms < float("inf"):
@@ -96,6 +102,11 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive number of seconds")
         if self.max_connections is not None and self.max_connections <= 0:
             raise ValueError(f"max_connections={self.max_connections} must be > 0")
+        for name in ("max_claims", "max_claims_per_owner"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer > 0")
+        if not 0.001 <= self.claim_ttl_max_s <= 600:
+            raise ValueError(f"claim_ttl_max_s={self.claim_ttl_max_s} must lie in [0.001, 600] seconds")
         for name in ("host_capacity_bytes", "disk_capacity_bytes", "max_entry_size_bytes", "batch_get_budget_bytes",
                      "disk_queue_bytes"):
             if getattr(self, name) <= 0:
@@ -155,7 +166,7 @@ FLAG_OF_FIELD = {"host_capacity_bytes": "host_capacity", "disk_capacity_bytes": 
                  "max_entry_size_bytes": "max_entry_size", "arena_path": "arena", "write_timeout_s": "write_timeout",
                  "batch_get_budget_bytes": "batch_get_budget", "header_timeout_s": "header_timeout",
                  "disk_queue_bytes": "disk_queue", "remote_ttl_s": "remote_ttl",
-                 "device_capacity_bytes": "device_capacity"}
+                 "device_capacity_bytes": "device_capacity", "claim_ttl_max_s": "claim_ttl_max"}
 """``mmcache serve``'s flag names where they differ from the field's (``--host-capacity``)."""
 OTHER_ENV = frozenset({"MMCACHE_API_KEY", "MMCACHE_REMOTE_PASSWORD", "MMCACHE_TOKEN_FILE"})
 """``MMCACHE_*`` names other commands read (not reported as unknown by ``mmcache serve``)."""
@@ -190,7 +201,7 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{name}={value!r} must be a number of milliseconds") from None
         elif name == "remote_required":
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        elif name in ("port", "max_connections"):
+        elif name in ("port", "max_connections", "max_claims", "max_claims_per_owner"):
             try:
                 value = int(value)
             except (TypeError, ValueError):

@@ -53,7 +53,7 @@ import time
 from mmcache.store import TieredStore
 from mmcache.serving.tenants import Tenants
 from mmcache_client import wire
-from mmcache_client.errors import CacheFull, EntryTooLarge
+from mmcache_client.errors import CacheFull, EntryTooLarge, TooManyRequests
 from mmcache_client.format import EntryFormatError
 from mmcache_client.wire import ERROR, HEAD, OK, OP_CODES, OP_NAMES
 
@@ -80,7 +80,8 @@ MAX_FILL_SPIN_S = 0.002
 """Longest the thread polls for a seal after a reservation (a slower writer pays one wake-up)."""
 
 
-_KINDS = ((CacheFull, "CacheFull"), (EntryTooLarge, "EntryTooLarge"), (PermissionError, "Forbidden"))
+_KINDS = ((CacheFull, "CacheFull"), (EntryTooLarge, "EntryTooLarge"), (PermissionError, "Forbidden"),
+          (TooManyRequests, "TooManyRequests"))
 
 
 def _event_in_scope(event, tenant: str | None) -> dict | None:
@@ -98,7 +99,10 @@ def _event_in_scope(event, tenant: str | None) -> dict | None:
 
 def _error_body(e: BaseException) -> bytes:
     kind = next((name for cls, name in _KINDS if isinstance(e, cls)), type(e).__name__)
-    return wire.json_body({"error": str(e), "kind": kind})
+    doc = {"error": str(e), "kind": kind}
+    if isinstance(e, (CacheFull, TooManyRequests)):
+        doc["retry_after_s"] = e.retry_after_s
+    return wire.json_body(doc)
 
 
 class _FrameReader:
@@ -139,7 +143,7 @@ class _FrameReader:
         return self.sock.recv(1 << 16)
 
 
-_EXPECTED = (ProtocolError, EntryFormatError, ValueError, CacheFull, EntryTooLarge, PermissionError)
+_EXPECTED = (ProtocolError, EntryFormatError, ValueError, CacheFull, EntryTooLarge, PermissionError, TooManyRequests)
 
 
 class LocalServer:

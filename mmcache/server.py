@@ -208,7 +208,9 @@ def _store_ctx(config: ServeConfig):
                 config.remote, ttl_s=config.remote_ttl_s, timeout_ms=config.remote_timeout_ms,
                 required=config.remote_required),
             node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}",
-            device_capacity_bytes=config.device_capacity_bytes, device=config.device))
+            device_capacity_bytes=config.device_capacity_bytes, device=config.device,
+            max_claims=config.max_claims, max_claims_per_owner=config.max_claims_per_owner,
+            claim_ttl_max_ms=max(1, int(config.claim_ttl_max_s * 1000))))
         app[STORE] = store
         local = None
         try:

@@ -17,7 +17,7 @@ from mmcache.metrics import Metrics
 from mmcache.serving.security import bearer_matches, bearer_token
 from mmcache.store import TieredStore
 from mmcache.serving.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants
-from mmcache_client.errors import CacheFull, EntryTooLarge
+from mmcache_client.errors import CacheFull, EntryTooLarge, TooManyRequests
 from mmcache_client.format import EntryFormatError
 from mmcache_client.keys import Key
 
@@ -66,6 +66,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         response.headers.update({k: v for k, v in e.headers.items() if k.lower() in ("www-authenticate", "allow")})
     except CacheFull as e:
         response = _error(503, str(e))
+        response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
+    except TooManyRequests as e:
+        response = _error(429, str(e))
         response.headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
     except EntryTooLarge as e:
         response = _error(413, str(e))

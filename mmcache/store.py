@@ -101,7 +101,9 @@ class TieredStore(WriteDown):
         self.disk.on_evict = lambda key, n: self.events.publish("evicted", key, "disk", n)
         if self.remote is not None:
             self.events.sink = self.remote.emit
-        self.claims = Claims(self.contains, self.remote)
+        self.claims = Claims(self.contains, self.remote, max_claims=self.config.max_claims,
+                             max_claims_per_owner=self.config.max_claims_per_owner,
+                             ttl_max_ms=self.config.claim_ttl_max_ms)
         record_arena(self.config.data_dir, self.host.arena.path)
         self._counts_lock = threading.Lock()
         self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)

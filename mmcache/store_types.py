@@ -47,6 +47,12 @@ class StoreConfig:
     """The GPU holding the device tier."""
     device_policy: str = "lru"
     """Eviction policy of the device tier."""
+    max_claims: int = 100_000
+    """Live claims granted through this sidecar at most (``mmcache.claims``); past it: 429."""
+    max_claims_per_owner: int = 4096
+    """Live claims of one owner at most; past it: 429."""
+    claim_ttl_max_ms: int = 120_000
+    """Longest claim TTL granted (longer asks are clamped): the longest anyone can make encoders wait."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from mmcache_client.entry import Entry
 from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CorruptEntry, EntryTooLarge, Forbidden,
-                                   ServerError)
+                                   ServerError, TooManyRequests)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry
 from mmcache_client.keys import Key
 from mmcache_client.session import ArenaEntryView, open_lease
@@ -112,6 +112,8 @@ def raise_for_status(status: int, body: bytes, headers: Mapping[str, str] | None
         raise EntryTooLarge(message)
     if status == 503:
         raise CacheFull(message or "the sidecar has no room now", retry_after_s)
+    if status == 429:
+        raise TooManyRequests(message or "too many requests", retry_after_s)
     if 400 <= status < 500:
         raise BadRequest(f"HTTP {status}: {message}")
     raise ServerError(f"HTTP {status}: {message}")

@@ -43,6 +43,15 @@ class CacheFull(MMCacheError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRequests(MMCacheError):
+    """A cap on a shared resource was reached (HTTP 429): too many live claims (in all, or of one
+    owner), too many event followers. ``retry_after_s`` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class LeaseLost(CacheUnavailable):
     """An entry's lease ended with its connection (the sidecar went away): its views are void."""
 
@@ -60,10 +69,15 @@ _KIND_TO_ERROR = {
     "InternalError": ServerError,
     "EntryTooLarge": EntryTooLarge,
     "CacheFull": CacheFull,
+    "TooManyRequests": TooManyRequests,
     "Forbidden": Forbidden,
 }
 
 
-def raise_for_kind(kind: str, message: str) -> None:
-    """Raise the SDK exception for an error ``kind`` named by the local protocol."""
-    raise _KIND_TO_ERROR.get(kind, BadRequest)(message)
+def raise_for_kind(kind: str, message: str, retry_after_s: object = None) -> None:
+    """Raise the SDK exception for an error ``kind`` named by the local protocol (with the
+    sidecar's ``retry_after_s`` for the pressure answers)."""
+    cls = _KIND_TO_ERROR.get(kind, BadRequest)
+    if cls in (CacheFull, TooManyRequests) and isinstance(retry_after_s, (int, float)) and retry_after_s > 0:
+        raise cls(message, float(retry_after_s))
+    raise cls(message)

@@ -120,7 +120,8 @@ def answer_fields(code: int, body: bytes) -> dict:
     """A JSON answer as a dict; an ``ERROR`` raises the named exception."""
     answer = json.loads(body) if body else {}
     if code == ERROR:
-        raise_for_kind(answer.get("kind", ""), answer.get("error", "the sidecar gave no reason"))
+        raise_for_kind(answer.get("kind", ""), answer.get("error", "the sidecar gave no reason"),
+                       answer.get("retry_after_s"))
     return answer
 
 

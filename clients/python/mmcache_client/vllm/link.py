@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from mmcache_client.client import CacheClient
-from mmcache_client.errors import BadRequest, CacheFull, EntryTooLarge, MMCacheError
+from mmcache_client.errors import BadRequest, CacheFull, EntryTooLarge, MMCacheError, TooManyRequests
 from mmcache_client.vllm.counters import Counters
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ T = TypeVar("T")
 BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 8.0
 
-ANSWERS = (BadRequest, CacheFull, EntryTooLarge)
+ANSWERS = (BadRequest, CacheFull, EntryTooLarge, TooManyRequests)
 """The sidecar answered (it is up): the call failed on its own merits, not an outage."""
 
 

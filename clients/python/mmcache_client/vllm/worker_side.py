@@ -12,8 +12,8 @@ Imports no vLLM (its caller passes plain values). Per step:
   the sidecar gone, a wrong shape) costs no request: it is put on this step's encode list
   (vLLM's ``scheduled_encoder_inputs``, which the runner encodes right after the loads), so it
   is encoded here, and reported so the scheduler stops trusting its answer.
-- ``save(encoder_cache, mm_hash)``: each newly encoded output is queued for the saver thread
-  (``mmcache_client.vllm.saver``), off the forward's critical path.
+- ``save(encoder_cache, mm_hash)``: each newly encoded output is kept until the step ends, then
+  queued for the saver thread (``mmcache_client.vllm.saver``): off the forward's critical path.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from mmcache_client.vllm.scheduler_side import LoadItem
 logger = logging.getLogger(__name__)
 
 FLUSH_AT_SHUTDOWN_S = 10.0
+MAX_HELD_SAVES = 64
+"""Outputs held for the step's end at most (a runner that never ends its steps still saves)."""
 
 
 class WorkerSide:
@@ -46,6 +48,8 @@ class WorkerSide:
         self._widths, self._default_width = widths, default_width
         self.vanished: list[str] = []
         """This step's items the scheduler found and the worker did not (for the scheduler)."""
+        self._step_saves: list[tuple[str, Any]] = []
+        """This step's outputs, saved once the step ends."""
 
     def load(self, encoder_cache: dict[str, Any], loads: list[LoadItem], encode_list: dict[str, list[int]] | None) -> None:
         todo = [item for item in loads if item.mm_hash not in encoder_cache]
@@ -99,15 +103,32 @@ class WorkerSide:
             indices.append(item.index)
 
     def save(self, encoder_cache: dict[str, Any], mm_hash: str) -> None:
+        """Keep the output for the saver; it is handed over when the step ends (``end_step``).
+
+        NOTE: the encoder output is saved mid-step (right after the encoder, before the language
+        model runs); a save running then would share the step's cores with the forward (on a
+        machine with no spare core, ~30 ms of a step measured), so it waits for the step's end."""
         if self._saver is None:
             return
         tensor = encoder_cache.get(mm_hash)
         if tensor is None or getattr(tensor, "dim", lambda: 0)() != 2:
             self._counters.add("save_errors")  # NOTE: an entry is [num_tokens, hidden]
             return
-        self._saver.offer(hash_for(mm_hash), tensor)
+        self._step_saves.append((hash_for(mm_hash), tensor))
+        if len(self._step_saves) >= MAX_HELD_SAVES:
+            self.end_step()
+
+    def end_step(self) -> None:
+        """The step is over: its outputs go to the saver thread."""
+        saves, self._step_saves = self._step_saves, []
+        for hash_hex, tensor in saves:
+            self._saver.offer(hash_hex, tensor)
 
     def take_report(self) -> tuple[dict[str, float], list[str]]:
+        """At the step's end (vLLM's ``build_connector_worker_meta``): the saves go, and the step's
+        counters and vanished items are reported."""
+        if self._step_saves:
+            self.end_step()
         vanished, self.vanished = self.vanished, []
         return self._counters.take(), vanished
 
@@ -116,5 +137,6 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         if self._saver is not None:
+            self.end_step()
             self._saver.close(FLUSH_AT_SHUTDOWN_S)
         self._link.close()
