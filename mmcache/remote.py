@@ -9,8 +9,10 @@ values the entry blob, unchanged (``../shared/DESIGN.md``, "Remote tier and scal
   written by one thread in pipelined batches of ``SET NX`` (the first writer wins), with an
   optional TTL. The caller keeps the blob valid until the put's Future resolves.
 - A circuit breaker: ``breaker_failures`` errors in a row mark the remote down; while it is down
-  every call is a miss (reads) or a drop (writes) at once, without touching the network, and one
-  probe per ``retry_s`` tries to reconnect. The remote failing never fails the sidecar.
+  every call is a miss (reads) or a drop (writes) at once, without touching the network, and a
+  thread of its own tries to reconnect once per ``retry_s`` (never a request: no request waits
+  for a probe). The client makes no retries of its own: a call costs at most the timeout. The
+  remote failing never fails the sidecar.
 
 The tier is not durable for the host tier's purposes (``durable = False``): host evictions never
 wait for it, and puts never ask it whether a key exists (that would put a network round trip on
@@ -73,7 +75,11 @@ class RemoteTier(RemoteCoordination, Tier):
         self._claim_ends: collections.deque = collections.deque()
         self._event_counts = dict(sent=0, received=0, dropped=0)
         self._stop = threading.Event()
+        self._down = threading.Event()
+        """Set while the remote is down: the reconnect thread's cue."""
         self._scripts: tuple[Any, Any] | None = None
+        self._reconnector = threading.Thread(target=self._reconnect_loop, name="mmcache-remote-reconnect", daemon=True)
+        self._reconnector.start()
         try:
             self._connect()
         except self._errors as e:
@@ -101,9 +107,15 @@ class RemoteTier(RemoteCoordination, Tier):
         logger.info("remote %s up (%s)", self.config.url, "cluster" if enabled else "single server")
 
     def _new_client(self, timeout: float) -> tuple[Any, bool]:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         redis, addr = self._redis, self.address
+        # NOTE: no retries in the client, ever: redis-py's default retries a failed command with
+        # exponential backoff (seconds of sleep inside one request while the remote is dead);
+        # here one attempt is bounded by the timeout, and the breaker decides what comes next.
         common = dict(username=addr.username, password=addr.password, socket_timeout=timeout,
-                      socket_connect_timeout=timeout, ssl=addr.tls)
+                      socket_connect_timeout=timeout, ssl=addr.tls, retry=Retry(NoBackoff(), 0))
         host, port = addr.nodes[0]
         probe = redis.Redis(host=host, port=port, **common)
         try:
@@ -111,13 +123,9 @@ class RemoteTier(RemoteCoordination, Tier):
         finally:
             probe.close()
         if enabled:
-            from redis.backoff import NoBackoff
             from redis.cluster import ClusterNode, RedisCluster
-            from redis.retry import Retry
 
-            # NOTE: one retry at most: the breaker, not the client, decides how long to keep trying
-            client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in addr.nodes],
-                                  retry=Retry(NoBackoff(), 1), **common)
+            client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in addr.nodes], **common)
         else:
             if len(addr.nodes) > 1:
                 raise RemoteURLError(f"--remote {self.config.url}: several hosts given but {host}:{port} "
@@ -135,23 +143,34 @@ class RemoteTier(RemoteCoordination, Tier):
             was_up, self._up = self._up, False
             self._retry_at = time.monotonic() + self.config.retry_s
         if was_up:
-            logger.warning("remote %s marked down for %.1f s", self.config.url, self.config.retry_s)
+            logger.warning("remote %s marked down; reconnecting every %.1f s off the request path",
+                           self.config.url, self.config.retry_s)
+        self._down.set()
+
+    def _reconnect_loop(self) -> None:
+        """While the remote is down: one reconnect per ``retry_s``, on this thread, so that no
+        request ever waits for a probe (a request meanwhile is a miss or a drop at once)."""
+        while not self._stop.is_set():
+            self._down.wait()
+            if self._stop.wait(self.config.retry_s):
+                return
+            with self._lock:
+                if self._up:
+                    self._down.clear()
+                    continue
+            try:
+                self._connect()
+                self._down.clear()
+            except self._errors as e:
+                self._count("errors")
+                logger.debug("remote %s still down: %s", self.config.url, e)
 
     def _call(self, fn: Callable[[Any], Any]) -> Any:
         """``fn(client)`` under the breaker; raises ``RemoteDown`` or the client's error."""
         with self._lock:
-            up, client, retry = self._up, self._client, time.monotonic() >= self._retry_at
-            if not up and retry:
-                self._retry_at = time.monotonic() + self.config.retry_s  # NOTE: one probe per retry_s
+            up, client = self._up, self._client
         if not up:
-            if not retry:
-                raise RemoteDown(f"remote {self.config.url} is down")
-            try:
-                self._connect()
-            except self._errors as e:
-                self._count("errors")
-                raise RemoteDown(f"remote {self.config.url} is still down: {e}") from None
-            client = self._client
+            raise RemoteDown(f"remote {self.config.url} is down")
         try:
             out = fn(client)
         except self._errors:
@@ -224,7 +243,7 @@ class RemoteTier(RemoteCoordination, Tier):
                 return fut
         with self._lock:
             room = self._queued_bytes + mv.nbytes <= self.config.max_queued_bytes or not self._queued_bytes
-            down = not self._up and time.monotonic() < self._retry_at
+            down = not self._up
             if self._closed or not room or down:
                 self._counts["dropped"] += 1
                 if not self._closed:
@@ -333,6 +352,7 @@ class RemoteTier(RemoteCoordination, Tier):
                 return
             self._closed = True
         self._stop.set()
+        self._down.set()  # NOTE: wakes the reconnect thread, which sees the stop and ends
         self._queue.put(None)
         self._writer.join(max(5.0, 4 * self.config.timeout_ms / 1000))
         if self._reader is not None:

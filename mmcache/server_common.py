@@ -5,6 +5,7 @@ tenant."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -12,12 +13,13 @@ import time
 from aiohttp import web
 
 from mmcache.config import ServeConfig
-from mmcache.serving.http_limits import read_json
+from mmcache.local_session import MAX_KEYS_PER_MESSAGE
+from mmcache.serving.http_limits import read_body
 from mmcache.metrics import Metrics
 from mmcache.serving.security import bearer_matches, bearer_token
 from mmcache.store import TieredStore
 from mmcache.serving.tenants import DEFAULT, TENANT_HEADER, Forbidden, Principal, Tenants
-from mmcache_client.errors import CacheFull, EntryTooLarge, TooManyRequests
+from mmcache_client.errors import CacheFull, EntryTooLarge, TooManyKeys, TooManyRequests
 from mmcache_client.format import EntryFormatError
 from mmcache_client.keys import Key
 
@@ -44,6 +46,10 @@ TIER_HEADER = "X-MMCache-Tier"
 _ENTRY_CONTENT_TYPE = "application/vnd.safetensors"
 _ARROW_CONTENT_TYPE = "application/vnd.apache.arrow.stream"
 _MAX_JSON_BYTES = 4 << 20
+MAX_KEYS_PER_CALL = MAX_KEYS_PER_MESSAGE
+"""Keys one ``lookup``, ``batch_get`` or claim call takes at most, over HTTP as on the local socket."""
+_PARSE_INLINE_BYTES = 16 << 10
+"""A JSON body up to this size is parsed on the event loop (~100 keys); a larger one in a thread."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -142,21 +148,35 @@ async def _lease(store: TieredStore, key: str, owner):
 
 async def _json_keys(request: web.Request, shape: str = '{"keys": ["ns/hash", ...]}') -> dict[str, str]:
     """The body's keys in the caller's scope: ``{stored key: the key as the caller wrote it}``
-    (the whole body in ``request[_BODY]``)."""
-    doc = await read_json(request, _MAX_JSON_BYTES, shape)
+    (the whole body in ``request[_BODY]``). At most ``MAX_KEYS_PER_CALL`` keys (more: 413 naming
+    the limit); a body past ``_PARSE_INLINE_BYTES`` is parsed and checked off the event loop."""
+    body = await read_body(request, _MAX_JSON_BYTES, "JSON body")
+    if len(body) <= _PARSE_INLINE_BYTES:
+        doc, out = _parse_keys(request, body, shape)
+    else:
+        doc, out = await asyncio.to_thread(_parse_keys, request, body, shape)
     request[_BODY] = doc
+    request[_DETAIL] = doc.get("detail", False)
+    return out
+
+
+def _parse_keys(request: web.Request, body: bytes | bytearray, shape: str) -> tuple[dict, dict[str, str]]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ValueError(f"body must be JSON: {shape}") from None
     keys = doc.get("keys") if isinstance(doc, dict) else None
     if not isinstance(keys, list):
         raise ValueError('body must be {"keys": ["ns/hash", ...]}')
-    detail = doc.get("detail", False)
-    if not isinstance(detail, bool):
+    if len(keys) > MAX_KEYS_PER_CALL:
+        raise TooManyKeys(f"too many keys: {len(keys)} in one call, at most {MAX_KEYS_PER_CALL}; split it")
+    if not isinstance(doc.get("detail", False), bool):
         raise ValueError('"detail" must be true or false')
-    request[_DETAIL] = detail
     out: dict[str, str] = {}
     for k in keys:
         key = _scoped(request, Key.from_string(k))
         out[key.to_string()] = _shown(request, key)
-    return out
+    return doc, out
 
 
 def _count(request: web.Request, what: str, *, hits: bool | None = None) -> None:

@@ -141,7 +141,9 @@ async def test_a_slow_owner_that_is_alive_renews_its_claim_and_is_not_taken_over
     ttl_s = 0.6
     proc, owner_url = _owner_process(a, ttl_s, 2.5)
     try:
-        eb = await _encoder(b, ttl_s=ttl_s)
+        # NOTE: a waiter waits at most its own --claim-ttl (then encodes, whatever the owner does):
+        # this one would wait 10 s, so only the owner's renewals of its 0.6 s claim are at stake
+        eb = await _encoder(b, ttl_s=10.0)
         uri = png_uri(203)
         async with ClientSession() as http:
             first = asyncio.create_task(http.post(owner_url + "/v1/encode", json={"images": [uri]}))

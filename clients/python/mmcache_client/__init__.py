@@ -11,11 +11,12 @@ from mmcache_client.aclient import AsyncCacheClient
 from mmcache_client.client import CacheClient
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch, Entry, EntryBatch
 from mmcache_client.errors import (AuthError, BadRequest, Forbidden, CacheFull, CacheTimeout, CacheUnavailable, CorruptEntry,
-                                   EntryTooLarge, LeaseLost, MMCacheError, ServerError, TooManyRequests)
+                                   EntryTooLarge, LeaseLost, MMCacheError, ServerError, TooManyKeys,
+                                   TooManyRequests)
 from mmcache_client.keys import Key, content_hash, validate_hash, validate_namespace
 
 __all__ = [
     "AsyncCacheClient", "AsyncEntry", "AsyncEntryBatch", "AuthError", "BadRequest", "CacheClient", "CacheFull", "CacheTimeout", "CacheUnavailable",
     "CorruptEntry", "Entry", "EntryBatch", "EntryTooLarge", "Forbidden", "Key", "LeaseLost", "MMCacheError", "ServerError", "content_hash",
-    "TooManyRequests", "validate_hash", "validate_namespace",
+    "TooManyKeys", "TooManyRequests", "validate_hash", "validate_namespace",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from mmcache_client.entry import Entry
 from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CorruptEntry, EntryTooLarge, Forbidden,
-                                   ServerError, TooManyRequests)
+                                   ServerError, TooManyKeys, TooManyRequests)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry
 from mmcache_client.keys import Key
 from mmcache_client.session import ArenaEntryView, open_lease
@@ -109,7 +109,7 @@ def raise_for_status(status: int, body: bytes, headers: Mapping[str, str] | None
     if status == 403:
         raise Forbidden(message or "forbidden")
     if status == 413:
-        raise EntryTooLarge(message)
+        raise (TooManyKeys if message.startswith("too many keys") else EntryTooLarge)(message)
     if status == 503:
         raise CacheFull(message or "the sidecar has no room now", retry_after_s)
     if status == 429:

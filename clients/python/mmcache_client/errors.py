@@ -31,6 +31,10 @@ class EntryTooLarge(BadRequest):
     """The entry exceeds the sidecar's ``--max-entry-size`` (HTTP 413) or its arena."""
 
 
+class TooManyKeys(EntryTooLarge):
+    """One call named more keys than a call takes (``MAX_KEYS_PER_CALL``; HTTP 413): split it."""
+
+
 class CacheFull(MMCacheError):
     """No room now: every byte the entry would need is leased or being written (HTTP 503).
 
