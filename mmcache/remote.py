@@ -66,7 +66,7 @@ class RemoteTier(RemoteCoordination, Tier):
         self._failures = 0
         self._retry_at = 0.0
         self._counts = dict(hits=0, misses=0, errors=0, dropped=0, bytes_written=0, writes=0, corrupt=0,
-                            exists=0)
+                            exists=0, oversize=0)
         self._queued_bytes = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -200,9 +200,24 @@ class RemoteTier(RemoteCoordination, Tier):
         except (RemoteDown, *self._errors):
             return False
 
+    def _fetch(self, client: Any, rkey: str) -> bytes | None:
+        """The value at ``rkey`` if it is at most ``max_entry_bytes`` long: one round trip
+        (``STRLEN`` and a bounded ``GETRANGE``, pipelined on the key's node); a longer one is a
+        miss of which at most ``max_entry_bytes + 1`` bytes were read."""
+        limit = self.config.max_entry_bytes
+        pipe = client.pipeline(transaction=False)
+        pipe.strlen(rkey)
+        pipe.getrange(rkey, 0, limit)  # NOTE: inclusive end: limit + 1 bytes at most
+        size, blob = pipe.execute()
+        if int(size) > limit:
+            self._count("oversize")
+            logger.warning("remote entry %s is %d bytes, over --max-entry-size %d: a miss", rkey, int(size), limit)
+            return None
+        return blob or None
+
     def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
         try:
-            blob = self._call(lambda c: c.get(self.remote_key(key)))
+            blob = self._call(lambda c: self._fetch(c, self.remote_key(key)))
         except (RemoteDown, *self._errors) as e:
             logger.debug("remote read of %s failed: %s", key, e)
             blob = None

@@ -31,6 +31,9 @@ class RemoteConfig:
     retry_s: float = 1.0
     required: bool = False
     """Refuse to start when the remote cannot be reached (else start with it marked down)."""
+    max_entry_bytes: int = 256 << 20
+    """A remote value longer than this is a miss, and at most this much of it is ever read
+    (``--max-entry-size``: a value planted in the shared store cannot make a sidecar load more)."""
 
 
 @dataclass(frozen=True)

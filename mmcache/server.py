@@ -206,7 +206,7 @@ def _store_ctx(config: ServeConfig):
             disk_max_queued_bytes=config.disk_queue_bytes,
             remote=None if config.remote is None else RemoteConfig(
                 config.remote, ttl_s=config.remote_ttl_s, timeout_ms=config.remote_timeout_ms,
-                required=config.remote_required),
+                required=config.remote_required, max_entry_bytes=config.max_entry_size_bytes),
             node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}",
             device_capacity_bytes=config.device_capacity_bytes, device=config.device,
             max_claims=config.max_claims, max_claims_per_owner=config.max_claims_per_owner,
