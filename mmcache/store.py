@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import threading
@@ -106,7 +107,7 @@ class TieredStore(WriteDown):
                              ttl_max_ms=self.config.claim_ttl_max_ms)
         record_arena(self.config.data_dir, self.host.arena.path)
         self._counts_lock = threading.Lock()
-        self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0)
+        self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0, relays_refused=0)
         self.device: DeviceFront | None = None
         try:
             self._open_device(device_tier)
@@ -143,15 +144,14 @@ class TieredStore(WriteDown):
         self.events.publish("stored", key, "remote", nbytes)
 
     def _relay(self, doc: dict) -> None:
-        """Another node's event, read from the remote's stream: published here under its node."""
-        kind, key, tier, node = doc.get("kind"), doc.get("key"), doc.get("tier"), doc.get("node")
-        if kind not in ("stored", "evicted", "deleted") or not all(isinstance(v, str) and v for v in (key, tier, node)):
+        """Another node's event, read from the remote's stream: published here under its node,
+        once it passed ``relayed_event``'s checks (anyone who can write the stream could send
+        anything; followers must see only well-formed events). Refused ones are counted."""
+        event = relayed_event(doc)
+        if event is None:
+            self._count("relays_refused")
             return
-        try:
-            nbytes, ts = int(doc.get("bytes", 0)), float(doc.get("ts", 0))
-        except ValueError:
-            return
-        self.events.publish(kind, key, tier, nbytes, node=node, ts=ts or None)
+        self.events.publish(*event[:4], node=event[4], ts=event[5])
 
     def _persisted(self, key: str) -> bool:
         return all(t.contains(key) for t in self.durable)
@@ -442,6 +442,7 @@ class TieredStore(WriteDown):
         with self._counts_lock:
             doc["disk"].update(write_backs=self.counts["write_backs"], persist_errors=self.counts["persist_errors"])
             doc["host"].update(promotions=self.counts["promotions"], served_in_place=self.counts["served_in_place"])
+            doc["events"]["relays_refused"] = self.counts["relays_refused"]
         return doc
 
     def close(self) -> None:
@@ -471,3 +472,28 @@ def _describe(tier: str, view: EntryView) -> dict:
     if "image_grid_thw" in view.parsed.tensors:
         doc["image_grid_thw"] = view.get_array("image_grid_thw").tolist()
     return doc
+
+
+_STORED_KEY = re.compile(r"(?:[A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9._-]{1,128}/[0-9a-f]{64}")
+_EVENT_TIERS = frozenset({"host", "disk", "remote", "device", "all"})
+MAX_EVENT_BYTES = 1 << 40
+
+
+def relayed_event(doc: dict) -> tuple[str, str, str, int, str, float | None] | None:
+    """``(kind, key, tier, bytes, node, ts)`` of a well-formed event from the remote's stream, or
+    None: a known kind and tier, a key as the store names keys, 0 <= bytes <= 1 TiB, a printable
+    node name of at most 128 characters, a finite non-negative time."""
+    kind, key, tier, node = doc.get("kind"), doc.get("key"), doc.get("tier"), doc.get("node")
+    if kind not in ("stored", "evicted", "deleted") or tier not in _EVENT_TIERS:
+        return None
+    if not isinstance(key, str) or len(key) > 260 or not _STORED_KEY.fullmatch(key):
+        return None
+    if not isinstance(node, str) or not 0 < len(node) <= 128 or not node.isprintable():
+        return None
+    try:
+        nbytes, ts = int(doc.get("bytes", 0)), float(doc.get("ts", 0))
+    except (TypeError, ValueError):
+        return None
+    if not 0 <= nbytes <= MAX_EVENT_BYTES or not math.isfinite(ts) or ts < 0:
+        return None
+    return kind, key, tier, nbytes, node, ts or None
