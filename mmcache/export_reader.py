@@ -28,11 +28,31 @@ from mmcache.export_format import (EXPORT_FORMAT, MANIFEST, MANIFEST_KEY, MAX_SH
 _JSON = {"separators": (",", ":")}
 
 
-def open_regular(path: str):
+def open_regular(path: str, *, inside: str | None = None):
     """``path`` opened for reading as a binary file, if it is a regular file; ``OSError``
     otherwise (a FIFO or a device would block a read, or never end). Opened without blocking
-    and checked on the open descriptor, so nothing swapped in between is read."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    and checked on the open descriptor, so nothing swapped in between is read.
+
+    ``inside``: ``path`` must be a file directly in that folder, and is opened relative to the
+    folder's descriptor without following a link (``O_NOFOLLOW``): a shard or manifest that is
+    a symbolic link (to a file outside the export, say) is refused before anything of its
+    target, even its size, is looked at."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if inside is None:
+        fd = os.open(path, flags)
+    else:
+        name = os.path.basename(path)
+        if os.path.join(inside, name) != path or name in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "not a file directly in the export folder")
+        dir_fd = os.open(inside, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "a symbolic link (not followed: only the export's own files are read)") from None
+            raise
+        finally:
+            os.close(dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -202,7 +222,7 @@ def open_manifest(in_dir: str) -> Manifest:
     if not os.path.lexists(path):
         raise ValueError(f"{path}: missing: not an mmcache export, or an unfinished one (the manifest is written last)")
     try:
-        f = open_regular(path)
+        f = open_regular(path, inside=in_dir)
     except OSError as e:
         raise ValueError(f"{path}: refused: {e.strerror or e}") from None
     try:
@@ -321,7 +341,7 @@ def open_shard(in_dir: str, name: str, table_rec: dict | None, rows: list[dict])
         raise ShardRefused(f"{path}: refused: the shard table says {table_rec['entries']} entries, "
                            f"the manifest has {len(rows)} rows for it")
     try:
-        with open_regular(path) as f:
+        with open_regular(path, inside=in_dir) as f:
             size = os.fstat(f.fileno()).st_size
             if size != table_rec["bytes"]:
                 raise ShardRefused(f"{path}: refused: {size} bytes, the manifest says {table_rec['bytes']}")

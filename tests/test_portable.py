@@ -524,6 +524,28 @@ def test_a_fifo_as_a_shard_or_as_the_manifest_is_refused_not_waited_on(exported,
     assert f"{os.path.join(out, MANIFEST)}: refused: not a regular file (a FIFO)" in done.stderr
 
 
+def test_a_shard_or_manifest_symlinked_outside_the_export_is_refused_and_its_target_never_named(
+        exported, target, tmp_path):
+    """The attack: a shard symlinked to a file outside the export folder was followed, and the
+    refusal revealed the outside file's size. A link is refused before its target is looked at."""
+    out = copy_of(exported, tmp_path)
+    victim = shards_of(out)[0]
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"x" * 12345)
+    os.unlink(os.path.join(out, victim))
+    os.symlink(outside, os.path.join(out, victim))
+    done = run_cli("import", out, target.unix_url, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["refused_shards"] == [victim]
+    assert f"{os.path.join(out, victim)}: refused: a symbolic link (not followed" in done.stderr
+    assert "12345" not in done.stderr and "secret" not in done.stderr
+    os.replace(os.path.join(out, MANIFEST), tmp_path / "manifest-elsewhere")
+    os.symlink(tmp_path / "manifest-elsewhere", os.path.join(out, MANIFEST))
+    done = run_cli("import", out, target.unix_url, timeout=60)
+    assert done.returncode == 2 and "a symbolic link (not followed" in done.stderr
+    assert "manifest-elsewhere" not in done.stderr
+
+
 def test_a_key_in_two_shards_refuses_the_later_shard(source, exported, target, tmp_path):
     """Two valid shards holding the same key with different content: the later one is refused,
     naming the key; the first one's entry goes in."""
