@@ -46,6 +46,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -111,17 +112,24 @@ class _FrameReader:
     microseconds after its answer, and a thread that slept in ``recv`` costs a wake-up (on a VM,
     as much as the round trip itself) to serve it."""
 
-    __slots__ = ("sock", "spin_s", "buf", "spin_once_s")
+    __slots__ = ("sock", "spin_s", "buf", "spin_once_s", "frame_timeout_s", "frame_started")
 
-    def __init__(self, sock: socket.socket, spin_s: float):
+    def __init__(self, sock: socket.socket, spin_s: float, frame_timeout_s: float = 5.0):
         self.sock, self.spin_s, self.buf = sock, spin_s, bytearray()
         self.spin_once_s = 0.0
         """A longer poll for the next request only (a seal expected after a fill)."""
+        self.frame_timeout_s = frame_timeout_s
+        self.frame_started: float | None = None
+        """When the frame being read began (its first byte): from then on the rest of it must
+        come within ``frame_timeout_s``. An idle connection between frames waits for ever."""
 
     def read(self, n: int) -> bytes | None:
-        """The next ``n`` bytes, or None at the end of the stream."""
+        """The next ``n`` bytes, or None at the end of the stream; ``FrameStalled`` when a frame
+        begun stops coming for ``frame_timeout_s``."""
         buf = self.buf
         while len(buf) < n:
+            if buf and self.frame_started is None:
+                self.frame_started = time.monotonic()
             chunk = self._recv()
             if not chunk:
                 return None
@@ -129,6 +137,13 @@ class _FrameReader:
         out = bytes(buf[:n])
         del buf[:n]
         return out
+
+    def frame_begun(self) -> None:
+        if self.frame_started is None:
+            self.frame_started = time.monotonic()
+
+    def frame_done(self) -> None:
+        self.frame_started = None
 
     def _recv(self) -> bytes:
         spin_s, self.spin_once_s = max(self.spin_s, self.spin_once_s), 0.0
@@ -140,7 +155,18 @@ class _FrameReader:
                 except BlockingIOError:
                     if time.perf_counter() > until:
                         break
+        if self.frame_started is not None:
+            left = self.frame_started + self.frame_timeout_s - time.monotonic()
+            poller = select.poll()  # NOTE: not select(): descriptors past 1024 are common here
+            poller.register(self.sock, select.POLLIN)
+            if left <= 0 or not poller.poll(left * 1000):
+                raise FrameStalled(f"a frame begun {self.frame_timeout_s:g} s ago is still incomplete "
+                                   "(--header-timeout); the connection is closed")
         return self.sock.recv(1 << 16)
+
+
+class FrameStalled(Exception):
+    """A client began a frame and stopped sending it mid-way (a slowloris on the Unix socket)."""
 
 
 _EXPECTED = (ProtocolError, EntryFormatError, ValueError, CacheFull, EntryTooLarge, PermissionError, TooManyRequests)
@@ -155,8 +181,12 @@ class LocalServer:
     """
 
     def __init__(self, store: TieredStore, path: str, tenants: Tenants | None = None,
-                 ops: dict[str, int] | None = None, max_connections: int = MAX_CONNECTIONS):
+                 ops: dict[str, int] | None = None, max_connections: int = MAX_CONNECTIONS,
+                 frame_timeout_s: float = 5.0):
         self.store, self.path, self.tenants = store, path, tenants
+        self.frame_timeout_s = frame_timeout_s
+        """A frame begun must be whole within this (``--header-timeout``), or the connection goes."""
+        self.stalled = 0
         self.ops = ops if ops is not None else {}
         self.max_connections = max_connections
         self.spin_s = SPIN_S
@@ -230,12 +260,13 @@ class LocalServer:
 
     def _serve(self, sock: socket.socket) -> None:
         conn = LocalSession(self.store, _peer_pidfd(sock), self.tenants, self.ops, self._stopping)
-        reader = _FrameReader(sock, self.spin_s)
+        reader = _FrameReader(sock, self.spin_s, self.frame_timeout_s)
         try:
             while True:
                 head = reader.read(HEAD.size)
                 if head is None:
                     break
+                reader.frame_begun()
                 blen, msg_id, code = HEAD.unpack(head)
                 if blen > MAX_MESSAGE_BYTES:
                     err = wire.json_body({"error": f"message of {blen} bytes is over the {MAX_MESSAGE_BYTES}-byte limit",
@@ -245,6 +276,7 @@ class LocalServer:
                 body = reader.read(blen) if blen else b""
                 if body is None:
                     break
+                reader.frame_done()
                 if code == _EVENTS:
                     self._follow(sock, conn, msg_id, body)
                     break
@@ -267,6 +299,12 @@ class LocalServer:
                     if self.spin_s > 0:
                         reader.spin_once_s = min(MAX_FILL_SPIN_S, self.spin_s + conn.fill_bytes / FILL_BYTES_PER_S)
                     conn.fill_bytes = 0
+        except FrameStalled as e:
+            with self._lock:
+                self.stalled += 1
+            logger.info("local connection %s: %s", conn.owner, e)
+            with contextlib.suppress(OSError):
+                sock.sendall(wire.frame(wire.NO_REQUEST, ERROR, wire.json_body({"error": str(e), "kind": "ProtocolError"})))
         except OSError:
             logger.debug("connection %s reset", conn.owner)  # its leases go in finally
         finally:
@@ -337,6 +375,6 @@ class LocalServer:
 
 
 def start_local_server(store: TieredStore, path: str, tenants: Tenants | None = None,
-                       ops: dict[str, int] | None = None) -> LocalServer:
+                       ops: dict[str, int] | None = None, frame_timeout_s: float = 5.0) -> LocalServer:
     """Listen on the Unix socket ``path`` (replacing a stale one); mode 0600 from birth."""
-    return LocalServer(store, path, tenants, ops).start()
+    return LocalServer(store, path, tenants, ops, frame_timeout_s=frame_timeout_s).start()

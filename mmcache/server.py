@@ -32,7 +32,7 @@ from mmcache.server_common import (
     METRICS,
     TENANTS,
     TENANT_COUNTS,
-    LOCAL_OPS,
+    LOCAL_OPS, LOCAL_SERVER,
     _DETAIL,
     _BODY,
     STOPPING,
@@ -182,6 +182,9 @@ async def stats(request: web.Request) -> web.Response:
     doc = store.stats()
     doc["http"] = request.app[HTTP_COUNTERS].as_dict()
     doc["local"] = {"ops": dict(request.app[LOCAL_OPS])}
+    local = request.app.get(LOCAL_SERVER)
+    if local is not None:
+        doc["local"].update(refused=local.refused, stalled_frames=local.stalled)
     if tenants is not None:
         doc["tenants"] = {name: of(name) for name in tenants.names} | {DEFAULT_TENANT_NAME: of(None)}
     return web.json_response(doc)
@@ -214,7 +217,8 @@ def _store_ctx(config: ServeConfig):
         app[STORE] = store
         local = None
         try:
-            local = start_local_server(store, config.socket, app.get(TENANTS), app[LOCAL_OPS]) \
+            local = start_local_server(store, config.socket, app.get(TENANTS), app[LOCAL_OPS],
+                                       frame_timeout_s=config.header_timeout_s) \
                 if config.socket else None
         except BaseException:  # NOTE: the arena is shared memory: a failed start must not leave it behind
             if local is not None:
@@ -222,6 +226,8 @@ def _store_ctx(config: ServeConfig):
                 _unlink(config.socket)
             await asyncio.to_thread(store.close)
             raise
+        if local is not None:
+            app[LOCAL_SERVER] = local
         logger.info("mmcache store up: arena %s, data dir %s, socket %s", store.arena_path, config.data_dir, config.socket)
         try:
             yield

@@ -32,6 +32,8 @@ METRICS = web.AppKey("metrics", Metrics)
 TENANTS = web.AppKey("tenants", Tenants)
 TENANT_COUNTS = web.AppKey("tenant_counts", dict)
 LOCAL_OPS = web.AppKey("local_ops", dict)
+LOCAL_SERVER = web.AppKey("local_server", object)
+"""The Unix-socket server (``mmcache.local_server.LocalServer``), where there is one."""
 _DETAIL = web.RequestKey("detail", bool) if hasattr(web, "RequestKey") else "mmcache.detail"
 _BODY = web.RequestKey("body", dict) if hasattr(web, "RequestKey") else "mmcache.body"
 STOPPING = web.AppKey("stopping", asyncio.Event)
