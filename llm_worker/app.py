@@ -95,7 +95,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as e:
         if e.empty_body:
             raise
-        response = _error(e.status, e.reason if e.content_type != "application/json" else e.text)
+        if e.content_type == "application/json":  # NOTE: already a JSON error body: kept, with its challenge
+            response = web.Response(status=e.status, text=e.text, content_type="application/json")
+            response.headers.update({k: v for k, v in e.headers.items() if k.lower() == "www-authenticate"})
+        else:
+            response = _error(e.status, e.reason)
     except Exception as e:
         response = _error_response(request, e)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mmcache.serving.cli import HelpFormatter, add_elastic_tuning
@@ -33,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         role=args.role, cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host,
         port=args.port, device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_waiting=args.max_waiting,
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
+        stack_token=os.environ.get("MMCACHE_STACK_TOKEN") or None,
         media=MediaLimits(allowed_dirs=tuple(args.allowed_dir), allow_http=not args.no_http,
                           allow_private_urls=args.allow_private_urls),
         encoder_cache_bytes=parse_size(args.encoder_cache) if args.encoder_cache else 0,
@@ -58,6 +60,7 @@ def _router(args: argparse.Namespace) -> int:
         encoders=tuple(args.encoder), prefill=tuple(args.prefill), decode=tuple(args.decode),
         generate=tuple(args.generate), cache_url=args.cache,
         cache_token=resolve_secret(args.cache_token, args.cache_token_file, "MMCACHE_TOKEN", "cache token"),
+        stack_token=os.environ.get("MMCACHE_STACK_TOKEN") or None,
         api_key=resolve_secret(args.api_key, args.api_key_file, "MMCACHE_API_KEY", "API key"),
         tenants=args.tenants, host=args.host, port=args.port,
         default_max_tokens=args.default_max_tokens, timeout_s=args.timeout, max_inflight=args.max_inflight,

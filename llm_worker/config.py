@@ -51,6 +51,10 @@ class LLMServeConfig:
     max_images_per_request: int = 64
     cache_token: str | None = None
     """Bearer token of the sidecar, if it has one."""
+    stack_token: str | None = field(default=None, repr=False)
+    """The stack's control credential (``MMCACHE_STACK_TOKEN``, which ``mmcache up`` makes per
+    stack): routes that change this worker's state (``POST /v1/role``) need it as ``Authorization:
+    Bearer``; without one configured they are off (401)."""
     media: MediaLimits = field(default_factory=MediaLimits)
     """Limits on the images a ``both`` (or an encoding ``elastic``) worker fetches itself."""
     video: VideoLimits = field(default_factory=VideoLimits)

@@ -38,6 +38,7 @@ from llm_worker.elastic import ElasticRole, NotServing, SwitchInProgress
 from llm_worker.engine import LLMEngine
 from llm_worker.load import LoadMeter
 from llm_worker.service import LLMService
+from mmcache.serving.security import check_control
 from mmcache_client import AsyncCacheClient
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def _gated(role: str, handler):
 
 
 async def role_handler(request: web.Request) -> web.Response:
+    """``POST /v1/role``: needs the stack's control credential (``LLMServeConfig.stack_token``)."""
+    check_control(request, request.app[llm_app.CONFIG].stack_token)
     doc = await llm_app._json_body(request)
     role = doc.get("role")
     if not isinstance(role, str):

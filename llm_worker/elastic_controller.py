@@ -227,7 +227,9 @@ class ElasticController:
     async def _post_role(self, backend: Backend, to: str) -> dict:
         """The worker's answer to ``POST /v1/role``, or ``{"error"}``."""
         try:
-            async with self.router.http.post(backend.url + "/v1/role", json={"role": to},
+            token = self.router.config.stack_token
+            headers = {"Authorization": f"Bearer {token}"} if token else None
+            async with self.router.http.post(backend.url + "/v1/role", json={"role": to}, headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=self.router.config.timeout_s)) as r:
                 doc = await r.json(content_type=None)
                 if r.status != 200:

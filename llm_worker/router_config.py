@@ -26,6 +26,9 @@ class RouterConfig:
     """The sidecar, for ``/v1/stats``."""
     cache_token: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    stack_token: str | None = field(default=None, repr=False)
+    """The stack's control credential (``MMCACHE_STACK_TOKEN``): sent to the workers' state-changing
+    routes (``POST /v1/role`` of an elastic switch)."""
     """The OpenAI API key clients send as ``Authorization: Bearer KEY`` on every route but
     ``/healthz`` (401 otherwise); None: no key needed. From ``MMCACHE_API_KEY`` or
     ``--api-key-file`` rather than ``--api-key``, which ``ps`` shows."""

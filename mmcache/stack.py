@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -213,6 +214,9 @@ class Stack:
         self.socket_path = _socket_path(config.data_dir)
         threads = {"OMP_NUM_THREADS": str(config.threads)} if config.threads else {}
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **threads, **config.extra_env}
+        self.stack_token = os.environ.get("MMCACHE_STACK_TOKEN") or secrets.token_urlsafe(32)
+        """The stack's control credential, given to every child (``MMCACHE_STACK_TOKEN``): the
+        workers' state-changing routes need it. The user's if set, else made for this stack."""
         self._nice = dict(config.nice)
 
     # -- starting ---------------------------------------------------------------------------
@@ -229,6 +233,7 @@ class Stack:
         env = {k: v for k, v in env.items() if role == "router" or k != "MMCACHE_API_KEY"}
         if self.config.cache_token:
             env["MMCACHE_TOKEN"] = self.config.cache_token
+        env["MMCACHE_STACK_TOKEN"] = self.stack_token
         if self.config.api_key and role == "router":
             env["MMCACHE_API_KEY"] = self.config.api_key
         return env

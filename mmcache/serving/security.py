@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import socket
 import stat
 from collections.abc import Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +113,19 @@ def _tighten(path: str, mode: int) -> None:
     logger.warning("%s was mode %o (group/others could read cached entries); now %o",
                    path, stat.S_IMODE(st.st_mode), mode)
     os.chmod(path, mode)
+
+
+def check_control(request: Any, token: str | None) -> None:
+    """Refuse (401, JSON) a request to a worker's state-changing route (``POST /v1/role``) that
+    does not carry the stack's control credential as ``Authorization: Bearer``. A worker started
+    without one (no ``MMCACHE_STACK_TOKEN``) has such routes off: anyone on the machine could
+    otherwise flip its role."""
+    from aiohttp import web
+
+    if token and bearer_matches(request.headers.get("Authorization"), token):
+        return
+    why = ("this route changes the worker's state and needs the stack's token (Authorization: Bearer "
+           "$MMCACHE_STACK_TOKEN, which mmcache up gives its workers)") if token else \
+        "this worker was started without a stack token (MMCACHE_STACK_TOKEN): its control routes are off"
+    raise web.HTTPUnauthorized(text=json.dumps({"error": why}), content_type="application/json",
+                               headers={"WWW-Authenticate": "Bearer"})
