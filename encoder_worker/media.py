@@ -32,15 +32,13 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from encoder_worker import ssrf
+from mmcache.serving import http_fetch, ssrf
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_BYTES = 1 << 16
 _MAX_URL_CHARS_IN_MESSAGE = 100
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = http_fetch.MAX_REDIRECTS
 """Most redirects an http(s) image fetch follows (each hop's address is checked)."""
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 
@@ -209,10 +207,6 @@ def _refused(where: str, hop: int) -> str:
             "(the worker's --allow-private-urls allows it)")
 
 
-class _Unloadable(Exception):
-    """An http(s) failure whose cause is logged, never told to the client."""
-
-
 def _parse_http_url(url: str, where: str) -> URL:
     try:
         parsed = URL(url)
@@ -222,16 +216,6 @@ def _parse_http_url(url: str, where: str) -> URL:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise MediaError(f"{where!r} is not a valid http(s) URL")
     return parsed
-
-
-def _in_chain(exc: BaseException, kind: type) -> BaseException | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 async def _fetch_http(
@@ -245,67 +229,19 @@ async def _fetch_http(
                          limits.allow_private_urls)
         async with http_session(limits) as own_session:
             return await _fetch_http(url, limits, own_session)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.fetch_timeout_s
     start = time.perf_counter()
-    hop = 0
     try:
-        while True:
-            literal = ssrf.literal_address(current.host or "")
-            if not limits.allow_private_urls and literal is not None and not ssrf.address_is_public(literal):
-                raise ssrf.AddressRefused(current.host or "")
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise _Unloadable(f"timed out after {limits.fetch_timeout_s}s")
-            timeout = aiohttp.ClientTimeout(total=remaining)
-            async with session.get(current, timeout=timeout, allow_redirects=False) as resp:
-                if resp.status in _REDIRECT_STATUSES:
-                    current = _redirect_target(current, resp, hop)
-                    hop += 1
-                    continue
-                if resp.status != 200:
-                    raise _Unloadable(f"HTTP {resp.status}")
-                if resp.content_length is not None and resp.content_length > limits.max_bytes:
-                    raise _Unloadable(f"Content-Length {resp.content_length}, over max_bytes={limits.max_bytes}")
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > limits.max_bytes:
-                        raise _Unloadable(f"sent more than max_bytes={limits.max_bytes}")
-                break
-    except (ssrf.AddressRefused, _Unloadable, aiohttp.ClientError, OSError, ValueError,
-            asyncio.TimeoutError) as exc:  # NOTE: TimeoutError is an OSError; distinct before 3.11
-        refused = _in_chain(exc, ssrf.AddressRefused)
-        if refused is not None:
-            logger.info("image fetch from %s refused: %s (hop %d) has no public address", where,
-                        refused.host, hop)
-            raise MediaError(_refused(where, hop)) from exc
-        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-            cause = f"timed out after {limits.fetch_timeout_s}s"
-        else:
-            cause = f"{type(exc).__name__}: {exc}"
-        logger.info("image fetch from %s failed (hop %d): %s", where, hop, cause)
+        body, hops = await http_fetch.fetch_http(current, session, allow_private_urls=limits.allow_private_urls,
+                                                 max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s)
+    except http_fetch.FetchRefused as exc:
+        logger.info("image fetch from %s refused: %s (hop %d) has no public address", where, exc.host, exc.hop)
+        raise MediaError(_refused(where, exc.hop)) from exc
+    except http_fetch.FetchFailed as exc:
+        logger.info("image fetch from %s failed (hop %d): %s", where, exc.hop, exc.cause)
         raise MediaError(_unloadable(where)) from exc
     logger.debug("fetched %s: %d bytes in %.1f ms (%d redirects)", where, len(body),
-                 (time.perf_counter() - start) * 1e3, hop)
-    return bytes(body)
-
-
-def _redirect_target(current: URL, resp: aiohttp.ClientResponse, hop: int) -> URL:
-    """Where a redirect from ``current`` leads: http(s) only, credentials kept only for the
-    same origin, at most ``MAX_REDIRECTS`` hops."""
-    if hop >= MAX_REDIRECTS:
-        raise _Unloadable(f"more than {MAX_REDIRECTS} redirects")
-    location = resp.headers.get("Location")
-    if not location:
-        raise _Unloadable(f"HTTP {resp.status} without a Location")
-    target = current.join(URL(location))  # ValueError for a malformed Location
-    if target.scheme not in ("http", "https") or not target.host:
-        raise _Unloadable(f"redirect to a {target.scheme or 'relative'}: URL")
-    target.port  # noqa: B018 - raises for an out-of-range port
-    if (target.scheme, target.host, target.port) != (current.scheme, current.host, current.port):
-        target = target.with_user(None)  # NOTE: with_user(None) drops the password too
-    return target.with_fragment(None)
+                 (time.perf_counter() - start) * 1e3, hops)
+    return body
 
 
 def _resolve_file_url(url: str, limits: MediaLimits) -> str:

@@ -108,6 +108,10 @@ class Settings:
     """Longest one batch waits out pressure (503s) before its images are counted failed; 0: as
     long as it lasts (pressure is an answer to wait on, not a failure)."""
     fetch_timeout_s: float = 30.0
+    allow_private_urls: bool = False
+    """Fetch image URLs that are, resolve to or redirect to private, loopback or link-local
+    addresses (off: each is a named failure, and nothing is connected to), as the encoders'
+    ``--allow-private-urls``."""
 
 
 @dataclass
@@ -137,9 +141,12 @@ class _Fatal(Exception):
 class Warmer:
     """One run: items → read (bounded) → hash → cache lookup in batches → encode the misses."""
 
-    def __init__(self, target: Target, settings: Settings, progress, session, cache_client):
+    def __init__(self, target: Target, settings: Settings, progress, session, cache_client, fetch_session=None):
         self.target, self.settings, self.progress = target, settings, progress
         self.session, self.cache = session, cache_client
+        self.fetch_session = fetch_session if fetch_session is not None else session
+        """Image URLs are fetched with this one: it resolves through the address policy
+        (``mmcache.serving.ssrf``), unlike the session that talks to the stack on loopback."""
         self.report = Report()
         self.budget = Budget(settings.memory_bytes)
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue()
@@ -215,21 +222,21 @@ class Warmer:
         return None
 
     async def _fetch(self, url: str, limit: int) -> bytes:
-        import aiohttp
+        """The image at ``url`` under the encoders' address policy (``mmcache.serving.http_fetch``:
+        each redirect hop checked, a refused one never connected to)."""
+        from mmcache.serving import http_fetch
 
-        timeout = aiohttp.ClientTimeout(total=self.settings.fetch_timeout_s)
-        async with self.session.get(url, timeout=timeout) as resp:
-            if resp.status != 200:
-                raise ValueError(f"HTTP {resp.status} from {url}")
-            if resp.content_length is not None and resp.content_length > limit:
-                raise ValueError(f"Content-Length {resp.content_length}, over --max-image-bytes={limit}")
-            chunks, n = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                n += len(chunk)
-                if n > limit:
-                    raise ValueError(f"over --max-image-bytes={limit}")
-                chunks.append(chunk)
-            return b"".join(chunks)
+        try:
+            body, _ = await http_fetch.fetch_http(http_fetch.parse_http_url(url), self.fetch_session,
+                                                  allow_private_urls=self.settings.allow_private_urls,
+                                                  max_bytes=limit, timeout_s=self.settings.fetch_timeout_s)
+        except http_fetch.FetchRefused as e:
+            how = "points at" if e.hop == 0 else "redirects to"
+            raise ValueError(f"{how} a private, loopback, link-local or multicast address ({e.host}): refused "
+                             "(--allow-private-urls allows it)") from None
+        except http_fetch.FetchFailed as e:
+            raise ValueError(e.cause.replace("max_bytes=", "--max-image-bytes=")) from None
+        return body
 
     def _estimate(self, item: Item) -> int:
         if item.data is not None:
@@ -466,8 +473,15 @@ async def warm(sources: list[str], target: Target, settings: Settings, *, column
 
     items, total = open_sources(sources, column, memory_bytes=settings.memory_bytes)
     connector = aiohttp.TCPConnector(limit=max(settings.concurrency, 2 * len(target.encoders)) + settings.fetch_concurrency)
+    from mmcache.serving.ssrf import CheckingConnector
+
+    # NOTE: two sessions: the stack is on loopback; image URLs go through the address policy,
+    # with no cookies and no proxy from the environment (the proxy, not this host, would resolve)
+    fetch_connector = CheckingConnector(settings.allow_private_urls, limit=settings.fetch_concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
                                      read_bufsize=1 << 20) as session, \
+            aiohttp.ClientSession(connector=fetch_connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                  trust_env=False) as fetch_session, \
             AsyncCacheClient(target.cache, token=target.cache_token) as cache:
         target.namespace = await namespace_of(session, target.encoders)
         target.token_tenant = (await cache.stats()).get("tenant")
@@ -478,7 +492,7 @@ async def warm(sources: list[str], target: Target, settings: Settings, *, column
             settings.tenant = target.token_tenant  # NOTE: the encoders must write where the lookups look
         with Progress("warm", total=total, unit="images", counters=("hits", "encoded", "failures"),
                       quiet=quiet, interval_s=interval_s, stream=stream) as progress:
-            warmer = Warmer(target, settings, progress, session, cache)
+            warmer = Warmer(target, settings, progress, session, cache, fetch_session)
             try:
                 report = await warmer.run(items, failures_path)
             except _Fatal as e:
@@ -503,7 +517,8 @@ def run_command(args: argparse.Namespace) -> int:
     token = resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token")
     settings = Settings(concurrency=args.concurrency, batch=args.batch, batch_bytes=parse_size(args.batch_bytes),
                         memory_bytes=parse_size(args.memory), max_image_bytes=parse_size(args.max_image_bytes),
-                        tenant=args.tenant, max_wait_s=args.max_wait, fetch_timeout_s=args.fetch_timeout)
+                        tenant=args.tenant, max_wait_s=args.max_wait, fetch_timeout_s=args.fetch_timeout,
+                        allow_private_urls=args.allow_private_urls)
     for name in ("concurrency", "batch"):
         if getattr(args, name) < (0 if name == "concurrency" else 1):
             raise WarmError(f"--{name}={getattr(args, name)} must be at least {0 if name == 'concurrency' else 1}")
@@ -571,6 +586,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", default="20MiB", metavar="SIZE",
                    help="larger images fail without an upload (default 20MiB, the encoders' own limit)")
     p.add_argument("--fetch-timeout", type=float, default=30.0, metavar="S", help="seconds per image URL fetched")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="fetch image URLs on private, loopback or link-local addresses (and redirects to them); "
+                        "off: each is a named failure, nothing is connected to")
     p.add_argument("--max-wait", type=float, default=0.0, metavar="S",
                    help="longest a batch waits out a busy stack (503s) before its images count as failed "
                         "(default 0: as long as the stack is busy)")

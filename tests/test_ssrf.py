@@ -30,9 +30,9 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 
 from encoder_worker.cli import main as encoder_main
-import encoder_worker.ssrf as ssrf
+import mmcache.serving.ssrf as ssrf
 from encoder_worker.media import MAX_REDIRECTS, MediaError, MediaLimits, fetch_bytes, http_session, load_image
-from encoder_worker.ssrf import CheckingResolver, address_is_public
+from mmcache.serving.ssrf import CheckingResolver, address_is_public
 from llm_worker.cli import main as llm_main
 from mmcache.config import ServeConfig
 from mmcache.stack import LOOPBACK, Stack, StackConfig

@@ -299,7 +299,8 @@ def test_unreadable_items_fail_by_name_without_an_upload(tmp_path, sidecar, enco
     (tmp_path / "empty.png").write_bytes(b"")
     listing = tmp_path / "list.txt"
     listing.write_text("ok.png\nbig.png\nempty.png\nmissing.png\nftp://host/x.png\nhttp://127.0.0.1:9/nothing.png\n")
-    summary = run_warm([listing], sidecar, [encoder], max_image_bytes=50_000, fetch_timeout_s=5)
+    summary = run_warm([listing], sidecar, [encoder], max_image_bytes=50_000, fetch_timeout_s=5,
+                       allow_private_urls=True)
     errors = {f["name"]: f["error"] for f in summary["failures"]}
     assert summary["encoded"] == 1 and summary["failed"] == 5, errors
     assert "over --max-image-bytes=50000" in errors["big.png"] and errors["empty.png"] == "empty file"
@@ -388,13 +389,69 @@ def test_duplicates_urls_parquet_and_a_tenant(tmp_path, sidecar, encoder):
         port = server.server_address[1]
         (tmp_path / "urls.txt").write_text("".join(f"http://127.0.0.1:{port}/u{i}.png\n" for i in range(4)))
         pq.write_table(pa.table({"img": [data[0], data[0], png(99)]}), tmp_path / "dup.parquet")
-        summary = run_warm([tmp_path / "urls.txt", tmp_path / "dup.parquet"], sidecar, [encoder], tenant="acme")
+        summary = run_warm([tmp_path / "urls.txt", tmp_path / "dup.parquet"], sidecar, [encoder], tenant="acme",
+                           allow_private_urls=True)
         assert (summary["images"], summary["encoded"], summary["hits"], summary["failed"]) == (7, 5, 2, 0), summary
         hashes = [content_hash(d) for d in data] + [content_hash(png(99))]
         assert all(t is not None for t in cached(sidecar, hashes, scope=f"acme@{FAKE_NS}").values())
         assert all(t is None for t in cached(sidecar, hashes).values())  # not the default tenant's
     finally:
         server.shutdown()
+
+
+def test_private_urls_and_redirects_to_them_are_named_failures_without_a_connection(
+        tmp_path, sidecar, encoder, monkeypatch):
+    """The attack: warm fetched loopback URLs, followed a redirect to another loopback port, and
+    read local files named in a URL list. Now the encoders' address policy holds: a loopback URL,
+    and a "public" one (127.0.0.2, made public for the test) redirecting to loopback, are named
+    failures; the loopback server never sees a request. (Paths and file:// in a list are the
+    user's own files, a source as a folder is: they stay.)"""
+    from mmcache.serving import ssrf
+
+    real = ssrf.address_is_public
+    monkeypatch.setattr(ssrf, "address_is_public", lambda ip: str(ip) == "127.0.0.2" or real(ip))
+    hits: list[str] = []
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(png(7))
+
+        def log_message(self, *a):
+            pass
+    private = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    port = private.server_address[1]
+
+    class Redirector(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{port}/stolen.png")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+    public = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Redirector)
+    for srv in (private, public):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        listing = tmp_path / "urls.txt"
+        listing.write_text(f"http://127.0.0.1:{port}/direct.png\nhttp://localhost:{port}/named.png\n"
+                           f"http://127.0.0.2:{public.server_address[1]}/hop.png\n")
+        summary = run_warm([listing], sidecar, [encoder], fetch_timeout_s=5)
+        errors = {f["name"]: f["error"] for f in summary["failures"]}
+        assert summary["failed"] == 3 and summary["encoded"] == 0, errors
+        by_url = {name.split(": ", 1)[-1] if ": " in name else name: e for name, e in errors.items()}
+        assert any("points at a private" in e for n, e in by_url.items() if "direct.png" in n), errors
+        assert any("points at a private" in e for n, e in by_url.items() if "named.png" in n), errors
+        assert any("redirects to a private" in e for n, e in by_url.items() if "hop.png" in n), errors
+        assert hits == []  # nothing ever connected to the loopback server
+        allowed = run_warm([listing], sidecar, [encoder], fetch_timeout_s=5, allow_private_urls=True)
+        assert allowed["encoded"] == 1 and len(hits) == 3  # the same list, allowed: fetched (one image)
+    finally:
+        private.shutdown()
+        public.shutdown()
 
 
 def test_memory_stays_within_the_budget(tmp_path, sidecar, encoder):

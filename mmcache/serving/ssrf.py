@@ -1,6 +1,7 @@
 """The address policy of http(s) image fetches (SSRF): which addresses are public, and an aiohttp
 resolver and connector that drop the others, so that the address checked is the one connected to
-(DNS is resolved once; ``encoder_worker.media`` follows redirects hop by hop and checks each).
+(DNS is resolved once; ``mmcache.serving.http_fetch`` follows redirects hop by hop and checks each).
+Shared by the encoders' image fetches and ``mmcache warm``'s.
 Tests patch ``address_is_public`` here: every check goes through this module's global."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Union
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-logger = logging.getLogger("encoder_worker.media")
+logger = logging.getLogger(__name__)
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
