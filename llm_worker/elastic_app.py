@@ -198,6 +198,7 @@ def create_app(config: LLMServeConfig, engine: Any | None = None, encoder: Any |
         web.post("/v1/prefill", _gated("prefill", llm_app.prefill_handler)),
         web.post("/v1/decode", _gated("decode", llm_app.decode_handler)),
         web.post("/v1/role", role_handler),
+        web.get("/v1/models", encoder_app.models_handler),  # NOTE: its encoder's namespace (mmcache warm reads it)
         web.get("/v1/stats", stats_handler),
         web.get("/metrics", llm_app.metrics_handler),
         web.get("/healthz", healthz),

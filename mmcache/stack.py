@@ -29,6 +29,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmcache.data_dir import ARENA_RECORD
+from mmcache.serving.security import make_private_dir
 from mmcache.supervisor import Backoff, Child, Supervisor
 
 ROLES = ("cache", "encoder", "prefill", "decode", "generate", "router")
@@ -193,6 +195,11 @@ class _Node:
         return f"{self.name}." if self.name else ""
 
 
+BUILTIN_MODEL_NAMES = ("llava-clip-l336-random", "llava-clip-l336-small", "tiny-llava", "tiny-qwen2-vl")
+"""The workers' built-in models (``encoder_worker.models.BUILTIN_MODELS``; ``mmcache`` imports no
+worker, so the names are listed here, and a test holds the two equal)."""
+
+
 class StackError(RuntimeError):
     """A child failed to start, or the stack could not come up."""
 
@@ -327,9 +334,28 @@ class Stack:
         return [*(["--video-fps", str(c.video_fps)] if c.video_fps is not None else []),
                 *(["--video-max-frames", str(c.video_max_frames)] if c.video_max_frames is not None else [])]
 
+    def preflight(self) -> None:
+        """What would make every worker fail, checked before any is started (one clear line,
+        within seconds, instead of each worker printing it after loading): the model is a
+        built-in name or an existing folder, and the router's port is free."""
+        c = self.config
+        if c.model not in BUILTIN_MODEL_NAMES and not Path(c.model).expanduser().is_dir():
+            raise StackError(f"--model {c.model!r} is neither an existing folder nor a built-in model "
+                             f"({', '.join(BUILTIN_MODEL_NAMES)})")
+        if c.port:
+            probe = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                probe.bind((c.host, c.port))
+            except OSError as e:
+                raise StackError(f"--port {c.port} on {c.host} is not free ({e.strerror}): stop what holds it "
+                                 "or pick another --port") from None
+            finally:
+                probe.close()
+
     def start(self) -> str:
         c = self.config
-        Path(c.data_dir).mkdir(parents=True, exist_ok=True)
+        self.preflight()
+        make_private_dir(c.data_dir)  # NOTE: 0700 from birth (a sidecar then has nothing to warn about)
         deadline = time.monotonic() + c.startup_timeout_s
         router_args = ["router", "--model", c.model, "--data-dir", c.data_dir, "--host", c.host,
                        "--port", str(c.port), "--log-level", c.log_level,
@@ -353,7 +379,7 @@ class Stack:
         nodes = self._nodes()
         remote_args = ["--remote", remote] if remote else []
         for node in nodes:
-            Path(node.data_dir).mkdir(parents=True, exist_ok=True)
+            make_private_dir(node.data_dir)
             node.sidecar = self._spawn(node.prefix + "sidecar", "cache", "mmcache.cli", "serve",
                                        "--data-dir", node.data_dir, "--host", LOOPBACK, "--port", "0",
                                        "--socket", node.socket, "--host-capacity", c.host_capacity,

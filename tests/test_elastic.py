@@ -329,6 +329,18 @@ async def test_a_role_flip_needs_the_stack_token(workers):
 
 
 @module_loop
+async def test_an_elastic_worker_names_its_encoders_namespace_for_warm(workers):
+    """``mmcache warm`` against ``mmcache up --elastic`` failed: the workers had no GET /v1/models."""
+    from mmcache.warm_target import namespace_of
+
+    urls = [url for _, url in workers.values()]
+    async with aiohttp.ClientSession() as http:
+        namespace = await namespace_of(http, urls)
+        async with http.get(urls[0] + "/v1/stats") as r:
+            assert namespace == (await r.json())["encoder_namespace"]
+
+
+@module_loop
 async def test_a_worker_without_a_stack_token_has_its_control_routes_off(sidecar, model_dir):
     server = TestServer(create_elastic_app(LLMServeConfig(
         "elastic", cache_url=sidecar.unix_url, model=model_dir, data_dir=os.path.dirname(model_dir), device="cpu",
