@@ -42,7 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
         "remote_required": args.remote_required or None, "node": args.node,
         "device_capacity_bytes": args.device_capacity, "device": args.device,
         "max_claims": args.max_claims, "max_claims_per_owner": args.max_claims_per_owner,
-        "claim_ttl_max_s": args.claim_ttl_max,
+        "claim_ttl_max_s": args.claim_ttl_max, "max_event_followers": args.max_event_followers,
+        "max_event_followers_per_tenant": args.max_event_followers_per_tenant,
     }
     config = ServeConfig.from_sources(flags, toml_path=args.config,
                                       warn=lambda text: print(f"mmcache serve: warning: {text}", file=sys.stderr))
@@ -209,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="live claims at most, all owners (default 100000); past it: 429 with Retry-After")
     s.add_argument("--max-claims-per-owner", type=int, metavar="M",
                    help="live claims of one owner at most (default 4096); past it: 429 with Retry-After")
+    s.add_argument("--max-event-followers", type=int, metavar="N",
+                   help="event followers at most, HTTP and local (default 256); past it: 429")
+    s.add_argument("--max-event-followers-per-tenant", type=int, metavar="M",
+                   help="event followers of one tenant at most (default 64); past it: 429")
     s.add_argument("--claim-ttl-max", type=float, metavar="S",
                    help="longest claim TTL granted, longer asks are clamped (default 120)")
     s.add_argument("--node", metavar="NAME",

@@ -85,6 +85,10 @@ class ServeConfig:
     """Live claims at most (all owners); one more is refused with 429 and ``Retry-After``."""
     max_claims_per_owner: int = 4096
     """Live claims of one owner at most (a small share of ``max_claims``); past it: 429."""
+    max_event_followers: int = 256
+    """Event followers at most (``GET /v1/events`` streams and local ones); one more: 429."""
+    max_event_followers_per_tenant: int = 64
+    """Event followers of one tenant (or of the default one) at most; one more: 429."""
     claim_ttl_max_s: float = 120.0
     """Longest claim TTL granted; a longer ask is clamped, so nobody makes encoders wait longer."""
 
@@ -102,7 +106,7 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive number of seconds")
         if self.max_connections is not None and self.max_connections <= 0:
             raise ValueError(f"max_connections={self.max_connections} must be > 0")
-        for name in ("max_claims", "max_claims_per_owner"):
+        for name in ("max_claims", "max_claims_per_owner", "max_event_followers", "max_event_followers_per_tenant"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer > 0")
         if not 0.001 <= self.claim_ttl_max_s <= 600:
@@ -201,7 +205,8 @@ def _coerce(values: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{name}={value!r} must be a number of milliseconds") from None
         elif name == "remote_required":
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-        elif name in ("port", "max_connections", "max_claims", "max_claims_per_owner"):
+        elif name in ("port", "max_connections", "max_claims", "max_claims_per_owner", "max_event_followers",
+                      "max_event_followers_per_tenant"):
             try:
                 value = int(value)
             except (TypeError, ValueError):

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from mmcache_client.errors import TooManyRequests
+
 KINDS = ("stored", "evicted", "deleted")
 
 
@@ -49,15 +51,24 @@ class Event:
 class EventBus:
     """Thread-safe publish/follow of ``Event``s; see the module docstring."""
 
-    def __init__(self, node: str, capacity: int = 8192):
+    def __init__(self, node: str, capacity: int = 8192, *, max_followers: int = 256,
+                 max_followers_per_tenant: int = 64):
+        for name, value in (("max_followers", max_followers), ("max_followers_per_tenant", max_followers_per_tenant)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be an integer > 0")
         self.node = node
         self._ring: collections.deque[Event] = collections.deque(maxlen=capacity)
         self._seq = 0
         self._cond = threading.Condition()
-        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopWake] = {}
+        """One wake-up per event loop with readers, however many readers it has (see ``publish``)."""
         self.sink: Callable[[Event], None] | None = None
         """Called with each of this node's own events (the remote tier forwards them)."""
         self.published = 0
+        self.max_followers, self.max_followers_per_tenant = max_followers, max_followers_per_tenant
+        self._followers: dict[str | None, int] = {}
+        """Live followers (HTTP streams and local ones) by tenant (None: the default)."""
+        self.refused_followers = 0
 
     @property
     def seq(self) -> int:
@@ -74,13 +85,15 @@ class EventBus:
             self._ring.append(event)
             self.published += 1
             self._cond.notify_all()
-            waiters = list(self._async_waiters)
-        for loop, ev in waiters:
+            wakes = [w for w in self._loops.values() if not w.pending]
+            for wake in wakes:
+                wake.pending = True  # NOTE: coalesced: one wake-up per loop per batch of events
+        for wake in wakes:
             try:
-                loop.call_soon_threadsafe(ev.set)
-            except RuntimeError:  # that loop is closed; its waiter is gone with it
+                wake.loop.call_soon_threadsafe(wake.fire)
+            except RuntimeError:  # that loop is closed; its readers are gone with it
                 with self._cond:
-                    self._async_waiters.discard((loop, ev))
+                    self._loops.pop(wake.loop, None)
         sink = self.sink
         if sink is not None and node is None:
             sink(event)
@@ -108,27 +121,65 @@ class EventBus:
             return self._since(seq)
 
     async def wait_async(self, seq: int, timeout: float) -> tuple[list[Event], bool]:
-        """``wait`` for an asyncio reader, without a thread."""
-        events, lost = self.since(seq)
+        """``wait`` for an asyncio reader, without a thread. All the readers of one loop wait on
+        one ``asyncio.Event`` per batch, so publishing costs one wake-up per loop, not per reader."""
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            wake = self._loops.get(loop)
+            if wake is None:
+                wake = self._loops[loop] = _LoopWake(loop, self._cond)
+            gate = wake.event  # NOTE: taken before the check below: a publish after it sets this one
+            events, lost = self._since(seq)
         if events or lost:
             return events, lost
-        loop, ev = asyncio.get_running_loop(), asyncio.Event()
-        waiter = (loop, ev)
-        with self._cond:
-            self._async_waiters.add(waiter)
-            fresh = self._seq <= seq  # NOTE: one published between since() and add() set nothing
         try:
-            if fresh:
-                try:
-                    await asyncio.wait_for(ev.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-        finally:
-            with self._cond:
-                self._async_waiters.discard(waiter)
+            await asyncio.wait_for(gate.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
         return self.since(seq)
+
+    # ------------------------------------------------------------ followers, bounded
+    def admit(self, tenant: str | None) -> None:
+        """Count one more follower of ``tenant``; ``TooManyRequests`` past either cap."""
+        with self._cond:
+            total, mine = sum(self._followers.values()), self._followers.get(tenant, 0)
+            if total >= self.max_followers or mine >= self.max_followers_per_tenant:
+                self.refused_followers += 1
+                which = (f"{total} event followers (at most {self.max_followers}, --max-event-followers)"
+                         if total >= self.max_followers else
+                         f"{mine} event followers of this tenant (at most {self.max_followers_per_tenant}, "
+                         "--max-event-followers-per-tenant)")
+                raise TooManyRequests(f"refused: {which}; retry later", 5.0)
+            self._followers[tenant] = mine + 1
+
+    def leave(self, tenant: str | None) -> None:
+        with self._cond:
+            left = self._followers.get(tenant, 0) - 1
+            if left > 0:
+                self._followers[tenant] = left
+            else:
+                self._followers.pop(tenant, None)
 
     def stats(self) -> dict:
         with self._cond:
             return {"node": self.node, "seq": self._seq, "published": self.published,
-                    "followers": len(self._async_waiters)}
+                    "followers": sum(self._followers.values()), "max_followers": self.max_followers,
+                    "refused_followers": self.refused_followers}
+
+
+class _LoopWake:
+    """One event loop's readers' wake-up: an ``asyncio.Event`` for the current batch, replaced
+    (on the loop) each time it fires; ``pending`` while a ``fire`` is scheduled."""
+
+    __slots__ = ("loop", "event", "pending", "_lock")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lock: threading.Condition):
+        self.loop, self._lock = loop, lock
+        self.event = asyncio.Event()
+        self.pending = False
+
+    def fire(self) -> None:
+        with self._lock:
+            self.pending = False
+            event, self.event = self.event, asyncio.Event()
+        event.set()

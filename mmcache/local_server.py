@@ -330,13 +330,25 @@ class LocalServer:
         except (ValueError, RecursionError) as e:
             sock.sendall(wire.frame(msg_id, ERROR, _error_body(ProtocolError(f"events: {e}"))))
             return
+        tenant = None if conn.principal.trusted else conn.principal.tenant
+        try:
+            bus.admit(tenant)
+        except TooManyRequests as e:
+            sock.sendall(wire.frame(msg_id, ERROR, _error_body(e)))
+            return
+        try:
+            self._stream(sock, conn, msg_id, bus, since, scope, tenant)
+        finally:
+            bus.leave(tenant)
+
+    def _stream(self, sock: socket.socket, conn: LocalSession, msg_id: int, bus, since: int | None, scope: str,
+                tenant: str | None) -> None:
         seq = bus.seq if since is None else since
         stale = seq > bus.seq  # NOTE: a number from before this sidecar restarted
         seq = min(seq, bus.seq)
         sock.sendall(wire.frame(msg_id, OK, wire.json_body({"seq": seq, "node": bus.node})))
         if stale:
             sock.sendall(wire.frame(wire.EVENT, OK, wire.json_body({"events": [], "lost": True})))
-        tenant = None if conn.principal.trusted else conn.principal.tenant
         sock.settimeout(FOLLOWER_SEND_TIMEOUT_S)  # NOTE: a follower that never reads is dropped
         sent = time.monotonic()
         while not self._stopping.is_set():

@@ -32,7 +32,7 @@ from mmcache.server_common import (
     METRICS,
     TENANTS,
     TENANT_COUNTS,
-    LOCAL_OPS, LOCAL_SERVER,
+    EVENT_HEARTBEAT_S, EVENT_HUB, LOCAL_OPS, LOCAL_SERVER,
     _DETAIL,
     _BODY,
     STOPPING,
@@ -50,6 +50,7 @@ from mmcache.server_common import (
     _count,
     _acting_for,
 )
+from mmcache.event_hub import EventHub
 from mmcache.server_streams import batch_get, events
 from mmcache.serving.tenants import Forbidden, Tenants
 from mmcache_client.format import relayout
@@ -182,6 +183,9 @@ async def stats(request: web.Request) -> web.Response:
     doc = store.stats()
     doc["http"] = request.app[HTTP_COUNTERS].as_dict()
     doc["local"] = {"ops": dict(request.app[LOCAL_OPS])}
+    hub = request.app.get(EVENT_HUB)
+    if hub is not None:
+        doc["events"].update(hub.stats())
     local = request.app.get(LOCAL_SERVER)
     if local is not None:
         doc["local"].update(refused=local.refused, stalled_frames=local.stalled)
@@ -213,6 +217,8 @@ def _store_ctx(config: ServeConfig):
             node=config.node or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}",
             device_capacity_bytes=config.device_capacity_bytes, device=config.device,
             max_claims=config.max_claims, max_claims_per_owner=config.max_claims_per_owner,
+            max_event_followers=config.max_event_followers,
+            max_event_followers_per_tenant=config.max_event_followers_per_tenant,
             claim_ttl_max_ms=max(1, int(config.claim_ttl_max_s * 1000))))
         app[STORE] = store
         local = None
@@ -228,10 +234,14 @@ def _store_ctx(config: ServeConfig):
             raise
         if local is not None:
             app[LOCAL_SERVER] = local
+        hub = EventHub(store.events, EVENT_HEARTBEAT_S)
+        hub.start()
+        app[EVENT_HUB] = hub
         logger.info("mmcache store up: arena %s, data dir %s, socket %s", store.arena_path, config.data_dir, config.socket)
         try:
             yield
         finally:
+            await hub.stop()
             if local is not None:
                 await asyncio.to_thread(local.close)  # joins its threads: every lease given back
                 _unlink(config.socket)
@@ -258,6 +268,9 @@ def create_app(config: ServeConfig) -> web.Application:
 
     async def on_shutdown(app: web.Application) -> None:
         app[STOPPING].set()
+        hub = app.get(EVENT_HUB)
+        if hub is not None:
+            await hub.stop()  # NOTE: every event stream ends now; a graceful stop does not wait on them
     app.on_shutdown.append(on_shutdown)
     app[METRICS] = Metrics(lambda: app[STORE].stats(), lambda: app[HTTP_COUNTERS].as_dict())
     app.cleanup_ctx.append(_store_ctx(config))

@@ -33,6 +33,8 @@ TENANTS = web.AppKey("tenants", Tenants)
 TENANT_COUNTS = web.AppKey("tenant_counts", dict)
 LOCAL_OPS = web.AppKey("local_ops", dict)
 LOCAL_SERVER = web.AppKey("local_server", object)
+EVENT_HUB = web.AppKey("event_hub", object)
+"""The broadcaster of ``GET /v1/events`` (``mmcache.event_hub.EventHub``)."""
 """The Unix-socket server (``mmcache.local_server.LocalServer``), where there is one."""
 _DETAIL = web.RequestKey("detail", bool) if hasattr(web, "RequestKey") else "mmcache.detail"
 _BODY = web.RequestKey("body", dict) if hasattr(web, "RequestKey") else "mmcache.body"

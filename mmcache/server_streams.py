@@ -13,10 +13,12 @@ import time
 import pyarrow as pa
 from aiohttp import web
 
+from mmcache.event_hub import Follower
 from mmcache.serving.http_limits import HTTP_COUNTERS, PinnedWriter
 
 from mmcache.server_common import (
     CONFIG,
+    EVENT_HUB,
     STORE,
     STOPPING,
     EVENT_HEARTBEAT_S,
@@ -37,7 +39,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     ``since`` (or ``Last-Event-ID``; default: from now). ``scope=local``: this node's own only,
     not those relayed from the remote's stream. A tenant sees its own keys only. An ``event:
     lost`` says the follower fell more than the bus holds behind (re-read what it indexes). The
-    first is ``event: subscribed`` with the sequence number it follows from and the node."""
+    first is ``event: subscribed`` with the sequence number it follows from and the node.
+
+    Followers are capped (429 past ``--max-event-followers``, in all or per tenant), served by
+    one broadcaster (``mmcache.event_hub``), closed once they stop reading, and their
+    connections do not count against ``--max-connections``."""
     bus, principal = request.app[STORE].events, request[PRINCIPAL]
     since_text = request.query.get("since", request.headers.get("Last-Event-ID"))
     if since_text is not None and not since_text.isdigit():
@@ -45,43 +51,28 @@ async def events(request: web.Request) -> web.StreamResponse:
     scope = request.query.get("scope", "all")
     if scope not in ("all", "local"):
         raise ValueError(f"scope={scope!r} must be all or local")
-    seq = int(since_text) if since_text is not None else bus.seq
-    stale = seq > bus.seq  # NOTE: a number from before this sidecar restarted (an old Last-Event-ID)
-    seq = min(seq, bus.seq)
     tenant = None if principal.trusted else principal.tenant
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-MMCache-Node": bus.node})
-    await response.prepare(request)
-    stopping = request.app[STOPPING]
-
-    async def send(text: str) -> None:
-        await asyncio.wait_for(response.write(text.encode()), EVENT_WRITE_TIMEOUT_S)
-
+    bus.admit(tenant)  # NOTE: past a cap: TooManyRequests, a 429 with Retry-After
+    streams = request.app[HTTP_COUNTERS].streams
     try:
-        await send(f"event: subscribed\ndata: {json.dumps({'kind': 'subscribed', 'seq': seq, 'node': bus.node})}\n\n")
-        if stale:
-            await send("event: lost\ndata: {}\n\n")
-        sent = time.monotonic()
-        while not stopping.is_set():
-            found, lost = await bus.wait_async(seq, 1.0)
-            parts = ["event: lost\ndata: {}\n\n"] if lost else []
-            for ev in found:
-                seq = ev.seq
-                if scope == "local" and ev.node != bus.node:
-                    continue
-                doc = ev.as_dict()
-                if tenant is not None:
-                    if not ev.key.startswith(tenant + "@"):
-                        continue
-                    doc["key"] = ev.key[len(tenant) + 1:]
-                parts.append(f"id: {ev.seq}\nevent: {ev.kind}\ndata: {json.dumps(doc)}\n\n")
-            if not parts and time.monotonic() - sent >= EVENT_HEARTBEAT_S:
-                parts.append(": heartbeat\n\n")
-            if parts:
-                await send("".join(parts))
-                sent = time.monotonic()
+        seq = int(since_text) if since_text is not None else bus.seq
+        stale = seq > bus.seq  # NOTE: a number from before this sidecar restarted (an old Last-Event-ID)
+        seq = min(seq, bus.seq)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-MMCache-Node": bus.node})
+        await response.prepare(request)
+        streams.add(request.protocol)
+        await asyncio.wait_for(response.write(
+            f"event: subscribed\ndata: {json.dumps({'kind': 'subscribed', 'seq': seq, 'node': bus.node})}\n\n".encode()),
+            EVENT_WRITE_TIMEOUT_S)
+        follower = Follower(response, request.transport, tenant, scope == "local", seq, lost=stale)
+        request.app[EVENT_HUB].add(follower)
+        await follower.done
     except (ConnectionResetError, asyncio.TimeoutError) as e:  # the follower left or stopped reading
         logger.debug("events follower gone: %r", e)
+    finally:
+        streams.discard(request.protocol)
+        bus.leave(tenant)
     return response
 
 

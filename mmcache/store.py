@@ -66,7 +66,9 @@ class TieredStore(WriteDown):
         self.config = config
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         self._lock_fd = lock_data_dir(config.data_dir)
-        self.events = EventBus(config.node or f"{socket.gethostname()}:{os.getpid()}")
+        self.events = EventBus(config.node or f"{socket.gethostname()}:{os.getpid()}",
+                               max_followers=config.max_event_followers,
+                               max_followers_per_tenant=config.max_event_followers_per_tenant)
         try:
             remove_stale_arena(config.data_dir, config.arena_path)
             self.disk = DiskTier(DiskTierConfig(

@@ -51,6 +51,10 @@ class StoreConfig:
     """Live claims granted through this sidecar at most (``mmcache.claims``); past it: 429."""
     max_claims_per_owner: int = 4096
     """Live claims of one owner at most; past it: 429."""
+    max_event_followers: int = 256
+    """Event followers at most (HTTP streams and local ones); past it: 429."""
+    max_event_followers_per_tenant: int = 64
+    """Event followers of one tenant (or of the default one) at most; past it: 429."""
     claim_ttl_max_ms: int = 120_000
     """Longest claim TTL granted (longer asks are clamped): the longest anyone can make encoders wait."""
 

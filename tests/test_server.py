@@ -339,7 +339,7 @@ def test_stats_metrics_healthz(sidecar):
     assert 'mmcache_tier_max_queued_bytes{tier="disk"}' in text
     for name in ("refused", "evicted_idle", "header_timeouts", "write_timeouts"):
         assert f"mmcache_http_{name}_total 0.0" in text
-    assert stats["http"] == dict(refused=0, evicted_idle=0, header_timeouts=0, write_timeouts=0)
+    assert stats["http"] == dict(refused=0, evicted_idle=0, header_timeouts=0, write_timeouts=0, streams=0)
 
     status, _, body = request(sidecar, "GET", "/healthz")
     assert status == 200

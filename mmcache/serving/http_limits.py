@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import resource
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from aiohttp import web
@@ -51,9 +51,13 @@ class HttpCounters:
     evicted_idle: int = 0
     header_timeouts: int = 0
     write_timeouts: int = 0
+    streams: set = field(default_factory=set, repr=False, compare=False)
+    """Connections serving a long-lived stream (``GET /v1/events``): they have a cap of their own
+    and do not count against the connection cap (streams never take what requests need)."""
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {"refused": self.refused, "evicted_idle": self.evicted_idle, "header_timeouts": self.header_timeouts,
+                "write_timeouts": self.write_timeouts, "streams": len(self.streams)}
 
 
 HTTP_COUNTERS = web.AppKey("http_counters", HttpCounters)
@@ -164,7 +168,7 @@ class ConnectionGate:
     @property
     def open_connections(self) -> int:
         """Connections that count against the cap (handed out, not closed by the gate)."""
-        return len(self._live) - len(self._closing)
+        return len(self._live) - len(self._closing) - len(self.counters.streams)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         protocol = request.protocol
