@@ -51,6 +51,7 @@ from mmcache.server_common import (
     _acting_for,
 )
 from mmcache.event_hub import EventHub
+from mmcache.openapi import openapi_document
 from mmcache.server_streams import batch_get, events
 from mmcache.serving.tenants import Forbidden, Tenants
 from mmcache_client.format import relayout
@@ -204,6 +205,11 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: this API described (``mmcache.openapi``)."""
+    return web.json_response(openapi_document())
+
+
 def _store_ctx(config: ServeConfig):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = TieredStore(StoreConfig(
@@ -289,5 +295,6 @@ def create_app(config: ServeConfig) -> web.Application:
         web.get("/v1/stats", stats),
         web.get("/metrics", metrics),
         web.get("/healthz", healthz),
+        web.get("/openapi.json", openapi),
     ])
     return app
