@@ -95,6 +95,9 @@ class EventHub:
         waiting = asyncio.ensure_future(self.bus.wait_async(seq, min(self.heartbeat_s, 1.0)))
         try:
             await asyncio.wait((kicked, waiting), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            waiting.cancel()  # NOTE: the hub stops: leave no task pending on a loop about to close
+            raise
         finally:
             kicked.cancel()
         self._kick.clear()

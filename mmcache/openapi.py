@@ -12,8 +12,9 @@ from mmcache.server_common import MAX_KEYS_PER_CALL
 
 _NS = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}
 _HASH = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
-_KEY = {"type": "string", "description": "namespace/hash (a tenant's token scopes it)",
-        "pattern": "^[A-Za-z0-9._-]{1,128}/[0-9a-f]{64}$"}
+_KEY = {"type": "string", "description": "namespace/hash (a tenant's token scopes it; the sidecar's own token may "
+                                        "name tenant@namespace/hash)",
+        "pattern": "^([A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9._-]{1,128}/[0-9a-f]{64}$"}
 _KEYS = {"type": "array", "items": _KEY, "maxItems": MAX_KEYS_PER_CALL}
 _ERROR = {"description": "", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _RETRY = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
@@ -33,7 +34,8 @@ def _json(schema: dict) -> dict:
 _COMMON = {"401": _error("a token is configured and the request has none, or a wrong one")}
 _ENTRY_PARAMS = [{"name": "ns", "in": "path", "required": True, "schema": _NS},
                  {"name": "hash", "in": "path", "required": True, "schema": _HASH}]
-_TENANT_HEADER = {"name": "X-MMCache-Tenant", "in": "header", "required": False, "schema": {"type": "string"},
+_TENANT_HEADER = {"name": "X-MMCache-Tenant", "in": "header", "required": False,
+                  "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
                   "description": "the tenant whose entry a tenant@ns key names (the sidecar's own token only)"}
 _SAFETENSORS = {"application/vnd.safetensors": {"schema": {"type": "string", "format": "binary"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -107,8 +109,9 @@ def openapi_document() -> dict[str, Any]:
             "summary": "Inventory events (stored / evicted / deleted) as server-sent events",
             "parameters": [{"name": "since", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+$"}},
                            {"name": "scope", "in": "query", "schema": {"type": "string", "enum": ["all", "local"]}}],
-            "responses": {"200": {"description": "the stream", "content": {"text/event-stream": {
-                "schema": {"type": "string"}}}}, "400": _error("a bad parameter"),
+            "responses": {"200": {"description": "the stream (each event's data a JSON object)",
+                                  "content": {"text/event-stream": {"schema": {}}}},
+                          "400": _error("a bad parameter"),
                 "429": _error("--max-event-followers reached", retry=True), **_COMMON}}},
         "/v1/stats": {"get": {"summary": "Per tier: entries, bytes, capacity, hits, misses, evictions; and more",
                               "responses": {"200": _json({"type": "object"}), **_COMMON}}},
