@@ -144,3 +144,28 @@ def test_device_tensors_are_copies_of_their_own_on_the_gpu(sidecar):
         a, b = c.get_tensors(keys, device="cuda")
         assert a.is_cuda and torch.equal(b.cpu().float(), _value(16, 32, 1))
         assert _leases(sidecar) == 0
+
+
+def test_an_entry_deleted_between_its_disk_lease_and_the_read_is_a_miss(sidecar):
+    """A delete does not wait for disk leases: a reader whose LMDB read comes after it finds
+    nothing, and that is a miss (it was a ``CorruptEntry``, which failed a churn test once)."""
+    from mmcache_client import EntryBatch, Entry, core
+    from mmcache_client.client import _sync_release
+
+    with CacheClient(sidecar.unix_url) as c:
+        conn = c._connect()
+        keys = []
+        for name in (b"single", b"batch"):
+            h = content_hash(b"on-disk-only-" + name)
+            c.put(NS, h, torch.ones(4, 8), durable=True)
+            sidecar.store.host.delete(f"{NS}/{h}")  # NOTE: now on disk only: a scan leases it in place
+            keys.append(f"{NS}/{h}")
+        locs = conn.lease(keys, "scan")
+        assert all(loc is not None and loc.offset < 0 for loc in locs)
+        for key in keys:
+            assert c.delete(*key.split("/"))
+        sidecar.store.flush(30)  # NOTE: the deletes committed to LMDB, as the churn had them
+        assert c._entry(conn, keys[0], locs[0]) is None
+        with core.local_batch(conn, keys[1:], locs[1:], EntryBatch, Entry, _sync_release) as batch:
+            assert list(batch) == [None]
+        assert conn.lease(keys, "scan") == [None, None]  # and fresh leases agree

@@ -16,7 +16,7 @@ from mmcache_client.core import key_of as _key, key_str as _key_str, key_strs as
 from mmcache_client.keys import Key
 from mmcache_client.device_entries import AsyncDeviceBatch, DeviceEntry, copied, cuda_device, imported, merged, single
 from mmcache_client.entry import AsyncEntry, AsyncEntryBatch
-from mmcache_client.session import open_lease
+from mmcache_client.session import LeaseVanished, open_lease
 from mmcache_client.errors import BadRequest, CacheTimeout, CacheUnavailable, MMCacheError
 from mmcache_client.format import EntryFormatError, EntryPlan, relayout
 from mmcache_client import wire
@@ -202,12 +202,14 @@ class AsyncCacheClient:
         if conn is not None and conn.state.detach():
             await conn.close()
 
-    async def _entry(self, conn: AsyncLocalConnection, key: str, loc: list) -> AsyncEntry:
+    async def _entry(self, conn: AsyncLocalConnection, key: str, loc: list) -> AsyncEntry | None:
         try:
             view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(MMCacheError):
                 await conn.call("release", keys=[wire.release_name(key, loc)])
+            if isinstance(e, LeaseVanished):
+                return None  # NOTE: deleted from disk before it could be read: a miss
             raise
         conn.state.ref()
         return AsyncEntry(key, loc[2], view, lambda: self._release(conn, wire.release_name(key, loc), end_local),

@@ -21,7 +21,7 @@ from mmcache_client.format import EntryFormatError, EntryPlan, relayout
 from mmcache_client import core, wire
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
-from mmcache_client.session import open_lease
+from mmcache_client.session import LeaseVanished, open_lease
 
 T = TypeVar("T")
 _key, _key_str, _keys = core.key_of, core.key_str, core.key_strs
@@ -271,13 +271,16 @@ class CacheClient:
             raise
         return DeviceBatch(merged(keys, on_device, from_host), release)
 
-    def _entry(self, conn: LocalConnection, key: str, loc: list) -> Entry:
-        """An ``Entry`` over a lease answer; it holds a reference on ``conn`` until closed."""
+    def _entry(self, conn: LocalConnection, key: str, loc: list) -> Entry | None:
+        """An ``Entry`` over a lease answer; it holds a reference on ``conn`` until closed. None:
+        the entry was deleted from disk before it could be read (a miss)."""
         try:
             view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(MMCacheError):
                 conn.call("release", keys=[wire.release_name(key, loc)])
+            if isinstance(e, LeaseVanished):
+                return None
             raise
         conn.state.ref()
         return Entry(key, loc[2], view, lambda: self._release(conn, wire.release_name(key, loc), end_local),

@@ -19,7 +19,7 @@ from mmcache_client.errors import (AuthError, BadRequest, CacheFull, CorruptEntr
                                    ServerError, TooManyKeys, TooManyRequests)
 from mmcache_client.format import EntryFormatError, EntryPlan, plan_entry, read_entry
 from mmcache_client.keys import Key
-from mmcache_client.session import ArenaEntryView, open_lease
+from mmcache_client.session import ArenaEntryView, LeaseVanished, open_lease
 
 JSON = {"Content-Type": "application/json"}
 
@@ -292,7 +292,11 @@ def local_batch(conn, keys: list[str], locs: list, batch_type, entry_type, make_
                 entries.append(entry_type(key, loc.tier, ArenaEntryView(arena, loc.offset, loc.nbytes, loc.layout),
                                           None, state))
             else:
-                view, end_local = open_lease(state, arena, conn.lmdb_path, key, loc)
+                try:
+                    view, end_local = open_lease(state, arena, conn.lmdb_path, key, loc)
+                except LeaseVanished:  # NOTE: deleted from disk before it could be read: a miss
+                    entries.append(None)
+                    continue
                 ends.append(end_local)
                 entries.append(entry_type(key, loc.tier, view, None, state if end_local is None else None))
     except BaseException:

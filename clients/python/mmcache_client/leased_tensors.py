@@ -32,7 +32,7 @@ import numpy as np
 from mmcache_client import wire
 from mmcache_client.errors import MMCacheError
 from mmcache_client.format import DTYPES
-from mmcache_client.session import open_lease
+from mmcache_client.session import LeaseVanished, open_lease
 
 
 def _torch():
@@ -127,8 +127,13 @@ def local_tensors(conn: Any, keys: list[str], locs: list) -> list:
 
 
 def _copied(conn: Any, key: str, loc: wire.LeaseLoc) -> Any:
-    """An entry read in place from LMDB, copied; its read transaction and lease end now."""
-    view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
+    """An entry read in place from LMDB, copied; its read transaction and lease end now. None:
+    deleted from disk between its lease and this read (a miss)."""
+    try:
+        view, end_local = open_lease(conn.state, conn.arena, conn.lmdb_path, key, loc)
+    except LeaseVanished:
+        conn.release([wire.release_name(key, loc)])
+        return None
     try:
         return view.tensor.clone()
     finally:

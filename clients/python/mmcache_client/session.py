@@ -152,11 +152,17 @@ _TORCH_DTYPES: dict[str, Any] = {}
 """Layout dtype name → torch dtype, filled on first use (torch is imported only when asked for)."""
 
 
+class LeaseVanished(Exception):
+    """An entry leased on disk was deleted before the reader's own LMDB transaction began (a
+    delete does not wait for disk leases): for the reader, a miss."""
+
+
 def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str,
                loc: LeaseLoc) -> tuple[EntryView | ArenaEntryView, Callable[[], None] | None]:
     """The entry a lease answer points to, and what ends the local part of it (an LMDB read
-    transaction), or raises ``CorruptEntry``. An entry served from LMDB is read there under its
-    stored key (a tenant's keys are ``tenant@ns/hash`` there) and verified."""
+    transaction), or raises ``CorruptEntry`` (or ``LeaseVanished``: deleted meanwhile, a miss). An
+    entry served from LMDB is read there under its stored key (a tenant's keys are
+    ``tenant@ns/hash`` there) and verified."""
     if loc.offset >= 0:
         if loc.layout is not None:
             return ArenaEntryView(arena, loc.offset, loc.nbytes, loc.layout), None
@@ -170,7 +176,7 @@ def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str,
     try:
         buf = txn.get(loc.stored_key.encode())
         if buf is None:
-            raise CorruptEntry(f"{key}: leased on disk but not in LMDB")
+            raise LeaseVanished(f"{key}: deleted from disk between its lease and this read")
         view = read_entry(buf, verify=True)  # NOTE: from disk: verified, as DESIGN.md asks
     except BaseException:
         txn.abort()
