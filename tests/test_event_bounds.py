@@ -100,6 +100,7 @@ def _put_burst(url: str, n: int, start: int) -> float:
         return time.perf_counter() - t0
 
 
+@pytest.mark.slow
 def test_publishing_costs_the_same_with_300_idle_followers(tmp_path):
     """200 small PUTs each publish an event; with 300 followers connected (reading nothing) they
     take at most 3x as long as with none: the bus wakes one broadcaster, not 300 readers."""
