@@ -108,14 +108,3 @@ class CacheLink:
 
     def close(self) -> None:
         self.close_client()
-
-
-def timed(counters: Counters, name: str, fn: Callable[[], T]) -> T:
-    """``fn()``, its wall time added to ``counters[name]`` in milliseconds."""
-    t0 = time.perf_counter()
-    try:
-        return fn()
-    finally:
-        counters.add(name, (time.perf_counter() - t0) * 1000.0)
-
-
