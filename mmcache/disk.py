@@ -23,6 +23,7 @@ import lmdb
 from mmcache.keys import Key
 from mmcache.leases import LeaseTable, Owner
 from mmcache.policies import POLICIES, make_policy
+from mmcache.quotas import TenantLedger
 from mmcache.disk_writer import DiskWriter, _check, _Op
 from mmcache.tier import PutStatus, Tier, TierLease
 from mmcache_client.session import share_env
@@ -97,8 +98,10 @@ class DiskTier(DiskWriter, Tier):
     on_evict: Callable[[str, int], None] | None = None
     """Called (under the tier's lock) with (key, nbytes) of each entry evicted to make room."""
 
-    def __init__(self, config: DiskTierConfig):
+    def __init__(self, config: DiskTierConfig, ledger: TenantLedger | None = None):
         self.config = config
+        self.ledger = ledger if ledger is not None else TenantLedger()
+        """Tenants' committed bytes here against their quotas (``mmcache.quotas``)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
@@ -151,6 +154,7 @@ class DiskTier(DiskWriter, Tier):
         for _, key, nbytes, cost_ms in sorted(found):
             self._index[key] = nbytes
             self._bytes += nbytes
+            self.ledger.charge(key, nbytes)
             self._policy.on_insert(key, nbytes, max(cost_ms, 0.0) if math.isfinite(cost_ms) else 0.0)
         logger.info("disk tier %s: %s entries, %s bytes", self.config.path, len(found), self._bytes)
         return bad
@@ -300,6 +304,7 @@ class DiskTier(DiskWriter, Tier):
             nbytes = self._index.pop(key, None)
             if nbytes is not None:
                 self._bytes -= nbytes
+                self.ledger.credit(key, nbytes)
                 self._policy.on_remove(key, evicted=False)
             pending = self._pending_puts.pop(key, None) is not None
             if pending:
@@ -369,7 +374,8 @@ class DiskTier(DiskWriter, Tier):
         with self._lock:
             return dict(entries=len(self._index), bytes=self._bytes, capacity_bytes=self.config.capacity_bytes,
                         leases=self.leases.total, queued_bytes=self._queued_bytes,
-                        max_queued_bytes=self.config.max_queued_bytes, **self._counts)
+                        max_queued_bytes=self.config.max_queued_bytes, quota_refused=self.ledger.refused,
+                        **self._counts)
 
     def admits(self, nbytes: int) -> bool:
         """Whether a ``bounded`` put of ``nbytes`` would be queued now (a caller's check before it

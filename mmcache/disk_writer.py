@@ -169,10 +169,21 @@ class DiskWriter:
                 if op.kind == "put" and present(op.key):
                     results.append((op, PutStatus.EXISTS))
                     continue
+                if op.kind == "put" and self.ledger:
+                    quota = self._quota_room(op, removed, added, actions)
+                    if quota is None:  # this batch's own puts of the tenant, once committed, can make room
+                        deferred = ops[i:]
+                        break
+                    if quota is PutStatus.NO_SPACE:
+                        results.append((op, quota))
+                        continue
+                    used -= quota
                 if op.kind in ("put", "flush"):
                     need = used + op.nbytes - capacity
+                    allowed = self.ledger.may_evict(op.key) if op.kind == "put" else None
                     victims = self._policy.choose_victims(
-                        need, lambda k: k not in removed and not self.leases.is_leased(k))
+                        need, lambda k: k not in removed and not self.leases.is_leased(k)
+                        and (allowed is None or allowed(k)))
                     freed = sum(self._index[k] for k in victims)
                     if freed < need and added:  # this batch's own puts, once committed, can make room
                         deferred = ops[i:]
@@ -222,6 +233,30 @@ class DiskWriter:
         self._resolve(results)
         return deferred
 
+    def _quota_room(self, op: _Op, removed: dict[str, bool], added: dict[str, _Op],
+                    actions: list) -> int | PutStatus | None:
+        """Evict (in the plan) ``op``'s tenant's own entries until it fits in its quota
+        (``mmcache.quotas``): the bytes freed, ``NO_SPACE`` when its own are leased, or None
+        when only this batch's own puts of the tenant could make room (defer the rest)."""
+        own = self.ledger.own(op.key)
+        pending = sum(a.nbytes for k, a in added.items() if own(k)) \
+            - sum(self._index[k] for k in removed if own(k) and k in self._index)
+        excess = self.ledger.excess(op.key, op.nbytes, pending)
+        if not excess:
+            return 0
+        victims = self._policy.choose_victims(
+            excess, lambda k: own(k) and k not in removed and not self.leases.is_leased(k))
+        freed = sum(self._index[k] for k in victims)
+        if freed < excess:
+            if any(own(k) for k in added):
+                return None
+            self.ledger.refused += 1
+            return PutStatus.NO_SPACE
+        for k in victims:
+            removed[k] = True
+            actions.append(("del", k, None))
+        return freed
+
     def _apply(self, removed: dict[str, bool], added: dict[str, _Op]) -> None:
         with self._lock:
             for key, evicted in removed.items():
@@ -229,6 +264,7 @@ class DiskWriter:
                 if nbytes is None:
                     continue
                 self._bytes -= nbytes
+                self.ledger.credit(key, nbytes)
                 self._policy.on_remove(key, evicted=evicted)
                 self._counts["evictions"] += evicted
                 if evicted and self.on_evict is not None:
@@ -238,6 +274,7 @@ class DiskWriter:
                     continue
                 self._index[key] = op.nbytes
                 self._bytes += op.nbytes
+                self.ledger.charge(key, op.nbytes)
                 self._policy.on_insert(key, op.nbytes, op.cost_ms)
 
     def _resolve(self, results: list[tuple[_Op, Any]]) -> None:

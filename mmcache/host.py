@@ -30,6 +30,7 @@ from mmcache.allocator import ArenaAllocator
 from mmcache.leases import LeaseTable
 from mmcache.policies import make_policy
 from mmcache.host_room import HostRoom
+from mmcache.quotas import TenantLedger
 from mmcache.tier import PutStatus, Tier, TierLease, done
 from mmcache_client.arena import SharedArena
 from mmcache_client.format import EntryFormatError, parse_entry, read_entry
@@ -91,13 +92,15 @@ class HostTier(HostRoom, Tier):
 
     def __init__(self, arena_path: str, capacity_bytes: int, *, policy: str = "lru", alignment: int = 256,
                  on_dirty: DirtyHook | None = None, persisted: Callable[[str], bool] | None = None,
-                 on_evict: EvictHook | None = None):
+                 on_evict: EvictHook | None = None, ledger: TenantLedger | None = None):
         self.allocator = ArenaAllocator(capacity_bytes, alignment)
         self.arena = SharedArena(arena_path, capacity_bytes, create=True)
         self.policy = make_policy(policy)
         self.on_dirty, self.on_evict = on_dirty, on_evict
         self._persisted = persisted or (lambda key: True)
         self.leases = LeaseTable()
+        self.ledger = ledger if ledger is not None else TenantLedger()
+        """Tenants' bytes here against their quotas (``mmcache.quotas``), reservations included."""
         self._key_to_entry: dict[str, HostEntry] = {}
         self._offset_to_key: dict[int, str | None] = {}
         """Every allocated block: its key, or None for a pinned block no key names (a quarantined
@@ -126,11 +129,17 @@ class HostTier(HostRoom, Tier):
         with self._lock:
             if key in self._key_to_entry:
                 raise EntryExists(key)
-            offset = self._allocate(nbytes, dirty)
+            if nbytes > self.allocator.capacity_bytes:
+                offset = PutStatus.TOO_LARGE
+            elif self.ledger and not self._within_quota(key, nbytes, dirty):
+                offset = None
+            else:
+                offset = self._allocate(nbytes, dirty, self.ledger.may_evict(key))
             if isinstance(offset, int):
                 # NOTE: with no tier below (no on_dirty hook) there is nothing to write back to.
                 clean = not persist or self.on_dirty is None
                 self._key_to_entry[key] = HostEntry(offset, nbytes, cost_ms, persist, clean=clean, writer=owner)
+                self.ledger.charge(key, nbytes)
                 self._offset_to_key[offset] = key
                 self._writer_keys.setdefault(owner, set()).add(key)
         self._write_back(dirty)
@@ -303,7 +312,7 @@ class HostTier(HostRoom, Tier):
                     self._free_doomed(offset)
             reservations = self._writer_keys.pop(owner, set())
             for key in reservations:
-                entry = self._key_to_entry.pop(key)
+                entry = self._unindex(key)
                 if quarantine is None:
                     del self._offset_to_key[entry.offset]
                     self.allocator.free(entry.offset)
@@ -320,6 +329,12 @@ class HostTier(HostRoom, Tier):
                 del self._offset_to_key[offset]
                 freed += self.allocator.free(offset)
             return freed
+
+    def _unindex(self, key: str) -> HostEntry:
+        """Drop ``key`` from the index (its space is the caller's to free or pin)."""
+        entry = self._key_to_entry.pop(key)
+        self.ledger.credit(key, entry.nbytes)
+        return entry
 
     def leases_of(self, owner: Owner) -> int:
         with self._lock:
@@ -366,7 +381,7 @@ class HostTier(HostRoom, Tier):
                 return False
             self.policy.on_remove(key, evicted=False)
             if self.leases.is_leased((key, entry.offset)):
-                del self._key_to_entry[key]
+                self._unindex(key)
                 self._doomed[entry.offset], self._doomed_keys[entry.offset] = entry, key
                 self._offset_to_key[entry.offset] = None
             else:
@@ -386,6 +401,7 @@ class HostTier(HostRoom, Tier):
                 "evictions": self.evictions,
                 "evicted_bytes": self.evicted_bytes,
                 "no_space": self.no_space,
+                "quota_refused": self.ledger.refused,
                 "leases": self.leases.total,
                 "reservations": sum(1 for e in self._key_to_entry.values() if not e.sealed),
                 "quarantined_bytes": sum(self.allocator.size_of(o) for offsets in self._quarantine.values()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from mmcache.quotas import _anything
 from mmcache.tier import PutStatus
 
 logger = logging.getLogger("mmcache.host")
@@ -20,13 +21,14 @@ _QUARANTINED = object()
 class HostRoom:
     """Room-making over the tier's allocator, index, leases and policy (under its lock)."""
 
-    def _allocate(self, nbytes: int, dirty: list[str]) -> int | PutStatus | None:
+    def _allocate(self, nbytes: int, dirty: list[str], allowed=_anything) -> int | PutStatus | None:
+        """Room for ``nbytes``, evicting only entries ``allowed`` says this put may evict."""
         if nbytes > self.allocator.capacity_bytes:
             return PutStatus.TOO_LARGE
         offset = self.allocator.allocate(nbytes)
         if offset is not None:
             return offset
-        window = self._best_window(self.allocator._round_up(nbytes), dirty)
+        window = self._best_window(self.allocator._round_up(nbytes), dirty, allowed)
         if window is None:
             return None
         start, victims = window
@@ -36,7 +38,27 @@ class HostRoom:
             raise AssertionError(f"evicted window at {start} does not hold {nbytes} bytes")
         return start
 
-    def _best_window(self, size: int, dirty: list[str]) -> tuple[int, list[str]] | None:
+    def _within_quota(self, key: str, nbytes: int, dirty: list[str]) -> bool:
+        """Evict ``key``'s tenant's own entries (policy order) until ``nbytes`` more fit in its
+        quota (``mmcache.quotas``); False, evicting nothing, when they cannot."""
+        excess = self.ledger.excess(key, nbytes)
+        if not excess:
+            return True
+        own, victims, freed = self.ledger.own(key), [], 0
+        for victim in self.policy.iter_victims():
+            if freed >= excess:
+                break
+            if own(victim) and self._evictable(victim, dirty):
+                victims.append(victim)
+                freed += self._key_to_entry[victim].nbytes
+        if freed < excess:
+            self.ledger.refused += 1
+            return False
+        for victim in victims:
+            self._evict(victim)
+        return True
+
+    def _best_window(self, size: int, dirty: list[str], allowed=_anything) -> tuple[int, list[str]] | None:
         """The address window of free blocks and evictable entries that holds ``size`` bytes
         and whose worst victim the policy ranks best (fewest evicted bytes on a tie)."""
         rank = {key: i for i, key in enumerate(self.policy.iter_victims())}
@@ -51,7 +73,7 @@ class HostRoom:
         for pos, (start, length, key) in enumerate(segments):
             if window and window[-1][0] + window[-1][1] != start:
                 raise AssertionError("arena segments do not tile")
-            r = self._victim_rank(key, rank, dirty)
+            r = self._victim_rank(key, rank, dirty, allowed)
             if r is None:  # a pinned block ends every window through it
                 window.clear()
                 ranks.clear()
@@ -77,21 +99,27 @@ class HostRoom:
             logger.debug("host tier: %d entries await write-back before they can be evicted", len(dirty))
         return None if best is None else (best[1], best[2])
 
-    def _victim_rank(self, key: str | object | None, rank: dict[str, int], dirty: list[str]) -> int | None:
-        """-1 for free space, the policy rank of an evictable entry, None for a pinned block."""
+    def _victim_rank(self, key: str | object | None, rank: dict[str, int], dirty: list[str],
+                     allowed=_anything) -> int | None:
+        """-1 for free space, the policy rank of an evictable entry, None for a pinned block
+        (leased, reserved, quarantined, awaiting write-back, or another quota'd tenant's)."""
         if key is None:
             return -1
-        if key is _QUARANTINED:
+        if key is _QUARANTINED or not allowed(key) or not self._evictable(key, dirty):
             return None
+        return rank.get(key)
+
+    def _evictable(self, key: str, dirty: list[str]) -> bool:
+        """Sealed, unleased and held below (else queued in ``dirty`` for write-back)."""
         entry = self._key_to_entry.get(key)
         if entry is None or not entry.sealed or self.leases.is_leased((key, entry.offset)):
-            return None
+            return False
         if not entry.clean and not self._persisted(key):
             if not entry.writing_back and len(dirty) < 64:
                 entry.writing_back = True
                 dirty.append(key)
-            return None
-        return rank.get(key)
+            return False
+        return True
 
     def _write_back(self, keys: list[str]) -> None:
         for key in keys:
@@ -122,6 +150,6 @@ class HostRoom:
             self.on_evict(key, entry.nbytes)
 
     def _free(self, key: str) -> None:
-        entry = self._key_to_entry.pop(key)
+        entry = self._unindex(key)
         del self._offset_to_key[entry.offset]
         self.allocator.free(entry.offset)

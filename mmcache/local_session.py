@@ -156,7 +156,9 @@ class LocalSession:
         if op == "stats":
             if not self.principal.trusted:
                 usage = store.usage_by_tenant()
-                return {"stats": {"tenant": self.principal.tenant, "usage": usage.get(self.principal.tenant, {})}}
+                mine = {"tenant": self.principal.tenant, "usage": usage.get(self.principal.tenant, {})}
+                quota = store.config.tenant_quotas.get(self.principal.tenant)
+                return {"stats": mine | ({"quota_bytes": quota} if quota is not None else {})}
             return {"stats": store.stats()}
         raise ProtocolError(f"{op!r} is not a JSON op")
 

@@ -177,7 +177,10 @@ async def stats(request: web.Request) -> web.Response:
 
     def of(tenant: str | None) -> dict:
         name = tenant or DEFAULT_TENANT_NAME
-        return {"usage": usage.get(tenant, {}), "requests": counts.get(name, {})}
+        doc = {"usage": usage.get(tenant, {}), "requests": counts.get(name, {})}
+        if tenant in tenants.quotas:
+            doc["quota_bytes"] = tenants.quotas[tenant]
+        return doc
 
     if not principal.trusted:
         return web.json_response({"tenant": principal.tenant, **of(principal.tenant)})
@@ -225,7 +228,8 @@ def _store_ctx(config: ServeConfig):
             max_claims=config.max_claims, max_claims_per_owner=config.max_claims_per_owner,
             max_event_followers=config.max_event_followers,
             max_event_followers_per_tenant=config.max_event_followers_per_tenant,
-            claim_ttl_max_ms=max(1, int(config.claim_ttl_max_s * 1000))))
+            claim_ttl_max_ms=max(1, int(config.claim_ttl_max_s * 1000)),
+            tenant_quotas=app[TENANTS].quotas if TENANTS in app else {}))
         app[STORE] = store
         local = None
         try:

@@ -384,6 +384,7 @@ class Stack:
                                        "--data-dir", node.data_dir, "--host", LOOPBACK, "--port", "0",
                                        "--socket", node.socket, "--host-capacity", c.host_capacity,
                                        "--log-level", c.log_level, *remote_args,
+                                       *(["--tenants", os.path.abspath(c.tenants)] if c.tenants else []),
                                        *(["--host-policy", c.host_policy] if c.host_policy else []),
                                        *(["--device-capacity", c.cache_device_capacity]
                                          if c.cache_device_capacity else []),

@@ -34,6 +34,7 @@ from mmcache.device_front import DeviceFront
 from mmcache.disk import DiskTier, DiskTierConfig
 from mmcache.events import EventBus
 from mmcache.host import EntryExists, HostTier, Owner, Reservation
+from mmcache.quotas import TenantLedger
 from mmcache.remote import RemoteTier
 from mmcache.data_dir import forget_arena, lock_data_dir, record_arena, remove_stale_arena  # noqa: F401
 from mmcache.store_types import RETRY_AFTER_S, Lease, PutResult, StoreConfig  # noqa: F401 - the store's own names
@@ -44,6 +45,17 @@ from mmcache_client.format import EntryPlan, EntryView, parse_entry, plan_entry,
 from mmcache_client.keys import Key
 
 logger = logging.getLogger(__name__)
+
+def _warn_oversubscribed(config: StoreConfig) -> None:
+    """Quotas are guarantees too: past a tier's capacity, a full tier answers 503 to tenants
+    with nothing of their own to evict."""
+    total = sum(config.tenant_quotas.values())
+    for tier, capacity in (("host", config.host_capacity_bytes), ("disk", config.disk_capacity_bytes)):
+        if total > capacity:
+            logger.warning("tenant quotas add up to %s bytes, more than the %s tier's %s: a tenant's entries within "
+                           "its quota are evicted only for that tenant, so a full %s tier can refuse others' puts (503)",
+                           total, tier, capacity, tier)
+
 
 def _key_str(key: Key | str) -> str:
     return key if isinstance(key, str) else key.to_string()
@@ -71,15 +83,17 @@ class TieredStore(WriteDown):
                                max_followers_per_tenant=config.max_event_followers_per_tenant)
         try:
             remove_stale_arena(config.data_dir, config.arena_path)
+            _warn_oversubscribed(config)
             self.disk = DiskTier(DiskTierConfig(
                 path=os.path.join(config.data_dir, "lmdb"), capacity_bytes=config.disk_capacity_bytes,
                 policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms,
-                max_queued_bytes=config.disk_max_queued_bytes))
+                max_queued_bytes=config.disk_max_queued_bytes), TenantLedger(config.tenant_quotas))
             try:
                 self.host = HostTier(config.resolved_arena_path(), config.host_capacity_bytes,
                                      policy=config.host_policy, on_dirty=self._write_back,
                                      persisted=self._persisted,
-                                     on_evict=lambda key, n: self.events.publish("evicted", key, "host", n))
+                                     on_evict=lambda key, n: self.events.publish("evicted", key, "host", n),
+                                     ledger=TenantLedger(config.tenant_quotas))
             except BaseException:
                 self.disk.close()
                 raise

@@ -5,7 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from mmcache.data_dir import ARENA_PREFIX, arena_dir
 from mmcache.host import Owner
@@ -57,6 +58,8 @@ class StoreConfig:
     """Event followers of one tenant (or of the default one) at most; past it: 429."""
     claim_ttl_max_ms: int = 120_000
     """Longest claim TTL granted (longer asks are clamped): the longest anyone can make encoders wait."""
+    tenant_quotas: Mapping[str, int] = field(default_factory=dict)
+    """Tenant → bytes it may hold in host and, separately, on disk (``mmcache.quotas``)."""
 
     def __post_init__(self) -> None:
         for name in ("host_capacity_bytes", "disk_capacity_bytes", "disk_max_queued_bytes"):

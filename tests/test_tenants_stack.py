@@ -31,7 +31,7 @@ def stack(tmp_path_factory):
         mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         model_dir = ensure_model("tiny-llava", tmp_path_factory.mktemp("models"))
     tenants = tmp_path_factory.mktemp("conf") / "tenants.toml"
-    tenants.write_text(f'"{ALICE}" = "alice"\n"{BOB}" = "bob"\n')
+    tenants.write_text(f'"{ALICE}" = "alice"\n"{BOB}" = {{tenant = "bob", quota = "64MiB"}}\n')
     tenants.chmod(0o600)
     data_dir = tempfile.mkdtemp(prefix="mmc-tn-", dir="/tmp")
     up = StackProcess("--model", model_dir, "--data-dir", data_dir, "--port", "0", "--host-capacity", "256MiB",
@@ -92,3 +92,15 @@ def test_unknown_api_keys_are_refused_and_stack_stats_are_the_operators(stack):
         stack.stats(ALICE)
     assert e.value.code == 403
     assert stack.stats(ADMIN)["mode"] == "epd"
+
+
+def test_the_stacks_sidecar_holds_each_tenant_to_the_quota_in_the_routers_file(stack):
+    """``mmcache up --tenants FILE`` gives the file to the sidecar too: bob's quota binds the
+    entries the encoders write in bob's scope, and bob's key reads the sidecar as bob."""
+    chat(stack, BOB, image(903)[0])
+    with CacheClient(f"unix://{stack.socket}", token=BOB) as bob:
+        mine = bob.stats()
+    assert mine["tenant"] == "bob" and mine["quota_bytes"] == 64 << 20
+    assert 0 < mine["usage"]["host"]["bytes"] <= 64 << 20
+    with CacheClient(f"unix://{stack.socket}", token=ALICE) as alice:
+        assert "quota_bytes" not in alice.stats()

@@ -1,7 +1,10 @@
 """Tenants of a shared sidecar: who a bearer token is, and which keys it may name.
 
-``mmcache serve --tenants FILE`` maps tokens to tenant names (TOML or JSON, ``token = "tenant"``
-pairs, at the top level or under a ``[tokens]`` table). Every request is then scoped to its
+``mmcache serve --tenants FILE`` maps tokens to tenants (TOML or JSON, at the top level or under
+a ``[tokens]`` table): ``TOKEN = "alice"``, or ``TOKEN = {tenant = "alice", quota = "4GiB"}`` to
+cap (and guarantee) the bytes alice holds in host and on disk (``mmcache.quotas``; a quota is an
+integer or a size such as ``"512MiB"``). Several tokens may name one tenant; its quota is then
+said once, or the same each time. Every request is then scoped to its
 token's tenant: the sidecar stores tenant B's ``ns/hash`` as ``B@ns/hash`` (``Key.tenant``), so
 A's and B's entries are different entries and B can neither read, probe, delete nor overwrite
 A's. The sidecar's own token (``--token`` / ``MMCACHE_TOKEN``) and a local connection without a
@@ -25,6 +28,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Mapping
 
+from mmcache.serving.sizes import parse_size
 from mmcache_client.keys import Key, validate_namespace, validate_tenant
 
 logger = logging.getLogger(__name__)
@@ -81,6 +85,32 @@ class Principal:
 DEFAULT = Principal()
 
 
+def _tenant_and_quota(value: object) -> tuple[str, int | None]:
+    """A token's value: a tenant's name, or ``{tenant = NAME, quota = BYTES}``."""
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"a token must map to a tenant's name or to {{tenant = NAME, quota = BYTES}}, "
+                         f"got {type(value).__name__}")
+    unknown = set(value) - {"tenant", "quota"}
+    if unknown or not isinstance(value.get("tenant"), str):
+        raise ValueError("a token's table takes 'tenant' (a name) and 'quota' (bytes or a size such as \"4GiB\")"
+                         + (f"; unknown field(s) {sorted(map(str, unknown))[:5]}" if unknown else ""))
+    quota = value.get("quota")
+    if quota is None:
+        return value["tenant"], None
+    if isinstance(quota, bool) or not isinstance(quota, (int, str)):
+        raise ValueError(f"the quota of tenant {value['tenant']!r} must be bytes or a size such as \"4GiB\", "
+                         f"got {quota!r}")
+    try:
+        nbytes = parse_size(quota)
+    except ValueError as e:
+        raise ValueError(f"the quota of tenant {value['tenant']!r}: {e}") from None
+    if nbytes <= 0:
+        raise ValueError(f"the quota of tenant {value['tenant']!r} must be > 0 bytes, got {quota!r}")
+    return value["tenant"], nbytes
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -88,20 +118,27 @@ def _digest(token: str) -> bytes:
 class Tenants:
     """Token → tenant, from a file; ``authenticate`` answers who a token is."""
 
-    def __init__(self, tokens: Mapping[str, str], admin_token: str | None = None):
-        for token, tenant in tokens.items():
+    def __init__(self, tokens: Mapping[str, str | Mapping], admin_token: str | None = None):
+        names: dict[str, str] = {}
+        self.quotas: dict[str, int] = {}
+        """Tenant → the bytes it may hold in host and, separately, on disk (``mmcache.quotas``)."""
+        for token, value in tokens.items():
             if not isinstance(token, str) or not token or token != token.strip():
                 raise ValueError("tenant tokens must be non-empty strings without surrounding spaces")
-            if not isinstance(tenant, str):
-                raise ValueError(f"the tenant of a token must be a string, got {type(tenant).__name__}")
+            tenant, quota = _tenant_and_quota(value)
             validate_tenant(tenant)
+            if quota is not None:
+                if self.quotas.get(tenant, quota) != quota:
+                    raise ValueError(f"tenant {tenant!r} is given two quotas ({self.quotas[tenant]} and {quota} bytes)")
+                self.quotas[tenant] = quota
+            names[token] = tenant
             if len(token) < 16:
                 logger.warning("tenant %r has a token of %s characters; use 32 or more random ones", tenant, len(token))
         if admin_token is not None and admin_token in tokens:
             raise ValueError("the sidecar's own token is also a tenant's token; give each tenant its own")
-        self._entries = [(_digest(t), name) for t, name in tokens.items()]
+        self._entries = [(_digest(t), name) for t, name in names.items()]
         self._admin = _digest(admin_token) if admin_token else None
-        self.names = sorted(set(tokens.values()))
+        self.names = sorted(set(names.values()))
 
     @classmethod
     def load(cls, path: str, admin_token: str | None = None) -> "Tenants":
@@ -122,7 +159,8 @@ class Tenants:
         if isinstance(doc, dict) and isinstance(doc.get("tokens"), dict) and len(doc) == 1:
             doc = doc["tokens"]
         if not isinstance(doc, dict) or not doc:
-            raise ValueError(f"the tenants file {path} must map tokens to tenant names, e.g. \"TOKEN\" = \"alice\"")
+            raise ValueError(f"the tenants file {path} must map tokens to tenant names, e.g. \"TOKEN\" = \"alice\" "
+                             "or \"TOKEN\" = {tenant = \"alice\", quota = \"4GiB\"}")
         return cls(doc, admin_token)
 
     def authenticate(self, token: str | None) -> Principal | None:
