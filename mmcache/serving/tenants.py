@@ -152,8 +152,16 @@ class Tenants:
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ValueError(f"the tenants file {path} holds tokens but is mode {stat.S_IMODE(st.st_mode):o}; "
                              "chmod 600 it")
+        return cls.parse(raw, path, admin_token)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: str, admin_token: str | None = None) -> "Tenants":
+        """The tenants file's bytes (JSON when ``path`` ends in ``.json``, else TOML); any fault
+        is a ``ValueError`` naming ``path``."""
         try:
             doc = json.loads(raw) if path.endswith(".json") else tomllib.loads(raw.decode())
+        except RecursionError:
+            raise ValueError(f"the tenants file {path} nests too deeply") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"the tenants file {path} is not valid {'JSON' if path.endswith('.json') else 'TOML'}: {e}") from None
         if isinstance(doc, dict) and isinstance(doc.get("tokens"), dict) and len(doc) == 1:
