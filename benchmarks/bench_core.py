@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
-from mmcache.config import ServeConfig, parse_size
-from mmcache.store import StoreConfig, TieredStore
+from mmcache.sidecar.config import ServeConfig, parse_size
+from mmcache.core.store import StoreConfig, TieredStore
 
 NS = "bench"
 HIDDEN = 4096
@@ -66,7 +66,7 @@ def start_sidecar(tmp: str, host_bytes: int):
 
     from aiohttp import web
 
-    from mmcache.server import STORE, create_app
+    from mmcache.sidecar.server import STORE, create_app
 
     sock = os.path.join(tmp, "bench.sock")
     cfg = ServeConfig(data_dir=os.path.join(tmp, "sidecar"), port=0, socket=sock, host_capacity_bytes=host_bytes,

@@ -59,9 +59,9 @@ from encoder_worker.encoder import Encoder
 from encoder_worker.models import ensure_model
 from encoder_worker.config import EncoderServeConfig
 from encoder_worker.app import create_app as create_encoder_app
-from mmcache.config import ServeConfig
-from mmcache.server import create_app as create_sidecar_app
-from mmcache.serving.progress import Progress
+from mmcache.sidecar.config import ServeConfig
+from mmcache.sidecar.server import create_app as create_sidecar_app
+from mmcache.common.progress import Progress
 
 
 @dataclass(frozen=True)

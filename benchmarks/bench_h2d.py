@@ -106,7 +106,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from mmcache.config import parse_size
+    from mmcache.sidecar.config import parse_size
     from mmcache_client import CacheClient
 
     print(f"machine: {describe(torch=True)}")

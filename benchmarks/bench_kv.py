@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 from mmcache_client import AsyncCacheClient
 
-from llm_worker.kv import KVCache, PrefillResult, kv_entry_fields, kv_key, read_prefill
+from llm_worker.engine.kv import KVCache, PrefillResult, kv_entry_fields, kv_key, read_prefill
 
 SHAPES = (  # name, layers, kv heads, head dim, dtype
     ("llava-clip-l336-small fp32", 12, 4, 64, torch.float32),

@@ -29,8 +29,8 @@ import fast_path
 from hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
-from mmcache.config import parse_size
-from mmcache.redis_local import RedisClusterProcs, RedisServer
+from mmcache.sidecar.config import parse_size
+from mmcache.stack.redis_local import RedisClusterProcs, RedisServer
 
 NS = "bench-remote"
 

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 from workload import Workload, WorkloadSpec, generate
 
-from mmcache.serving.progress import Progress
+from mmcache.common.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from stack_process import StackProcess  # noqa: E402 - the stack as a child process (the tests' helper)

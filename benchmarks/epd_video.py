@@ -32,7 +32,7 @@ from clips import data_uri, feed, make_clip
 from hostinfo import describe
 from stack_process import StackProcess
 
-from mmcache.serving.progress import Progress
+from mmcache.common.progress import Progress
 
 
 @dataclass(frozen=True)

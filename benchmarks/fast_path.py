@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 from mmcache_client import CacheClient, content_hash
 
-from mmcache.config import parse_size
-from mmcache.serving.progress import Progress, human_bytes
+from mmcache.sidecar.config import parse_size
+from mmcache.common.progress import Progress, human_bytes
 
 NS = "bench"
 HIDDEN = 4096

@@ -1,6 +1,6 @@
-"""One line on the machine a benchmark ran on: ``mmcache.serving.hostinfo`` (the planner's
+"""One line on the machine a benchmark ran on: ``mmcache.common.hostinfo`` (the planner's
 profiler writes the same line into its profiles)."""
 
 from __future__ import annotations
 
-from mmcache.serving.hostinfo import describe  # noqa: F401 - the benchmarks import it from here
+from mmcache.common.hostinfo import describe  # noqa: F401 - the benchmarks import it from here

@@ -33,11 +33,11 @@ from epd import drive, run_progress, warm_up  # noqa: E402
 from hostinfo import describe  # noqa: E402
 from stack_process import StackProcess  # noqa: E402
 
-from llm_worker.elastic_policy import ElasticPolicy  # noqa: E402
-from llm_worker.planner import splits  # noqa: E402
-from llm_worker.simulator import Allocation, SimConfig, requests_of, simulate  # noqa: E402
-from llm_worker.stage_costs import StageCosts  # noqa: E402
-from llm_worker.workload import concatenate, load_phases  # noqa: E402
+from llm_worker.elastic.policy import ElasticPolicy  # noqa: E402
+from llm_worker.planner.planner import splits  # noqa: E402
+from llm_worker.planner.simulator import Allocation, SimConfig, requests_of, simulate  # noqa: E402
+from llm_worker.planner.stage_costs import StageCosts  # noqa: E402
+from llm_worker.planner.workload import concatenate, load_phases  # noqa: E402
 
 GPU_PROFILE = ROOT / "benchmarks/profiles/llava-1.5-7b-a100-estimated.json"
 GPU_WORKLOAD = ("image-heavy,rate=14,requests=400,seed=1"

@@ -1,6 +1,6 @@
 """The planner's predictions against measured runs of the stack, side by side: for each
 allocation, ``mmcache up`` with its flags is driven through the OpenAI API with a workload, and
-the simulator (``llm_worker.simulator``) predicts the same workload from a profile measured on
+the simulator (``llm_worker.planner.simulator``) predicts the same workload from a profile measured on
 this machine (``mmcache plan --profile``).
 
     python benchmarks/plan_validate.py --profile benchmarks/profiles/tiny-llava-cpu.json
@@ -35,9 +35,9 @@ from hostinfo import describe  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from stack_process import StackProcess  # noqa: E402
 
-from llm_worker.simulator import Allocation, SimConfig, requests_of, simulate  # noqa: E402
-from llm_worker.stage_costs import StageCosts  # noqa: E402
-from llm_worker.workload import generate, parse_spec  # noqa: E402
+from llm_worker.planner.simulator import Allocation, SimConfig, requests_of, simulate  # noqa: E402
+from llm_worker.planner.stage_costs import StageCosts  # noqa: E402
+from llm_worker.planner.workload import generate, parse_spec  # noqa: E402
 
 DEFAULT_WORKLOAD = "default,rate=2,requests=24,images_max=4,images_mean=1.5,output_min=4,output_mean=16,output_max=32"
 DEFAULT_ALLOCATIONS = "1,1,1;2,1,1;1,2,1;1,1,2;agg1"

@@ -56,8 +56,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hostinfo import describe
 
-from mmcache.policies import EvictionPolicy, make_policy
-from mmcache.serving.progress import Progress
+from mmcache.core.policies import EvictionPolicy, make_policy
+from mmcache.common.progress import Progress
 
 HIDDEN = 4096
 FP16_BYTES = 2

@@ -25,10 +25,10 @@ import tempfile
 import threading
 import time
 
-from mmcache.allocator import ArenaAllocator
-from mmcache.host import HostTier
-from mmcache.policies import make_policy
-from mmcache.tier import PutStatus
+from mmcache.core.allocator import ArenaAllocator
+from mmcache.tiers.host import HostTier
+from mmcache.core.policies import make_policy
+from mmcache.core.tier import PutStatus
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [64 * KiB, 256 * KiB, 1 * MiB, 2304 * KiB, 4608 * KiB, 8 * MiB]  # thumbnails .. 576x4096 bf16 .. Qwen2-VL large

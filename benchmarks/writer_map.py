@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hostinfo import describe  # noqa: E402
 
-from mmcache.config import parse_size  # noqa: E402
+from mmcache.sidecar.config import parse_size  # noqa: E402
 
 ARENA = 256 << 20
 PAGE = mmap.PAGESIZE

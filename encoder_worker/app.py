@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from mmcache.serving.app import metrics_response
+from mmcache.common.app import metrics_response
 
 from encoder_worker.batcher import QueueFull
 from encoder_worker.media import MediaError

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from mmcache.serving.cli import HelpFormatter
+from mmcache.common.cli import HelpFormatter
 
 from encoder_worker.batcher import SCHEDULES
 from encoder_worker.media import MediaLimits
@@ -16,9 +16,9 @@ from encoder_worker.video import VideoLimits
 def _serve(args: argparse.Namespace) -> int:
     from encoder_worker.app import create_app
     from encoder_worker.config import EncoderServeConfig
-    from mmcache.serving.sizes import parse_size
-    from mmcache.serving.security import resolve_secret
-    from mmcache.serving import run_app
+    from mmcache.common.sizes import parse_size
+    from mmcache.common.security import resolve_secret
+    from mmcache.common import run_app
 
     config = EncoderServeConfig(
         cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host, port=args.port,

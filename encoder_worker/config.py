@@ -44,7 +44,7 @@ class EncoderServeConfig:
     """Most misses waiting for the model; a request whose new misses would pass it is refused
     with 503 + ``Retry-After`` (see ``encoder_worker.batcher``)."""
     claims: bool = True
-    """Claim each miss through the sidecar before encoding it (``mmcache.claims``), so that
+    """Claim each miss through the sidecar before encoding it (``mmcache.core.claims``), so that
     every encoder sharing the cache (this node's and, with a remote tier, every node's) encodes
     a new image once; off: single-flight within this worker only."""
     claim_ttl_s: float = 30.0

@@ -32,7 +32,7 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 from yarl import URL
 
-from mmcache.serving import http_fetch, ssrf
+from mmcache.common import http_fetch, ssrf
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ processor config, so ``from_pretrained(dir)`` of the model, tokenizer and proces
 
 Same seed → bit-identical files. ``ensure_model`` builds a built-in model once into the data dir
 (built in a temp dir, then renamed: a crash never leaves a half-written model behind), showing its
-steps on standard error (``mmcache.serving.progress``: a bar on a terminal, plain lines in a
+steps on standard error (``mmcache.common.progress``: a bar on a terminal, plain lines in a
 worker's log), as it shows a wait on another process's build.
 """
 
@@ -38,7 +38,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import logging as hf_logging
 
-from mmcache.serving.progress import Progress, human_bytes
+from mmcache.common.progress import Progress, human_bytes
 
 Steps = Callable[[int, int, str], None]
 """``progress(done, total, what)`` after each step of a build; ``what`` says what was done."""

@@ -124,7 +124,7 @@ class EncodeService:
                              extras=encoded.extras or None, encode_ms=encoded.encode_ms)
         self._held.pop(f"{scope}/{hash_hex}", None)  # NOTE: the put ended the claim in the sidecar
 
-    # ------------------------------------------------------------ claims (mmcache.claims)
+    # ------------------------------------------------------------ claims (mmcache.core.claims)
     async def _follow_events(self) -> None:
         """Wake the requests waiting on another owner's claim when its entry is stored."""
         backoff = 0.1

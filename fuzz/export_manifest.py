@@ -16,7 +16,7 @@ from harness import instrumented, main
 
 with instrumented():
     from exports import make_export, read_export, write
-    from mmcache.export_format import MANIFEST
+    from mmcache.ops.export_format import MANIFEST
 
 _dir = tempfile.mkdtemp(prefix="mmc-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 atexit.register(shutil.rmtree, _dir, True)

@@ -19,7 +19,7 @@ from harness import instrumented, main
 
 with instrumented():
     from exports import check_built, make_export, write
-    from mmcache.export_reader import ShardRefused, open_manifest, open_shard
+    from mmcache.ops.export_reader import ShardRefused, open_manifest, open_shard
 
 _dir = tempfile.mkdtemp(prefix="mmc-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 atexit.register(shutil.rmtree, _dir, True)

@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from mmcache.export_format import ManifestWriter, ShardSet, entry_row
-from mmcache.export_reader import ShardRefused, open_manifest, open_shard
+from mmcache.ops.export_format import ManifestWriter, ShardSet, entry_row
+from mmcache.ops.export_reader import ShardRefused, open_manifest, open_shard
 from mmcache_client.format import plan_entry, read_entry
 from mmcache_client.keys import content_hash
 

@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from exports import make_export  # noqa: E402
-from mmcache.export_format import MANIFEST  # noqa: E402
+from mmcache.ops.export_format import MANIFEST  # noqa: E402
 from mmcache_client import wire  # noqa: E402
 from mmcache_client.format import plan_entry  # noqa: E402
 from mmcache_client.keys import content_hash  # noqa: E402

@@ -8,7 +8,7 @@ from __future__ import annotations
 from harness import instrumented, main
 
 with instrumented():
-    from mmcache.serving.tenants import Tenants
+    from mmcache.common.tenants import Tenants
 
 
 def test_one_input(data: bytes) -> None:

@@ -1,5 +1,5 @@
 """Fuzz target: the Unix socket's frame and op decoders, as the sidecar runs them on what a local
-client sends (``mmcache.local_server``: a 9-byte head, then ``LocalSession.handle`` on the body),
+client sends (``mmcache.sidecar.local_server``: a 9-byte head, then ``LocalSession.handle`` on the body),
 against a real store; and the client's decoder of lease answers (``wire.unpack_leases``), which a
 client runs on what a sidecar sends.
 
@@ -20,10 +20,10 @@ import tempfile
 from harness import instrumented, main
 
 with instrumented():
-    from mmcache.local_server import _EXPECTED, MAX_MESSAGE_BYTES
-    from mmcache.local_session import LocalSession
-    from mmcache.serving.tenants import Tenants
-    from mmcache.store import StoreConfig, TieredStore
+    from mmcache.sidecar.local_server import _EXPECTED, MAX_MESSAGE_BYTES
+    from mmcache.sidecar.local_session import LocalSession
+    from mmcache.common.tenants import Tenants
+    from mmcache.core.store import StoreConfig, TieredStore
     from mmcache_client import wire
 
 logging.disable(logging.WARNING)  # NOTE: refused ops log; a million of them say nothing new

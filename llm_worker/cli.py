@@ -13,22 +13,22 @@ import logging
 import os
 import sys
 
-from mmcache.serving.cli import HelpFormatter, add_elastic_tuning
+from mmcache.common.cli import HelpFormatter, add_elastic_tuning
 
 from encoder_worker.media import MediaLimits
 from encoder_worker.video import VideoSampling
-from llm_worker.elastic_policy import STAGES, ElasticPolicy
+from llm_worker.elastic.policy import STAGES, ElasticPolicy
 
 ROLES = ("prefill", "decode", "both", "elastic")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llm_worker.app import create_app
-    from llm_worker.config import LLMServeConfig
-    from llm_worker.elastic_app import create_app as create_elastic_app
-    from mmcache.serving.sizes import parse_size
-    from mmcache.serving.security import resolve_secret
-    from mmcache.serving import run_app
+    from llm_worker.serve.app import create_app
+    from llm_worker.serve.config import LLMServeConfig
+    from llm_worker.elastic.app import create_app as create_elastic_app
+    from mmcache.common.sizes import parse_size
+    from mmcache.common.security import resolve_secret
+    from mmcache.common import run_app
 
     config = LLMServeConfig(
         role=args.role, cache_url=args.cache, model=args.model, data_dir=args.data_dir, host=args.host,
@@ -49,11 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _router(args: argparse.Namespace) -> int:
-    from llm_worker.nodes import NodeSpec
-    from llm_worker.router import RouterConfig
-    from llm_worker.router_app import create_app
-    from mmcache.serving.security import resolve_secret
-    from mmcache.serving import run_app
+    from llm_worker.router.nodes import NodeSpec
+    from llm_worker.router.router import RouterConfig
+    from llm_worker.router.app import create_app
+    from mmcache.common.security import resolve_secret
+    from mmcache.common import run_app
 
     config = RouterConfig(
         model=args.model, data_dir=args.data_dir, served_model_name=args.served_model_name,

@@ -18,16 +18,16 @@ import logging
 import os
 import sys
 
-from mmcache.config import ServeConfig
-from mmcache.serving.cli import ROUTER_ELASTIC_DEFAULTS, HelpFormatter, add_elastic_tuning
-from mmcache.policies import POLICIES
-from mmcache.serving.security import make_private_dir, resolve_secret
+from mmcache.sidecar.config import ServeConfig
+from mmcache.common.cli import ROUTER_ELASTIC_DEFAULTS, HelpFormatter, add_elastic_tuning
+from mmcache.core.policies import POLICIES
+from mmcache.common.security import make_private_dir, resolve_secret
 from mmcache_client.errors import MMCacheError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mmcache.server import create_app
-    from mmcache.serving import run_app
+    from mmcache.sidecar.server import create_app
+    from mmcache.common import run_app
 
     token = resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token")
     flags = {
@@ -124,8 +124,8 @@ def _role_niceness(text: str) -> tuple[str, int]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from mmcache.serving.security import is_loopback
-    from mmcache.stack import StackConfig, run
+    from mmcache.common.security import is_loopback
+    from mmcache.stack.up import StackConfig, run
 
     cache_token = resolve_secret(None, args.token_file, "MMCACHE_TOKEN", "cache token")
     api_key = resolve_secret(None, args.api_key_file, "MMCACHE_API_KEY", "API key")
@@ -151,12 +151,12 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    """``mmcache plan``: the planner is the LLM workers' (``llm_worker.planner``); run by module
+    """``mmcache plan``: the planner is the LLM workers' (``llm_worker.planner.planner``); run by module
     name, as ``mmcache up`` runs the workers (mmcache imports no worker)."""
     import subprocess
 
     try:
-        return subprocess.call([sys.executable, "-m", "llm_worker.planner", *argv])
+        return subprocess.call([sys.executable, "-m", "llm_worker.planner.planner", *argv])
     except KeyboardInterrupt:
         return 130
 
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)
 
-    from mmcache import portable, warm  # NOTE: light at import (no torch, no pyarrow until a command runs)
+    from mmcache.ops import portable, warm  # NOTE: light at import (no torch, no pyarrow until a command runs)
 
     warm.configure(sub.add_parser(
         "warm", formatter_class=HelpFormatter,

@@ -1,11 +1,11 @@
-"""Real ``redis-server`` processes for tests (``mmcache.redis_local``), and the mark that skips
+"""Real ``redis-server`` processes for tests (``mmcache.stack.redis_local``), and the mark that skips
 a test where Redis is not installed (``.ci/run`` installs Debian's ``redis-server``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mmcache.redis_local import REDIS_CLI, REDIS_SERVER, RedisClusterProcs, RedisServer
+from mmcache.stack.redis_local import REDIS_CLI, REDIS_SERVER, RedisClusterProcs, RedisServer
 
 __all__ = ["RedisClusterProcs", "RedisServer", "needs_redis"]
 

@@ -15,8 +15,8 @@ import time
 
 from aiohttp import web
 
-from mmcache.config import ServeConfig
-from mmcache.server import STORE, create_app
+from mmcache.sidecar.config import ServeConfig
+from mmcache.sidecar.server import STORE, create_app
 
 
 class ThreadedSidecar:

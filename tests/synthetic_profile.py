@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llm_worker.stage_costs import StageCosts
+from llm_worker.planner.stage_costs import StageCosts
 
 BIG = 1_000_000
 

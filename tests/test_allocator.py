@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mmcache.allocator import ArenaAllocator
+from mmcache.core.allocator import ArenaAllocator
 
 KiB, MiB = 1 << 10, 1 << 20
 

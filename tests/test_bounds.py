@@ -26,13 +26,13 @@ from encoder_worker.models import ensure_model
 from encoder_worker.app import SERVICE as ENCODER_SERVICE
 from encoder_worker.config import EncoderServeConfig
 from encoder_worker.app import create_app as create_encoder_app
-from llm_worker.prompt import template_ids
-from llm_worker.router import RouterConfig
-from llm_worker.router_app import ROUTER, create_app as create_router_app
-from llm_worker.app import SERVICE, create_app
-from llm_worker.config import LLMServeConfig
-from llm_worker.slab import BatchKV
-from mmcache.config import ServeConfig
+from llm_worker.engine.prompt import template_ids
+from llm_worker.router.router import RouterConfig
+from llm_worker.router.app import ROUTER, create_app as create_router_app
+from llm_worker.serve.app import SERVICE, create_app
+from llm_worker.serve.config import LLMServeConfig
+from llm_worker.engine.slab import BatchKV
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient, CacheFull
 from sidecar import ThreadedSidecar
 

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
-from mmcache.claims import Claims
+from mmcache.core.claims import Claims
 from mmcache_client import CacheClient, TooManyRequests, content_hash
 from sidecar import SidecarProcess, unix_sidecar
 from test_encoder_service import CountingEncoder, encode, png_uri, raw_of

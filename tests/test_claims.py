@@ -1,5 +1,5 @@
-"""Claims and inventory events on one sidecar (no remote): the contract of ``mmcache.claims``
-and ``mmcache.events`` over both transports, and two encoders on one sidecar encoding a new
+"""Claims and inventory events on one sidecar (no remote): the contract of ``mmcache.core.claims``
+and ``mmcache.core.events`` over both transports, and two encoders on one sidecar encoding a new
 image once. The cross-node cases (a Redis cluster, a killed owner) are in test_single_flight.py."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
-from mmcache.config import ServeConfig
-from mmcache.events import EventBus
+from mmcache.sidecar.config import ServeConfig
+from mmcache.core.events import EventBus
 from mmcache_client import AsyncCacheClient, BadRequest, CacheClient, CacheUnavailable, content_hash
 from sidecar import ThreadedSidecar, settled
 from test_encoder_service import CountingEncoder, encode, png_uri

@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from mmcache.cli import main
-from mmcache.config import ServeConfig, parse_size
+from mmcache.sidecar.config import ServeConfig, parse_size
 from mmcache_client import CacheClient, content_hash
 from mmcache_client.format import read_entry
 from sidecar import SidecarProcess
@@ -270,7 +270,7 @@ def test_environment_names_follow_the_flags_and_a_typo_is_reported():
 
 
 def test_known_user_errors_are_one_line_not_a_traceback(tmp_path):
-    from mmcache.store import StoreConfig, TieredStore
+    from mmcache.core.store import StoreConfig, TieredStore
 
     holder = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=1 << 20,
                                      arena_path=str(tmp_path / "arena")))

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import (AsyncCacheClient, AsyncEntry, BadRequest, CacheClient, CacheUnavailable, CorruptEntry,
                             Entry, EntryTooLarge, content_hash)
 from sidecar import ThreadedSidecar, refused_port

@@ -18,10 +18,10 @@ import time
 import numpy as np
 import pytest
 
-from mmcache.config import ServeConfig
-from mmcache.host import HostTier
-from mmcache.store import StoreConfig, TieredStore
-from mmcache.tier import PutStatus
+from mmcache.sidecar.config import ServeConfig
+from mmcache.tiers.host import HostTier
+from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.core.tier import PutStatus
 from mmcache_client import CacheClient, CacheFull, EntryTooLarge, LeaseLost, content_hash
 from mmcache_client.arena import ArenaTooLarge
 from entries import encode_entry

@@ -10,8 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from mmcache.data_dir import DataDirInUse
-from mmcache.store import StoreConfig, TieredStore
+from mmcache.core.data_dir import DataDirInUse
+from mmcache.core.store import StoreConfig, TieredStore
 from mmcache_client import CacheClient, CacheUnavailable, content_hash
 from mmcache_client.format import read_entry
 from sidecar import SidecarProcess

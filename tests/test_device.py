@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-import mmcache.device as device_mod
+import mmcache.tiers.device as device_mod
 import mmcache_client.cuda as client_cuda
-from mmcache.device import (
+from mmcache.tiers.device import (
     DeviceTier,
     DeviceTierConfig,
     cuda_available,
@@ -23,7 +23,7 @@ from mmcache.device import (
     pin_host_buffer,
     unpin_host_buffer,
 )
-from mmcache.policies import POLICIES
+from mmcache.core.policies import POLICIES
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 
@@ -41,7 +41,7 @@ def gpu_off(monkeypatch):
 def test_import_and_cuda_available_create_no_cuda_context():
     # NOTE: a fresh interpreter, since other tests in this process may have initialized CUDA.
     code = (
-        "import torch, mmcache.device as d\n"
+        "import torch, mmcache.tiers.device as d\n"
         "assert not torch.cuda.is_initialized(), 'import initialized CUDA'\n"
         "d.cuda_available(); d.DeviceTierConfig(capacity_bytes=1)\n"
         "assert not torch.cuda.is_initialized(), 'cuda_available initialized CUDA'\n"

@@ -1,4 +1,4 @@
-"""The device tier wired into the store (``mmcache.device_front``), the CUDA IPC handle as data
+"""The device tier wired into the store (``mmcache.tiers.device_front``), the CUDA IPC handle as data
 (``mmcache_client.cuda``) and device reads in the SDK: on the CPU with ``DeviceTier.fake``, and
 the real CUDA paths under ``gpu``."""
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-from mmcache.config import ServeConfig
-from mmcache.device import DeviceTier, DeviceTierConfig
-from mmcache.store import StoreConfig, TieredStore
+from mmcache.sidecar.config import ServeConfig
+from mmcache.tiers.device import DeviceTier, DeviceTierConfig
+from mmcache.core.store import StoreConfig, TieredStore
 from mmcache_client import BadRequest, CacheClient, Key, content_hash
 from mmcache_client.arena import SharedArena
 from mmcache_client.cuda import handle_doc, ipc_args
@@ -162,7 +162,7 @@ def test_a_lease_device_that_cannot_export_answers_an_error_and_holds_nothing(si
     """The export failing part-way (here: CPU tensors have no CUDA IPC handle) is an error
     answer naming it; every device lease the message took is given back, and the connection
     serves on."""
-    from mmcache.device_front import DeviceFront
+    from mmcache.tiers.device_front import DeviceFront
 
     store = sidecar.store
     store.device = DeviceFront(store, DeviceTier.fake(DeviceTierConfig(capacity_bytes=1 << 20)))
@@ -264,7 +264,7 @@ def test_eviction_of_what_a_tier_below_holds_copies_nothing(store):
 
 _NO_CONTEXT = """
 import sys, torch
-from mmcache.store import StoreConfig, TieredStore
+from mmcache.core.store import StoreConfig, TieredStore
 from mmcache_client import CacheClient
 s = TieredStore(StoreConfig(data_dir=sys.argv[1], host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20))
 assert s.device is None and "device" not in s.stats()
@@ -453,8 +453,8 @@ def test_a_reader_mapping_pins_read_only(tmp_path):
 def test_up_gives_the_sidecar_its_device_tier_only_when_asked(monkeypatch, tmp_path):
     """``mmcache up --cache-device-capacity`` reaches the sidecar as ``--device-capacity`` (and
     nothing of it reaches a sidecar without the flag); planned only, no process started."""
-    from mmcache.stack import LOOPBACK, Stack, StackConfig
-    from mmcache.supervisor import Child
+    from mmcache.stack.up import LOOPBACK, Stack, StackConfig
+    from mmcache.stack.supervisor import Child
 
     monkeypatch.setattr(Child, "spawn", lambda child, events: setattr(child, "url", f"http://{LOOPBACK}:1"))
     monkeypatch.setattr(Stack, "_wait_ready", lambda self, children, deadline: None)

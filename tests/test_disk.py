@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.tier import PutStatus
-from mmcache.disk import DiskTier, DiskTierConfig
-from mmcache.policies import POLICIES
+from mmcache.core.tier import PutStatus
+from mmcache.tiers.disk import DiskTier, DiskTierConfig
+from mmcache.core.policies import POLICIES
 from entries import encode_entry
 from mmcache_client.format import read_entry
 
@@ -377,8 +377,8 @@ def test_readers_while_the_writer_commits_and_evicts(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, torch
-    from mmcache.disk import DiskTier, DiskTierConfig
-    from mmcache.tier import PutStatus
+    from mmcache.tiers.disk import DiskTier, DiskTierConfig
+    from mmcache.core.tier import PutStatus
     from mmcache_client.format import plan_entry
     tier = DiskTier(DiskTierConfig(path=sys.argv[1], capacity_bytes=1 << 30, batch_max_entries=16))
     i = 0

@@ -29,16 +29,16 @@ import pytest_asyncio
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from llm_worker.config import LLMServeConfig
-from llm_worker.elastic import ElasticRole, NotServing, SwitchInProgress
-from llm_worker.elastic_controller import SwitchRefused
-from llm_worker.elastic_app import ELASTIC, LLM, METER, create_app as create_elastic_app
-from llm_worker.elastic_policy import Policy, StageLoad, WorkerLoad
-from llm_worker.load import LoadMeter
-from llm_worker.router import RouterConfig
-from llm_worker.router_app import ROUTER, create_app as create_router_app, load_tokenizer
-from mmcache.config import ServeConfig
-from mmcache.stack import Stack, StackConfig, _Node
+from llm_worker.serve.config import LLMServeConfig
+from llm_worker.elastic.role import ElasticRole, NotServing, SwitchInProgress
+from llm_worker.elastic.controller import SwitchRefused
+from llm_worker.elastic.app import ELASTIC, LLM, METER, create_app as create_elastic_app
+from llm_worker.elastic.policy import Policy, StageLoad, WorkerLoad
+from llm_worker.elastic.load import LoadMeter
+from llm_worker.router.router import RouterConfig
+from llm_worker.router.app import ROUTER, create_app as create_router_app, load_tokenizer
+from mmcache.sidecar.config import ServeConfig
+from mmcache.stack.up import Stack, StackConfig, _Node
 from sidecar import ThreadedSidecar
 from stack_process import up_for_tests
 
@@ -247,9 +247,9 @@ def test_elastic_flags_are_one_set_whose_defaults_are_the_routers(capsys):
     import argparse
 
     from llm_worker.cli import main as router_main
-    from llm_worker.elastic_policy import ElasticPolicy
+    from llm_worker.elastic.policy import ElasticPolicy
     from mmcache.cli import main as mmcache_main
-    from mmcache.serving.cli import ROUTER_ELASTIC_DEFAULTS, add_elastic_tuning
+    from mmcache.common.cli import ROUTER_ELASTIC_DEFAULTS, add_elastic_tuning
 
     policy = ElasticPolicy()
     assert ROUTER_ELASTIC_DEFAULTS == {"interval": policy.interval_s, "high": policy.high_s, "low": policy.low,
@@ -331,7 +331,7 @@ async def test_a_role_flip_needs_the_stack_token(workers):
 @module_loop
 async def test_an_elastic_worker_names_its_encoders_namespace_for_warm(workers):
     """``mmcache warm`` against ``mmcache up --elastic`` failed: the workers had no GET /v1/models."""
-    from mmcache.warm_target import namespace_of
+    from mmcache.ops.warm_target import namespace_of
 
     urls = [url for _, url in workers.values()]
     async with aiohttp.ClientSession() as http:
@@ -517,9 +517,9 @@ async def test_the_switch_routes_refuse_what_they_cannot_do(router, workers):
 
 @module_loop
 async def test_without_an_api_key_only_local_clients_switch(router, workers, monkeypatch):
-    import llm_worker.router_app
+    import llm_worker.router.app
 
-    monkeypatch.setattr(llm_worker.router_app, "is_loopback", lambda host: False)  # NOTE: as from another host
+    monkeypatch.setattr(llm_worker.router.app, "is_loopback", lambda host: False)  # NOTE: as from another host
     base = str(router.make_url("")).rstrip("/")
     async with aiohttp.ClientSession() as http:
         async with http.post(base + "/v1/elastic/switch", json={"url": workers["dec-b"][1], "role": "encode"}) as r:

@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, LlavaForConditionalGeneration, Qwen
 from encoder_worker.models import ensure_model
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient
 from sidecar import ThreadedSidecar
 

@@ -22,7 +22,7 @@ from encoder_worker.media import MediaLimits
 from encoder_worker.video import FrameGroup
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient, CacheFull, content_hash
 from sidecar import ThreadedSidecar
 

@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 import torch
 
-from mmcache.server_common import EVENT_HUB
+from mmcache.sidecar.common import EVENT_HUB
 from mmcache_client import CacheClient, content_hash
 from sidecar import SidecarProcess, ThreadedSidecar, settled
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 
 NS = "evbounds"
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmcache.serving.http_limits import ConnectionGate, connection_cap, raise_nofile_limit
+from mmcache.common.http_limits import ConnectionGate, connection_cap, raise_nofile_limit
 from mmcache_client import CacheClient, content_hash
 from sidecar import SidecarProcess
 

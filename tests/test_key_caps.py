@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from mmcache.server_common import MAX_KEYS_PER_CALL
+from mmcache.sidecar.common import MAX_KEYS_PER_CALL
 from mmcache_client import CacheClient, TooManyKeys, content_hash
 from sidecar import SidecarProcess
 

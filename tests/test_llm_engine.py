@@ -17,14 +17,14 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from encoder_worker.encoder import Encoder
 from encoder_worker.models import ensure_model
-from llm_worker.engine import LLMEngine
-from llm_worker.kv import KV_FORMAT, KVCache, kv_entry_fields, kv_key, read_prefill
+from llm_worker.engine.engine import LLMEngine
+from llm_worker.engine.kv import KV_FORMAT, KVCache, kv_entry_fields, kv_key, read_prefill
 from mmcache_client.format import plan_entry
-from llm_worker.prompt import image_urls, prompt_ids
-from llm_worker.sampling import SamplingParams
-from llm_worker.sequence import FINISH_LENGTH, FINISH_STOP, DecodeState
-from llm_worker.slab import BatchKV, KVAllocationError
-from mmcache.config import ServeConfig
+from llm_worker.engine.prompt import image_urls, prompt_ids
+from llm_worker.engine.sampling import SamplingParams
+from llm_worker.engine.sequence import FINISH_LENGTH, FINISH_STOP, DecodeState
+from llm_worker.engine.slab import BatchKV, KVAllocationError
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient
 from mmcache_client.format import read_entry
 from sidecar import ThreadedSidecar
@@ -439,7 +439,7 @@ def test_sampling_params_are_validated():
 def test_images_scattered_in_place_equal_masked_scatter(layout):
     """Prefill writes each image's view straight into inputs_embeds (one copy each): the same
     rows as masked_scatter of their concatenation, whatever the placeholders look like."""
-    from llm_worker.engine import _scatter_images
+    from llm_worker.engine.engine import _scatter_images
 
     torch.manual_seed(0)
     seq, hidden = 24, 8

@@ -31,10 +31,10 @@ from encoder_worker.models import ensure_model
 from encoder_worker.config import EncoderServeConfig
 from encoder_worker.app import create_app as create_encoder_app
 from llm_worker.cli import main as llm_main
-from llm_worker.prompt import image_urls
-from llm_worker.app import SERVICE, create_app
-from llm_worker.config import LLMServeConfig
-from mmcache.config import ServeConfig
+from llm_worker.engine.prompt import image_urls
+from llm_worker.serve.app import SERVICE, create_app
+from llm_worker.serve.config import LLMServeConfig
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient
 from sidecar import ThreadedSidecar
 
@@ -189,7 +189,7 @@ async def test_epd_equals_aggregated_and_generate(stack, sidecar, model_dir, ima
 async def test_a_five_image_prefill_makes_a_bounded_number_of_round_trips(stack, sidecar, images):
     """Prefill leases all of a request's images in one round trip and releases them in one
     (issue 18): counted in the sidecar's stats, the same for 5 images as for 1."""
-    from mmcache.server import LOCAL_OPS
+    from mmcache.sidecar.server import LOCAL_OPS
 
     uris = [images[i % len(images)][0] for i in range(5)]
     messages = conversation(uris)

@@ -171,7 +171,7 @@ def test_a_truncated_frame_drops_the_connection_and_its_leases(sidecar):
 
 
 def test_connections_over_the_cap_are_told_so(sidecar):
-    from mmcache.local_server import LocalServer
+    from mmcache.sidecar.local_server import LocalServer
 
     path = os.path.join(os.path.dirname(sidecar.config.socket), "capped.sock")
     server = LocalServer(sidecar.store, path, max_connections=2).start()

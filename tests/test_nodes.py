@@ -1,13 +1,13 @@
-"""``llm_worker.nodes``: node group specs, the inventory index the router keeps from the
+"""``llm_worker.router.nodes``: node group specs, the inventory index the router keeps from the
 sidecars' events, and the routing choice (cache-aware, by load where no group holds a byte)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llm_worker.backends import Pool
-from llm_worker.nodes import Inventory, NodeGroup, NodeSpec, choose
-from llm_worker.router import RouterConfig
+from llm_worker.router.backends import Pool
+from llm_worker.router.nodes import Inventory, NodeGroup, NodeSpec, choose
+from llm_worker.router.router import RouterConfig
 
 
 def test_node_specs_parse_and_bad_ones_are_named():

@@ -7,9 +7,9 @@ import json
 import urllib.error
 import urllib.request
 
-from mmcache.openapi import openapi_document
-from mmcache.server import create_app
-from mmcache.config import ServeConfig
+from mmcache.sidecar.openapi import openapi_document
+from mmcache.sidecar.server import create_app
+from mmcache.sidecar.config import ServeConfig
 from sidecar import SidecarProcess
 
 METHODS = {"get", "put", "post", "delete", "head"}

@@ -1,4 +1,4 @@
-"""``llm_worker.plan_profile`` on the CPU with tiny-llava and tiny grids: the document's schema (what
+"""``llm_worker.planner.profile`` on the CPU with tiny-llava and tiny grids: the document's schema (what
 the planner's simulator reads), figures that follow from the model's shapes, the CLI, and a
 sidecar that is gone once the profile is taken. No speed relation is asserted: a loaded CPU is noisy."""
 
@@ -15,10 +15,10 @@ import pytest
 from transformers import AutoConfig
 
 from encoder_worker.models import ensure_model
-from llm_worker import plan_profile
-from llm_worker.plan_profile import main, measure
-from llm_worker.stage_costs import FORMAT, StageCosts
-from mmcache.serving.progress import Progress
+from llm_worker.planner import profile as plan_profile
+from llm_worker.planner.profile import main, measure
+from llm_worker.planner.stage_costs import FORMAT, StageCosts
+from mmcache.common.progress import Progress
 
 TINY_GRID = dict(encode_batch_sizes=(2, 1), image_sizes=((336, 336), (64, 48)), prefill_tokens=(64, 16, 5000),
                  decode_batch_sizes=(3, 1), decode_contexts=(16, 40), cache_images=(1, 3))

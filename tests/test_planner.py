@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_worker.planner import plan, splits
-from llm_worker.simulator import SimConfig, requests_of
-from llm_worker.workload import generate, parse_spec
+from llm_worker.planner.planner import plan, splits
+from llm_worker.planner.simulator import SimConfig, requests_of
+from llm_worker.planner.workload import generate, parse_spec
 from synthetic_profile import costs, profile_doc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,10 +89,10 @@ def test_the_command_prints_a_ranking_and_the_winners_flags(tmp_path, monkeypatc
 
 def up_config(monkeypatch, flags: list[str]):
     import mmcache.cli
-    import mmcache.stack
+    import mmcache.stack.up
 
     seen = []
-    monkeypatch.setattr(mmcache.stack, "run", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr(mmcache.stack.up, "run", lambda config: seen.append(config) or 0)
     assert mmcache.cli.main(["up", *flags]) == 0
     return seen[0]
 
@@ -155,7 +155,7 @@ def test_measure_this_machine_then_plan_with_it(tmp_path_factory):
     r = run_plan("--profile", str(profile), "--quick", "--model", "tiny-llava", "--data-dir", data_dir)
     assert r.returncode == 0, r.stderr
     assert "profile: encode batch" in r.stderr  # progress a person can follow
-    from llm_worker.stage_costs import StageCosts
+    from llm_worker.planner.stage_costs import StageCosts
 
     measured = StageCosts.load(profile)
     assert measured.measured and measured.doc["device"] == "cpu"
@@ -176,7 +176,7 @@ def test_fewer_devices_than_workers_share_them():
 
 def test_profile_alone_measures_with_the_flags_passed_on(monkeypatch, tmp_path):
     """``mmcache plan --profile P`` alone runs the profiler, with --quick and --quiet passed on."""
-    from llm_worker import plan_profile, planner
+    from llm_worker.planner import profile as plan_profile, planner
 
     seen = []
     monkeypatch.setattr(plan_profile, "main", lambda argv: seen.append(argv) or 0)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mmcache.policies import POLICIES, CostLFUPolicy, EvictionPolicy, GDSFPolicy, LRUPolicy, make_policy
+from mmcache.core.policies import POLICIES, CostLFUPolicy, EvictionPolicy, GDSFPolicy, LRUPolicy, make_policy
 
 
 @pytest.fixture(params=sorted(POLICIES))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcache.policies import GDSFPolicy
+from mmcache.core.policies import GDSFPolicy
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "policy.py"
 

@@ -23,10 +23,10 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mmcache.export_format import MANIFEST, MANIFEST_KEY, SHARD_FORMAT, manifest_schema
-from mmcache import portable
-from mmcache.portable import export_entries, import_export
-from mmcache.serving.progress import Progress
+from mmcache.ops.export_format import MANIFEST, MANIFEST_KEY, SHARD_FORMAT, manifest_schema
+from mmcache.ops import portable
+from mmcache.ops.portable import export_entries, import_export
+from mmcache.common.progress import Progress
 from mmcache_client import CacheClient, CacheFull, CacheUnavailable, content_hash
 from mmcache_client.format import read_entry
 from sidecar import unix_sidecar
@@ -350,7 +350,7 @@ def test_a_failed_export_leaves_the_folder_as_it_found_it(source, tmp_path, monk
 
 
 def test_importing_the_module_loads_no_pyarrow_or_safetensors():
-    code = "import sys, mmcache.portable; print(sorted(m for m in ('pyarrow', 'safetensors') if m in sys.modules))"
+    code = "import sys, mmcache.ops.portable; print(sorted(m for m in ('pyarrow', 'safetensors') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
 
@@ -601,7 +601,7 @@ def test_a_shard_with_more_rows_than_its_table_says_is_never_held(exported, targ
     """A crafted manifest with many rows for one shard: counted as they stream, never held."""
     import tracemalloc
 
-    from mmcache.export_reader import open_manifest
+    from mmcache.ops.export_reader import open_manifest
 
     out = copy_of(exported, tmp_path)
     rows, info = rewrite_manifest(out)

@@ -1,4 +1,4 @@
-"""``mmcache.serving.progress.Progress`` (plain lines with an injected clock, the tqdm bar, the
+"""``mmcache.common.progress.Progress`` (plain lines with an injected clock, the tqdm bar, the
 callback adapter, threads, a closed stream) and the progress of the built-in models' build on
 first use (``encoder_worker.models.ensure_model``: its steps, and a wait on another build)."""
 
@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from encoder_worker import models
 from encoder_worker.models import TINY_STEPS, ensure_model
-from mmcache.serving.progress import Progress, human_bytes
+from mmcache.common.progress import Progress, human_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -298,7 +298,7 @@ def test_the_benchmarks_drive_counts_each_request_and_its_errors():
     one update per completed request, failures counted as ``errors``, as its rows say."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import epd
-    from llm_worker.workload import WorkloadSpec, generate
+    from llm_worker.planner.workload import WorkloadSpec, generate
 
     workload = generate(WorkloadSpec(rate=float("inf"), num_requests=12, images_max=1, images_mean=1,
                                      output_tokens_max=8, seed=3))

@@ -1,7 +1,7 @@
 """Tenant quotas (issue 35 item 5): in ``--tenants FILE`` a token may map to
 ``{tenant = NAME, quota = BYTES}``; the tenant then holds at most ``quota`` bytes in host and at
 most ``quota`` on disk, a put past it evicts only the tenant's own entries (or gets 503), and its
-entries are never evicted for another tenant (``mmcache.quotas``).
+entries are never evicted for another tenant (``mmcache.core.quotas``).
 
 The attack as reported: one tenant's flood evicted all 20 of another tenant's durable entries.
 Reproduced against a real ``mmcache serve`` process, with quotas (every entry survives, the
@@ -16,11 +16,11 @@ import os
 import numpy as np
 import pytest
 
-from mmcache.disk import DiskTier, DiskTierConfig
-from mmcache.host import HostTier
-from mmcache.quotas import TenantLedger, tenant_of
-from mmcache.serving.tenants import Tenants
-from mmcache.tier import PutStatus
+from mmcache.tiers.disk import DiskTier, DiskTierConfig
+from mmcache.tiers.host import HostTier
+from mmcache.core.quotas import TenantLedger, tenant_of
+from mmcache.common.tenants import Tenants
+from mmcache.core.tier import PutStatus
 from mmcache_client import CacheClient, CacheFull, content_hash
 from entries import encode_entry
 from sidecar import SidecarProcess

@@ -17,9 +17,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from encoder_worker.encoder import Encoder
 from encoder_worker.models import build_tiny_qwen2_vl
 from encoder_worker.video import VideoLimits, VideoSampling, decode_video
-from llm_worker.engine import LLMEngine
-from llm_worker.sampling import SamplingParams
-from llm_worker.text_models import rope_positions
+from llm_worker.engine.engine import LLMEngine
+from llm_worker.engine.sampling import SamplingParams
+from llm_worker.engine.text_models import rope_positions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from clips import feed, make_clip  # noqa: E402

@@ -8,7 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from sidecar import ThreadedSidecar
 
 README = Path(__file__).resolve().parents[1] / "README.md"

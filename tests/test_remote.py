@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.config import ServeConfig
-from mmcache.remote import RemoteTier
-from mmcache.remote_config import RemoteConfig, RemoteURLError, parse_remote_url
+from mmcache.sidecar.config import ServeConfig
+from mmcache.tiers.remote import RemoteTier
+from mmcache.tiers.remote_config import RemoteConfig, RemoteURLError, parse_remote_url
 from mmcache_client import CacheClient, content_hash
 from redis_servers import RedisClusterProcs, RedisServer, needs_redis
 from sidecar import ThreadedSidecar, settled

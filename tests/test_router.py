@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.models import ensure_model
-from llm_worker.prompt import template_ids
-from llm_worker.router import Pool, RouterConfig
-from llm_worker.router_app import ROUTER, create_app, load_tokenizer
+from llm_worker.engine.prompt import template_ids
+from llm_worker.router.router import Pool, RouterConfig
+from llm_worker.router.app import ROUTER, create_app, load_tokenizer
 from sidecar import refused_port
 
 module_loop = pytest.mark.asyncio(loop_scope="module")

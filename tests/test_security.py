@@ -19,13 +19,13 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from llm_worker.router import RouterConfig
-from llm_worker.router_app import create_app as create_router_app
-from mmcache.config import ServeConfig
-from mmcache.serving.security import bearer_matches, is_loopback, make_private_dir, resolve_secret
-from mmcache.stack import LOOPBACK, Stack, StackConfig
+from llm_worker.router.router import RouterConfig
+from llm_worker.router.app import create_app as create_router_app
+from mmcache.sidecar.config import ServeConfig
+from mmcache.common.security import bearer_matches, is_loopback, make_private_dir, resolve_secret
+from mmcache.stack.up import LOOPBACK, Stack, StackConfig
 from stack_process import StackProcess
-from mmcache.supervisor import Child
+from mmcache.stack.supervisor import Child
 from mmcache_client import content_hash
 from sidecar import SidecarProcess, ThreadedSidecar
 

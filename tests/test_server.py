@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import AuthError, CacheClient, content_hash
 from entries import encode_entry
 from mmcache_client.format import read_entry

@@ -9,10 +9,10 @@ import math
 
 import pytest
 
-from llm_worker.elastic_policy import ElasticPolicy
-from llm_worker.simulator import Allocation, SimConfig, SimRequest, _apportion, goodput, requests_of, simulate
-from llm_worker.stage_costs import ProfileError, StageCosts, interp
-from llm_worker.workload import concatenate, load_phases
+from llm_worker.elastic.policy import ElasticPolicy
+from llm_worker.planner.simulator import Allocation, SimConfig, SimRequest, _apportion, goodput, requests_of, simulate
+from llm_worker.planner.stage_costs import ProfileError, StageCosts, interp
+from llm_worker.planner.workload import concatenate, load_phases
 from synthetic_profile import costs, profile_doc
 
 SIZE = (336, 336)

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from redis_servers import RedisClusterProcs, needs_redis
 from sidecar import ThreadedSidecar, settled
 from test_encoder_service import CountingEncoder, encode, png_uri

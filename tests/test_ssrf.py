@@ -30,13 +30,13 @@ from aiohttp.abc import AbstractResolver
 from PIL import Image
 
 from encoder_worker.cli import main as encoder_main
-import mmcache.serving.ssrf as ssrf
+import mmcache.common.ssrf as ssrf
 from encoder_worker.media import MAX_REDIRECTS, MediaError, MediaLimits, fetch_bytes, http_session, load_image
-from mmcache.serving.ssrf import CheckingResolver, address_is_public
+from mmcache.common.ssrf import CheckingResolver, address_is_public
 from llm_worker.cli import main as llm_main
-from mmcache.config import ServeConfig
-from mmcache.stack import LOOPBACK, Stack, StackConfig
-from mmcache.supervisor import Child
+from mmcache.sidecar.config import ServeConfig
+from mmcache.stack.up import LOOPBACK, Stack, StackConfig
+from mmcache.stack.supervisor import Child
 from sidecar import ThreadedSidecar
 
 
@@ -437,9 +437,9 @@ def _media_of(child: Child, monkeypatch) -> MediaLimits:
     """The MediaLimits the child's own CLI builds from its argv (nothing is served)."""
     seen = {}
     module = child.argv[2]
-    service = "encoder_worker.app" if module == "encoder_worker.cli" else "llm_worker.app"
+    service = "encoder_worker.app" if module == "encoder_worker.cli" else "llm_worker.serve.app"
     monkeypatch.setattr(f"{service}.create_app", lambda config: seen.setdefault("config", config))
-    monkeypatch.setattr("mmcache.serving.run_app", lambda *a, **k: None)
+    monkeypatch.setattr("mmcache.common.run_app", lambda *a, **k: None)
     main = encoder_main if module == "encoder_worker.cli" else llm_main
     assert main(child.argv[3:]) == 0
     return seen["config"].media
@@ -468,7 +468,7 @@ def test_up_cli_takes_the_flags(monkeypatch):
     from mmcache.cli import main as mmcache_main
 
     seen = []
-    monkeypatch.setattr("mmcache.stack.run", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr("mmcache.stack.up.run", lambda config: seen.append(config) or 0)
     assert mmcache_main(["up"]) == 0
     assert mmcache_main(["up", "--no-http-images", "--allow-private-urls"]) == 0
     assert (seen[0].http_images, seen[0].allow_private_urls) == (True, False)

@@ -188,7 +188,7 @@ def test_a_request_whose_images_are_all_cached_reaches_no_encoder(epd):
 def test_each_new_image_goes_to_the_encoder_owning_its_hash(epd):
     """Misses are routed by key (rendezvous hashing over the encoders' URLs): each encoder
     encodes exactly the images whose content hash it owns."""
-    from llm_worker.backends import Pool
+    from llm_worker.router.backends import Pool
     from mmcache_client import content_hash
 
     def per_encoder() -> dict[str, int]:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.host import EntryExists, HostTier
-from mmcache.tier import PutStatus
-from mmcache.store import StoreConfig, TieredStore
+from mmcache.tiers.host import EntryExists, HostTier
+from mmcache.core.tier import PutStatus
+from mmcache.core.store import StoreConfig, TieredStore
 from mmcache_client import Key, content_hash
 from mmcache_client.format import plan_entry, read_entry
 

@@ -21,16 +21,16 @@ import openai
 import pytest
 from PIL import Image
 
-from mmcache import data_dir as data_dir_mod
-from mmcache.stack import ARENA_RECORD, STATUS_FILE, remove_dead_arena
+from mmcache.core import data_dir as data_dir_mod
+from mmcache.stack.up import ARENA_RECORD, STATUS_FILE, remove_dead_arena
 from stack_process import StackProcess
-from mmcache.supervisor import Backoff, Supervisor, describe_exit
+from mmcache.stack.supervisor import Backoff, Supervisor, describe_exit
 
 # -- the supervisor, with small stand-in children ----------------------------------------------
 
 SERVER = """
 import http.server, sys
-from mmcache.serving import bind, url_of
+from mmcache.common import bind, url_of
 sock = bind("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1]))
 print("fake ready:", url_of(sock), flush=True)
 class Handler(http.server.BaseHTTPRequestHandler):

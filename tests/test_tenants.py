@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmcache.serving.tenants import DEFAULT, Forbidden, Principal, Tenants
+from mmcache.common.tenants import DEFAULT, Forbidden, Principal, Tenants
 from mmcache_client import AsyncCacheClient, AuthError, CacheClient, Forbidden as SDKForbidden, Key, content_hash
 from entries import encode_entry
 from sidecar import SidecarProcess

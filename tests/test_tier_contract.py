@@ -1,6 +1,6 @@
 """One contract, every tier: host (shared arena), disk (LMDB), device (CPU fake; CUDA under ``gpu``).
 
-What ``mmcache.tier.Tier`` promises, checked the same way on each: puts answer a ``PutStatus``
+What ``mmcache.core.tier.Tier`` promises, checked the same way on each: puts answer a ``PutStatus``
 (no room is an answer, not an exception), the first put wins, a lease pins its entry against
 eviction and deletion, an owner that goes away drops every lease, and the stats carry the
 common counters.
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.device import DeviceTier, DeviceTierConfig, cuda_available
-from mmcache.disk import DiskTier, DiskTierConfig
-from mmcache.host import HostTier
-from mmcache.tier import PutStatus, Tier, TierLease
+from mmcache.tiers.device import DeviceTier, DeviceTierConfig, cuda_available
+from mmcache.tiers.disk import DiskTier, DiskTierConfig
+from mmcache.tiers.host import HostTier
+from mmcache.core.tier import PutStatus, Tier, TierLease
 from mmcache_client import content_hash
 from entries import encode_entry
 from mmcache_client.format import read_entry

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-from mmcache.serving.security import make_private_dir
-from mmcache.stack import BUILTIN_MODEL_NAMES
+from mmcache.common.security import make_private_dir
+from mmcache.stack.up import BUILTIN_MODEL_NAMES
 
 
 def _up(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -53,7 +53,7 @@ def test_the_builtin_names_are_the_workers(tmp_path):
 
 
 def test_a_data_dir_made_here_is_private_from_birth_and_not_warned_about(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="mmcache.serving.security")
+    caplog.set_level(logging.WARNING, logger="mmcache.common.security")
     fresh = tmp_path / "a" / "b"
     make_private_dir(str(fresh))
     make_private_dir(str(fresh))  # as the sidecar does again after mmcache up made it

@@ -1,6 +1,6 @@
 """``mmcache warm`` (issue 23 item 1): a corpus encoded into the cache ahead of traffic.
 
-Fast tests drive ``mmcache.warm`` against a real sidecar and a scripted encoder (it stores a
+Fast tests drive ``mmcache.ops.warm`` against a real sidecar and a scripted encoder (it stores a
 small entry per image, refuses images that begin with ``BAD``, answers 503 when told to), so
 that failures, pressure and bisection are exact; the ``slow`` ones run ``mmcache warm`` as users
 do, against ``mmcache up`` with the built-in model, and against an encoder it starts itself.
@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from mmcache import warm
+from mmcache.ops import warm
 from mmcache_client import AsyncCacheClient, CacheClient, content_hash
 from sidecar import unix_sidecar
 
@@ -406,7 +406,7 @@ def test_private_urls_and_redirects_to_them_are_named_failures_without_a_connect
     and a "public" one (127.0.0.2, made public for the test) redirecting to loopback, are named
     failures; the loopback server never sees a request. (Paths and file:// in a list are the
     user's own files, a source as a folder is: they stay.)"""
-    from mmcache.serving import ssrf
+    from mmcache.common import ssrf
 
     real = ssrf.address_is_public
     monkeypatch.setattr(ssrf, "address_is_public", lambda ip: str(ip) == "127.0.0.2" or real(ip))

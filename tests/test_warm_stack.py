@@ -119,7 +119,7 @@ def test_memory_stays_bounded_warming_a_parquet_file_larger_than_the_host_tier(m
     peak memory grows by a fraction of the file over the same run on a 2-image file. The
     encoder is a process of its own here (one that ``warm --model`` starts is warm's child, and
     the kernel's peak for warm would be the model's); ``--model`` itself warms the small file."""
-    from mmcache.warm_target import StartedEncoder
+    from mmcache.ops.warm_target import StartedEncoder
 
     sock = os.path.join(tempfile.mkdtemp(prefix="mmc-w-", dir="/tmp"), "s.sock")
     sidecar = SidecarProcess("--data-dir", str(tmp_path / "cache"), "--socket", sock, "--host-capacity", "2MiB",

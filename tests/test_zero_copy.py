@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from mmcache.config import ServeConfig
+from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient, content_hash
 from sidecar import ThreadedSidecar, settled
 

@@ -1,4 +1,4 @@
-"""Client side of the local zero-copy protocol (see ``mmcache.local_server`` and ``wire``).
+"""Client side of the local zero-copy protocol (see ``mmcache.sidecar.local_server`` and ``wire``).
 
 One ``LocalConnection`` = one Unix-socket session with the sidecar plus one read-only mapping of
 its arena (and a writable one, mapped on the first put). Leases taken on a connection die with

@@ -1,4 +1,4 @@
-"""The local protocol's framing (sidecar and SDKs share it; see ``mmcache.local_server``).
+"""The local protocol's framing (sidecar and SDKs share it; see ``mmcache.sidecar.local_server``).
 
 Every message is a frame: a 9-byte head ``<u32 body length, u32 id, u8 code>`` and a body. A
 request's code is its op; an answer's code is ``OK`` or ``ERROR`` and its id the request's. Bodies:

@@ -1,0 +1,2 @@
+"""``mmcache plan``: stage costs measured on this machine, seeded workloads, a discrete-event
+simulator of EPD and aggregated serving, and the search for the best allocation."""

@@ -1,0 +1,515 @@
+"""The tiered store: a list of tiers, fastest first, behind one interface; the cache the sidecar serves.
+
+The store knows tiers only through ``mmcache.core.tier.Tier``; the one it treats specially is the
+*read tier* (host: the shared arena same-node readers map), where puts land and reads promote to.
+Every tier below it is a *lower* tier (disk today; a remote store plugs in the same way).
+
+- ``lease``: host → each lower tier in turn. A lower hit is verified (by the tier), promoted into
+  host and leased there; when host has no room (or the reader asks ``promote=False``: a scan) it
+  is served in place from the lower tier (an LMDB view under a read transaction), never reported
+  as a miss.
+- Puts land in host (visible once sealed) and are written through to the lower tiers behind, the
+  host entry pinned until they hold it (``clean``), so it is never evicted unpersisted. A put
+  that host cannot take lands in the lower tier and is acknowledged once readable there. An entry
+  with ``persist=False`` (a KV hand-off) stays in host only.
+- Eviction from host never copies under the host lock: an entry that is not clean is written
+  back first (``_write_back``, off the lock) and becomes evictable when the lower tier holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from mmcache.core.claims import Claims
+from mmcache.tiers.device_front import DeviceFront
+from mmcache.tiers.disk import DiskTier, DiskTierConfig
+from mmcache.core.events import EventBus
+from mmcache.tiers.host import EntryExists, HostTier, Owner, Reservation
+from mmcache.core.quotas import TenantLedger
+from mmcache.tiers.remote import RemoteTier
+from mmcache.core.data_dir import forget_arena, lock_data_dir, record_arena, remove_stale_arena  # noqa: F401
+from mmcache.core.store_types import RETRY_AFTER_S, Lease, PutResult, StoreConfig  # noqa: F401 - the store's own names
+from mmcache.core.tier import PutStatus, Tier, TierLease
+from mmcache.core.write_down import _WRITER, WriteDown
+from mmcache_client.errors import CacheFull, EntryTooLarge
+from mmcache_client.format import EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
+from mmcache_client.keys import Key
+
+logger = logging.getLogger(__name__)
+
+def _warn_oversubscribed(config: StoreConfig) -> None:
+    """Quotas are guarantees too: past a tier's capacity, a full tier answers 503 to tenants
+    with nothing of their own to evict."""
+    total = sum(config.tenant_quotas.values())
+    for tier, capacity in (("host", config.host_capacity_bytes), ("disk", config.disk_capacity_bytes)):
+        if total > capacity:
+            logger.warning("tenant quotas add up to %s bytes, more than the %s tier's %s: a tenant's entries within "
+                           "its quota are evicted only for that tenant, so a full %s tier can refuse others' puts (503)",
+                           total, tier, capacity, tier)
+
+
+def _key_str(key: Key | str) -> str:
+    return key if isinstance(key, str) else key.to_string()
+
+
+def _cost(metadata: Mapping[str, str]) -> float:
+    cost_ms = float(metadata.get("encode_ms", 0.0))
+    if not math.isfinite(cost_ms) or cost_ms < 0:
+        raise ValueError(f"encode_ms={metadata.get('encode_ms')!r} must be a finite number >= 0")
+    return cost_ms
+
+
+class TieredStore(WriteDown):
+    """Host over the lower tiers behind one interface, and a device tier in front where one is
+    configured (``device``: promoted into on a reader's ask, see ``mmcache.tiers.device_front``).
+    Thread-safe; one per sidecar process. ``device_tier``: a ``DeviceTier`` made by the caller
+    (the CPU tests pass ``DeviceTier.fake``) instead of the one ``config`` asks for."""
+
+    def __init__(self, config: StoreConfig, *, device_tier: Any = None):
+        self.config = config
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        self._lock_fd = lock_data_dir(config.data_dir)
+        self.events = EventBus(config.node or f"{socket.gethostname()}:{os.getpid()}",
+                               max_followers=config.max_event_followers,
+                               max_followers_per_tenant=config.max_event_followers_per_tenant)
+        try:
+            remove_stale_arena(config.data_dir, config.arena_path)
+            _warn_oversubscribed(config)
+            self.disk = DiskTier(DiskTierConfig(
+                path=os.path.join(config.data_dir, "lmdb"), capacity_bytes=config.disk_capacity_bytes,
+                policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms,
+                max_queued_bytes=config.disk_max_queued_bytes), TenantLedger(config.tenant_quotas))
+            try:
+                self.host = HostTier(config.resolved_arena_path(), config.host_capacity_bytes,
+                                     policy=config.host_policy, on_dirty=self._write_back,
+                                     persisted=self._persisted,
+                                     on_evict=lambda key, n: self.events.publish("evicted", key, "host", n),
+                                     ledger=TenantLedger(config.tenant_quotas))
+            except BaseException:
+                self.disk.close()
+                raise
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.remote: RemoteTier | None = None
+        if config.remote is not None:
+            try:
+                self.remote = RemoteTier(config.remote, verify_key=_check_key, node=self.events.node,
+                                         on_event=self._relay, on_stored=self._remote_stored)
+            except BaseException:
+                self.host.close()
+                self.disk.close()
+                os.close(self._lock_fd)
+                raise
+        self.lower: list[Tier] = [self.disk, *([self.remote] if self.remote is not None else [])]
+        """Tiers below host, in the order reads search them."""
+        self.durable: list[Tier] = [t for t in self.lower if t.durable]
+        """The lower tiers host relies on (evicts into) and puts consult; not the remote."""
+        self.tiers: list[Tier] = [self.host, *self.lower]
+        self.disk.on_evict = lambda key, n: self.events.publish("evicted", key, "disk", n)
+        if self.remote is not None:
+            self.events.sink = self.remote.emit
+        self.claims = Claims(self.contains, self.remote, max_claims=self.config.max_claims,
+                             max_claims_per_owner=self.config.max_claims_per_owner,
+                             ttl_max_ms=self.config.claim_ttl_max_ms)
+        record_arena(self.config.data_dir, self.host.arena.path)
+        self._counts_lock = threading.Lock()
+        self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0, relays_refused=0)
+        self.device: DeviceFront | None = None
+        try:
+            self._open_device(device_tier)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_device(self, tier: Any) -> None:
+        """The device tier, if any, and the arena pinned for it (host → GPU at pinned speed).
+        NOTE: nothing here touches CUDA without a device tier: no context on a CPU-only node."""
+        if tier is None and self.config.device_capacity_bytes == 0:
+            return
+        from mmcache.tiers.device import DeviceTier, DeviceTierConfig, cuda_available
+
+        if tier is None:
+            if not cuda_available():
+                raise ValueError(f"a device tier of {self.config.device_capacity_bytes} bytes needs a CUDA GPU, and "
+                                 "none is visible: leave --device-capacity at 0 on this machine")
+            tier = DeviceTier(DeviceTierConfig(self.config.device_capacity_bytes, self.config.device,
+                                               self.config.device_policy))
+            self.host.arena.pin()  # NOTE: host → GPU promotions at pinned speed; unpinned when host closes
+        self.device = DeviceFront(self, tier)
+
+    def holds_locally(self, key: str) -> bool:
+        """Host or a durable tier below holds ``key`` (no network call)."""
+        return self.host.contains(key) or any(t.contains(key) for t in self.durable)
+
+    def _stored(self, key: str, tier: str, nbytes: int) -> None:
+        """``key`` is readable from ``tier`` now: end its local claim, tell the followers."""
+        self.claims.stored(key)
+        self.events.publish("stored", key, tier, nbytes)
+
+    def _remote_stored(self, key: str, nbytes: int) -> None:
+        self.events.publish("stored", key, "remote", nbytes)
+
+    def _relay(self, doc: dict) -> None:
+        """Another node's event, read from the remote's stream: published here under its node,
+        once it passed ``relayed_event``'s checks (anyone who can write the stream could send
+        anything; followers must see only well-formed events). Refused ones are counted."""
+        event = relayed_event(doc)
+        if event is None:
+            self._count("relays_refused")
+            return
+        self.events.publish(*event[:4], node=event[4], ts=event[5])
+
+    def _persisted(self, key: str) -> bool:
+        return all(t.contains(key) for t in self.durable)
+
+    @property
+    def arena_path(self) -> str:
+        return self.host.arena.path
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self.counts[name] += n
+
+    # ------------------------------------------------------------ writes
+    def put(self, key: Key | str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+            *, encode_ms: float = 0.0, durable: bool = False, persist: bool = True) -> PutResult:
+        """Store tensors (``embeddings`` required) under ``key``; the tensors are copied once."""
+        k = Key.from_string(key) if isinstance(key, str) else key
+        plan = plan_entry(k.namespace, k.hash, tensors, metadata, encode_ms=encode_ms)
+        return self.put_plan(k.to_string(), plan, durable=durable, persist=persist)
+
+    def put_plan(self, key: str, plan: EntryPlan, *, durable: bool = False, persist: bool = True) -> PutResult:
+        """Write a laid-out entry into host in place (or, with no room there, into disk), then
+        through to the lower tiers. Raises ``CacheFull`` (no room now), ``EntryTooLarge``."""
+        if durable and not persist:
+            raise ValueError("durable=1 needs persist: a host-only entry never reaches disk")
+        cost_ms = _cost(plan.metadata)
+        existing = self._local_tier_of(key)
+        if existing is not None:
+            return PutResult(False, existing)
+        owner = ("put", threading.get_ident())
+        try:
+            res = self.reserve(key, plan.total_bytes, owner, cost_ms, persist=persist)
+        except EntryExists:
+            return PutResult(False, self._local_tier_of(key) or "host")
+        if isinstance(res, PutStatus):
+            return self._put_below(key, plan, cost_ms, persist, res)
+        try:
+            plan.write_into(self.host.buffer(res))
+            self.host.seal(res, cost_ms)
+        except BaseException:
+            with contextlib.suppress(ValueError):  # seal frees a reservation it refuses itself
+                self.host.abort(res)
+            raise
+        return self._write_through(key, cost_ms, durable)
+
+    def _check_persistable(self, key: str, nbytes: int, persist: bool) -> None:
+        if persist and nbytes > self.disk.config.capacity_bytes:
+            raise EntryTooLarge(f"entry {key} of {nbytes} bytes exceeds the disk tier's {self.disk.config.capacity_bytes} "
+                                f"bytes and could never be persisted; put it with persist=0 to keep it in host only")
+
+    def _put_below(self, key: str, plan: EntryPlan, cost_ms: float, persist: bool, why: PutStatus) -> PutResult:
+        """Host cannot take the entry: land it on disk and answer once it is readable there."""
+        if not persist:
+            if why is PutStatus.TOO_LARGE:
+                raise EntryTooLarge(f"host-only entry {key} of {plan.total_bytes} bytes exceeds the "
+                                    f"{self.host.allocator.capacity_bytes}-byte arena")
+            raise CacheFull(f"no room for {plan.total_bytes} bytes of host-only entry {key}: everything else "
+                            f"is leased or being written", RETRY_AFTER_S)
+        if not self.disk.admits(plan.total_bytes):  # before the copy below
+            raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host now, and the disk "
+                            f"queue is full ({self.disk.config.max_queued_bytes} bytes)", RETRY_AFTER_S)
+        blob = plan.to_bytes()
+        fut = self.disk.put(key, blob, cost_ms, bounded=True)
+        status = fut.result()  # NOTE: a 201 means every reader sees it: wait for the commit
+        if status is PutStatus.EXISTS:
+            return PutResult(False, "disk")
+        if status is not PutStatus.CREATED:
+            raise CacheFull(f"no room for {plan.total_bytes} bytes of {key} in host or disk now", RETRY_AFTER_S)
+        self._stored(key, "disk", plan.total_bytes)
+        if self.remote is not None:  # NOTE: shared too (and its claim ends once the remote holds it)
+            self.remote.put(key, memoryview(blob), cost_ms)
+        return PutResult(True, "disk", None)
+
+    def reserve(self, key: Key | str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *, persist: bool = True,
+                wait_for_disk: bool = True) -> Reservation | PutStatus:
+        """Phase one of an in-place put: a ``Reservation``, or ``PutStatus.NO_SPACE`` /
+        ``TOO_LARGE``. Raises ``EntryExists`` if a tier holds the key. With ``wait_for_disk`` a
+        full host first waits (milliseconds) for pending write-throughs, whose entries pin space."""
+        key = _key_str(key)
+        self._check_persistable(key, nbytes, persist)
+        if any(t.contains(key) for t in self.durable):
+            raise EntryExists(key)
+        res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
+        if res is PutStatus.NO_SPACE and wait_for_disk and self._writes_pending():
+            # NOTE: wait for the batch to commit rather than refuse a put under a burst of writes.
+            self.flush()
+            res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
+        return res
+
+    def _writes_pending(self) -> bool:
+        return self.host.leases_of(_WRITER) > 0
+
+    def seal(self, res: Reservation, *, durable: bool = False, verify: bool = True) -> PutResult:
+        """Phase two: validate what the (untrusted) writer put in place, then make it visible.
+
+        A blob that fails validation is dropped (its space freed) and the error re-raised: no
+        error path leaves a sealed entry. ``verify``: a checksum pass too (call it off the event
+        loop). A local writer's seal skips it (``verify=False``, the structure is still checked):
+        the writer fused its checksum into the fill, readers of the arena never verify, and the
+        disk writer verifies every copy from the arena before it commits, so a wrong checksum is
+        never made durable (``checksum_mismatch``) and a read from disk stays verified.
+        """
+        try:
+            view = self.host.buffer(res)
+            parsed = parse_entry(view)
+            if verify:
+                verify_checksum(view, parsed)
+            k = Key.from_string(res.key)
+            if (parsed.metadata["namespace"], parsed.metadata["hash"]) != (k.namespace, k.hash):
+                raise ValueError(f"entry metadata names {parsed.metadata['namespace']}/{parsed.metadata['hash']}, key is {res.key}")
+            cost_ms = _cost(parsed.metadata)
+            self.host.seal(res, cost_ms)
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                self.host.abort(res)
+            raise
+        return self._write_through(res.key, cost_ms, durable)
+
+    def abort(self, res: Reservation) -> None:
+        self.host.abort(res)
+
+    def lease(self, key: Key | str, owner: Owner, *, promote: bool = True) -> Lease | None:
+        """Pin ``key`` for ``owner`` (promoting it into host where there is room); None on a miss.
+        May copy (promotion) and verify a checksum: call it off the event loop unless
+        ``host.contains(key)``. ``promote=False`` (a sequential scan: an export) serves a lower
+        tier's entry in place, as when host has no room, so the scan leaves host's hot set be."""
+        key = _key_str(key)
+        tl = self.host.lease(key, owner)
+        if tl is not None:
+            for t in self.lower:
+                t.touch(key)
+            return Lease(key, owner, "host", tl.view, tl)
+        for tier in self.lower:
+            below = tier.lease(key, owner)
+            if below is None:
+                continue
+            promoted = self._promote(key, below, owner) if promote else None
+            if promoted is not None:
+                tier.release(below)
+                if not tier.durable and self.host.persists(key):  # a remote hit lands on disk too
+                    self._copy_down(key, tiers=self.durable)
+                return promoted
+            self._count("served_in_place")
+            return Lease(key, owner, tier.name, below.view, below)
+        return None
+
+    def _promote(self, key: str, below: TierLease, owner: Owner) -> Lease | None:
+        try:
+            cost_ms = float(read_entry(below.view, verify=False).metadata["encode_ms"])
+            res = self.host.reserve(key, below.nbytes, ("promote", threading.get_ident()), cost_ms)
+        except (EntryExists, ValueError):
+            return None  # a racing reader promotes it; this one reads in place
+        if isinstance(res, PutStatus):
+            return None
+        try:
+            self.host.buffer(res)[:] = below.view
+            self.host.seal(res, cost_ms)
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                self.host.abort(res)
+            raise
+        self._count("promotions")
+        self._stored(key, "host", below.nbytes)
+        tl = self.host.lease(key, owner, count=False)
+        return None if tl is None else Lease(key, owner, below.tier, tl.view, tl)
+
+    def lease_host_many(self, keys: list[str], owner: Owner) -> list[tuple[int, int, Any] | None]:
+        """Pin the keys host holds, in one go (``HostTier.lease_many``): per key ``(offset,
+        nbytes, layout)`` or None where host misses (``lease`` it then: it may be below). The
+        lower tiers are touched for the hits as ``lease`` does. Give back with
+        ``release_host_many``."""
+        got = self.host.lease_many(keys, owner)
+        hits = [k for k, g in zip(keys, got) if g is not None]
+        if hits:
+            for t in self.lower:
+                t.touch_many(hits)
+        return got
+
+    def release_host_many(self, leases: list[tuple[str, int]], owner: Owner) -> int:
+        return self.host.release_many(leases, owner)
+
+    def release(self, lease: Lease) -> None:
+        tier = self.host if lease.served_from == "host" else next(t for t in self.lower if t.name == lease.served_from)
+        tier.release(lease.tier_lease)
+
+    def release_owner(self, owner: Owner, *, quarantine: Any = None) -> int:
+        dropped = self.device.release_owner(owner) if self.device is not None else 0
+        return dropped + self.host.release_owner(owner, quarantine=quarantine) + \
+            sum(t.release_owner(owner) for t in self.lower)
+
+    @contextmanager
+    def get(self, key: Key | str) -> Iterator[EntryView | None]:
+        """In-process read: an ``EntryView`` over the arena (or the LMDB map), or None."""
+        lease = self.lease(key, ("get", threading.get_ident(), secrets.token_hex(4)))
+        if lease is None:
+            yield None
+            return
+        try:
+            yield read_entry(lease.view, verify=False)
+        finally:
+            self.release(lease)
+
+    # ------------------------------------------------------------ queries
+    def tier_of(self, key: Key | str) -> str | None:
+        """The first tier holding ``key`` (the remote too: a network call; off the event loop)."""
+        key = _key_str(key)
+        return next((t.name for t in self.tiers if t.contains(key)), None)
+
+    def _local_tier_of(self, key: str) -> str | None:
+        return next((t.name for t in (self.host, *self.durable) if t.contains(key)), None)
+
+    def contains(self, key: Key | str) -> bool:
+        return self.tier_of(key) is not None
+
+    def lookup(self, keys: list[str]) -> dict[str, str | None]:
+        return {k: self.tier_of(k) for k in keys}
+
+    def describe(self, keys: list[str]) -> dict[str, dict | None]:
+        """Per key ``{"tier", "num_tokens"[, "image_grid_thw"]}`` or None: what a reader needs to
+        lay out its prompt without leasing the entry. Host entries are read from their (immutable,
+        verified-at-seal) header in place; disk ones through a verified view. Not a client read:
+        nothing counted, nothing promoted. Off the event loop."""
+        owner = ("describe", threading.get_ident())
+        out: dict[str, dict | None] = {}
+        for key in keys:
+            lease = self.host.lease(key, owner, count=False)
+            if lease is not None:
+                try:
+                    out[key] = _describe("host", EntryView(lease.view, parse_entry(lease.view)))
+                finally:
+                    self.host.release(lease)
+                continue
+            out[key] = None
+            for tier in self.lower:
+                below = tier.lease(key, owner, count=False)  # NOTE: the tier verifies what it hands out
+                if below is not None:
+                    try:
+                        out[key] = _describe(tier.name, EntryView(below.view, parse_entry(below.view)))
+                    finally:
+                        tier.release(below)
+                    break
+        return out
+
+    def delete(self, key: Key | str) -> bool:
+        """Remove from every tier; never waits for a disk commit."""
+        key = _key_str(key)
+        found = [t.delete(key) for t in self.tiers]
+        if self.device is not None:
+            found.append(self.device.delete(key))
+        if any(found):
+            self.events.publish("deleted", key, "all", 0)
+        return any(found)
+
+    def flush(self, timeout: float | None = None) -> None:
+        for t in self.durable:
+            t.flush(timeout)
+
+    def list_entries(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[tuple[str, str, int]]:
+        """``(key, tier, nbytes)`` of up to ``limit`` local entries (host, then disk: the tier a
+        read would come from) whose key starts with ``prefix`` and sorts after ``after``, in key
+        order: one page of a listing (``GET /v1/entries``). The remote tier is not listed: it is
+        shared by many sidecars and evicts on its own. Disk pages come from an LMDB cursor
+        (O(log entries + limit)); the host index, bounded by the arena, is filtered whole. Off
+        the event loop."""
+        import heapq
+
+        found = {key: ("disk", nbytes) for key, nbytes in self.disk.list_range(prefix, after, limit)}
+        hosted = ((key, nbytes) for key, nbytes in self.host.inventory() if key > after and key.startswith(prefix))
+        for key, nbytes in heapq.nsmallest(limit, hosted):
+            found[key] = ("host", nbytes)  # NOTE: an entry in both reads from host
+        return [(key, *found[key]) for key in sorted(found)[:limit]]
+
+    def usage_by_tenant(self) -> dict[str | None, dict[str, dict[str, int]]]:
+        """``{tenant: {tier: {"entries", "bytes"}}}`` for host and disk (None: the default
+        tenant). A scan of both indexes: call it off the event loop."""
+        out: dict[str | None, dict[str, dict[str, int]]] = {}
+        for tier in (self.host, self.disk):
+            for tenant, (entries, nbytes) in tier.usage_by_tenant().items():
+                out.setdefault(tenant, {})[tier.name] = {"entries": entries, "bytes": nbytes}
+        return out
+
+    def stats(self) -> dict:
+        doc = {t.name: t.stats() for t in self.tiers}
+        if self.device is not None:
+            doc["device"] = self.device.stats()
+        doc["claims"] = self.claims.stats()
+        doc["events"] = self.events.stats()
+        with self._counts_lock:
+            doc["disk"].update(write_backs=self.counts["write_backs"], persist_errors=self.counts["persist_errors"])
+            doc["host"].update(promotions=self.counts["promotions"], served_in_place=self.counts["served_in_place"])
+            doc["events"]["relays_refused"] = self.counts["relays_refused"]
+        return doc
+
+    def close(self) -> None:
+        """Flush disk writes, close LMDB, remove the arena file. Idempotent."""
+        if self._lock_fd < 0:
+            return
+        if getattr(self, "device", None) is not None:
+            self.device.close()
+            self.device = None
+        for t in self.lower:
+            t.close()
+        self.host.close()
+        forget_arena(self.config.data_dir)
+        os.close(self._lock_fd)  # releases the flock
+        self._lock_fd = -1
+
+
+def _check_key(key: str, view: EntryView) -> None:
+    """A lower tier's entry must be the one asked for (a tenant's key is ``tenant@ns/hash``)."""
+    own = f"{view.metadata['namespace']}/{view.metadata['hash']}"
+    if own != key.rpartition("@")[2]:
+        raise ValueError(f"entry names {own!r}, stored under {key!r}")
+
+
+def _describe(tier: str, view: EntryView) -> dict:
+    doc: dict[str, Any] = {"tier": tier, "num_tokens": int(view.parsed.tensors["embeddings"].shape[0])}
+    if "image_grid_thw" in view.parsed.tensors:
+        doc["image_grid_thw"] = view.get_array("image_grid_thw").tolist()
+    return doc
+
+
+_STORED_KEY = re.compile(r"(?:[A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9._-]{1,128}/[0-9a-f]{64}")
+_EVENT_TIERS = frozenset({"host", "disk", "remote", "device", "all"})
+MAX_EVENT_BYTES = 1 << 40
+
+
+def relayed_event(doc: dict) -> tuple[str, str, str, int, str, float | None] | None:
+    """``(kind, key, tier, bytes, node, ts)`` of a well-formed event from the remote's stream, or
+    None: a known kind and tier, a key as the store names keys, 0 <= bytes <= 1 TiB, a printable
+    node name of at most 128 characters, a finite non-negative time."""
+    kind, key, tier, node = doc.get("kind"), doc.get("key"), doc.get("tier"), doc.get("node")
+    if kind not in ("stored", "evicted", "deleted") or tier not in _EVENT_TIERS:
+        return None
+    if not isinstance(key, str) or len(key) > 260 or not _STORED_KEY.fullmatch(key):
+        return None
+    if not isinstance(node, str) or not 0 < len(node) <= 128 or not node.isprintable():
+        return None
+    try:
+        nbytes, ts = int(doc.get("bytes", 0)), float(doc.get("ts", 0))
+    except (TypeError, ValueError):
+        return None
+    if not 0 <= nbytes <= MAX_EVENT_BYTES or not math.isfinite(ts) or ts < 0:
+        return None
+    return kind, key, tier, nbytes, node, ts or None
