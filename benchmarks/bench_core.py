@@ -14,7 +14,7 @@ Rows, for each entry size (fp16 embeddings of hidden 4096, as a 7B LLaVA's proje
 - promote:         get over the Unix socket of an entry only on disk: the sidecar verifies it,
                    copies it into the arena, and the client views it there (the design's choice
                    over clients opening LMDB themselves: one verified copy, then zero-copy hits)
-Targets (issue #2): zero-copy get flat in size (64 MiB within 2x of 64 KiB); put >= 50% of memcpy.
+Targets: zero-copy get flat in size (64 MiB within 2x of 64 KiB); put >= 50% of memcpy.
 
 Then (``benchmarks/pressure.py``) fragmentation under a churn of mixed sizes, old allocator
 against new, and ``/healthz`` latency during a put/delete burst with the sidecar in its own

@@ -10,7 +10,7 @@ sidecar B reads each over ``unix://``, where only the remote has it. Rows (media
 - raw redis-py GET:     the same bytes straight from redis-py (the peer: what any client of the
                         store pays)
 - get from host (B):    the same entries again, now in B's arena (the local floor)
-Target (issue 19): get from remote within 1.5x of the raw redis-py GET.
+Target: get from remote within 1.5x of the raw redis-py GET.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ For each entry size (bf16 embeddings of hidden 4096: 4.5 MiB is LLaVA's 576 toke
 - socketpair:        a 16-byte round trip to another process over a Unix socketpair (the floor
                      of any local control message)
 
-Targets (issue 18): get of 4.5 MiB <= 30 us median and <= 0.1x its memcpy; get_many of 10 <= 3 us
+Targets: get of 4.5 MiB <= 30 us median and <= 0.1x its memcpy; get_many of 10 <= 3 us
 per key beyond the first; put >= 80% of memcpy bandwidth at 4.5 MiB; HTTP GET <= redis-py GET;
 get flat in size.
 """

@@ -32,7 +32,7 @@ the entry if it fits the capacity at all, after evicting ``choose_victims(need_b
                SIGMETRICS'18): evict the largest ``size * (next request - now)``. Shown for
                hit ratio only; gaps are measured against ``belady``.
 All requests count, the cold start included; capacities are fractions of the Zipf pool's bytes.
-Target (issue, with reused images 50%): the cost-aware policy closes at least half the gap in byte
+Target (with reused images 50%): the cost-aware policy closes at least half the gap in byte
 hit ratio between LRU and belady, ``(policy - lru) / (belady - lru) >= 0.5``, at every capacity;
 printed for both cost-aware policies, ``gdsf`` and ``cost-lfu`` (decayed frequency instead of
 GDSF's inflation).

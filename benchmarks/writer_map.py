@@ -1,4 +1,4 @@
-"""How a writer may reach the arena, measured (issue 16: "a writer can write only into its own
+"""How a writer may reach the arena, measured ("a writer can write only into its own
 reservation ... your call, measured").
 
 A local writer (the SDK over ``unix://``) fills its reservation in the shared arena, then the

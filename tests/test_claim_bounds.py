@@ -1,4 +1,4 @@
-"""Claims are a shared resource with a cap and an answer past it (issue: "shared without fear").
+"""Claims are a shared resource with a cap and an answer past it.
 
 The attacks as they were made: one client flooding claims (1.2 million accepted, +300 MiB), and a
 claim with a 600 s TTL on a real key making encoders wait ten minutes."""

@@ -1,4 +1,4 @@
-"""The cache under pressure and under attack (issue 16): contiguous eviction, "no space" as an
+"""The cache under pressure and under attack: contiguous eviction, "no space" as an
 answer, disk entries served when host cannot take them, views that live exactly as long as their
 leases, writers that die or keep scribbling, hostile costs, arenas over tmpfs, and a loop that
 stays responsive."""

@@ -126,7 +126,7 @@ async def test_second_request_for_an_image_is_a_cache_hit(encoder_client, sideca
 
 
 async def test_a_hit_is_looked_up_before_any_pixel_is_decoded(encoder_client, monkeypatch):
-    """The encoder hashes the bytes and looks up first: only misses are decoded (issue 18)."""
+    """The encoder hashes the bytes and looks up first: only misses are decoded."""
     import encoder_worker.media as media
 
     decoded = []

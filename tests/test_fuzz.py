@@ -1,4 +1,4 @@
-"""The fuzz targets (issue 35 item 10): each runs clean over its seed corpus (what libFuzzer
+"""The fuzz targets: each runs clean over its seed corpus (what libFuzzer
 starts from, and the regressions found so far), and the driver reports a target that lets an
 undocumented exception escape, naming the input that did it (so a finding cannot go unseen)."""
 

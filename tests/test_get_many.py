@@ -1,4 +1,4 @@
-"""``get_many`` (issue 18 item 1): a batch of keys leased in one round trip over ``unix://`` and
+"""``get_many``: a batch of keys leased in one round trip over ``unix://`` and
 fetched with one ``POST /v1/batch_get`` over HTTP; order kept, misses None, one lease per found
 key, every lease given back when the batch closes or its process dies."""
 

@@ -1,4 +1,4 @@
-"""HTTP bounds (issue 16, items 6 and 7): batch_get streams within a memory budget, JSON bodies
+"""HTTP bounds: batch_get streams within a memory budget, JSON bodies
 are capped chunked or not, a reader that never reads cannot pin an entry, idle sockets cannot
 lock out HTTP or the Unix socket, slow request heads time out, the backlog is what we ask for.
 

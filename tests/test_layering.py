@@ -1,4 +1,4 @@
-"""The project's dependencies point one way (DESIGN.md "Layout"; docs/architecture.md):
+"""The project's dependencies point one way (docs/architecture.md, "Module map" and "Layering"):
 
     mmcache_client  <-  mmcache.common  <-  mmcache (the sidecar)
           ^                   ^

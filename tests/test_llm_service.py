@@ -188,7 +188,7 @@ async def test_epd_equals_aggregated_and_generate(stack, sidecar, model_dir, ima
 @module_loop
 async def test_a_five_image_prefill_makes_a_bounded_number_of_round_trips(stack, sidecar, images):
     """Prefill leases all of a request's images in one round trip and releases them in one
-    (issue 18): counted in the sidecar's stats, the same for 5 images as for 1."""
+   : counted in the sidecar's stats, the same for 5 images as for 1."""
     from mmcache.sidecar.server import LOCAL_OPS
 
     uris = [images[i % len(images)][0] for i in range(5)]

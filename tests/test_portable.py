@@ -1,4 +1,4 @@
-"""``mmcache export`` / ``mmcache import`` (issue 23 item 2): a sidecar's entries to a folder of
+"""``mmcache export`` / ``mmcache import``: a sidecar's entries to a folder of
 safetensors shards + a Parquet manifest, and back into a fresh sidecar bit for bit; a shard that
 fails any check is refused whole and named, the others imported. Real sidecars (threaded, with a
 Unix socket), tiny entries, several shards."""

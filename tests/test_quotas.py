@@ -1,4 +1,4 @@
-"""Tenant quotas (issue 35 item 5): in ``--tenants FILE`` a token may map to
+"""Tenant quotas: in ``--tenants FILE`` a token may map to
 ``{tenant = NAME, quota = BYTES}``; the tenant then holds at most ``quota`` bytes in host and at
 most ``quota`` on disk, a put past it evicts only the tenant's own entries (or gets 503), and its
 entries are never evicted for another tenant (``mmcache.core.quotas``).

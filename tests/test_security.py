@@ -1,4 +1,4 @@
-"""Security defaults (DESIGN.md "Keys", "Security defaults"): keys of another width refused by
+"""Security defaults (docs/architecture.md "Keys and entries", docs/operating.md "Security"): keys of another width refused by
 every route, bearer schemes in any case, secrets from files and the environment rather than
 argv, no sidecar beyond loopback without a token, a private data dir, the router's API key,
 and ``mmcache up --host`` exposing the router alone (its launch plan, then a real stack)."""

@@ -1,4 +1,4 @@
-"""The sidecar's HTTP API (DESIGN.md "HTTP API of the sidecar") against a ThreadedSidecar."""
+"""The sidecar's HTTP API (docs/sidecar.md) against a ThreadedSidecar."""
 
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ def test_a_second_request_for_the_same_image_encodes_nothing(epd):
 
 
 def test_a_request_whose_images_are_all_cached_reaches_no_encoder(epd):
-    """The router hashes data: URIs and looks them up itself (issue 18): a request whose images
+    """The router hashes data: URIs and looks them up itself: a request whose images
     are all cached goes straight to prefill; one with a new image sends only that to an encoder."""
     a, b, c = image(350)[0], image(351)[0], image(352)[0]
     extra = {"extra_body": {"return_token_ids": True}}

@@ -1,4 +1,4 @@
-"""Tenants (issue 17 item 4): ``mmcache serve --tenants FILE`` scopes every request to its token's
+"""Tenants: ``mmcache serve --tenants FILE`` scopes every request to its token's
 tenant, so two tenants' ``ns/hash`` are different entries on every route (GET, HEAD, PUT, DELETE,
 lookup, batch_get) and over the Unix socket; the default tenant (the sidecar's own token, a local
 connection without one) may act for a tenant; stats are per tenant as well as in total.

@@ -1,4 +1,4 @@
-"""Tenants through the router end to end (issue 17 item 4): ``mmcache up --tenants FILE`` maps
+"""Tenants through the router end to end: ``mmcache up --tenants FILE`` maps
 OpenAI API keys to tenants; the router passes the tenant to the encoders and prefill, so tenant
 B's request for an image tenant A already had encoded is a miss in B's scope (encoded again,
 never served A's entry), and an entry planted under the plain key by someone else is never read

@@ -1,4 +1,4 @@
-"""``mmcache warm`` (issue 23 item 1): a corpus encoded into the cache ahead of traffic.
+"""``mmcache warm``: a corpus encoded into the cache ahead of traffic.
 
 Fast tests drive ``mmcache.ops.warm`` against a real sidecar and a scripted encoder (it stores a
 small entry per image, refuses images that begin with ``BAD``, answers 503 when told to), so

@@ -1,4 +1,4 @@
-"""``mmcache warm`` as users run it (issue 23 item 1), with the built-in model: into a running
+"""``mmcache warm`` as users run it, with the built-in model: into a running
 ``mmcache up`` (found by its data dir), and through an encoder it starts itself (``--model``)
 into a sidecar whose host tier is smaller than the Parquet file it warms."""
 

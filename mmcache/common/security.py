@@ -1,4 +1,4 @@
-"""Security defaults shared by every server of the stack (DESIGN.md "Security defaults").
+"""Security defaults shared by every server of the stack (docs/operating.md, "Security").
 
 - Secrets (the sidecar's token, the router's API key) come from a file or the environment, so
   they never show in ``ps``: ``resolve_secret`` reads ``--x`` < ``--x-file`` < ``$ENV`` in that

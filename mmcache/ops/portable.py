@@ -1,4 +1,4 @@
-"""``mmcache export`` / ``mmcache import`` (issue 23): a sidecar's entries to a folder and back.
+"""``mmcache export`` / ``mmcache import``: a sidecar's entries to a folder and back.
 
 An export folder (``mmcache.ops.export_format`` describes and writes it, ``mmcache.ops.export_reader``
 checks it; plain ``safetensors`` and ``pyarrow`` read it)::

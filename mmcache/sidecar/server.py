@@ -1,4 +1,4 @@
-"""The sidecar's HTTP API (``mmcache serve``): see DESIGN.md "HTTP API of the sidecar".
+"""The sidecar's HTTP API (``mmcache serve``): see docs/sidecar.md.
 
 ``create_app(config)`` builds the aiohttp application; the store, the local Unix-socket server
 and the disk writer live in ``cleanup_ctx``, so a graceful stop finishes in-flight requests,

@@ -527,6 +527,8 @@ def run(config: StackConfig) -> int:
         if config.remote or config.redis_cluster:
             mode += "; remote tier " + (config.remote and "given" or f"a {config.redis_cluster}-master redis cluster")
         print(f"mmcache up: {url}/v1 (model {config.model}; {mode}). Ctrl-C stops it.", flush=True)
+        if not config.aggregated and config.nodes == 1:
+            print(f"mmcache up: the cache (sidecar) listens on unix://{stack.socket_path}", flush=True)
         status = stack.supervise()
     except _Stop:
         pass

@@ -1,7 +1,7 @@
 """The remote tier: entry blobs in a Redis or Valkey server or cluster, shared by many sidecars.
 
 Keys are ``mmc:v1:<stored key>`` (``ns/hash``, or ``tenant@ns/hash`` for a tenant's entry) and
-values the entry blob, unchanged (``../shared/DESIGN.md``, "Remote tier and scale-out").
+values the entry blob, unchanged (``docs/operating.md``, "Many nodes, one cache").
 
 - Reads (``contains``, ``lease``) go to the remote with a bounded timeout. A value that fails
   verification (truncated, corrupt, another key's) is a miss, and it is deleted there.

@@ -177,7 +177,7 @@ def open_lease(state: SessionState, arena: Any, lmdb_path: str | None, key: str,
         buf = txn.get(loc.stored_key.encode())
         if buf is None:
             raise LeaseVanished(f"{key}: deleted from disk between its lease and this read")
-        view = read_entry(buf, verify=True)  # NOTE: from disk: verified, as DESIGN.md asks
+        view = read_entry(buf, verify=True)  # NOTE: from disk: verified, as docs/architecture.md says
     except BaseException:
         txn.abort()
         raise
