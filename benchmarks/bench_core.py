@@ -44,6 +44,7 @@ from mmcache_client import CacheClient, content_hash
 
 from mmcache.sidecar.config import ServeConfig, parse_size
 from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.tiers.wiring import open_store
 
 NS = "bench"
 HIDDEN = 4096
@@ -123,7 +124,7 @@ def main() -> int:
     print(f"median of {args.repeats} repeats; fp16 embeddings, hidden {HIDDEN}; arena {arena_bytes >> 20} MiB in /dev/shm\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = TieredStore(StoreConfig(data_dir=os.path.join(tmp, "data"), host_capacity_bytes=arena_bytes,
+        store = open_store(StoreConfig(data_dir=os.path.join(tmp, "data"), host_capacity_bytes=arena_bytes,
                                         disk_capacity_bytes=8 * arena_bytes))
         url, sidecar_store, stop_sidecar = start_sidecar(tmp, arena_bytes)
         client = CacheClient(url)

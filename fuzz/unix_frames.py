@@ -23,12 +23,13 @@ with instrumented():
     from mmcache.sidecar.local_server import _EXPECTED, MAX_MESSAGE_BYTES
     from mmcache.sidecar.local_session import LocalSession
     from mmcache.common.tenants import Tenants
-    from mmcache.core.store import StoreConfig, TieredStore
+    from mmcache.core.store import StoreConfig
+    from mmcache.tiers.wiring import open_store
     from mmcache_client import wire
 
 logging.disable(logging.WARNING)  # NOTE: refused ops log; a million of them say nothing new
 _dir = tempfile.mkdtemp(prefix="mmc-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-STORE = TieredStore(StoreConfig(data_dir=_dir, host_capacity_bytes=4 << 20, disk_capacity_bytes=8 << 20,
+STORE = open_store(StoreConfig(data_dir=_dir, host_capacity_bytes=4 << 20, disk_capacity_bytes=8 << 20,
                                 disk_max_queued_bytes=4 << 20, tenant_quotas={"alice": 1 << 20}))
 TENANTS = Tenants({"alice-token-0123456789abcdef": {"tenant": "alice", "quota": 1 << 20},
                    "bob-token-0123456789abcdef": "bob"})

@@ -19,6 +19,7 @@ from mmcache.sidecar.config import ServeConfig, parse_size
 from mmcache_client import CacheClient, content_hash
 from mmcache_client.format import read_entry
 from sidecar import SidecarProcess
+from mmcache.tiers.wiring import open_store
 
 NS = "cli-ns"
 
@@ -270,9 +271,10 @@ def test_environment_names_follow_the_flags_and_a_typo_is_reported():
 
 
 def test_known_user_errors_are_one_line_not_a_traceback(tmp_path):
-    from mmcache.core.store import StoreConfig, TieredStore
+    from mmcache.core.store import StoreConfig
+    from mmcache.tiers.wiring import open_store
 
-    holder = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=1 << 20,
+    holder = open_store(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=1 << 20,
                                      arena_path=str(tmp_path / "arena")))
     try:
         code, _, err = finish(cli("serve", "--data-dir", str(tmp_path / "d"), "--port", "0", "--host-capacity", "1MiB"))

@@ -20,7 +20,8 @@ import pytest
 
 from mmcache.sidecar.config import ServeConfig
 from mmcache.tiers.host import HostTier
-from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.core.store import StoreConfig
+from mmcache.tiers.wiring import open_store
 from mmcache.core.tier import PutStatus
 from mmcache_client import CacheClient, CacheFull, EntryTooLarge, LeaseLost, content_hash
 from mmcache_client.arena import ArenaTooLarge
@@ -192,7 +193,7 @@ def test_a_disk_entry_is_served_in_place_while_host_is_all_leased(sidecar):
 
 
 def test_durable_put_larger_than_the_disk_tier_stores_nothing(tmp_path):
-    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=4 * MiB,
+    store = open_store(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=4 * MiB,
                                     disk_capacity_bytes=256 * KiB, arena_path=str(tmp_path / "arena")))
     try:
         k = f"{NS}/{h('huge')}"
@@ -267,7 +268,7 @@ def test_a_full_disk_queue_is_a_503_and_stores_nothing(tmp_path):
 def test_the_disk_queue_bound_spares_write_through_from_host(tmp_path):
     """Write-through copies from the arena in place (host's capacity bounds them): a queue bound
     smaller than one entry refuses none of them, and an empty queue admits any size."""
-    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=8 * MiB,
+    store = open_store(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=8 * MiB,
                                     disk_capacity_bytes=64 * MiB, arena_path=str(tmp_path / "arena"),
                                     disk_max_queued_bytes=1))
     try:
@@ -357,14 +358,14 @@ def test_an_arena_over_the_tmpfs_behind_it_is_refused_with_the_sizes(tmp_path, m
 
     monkeypatch.setattr(os, "statvfs", lambda p: Small(real(p)))  # Docker's 64 MiB /dev/shm
     with pytest.raises(ArenaTooLarge, match=r"67108864 of its 67108864 bytes are free") as e:
-        TieredStore(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=256 * MiB,
+        open_store(StoreConfig(data_dir=str(tmp_path / "d"), host_capacity_bytes=256 * MiB,
                                 arena_path=str(tmp_path / "arena")))
     assert "268435456" in str(e.value) and not (tmp_path / "arena").exists()
     monkeypatch.setattr(os, "statvfs", real)
     # statvfs said yes but the pages are not there: fallocate is the real check
     monkeypatch.setattr(os, "posix_fallocate", lambda fd, off, n: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(ArenaTooLarge, match="No space left"):
-        TieredStore(StoreConfig(data_dir=str(tmp_path / "d2"), host_capacity_bytes=1 * MiB,
+        open_store(StoreConfig(data_dir=str(tmp_path / "d2"), host_capacity_bytes=1 * MiB,
                                 arena_path=str(tmp_path / "arena2")))
     assert not (tmp_path / "arena2").exists()
 

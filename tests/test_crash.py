@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mmcache.core.data_dir import DataDirInUse
-from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.core.store import StoreConfig
+from mmcache.tiers.wiring import open_store
 from mmcache_client import CacheClient, CacheUnavailable, content_hash
 from mmcache_client.format import read_entry
 from sidecar import SidecarProcess
@@ -82,15 +83,15 @@ def test_kill_9_mid_stream_keeps_every_durable_entry(tmp_path):
 def test_one_data_dir_one_store(tmp_path):
     cfg = StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=8 << 20,
                       arena_path=str(tmp_path / "a1"))
-    first = TieredStore(cfg)
+    first = open_store(cfg)
     try:
         with pytest.raises(DataDirInUse, match="in use"):
-            TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20,
+            open_store(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20,
                                     disk_capacity_bytes=8 << 20, arena_path=str(tmp_path / "a2")))
     finally:
         first.close()
     assert not (tmp_path / "a1").exists()
-    second = TieredStore(cfg)  # the lock went with the first store
+    second = open_store(cfg)  # the lock went with the first store
     second.close()
 
 
@@ -99,7 +100,7 @@ def test_entries_read_back_from_lmdb_directly_are_all_valid(tmp_path):
     import lmdb
 
     cfg = StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=8 << 20)
-    store = TieredStore(cfg)
+    store = open_store(cfg)
     for i in range(20):
         store.put(f"{NS}/{content_hash(str(i).encode())}", {"embeddings": _emb(i)})
     store.close()

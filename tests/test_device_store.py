@@ -15,6 +15,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor
 from mmcache.sidecar.config import ServeConfig
 from mmcache.tiers.device import DeviceTier, DeviceTierConfig
 from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.tiers.wiring import open_store
 from mmcache_client import BadRequest, CacheClient, Key, content_hash
 from mmcache_client.arena import SharedArena
 from mmcache_client.cuda import handle_doc, ipc_args
@@ -44,7 +45,7 @@ def put(store: TieredStore, name: str, value: float, *, persist: bool = True) ->
 def store(tmp_path):
     """A store whose device tier holds two entries (a CPU-backed fake: the same accounting)."""
     tier = DeviceTier.fake(DeviceTierConfig(capacity_bytes=2 * ENTRY_TENSOR_BYTES))
-    s = TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20),
+    s = open_store(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20),
                     device_tier=tier)
     yield s
     s.close()
@@ -264,9 +265,10 @@ def test_eviction_of_what_a_tier_below_holds_copies_nothing(store):
 
 _NO_CONTEXT = """
 import sys, torch
-from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.core.store import StoreConfig
+from mmcache.tiers.wiring import open_store
 from mmcache_client import CacheClient
-s = TieredStore(StoreConfig(data_dir=sys.argv[1], host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20))
+s = open_store(StoreConfig(data_dir=sys.argv[1], host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20))
 assert s.device is None and "device" not in s.stats()
 s.close()
 print("initialized" if torch.cuda.is_initialized() else "no context")
@@ -284,10 +286,10 @@ def test_without_a_device_tier_nothing_of_it_shows_and_no_cuda_context(tmp_path)
 @no_gpu
 def test_a_device_tier_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="needs a CUDA GPU.*--device-capacity"):
-        TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20,
+        open_store(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20,
                                 device_capacity_bytes=1 << 20))
     # the data dir is free again (its lock let go), and the arena gone
-    TieredStore(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20)).close()
+    open_store(StoreConfig(data_dir=str(tmp_path), host_capacity_bytes=1 << 20, disk_capacity_bytes=4 << 20)).close()
     assert not torch.cuda.is_initialized()
 
 

@@ -97,13 +97,10 @@ FOLDERS = {
 """Each folder's job, and what it may import of its own package. ``mmcache.cli`` and
 ``llm_worker.cli`` (the commands) may import any folder of theirs."""
 FOLDER_DEBTS = {
-    # NOTE: the store wires the tiers it is built from (and names their types); to go when the
-    # tiers are handed to it by a builder outside core. Debt to pay down, not to grow.
-    "mmcache.core.store": {"mmcache.tiers"}, "mmcache.core.store_types": {"mmcache.tiers"},
-    "mmcache.core.claims": {"mmcache.tiers"},
-    # NOTE: mmcache up starts the stack's local Redis cluster and checks the tiers' settings.
-    "mmcache.stack.up": {"mmcache.tiers"}, "mmcache.stack.redis_local": {"mmcache.tiers"},
+    # NOTE: mmcache up checks a --remote URL with the remote tier's own parser.
+    "mmcache.stack.up": {"mmcache.tiers"},
 }
+"""Edges a folder's rule does not allow, listed one by one: debt to pay down, not to grow."""
 
 
 def _folder(module: str) -> str | None:
@@ -150,6 +147,7 @@ def test_every_folder_has_a_job():
 def test_the_rule_catches_what_it_should():
     assert _broken("mmcache.tiers.host", "mmcache.sidecar.server")
     assert _broken("mmcache.core.events", "mmcache.tiers.host")
+    assert _broken("mmcache.core.store", "mmcache.tiers.host")  # the store is handed its tiers (tiers.wiring)
     assert _broken("llm_worker.engine.engine", "llm_worker.router.router")
     assert _broken("mmcache.sidecar.server", "mmcache.tiers.host") is None
     assert _broken("mmcache.core.store", "encoder_worker.media")

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmcache.tiers.host import EntryExists, HostTier
+from mmcache.core.tier import EntryExists
+from mmcache.tiers.host import HostTier
 from mmcache.core.tier import PutStatus
-from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.core.store import StoreConfig
+from mmcache.tiers.wiring import open_store
 from mmcache_client import Key, content_hash
 from mmcache_client.format import plan_entry, read_entry
 
@@ -112,7 +114,7 @@ def make_store(tmp_path):
     stores = []
 
     def make(host_bytes=64 << 10, disk_bytes=1 << 20, **kw):
-        s = TieredStore(StoreConfig(data_dir=str(tmp_path / "data"), host_capacity_bytes=host_bytes,
+        s = open_store(StoreConfig(data_dir=str(tmp_path / "data"), host_capacity_bytes=host_bytes,
                                     disk_capacity_bytes=disk_bytes, arena_path=str(tmp_path / f"arena{len(stores)}"), **kw))
         stores.append(s)
         return s
@@ -248,7 +250,7 @@ def test_owner_index_tracks_leases_and_reservations(host):
 
 def test_host_only_entries_never_reach_disk(tmp_path):
     """``persist=False`` entries (the KV hand-off) live in the arena only: no write-through, no write-back."""
-    store = TieredStore(StoreConfig(data_dir=str(tmp_path / "data"), host_capacity_bytes=64 << 10,
+    store = open_store(StoreConfig(data_dir=str(tmp_path / "data"), host_capacity_bytes=64 << 10,
                                     arena_path=str(tmp_path / "arena")))
     try:
         kv_keys = [f"kv.model/{content_hash(f'kv{i}'.encode())}" for i in range(12)]

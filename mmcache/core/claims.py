@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 from mmcache_client.errors import TooManyRequests
 
-if TYPE_CHECKING:
-    from mmcache.tiers.remote import RemoteTier
 
 DEFAULT_TTL_MS = 30_000
 MAX_TTL_MS = 600_000
@@ -52,7 +50,7 @@ class Claims:
     first claim expires), so one client cannot grow the table without bound. A TTL is clamped to
     ``ttl_max_ms``: nobody can make encoders wait longer than that on a key."""
 
-    def __init__(self, exists: Callable[[str], bool], remote: "RemoteTier | None" = None, *,
+    def __init__(self, exists: Callable[[str], bool], remote: Any = None, *,
                  max_claims: int = DEFAULT_MAX_CLAIMS, max_claims_per_owner: int = DEFAULT_MAX_CLAIMS_PER_OWNER,
                  ttl_max_ms: int = DEFAULT_TTL_MAX_MS):
         for name, value in (("max_claims", max_claims), ("max_claims_per_owner", max_claims_per_owner),
@@ -61,6 +59,7 @@ class Claims:
                 raise ValueError(f"{name}={value!r} must be an integer > 0")
         self._exists = exists
         self.remote = remote
+        """The shared remote tier (its ``claim``/``release_claim``), or None: claims are this node's."""
         self.max_claims, self.max_claims_per_owner, self.ttl_max_ms = max_claims, max_claims_per_owner, ttl_max_ms
         self._lock = threading.Lock()
         self._table: dict[str, tuple[str, float]] = {}

@@ -30,32 +30,16 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 from mmcache.core.claims import Claims
-from mmcache.tiers.device_front import DeviceFront
-from mmcache.tiers.disk import DiskTier, DiskTierConfig
+from mmcache.core.data_dir import forget_arena
 from mmcache.core.events import EventBus
-from mmcache.tiers.host import EntryExists, HostTier, Owner, Reservation
-from mmcache.core.quotas import TenantLedger
-from mmcache.tiers.remote import RemoteTier
-from mmcache.core.data_dir import forget_arena, lock_data_dir, record_arena, remove_stale_arena  # noqa: F401
 from mmcache.core.store_types import RETRY_AFTER_S, Lease, PutResult, StoreConfig  # noqa: F401 - the store's own names
-from mmcache.core.tier import PutStatus, Tier, TierLease
-from mmcache.core.write_down import _WRITER, WriteDown
+from mmcache.core.tier import EntryExists, Owner, PutStatus, Reservation, Tier, TierLease
+from mmcache.core.write_down import WriteDown
 from mmcache_client.errors import CacheFull, EntryTooLarge
 from mmcache_client.format import EntryPlan, EntryView, parse_entry, plan_entry, read_entry, verify_checksum
 from mmcache_client.keys import Key
 
 logger = logging.getLogger(__name__)
-
-def _warn_oversubscribed(config: StoreConfig) -> None:
-    """Quotas are guarantees too: past a tier's capacity, a full tier answers 503 to tenants
-    with nothing of their own to evict."""
-    total = sum(config.tenant_quotas.values())
-    for tier, capacity in (("host", config.host_capacity_bytes), ("disk", config.disk_capacity_bytes)):
-        if total > capacity:
-            logger.warning("tenant quotas add up to %s bytes, more than the %s tier's %s: a tenant's entries within "
-                           "its quota are evicted only for that tenant, so a full %s tier can refuse others' puts (503)",
-                           total, tier, capacity, tier)
-
 
 def _key_str(key: Key | str) -> str:
     return key if isinstance(key, str) else key.to_string()
@@ -68,84 +52,61 @@ def _cost(metadata: Mapping[str, str]) -> float:
     return cost_ms
 
 
-class TieredStore(WriteDown):
+class TieredStore:
     """Host over the lower tiers behind one interface, and a device tier in front where one is
-    configured (``device``: promoted into on a reader's ask, see ``mmcache.tiers.device_front``).
-    Thread-safe; one per sidecar process. ``device_tier``: a ``DeviceTier`` made by the caller
-    (the CPU tests pass ``DeviceTier.fake``) instead of the one ``config`` asks for."""
+    attached (``mmcache.tiers.device_front``: promoted into on a reader's ask). Thread-safe; one
+    per sidecar process. Built by ``mmcache.tiers.wiring.open_store``, which opens the tiers
+    ``config`` asks for and hands them here; the store owns them from then on (``close``).
 
-    def __init__(self, config: StoreConfig, *, device_tier: Any = None):
+    ``host``: the read tier (the shared arena), ``disk``: the durable tier below it, ``events``:
+    the inventory bus, ``lock_fd``: the data dir's lock, held until ``close``."""
+
+    def __init__(self, config: StoreConfig, *, host: Any, disk: Tier, events: EventBus, lock_fd: int):
         self.config = config
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-        self._lock_fd = lock_data_dir(config.data_dir)
-        self.events = EventBus(config.node or f"{socket.gethostname()}:{os.getpid()}",
-                               max_followers=config.max_event_followers,
-                               max_followers_per_tenant=config.max_event_followers_per_tenant)
-        try:
-            remove_stale_arena(config.data_dir, config.arena_path)
-            _warn_oversubscribed(config)
-            self.disk = DiskTier(DiskTierConfig(
-                path=os.path.join(config.data_dir, "lmdb"), capacity_bytes=config.disk_capacity_bytes,
-                policy=config.disk_policy, flush_interval_ms=config.disk_flush_interval_ms,
-                max_queued_bytes=config.disk_max_queued_bytes), TenantLedger(config.tenant_quotas))
-            try:
-                self.host = HostTier(config.resolved_arena_path(), config.host_capacity_bytes,
-                                     policy=config.host_policy, on_dirty=self._write_back,
-                                     persisted=self._persisted,
-                                     on_evict=lambda key, n: self.events.publish("evicted", key, "host", n),
-                                     ledger=TenantLedger(config.tenant_quotas))
-            except BaseException:
-                self.disk.close()
-                raise
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
-        self.remote: RemoteTier | None = None
-        if config.remote is not None:
-            try:
-                self.remote = RemoteTier(config.remote, verify_key=_check_key, node=self.events.node,
-                                         on_event=self._relay, on_stored=self._remote_stored)
-            except BaseException:
-                self.host.close()
-                self.disk.close()
-                os.close(self._lock_fd)
-                raise
-        self.lower: list[Tier] = [self.disk, *([self.remote] if self.remote is not None else [])]
+        self._lock_fd = lock_fd
+        self.events = events
+        self.host, self.disk = host, disk
+        self.remote: Tier | None = None
+        self.lower: list[Tier] = [disk]
         """Tiers below host, in the order reads search them."""
         self.durable: list[Tier] = [t for t in self.lower if t.durable]
         """The lower tiers host relies on (evicts into) and puts consult; not the remote."""
-        self.tiers: list[Tier] = [self.host, *self.lower]
-        self.disk.on_evict = lambda key, n: self.events.publish("evicted", key, "disk", n)
-        if self.remote is not None:
-            self.events.sink = self.remote.emit
-        self.claims = Claims(self.contains, self.remote, max_claims=self.config.max_claims,
-                             max_claims_per_owner=self.config.max_claims_per_owner,
-                             ttl_max_ms=self.config.claim_ttl_max_ms)
-        record_arena(self.config.data_dir, self.host.arena.path)
+        self.best_effort: list[Tier] = []
+        """Lower tiers written behind, waited for by no one (the remote)."""
+        self.tiers: list[Tier] = [host, *self.lower]
         self._counts_lock = threading.Lock()
         self.counts = dict(write_backs=0, persist_errors=0, promotions=0, served_in_place=0, relays_refused=0)
-        self.device: DeviceFront | None = None
-        try:
-            self._open_device(device_tier)
-        except BaseException:
-            self.close()
-            raise
+        self.writer = WriteDown(host, self.durable, self.best_effort, count=self._count, stored=self._stored,
+                                delete=self.delete, persisted=self._persisted)
+        host.on_dirty, host.persisted = self.writer.write_back, self._persisted
+        host.on_evict = lambda key, n: self.events.publish("evicted", key, "host", n)
+        disk.on_evict = lambda key, n: self.events.publish("evicted", key, "disk", n)
+        self.claims = Claims(self.contains, None, max_claims=config.max_claims,
+                             max_claims_per_owner=config.max_claims_per_owner, ttl_max_ms=config.claim_ttl_max_ms)
+        self.device: Any = None
+        """The device tier's front (``DeviceFront``), when one is attached."""
 
-    def _open_device(self, tier: Any) -> None:
-        """The device tier, if any, and the arena pinned for it (host → GPU at pinned speed).
-        NOTE: nothing here touches CUDA without a device tier: no context on a CPU-only node."""
-        if tier is None and self.config.device_capacity_bytes == 0:
+    def attach_remote(self, remote: Tier) -> None:
+        """Put the shared remote below disk: read after it, written behind, its events relayed."""
+        self.remote = remote
+        self.lower.append(remote)
+        self.tiers.append(remote)
+        self.best_effort.append(remote)
+        self.claims.remote = remote
+        self.events.sink = remote.emit
+
+    def relay(self, doc: dict) -> None:
+        """Another node's event, read from the remote's stream: published here under its node,
+        once it passed ``relayed_event``'s checks (anyone who can write the stream could send
+        anything; followers must see only well-formed events). Refused ones are counted."""
+        event = relayed_event(doc)
+        if event is None:
+            self._count("relays_refused")
             return
-        from mmcache.tiers.device import DeviceTier, DeviceTierConfig, cuda_available
+        self.events.publish(*event[:4], node=event[4], ts=event[5])
 
-        if tier is None:
-            if not cuda_available():
-                raise ValueError(f"a device tier of {self.config.device_capacity_bytes} bytes needs a CUDA GPU, and "
-                                 "none is visible: leave --device-capacity at 0 on this machine")
-            tier = DeviceTier(DeviceTierConfig(self.config.device_capacity_bytes, self.config.device,
-                                               self.config.device_policy))
-            self.host.arena.pin()  # NOTE: host → GPU promotions at pinned speed; unpinned when host closes
-        self.device = DeviceFront(self, tier)
+    def remote_stored(self, key: str, nbytes: int) -> None:
+        self.events.publish("stored", key, "remote", nbytes)
 
     def holds_locally(self, key: str) -> bool:
         """Host or a durable tier below holds ``key`` (no network call)."""
@@ -155,19 +116,6 @@ class TieredStore(WriteDown):
         """``key`` is readable from ``tier`` now: end its local claim, tell the followers."""
         self.claims.stored(key)
         self.events.publish("stored", key, tier, nbytes)
-
-    def _remote_stored(self, key: str, nbytes: int) -> None:
-        self.events.publish("stored", key, "remote", nbytes)
-
-    def _relay(self, doc: dict) -> None:
-        """Another node's event, read from the remote's stream: published here under its node,
-        once it passed ``relayed_event``'s checks (anyone who can write the stream could send
-        anything; followers must see only well-formed events). Refused ones are counted."""
-        event = relayed_event(doc)
-        if event is None:
-            self._count("relays_refused")
-            return
-        self.events.publish(*event[:4], node=event[4], ts=event[5])
 
     def _persisted(self, key: str) -> bool:
         return all(t.contains(key) for t in self.durable)
@@ -211,7 +159,7 @@ class TieredStore(WriteDown):
             with contextlib.suppress(ValueError):  # seal frees a reservation it refuses itself
                 self.host.abort(res)
             raise
-        return self._write_through(key, cost_ms, durable)
+        return self.writer.through(key, cost_ms, durable)
 
     def _check_persistable(self, key: str, nbytes: int, persist: bool) -> None:
         if persist and nbytes > self.disk.config.capacity_bytes:
@@ -251,14 +199,11 @@ class TieredStore(WriteDown):
         if any(t.contains(key) for t in self.durable):
             raise EntryExists(key)
         res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
-        if res is PutStatus.NO_SPACE and wait_for_disk and self._writes_pending():
+        if res is PutStatus.NO_SPACE and wait_for_disk and self.writer.pending():
             # NOTE: wait for the batch to commit rather than refuse a put under a burst of writes.
             self.flush()
             res = self.host.reserve(key, nbytes, owner, cost_ms, persist=persist)
         return res
-
-    def _writes_pending(self) -> bool:
-        return self.host.leases_of(_WRITER) > 0
 
     def seal(self, res: Reservation, *, durable: bool = False, verify: bool = True) -> PutResult:
         """Phase two: validate what the (untrusted) writer put in place, then make it visible.
@@ -284,7 +229,7 @@ class TieredStore(WriteDown):
             with contextlib.suppress(ValueError):
                 self.host.abort(res)
             raise
-        return self._write_through(res.key, cost_ms, durable)
+        return self.writer.through(res.key, cost_ms, durable)
 
     def abort(self, res: Reservation) -> None:
         self.host.abort(res)
@@ -308,7 +253,7 @@ class TieredStore(WriteDown):
             if promoted is not None:
                 tier.release(below)
                 if not tier.durable and self.host.persists(key):  # a remote hit lands on disk too
-                    self._copy_down(key, tiers=self.durable)
+                    self.writer.copy_down(key, tiers=self.durable)
                 return promoted
             self._count("served_in_place")
             return Lease(key, owner, tier.name, below.view, below)

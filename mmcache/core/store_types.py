@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from mmcache.core.data_dir import ARENA_PREFIX, arena_dir
-from mmcache.tiers.host import Owner
-from mmcache.tiers.remote_config import RemoteConfig
-from mmcache.core.tier import TierLease
+from mmcache.core.tier import Owner, TierLease
 
 RETRY_AFTER_S = 1
 """What a put that found no room is told to wait (HTTP ``Retry-After``), in seconds."""
@@ -37,7 +35,7 @@ class StoreConfig:
     """Longest wait of the disk writer to gather a batch, in milliseconds."""
     disk_max_queued_bytes: int = 1 << 30
     """Bytes of puts that host cannot take queued for the disk writer at most (then 503)."""
-    remote: RemoteConfig | None = None
+    remote: "RemoteConfig | None" = None  # noqa: F821 - mmcache.tiers.remote_config (core does not import tiers)
     """A Redis/Valkey server or cluster below disk, shared by many sidecars (``mmcache.tiers.remote``)."""
     node: str = ""
     """This sidecar's name in inventory events (``mmcache.core.events``); default ``host:pid``."""

@@ -36,6 +36,21 @@ class PutStatus(enum.Enum):
     """Larger than the tier's capacity: it never fits."""
 
 
+class EntryExists(Exception):
+    """The key is already sealed or being written; entries are immutable."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Room taken in the read tier for an in-place put: the writer fills ``nbytes`` at ``offset``
+    of the arena, then the store seals it (reserve → fill in place → seal)."""
+
+    key: str
+    offset: int
+    nbytes: int
+    owner: Owner
+
+
 @dataclass(frozen=True)
 class TierLease:
     """One reader's pin on an entry of ``tier``; ``view`` is the blob in place (None for tiers

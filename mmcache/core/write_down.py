@@ -1,5 +1,5 @@
-"""Writing down: how an entry sealed in host reaches the tiers below it (``WriteDown``, a part of
-``TieredStore``). Write-through to the durable tiers from the arena in place, the entry pinned
+"""Writing down: how an entry sealed in host reaches the tiers below it (``WriteDown``, owned by
+``TieredStore``, which hands it the tiers and the few hooks it calls back). Write-through to the durable tiers from the arena in place, the entry pinned
 by the store's own lease until they hold it; write-behind to best-effort tiers (the remote);
 write-back of an entry host wants to evict that a lower tier has dropped. A write-down that
 fails fails the durable future (``?durable=1`` is never acknowledged for it), and an entry the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+from typing import Any, Callable
 
 from mmcache.core.store_types import RETRY_AFTER_S, PutResult
 from mmcache.core.tier import PutStatus, Tier
@@ -19,7 +20,7 @@ from mmcache_client.format import EntryFormatError
 
 logger = logging.getLogger("mmcache.core.store")
 
-_WRITER = "mmcache.write-through"
+WRITER = "mmcache.write-through"
 """Owner of the host leases that keep entries in place until the lower tiers hold them."""
 _BEHIND = ("writer", "behind")
 """Owner of the host leases that keep entries in place while a best-effort tier copies them."""
@@ -38,13 +39,27 @@ def _write_down_error(key: str, f: concurrent.futures.Future) -> BaseException |
 
 
 class WriteDown:
-    """The write-down half of ``TieredStore``; it uses the store's tiers, counters and events."""
+    """Copies host's entries to the tiers below: ``durable`` ones (waited for, the entry pinned
+    until they hold it) and ``best_effort`` ones (the remote: nothing waits). ``count`` bumps a
+    store counter, ``stored`` says a key is readable from a tier, ``delete`` removes a key from
+    every tier, ``persisted`` says whether the durable tiers hold a key."""
 
-    def _write_through(self, key: str, cost_ms: float, durable: bool) -> PutResult:
+    def __init__(self, host: Any, durable: list[Tier], best_effort: list[Tier], *, count: Callable[[str], None],
+                 stored: Callable[[str, str, int], None], delete: Callable[[str], bool],
+                 persisted: Callable[[str], bool]):
+        self.host, self.durable, self.best_effort = host, durable, best_effort
+        self._count, self._stored, self._delete, self._persisted = count, stored, delete, persisted
+
+    def pending(self) -> bool:
+        """Write-throughs under way (their entries pin host space until they end)."""
+        return self.host.leases_of(WRITER) > 0
+
+    def through(self, key: str, cost_ms: float, durable: bool) -> PutResult:
+        """``key`` was sealed in host: copy it down (waiting for the durable tiers if ``durable``)."""
         self._stored(key, "host", self.host.nbytes(key))
         if not self.host.persists(key):
             return PutResult(True, "host", None)
-        fut = self._copy_down(key, cost_ms)
+        fut = self.copy_down(key, cost_ms)
         if durable and fut is not None:
             fut.result()
         return PutResult(True, "host", fut)
@@ -62,20 +77,19 @@ class WriteDown:
             raise
         fut.add_done_callback(lambda _f: self.host.release(lease))
 
-    def _copy_down(self, key: str, cost_ms: float | None = None, tiers: list[Tier] | None = None
-                   ) -> concurrent.futures.Future | None:
+    def copy_down(self, key: str, cost_ms: float | None = None, tiers: list[Tier] | None = None
+                  ) -> concurrent.futures.Future | None:
         """Write host's ``key`` to the lower tiers from the arena in place (the disk writer copies
         it into LMDB); the entry stays leased, so unevictable, until they hold it."""
-        lease = self.host.lease(key, _WRITER, count=False)
+        lease = self.host.lease(key, WRITER, count=False)
         if lease is None:
             return None
         cost_ms = self.host.cost_ms(key) if cost_ms is None else cost_ms
         # NOTE: verify=True: arena entries may have been sealed on their writer's word (see seal)
         futures = [t.put(key, lease.view, cost_ms, verify=True) for t in tiers or self.durable]
         if tiers is None:
-            for t in self.lower:
-                if not t.durable:
-                    self._copy_behind(t, key, cost_ms)
+            for t in self.best_effort:
+                self._copy_behind(t, key, cost_ms)
         all_done: concurrent.futures.Future = concurrent.futures.Future()
         remaining = [len(futures)]
         lock = threading.Lock()
@@ -101,7 +115,7 @@ class WriteDown:
                 if corrupt is not None:
                     # NOTE: the writer's checksum does not match its bytes (a local seal trusts
                     # it): what the disk writer refused must not stay readable in the arena either.
-                    self.delete(key)
+                    self._delete(key)
                 if all_done.done():
                     return
                 if failures:  # NOTE: a durable put waits on this: it must not be acknowledged
@@ -113,14 +127,12 @@ class WriteDown:
             f.add_done_callback(one_done)
         return all_done
 
-    def _write_back(self, key: str) -> None:
+    def write_back(self, key: str) -> None:
         """Host wants to evict ``key`` but a lower tier lacks it (e.g. evicted there): copy it
         down first. Called outside the host lock."""
         if self._persisted(key):
             self.host.written_down(key, ok=True)
             return
         self._count("write_backs")
-        if self._copy_down(key, tiers=self.durable) is None:  # deleted meanwhile
+        if self.copy_down(key, tiers=self.durable) is None:  # deleted meanwhile
             self.host.written_down(key, ok=True)
-
-    # ------------------------------------------------------------ reads

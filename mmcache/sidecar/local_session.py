@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from mmcache.core.claims import DEFAULT_TTL_MS
-from mmcache.tiers.host import EntryExists, Reservation
+from mmcache.core.tier import EntryExists, Reservation
 from mmcache.sidecar.listing import DEFAULT_LIST_LIMIT, list_page
 from mmcache.core.store import RETRY_AFTER_S, Lease, TieredStore
 from mmcache.common.tenants import DEFAULT, Principal, Tenants

@@ -26,6 +26,7 @@ from mmcache.tiers.remote_config import RemoteConfig
 from mmcache.sidecar.metrics import Metrics
 from mmcache.common.app import metrics_response
 from mmcache.core.store import StoreConfig, TieredStore
+from mmcache.tiers.wiring import open_store
 from mmcache.sidecar.common import (
     CONFIG,
     STORE,
@@ -215,7 +216,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def _store_ctx(config: ServeConfig):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        store = TieredStore(StoreConfig(
+        store = open_store(StoreConfig(
             data_dir=config.data_dir, host_capacity_bytes=config.host_capacity_bytes,
             disk_capacity_bytes=config.disk_capacity_bytes, arena_path=config.arena_path,
             host_policy=config.host_policy, disk_policy=config.disk_policy,

@@ -29,7 +29,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Hashable
 
-from mmcache.tiers.host import EntryExists
+from mmcache.core.tier import EntryExists
 from mmcache.core.tier import PutStatus
 from mmcache_client.format import plan_entry, read_entry
 from mmcache_client.keys import Key

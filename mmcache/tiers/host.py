@@ -31,18 +31,13 @@ from mmcache.core.leases import LeaseTable
 from mmcache.core.policies import make_policy
 from mmcache.tiers.host_room import HostRoom
 from mmcache.core.quotas import TenantLedger
-from mmcache.core.tier import PutStatus, Tier, TierLease, done
+from mmcache.core.tier import EntryExists, Owner, PutStatus, Reservation, Tier, TierLease, done
 from mmcache_client.arena import SharedArena
 from mmcache_client.format import EntryFormatError, parse_entry, read_entry
 from mmcache_client.wire import Layout
 
 logger = logging.getLogger(__name__)
 
-Owner = Hashable
-
-
-class EntryExists(Exception):
-    """The key is already sealed or being written; entries are immutable."""
 
 
 @dataclass
@@ -71,14 +66,6 @@ class Location:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Reservation:
-    key: str
-    offset: int
-    nbytes: int
-    owner: Owner
-
-
 DirtyHook = Callable[[str], None]
 """Called (outside the lock) with a key the tier wants to evict but a lower tier lacks."""
 EvictHook = Callable[[str, int], None]
@@ -97,7 +84,8 @@ class HostTier(HostRoom, Tier):
         self.arena = SharedArena(arena_path, capacity_bytes, create=True)
         self.policy = make_policy(policy)
         self.on_dirty, self.on_evict = on_dirty, on_evict
-        self._persisted = persisted or (lambda key: True)
+        self.persisted: Callable[[str], bool] = persisted or (lambda key: True)
+        """Whether the tiers below hold a key (an entry they lack is written back before eviction)."""
         self.leases = LeaseTable()
         self.ledger = ledger if ledger is not None else TenantLedger()
         """Tenants' bytes here against their quotas (``mmcache.core.quotas``), reservations included."""

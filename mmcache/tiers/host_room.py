@@ -114,7 +114,7 @@ class HostRoom:
         entry = self._key_to_entry.get(key)
         if entry is None or not entry.sealed or self.leases.is_leased((key, entry.offset)):
             return False
-        if not entry.clean and not self._persisted(key):
+        if not entry.clean and not self.persisted(key):
             if not entry.writing_back and len(dirty) < 64:
                 entry.writing_back = True
                 dirty.append(key)
