@@ -124,16 +124,13 @@ class SidecarProcess:
 
 
 def settled(predicate, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False): for what the
-    sidecar finishes in its own time, such as a one-way release or a closed connection's leases."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(2 * delay, 0.05)
-    return True
+    """Whether ``predicate`` comes to hold within ``timeout`` (``conftest.wait_until``, as a bool)."""
+    from conftest import wait_until
+
+    try:
+        return bool(wait_until(predicate, timeout))
+    except AssertionError:
+        return False
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from mmcache.core.claims import Claims
 from mmcache_client import CacheClient, TooManyRequests, content_hash
 from sidecar import SidecarProcess, unix_sidecar
 from test_encoder_service import CountingEncoder, encode, png_uri, raw_of
+from conftest import wait_until
 
 NS = "caps"
 
@@ -45,14 +46,22 @@ def test_one_owner_is_capped_and_others_still_claim():
     assert claims.stats()["live"] == 100 - 60 + 60 - 1 + 50
 
 
+def _refused_no_more(claims, keys, owner) -> bool:
+    try:
+        return claims.claim(keys, owner)[keys[0]]["state"] == "won"
+    except TooManyRequests:
+        return False
+
+
 def test_all_owners_together_are_capped_and_expired_claims_make_room():
     claims = Claims(lambda key: False, max_claims=300, max_claims_per_owner=100, ttl_max_ms=200)
     for owner in range(3):
         claims.claim(_keys(owner * 100, 100), f"o{owner}", ttl_ms=200)
     with pytest.raises(TooManyRequests, match="--max-claims"):
         claims.claim(_keys(1000, 1), "o9")
-    time.sleep(0.25)
-    assert claims.claim(_keys(1000, 1), "o9")[_keys(1000, 1)[0]]["state"] == "won"
+    t0 = time.monotonic()
+    wait_until(lambda: _refused_no_more(claims, _keys(1000, 1), "o9"), 10, "the expired claims to make room")
+    assert time.monotonic() - t0 >= 0.15  # not before the 200 ms TTL ran out
 
 
 def test_a_long_ttl_is_clamped_so_a_waiter_takes_over_at_the_cap():
@@ -60,8 +69,9 @@ def test_a_long_ttl_is_clamped_so_a_waiter_takes_over_at_the_cap():
     (key,) = _keys(0, 1)
     assert claims.claim([key], "squatter", ttl_ms=600_000)[key] == {"state": "won", "ttl_ms": 300}
     assert claims.claim([key], "encoder")[key]["state"] == "wait"
-    time.sleep(0.35)
-    assert claims.claim([key], "encoder")[key]["state"] == "won"
+    t0 = time.monotonic()
+    wait_until(lambda: claims.claim([key], "encoder")[key]["state"] == "won", 10, "the clamped claim to expire")
+    assert time.monotonic() - t0 >= 0.25  # at the 300 ms cap, not the 600 s asked
 
 
 def test_a_flood_of_claims_from_many_owners_is_bounded_in_memory_and_answered_429(tmp_path):

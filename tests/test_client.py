@@ -18,6 +18,7 @@ from mmcache.sidecar.config import ServeConfig
 from mmcache_client import (AsyncCacheClient, AsyncEntry, BadRequest, CacheClient, CacheUnavailable, CorruptEntry,
                             Entry, EntryTooLarge, content_hash)
 from sidecar import ThreadedSidecar, refused_port
+from conftest import wait_until
 
 NS = "client-ns"
 MAX_ENTRY = 256 << 10
@@ -51,15 +52,6 @@ def leases(sc: ThreadedSidecar) -> int:
     """Live host leases, once the disk writer's pins on fresh entries are gone."""
     sc.store.flush(30)
     return sc.store.stats()["host"]["leases"]
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def tensors():
@@ -115,7 +107,7 @@ def test_sync_roundtrip(sidecar, transport):
         assert c.delete(NS, h("np")) is True
         assert c.delete(NS, h("np")) is False
         assert c.get(NS, h("np")) is None and not c.exists(NS, h("np"))
-    assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+    wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -223,20 +215,20 @@ def test_leases_follow_entries(sidecar):
     with CacheClient(sidecar.unix_url) as c:
         c.put(NS, h("a"), torch.ones(2, 8), durable=True)
         c.put(NS, h("b"), torch.ones(2, 8), durable=True)
-        assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+        wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
         with c.get(NS, h("a")) as e1:
             assert leases(sidecar) >= 1
             assert c.stats()["host"]["leases"] >= 1
             with c.get(NS, h("a")) as e2, c.get(NS, h("b")):
                 assert leases(sidecar) == 3
                 assert torch.equal(e1.tensor, e2.tensor)
-            assert wait_until(lambda: leases(sidecar) == 1)  # NOTE: releases ride on the next request
+            wait_until(lambda: leases(sidecar) == 1)  # NOTE: releases ride on the next request
             assert c.stats()["host"]["leases"] == 1  # the same connection sees its releases done at once
-        assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+        wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
         e = c.get(NS, h("a"))
         e.close()
         e.close()  # idempotent: one release only
-        assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+        wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
 
 
 def test_closing_the_client_keeps_open_entries_until_they_close(sidecar):
@@ -250,10 +242,10 @@ def test_closing_the_client_keeps_open_entries_until_they_close(sidecar):
     c.close()  # the entry is still open
     assert leases(sidecar) == 1 and torch.equal(entry.tensor, torch.ones(2, 8))
     entry.close()
-    assert wait_until(lambda: leases(sidecar) == 0)
+    wait_until(lambda: leases(sidecar) == 0)
     entry.close()  # idempotent
     del view
-    assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+    wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
     # a leased entry cannot be evicted; once released it can be deleted
     with CacheClient(sidecar.unix_url) as c2:
         assert c2.delete(NS, h("c")) is True
@@ -268,7 +260,7 @@ def test_delete_while_leased_keeps_the_view_valid(sidecar):
             assert not c.exists(NS, h("d"))
             assert c.put(NS, h("other"), torch.zeros(8, 32)) is True
             assert torch.equal(e.tensor, t)
-        assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+        wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
 
 
 def test_unix_and_http_clients_see_the_same_entries(sidecar):
@@ -304,7 +296,7 @@ def test_corrupt_entries_raise_corrupt_entry(sidecar):
         for c in (w, u):
             with pytest.raises(CorruptEntry):
                 c.get(NS, h("bad-header"))
-        assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+        wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
 
 
 async def test_async_corrupt_entries_raise_corrupt_entry(sidecar):
@@ -318,7 +310,7 @@ async def test_async_corrupt_entries_raise_corrupt_entry(sidecar):
         for c in (w, u):
             with pytest.raises(CorruptEntry):
                 await c.get(NS, h("bad-header"))
-        assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+        wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
 
 
 # ---------------------------------------------------------------- unreachable sidecar
@@ -403,7 +395,7 @@ async def test_async_roundtrip(sidecar, transport):
         assert await c.delete(NS, h("np")) is True
         assert await c.delete(NS, h("np")) is False
         assert await c.get(NS, h("np")) is None
-    assert wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
+    wait_until(lambda: leases(sidecar) == 0)  # NOTE: a release is one-way
 
 
 async def test_async_entry_sync_close_releases(sidecar):
@@ -425,7 +417,7 @@ async def test_async_closing_the_client_keeps_open_entries_until_they_close(side
     await c.close()
     assert leases(sidecar) == 1 and torch.equal(e.tensor, torch.ones(2, 8))
     await e.aclose()
-    assert wait_until(lambda: leases(sidecar) == 0)
+    wait_until(lambda: leases(sidecar) == 0)
 
 
 async def test_async_entry_too_large_over_http(sidecar):

@@ -14,6 +14,7 @@ import pytest
 
 from mmcache_client import AsyncCacheClient, CacheClient, Key, content_hash
 from sidecar import unix_sidecar
+from conftest import wait_until
 
 NS = "many"
 SPAWN = multiprocessing.get_context("spawn")
@@ -32,16 +33,6 @@ def emb(i: int, n: int = 16) -> np.ndarray:
 def sidecar(tmp_path):
     with unix_sidecar(str(tmp_path / "data")) as sc:
         yield sc
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(2 * delay, 0.1)
 
 
 def leases(sc) -> int:

@@ -21,6 +21,7 @@ import pytest
 from mmcache.common.http_limits import ConnectionGate, connection_cap, raise_nofile_limit
 from mmcache_client import CacheClient, content_hash
 from sidecar import SidecarProcess
+from conftest import wait_until
 
 MiB = 1 << 20
 NS = "limits"
@@ -34,20 +35,6 @@ def payload(i: int, nbytes: int) -> np.ndarray:
     a = np.random.default_rng(i).standard_normal((nbytes // 256, 64), dtype=np.float32)
     a[:, 0] = i
     return a
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll ``predicate`` until truthy (no fixed sleeps: a short back-off between looks)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def stats(sc: SidecarProcess) -> dict:
@@ -193,8 +180,8 @@ def test_a_reader_that_never_reads_cannot_pin_an_entry(tmp_path, route):
         s = _never_read(sc.port, request)
         try:
             if route == "get":  # batch_get gives its leases back once the batch holds copies
-                wait_for(lambda: stats(sc)["host"]["leases"] == 1, what="the reader's lease")
-            doc = wait_for(lambda: (d := stats(sc))["http"]["write_timeouts"] == 1 and d, what="the write timeout")
+                wait_until(lambda: stats(sc)["host"]["leases"] == 1, what="the reader's lease")
+            doc = wait_until(lambda: (d := stats(sc))["http"]["write_timeouts"] == 1 and d, what="the write timeout")
             assert doc["host"]["leases"] == 0
             with CacheClient(sc.url) as c:
                 assert c.delete(NS, key)
@@ -309,7 +296,7 @@ def test_a_connection_cap_refuses_with_503_when_every_connection_is_busy(tmp_pat
         # NOTE: both must be inside their handlers (busy, not idle) before a probe arrives, or the
         # probe would rightly evict one as idle; the Unix socket sees that without an HTTP slot.
         with CacheClient(f"unix://{sock}") as u:
-            wait_for(lambda: u.stats()["host"]["leases"] == 2, what="both readers in their handlers")
+            wait_until(lambda: u.stats()["host"]["leases"] == 2, what="both readers in their handlers")
 
         def healthz():
             conn = http.client.HTTPConnection("127.0.0.1", sc.port, timeout=30)
@@ -322,11 +309,11 @@ def test_a_connection_cap_refuses_with_503_when_every_connection_is_busy(tmp_pat
             finally:
                 conn.close()
 
-        status, retry_after, body = wait_for(lambda: (a := healthz()) and a[0] == 503 and a, what="a 503")
+        status, retry_after, body = wait_until(lambda: (a := healthz()) and a[0] == 503 and a, what="a 503")
         assert retry_after == "1" and "too many connections" in json.loads(body)["error"]
         for s in busy:
             s.close()
-        wait_for(lambda: (a := healthz()) and a[0] == 200, what="service again")
+        wait_until(lambda: (a := healthz()) and a[0] == 200, what="service again")
     finally:
         sc.stop()
 

@@ -20,6 +20,7 @@ from mmcache_client import AuthError, CacheClient, content_hash
 from entries import encode_entry
 from mmcache_client.format import read_entry
 from sidecar import ThreadedSidecar
+from conftest import wait_until
 
 NS = "test-ns"
 TOKEN = "s3cret-token"
@@ -81,16 +82,6 @@ def entry_path(i, ns: str = NS) -> str:
 def host_leases(sc: ThreadedSidecar) -> int:
     sc.store.flush(30)  # the disk writer pins fresh entries until their batch commits
     return sc.store.stats()["host"]["leases"]
-
-
-def wait_until(pred, timeout: float = 10.0) -> bool:
-    """Poll ``pred`` (the server finishes a dropped request in its own time)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # ---------------------------------------------------------------- entries
@@ -441,7 +432,7 @@ def test_eviction_to_disk_then_promotion(tmp_path):
             status, hdrs, body = request(sc, "GET", entry_path(i))
             assert status == 200 and hdrs["x-mmcache-tier"] in ("host", "disk")
             assert torch.equal(read_entry(body).tensor, t)
-        assert wait_until(lambda: host_leases(sc) == 0)  # NOTE: released just after the body is sent
+        wait_until(lambda: host_leases(sc) == 0)  # NOTE: released just after the body is sent
     finally:
         sc.stop()
 
@@ -464,7 +455,7 @@ def test_entry_larger_than_host_tier_is_served_from_disk(tmp_path):
         assert table.column("tier").to_pylist() == ["host", "disk"]
         assert torch.equal(read_entry(table.column("entry")[0].as_py()).tensor, emb(71))
         assert torch.equal(read_entry(table.column("entry")[1].as_py()).tensor, t)
-        assert wait_until(lambda: host_leases(sc) == 0)  # NOTE: released just after the body is sent
+        wait_until(lambda: host_leases(sc) == 0)  # NOTE: released just after the body is sent
     finally:
         sc.stop()
 
@@ -493,7 +484,7 @@ def test_client_disconnecting_mid_get_leaks_no_lease(sidecar):
         s.close()
     status, _, body = request(sidecar, "GET", entry_path(80))
     assert status == 200 and np.array_equal(read_entry(body).array, t.numpy())
-    assert wait_until(lambda: host_leases(sidecar) == 0)
+    wait_until(lambda: host_leases(sidecar) == 0)
 
 
 def test_durable_put_of_an_existing_entry_waits_for_disk(sidecar):

@@ -25,6 +25,7 @@ from mmcache.core import data_dir as data_dir_mod
 from mmcache.stack.up import ARENA_RECORD, STATUS_FILE, remove_dead_arena
 from stack_process import StackProcess
 from mmcache.stack.supervisor import Backoff, Supervisor, describe_exit
+from conftest import wait_until
 
 # -- the supervisor, with small stand-in children ----------------------------------------------
 
@@ -70,16 +71,6 @@ def _supervise_while(sup: Supervisor, drive) -> None:
         raise errors[0]
 
 
-def _poll(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not {what} after {timeout_s} s")
-
-
 def _get(url: str) -> str | None:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -99,30 +90,40 @@ def test_backoff_doubles_to_its_cap():
 
 
 def test_a_crash_loop_backs_off(tmp_path, capsys):
-    """A child that exits at once: restarted after 0.5, 1, 2 s..., not hundreds of times a second,
-    and waiting costs no CPU."""
+    """A child that exits at once: restarted after 0.5, 1, 2 s..., not hundreds of times a second.
+    What is checked is the sequence of delays the supervisor chose, not a rate measured in a
+    fixed window (a loaded machine stretches every window)."""
     status_path = str(tmp_path / "status.json")
     sup = Supervisor(Backoff(), status_path)
     crasher = sup.spawn("crasher", "encoder", _python("import sys; sys.exit(3)"), dict(os.environ))
-    cpu_s = time.process_time()
-    t0 = time.monotonic()
-    _supervise_while(sup, lambda: time.sleep(4.0))  # NOTE: the window the restart rate is measured over
-    elapsed_s, cpu_s = time.monotonic() - t0, time.process_time() - cpu_s
+    _supervise_while(sup, lambda: wait_until(lambda: crasher.restarts >= 3, 60, "restarted 3 times"))
     sup.stop([(("encoder",), 5)])
     err = capsys.readouterr().err
-    assert 2 <= crasher.restarts <= 4, err
     delays = [line.split("restarting it in ")[1] for line in err.splitlines() if "restarting it in" in line]
-    assert delays[:3] == ["0.5 s", "1.0 s", "2.0 s"][:len(delays)] and len(delays) >= 2, err
+    assert delays[:3] == ["0.5 s", "1.0 s", "2.0 s"], err
     assert crasher.last_exit == "exit status 3" and "crasher (not ready yet) exit status 3" in err
-    assert cpu_s < 0.5 * elapsed_s, f"{cpu_s=:.2f} over {elapsed_s=:.2f}"
     assert not os.path.exists(status_path)  # NOTE: stop removes it
+
+
+@pytest.mark.slow
+def test_waiting_out_a_crash_loop_costs_no_cpu(tmp_path):
+    """The supervisor sleeps between restarts: over 4 s of a crash loop it uses under half a core
+    (a timing bound: in the slow set, where a loaded machine does not run it beside other tests)."""
+    sup = Supervisor(Backoff(), str(tmp_path / "status.json"))
+    crasher = sup.spawn("crasher", "encoder", _python("import sys; sys.exit(3)"), dict(os.environ))
+    cpu_s, t0 = time.process_time(), time.monotonic()
+    _supervise_while(sup, lambda: time.sleep(4.0))  # NOTE: the window the CPU is measured over
+    elapsed_s, cpu_s = time.monotonic() - t0, time.process_time() - cpu_s
+    sup.stop([(("encoder",), 5)])
+    assert 1 <= crasher.restarts <= 4
+    assert cpu_s < 0.5 * elapsed_s, f"{cpu_s=:.2f} over {elapsed_s=:.2f}"
 
 
 def test_the_backoff_starts_over_once_a_child_stayed_up(capsys):
     sup = Supervisor(Backoff(initial_s=0.1, cap_s=5, reset_after_s=0.2))
     child = sup.spawn("flaky", "encoder", _python("import time, sys; time.sleep(0.3); sys.exit(1)"),
                       dict(os.environ))
-    _supervise_while(sup, lambda: _poll(lambda: child.restarts >= 3, 30, "restarted 3 times"))
+    _supervise_while(sup, lambda: wait_until(lambda: child.restarts >= 3, 30, "restarted 3 times"))
     sup.stop([(("encoder",), 5)])
     delays = {line.split("restarting it in ")[1] for line in capsys.readouterr().err.splitlines()
               if "restarting it in" in line}
@@ -137,17 +138,17 @@ def test_a_killed_child_comes_back_on_its_port_and_stop_restarts_nothing(tmp_pat
     seen = {}
 
     def drive() -> None:
-        url = _poll(lambda: server.state == "up" and server.url, 30, "up")
-        first_pid = int(_poll(lambda: _get(url), 10, "answering"))
+        url = wait_until(lambda: server.state == "up" and server.url, 30, "up")
+        first_pid = int(wait_until(lambda: _get(url), 10, "answering"))
         os.kill(first_pid, signal.SIGKILL)
-        second_pid = int(_poll(lambda: (pid := _get(url)) and int(pid) != first_pid and pid, 30, "back"))
+        second_pid = int(wait_until(lambda: (pid := _get(url)) and int(pid) != first_pid and pid, 30, "back"))
         assert server.url == url and server.restarts == 1 and server.last_exit == "killed by SIGKILL"
         def status():  # NOTE: the child may answer before the supervisor has written its "up"
             with open(status_path) as f:
                 doc = {p["name"]: p for p in json.load(f)["processes"]}
             return doc if doc["server"]["state"] == "up" else None
 
-        seen["status"] = _poll(status, 10, "the status file says up")
+        seen["status"] = wait_until(status, 10, "the status file says up")
         seen["pids"] = (second_pid, sleeper.proc.pid)
 
     _supervise_while(sup, drive)
@@ -243,7 +244,7 @@ def test_up_restarts_a_killed_worker_and_a_killed_sidecar(model_dir):
 
         for name in ("encoder-0", "decode-0", "router"):
             os.kill(before[name]["pid"], signal.SIGKILL)
-            after = _poll(lambda: restarted(up, name, 1), 120, f"{name} restarted")
+            after = wait_until(lambda: restarted(up, name, 1), 120, f"{name} restarted")
             assert after["last_exit"] == "killed by SIGKILL" and after["url"] == before[name]["url"]
             assert after["pid"] != before[name]["pid"]
             assert chat(up, 2 + len(name)) in ("stop", "length")
@@ -253,12 +254,12 @@ def test_up_restarts_a_killed_worker_and_a_killed_sidecar(model_dir):
             arena = f.read().strip()
         assert os.path.exists(arena)
         os.kill(before["sidecar"]["pid"], signal.SIGKILL)
-        sidecar = _poll(lambda: restarted(up, "sidecar", 1), 120, "sidecar restarted")
+        sidecar = wait_until(lambda: restarted(up, "sidecar", 1), 120, "sidecar restarted")
         assert not os.path.exists(arena) and sidecar["last_exit"] == "killed by SIGKILL"
         assert any(f"removed the arena {arena}" in line for line in up.output)
         with open(os.path.join(data_dir, ARENA_RECORD)) as f:
             assert f.read().strip() != arena
-        _poll(lambda: up.stats()["cache"]["healthy"], 30, "cache healthy in the router's stats")
+        wait_until(lambda: up.stats()["cache"]["healthy"], 30, "cache healthy in the router's stats")
         assert chat(up, 20) in ("stop", "length")  # NOTE: the workers' SDK clients reconnected
         assert chat(up, 1) in ("stop", "length")
         pids = [p["pid"] for p in processes(up).values()]
