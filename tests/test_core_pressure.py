@@ -215,16 +215,16 @@ def test_a_full_disk_queue_is_a_503_and_stores_nothing(tmp_path):
     config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, host_capacity_bytes=2 * MiB,
                          disk_capacity_bytes=64 * MiB, disk_queue_bytes=3 * MiB)
     sc = ThreadedSidecar(config).start()
-    disk = sc.store.disk
+    disk, writer = sc.store.disk, sc.store.disk._writer  # NOTE: its writer thread, held mid-commit
     stuck, entered = threading.Event(), threading.Event()
-    commit = disk._try_commit
+    commit = writer._try_commit
 
     def slow_commit(ops):
         entered.set()
         assert stuck.wait(60)
         return commit(ops)
 
-    disk._try_commit = slow_commit
+    writer._try_commit = slow_commit
     try:
         big = {i: payload(i, 10_000) for i in range(3)}  # 2.5 MiB each: over the arena
         first: list = []

@@ -190,7 +190,7 @@ def test_reopen_rebuilds_the_index(tmp_path, policy):
         assert sorted(t.keys()) == sorted(blobs)
         for k, b in blobs.items():
             assert t.get_bytes(k) == b
-        assert len(t._policy) == 20 and t._policy.total_bytes == s["bytes"]
+        assert len(t.state.policy) == 20 and t.state.policy.total_bytes == s["bytes"]
 
 
 def test_reopen_with_smaller_capacity_trims(tmp_path):
@@ -270,7 +270,7 @@ def test_failed_batch_fails_its_futures(tier, monkeypatch):
     def boom(ops):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(tier, "_try_commit", boom)
+    monkeypatch.setattr(tier._writer, "_try_commit", boom)
     with pytest.raises(OSError, match="on fire"):
         tier.put(key_of(1), blob_of(1)).result(timeout=5)
     assert tier.stats()["pending_writes"] == 0 and not tier.contains(key_of(1))

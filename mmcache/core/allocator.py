@@ -66,7 +66,7 @@ class ArenaAllocator:
         del self._free_sorted[i]
         return size
 
-    def _round_up(self, nbytes: int) -> int:
+    def round_up(self, nbytes: int) -> int:
         if not _is_int(nbytes) or nbytes <= 0:
             raise ValueError(f"{nbytes=} must be an int > 0")
         return -(-nbytes // self.alignment) * self.alignment
@@ -79,11 +79,11 @@ class ArenaAllocator:
 
     def can_allocate(self, nbytes: int) -> bool:
         """Whether ``allocate(nbytes)`` would succeed now. ``nbytes <= 0`` is a ValueError."""
-        return self._best_fit(self._round_up(nbytes)) is not None
+        return self._best_fit(self.round_up(nbytes)) is not None
 
     def allocate(self, nbytes: int) -> int | None:
         """Offset of a new block of ``nbytes`` (rounded up), or None if no free block fits."""
-        size = self._round_up(nbytes)
+        size = self.round_up(nbytes)
         start = self._best_fit(size)
         if start is None:
             return None
@@ -99,7 +99,7 @@ class ArenaAllocator:
         """Claim exactly ``[offset, offset + nbytes)`` (rounded up) if it lies in one free block;
         False (changing nothing) otherwise. Address-aware eviction uses it to take the window it
         freed."""
-        size = self._round_up(nbytes)
+        size = self.round_up(nbytes)
         if offset % self.alignment:
             return False
         starts = self._free_starts()

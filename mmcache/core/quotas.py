@@ -83,7 +83,7 @@ class TenantLedger:
         """Which entries a put of ``key`` may evict to make room in a full tier: its tenant's
         own, and those of tenants without a quota; never another quota'd tenant's."""
         if not self.quotas:
-            return _anything
+            return anything
         tenant, quotas = tenant_of(key), self.quotas
 
         def allowed(victim: str) -> bool:
@@ -96,5 +96,16 @@ class TenantLedger:
         return {t: {"quota_bytes": q, "bytes": self.held(t)} for t, q in sorted(self.quotas.items())}
 
 
-def _anything(key: str) -> bool:
+def usage_by_tenant(items) -> dict[str | None, list[int]]:
+    """``{tenant: [entries, bytes]}`` over ``(key, nbytes)`` pairs (None: the default tenant)."""
+    out: dict[str | None, list[int]] = {}
+    for key, nbytes in items:
+        row = out.setdefault(tenant_of(key), [0, 0])
+        row[0] += 1
+        row[1] += nbytes
+    return out
+
+
+def anything(key: str) -> bool:
+    """Every entry may be evicted (a tier without quotas)."""
     return True

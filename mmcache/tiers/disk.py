@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import queue
-import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ from typing import Any, Callable, Iterator
 import lmdb
 
 from mmcache_client.keys import Key
-from mmcache.core.leases import LeaseTable, Owner
+from mmcache.core.leases import Owner
 from mmcache.core.policies import POLICIES, make_policy
-from mmcache.core.quotas import TenantLedger
-from mmcache.tiers.disk_writer import DiskWriter, _check, _Op
+from mmcache.core.quotas import TenantLedger, usage_by_tenant
+from mmcache.tiers.disk_writer import DiskState, DiskWriter, Op, check_entry
 from mmcache.core.tier import PutStatus, Tier, TierLease
 from mmcache_client.session import share_env
 from mmcache_client.format import EntryFormatError, EntryView
@@ -78,7 +77,7 @@ class DiskTierConfig:
         return max(2 * self.capacity_bytes + GiB, 4 * GiB)
 
 
-class DiskTier(DiskWriter, Tier):
+class DiskTier(Tier):
     """LMDB-backed tier; thread-safe; one per process (open it after fork, never share it).
 
     Lifecycle: ``DiskTier(config)`` opens the environment, clears stale reader slots, rebuilds
@@ -95,31 +94,12 @@ class DiskTier(DiskWriter, Tier):
 
     name = "disk"
 
-    on_evict: Callable[[str, int], None] | None = None
-    """Called (under the tier's lock) with (key, nbytes) of each entry evicted to make room."""
-
     def __init__(self, config: DiskTierConfig, ledger: TenantLedger | None = None):
         self.config = config
-        self.ledger = ledger if ledger is not None else TenantLedger()
-        """Tenants' committed bytes here against their quotas (``mmcache.core.quotas``)."""
         self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self._policy = make_policy(config.policy)
-        self._index: dict[str, int] = {}  # key -> nbytes, committed entries only
-        self._bytes = 0
-        self._counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0,
-                            checksum_mismatch=0, queue_full=0)
-        self._queued_bytes = 0
-        """Bytes of bounded puts queued or being committed."""
-        self.leases = LeaseTable()
-        self._tombstones: set[str] = set()
-        """Keys deleted while a put of theirs was queued: that put must not index them when it
-        commits ahead of the delete."""
-        self._pending_puts: dict[str, int] = {}
-        """Keys with a queued put (not yet committed), so a delete knows they exist."""
+        self._queue: queue.SimpleQueue[Op] = queue.SimpleQueue()
+        self.state = DiskState(make_policy(config.policy), ledger if ledger is not None else TenantLedger())
         self._closed = False
-        self._broken: BaseException | None = None
         self._env = lmdb.open(config.path, map_size=config.resolved_map_size_bytes, subdir=True,
                               max_readers=config.max_readers, readahead=False, metasync=True,
                               sync=True, max_dbs=0)
@@ -131,14 +111,14 @@ class DiskTier(DiskWriter, Tier):
         except BaseException:
             self._env.close()  # NOTE: py-lmdb refuses a second open of a path still open here
             raise
-        self._counts["corrupt"] = len(bad)
+        self.state.counts["corrupt"] = len(bad)
         share_env(config.path, self._env)
-        self._writer = threading.Thread(target=self._run, name="mmcache-disk-writer", daemon=True)
+        self._writer = DiskWriter(self._env, config, self.state, self._queue)
         self._writer.start()
         for key in bad:
-            self._submit(_Op("corrupt", Future(), key))
-        if self._bytes > config.capacity_bytes:
-            self._submit(_Op("flush", Future()))  # an empty batch trims to capacity
+            self._submit(Op("corrupt", Future(), key))
+        if self.state.bytes > config.capacity_bytes:
+            self._submit(Op("flush", Future()))  # an empty batch trims to capacity
 
     def _rebuild_index(self) -> list[str]:
         found, bad = [], []
@@ -146,37 +126,37 @@ class DiskTier(DiskWriter, Tier):
             for kb, buf in txn.cursor():
                 key = bytes(kb).decode("utf-8", "replace")
                 try:
-                    meta = _check(key, buf, verify=False).metadata
+                    meta = check_entry(key, buf, verify=False).metadata
                     found.append((float(meta["created_at"]), key, len(buf), float(meta["encode_ms"])))
                 except EntryFormatError as e:
                     logger.warning("deleting unreadable disk entry %r: %s", key, e)
                     bad.append(key)
         for _, key, nbytes, cost_ms in sorted(found):
-            self._index[key] = nbytes
-            self._bytes += nbytes
-            self.ledger.charge(key, nbytes)
-            self._policy.on_insert(key, nbytes, max(cost_ms, 0.0) if math.isfinite(cost_ms) else 0.0)
-        logger.info("disk tier %s: %s entries, %s bytes", self.config.path, len(found), self._bytes)
+            self.state.index[key] = nbytes
+            self.state.bytes += nbytes
+            self.state.ledger.charge(key, nbytes)
+            self.state.policy.on_insert(key, nbytes, max(cost_ms, 0.0) if math.isfinite(cost_ms) else 0.0)
+        logger.info("disk tier %s: %s entries, %s bytes", self.config.path, len(found), self.state.bytes)
         return bad
 
     # ------------------------------------------------------------------ caller side
 
-    def _submit(self, op: _Op) -> Future:
-        with self._lock:
+    def _submit(self, op: Op) -> Future:
+        with self.state.lock:
             if self._closed:
                 raise RuntimeError("DiskTier is closed")
-            if self._broken is not None:
-                op.future.set_exception(self._broken)
+            if self._writer.broken is not None:
+                op.future.set_exception(self._writer.broken)
                 return op.future
             if op.kind == "put":
                 if op.bounded:
-                    if self._queued_bytes and self._queued_bytes + op.nbytes > self.config.max_queued_bytes:
-                        self._counts["queue_full"] += 1
+                    if self.state.queued_bytes and self.state.queued_bytes + op.nbytes > self.config.max_queued_bytes:
+                        self.state.counts["queue_full"] += 1
                         op.future.set_result(PutStatus.NO_SPACE)
                         return op.future
-                    self._queued_bytes += op.nbytes
-                self._counts["pending_writes"] += 1
-                self._pending_puts[op.key] = self._pending_puts.get(op.key, 0) + 1
+                    self.state.queued_bytes += op.nbytes
+                self.state.counts["pending_writes"] += 1
+                self.state.pending_puts[op.key] = self.state.pending_puts.get(op.key, 0) + 1
             self._queue.put(op)
         return op.future
 
@@ -203,18 +183,18 @@ class DiskTier(DiskWriter, Tier):
         if isinstance(cost_ms, bool) or not isinstance(cost_ms, (int, float)) or not 0 <= cost_ms < math.inf:
             raise ValueError(f"{cost_ms=} must be a finite number >= 0")  # checked before commit
         mv = memoryview(blob).cast("B")
-        op = _Op("put", Future(), key, mv, float(cost_ms), mv.nbytes, bounded, verify)
+        op = Op("put", Future(), key, mv, float(cost_ms), mv.nbytes, bounded, verify)
         if op.nbytes > self.config.capacity_bytes:
-            with self._lock:
-                self._counts["too_large"] += 1
+            with self.state.lock:
+                self.state.counts["too_large"] += 1
             op.future.set_result(PutStatus.TOO_LARGE)
             return op.future
         return self._submit(op)
 
     def contains(self, key: str) -> bool:
         """True if ``key`` is committed on disk (queued puts are not contained yet)."""
-        with self._lock:
-            return key in self._index
+        with self.state.lock:
+            return key in self.state.index
 
     @contextmanager
     def view(self, key: str, *, count: bool = True) -> Iterator[EntryView | None]:
@@ -232,19 +212,19 @@ class DiskTier(DiskWriter, Tier):
         entry = error = None
         buf = txn.get(key.encode("utf-8")) if self.contains(key) else None
         try:
-            entry = None if buf is None else _check(key, buf, verify=True)
+            entry = None if buf is None else check_entry(key, buf, verify=True)
         except EntryFormatError as e:
             error = e
-        with self._lock:
+        with self.state.lock:
             if count:
-                self._counts["hits" if entry is not None else "misses"] += 1
+                self.state.counts["hits" if entry is not None else "misses"] += 1
                 if entry is not None:
-                    self._policy.on_access(key)
-            self._counts["corrupt"] += error is not None
+                    self.state.policy.on_access(key)
+            self.state.counts["corrupt"] += error is not None
         if error is not None:
             logger.warning("corrupt disk entry %s, deleting it: %s", key, error)
             self.hide(key)
-            self._submit(_Op("corrupt", Future(), key))
+            self._submit(Op("corrupt", Future(), key))
         return entry
 
     def lease(self, key: str, owner: Owner, *, count: bool = True) -> TierLease | None:
@@ -253,13 +233,13 @@ class DiskTier(DiskWriter, Tier):
         self._check_usable()
         if not self.contains(key):
             if count:
-                with self._lock:
-                    self._counts["misses"] += 1
+                with self.state.lock:
+                    self.state.counts["misses"] += 1
             return None
         txn = self._env.begin(buffers=True)
         try:
-            with self._lock:  # NOTE: pinned before the read, so eviction cannot race the check
-                self.leases.acquire(key, owner)
+            with self.state.lock:  # NOTE: pinned before the read, so eviction cannot race the check
+                self.state.leases.acquire(key, owner)
             entry = self._read(txn, key, count)
         except BaseException:
             self._unpin(key, owner)
@@ -272,43 +252,43 @@ class DiskTier(DiskWriter, Tier):
         return TierLease(self.name, key, owner, entry.nbytes, memoryview(entry.buffer).cast("B"), handle=(txn, entry))
 
     def _unpin(self, key: str, owner: Owner) -> None:
-        with self._lock:
-            self.leases.release(key, owner)
+        with self.state.lock:
+            self.state.leases.release(key, owner)
 
     def release(self, lease: TierLease) -> bool:
         txn, _ = lease.handle
         txn.abort()  # NOTE: py-lmdb opens with MDB_NOTLS: a read txn may end on any thread
-        with self._lock:
-            return self.leases.release(lease.key, lease.owner)
+        with self.state.lock:
+            return self.state.leases.release(lease.key, lease.owner)
 
     def release_owner(self, owner: Owner) -> int:
         """Unpin an owner's keys; its read transactions end with the ``release`` of each lease."""
-        with self._lock:
-            return sum(self.leases.release_owner(owner).values())
+        with self.state.lock:
+            return sum(self.state.leases.release_owner(owner).values())
 
     def touch(self, key: str) -> None:
         """A client hit ``key`` in a tier above: the disk policy counts it, so LRU on disk does
         not evict exactly the hottest entries (the ones always served from host)."""
-        with self._lock:
-            self._policy.on_access(key)
+        with self.state.lock:
+            self.state.policy.on_access(key)
 
     def touch_many(self, keys: list[str]) -> None:
-        with self._lock:
+        with self.state.lock:
             for key in keys:
-                self._policy.on_access(key)
+                self.state.policy.on_access(key)
 
     def hide(self, key: str) -> bool:
         """Drop ``key`` from the index now (invisible to readers); the record goes at the next
         commit. True if it was committed or queued."""
-        with self._lock:
-            nbytes = self._index.pop(key, None)
+        with self.state.lock:
+            nbytes = self.state.index.pop(key, None)
             if nbytes is not None:
-                self._bytes -= nbytes
-                self.ledger.credit(key, nbytes)
-                self._policy.on_remove(key, evicted=False)
-            pending = self._pending_puts.pop(key, None) is not None
+                self.state.bytes -= nbytes
+                self.state.ledger.credit(key, nbytes)
+                self.state.policy.on_remove(key, evicted=False)
+            pending = self.state.pending_puts.pop(key, None) is not None
             if pending:
-                self._tombstones.add(key)
+                self.state.tombstones.add(key)
             return nbytes is not None or pending
 
     def get_bytes(self, key: str) -> bytes | None:
@@ -321,24 +301,24 @@ class DiskTier(DiskWriter, Tier):
         the next commit (after anything queued before). True if it was there or queued."""
         self._check_usable()
         existed = self.hide(key)
-        self._submit(_Op("delete", Future(), key))
+        self._submit(Op("delete", Future(), key))
         return existed
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until everything enqueued so far is committed (or failed); TimeoutError."""
-        with self._lock:
+        with self.state.lock:
             if self._closed:
                 return
-        self._submit(_Op("flush", Future())).result(timeout)
+        self._submit(Op("flush", Future())).result(timeout)
 
     def keys(self) -> list[str]:
-        with self._lock:
-            return list(self._index)
+        with self.state.lock:
+            return list(self.state.index)
 
     def inventory(self) -> list[tuple[str, int]]:
         """``(key, nbytes)`` of every committed entry, a snapshot (unordered)."""
-        with self._lock:
-            return list(self._index.items())
+        with self.state.lock:
+            return list(self.state.index.items())
 
     def list_range(self, prefix: str, after: str, limit: int) -> list[tuple[str, int]]:
         """``(key, nbytes)`` of up to ``limit`` committed entries whose key starts with
@@ -356,8 +336,8 @@ class DiskTier(DiskWriter, Tier):
                     break
                 if key <= after:
                     continue
-                with self._lock:
-                    nbytes = self._index.get(key)
+                with self.state.lock:
+                    nbytes = self.state.index.get(key)
                 if nbytes is not None:  # NOTE: committed and not being deleted
                     out.append((key, nbytes))
                     if len(out) == limit:
@@ -366,35 +346,51 @@ class DiskTier(DiskWriter, Tier):
 
     def usage_by_tenant(self) -> dict[str | None, list[int]]:
         """``{tenant: [entries, bytes]}`` over committed entries (None: the default tenant)."""
-        from mmcache.tiers.host import _usage
-
-        return _usage(self.inventory())
+        return usage_by_tenant(self.inventory())
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(entries=len(self._index), bytes=self._bytes, capacity_bytes=self.config.capacity_bytes,
-                        leases=self.leases.total, queued_bytes=self._queued_bytes,
-                        max_queued_bytes=self.config.max_queued_bytes, quota_refused=self.ledger.refused,
-                        **self._counts)
+        with self.state.lock:
+            return dict(entries=len(self.state.index), bytes=self.state.bytes, capacity_bytes=self.config.capacity_bytes,
+                        leases=self.state.leases.total, queued_bytes=self.state.queued_bytes,
+                        max_queued_bytes=self.config.max_queued_bytes, quota_refused=self.state.ledger.refused,
+                        **self.state.counts)
 
     def admits(self, nbytes: int) -> bool:
         """Whether a ``bounded`` put of ``nbytes`` would be queued now (a caller's check before it
         copies the blob; ``put`` decides). A no is counted in ``queue_full``."""
-        with self._lock:
-            ok = not self._queued_bytes or self._queued_bytes + nbytes <= self.config.max_queued_bytes
-            self._counts["queue_full"] += not ok
+        with self.state.lock:
+            ok = not self.state.queued_bytes or self.state.queued_bytes + nbytes <= self.config.max_queued_bytes
+            self.state.counts["queue_full"] += not ok
             return ok
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, close LMDB. Idempotent."""
-        with self._lock:
+        with self.state.lock:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_Op("stop", Future()))
+            self._queue.put(Op("stop", Future()))
         self._writer.join()
         share_env(self.config.path, None)
         self._env.close()
+
+    @property
+    def leases(self):
+        return self.state.leases
+
+    @property
+    def ledger(self) -> TenantLedger:
+        """Tenants' committed bytes here against their quotas (``mmcache.core.quotas``)."""
+        return self.state.ledger
+
+    @property
+    def on_evict(self) -> Callable[[str, int], None] | None:
+        """Called (under the tier's lock) with (key, nbytes) of each entry evicted to make room."""
+        return self.state.on_evict
+
+    @on_evict.setter
+    def on_evict(self, hook: Callable[[str, int], None] | None) -> None:
+        self.state.on_evict = hook
 
     def __enter__(self) -> "DiskTier":
         return self

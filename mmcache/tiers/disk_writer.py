@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import lmdb
 
+from mmcache.core.leases import LeaseTable
 from mmcache.core.tier import PutStatus
 from mmcache_client.format import BadHeader, EntryFormatError, EntryView, parse_entry, read_entry
 
@@ -24,7 +26,7 @@ _SCRATCH_KEY = b"\x00mmcache-scratch"  # not a valid entry key
 
 
 @dataclass(eq=False)
-class _Op:
+class Op:
     """One request to the writer. ``kind``: put | delete | corrupt | flush | stop."""
 
     kind: str
@@ -40,7 +42,7 @@ class _Op:
     on its word)."""
 
 
-def _check(key: str, buf: Any, *, verify: bool) -> EntryView:
+def check_entry(key: str, buf: Any, *, verify: bool) -> EntryView:
     """The entry in ``buf``, checked against its key; raises ``EntryFormatError``."""
     entry = read_entry(buf, verify=verify) if verify else EntryView(buf, parse_entry(buf))
     own = f"{entry.metadata['namespace']}/{entry.metadata['hash']}"
@@ -52,17 +54,53 @@ def _check(key: str, buf: Any, *, verify: bool) -> EntryView:
 def _is_valid(key: str, buf: bytes | None) -> bool:
     """False only for a record that is there and unreadable."""
     try:
-        return buf is None or _check(key, buf, verify=True) is not None
+        return buf is None or check_entry(key, buf, verify=True) is not None
     except EntryFormatError:
         return False
 
 
+class DiskState:
+    """What the disk tier's callers and its writer thread share, under ``lock``: the index of
+    committed entries (key → nbytes) and their total, the eviction policy, the readers' leases,
+    the tenants' ledger, the counters, and the bookkeeping of queued puts."""
+
+    def __init__(self, policy: Any, ledger: Any):
+        self.lock = threading.Lock()
+        self.index: dict[str, int] = {}
+        """key → nbytes of committed entries only."""
+        self.bytes = 0
+        self.policy, self.ledger = policy, ledger
+        self.leases = LeaseTable()
+        self.counts = dict(hits=0, misses=0, evictions=0, corrupt=0, pending_writes=0, write_errors=0, too_large=0,
+                           checksum_mismatch=0, queue_full=0)
+        self.queued_bytes = 0
+        """Bytes of bounded puts queued or being committed."""
+        self.tombstones: set[str] = set()
+        """Keys deleted while a put of theirs was queued: that put must not index them when it
+        commits ahead of the delete."""
+        self.pending_puts: dict[str, int] = {}
+        """Keys with a queued put (not yet committed), so a delete knows they exist."""
+        self.on_evict: Callable[[str, int], None] | None = None
+        """Called (under ``lock``) with (key, nbytes) of each entry evicted to make room."""
+
+
 class DiskWriter:
-    """The writer-thread half of ``DiskTier`` (it runs ``_run`` on its thread); it uses the
-    tier's environment, index, policy, leases, lock and queue."""
+    """The disk tier's writer thread: it takes ops from ``queue``, commits them in batches into
+    ``env`` and applies them to ``state``; ``broken`` is the error that stopped it, if any."""
+
+    def __init__(self, env: Any, config: Any, state: DiskState, ops: "queue.SimpleQueue[Op]"):
+        self._env, self.config, self.state, self._queue = env, config, state, ops
+        self.broken: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mmcache-disk-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
 
     def _run(self) -> None:
-        ops: list[_Op] = []
+        ops: list[Op] = []
         try:
             while True:
                 if not ops:
@@ -72,16 +110,16 @@ class DiskWriter:
                     ops = self._commit(ops)
                 except Exception as e:
                     logger.error("disk tier batch of %s ops failed: %r", len(ops), e, exc_info=True)
-                    with self._lock:
-                        self._counts["write_errors"] += sum(op.kind == "put" for op in ops)
+                    with self.state.lock:
+                        self.state.counts["write_errors"] += sum(op.kind == "put" for op in ops)
                     self._resolve([(op, e) for op in ops])
                     ops = []
                 if stopping and not ops:
                     return
         except BaseException as e:  # the writer is gone: no queued future may hang
             logger.exception("disk tier writer died")
-            with self._lock:
-                self._broken = e
+            with self.state.lock:
+                self.broken = e
             while True:
                 try:
                     ops.append(self._queue.get_nowait())
@@ -90,8 +128,8 @@ class DiskWriter:
             self._resolve([(op, e) for op in ops if not op.future.done()])
             raise
 
-    def _gather(self) -> list[_Op]:
-        ops: list[_Op] = []
+    def _gather(self) -> list[Op]:
+        ops: list[Op] = []
         deadline = None
         while len(ops) < self.config.batch_max_entries:
             if deadline is None:
@@ -111,26 +149,26 @@ class DiskWriter:
                 break
         return ops
 
-    def _verified(self, ops: list[_Op]) -> list[_Op]:
+    def _verified(self, ops: list[Op]) -> list[Op]:
         """``ops`` less the puts whose checksum fails (their Futures fail); off every lock."""
         bad = []
         for op in ops:
             if op.kind == "put" and op.verify:
                 op.verify = False  # NOTE: once: a retried batch is not verified again
                 try:
-                    _check(op.key, op.blob, verify=True)
+                    check_entry(op.key, op.blob, verify=True)
                 except EntryFormatError as e:
                     bad.append((op, e))
         if not bad:
             return ops
         logger.warning("%s put(s) failed verification and were not written: %s", len(bad), bad[0][1])
-        with self._lock:
-            self._counts["checksum_mismatch"] += len(bad)
+        with self.state.lock:
+            self.state.counts["checksum_mismatch"] += len(bad)
         self._resolve(bad)
         failed = {id(op) for op, _ in bad}
         return [op for op in ops if id(op) not in failed]
 
-    def _commit(self, ops: list[_Op]) -> list[_Op]:
+    def _commit(self, ops: list[Op]) -> list[Op]:
         ops = self._verified(ops)
         if not ops:
             return []
@@ -138,8 +176,8 @@ class DiskWriter:
             return self._try_commit(ops)
         except lmdb.MapFullError:
             need = max(2 * sum(op.nbytes for op in ops), self.config.capacity_bytes // 8)
-            with self._lock:
-                victims = self._policy.choose_victims(need, lambda k: not self.leases.is_leased(k))
+            with self.state.lock:
+                victims = self.state.policy.choose_victims(need, lambda k: not self.state.leases.is_leased(k))
             logger.warning("LMDB map full at %s bytes; evicting %s entries and retrying",
                            self.config.resolved_map_size_bytes, len(victims))
             with self._env.begin(write=True) as txn:
@@ -154,22 +192,22 @@ class DiskWriter:
                 txn.delete(_SCRATCH_KEY)
             return self._try_commit(ops)
 
-    def _try_commit(self, ops: list[_Op]) -> list[_Op]:
+    def _try_commit(self, ops: list[Op]) -> list[Op]:
         """Write a prefix of ``ops`` in one transaction; return the deferred rest."""
-        added: dict[str, _Op] = {}
+        added: dict[str, Op] = {}
         removed: dict[str, bool] = {}  # committed key -> evicted (True) or deleted (False)
         actions: list[tuple[str, str, memoryview | None]] = []
-        results: list[tuple[_Op, Any]] = []
-        deferred: list[_Op] = []
+        results: list[tuple[Op, Any]] = []
+        deferred: list[Op] = []
         capacity = self.config.capacity_bytes
-        with self._lock:  # plan: only this thread changes the index, so the plan stays valid
-            present = lambda k: k in added or (k in self._index and k not in removed)  # noqa: E731
-            used = self._bytes
+        with self.state.lock:  # plan: only this thread changes the index, so the plan stays valid
+            present = lambda k: k in added or (k in self.state.index and k not in removed)  # noqa: E731
+            used = self.state.bytes
             for i, op in enumerate(ops):
                 if op.kind == "put" and present(op.key):
                     results.append((op, PutStatus.EXISTS))
                     continue
-                if op.kind == "put" and self.ledger:
+                if op.kind == "put" and self.state.ledger:
                     quota = self._quota_room(op, removed, added, actions)
                     if quota is None:  # this batch's own puts of the tenant, once committed, can make room
                         deferred = ops[i:]
@@ -180,11 +218,11 @@ class DiskWriter:
                     used -= quota
                 if op.kind in ("put", "flush"):
                     need = used + op.nbytes - capacity
-                    allowed = self.ledger.may_evict(op.key) if op.kind == "put" else None
-                    victims = self._policy.choose_victims(
-                        need, lambda k: k not in removed and not self.leases.is_leased(k)
+                    allowed = self.state.ledger.may_evict(op.key) if op.kind == "put" else None
+                    victims = self.state.policy.choose_victims(
+                        need, lambda k: k not in removed and not self.state.leases.is_leased(k)
                         and (allowed is None or allowed(k)))
-                    freed = sum(self._index[k] for k in victims)
+                    freed = sum(self.state.index[k] for k in victims)
                     if freed < need and added:  # this batch's own puts, once committed, can make room
                         deferred = ops[i:]
                         break
@@ -201,13 +239,13 @@ class DiskWriter:
                     actions.append(("put", op.key, op.blob))
                     results.append((op, PutStatus.CREATED))
                 elif op.kind == "delete":
-                    self._tombstones.discard(op.key)
+                    self.state.tombstones.discard(op.key)
                     existed = present(op.key)
                     if op.key in added:
                         used -= added.pop(op.key).nbytes
                     elif existed:
                         removed[op.key] = False
-                        used -= self._index[op.key]
+                        used -= self.state.index[op.key]
                     actions.append(("del", op.key, None))
                     results.append((op, existed))
                 elif op.kind == "corrupt":
@@ -227,69 +265,69 @@ class DiskWriter:
                         txn.delete(kb)
                     elif not _is_valid(key, txn.get(kb)):  # re-checked: a fresh put may be valid
                         txn.delete(kb)
-                        if added.pop(key, None) is None and key in self._index:
+                        if added.pop(key, None) is None and key in self.state.index:
                             removed[key] = False
         self._apply(removed, added)
         self._resolve(results)
         return deferred
 
-    def _quota_room(self, op: _Op, removed: dict[str, bool], added: dict[str, _Op],
+    def _quota_room(self, op: Op, removed: dict[str, bool], added: dict[str, Op],
                     actions: list) -> int | PutStatus | None:
         """Evict (in the plan) ``op``'s tenant's own entries until it fits in its quota
         (``mmcache.core.quotas``): the bytes freed, ``NO_SPACE`` when its own are leased, or None
         when only this batch's own puts of the tenant could make room (defer the rest)."""
-        own = self.ledger.own(op.key)
+        own = self.state.ledger.own(op.key)
         pending = sum(a.nbytes for k, a in added.items() if own(k)) \
-            - sum(self._index[k] for k in removed if own(k) and k in self._index)
-        excess = self.ledger.excess(op.key, op.nbytes, pending)
+            - sum(self.state.index[k] for k in removed if own(k) and k in self.state.index)
+        excess = self.state.ledger.excess(op.key, op.nbytes, pending)
         if not excess:
             return 0
-        victims = self._policy.choose_victims(
-            excess, lambda k: own(k) and k not in removed and not self.leases.is_leased(k))
-        freed = sum(self._index[k] for k in victims)
+        victims = self.state.policy.choose_victims(
+            excess, lambda k: own(k) and k not in removed and not self.state.leases.is_leased(k))
+        freed = sum(self.state.index[k] for k in victims)
         if freed < excess:
             if any(own(k) for k in added):
                 return None
-            self.ledger.refused += 1
+            self.state.ledger.refused += 1
             return PutStatus.NO_SPACE
         for k in victims:
             removed[k] = True
             actions.append(("del", k, None))
         return freed
 
-    def _apply(self, removed: dict[str, bool], added: dict[str, _Op]) -> None:
-        with self._lock:
+    def _apply(self, removed: dict[str, bool], added: dict[str, Op]) -> None:
+        with self.state.lock:
             for key, evicted in removed.items():
-                nbytes = self._index.pop(key, None)  # NOTE: None: hidden by a delete meanwhile
+                nbytes = self.state.index.pop(key, None)  # NOTE: None: hidden by a delete meanwhile
                 if nbytes is None:
                     continue
-                self._bytes -= nbytes
-                self.ledger.credit(key, nbytes)
-                self._policy.on_remove(key, evicted=evicted)
-                self._counts["evictions"] += evicted
-                if evicted and self.on_evict is not None:
-                    self.on_evict(key, nbytes)
+                self.state.bytes -= nbytes
+                self.state.ledger.credit(key, nbytes)
+                self.state.policy.on_remove(key, evicted=evicted)
+                self.state.counts["evictions"] += evicted
+                if evicted and self.state.on_evict is not None:
+                    self.state.on_evict(key, nbytes)
             for key, op in added.items():
-                if key in self._tombstones:
+                if key in self.state.tombstones:
                     continue
-                self._index[key] = op.nbytes
-                self._bytes += op.nbytes
-                self.ledger.charge(key, op.nbytes)
-                self._policy.on_insert(key, op.nbytes, op.cost_ms)
+                self.state.index[key] = op.nbytes
+                self.state.bytes += op.nbytes
+                self.state.ledger.charge(key, op.nbytes)
+                self.state.policy.on_insert(key, op.nbytes, op.cost_ms)
 
-    def _resolve(self, results: list[tuple[_Op, Any]]) -> None:
-        with self._lock:
+    def _resolve(self, results: list[tuple[Op, Any]]) -> None:
+        with self.state.lock:
             for op, _ in results:
                 if op.kind != "put":
                     continue
-                self._counts["pending_writes"] -= 1
+                self.state.counts["pending_writes"] -= 1
                 if op.bounded:
-                    self._queued_bytes -= op.nbytes
-                left = self._pending_puts.get(op.key, 0) - 1
+                    self.state.queued_bytes -= op.nbytes
+                left = self.state.pending_puts.get(op.key, 0) - 1
                 if left > 0:
-                    self._pending_puts[op.key] = left
+                    self.state.pending_puts[op.key] = left
                 else:
-                    self._pending_puts.pop(op.key, None)
+                    self.state.pending_puts.pop(op.key, None)
         for op, result in results:
             if op.future.done():
                 continue

@@ -3,19 +3,10 @@
 Lifecycle of an entry: ``reserve`` (space allocated, invisible) → the writer fills the bytes in
 place → ``seal`` (visible) → ``lease``/``release`` by readers → evicted or deleted.
 
-Invariants (docs/architecture.md, "Host tier"):
-- Only sealed entries are visible to ``lease``/``contains``; a seal that fails leaves nothing.
-- An entry with a live lease is never evicted and its bytes are never reused; a ``delete`` of a
-  leased entry hides it at once and frees its space when the last lease goes.
-- Eviction makes *contiguous* room: it frees the one address window (free blocks plus evictable
-  entries) that fits the request and whose worst victim the policy ranks best, and evicts
-  nothing outside it. When no window exists (everything leased) the answer is ``NO_SPACE``
-  and nothing is evicted.
-- An entry that must persist is not evicted before its lower tier holds it (``clean``); the
-  store writes it back first (``on_dirty``), outside this tier's lock.
-- Every reservation and lease belongs to an owner (a connection); ``release_owner`` drops all of
-  them. A reservation whose writer may still be writing (its connection closed while the process
-  lives) is quarantined: its space is not reused until ``free_quarantine``.
+Its invariants (docs/architecture.md, "Invariants"): only sealed entries are visible; a leased
+entry is never evicted nor its bytes reused; eviction frees one contiguous window and nothing
+outside it (``HostRoom`` plans it); an entry is evicted only once the tier below holds it; a
+dead writer's reservation is quarantined until its process exits.
 """
 
 from __future__ import annotations
@@ -23,56 +14,24 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Callable, Hashable
 
 from mmcache.core.allocator import ArenaAllocator
 from mmcache.core.leases import LeaseTable
 from mmcache.core.policies import make_policy
 from mmcache.tiers.host_room import HostRoom
-from mmcache.core.quotas import TenantLedger
+from mmcache.core.quotas import TenantLedger, usage_by_tenant
+from mmcache.tiers.host_entry import DirtyHook, EvictHook, HostEntry, Location, embeddings_layout
 from mmcache.core.tier import EntryExists, Owner, PutStatus, Reservation, Tier, TierLease, done
 from mmcache_client.arena import SharedArena
-from mmcache_client.format import EntryFormatError, parse_entry, read_entry
+from mmcache_client.format import EntryFormatError, read_entry
 from mmcache_client.wire import Layout
 
 logger = logging.getLogger(__name__)
 
 
 
-@dataclass
-class HostEntry:
-    offset: int
-    nbytes: int
-    """Exact entry length (the allocation may be rounded up)."""
-    cost_ms: float
-    persist: bool = True
-    """False: host-only (e.g. a KV hand-off), dropped on eviction, never written below."""
-    clean: bool = False
-    """Evictable without write-back whatever the tiers below hold: host-only, no tier below, or
-    its write-down failed (counted by the store; it must not pin host space for good)."""
-    sealed: bool = False
-    writer: Owner | None = None
-    writing_back: bool = False
-    layout: Layout | None = None
-    """Where its ``embeddings`` lie (parsed once, on the first local lease; entries are immutable)."""
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a sealed entry lies in the arena."""
-
-    offset: int
-    nbytes: int
-
-
-DirtyHook = Callable[[str], None]
-"""Called (outside the lock) with a key the tier wants to evict but a lower tier lacks."""
-EvictHook = Callable[[str, int], None]
-"""Called with (key, nbytes) after an entry was evicted (for counters and events)."""
-
-
-class HostTier(HostRoom, Tier):
+class HostTier(Tier):
     """Entries in a shared arena, addressed by key strings ``ns/hash``. Thread-safe."""
 
     name = "host"
@@ -100,8 +59,9 @@ class HostTier(HostRoom, Tier):
         self._writer_keys: dict[Owner, set[str]] = {}
         self._quarantine: dict[Hashable, list[int]] = {}
         self._lock = threading.RLock()
-        self.hits = self.misses = self.evictions = self.evicted_bytes = 0
-        self.no_space = 0
+        self.room = HostRoom(self.allocator, self.policy, self.leases, self._key_to_entry, self._offset_to_key,
+                             self.ledger, lambda key: self.persisted(key))  # NOTE: it plans; this tier evicts
+        self.hits = self.misses = self.evictions = self.evicted_bytes = self.no_space = 0
 
     # ------------------------------------------------------------ writing
     def reserve(self, key: str, nbytes: int, owner: Owner, cost_ms: float = 0.0, *,
@@ -117,12 +77,7 @@ class HostTier(HostRoom, Tier):
         with self._lock:
             if key in self._key_to_entry:
                 raise EntryExists(key)
-            if nbytes > self.allocator.capacity_bytes:
-                offset = PutStatus.TOO_LARGE
-            elif self.ledger and not self._within_quota(key, nbytes, dirty):
-                offset = None
-            else:
-                offset = self._allocate(nbytes, dirty, self.ledger.may_evict(key))
+            offset = self._make_room(key, nbytes, dirty)
             if isinstance(offset, int):
                 # NOTE: with no tier below (no on_dirty hook) there is nothing to write back to.
                 clean = not persist or self.on_dirty is None
@@ -137,6 +92,62 @@ class HostTier(HostRoom, Tier):
             self.no_space += 1
             return PutStatus.NO_SPACE
         return offset
+
+    def _make_room(self, key: str, nbytes: int, dirty: list[str]) -> int | PutStatus | None:
+        """An offset for ``nbytes`` of ``key``, evicting what ``room`` names: ``TOO_LARGE``
+        (never fits), or None (no room now: nothing evicted but the tenant's own past its quota)."""
+        if nbytes > self.allocator.capacity_bytes:
+            return PutStatus.TOO_LARGE
+        own = self.room.own_victims(key, nbytes, dirty) if self.ledger else []
+        if own is None:
+            return None
+        for victim in own:
+            self._evict(victim)
+        offset = self.allocator.allocate(nbytes)
+        if offset is not None:
+            return offset
+        window = self.room.window(nbytes, dirty, self.ledger.may_evict(key))
+        if window is None:
+            return None
+        start, victims = window
+        for victim in victims:
+            self._evict(victim)
+        if not self.allocator.allocate_at(start, nbytes):
+            raise AssertionError(f"evicted window at {start} does not hold {nbytes} bytes")
+        return start
+
+    def _evict(self, key: str) -> None:
+        entry = self._key_to_entry[key]
+        self.evictions += 1
+        self.evicted_bytes += entry.nbytes
+        self.policy.on_remove(key, evicted=True)
+        self._free(key)
+        if self.on_evict is not None:
+            self.on_evict(key, entry.nbytes)
+
+    def _free(self, key: str) -> None:
+        entry = self._unindex(key)
+        del self._offset_to_key[entry.offset]
+        self.allocator.free(entry.offset)
+
+    def _write_back(self, keys: list[str]) -> None:
+        for key in keys:
+            if self.on_dirty is None:
+                self.mark_clean(key)
+            else:
+                self.on_dirty(key)
+
+    def written_down(self, key: str, ok: bool) -> None:
+        """The store's write-down of ``key`` ended; a failed one makes it evictable all the same."""
+        with self._lock:
+            entry = self._key_to_entry.get(key)
+            if entry is not None:
+                entry.writing_back = False
+                entry.clean |= not ok
+
+    def mark_clean(self, key: str) -> None:
+        """Evictable without write-back from now on."""
+        self.written_down(key, ok=False)
 
     def buffer(self, reservation: Reservation) -> memoryview:
         """The reserved bytes, writable, for the writer to fill in place."""
@@ -255,12 +266,8 @@ class HostTier(HostRoom, Tier):
         entry = self._key_to_entry.get(lease.key)
         if entry is not None and entry.offset == lease.offset and entry.layout is not None:
             return entry.layout
-        try:
-            emb = parse_entry(lease.view, strict=False).tensors["embeddings"]
-        except (EntryFormatError, KeyError):
-            return None
-        layout = Layout(emb.dtype, emb.start, emb.shape[0], emb.shape[1])
-        if entry is not None and entry.offset == lease.offset:
+        layout = embeddings_layout(lease.view)
+        if layout is not None and entry is not None and entry.offset == lease.offset:
             entry.layout = layout
         return layout
 
@@ -344,7 +351,7 @@ class HostTier(HostRoom, Tier):
 
     def usage_by_tenant(self) -> dict[str | None, list[int]]:
         """``{tenant: [entries, bytes]}`` over sealed entries (None: the default tenant)."""
-        return _usage(self.inventory())
+        return usage_by_tenant(self.inventory())
 
     def persists(self, key: str) -> bool:
         with self._lock:
@@ -379,34 +386,15 @@ class HostTier(HostRoom, Tier):
     def stats(self) -> dict:
         with self._lock:
             visible = [e for e in self._key_to_entry.values() if e.sealed]
-            return {
-                "entries": len(visible),
-                "bytes": sum(e.nbytes for e in visible),
-                "capacity_bytes": self.allocator.capacity_bytes,
-                "used_bytes": self.allocator.used_bytes,
-                "hits": self.hits,
-                "misses": self.misses,
-                "evictions": self.evictions,
-                "evicted_bytes": self.evicted_bytes,
-                "no_space": self.no_space,
-                "quota_refused": self.ledger.refused,
-                "leases": self.leases.total,
-                "reservations": sum(1 for e in self._key_to_entry.values() if not e.sealed),
-                "quarantined_bytes": sum(self.allocator.size_of(o) for offsets in self._quarantine.values()
-                                         for o in offsets),
-                "fragmentation": round(self.allocator.fragmentation, 4),
-            }
+            a = self.allocator
+            return dict(entries=len(visible), bytes=sum(e.nbytes for e in visible), capacity_bytes=a.capacity_bytes,
+                        used_bytes=a.used_bytes, hits=self.hits, misses=self.misses, evictions=self.evictions,
+                        evicted_bytes=self.evicted_bytes, no_space=self.no_space, quota_refused=self.ledger.refused,
+                        leases=self.leases.total,
+                        reservations=sum(1 for e in self._key_to_entry.values() if not e.sealed),
+                        quarantined_bytes=sum(a.size_of(o) for offsets in self._quarantine.values() for o in offsets),
+                        fragmentation=round(a.fragmentation, 4))
 
     def close(self) -> None:
         self.arena.close()
         self.arena.unlink()
-
-
-def _usage(items) -> dict[str | None, list[int]]:
-    out: dict[str | None, list[int]] = {}
-    for key, nbytes in items:
-        tenant, at, _ = key.partition("@")
-        row = out.setdefault(tenant if at else None, [0, 0])
-        row[0] += 1
-        row[1] += nbytes
-    return out

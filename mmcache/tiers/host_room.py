@@ -1,16 +1,23 @@
-"""Making room in the arena (``HostRoom``, a part of ``HostTier``): when no free block fits, the
-window of free blocks and evictable entries that holds the request and whose worst victim the
-policy ranks best; entries not yet written below are written back first (off the lock), and
-nothing leased, reserved or outside the window is evicted (``docs/architecture.md``,
-invariant 5)."""
+"""Where a put fits in the arena (``HostRoom``, owned by ``HostTier``): when no free block fits,
+the window of free blocks and evictable entries that holds the request and whose worst victim
+the policy ranks best; for a tenant past its quota, which of its own entries to evict first.
+
+It plans and never evicts: the tier evicts what it names (under the tier's lock, which every
+call here runs under). Entries not yet written below are queued for write-back (``dirty``) and
+skipped, and nothing leased, reserved, quarantined or outside the window is ever named
+(``docs/architecture.md``, invariant 5).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Any, Callable, Mapping
 
-from mmcache.core.quotas import _anything
-from mmcache.core.tier import PutStatus
+from mmcache.core.allocator import ArenaAllocator
+from mmcache.core.leases import LeaseTable
+from mmcache.core.policies import EvictionPolicy
+from mmcache.core.quotas import TenantLedger, anything
 
 logger = logging.getLogger("mmcache.tiers.host")
 
@@ -19,61 +26,55 @@ _QUARANTINED = object()
 
 
 class HostRoom:
-    """Room-making over the tier's allocator, index, leases and policy (under its lock)."""
+    """Room-making over the tier's allocator, index, leases, policy and ledger. ``entries``
+    (key → entry: ``offset``, ``nbytes``, ``sealed``, ``clean``, ``writing_back``) and
+    ``blocks`` (allocated offset → key, None for a pinned block no key names) are the tier's
+    own maps, read here; ``persisted`` says whether the tiers below hold a key."""
 
-    def _allocate(self, nbytes: int, dirty: list[str], allowed=_anything) -> int | PutStatus | None:
-        """Room for ``nbytes``, evicting only entries ``allowed`` says this put may evict."""
-        if nbytes > self.allocator.capacity_bytes:
-            return PutStatus.TOO_LARGE
-        offset = self.allocator.allocate(nbytes)
-        if offset is not None:
-            return offset
-        window = self._best_window(self.allocator._round_up(nbytes), dirty, allowed)
-        if window is None:
-            return None
-        start, victims = window
-        for key in victims:
-            self._evict(key)
-        if not self.allocator.allocate_at(start, nbytes):
-            raise AssertionError(f"evicted window at {start} does not hold {nbytes} bytes")
-        return start
+    def __init__(self, allocator: ArenaAllocator, policy: EvictionPolicy, leases: LeaseTable,
+                 entries: Mapping[str, Any], blocks: Mapping[int, str | None], ledger: TenantLedger,
+                 persisted: Callable[[str], bool]):
+        self.allocator, self.policy, self.leases, self.ledger = allocator, policy, leases, ledger
+        self.entries, self.blocks = entries, blocks
+        self.persisted = persisted
 
-    def _within_quota(self, key: str, nbytes: int, dirty: list[str]) -> bool:
-        """Evict ``key``'s tenant's own entries (policy order) until ``nbytes`` more fit in its
-        quota (``mmcache.core.quotas``); False, evicting nothing, when they cannot."""
+    def own_victims(self, key: str, nbytes: int, dirty: list[str]) -> list[str] | None:
+        """``key``'s tenant's own entries to evict (policy order) so that ``nbytes`` more fit in
+        its quota (``mmcache.core.quotas``): [] when they fit, None when they cannot."""
         excess = self.ledger.excess(key, nbytes)
         if not excess:
-            return True
+            return []
         own, victims, freed = self.ledger.own(key), [], 0
         for victim in self.policy.iter_victims():
             if freed >= excess:
                 break
-            if own(victim) and self._evictable(victim, dirty):
+            if own(victim) and self.evictable(victim, dirty):
                 victims.append(victim)
-                freed += self._key_to_entry[victim].nbytes
+                freed += self.entries[victim].nbytes
         if freed < excess:
             self.ledger.refused += 1
-            return False
-        for victim in victims:
-            self._evict(victim)
-        return True
+            return None
+        return victims
 
-    def _best_window(self, size: int, dirty: list[str], allowed=_anything) -> tuple[int, list[str]] | None:
-        """The address window of free blocks and evictable entries that holds ``size`` bytes
-        and whose worst victim the policy ranks best (fewest evicted bytes on a tie)."""
+    def window(self, nbytes: int, dirty: list[str], allowed: Callable[[str], bool] = anything
+               ) -> tuple[int, list[str]] | None:
+        """The address window of free blocks and evictable entries (those ``allowed`` lets this
+        put evict) that holds ``nbytes`` and whose worst victim the policy ranks best (fewest
+        evicted bytes on a tie): its start and its entries, or None."""
+        size = self.allocator.round_up(nbytes)
         rank = {key: i for i, key in enumerate(self.policy.iter_victims())}
         segments = [(start, length, None) for start, length in self.allocator.free_blocks()]
-        for offset, key in self._offset_to_key.items():
+        for offset, key in self.blocks.items():
             segments.append((offset, self.allocator.size_of(offset), _QUARANTINED if key is None else key))
         segments.sort()
         best: tuple[tuple[int, int], int, list[str]] | None = None
-        window: deque[tuple[int, int, str | None]] = deque()
+        window: deque[tuple[int, int, Any]] = deque()
         ranks: deque[tuple[int, int]] = deque()  # (position, rank), ranks increasing: max at front
         total = evicted = 0
         for pos, (start, length, key) in enumerate(segments):
             if window and window[-1][0] + window[-1][1] != start:
                 raise AssertionError("arena segments do not tile")
-            r = self._victim_rank(key, rank, dirty, allowed)
+            r = self._rank(key, rank, dirty, allowed)
             if r is None:  # a pinned block ends every window through it
                 window.clear()
                 ranks.clear()
@@ -99,19 +100,18 @@ class HostRoom:
             logger.debug("host tier: %d entries await write-back before they can be evicted", len(dirty))
         return None if best is None else (best[1], best[2])
 
-    def _victim_rank(self, key: str | object | None, rank: dict[str, int], dirty: list[str],
-                     allowed=_anything) -> int | None:
+    def _rank(self, key: Any, rank: dict[str, int], dirty: list[str], allowed: Callable[[str], bool]) -> int | None:
         """-1 for free space, the policy rank of an evictable entry, None for a pinned block
         (leased, reserved, quarantined, awaiting write-back, or another quota'd tenant's)."""
         if key is None:
             return -1
-        if key is _QUARANTINED or not allowed(key) or not self._evictable(key, dirty):
+        if key is _QUARANTINED or not allowed(key) or not self.evictable(key, dirty):
             return None
         return rank.get(key)
 
-    def _evictable(self, key: str, dirty: list[str]) -> bool:
+    def evictable(self, key: str, dirty: list[str]) -> bool:
         """Sealed, unleased and held below (else queued in ``dirty`` for write-back)."""
-        entry = self._key_to_entry.get(key)
+        entry = self.entries.get(key)
         if entry is None or not entry.sealed or self.leases.is_leased((key, entry.offset)):
             return False
         if not entry.clean and not self.persisted(key):
@@ -120,36 +120,3 @@ class HostRoom:
                 dirty.append(key)
             return False
         return True
-
-    def _write_back(self, keys: list[str]) -> None:
-        for key in keys:
-            if self.on_dirty is None:
-                self.mark_clean(key)
-            else:
-                self.on_dirty(key)
-
-    def written_down(self, key: str, ok: bool) -> None:
-        """The store's write-down of ``key`` ended; a failed one makes it evictable all the same."""
-        with self._lock:
-            entry = self._key_to_entry.get(key)
-            if entry is not None:
-                entry.writing_back = False
-                entry.clean |= not ok
-
-    def mark_clean(self, key: str) -> None:
-        """Evictable without write-back from now on."""
-        self.written_down(key, ok=False)
-
-    def _evict(self, key: str) -> None:
-        entry = self._key_to_entry[key]
-        self.evictions += 1
-        self.evicted_bytes += entry.nbytes
-        self.policy.on_remove(key, evicted=True)
-        self._free(key)
-        if self.on_evict is not None:
-            self.on_evict(key, entry.nbytes)
-
-    def _free(self, key: str) -> None:
-        entry = self._unindex(key)
-        del self._offset_to_key[entry.offset]
-        self.allocator.free(entry.offset)
