@@ -21,7 +21,6 @@ every put).
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -31,7 +30,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, ClassVar
 
 from mmcache.tiers.remote_config import RemoteConfig, RemoteURLError, parse_remote_url
-from mmcache.tiers.remote_coord import _WAKE, RemoteCoordination, RemoteDown, _close_quietly
+from mmcache.tiers.remote_coord import WAKE, RemoteCoordination, RemoteDown, close_quietly
 from mmcache.core.tier import Owner, PutStatus, Tier, TierLease, done
 from mmcache_client.format import EntryFormatError, read_entry
 
@@ -39,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "mmc:v1:"
 
-class RemoteTier(RemoteCoordination, Tier):
+class RemoteTier(Tier):
     name: ClassVar[str] = "remote"
     durable: ClassVar[bool] = False
 
@@ -70,14 +69,15 @@ class RemoteTier(RemoteCoordination, Tier):
         self._queued_bytes = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
-        self.node, self._on_event, self._on_stored = node, on_event, on_stored
-        self._events_out: collections.deque = collections.deque()
-        self._claim_ends: collections.deque = collections.deque()
-        self._event_counts = dict(sent=0, received=0, dropped=0)
+        self.node, self._on_stored = node, on_stored
         self._stop = threading.Event()
         self._down = threading.Event()
         """Set while the remote is down: the reconnect thread's cue."""
-        self._scripts: tuple[Any, Any] | None = None
+        self.coord = RemoteCoordination(
+            call=self._call, errors=self._errors, new_client=self._new_client, is_up=lambda: self._up,
+            wake=lambda: self._queue.put(WAKE), node=node, on_event=on_event, retry_s=config.retry_s,
+            timeout_s=config.timeout_ms / 1000, stop=self._stop)
+        """Cluster-wide claims and inventory events over this tier's connection."""
         self._reconnector = threading.Thread(target=self._reconnect_loop, name="mmcache-remote-reconnect", daemon=True)
         self._reconnector.start()
         try:
@@ -92,7 +92,7 @@ class RemoteTier(RemoteCoordination, Tier):
         self._writer.start()
         self._reader: threading.Thread | None = None
         if on_event is not None:
-            self._reader = threading.Thread(target=self._read_loop, name="mmcache-remote-events", daemon=True)
+            self._reader = threading.Thread(target=self.coord.read_loop, name="mmcache-remote-events", daemon=True)
             self._reader.start()
 
     # ------------------------------------------------------------ connection and breaker
@@ -101,9 +101,9 @@ class RemoteTier(RemoteCoordination, Tier):
         with self._lock:
             old, self._client, self.cluster = self._client, client, enabled
             self._up, self._failures = True, 0
-            self._scripts = None
+        self.coord.forget_scripts()
         if old is not None:
-            _close_quietly(old)
+            close_quietly(old)
         logger.info("remote %s up (%s)", self.config.url, "cluster" if enabled else "single server")
 
     def _new_client(self, timeout: float) -> tuple[Any, bool]:
@@ -134,7 +134,7 @@ class RemoteTier(RemoteCoordination, Tier):
         try:
             client.ping()
         except BaseException:
-            _close_quietly(client)
+            close_quietly(client)
             raise
         return client, enabled
 
@@ -262,8 +262,7 @@ class RemoteTier(RemoteCoordination, Tier):
             if self._closed or not room or down:
                 self._counts["dropped"] += 1
                 if not self._closed:
-                    self._claim_ends.append(key)
-                    self._queue.put(_WAKE)
+                    self.coord.end_claim(key)
                 return done(PutStatus.NO_SPACE)
             self._queued_bytes += mv.nbytes
         fut = Future()
@@ -274,10 +273,10 @@ class RemoteTier(RemoteCoordination, Tier):
         while True:
             item = self._queue.get()
             if item is None:
-                self._send_events([])
+                self.coord.send_events([])
                 return
-            batch = [] if item is _WAKE else [item]
-            nbytes = 0 if item is _WAKE else item[1].nbytes
+            batch = [] if item is WAKE else [item]
+            nbytes = 0 if item is WAKE else item[1].nbytes
             while len(batch) < self.config.batch_max and nbytes < (32 << 20):
                 try:
                     nxt = self._queue.get_nowait()
@@ -286,13 +285,13 @@ class RemoteTier(RemoteCoordination, Tier):
                 if nxt is None:
                     self._queue.put(None)  # NOTE: stop after this batch
                     break
-                if nxt is _WAKE:
+                if nxt is WAKE:
                     continue
                 batch.append(nxt)
                 nbytes += nxt[1].nbytes
             try:
                 stored = self._write(batch) if batch else []
-                self._send_events(stored)
+                self.coord.send_events(stored)
             except Exception:  # noqa: BLE001 - a bug here must not stop every later write
                 logger.exception("remote writer: a batch of %d failed", len(batch))
                 for _key, _mv, fut in batch:
@@ -338,6 +337,19 @@ class RemoteTier(RemoteCoordination, Tier):
             self._count("bytes_written", written)
         return stored
 
+    # ------------------------------------------------------------ claims and events (RemoteCoordination)
+    def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[bool, int] | None:
+        return self.coord.claim(key, owner, ttl_ms)
+
+    def release_claim(self, key: str, owner: str) -> int:
+        return self.coord.release_claim(key, owner)
+
+    def end_claim(self, key: str) -> None:
+        self.coord.end_claim(key)
+
+    def emit(self, event: Any) -> None:
+        self.coord.emit(event)
+
     def delete(self, key: str) -> bool:
         try:
             return bool(self._call(lambda c: c.delete(self.remote_key(key))))
@@ -349,7 +361,7 @@ class RemoteTier(RemoteCoordination, Tier):
         with self._lock:
             return dict(up=self._up, cluster=self.cluster, queued=self._queue.qsize(), queued_bytes=self._queued_bytes,
                         url=_redacted(self.config.url), **self._counts,
-                        events={**self._event_counts, "queued": len(self._events_out)})
+                        events={**self.coord.event_counts, "queued": self.coord.events_queued()})
 
     def flush(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -373,7 +385,7 @@ class RemoteTier(RemoteCoordination, Tier):
         if self._reader is not None:
             self._reader.join(5.0)
         if self._client is not None:
-            _close_quietly(self._client)
+            close_quietly(self._client)
 
 
 def _redacted(url: str) -> str:

@@ -1,4 +1,4 @@
-"""The remote tier's coordination of sidecars (``RemoteCoordination``, a part of ``RemoteTier``):
+"""The remote tier's coordination of sidecars (``RemoteCoordination``, owned by ``RemoteTier``):
 cluster-wide claims (``mmcache.core.claims``: a ``SET PX`` Lua script, renewed by its owner, ended
 once every sidecar can read the entry) and inventory events (``mmcache.core.events``: this node's
 appended to the stream ``mmc:v1:events`` write-behind, the other nodes' followed by a thread
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Any
+import threading
+from typing import Any, Callable
 
 
 logger = logging.getLogger("mmcache.tiers.remote")
@@ -20,7 +21,7 @@ EVENTS_STREAM = "mmc:v1:events"
 EVENTS_MAXLEN = 10_000
 _CLAIM_RETRY_MS = 50
 """What a claim the remote could not answer (breaker still closed) is told to wait."""
-_WAKE = object()
+WAKE = object()
 """Queued to wake the writer for events alone."""
 
 _CLAIM_LUA = """
@@ -46,7 +47,7 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _close_quietly(client: Any) -> None:
+def close_quietly(client: Any) -> None:
     try:
         client.close()
     except Exception:  # noqa: BLE001 - closing a broken client must not fail shutdown
@@ -58,7 +59,33 @@ class RemoteDown(ConnectionError):
 
 
 class RemoteCoordination:
-    """Claims and events over the tier's connection (``_call``, breaker) and writer queue."""
+    """Claims and events over the remote tier's connection. What it uses of the tier, given in
+    its constructor: ``call`` (run a function on the live client, through the breaker:
+    ``RemoteDown`` when open), ``errors`` (what a call may raise), ``new_client`` (a client of
+    its own, for the stream follower), ``is_up``, ``wake`` (have the writer thread send what is
+    queued here), ``node`` (this sidecar), ``on_event`` (another node's event), ``retry_s`` and
+    ``timeout_s``, and ``stop`` (set when the tier closes)."""
+
+    def __init__(self, *, call: Callable[[Callable[[Any], Any]], Any], errors: tuple[type[BaseException], ...],
+                 new_client: Callable[[float], tuple[Any, bool]], is_up: Callable[[], bool], wake: Callable[[], None],
+                 node: str, on_event: Callable[[dict], None] | None, retry_s: float, timeout_s: float,
+                 stop: threading.Event):
+        self._call, self._errors, self._new_client, self._is_up, self._wake = call, errors, new_client, is_up, wake
+        self.node, self._on_event, self._retry_s, self._timeout_s, self._stop = node, on_event, retry_s, timeout_s, stop
+        self._lock = threading.Lock()
+        self._scripts: tuple[Any, Any] | None = None
+        self._events_out: collections.deque = collections.deque()
+        self._claim_ends: collections.deque = collections.deque()
+        self.event_counts = dict(sent=0, received=0, dropped=0)
+
+    def forget_scripts(self) -> None:
+        """A new connection: its scripts are registered again on first use."""
+        with self._lock:
+            self._scripts = None
+
+    def events_queued(self) -> int:
+        with self._lock:
+            return len(self._events_out)
 
     # ------------------------------------------------------------ claims (mmcache.core.claims)
     def _script(self, client: Any, which: int) -> Any:
@@ -90,7 +117,7 @@ class RemoteCoordination:
             if len(self._claim_ends) >= EVENTS_MAXLEN:
                 return  # NOTE: the claim's TTL is the backstop
             self._claim_ends.append(key)
-        self._queue.put(_WAKE)
+        self._wake()
 
     def release_claim(self, key: str, owner: str) -> int:
         try:
@@ -103,12 +130,12 @@ class RemoteCoordination:
         """Append one of this node's events to the stream, write-behind (bounded: drops when full)."""
         with self._lock:
             if len(self._events_out) >= EVENTS_MAXLEN:
-                self._event_counts["dropped"] += 1
+                self.event_counts["dropped"] += 1
                 return
             self._events_out.append(event)
-        self._queue.put(_WAKE)
+        self._wake()
 
-    def _send_events(self, stored: list[str]) -> None:
+    def send_events(self, stored: list[str]) -> None:
         """After a batch of ``SET``s: end those keys' claims (only now can every sidecar read them),
         and append the queued events to the stream; one pipeline."""
         with self._lock:
@@ -133,38 +160,36 @@ class RemoteCoordination:
             results = [e] * (len(stored) + len(events))
         sent = sum(not isinstance(r, BaseException) for r in results[len(stored):])
         with self._lock:
-            self._event_counts["sent"] += sent
-            self._event_counts["dropped"] += len(events) - sent
+            self.event_counts["sent"] += sent
+            self.event_counts["dropped"] += len(events) - sent
 
-    def _read_loop(self) -> None:
+    def read_loop(self) -> None:
         """Follow the stream from now on; hand each other node's event to ``on_event``."""
         block_ms = 1000
         client = None
         last = "$"
         while not self._stop.is_set():
             if client is None:
-                with self._lock:
-                    up = self._up
-                if not up:
-                    self._stop.wait(self.config.retry_s)
+                if not self._is_up():
+                    self._stop.wait(self._retry_s)
                     continue
                 try:
-                    client, _ = self._new_client(self.config.timeout_ms / 1000 + block_ms / 1000)
+                    client, _ = self._new_client(self._timeout_s + block_ms / 1000)
                     if last == "$":
                         newest = client.xrevrange(EVENTS_STREAM, count=1)
                         last = newest[0][0] if newest else "0-0"
                 except Exception as e:  # noqa: BLE001 - the follower must outlive any remote trouble
                     logger.debug("remote events: cannot follow the stream: %s", e)
                     client = None
-                    self._stop.wait(self.config.retry_s)
+                    self._stop.wait(self._retry_s)
                     continue
             try:
                 answer = client.xread({EVENTS_STREAM: last}, count=512, block=block_ms)
             except Exception as e:  # noqa: BLE001 - as above
                 logger.debug("remote events: read failed: %s", e)
-                _close_quietly(client)
+                close_quietly(client)
                 client = None
-                self._stop.wait(self.config.retry_s)
+                self._stop.wait(self._retry_s)
                 continue
             for _stream, entries in answer or []:
                 for entry_id, fields in entries:
@@ -174,9 +199,9 @@ class RemoteCoordination:
                         if ev.get("node") == self.node:
                             continue
                         with self._lock:
-                            self._event_counts["received"] += 1
+                            self.event_counts["received"] += 1
                         self._on_event(ev)
                     except Exception:  # noqa: BLE001 - a bad event must not stop the follower
                         logger.exception("remote events: handling %r failed", ev)
         if client is not None:
-            _close_quietly(client)
+            close_quietly(client)
