@@ -157,3 +157,42 @@ def test_the_rule_catches_what_it_should():
     assert _broken("mmcache.common.app", "mmcache.core.store")
     assert _broken("encoder_worker.cli", "mmcache.common.app") is None
     assert len(MODULES) > 40
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """No import cycle, not even one made of type-only imports: a child gets what it uses, not
+    its parent (the store hands its parts to the write-down, the router its pools and session to
+    the role controller and its stats)."""
+    graph = {m: {i for i in _imports(m, p) if i in MODULES and i != m} for m, p in MODULES.items()}
+    graph = {m: {i for i in deps if not MODULES[i].name == "__init__.py"} for m, deps in graph.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    assert not cycles, f"import cycles: {cycles}"

@@ -30,15 +30,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import aiohttp
 
 from llm_worker.router.backends import Backend, Pool
 from llm_worker.elastic.policy import STAGES, Move, Policy, StageLoad, WorkerLoad
 
-if TYPE_CHECKING:
-    from llm_worker.router.router import Router
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +54,11 @@ class SwitchRefused(Exception):
 class ElasticController:
     """Lifecycle: ``start()`` with the router (after its HTTP session), ``close()`` before it."""
 
-    def __init__(self, router: "Router") -> None:
-        c = router.config
-        self.router = router
+    def __init__(self, config: Any, pools: dict[str, Pool], http: Callable[[], aiohttp.ClientSession]) -> None:
+        """``config``: the router's (``elastic_*``, ``stack_token``, ``timeout_s``); ``pools``: the
+        worker pools it moves workers between; ``http``: the router's HTTP session (made at start)."""
+        c = config
+        self.config, self._pools, self._http = config, pools, http
         self.interval_s = c.elastic_interval_s
         self.policy = c.elastic_policy.policy()
         self.history: deque[dict] = deque(maxlen=200)
@@ -78,7 +78,7 @@ class ElasticController:
 
     @property
     def pools(self) -> dict[str, Pool]:
-        return self.router.groups[0].pools
+        return self._pools
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="elastic-controller")
@@ -101,7 +101,7 @@ class ElasticController:
 
         async def probe(backend: Backend) -> dict | None:
             try:
-                async with self.router.http.get(backend.url + "/v1/stats", timeout=timeout) as r:
+                async with self._http().get(backend.url + "/v1/stats", timeout=timeout) as r:
                     doc = await r.json(content_type=None) if r.status == 200 else None
             except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
                 return None
@@ -227,10 +227,10 @@ class ElasticController:
     async def _post_role(self, backend: Backend, to: str) -> dict:
         """The worker's answer to ``POST /v1/role``, or ``{"error"}``."""
         try:
-            token = self.router.config.stack_token
+            token = self.config.stack_token
             headers = {"Authorization": f"Bearer {token}"} if token else None
-            async with self.router.http.post(backend.url + "/v1/role", json={"role": to}, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=self.router.config.timeout_s)) as r:
+            async with self._http().post(backend.url + "/v1/role", json={"role": to}, headers=headers,
+                                             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s)) as r:
                 doc = await r.json(content_type=None)
                 if r.status != 200:
                     return {"error": f"HTTP {r.status}: {doc.get('error') if isinstance(doc, dict) else doc}"}

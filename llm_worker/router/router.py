@@ -105,7 +105,7 @@ class Router:
         self.media_limits = MediaLimits()
         self.video_limits = MediaLimits(max_bytes=VideoLimits().max_bytes)
         """For hashing ``data:`` videos (routing keys): the encoders' default byte bound."""
-        self.elastic = ElasticController(self) if config.elastic else None
+        self.elastic = ElasticController(config, self.groups[0].pools, lambda: self.http) if config.elastic else None
         """``--elastic``: moves workers between the pools as the load shifts."""
 
     async def start(self) -> None:
@@ -490,7 +490,7 @@ class Router:
     async def stats(self) -> dict:
         """The router's counters, the cache's stats and every worker's health and counters; with
         several node groups, ``nodes`` (``llm_worker.router.stats``)."""
-        return await gather_stats(self)
+        return await gather_stats(self.http, self.config, self.groups, self.counters, self.inventory, self.elastic)
 
 
 async def _nothing() -> list:

@@ -6,24 +6,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from llm_worker.router.backends import Backend
 from llm_worker.router.nodes import NodeGroup
 
-if TYPE_CHECKING:
-    from llm_worker.router.router import Router
 
 
-async def gather_stats(router: "Router") -> dict:
-    """The router's counters, the cache's stats and every worker's health and counters; with
-    several node groups, ``nodes``: one per group, each with its sidecar's stats and workers."""
+async def gather_stats(http: aiohttp.ClientSession, config: Any, groups: list[NodeGroup], counters: dict,
+                       inventory: Any, elastic: Any = None) -> dict:
+    """The router's ``counters``, the cache's stats and every worker's health and counters; with
+    several node ``groups``, ``nodes``: one per group, each with its sidecar's stats and workers
+    (and the keys ``inventory`` indexes on it); ``elastic``: the role controller, if any."""
     async def probe(backend: Backend) -> dict:
         out = backend.info()
         try:
-            async with router.http.get(backend.url + "/v1/stats", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with http.get(backend.url + "/v1/stats", timeout=aiohttp.ClientTimeout(total=5)) as r:
                 out.update(healthy=r.status == 200, stats=await r.json(content_type=None))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             out.update(healthy=False, error=repr(e))
@@ -43,28 +43,28 @@ async def gather_stats(router: "Router") -> dict:
                                                              for r in roles))
         doc: dict[str, Any] = {"name": group.name, "cache": answers[0], "active": group.active, **group.counts,
                                "following_events": group.following,
-                               "indexed_keys": router.inventory.keys_on(group.name)}
+                               "indexed_keys": inventory.keys_on(group.name)}
         for role, workers in zip(roles, answers[1:]):
             doc[{"encode": "encoders"}.get(role, role)] = list(workers)
         return doc
 
-    nodes = await asyncio.gather(*map(of_group, router.groups))
-    out: dict[str, Any] = {"mode": router.config.mode, "model": router.config.model_id,
-                           "router": dict(router.counters), "cache": nodes[0]["cache"]}
+    nodes = await asyncio.gather(*map(of_group, groups))
+    out: dict[str, Any] = {"mode": config.mode, "model": config.model_id,
+                           "router": dict(counters), "cache": nodes[0]["cache"]}
     for role in ("encoders", "prefill", "decode", "generate"):
         workers = [w for n in nodes for w in n.get(role, ())]
         if workers:
             out[role] = workers
-    if len(router.groups) > 1:
+    if len(groups) > 1:
         out["nodes"] = nodes
-        out["routing"] = {"mode": router.config.routing, "inventory_events": router.inventory.events}
-    if router.elastic is not None:
-        out["elastic"] = router.elastic.stats([w for role in ("encoders", "prefill", "decode") for w in out.get(role, ())])
-    processes = _stack_processes(router.config.data_dir)
+        out["routing"] = {"mode": config.routing, "inventory_events": inventory.events}
+    if elastic is not None:
+        out["elastic"] = elastic.stats([w for role in ("encoders", "prefill", "decode") for w in out.get(role, ())])
+    processes = _stack_processes(config.data_dir)
     if processes is not None:
         out["processes"] = processes
     encoders = [w.get("stats", {}) for w in out.get("encoders", [])]
-    router_hits = router.counters.get("router_cache_hits", 0)
+    router_hits = counters.get("router_cache_hits", 0)
     # NOTE: "images" counts every image reference: those the router found in the cache itself
     # (they never reach an encoder) and those the encoders saw.
     out["totals"] = {"images_encoded": sum(s.get("encoded", 0) for s in encoders),
