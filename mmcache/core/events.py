@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -183,3 +185,28 @@ class _LoopWake:
             self.pending = False
             event, self.event = self.event, asyncio.Event()
         event.set()
+
+
+_STORED_KEY = re.compile(r"(?:[A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9._-]{1,128}/[0-9a-f]{64}")
+_EVENT_TIERS = frozenset({"host", "disk", "remote", "device", "all"})
+MAX_EVENT_BYTES = 1 << 40
+
+
+def relayed_event(doc: dict) -> tuple[str, str, str, int, str, float | None] | None:
+    """``(kind, key, tier, bytes, node, ts)`` of a well-formed event from the remote's stream, or
+    None: a known kind and tier, a key as the store names keys, 0 <= bytes <= 1 TiB, a printable
+    node name of at most 128 characters, a finite non-negative time."""
+    kind, key, tier, node = doc.get("kind"), doc.get("key"), doc.get("tier"), doc.get("node")
+    if kind not in ("stored", "evicted", "deleted") or tier not in _EVENT_TIERS:
+        return None
+    if not isinstance(key, str) or len(key) > 260 or not _STORED_KEY.fullmatch(key):
+        return None
+    if not isinstance(node, str) or not 0 < len(node) <= 128 or not node.isprintable():
+        return None
+    try:
+        nbytes, ts = int(doc.get("bytes", 0)), float(doc.get("ts", 0))
+    except (TypeError, ValueError):
+        return None
+    if not 0 <= nbytes <= MAX_EVENT_BYTES or not math.isfinite(ts) or ts < 0:
+        return None
+    return kind, key, tier, nbytes, node, ts or None

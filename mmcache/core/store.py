@@ -22,16 +22,15 @@ import contextlib
 import logging
 import math
 import os
-import re
 import secrets
-import socket
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
+from mmcache.core import inventory
 from mmcache.core.claims import Claims
 from mmcache.core.data_dir import forget_arena
-from mmcache.core.events import EventBus
+from mmcache.core.events import EventBus, relayed_event
 from mmcache.core.store_types import RETRY_AFTER_S, Lease, PutResult, StoreConfig  # noqa: F401 - the store's own names
 from mmcache.core.tier import EntryExists, Owner, PutStatus, Reservation, Tier, TierLease
 from mmcache.core.write_down import WriteDown
@@ -331,30 +330,8 @@ class TieredStore:
         return {k: self.tier_of(k) for k in keys}
 
     def describe(self, keys: list[str]) -> dict[str, dict | None]:
-        """Per key ``{"tier", "num_tokens"[, "image_grid_thw"]}`` or None: what a reader needs to
-        lay out its prompt without leasing the entry. Host entries are read from their (immutable,
-        verified-at-seal) header in place; disk ones through a verified view. Not a client read:
-        nothing counted, nothing promoted. Off the event loop."""
-        owner = ("describe", threading.get_ident())
-        out: dict[str, dict | None] = {}
-        for key in keys:
-            lease = self.host.lease(key, owner, count=False)
-            if lease is not None:
-                try:
-                    out[key] = _describe("host", EntryView(lease.view, parse_entry(lease.view)))
-                finally:
-                    self.host.release(lease)
-                continue
-            out[key] = None
-            for tier in self.lower:
-                below = tier.lease(key, owner, count=False)  # NOTE: the tier verifies what it hands out
-                if below is not None:
-                    try:
-                        out[key] = _describe(tier.name, EntryView(below.view, parse_entry(below.view)))
-                    finally:
-                        tier.release(below)
-                    break
-        return out
+        """Per key ``{"tier", "num_tokens"[, "image_grid_thw"]}`` or None (``inventory.describe``)."""
+        return inventory.describe(self.host, self.lower, keys)
 
     def delete(self, key: Key | str) -> bool:
         """Remove from every tier; never waits for a disk commit."""
@@ -371,28 +348,12 @@ class TieredStore:
             t.flush(timeout)
 
     def list_entries(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[tuple[str, str, int]]:
-        """``(key, tier, nbytes)`` of up to ``limit`` local entries (host, then disk: the tier a
-        read would come from) whose key starts with ``prefix`` and sorts after ``after``, in key
-        order: one page of a listing (``GET /v1/entries``). The remote tier is not listed: it is
-        shared by many sidecars and evicts on its own. Disk pages come from an LMDB cursor
-        (O(log entries + limit)); the host index, bounded by the arena, is filtered whole. Off
-        the event loop."""
-        import heapq
-
-        found = {key: ("disk", nbytes) for key, nbytes in self.disk.list_range(prefix, after, limit)}
-        hosted = ((key, nbytes) for key, nbytes in self.host.inventory() if key > after and key.startswith(prefix))
-        for key, nbytes in heapq.nsmallest(limit, hosted):
-            found[key] = ("host", nbytes)  # NOTE: an entry in both reads from host
-        return [(key, *found[key]) for key in sorted(found)[:limit]]
+        """One page of the local entries in key order (``inventory.list_entries``); off the loop."""
+        return inventory.list_entries(self.host, self.disk, prefix, after, limit)
 
     def usage_by_tenant(self) -> dict[str | None, dict[str, dict[str, int]]]:
-        """``{tenant: {tier: {"entries", "bytes"}}}`` for host and disk (None: the default
-        tenant). A scan of both indexes: call it off the event loop."""
-        out: dict[str | None, dict[str, dict[str, int]]] = {}
-        for tier in (self.host, self.disk):
-            for tenant, (entries, nbytes) in tier.usage_by_tenant().items():
-                out.setdefault(tenant, {})[tier.name] = {"entries": entries, "bytes": nbytes}
-        return out
+        """``{tenant: {tier: {"entries", "bytes"}}}`` for host and disk; off the loop."""
+        return inventory.usage_by_tenant(self.host, self.disk)
 
     def stats(self) -> dict:
         doc = {t.name: t.stats() for t in self.tiers}
@@ -419,42 +380,3 @@ class TieredStore:
         forget_arena(self.config.data_dir)
         os.close(self._lock_fd)  # releases the flock
         self._lock_fd = -1
-
-
-def _check_key(key: str, view: EntryView) -> None:
-    """A lower tier's entry must be the one asked for (a tenant's key is ``tenant@ns/hash``)."""
-    own = f"{view.metadata['namespace']}/{view.metadata['hash']}"
-    if own != key.rpartition("@")[2]:
-        raise ValueError(f"entry names {own!r}, stored under {key!r}")
-
-
-def _describe(tier: str, view: EntryView) -> dict:
-    doc: dict[str, Any] = {"tier": tier, "num_tokens": int(view.parsed.tensors["embeddings"].shape[0])}
-    if "image_grid_thw" in view.parsed.tensors:
-        doc["image_grid_thw"] = view.get_array("image_grid_thw").tolist()
-    return doc
-
-
-_STORED_KEY = re.compile(r"(?:[A-Za-z0-9._-]{1,64}@)?[A-Za-z0-9._-]{1,128}/[0-9a-f]{64}")
-_EVENT_TIERS = frozenset({"host", "disk", "remote", "device", "all"})
-MAX_EVENT_BYTES = 1 << 40
-
-
-def relayed_event(doc: dict) -> tuple[str, str, str, int, str, float | None] | None:
-    """``(kind, key, tier, bytes, node, ts)`` of a well-formed event from the remote's stream, or
-    None: a known kind and tier, a key as the store names keys, 0 <= bytes <= 1 TiB, a printable
-    node name of at most 128 characters, a finite non-negative time."""
-    kind, key, tier, node = doc.get("kind"), doc.get("key"), doc.get("tier"), doc.get("node")
-    if kind not in ("stored", "evicted", "deleted") or tier not in _EVENT_TIERS:
-        return None
-    if not isinstance(key, str) or len(key) > 260 or not _STORED_KEY.fullmatch(key):
-        return None
-    if not isinstance(node, str) or not 0 < len(node) <= 128 or not node.isprintable():
-        return None
-    try:
-        nbytes, ts = int(doc.get("bytes", 0)), float(doc.get("ts", 0))
-    except (TypeError, ValueError):
-        return None
-    if not 0 <= nbytes <= MAX_EVENT_BYTES or not math.isfinite(ts) or ts < 0:
-        return None
-    return kind, key, tier, nbytes, node, ts or None

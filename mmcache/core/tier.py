@@ -119,3 +119,10 @@ class Tier(abc.ABC):
         """Block until every accepted put is readable (asynchronous tiers)."""
 
     def close(self) -> None: ...
+
+
+def check_key(key: str, view: Any) -> None:
+    """A lower tier's entry must be the one asked for (a tenant's key is ``tenant@ns/hash``)."""
+    own = f"{view.metadata['namespace']}/{view.metadata['hash']}"
+    if own != key.rpartition("@")[2]:
+        raise ValueError(f"entry names {own!r}, stored under {key!r}")

@@ -18,7 +18,8 @@ from typing import Any
 from mmcache.core.data_dir import forget_arena, lock_data_dir, record_arena, remove_stale_arena
 from mmcache.core.events import EventBus
 from mmcache.core.quotas import TenantLedger
-from mmcache.core.store import TieredStore, _check_key
+from mmcache.core.store import TieredStore
+from mmcache.core.tier import check_key
 from mmcache.core.store_types import StoreConfig
 from mmcache.tiers.disk import DiskTier, DiskTierConfig
 from mmcache.tiers.host import HostTier
@@ -51,7 +52,7 @@ def open_store(config: StoreConfig, *, device_tier: Any = None) -> TieredStore:
         if config.remote is not None:
             from mmcache.tiers.remote import RemoteTier  # NOTE: redis-py only with --remote
 
-            remote = RemoteTier(config.remote, verify_key=_check_key, node=events.node, on_event=store.relay,
+            remote = RemoteTier(config.remote, verify_key=check_key, node=events.node, on_event=store.relay,
                                 on_stored=store.remote_stored)
             undo.callback(remote.close)
             store.attach_remote(remote)
