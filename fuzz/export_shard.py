@@ -19,7 +19,8 @@ from harness import instrumented, main
 
 with instrumented():
     from exports import check_built, make_export, write
-    from mmcache.ops.export_reader import ShardRefused, open_manifest, open_shard
+    from mmcache.ops.export_reader import open_manifest
+    from mmcache.ops.export_shards import ShardRefused, open_shard
 
 _dir = tempfile.mkdtemp(prefix="mmc-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 atexit.register(shutil.rmtree, _dir, True)

@@ -9,7 +9,8 @@ import os
 import numpy as np
 
 from mmcache.ops.export_format import ManifestWriter, ShardSet, entry_row
-from mmcache.ops.export_reader import ShardRefused, open_manifest, open_shard
+from mmcache.ops.export_reader import open_manifest
+from mmcache.ops.export_shards import ShardRefused, open_shard
 from mmcache_client.format import plan_entry, read_entry
 from mmcache_client.keys import content_hash
 

@@ -43,7 +43,8 @@ from typing import Any, Iterator
 
 from mmcache.ops.export_format import (DEFAULT_SHARD_SIZE, DEFAULT_SHARD_SIZE_BYTES, MANIFEST, ManifestWriter, ShardSet,
                                    check_listed, entry_row)
-from mmcache.ops.export_reader import ShardRefused, open_manifest, open_shard, scoped_namespace
+from mmcache.ops.export_reader import open_manifest, scoped_namespace
+from mmcache.ops.export_shards import ShardRefused, open_shard
 from mmcache.common.progress import Progress
 from mmcache.common.security import resolve_secret
 from mmcache.common.sizes import parse_size
