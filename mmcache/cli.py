@@ -298,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--log-level", default="warning", help="the children's log level")
     u.set_defaults(fn=_up)
 
-    from mmcache.ops import portable, warm  # NOTE: light at import (no torch, no pyarrow until a command runs)
+    from mmcache.ops import portable, warm_cli  # NOTE: light at import (no torch, no pyarrow until a command runs)
 
-    warm.configure(sub.add_parser(
+    warm_cli.configure(sub.add_parser(
         "warm", formatter_class=HelpFormatter,
         help="encode a corpus (a folder, a list of paths or URLs, a Parquet file) into the cache ahead of traffic"))
     portable.configure_export(sub.add_parser(

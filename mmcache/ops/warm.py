@@ -31,67 +31,28 @@ name (``python -m encoder_worker.cli serve``) and stopped at the end.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import collections
 import itertools
 import json
-import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from mmcache.ops.warm_sources import Item, WarmError, open_sources, read_file
-from mmcache.ops.warm_target import StartedEncoder, Target, discover_stack, namespace_of
+from mmcache.ops.warm_reader import Budget, ImageReader
+from mmcache.ops.warm_sources import Item, WarmError, open_sources
+from mmcache.ops.warm_target import Target, namespace_of
 
 __all__ = ["Budget", "Settings", "Target", "WarmError", "open_sources", "warm"]
 
 DEFAULT_MAX_IMAGE_BYTES = 20 << 20
 """The encoders' own default limit (``MediaLimits.max_bytes``): a bigger image would be refused."""
 _IMAGE_ERROR = re.compile(r"^image (\d+): (.*)$", re.S)
-_MAX_LISTED_FAILURES = 20
 _TAKE, _TAKE_BYTES = 16, 1 << 20
 """Items taken from the sources per thread hop: at most this many, or this many bytes of them."""
 
-
-# ------------------------------------------------------------------------------- memory
-
-class Budget:
-    """At most ``limit`` bytes held at once; one holder may exceed it alone (an image larger
-    than the budget still goes, by itself), so the run never deadlocks."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-        self.peak = 0
-        self._changed = asyncio.Condition()
-
-    def can_take(self, n: int) -> bool:
-        return self.held == 0 or self.held + n <= self.limit
-
-    async def acquire(self, n: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
-            self.held += n
-            self.peak = max(self.peak, self.held)
-
-    def force(self, n: int) -> None:
-        """Count ``n`` more bytes held now, without waiting (an item turned out larger than its
-        reservation: the bytes are here already; later acquires wait for them)."""
-        self.held += n
-        self.peak = max(self.peak, self.held)
-
-    async def release(self, n: int) -> None:
-        if n <= 0:
-            return
-        async with self._changed:
-            self.held -= n
-            self._changed.notify_all()
-
-
-# ------------------------------------------------------------------------------- the run
 
 @dataclass
 class Settings:
@@ -149,6 +110,9 @@ class Warmer:
         (``mmcache.common.ssrf``), unlike the session that talks to the stack on loopback."""
         self.report = Report()
         self.budget = Budget(settings.memory_bytes)
+        self.reader = ImageReader(settings.max_image_bytes, settings.fetch_timeout_s, settings.allow_private_urls,
+                                  self.budget, self.fetch_session)
+        """Reads, fetches and hashes each image, its bytes counted against the budget."""
         self.queue: asyncio.Queue[Item | None] = asyncio.Queue()
         self.inflight_hashes: set[str] = set()
         self.encoder_load = {url: 0 for url in target.encoders}
@@ -183,71 +147,6 @@ class Warmer:
             self.report.encoded += 1
             self.progress.update(1, nbytes=item.size, encoded=1)
 
-    # -- reading -------------------------------------------------------------------------------
-
-    async def _read(self, item: Item) -> str | None:
-        """Fill ``item.data`` and ``item.hash``; an error message when it cannot be read."""
-        from mmcache_client import content_hash
-
-        limit = self.settings.max_image_bytes
-        if item.error is not None:
-            return item.error
-        try:
-            if item.data is None and item.path is not None:
-                item.data = await asyncio.to_thread(read_file, item.path, limit)
-            elif item.data is None and item.url is not None:
-                item.data = await self._fetch(item.url, limit)
-            elif item.data is None:
-                return "nothing to read"
-        except (OSError, ValueError) as e:
-            return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
-        except asyncio.TimeoutError:
-            return f"timed out after {self.settings.fetch_timeout_s:g} s"
-        except Exception as e:  # aiohttp.ClientError and kin: the URL failed, the run goes on
-            return f"{type(e).__name__}: {e}"
-        size = item.size = len(item.data)
-        # NOTE: the reservation was an estimate (a URL's size is known once fetched, a file may
-        # have grown): held bytes are counted as they are, never fewer
-        if size > item.reserved:
-            self.budget.force(size - item.reserved)
-        else:
-            await self.budget.release(item.reserved - size)
-        item.reserved = size
-        if size > limit:
-            return f"over --max-image-bytes={limit}"
-        if not size:
-            return "empty file"
-        item.hash = await asyncio.to_thread(content_hash, item.data) if size > 1 << 20 else content_hash(item.data)
-        self.report.bytes_read += size
-        return None
-
-    async def _fetch(self, url: str, limit: int) -> bytes:
-        """The image at ``url`` under the encoders' address policy (``mmcache.common.http_fetch``:
-        each redirect hop checked, a refused one never connected to)."""
-        from mmcache.common import http_fetch
-
-        try:
-            body, _ = await http_fetch.fetch_http(http_fetch.parse_http_url(url), self.fetch_session,
-                                                  allow_private_urls=self.settings.allow_private_urls,
-                                                  max_bytes=limit, timeout_s=self.settings.fetch_timeout_s)
-        except http_fetch.FetchRefused as e:
-            how = "points at" if e.hop == 0 else "redirects to"
-            raise ValueError(f"{how} a private, loopback, link-local or multicast address ({e.host}): refused "
-                             "(--allow-private-urls allows it)") from None
-        except http_fetch.FetchFailed as e:
-            raise ValueError(e.cause.replace("max_bytes=", "--max-image-bytes=")) from None
-        return body
-
-    def _estimate(self, item: Item) -> int:
-        if item.data is not None:
-            return len(item.data)
-        if item.path is not None:
-            try:
-                return min(os.stat(item.path).st_size, self.settings.max_image_bytes)
-            except (OSError, ValueError):  # NOTE: ValueError: a NUL in the path; the read names it
-                return 0
-        return self.settings.max_image_bytes if item.url is not None else 0
-
     # -- the feed: read, hash, look up ---------------------------------------------------------
 
     async def feed(self, items: Iterator[Item]) -> None:
@@ -263,7 +162,7 @@ class Warmer:
             more: list[Item] = []
             nbytes = 0
             for item in itertools.islice(iterator, _TAKE):
-                item.reserved = self._estimate(item)
+                item.reserved = self.reader.estimate(item)
                 more.append(item)
                 nbytes += len(item.data) if item.data is not None else 0
                 if nbytes >= _TAKE_BYTES:  # NOTE: rows that carry their bytes are held here unbudgeted
@@ -272,7 +171,7 @@ class Warmer:
 
         async def read(item: Item) -> tuple[Item, str | None]:
             async with reads:
-                return item, await self._read(item)
+                return item, await self.reader.read(item)
 
         carried: Item | None = None
         while True:
@@ -296,6 +195,7 @@ class Warmer:
                 return
             ready: list[Item] = []
             for item, error in await asyncio.gather(*chunk):
+                self.report.bytes_read += item.size if error is None else 0
                 if error is not None:
                     await self._done(item, "failed", error)
                 elif item.hash in self.inflight_hashes:  # NOTE: the same image twice: encoded once
@@ -460,8 +360,6 @@ def _payload(batch: list[Item], tenant: str | None) -> str:
     return json.dumps(body)
 
 
-# ------------------------------------------------------------------------------- the command
-
 async def warm(sources: list[str], target: Target, settings: Settings, *, column: str | None = None,
                quiet: bool = False, interval_s: float = 10.0, failures_path: str | None = None,
                stream=None) -> dict:
@@ -498,101 +396,3 @@ async def warm(sources: list[str], target: Target, settings: Settings, *, column
             except _Fatal as e:
                 raise WarmError(str(e)) from None
     return report.as_dict(target.namespace)
-
-
-def _summary_lines(summary: dict) -> list[str]:
-    lines = [f"warm: {summary['images']} images in {summary['seconds']:.1f} s: {summary['hits']} already cached, "
-             f"{summary['encoded']} encoded, {summary['failed']} failed (namespace {summary['namespace']})"]
-    for failure in summary["failures"][:_MAX_LISTED_FAILURES]:
-        lines.append(f"  failed: {failure['name']}: {failure['error']}")
-    if summary["failed"] > _MAX_LISTED_FAILURES:
-        lines.append(f"  ... and {summary['failed'] - _MAX_LISTED_FAILURES} more (--failures FILE lists them all)")
-    return lines
-
-
-def run_command(args: argparse.Namespace) -> int:
-    from mmcache.common.security import resolve_secret
-    from mmcache.common.sizes import parse_size
-
-    token = resolve_secret(args.token, args.token_file, "MMCACHE_TOKEN", "token")
-    settings = Settings(concurrency=args.concurrency, batch=args.batch, batch_bytes=parse_size(args.batch_bytes),
-                        memory_bytes=parse_size(args.memory), max_image_bytes=parse_size(args.max_image_bytes),
-                        tenant=args.tenant, max_wait_s=args.max_wait, fetch_timeout_s=args.fetch_timeout,
-                        allow_private_urls=args.allow_private_urls)
-    for name in ("concurrency", "batch"):
-        if getattr(args, name) < (0 if name == "concurrency" else 1):
-            raise WarmError(f"--{name}={getattr(args, name)} must be at least {0 if name == 'concurrency' else 1}")
-    if settings.tenant is not None:
-        from mmcache_client.keys import validate_tenant
-
-        validate_tenant(settings.tenant)
-    started = None
-    if args.model:
-        if not args.cache:
-            raise WarmError("--model starts an encoder for the cache named by --cache URL: name it")
-        if args.encoder:
-            raise WarmError("--model starts an encoder; --encoder names running ones: one or the other")
-        started = StartedEncoder(args.model, args.cache, args.data_dir, token, ["--max-batch", str(args.batch)])
-        encoders, cache = [started.wait_ready(args.startup_timeout)], args.cache
-    elif args.encoder:
-        if not args.cache:
-            raise WarmError("--encoder needs --cache URL: the sidecar those encoders write to")
-        encoders, cache = list(args.encoder), args.cache
-    else:
-        encoders, cache = discover_stack(args.data_dir)
-        cache = args.cache or cache
-    try:
-        summary = asyncio.run(warm(args.sources, Target(encoders, cache, token, started=started), settings,
-                                   column=args.column, quiet=args.quiet, interval_s=args.interval,
-                                   failures_path=args.failures))
-    finally:
-        if started is not None:
-            started.stop()
-    for line in _summary_lines(summary):
-        print(line, file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "failures"} | {"failures": summary["failures"][:20]}))
-    return 1 if summary["failed"] else 0
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    """``mmcache warm``'s arguments (``mmcache.cli``)."""
-    p.description = __doc__
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="a folder of images (recursive), a text file of paths/URLs (one per line), a Parquet file "
-                        "with an image column, or an image file")
-    where = p.add_argument_group("where the images go (default: the `mmcache up` running in --data-dir)")
-    where.add_argument("--data-dir", default="./mmcache-data",
-                       help="a running `mmcache up`'s data dir: its encoders and sidecar are used; with --model, "
-                            "where the built-in model is built")
-    where.add_argument("--encoder", action="append", default=[], metavar="URL",
-                       help="an encoder's URL (repeatable), with --cache")
-    where.add_argument("--cache", metavar="URL", help="the sidecar the encoders write to: unix:///path.sock or "
-                       "http://host:port")
-    where.add_argument("--model", help="start an encoder for this model (tiny-llava, tiny-qwen2-vl, a local "
-                       "directory) writing to --cache, and stop it at the end")
-    where.add_argument("--tenant", help="warm this tenant's scope of the cache (the router's tenants)")
-    where.add_argument("--token", help="the sidecar's bearer token (or MMCACHE_TOKEN, or --token-file)")
-    where.add_argument("--token-file", metavar="PATH", help="read the sidecar's bearer token from this file")
-    where.add_argument("--startup-timeout", type=float, default=600.0, metavar="S",
-                       help="with --model: seconds for the encoder to come up (a first run builds the model)")
-    p.add_argument("--column", help="the Parquet file's image column (default: the first binary column, a "
-                   "{bytes, path} struct, or a path/url string column)")
-    p.add_argument("--concurrency", type=int, default=0, metavar="N",
-                   help="encode requests in flight at most (default: two per encoder)")
-    p.add_argument("--batch", type=int, default=8, metavar="N", help="most images per encode request (default 8)")
-    p.add_argument("--batch-bytes", default="16MiB", metavar="SIZE", help="most image bytes per encode request")
-    p.add_argument("--memory", default="256MiB", metavar="SIZE",
-                   help="most image bytes held at once: read, queued and in flight (default 256MiB)")
-    p.add_argument("--max-image-bytes", default="20MiB", metavar="SIZE",
-                   help="larger images fail without an upload (default 20MiB, the encoders' own limit)")
-    p.add_argument("--fetch-timeout", type=float, default=30.0, metavar="S", help="seconds per image URL fetched")
-    p.add_argument("--allow-private-urls", action="store_true",
-                   help="fetch image URLs on private, loopback or link-local addresses (and redirects to them); "
-                        "off: each is a named failure, nothing is connected to")
-    p.add_argument("--max-wait", type=float, default=0.0, metavar="S",
-                   help="longest a batch waits out a busy stack (503s) before its images count as failed "
-                        "(default 0: as long as the stack is busy)")
-    p.add_argument("--failures", metavar="FILE", help="write every failure here, one JSON object per line")
-    p.add_argument("--quiet", action="store_true", help="plain progress lines instead of a bar")
-    p.add_argument("--interval", type=float, default=10.0, metavar="S", help="seconds between plain progress lines")
-    p.set_defaults(fn=run_command)
