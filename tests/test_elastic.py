@@ -235,10 +235,10 @@ def test_configs_refuse_what_elastic_cannot_do():
 
 def test_up_elastic_starts_every_worker_elastic_and_the_router_with_the_knobs():
     stack = Stack(StackConfig(elastic=True, encoder_batch=2, elastic_high_s=0.05, elastic_sustain=3))
-    argv = stack._elastic_args("encode", _Node("", "/d", "/d/s.sock"))
+    argv = stack.args.elastic("encode", _Node("", "/d", "/d/s.sock"))
     assert argv[:3] == ["serve", "--role", "elastic"] and argv[argv.index("--initial-role") + 1] == "encode"
     assert argv[argv.index("--cache") + 1] == "unix:///d/s.sock" and argv[argv.index("--encoder-batch") + 1] == "2"
-    assert stack._elastic_router_args() == ["--elastic", "--elastic-high", "0.05", "--elastic-sustain", "3"]
+    assert stack.args.elastic_router() == ["--elastic", "--elastic-high", "0.05", "--elastic-sustain", "3"]
 
 
 def test_elastic_flags_are_one_set_whose_defaults_are_the_routers(capsys):

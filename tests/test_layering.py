@@ -99,7 +99,7 @@ FOLDERS = {
 ``llm_worker.cli`` (the commands) may import any folder of theirs."""
 FOLDER_DEBTS = {
     # NOTE: mmcache up checks a --remote URL with the remote tier's own parser.
-    "mmcache.stack.up": {"mmcache.tiers"},
+    "mmcache.stack.config": {"mmcache.tiers"},
 }
 """Edges a folder's rule does not allow, listed one by one: debt to pay down, not to grow."""
 
