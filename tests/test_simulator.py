@@ -10,7 +10,8 @@ import math
 import pytest
 
 from llm_worker.elastic.policy import ElasticPolicy
-from llm_worker.planner.simulator import Allocation, SimConfig, SimRequest, _apportion, goodput, requests_of, simulate
+from llm_worker.planner.planner import goodput
+from llm_worker.planner.simulator import Allocation, SimConfig, SimRequest, apportion, requests_of, simulate
 from llm_worker.planner.stage_costs import ProfileError, StageCosts, interp
 from llm_worker.planner.workload import concatenate, load_phases
 from synthetic_profile import costs, profile_doc
@@ -108,7 +109,7 @@ def test_placement_puts_each_stage_group_on_its_devices():
     assert Allocation(encoders=2, prefill=2, decode=2).device_of()[-1] == ("decode", 5)
     # every group keeps a device however the workers fall
     for total, weights in ((3, [1, 1, 5]), (3, [1, 1, 1]), (4, [1, 7]), (5, [2, 2, 9])):
-        share = _apportion(total, weights)
+        share = apportion(total, weights)
         assert sum(share) == total and min(share) >= 1, (total, weights, share)
     with pytest.raises(ValueError, match="needs at least 3 devices"):
         Allocation(devices=2, encoders=2, placement="E|P|D").device_of()

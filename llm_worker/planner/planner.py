@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 from llm_worker.elastic.policy import ElasticPolicy
-from llm_worker.planner.simulator import Allocation, SimConfig, SimRequest, goodput, requests_of, simulate
+from llm_worker.planner.simulator import Allocation, SimConfig, SimRequest, requests_of, simulate
 from llm_worker.planner.stage_costs import ProfileError, StageCosts
 from llm_worker.planner.workload import concatenate, load_phases
 
@@ -269,6 +269,40 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1, default=str)
     return 0
+
+
+def scaled(requests: Sequence[SimRequest], factor: float) -> list[SimRequest]:
+    """The same requests arriving ``factor`` times as fast."""
+    return [replace(r, arrival_s=r.arrival_s / factor) for r in requests]
+
+
+def goodput(costs: StageCosts, alloc: Allocation, requests: Sequence[SimRequest], config: SimConfig,
+            target: float = 0.9, iterations: int = 7) -> float:
+    """The highest arrival rate (requests/s) at which at least ``target`` of the requests meet the
+    SLOs, the workload's arrival pattern sped up or slowed down (DistServe's goodput); 0 when
+    even a trickle misses them."""
+    span = requests[-1].arrival_s - requests[0].arrival_s if len(requests) > 1 else 0.0
+    if span <= 0:
+        raise ValueError("goodput needs a workload with a finite arrival rate")
+    base = (len(requests) - 1) / span
+
+    def ok(factor: float) -> bool:
+        return simulate(costs, alloc, scaled(requests, factor), config).summary(
+            config.ttft_slo_s, config.tpot_slo_s)["slo_attainment"] >= target
+
+    lo, hi = 0.0, 1.0
+    while ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1024:
+            return base * lo
+    if lo == 0.0:
+        if not ok(1 / 64):
+            return 0.0
+        lo = 1 / 64
+    for _ in range(iterations):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return base * lo
 
 
 if __name__ == "__main__":
