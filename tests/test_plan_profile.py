@@ -15,8 +15,9 @@ import pytest
 from transformers import AutoConfig
 
 from encoder_worker.models import ensure_model
-from llm_worker.planner import profile as plan_profile
-from llm_worker.planner.profile import main, measure
+from llm_worker.planner import profile_cli
+from llm_worker.planner.profile import measure
+from llm_worker.planner.profile_cli import main
 from llm_worker.planner.stage_costs import FORMAT, StageCosts
 from mmcache.common.progress import Progress
 
@@ -133,7 +134,7 @@ def test_cli_quick_writes_the_profile(data_dir, tmp_path, capsys):
 def test_cli_progress_lines_every_interval(data_dir, tmp_path, capsys, monkeypatch):
     """Between the points' own lines, a line with the count, rate and time left once the
     interval has passed (a zero interval here: after every point); --quiet: plain lines too."""
-    monkeypatch.setattr(plan_profile, "Progress", functools.partial(Progress, interval_s=0.0))
+    monkeypatch.setattr(profile_cli, "Progress", functools.partial(Progress, interval_s=0.0))
     out = tmp_path / "p.json"
     args = ["--data-dir", data_dir, "--out", str(out), "--quiet", "--repeats", "1", "--encode-batch-sizes", "1",
             "--image-sizes", "64x48", "--prefill-tokens", "16", "--decode-batch-sizes", "1", "--decode-contexts", "16",

@@ -176,9 +176,9 @@ def test_fewer_devices_than_workers_share_them():
 
 def test_profile_alone_measures_with_the_flags_passed_on(monkeypatch, tmp_path):
     """``mmcache plan --profile P`` alone runs the profiler, with --quick and --quiet passed on."""
-    from llm_worker.planner import profile as plan_profile, planner
+    from llm_worker.planner import planner, profile_cli
 
     seen = []
-    monkeypatch.setattr(plan_profile, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(profile_cli, "main", lambda argv: seen.append(argv) or 0)
     assert planner.main(["--profile", str(tmp_path / "p.json"), "--quick", "--quiet"]) == 0
     assert seen and {"--quick", "--quiet"} <= set(seen[0]) and str(tmp_path / "p.json") in seen[0]

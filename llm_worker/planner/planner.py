@@ -150,14 +150,14 @@ def phase_report(costs: StageCosts, alloc: Allocation, requests: list[SimRequest
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from llm_worker.planner import profile as plan_profile
+    from llm_worker.planner import profile_cli
 
     argv = ["--model", args.model, "--data-dir", args.data_dir, "--out", args.profile or "profile.json"]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
         if value:
             argv += [flag, value]
     argv += [flag for flag, on in (("--quick", args.quick), ("--quiet", args.quiet)) if on]
-    return plan_profile.main(argv)
+    return profile_cli.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
