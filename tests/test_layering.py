@@ -197,3 +197,10 @@ def test_no_module_imports_one_that_imports_it_back():
         if module not in index:
             visit(module)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_product_file_is_over_400_lines():
+    """Small rooms: a file that grows past 400 lines is split where its concept splits."""
+    big = {str(p.relative_to(ROOT)): n for p in MODULES.values()
+           if (n := len(p.read_text().splitlines())) > 400}
+    assert not big, f"over 400 lines: {big}"
