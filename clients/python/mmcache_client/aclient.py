@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import aiohttp
@@ -21,8 +20,13 @@ from mmcache_client.errors import BadRequest, CacheTimeout, CacheUnavailable, MM
 from mmcache_client.format import EntryFormatError, EntryPlan, relayout
 from mmcache_client import wire
 from mmcache_client.alocal import AsyncLocalConnection, unix_events
+from mmcache_client.retry import RetryPolicy
 
 T = TypeVar("T")
+
+
+_TRANSIENT = (CacheUnavailable, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
+"""What the async transports raise when the sidecar cannot be reached or a connection broke."""
 
 
 class AsyncCacheClient:
@@ -33,6 +37,7 @@ class AsyncCacheClient:
         self.url = url
         self.scheme, self._target = parse_url(url)
         self.retries, self.backoff_s = retries, backoff_s
+        self.retry = RetryPolicy(retries, backoff_s)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._unix_timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -42,15 +47,16 @@ class AsyncCacheClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def _retry(self, fn: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self.retries + 1):
+        """``await fn()`` under the client's retry policy (``mmcache_client.retry``)."""
+        for attempt in self.retry.attempts():
             try:
                 return await fn()
-            except (CacheUnavailable, aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as e:
-                if isinstance(e, CacheTimeout):
-                    raise  # NOTE: a timed-out call may have happened; repeating it is not safe
+            except BaseException as e:
+                if not self.retry.retryable(e, _TRANSIENT):
+                    raise
                 if attempt == self.retries:
-                    raise CacheUnavailable(f"{self.url}: {e}") from e
-                await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
+                    raise self.retry.gave_up(self.url, e) from e
+                await asyncio.sleep(self.retry.delay_s(attempt))
         raise AssertionError("unreachable")
 
     async def _call(self, op: str, **fields: Any) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import random
 import socket
 import time
 import urllib.parse
@@ -21,6 +20,7 @@ from mmcache_client.format import EntryFormatError, EntryPlan, relayout
 from mmcache_client import core, wire
 from mmcache_client.keys import Key
 from mmcache_client.local import LocalConnection
+from mmcache_client.retry import RetryPolicy
 from mmcache_client.session import LeaseVanished, open_lease
 
 T = TypeVar("T")
@@ -28,17 +28,21 @@ _key, _key_str, _keys = core.key_of, core.key_str, core.key_strs
 parse_url, raise_for_status, plan_put = core.parse_url, core.raise_for_status, core.plan_put
 
 
-def with_retries(fn: Callable[[], T], retries: int, backoff_s: float, what: str) -> T:
-    """Retry connection failures with exponential backoff and jitter, then CacheUnavailable."""
-    for attempt in range(retries + 1):
+_TRANSIENT = (ConnectionError, socket.timeout, http.client.HTTPException, CacheUnavailable, OSError)
+"""What the blocking transports raise when the sidecar cannot be reached or a connection broke."""
+
+
+def with_retries(fn: Callable[[], T], policy: RetryPolicy, what: str) -> T:
+    """``fn()`` under ``policy`` (``mmcache_client.retry``), sleeping between attempts."""
+    for attempt in policy.attempts():
         try:
             return fn()
-        except (ConnectionError, socket.timeout, http.client.HTTPException, CacheUnavailable, OSError) as e:
-            if isinstance(e, CacheTimeout) or (isinstance(e, MMCacheError) and not isinstance(e, CacheUnavailable)):
-                raise  # NOTE: a timed-out call may have happened; repeating it is not safe
-            if attempt == retries:
-                raise CacheUnavailable(f"{what}: {e}") from e
-            time.sleep(backoff_s * (2**attempt) * (0.5 + random.random()))
+        except BaseException as e:
+            if not policy.retryable(e, _TRANSIENT):
+                raise
+            if attempt == policy.retries:
+                raise policy.gave_up(what, e) from e
+            time.sleep(policy.delay_s(attempt))
     raise AssertionError("unreachable")
 
 
@@ -95,6 +99,8 @@ class CacheClient:
         self.url = url
         self.scheme, target = parse_url(url)
         self.retries, self.backoff_s = retries, backoff_s
+        self.retry = RetryPolicy(retries, backoff_s)
+        """The SDK's one retry policy (``mmcache_client.retry``), shared with the async client."""
         self._local: LocalConnection | None = None
         self._http: _Http | None = None
         self._token = token
@@ -114,7 +120,7 @@ class CacheClient:
             except CacheUnavailable:
                 self._detach()
                 raise
-        return with_retries(once, self.retries, self.backoff_s, self.url)
+        return with_retries(once, self.retry, self.url)
 
     def _connect(self) -> LocalConnection:
         """The local connection, opened (``hello``) on first use."""
@@ -135,8 +141,8 @@ class CacheClient:
         return call.http_result(*self._request(call.method, call.path, call.body, call.headers, call.ok))
 
     def _request(self, method: str, path: str, body: Any = None, headers=None, ok=(200,)) -> tuple[int, dict, bytes]:
-        status, hdrs, data = with_retries(lambda: self._http.request(method, path, body, headers),
-                                          self.retries, self.backoff_s, self.url)
+        status, hdrs, data = with_retries(lambda: self._http.request(method, path, body, headers), self.retry,
+                                          self.url)
         if status not in ok and status != 404:
             raise_for_status(status, data, hdrs)
         return status, hdrs, data
@@ -239,7 +245,7 @@ class CacheClient:
         """``get_many(keys, device=dev)``: see ``mmcache_client.device_entries``."""
         on_device: list = [None] * len(keys)
         release = None
-        conn = with_retries(self._connect, self.retries, self.backoff_s, self.url) if self.scheme == "unix" else None
+        conn = with_retries(self._connect, self.retry, self.url) if self.scheme == "unix" else None
         if conn is not None and conn.device_tier:
             try:
                 docs = conn.call("lease_device", keys=keys)["entries"]
