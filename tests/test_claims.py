@@ -21,7 +21,7 @@ from encoder_worker.config import EncoderServeConfig
 from mmcache.sidecar.config import ServeConfig
 from mmcache.core.events import EventBus
 from mmcache_client import AsyncCacheClient, BadRequest, CacheClient, CacheUnavailable, content_hash
-from sidecar import ThreadedSidecar, settled
+from sidecar import ThreadedSidecar, settled, unix_sidecar
 from test_encoder_service import CountingEncoder, encode, png_uri
 
 NS = "claims"
@@ -33,13 +33,8 @@ def key(name) -> str:
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = tempfile.mkdtemp(prefix="mmc-cl-", dir="/tmp")
-    cfg = ServeConfig(data_dir=str(tmp_path / "cache"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                      host_capacity_bytes=1 << 20, disk_capacity_bytes=64 << 20, node="node-a")
-    sc = ThreadedSidecar(cfg).start()
-    sc.unix_url = f"unix://{cfg.socket}"
-    yield sc
-    sc.stop()
+    with unix_sidecar(str(tmp_path / "cache"), host_capacity_bytes=1 << 20, node="node-a") as sc:
+        yield sc
 
 
 @pytest.mark.parametrize("transport", ["unix", "http"])

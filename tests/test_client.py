@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -14,10 +12,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from mmcache.sidecar.config import ServeConfig
 from mmcache_client import (AsyncCacheClient, AsyncEntry, BadRequest, CacheClient, CacheUnavailable, CorruptEntry,
                             Entry, EntryTooLarge, content_hash)
-from sidecar import ThreadedSidecar, refused_port
+from sidecar import ThreadedSidecar, refused_port, unix_sidecar
 from conftest import wait_until
 
 NS = "client-ns"
@@ -30,18 +27,12 @@ def h(i) -> str:
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = tempfile.mkdtemp(prefix="mmc-", dir="/tmp")  # AF_UNIX paths are short
-    sock = os.path.join(sock_dir, "s.sock")
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=sock, host_capacity_bytes=16 << 20,
-                         disk_capacity_bytes=64 << 20, max_entry_size_bytes=MAX_ENTRY,
-                         arena_path=str(tmp_path / "arena"))
-    sc = ThreadedSidecar(config).start()
-    sc.unix_url = f"unix://{sock}"
-    yield sc
-    sc.stop()
+    with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=16 << 20, max_entry_size_bytes=MAX_ENTRY,
+                      arena_path=str(tmp_path / "arena")) as sc:
+        sock = sc.config.socket
+        yield sc
     assert not os.path.exists(sock), "the socket is removed on stop"
     assert not os.path.exists(tmp_path / "arena"), "the arena is unlinked on stop"
-    shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def url_of(sc: ThreadedSidecar, transport: str) -> str:
@@ -515,8 +506,6 @@ def test_a_timeout_keeps_the_session_and_its_leases(sidecar):
 async def test_concurrent_first_puts_share_one_local_connection(tmp_path):
     """Tasks that put at once through a fresh async client open one connection between them:
     with one each, a put's ``seal`` went on another task's connection and found no reservation."""
-    from sidecar import unix_sidecar
-
     with unix_sidecar(str(tmp_path)) as sc:
         async with AsyncCacheClient(sc.unix_url) as c:
             created = await asyncio.gather(*(c.put("conc", content_hash(f"c{i}".encode()),

@@ -27,7 +27,7 @@ from mmcache_client import CacheClient, CacheFull, EntryTooLarge, LeaseLost, con
 from mmcache_client.arena import ArenaTooLarge
 from entries import encode_entry
 from mmcache_client.format import read_entry
-from sidecar import SidecarProcess, ThreadedSidecar, settled
+from sidecar import SidecarProcess, ThreadedSidecar, settled, unix_sidecar
 
 KiB, MiB = 1 << 10, 1 << 20
 NS = "pressure"
@@ -126,15 +126,8 @@ def test_churn_of_mixed_sizes_with_a_leased_entry_in_the_middle(tmp_path):
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = f"/tmp/mmc-p-{os.getpid()}-{random.randrange(1 << 30)}"
-    os.makedirs(sock_dir)
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                         host_capacity_bytes=2 * MiB, disk_capacity_bytes=64 * MiB)
-    sc = ThreadedSidecar(config).start()
-    sc.unix_url = f"unix://{config.socket}"
-    yield sc
-    sc.stop()
-    os.rmdir(sock_dir)
+    with unix_sidecar(str(tmp_path / "data"), host_capacity_bytes=2 * MiB) as sc:
+        yield sc
 
 
 def test_all_leased_is_cache_full_on_both_transports_never_a_400(sidecar):

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import io
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
@@ -22,9 +21,8 @@ from encoder_worker.media import MediaLimits
 from encoder_worker.video import FrameGroup
 from encoder_worker.app import SERVICE, create_app
 from encoder_worker.config import EncoderServeConfig
-from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient, CacheFull, content_hash
-from sidecar import ThreadedSidecar
+from sidecar import unix_sidecar
 
 
 @dataclass
@@ -82,12 +80,9 @@ def raw_of(uri: str) -> bytes:
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock_dir = tempfile.mkdtemp(prefix="mmc-", dir="/tmp")
-    cfg = ServeConfig(data_dir=str(tmp_path / "cache"), port=0, socket=os.path.join(sock_dir, "s.sock"),
-                      host_capacity_bytes=16 << 20, disk_capacity_bytes=64 << 20, arena_path=str(tmp_path / "arena"))
-    sc = ThreadedSidecar(cfg).start()
-    yield sc
-    sc.stop()
+    with unix_sidecar(str(tmp_path / "cache"), host_capacity_bytes=16 << 20,
+                      arena_path=str(tmp_path / "arena")) as sc:
+        yield sc
 
 
 @pytest.fixture

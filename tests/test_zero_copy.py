@@ -18,7 +18,7 @@ import xxhash
 
 from mmcache.sidecar.config import ServeConfig
 from mmcache_client import CacheClient, content_hash
-from sidecar import ThreadedSidecar, settled
+from sidecar import ThreadedSidecar, settled, unix_sidecar
 
 NS = "test-ns"
 SPAWN = mp.get_context("spawn")
@@ -26,14 +26,9 @@ SPAWN = mp.get_context("spawn")
 
 @pytest.fixture
 def sidecar(tmp_path):
-    sock = os.path.join(tmp_path, "s.sock")
-    config = ServeConfig(data_dir=str(tmp_path / "data"), port=0, socket=sock,
-                         host_capacity_bytes=8 << 20, disk_capacity_bytes=256 << 20,
-                         arena_path=str(tmp_path / "arena"))
-    sc = ThreadedSidecar(config).start()
-    sc.socket_url = f"unix://{sock}"
-    yield sc
-    sc.stop()
+    with unix_sidecar(str(tmp_path / "data"), disk_capacity_bytes=256 << 20, arena_path=str(tmp_path / "arena")) as sc:
+        sc.socket_url = sc.unix_url
+        yield sc
 
 
 def _payload(i: int, num_tokens: int, hidden: int = 64) -> np.ndarray:
